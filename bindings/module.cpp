@@ -1,0 +1,105 @@
+// pybind11 module soniq._C. Tensors cross as raw pointers (uintptr_t) plus sizes; the
+// Python layer validates arguments, owns the memory and keeps it alive for the call.
+// Every kernel call releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+
+#include "../cpp/build_info.h"
+#include "../cpp/cpu_features.h"
+#include "../cpp/dispatch.h"
+#include "../cpp/mpgemm.h"
+#include "../cpp/pack.h"
+#include "../cpp/threadpool.h"
+#ifdef SONIQ_WITH_CUDA
+#include "../cuda/cuda_api.h"
+#endif
+
+namespace py = pybind11;
+using namespace soniq;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+PackedOperand operand(uintptr_t data, int64_t rows, int64_t ngroups, uintptr_t desc, uintptr_t sums,
+                      uintptr_t perm, bool is_signed) {
+  return PackedOperand{ptr<const uint64_t>(data), rows, ngroups, ptr<const int64_t>(desc),
+                       ptr<const int64_t>(sums), ptr<const int64_t>(perm), is_signed};
+}
+
+py::dict cpu_info() {
+  const CpuFeatures& f = cpu_features();
+  py::dict d;
+  d["vendor"] = f.vendor;
+  d["brand"] = f.brand;
+  d["features"] = cpu_feature_names();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "soniq native core (torch-free)";
+  m.def("cpu_info", &cpu_info);
+  m.def("compiler", &compiler_version);
+  m.def("cuda_archs", &cuda_archs);
+  m.def("compiled_isas", &compiled_isas);
+  m.def("supported_isas", &supported_isas);
+  m.def("missing_features", &missing_features, py::arg("isa"));
+  m.def("active_isa", &active_isa);
+  m.def("set_isa", &set_isa, py::arg("isa"));
+  m.def("default_num_threads", &default_num_threads);
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("pack_block",
+        [](uintptr_t codes, int64_t rows, int64_t klen, int64_t ld, int bits, int64_t kw, uintptr_t out) {
+          pack_block(ptr<const uint8_t>(codes), rows, klen, ld, bits, kw, ptr<uint64_t>(out));
+        },
+        py::call_guard<py::gil_scoped_release>());
+  m.def("unpack_block",
+        [](uintptr_t planes, int64_t rows, int64_t klen, int bits, int64_t kw, uintptr_t out, int64_t ld) {
+          unpack_block(ptr<const uint64_t>(planes), rows, klen, bits, kw, ptr<uint8_t>(out), ld);
+        },
+        py::call_guard<py::gil_scoped_release>());
+
+  auto mp = [](bool cuda, py::tuple A, py::tuple B, uintptr_t ksegs, int64_t nsegs, py::tuple S, int kind,
+               uintptr_t out, uintptr_t stream) {
+    auto op = [](py::tuple t) {
+      return operand(t[0].cast<uintptr_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3].cast<uintptr_t>(),
+                     t[4].cast<uintptr_t>(), t[5].cast<uintptr_t>(), t[6].cast<bool>());
+    };
+    PackedOperand a = op(A), b = op(B);
+    Scales sc{ptr<const float>(S[0].cast<uintptr_t>()), ptr<const float>(S[1].cast<uintptr_t>()),
+              ptr<const float>(S[2].cast<uintptr_t>()), ptr<const float>(S[3].cast<uintptr_t>())};
+    if (kind < 0 || kind > 2) throw std::invalid_argument("kind must be 0 (int32), 1 (int64) or 2 (float32)");
+    py::gil_scoped_release nogil;
+    if (!cuda) {
+      mpgemm(a, b, ptr<const int64_t>(ksegs), nsegs, sc, OutKind(kind), ptr<void>(out));
+      return;
+    }
+#ifdef SONIQ_WITH_CUDA
+    cuda::mpgemm(a, b, ptr<const int64_t>(ksegs), nsegs, sc, OutKind(kind), ptr<void>(out), ptr<void>(stream));
+#else
+    (void)stream;
+    throw std::runtime_error("soniq was built without CUDA (SONIQ_CUDA=OFF or no nvcc at build time)");
+#endif
+  };
+  m.def("mpgemm", [mp](py::tuple A, py::tuple B, uintptr_t ksegs, int64_t nsegs, py::tuple S, int kind,
+                       uintptr_t out) { mp(false, A, B, ksegs, nsegs, S, kind, out, 0); });
+  m.def("cuda_mpgemm", [mp](py::tuple A, py::tuple B, uintptr_t ksegs, int64_t nsegs, py::tuple S, int kind,
+                            uintptr_t out, uintptr_t stream) { mp(true, A, B, ksegs, nsegs, S, kind, out, stream); });
+
+#ifdef SONIQ_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+  m.def("cuda_device_count", &cuda::device_count);
+  m.def("cuda_error", &cuda::runtime_error_text);
+#else
+  m.attr("built_with_cuda") = false;
+  m.def("cuda_device_count", []() { return 0; });
+  m.def("cuda_error", []() { return std::string("built without CUDA"); });
+#endif
+}

@@ -1,0 +1,20 @@
+// CPU feature detection (cpuid + XCR0): what the processor has and the OS enables.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace soniq {
+
+struct CpuFeatures {
+  std::string vendor, brand;
+  bool popcnt = false, avx = false, avx2 = false, fma = false, bmi2 = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512vpopcntdq = false, avx512bf16 = false, avxvnni = false;
+  bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
+  bool os_avx = false, os_avx512 = false, os_amx = false;  // XCR0 state enabled by the OS
+};
+
+const CpuFeatures& cpu_features();
+std::vector<std::string> cpu_feature_names();  // the flags that are set, for info()
+
+}  // namespace soniq

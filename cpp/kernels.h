@@ -1,0 +1,34 @@
+// Per-ISA kernel table. Each ISA lives in its own translation unit compiled with
+// its own flags (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp); the
+// dispatcher picks one at run time from cpuid + XCR0.
+#pragma once
+#include <cstdint>
+
+namespace soniq {
+
+// Bit-serial block product over bit planes (layout: plane-major [bits][rows][kw]).
+//   C[i*ldc + j] = sum_p sum_q 2^(p+q) * sum_w popcount(A[p][i][w] & B[q][j][w])
+// Overwrites C. A plane stride is rows*kw words; a row stride is kw words.
+using BitserialFn = void (*)(const uint64_t* A, int pa, int64_t a_plane_stride, int64_t M,
+                             const uint64_t* B, int pb, int64_t b_plane_stride, int64_t N,
+                             int64_t kw, int64_t* C, int64_t ldc);
+
+// Pack unsigned codes (uint8, row-major with row stride ld) into bit planes.
+// out has bits * rows * kw words; bits of columns >= klen are zero.
+using PackPlanesFn = void (*)(const uint8_t* codes, int64_t rows, int64_t klen, int64_t ld,
+                              int bits, int64_t kw, uint64_t* out);
+
+struct KernelTable {
+  const char* name;
+  BitserialFn bitserial;
+  PackPlanesFn pack_planes;
+};
+
+// Defined in each ISA's translation unit (only those built for this target).
+const KernelTable& kernels_scalar();
+#if defined(SONIQ_HAVE_X86_ISAS)
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+#endif
+
+}  // namespace soniq

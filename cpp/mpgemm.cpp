@@ -1,0 +1,131 @@
+#include "mpgemm.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "dispatch.h"
+#include "threadpool.h"
+
+namespace soniq {
+namespace {
+
+constexpr int64_t kTileM = 16;
+constexpr int64_t kTileN = 64;
+
+struct Layout {  // word offset of every (group, segment) block
+  std::vector<int64_t> offset;
+  int64_t nsegs;
+  int64_t at(int64_t g, int64_t s) const { return offset[g * nsegs + s]; }
+};
+
+Layout block_offsets(const PackedOperand& op, const int64_t* ksegs, int64_t nsegs) {
+  Layout L{std::vector<int64_t>(size_t(op.ngroups * nsegs)), nsegs};
+  int64_t off = 0;
+  for (int64_t g = 0; g < op.ngroups; ++g) {
+    const int64_t* d = op.desc + g * (2 + nsegs);
+    for (int64_t s = 0; s < nsegs; ++s) {
+      L.offset[g * nsegs + s] = off;
+      off += d[2 + s] * d[1] * ksegs[2 * s + 1];
+    }
+  }
+  return L;
+}
+
+void check_operand(const PackedOperand& op, int64_t nsegs, const char* name) {
+  if (!op.data || !op.desc || !op.sums || !op.perm || op.rows <= 0 || op.ngroups <= 0)
+    throw std::invalid_argument(std::string(name) + ": empty or null packed operand");
+  int64_t covered = 0;
+  for (int64_t g = 0; g < op.ngroups; ++g) {
+    const int64_t* d = op.desc + g * (2 + nsegs);
+    if (d[0] != covered || d[1] <= 0)
+      throw std::invalid_argument(std::string(name) + ": row groups must tile the rows in order");
+    covered += d[1];
+    for (int64_t s = 0; s < nsegs; ++s)
+      if (d[2 + s] < 1 || d[2 + s] > 8)
+        throw std::invalid_argument(std::string(name) + ": block bits must be in 1..8");
+  }
+  if (covered != op.rows) throw std::invalid_argument(std::string(name) + ": row groups do not cover all rows");
+  std::vector<bool> seen(size_t(op.rows), false);  // perm drives output writes: must be a permutation
+  for (int64_t i = 0; i < op.rows; ++i) {
+    const int64_t r = op.perm[i];
+    if (r < 0 || r >= op.rows || seen[size_t(r)])
+      throw std::invalid_argument(std::string(name) + ": row permutation is not a permutation");
+    seen[size_t(r)] = true;
+  }
+}
+
+}  // namespace
+
+void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
+            const Scales& sc, OutKind kind, void* out) {
+  if (nsegs <= 0 || !ksegs) throw std::invalid_argument("ksegs: at least one K segment is required");
+  for (int64_t s = 0; s < nsegs; ++s)
+    if (ksegs[2 * s] <= 0 || ksegs[2 * s + 1] * 64 < ksegs[2 * s])
+      throw std::invalid_argument("ksegs: each segment needs klen > 0 and kw*64 >= klen");
+  check_operand(a, nsegs, "a");
+  check_operand(b, nsegs, "b");
+  const Layout la = block_offsets(a, ksegs, nsegs), lb = block_offsets(b, ksegs, nsegs);
+  const KernelTable& kt = active_kernels();
+  const int64_t N = b.rows;
+
+  struct Task { int64_t ga, gb, m0, m1, n0, n1; };
+  std::vector<Task> tasks;
+  for (int64_t ga = 0; ga < a.ngroups; ++ga) {
+    const int64_t* da = a.desc + ga * (2 + nsegs);
+    for (int64_t gb = 0; gb < b.ngroups; ++gb) {
+      const int64_t* db = b.desc + gb * (2 + nsegs);
+      for (int64_t m0 = 0; m0 < da[1]; m0 += kTileM)
+        for (int64_t n0 = 0; n0 < db[1]; n0 += kTileN)
+          tasks.push_back({ga, gb, m0, std::min(da[1], m0 + kTileM), n0, std::min(db[1], n0 + kTileN)});
+    }
+  }
+
+  parallel_for(int64_t(tasks.size()), [&](int64_t t) {
+    const Task& T = tasks[size_t(t)];
+    const int64_t* da = a.desc + T.ga * (2 + nsegs);
+    const int64_t* db = b.desc + T.gb * (2 + nsegs);
+    const int64_t tm = T.m1 - T.m0, tn = T.n1 - T.n0;
+    int64_t block[kTileM * kTileN];
+    int64_t itotal[kTileM * kTileN] = {0};
+    double ftotal[kTileM * kTileN] = {0};
+    for (int64_t s = 0; s < nsegs; ++s) {
+      const int64_t klen = ksegs[2 * s], kw = ksegs[2 * s + 1];
+      const int ba = int(da[2 + s]), bb = int(db[2 + s]);
+      const uint64_t* A = a.data + la.at(T.ga, s) + T.m0 * kw;
+      const uint64_t* B = b.data + lb.at(T.gb, s) + T.n0 * kw;
+      kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+      int64_t aa, oa, ab, ob;
+      code_affine(ba, a.is_signed, aa, oa);
+      code_affine(bb, b.is_signed, ab, ob);
+      const double segscale = double(sc.a_seg ? sc.a_seg[s] : 1.0f) * double(sc.b_seg ? sc.b_seg[s] : 1.0f);
+      for (int64_t i = 0; i < tm; ++i) {
+        const int64_t sa = a.sums[(da[0] + T.m0 + i) * nsegs + s];
+        for (int64_t j = 0; j < tn; ++j) {
+          const int64_t sb = b.sums[(db[0] + T.n0 + j) * nsegs + s];
+          // sum_k (aa*ua + oa)(ab*ub + ob) from sum ua*ub and the code sums
+          const int64_t v = aa * ab * block[i * kTileN + j] + aa * ob * sa + ab * oa * sb + klen * oa * ob;
+          if (kind == OutKind::Float32) ftotal[i * kTileN + j] += double(v) * segscale;
+          else itotal[i * kTileN + j] += v;
+        }
+      }
+    }
+    for (int64_t i = 0; i < tm; ++i) {
+      const int64_t m = a.perm[da[0] + T.m0 + i];
+      for (int64_t j = 0; j < tn; ++j) {
+        const int64_t n = b.perm[db[0] + T.n0 + j];
+        const int64_t idx = m * N + n;
+        if (kind == OutKind::Int32) static_cast<int32_t*>(out)[idx] = int32_t(itotal[i * kTileN + j]);
+        else if (kind == OutKind::Int64) static_cast<int64_t*>(out)[idx] = itotal[i * kTileN + j];
+        else {
+          double v = ftotal[i * kTileN + j];
+          if (sc.a_row) v *= double(sc.a_row[m]);
+          if (sc.b_row) v *= double(sc.b_row[n]);
+          static_cast<float*>(out)[idx] = float(v);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace soniq

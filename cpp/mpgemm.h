@@ -1,0 +1,39 @@
+// Mixed-precision GEMM over packed operands: out = a_int @ b_int.T (optionally scaled).
+// A packed operand is a grid of uniform-precision blocks: row groups (tiers along
+// rows) x K segments (tiers along K). Both operands share the K segmentation.
+#pragma once
+#include <cstdint>
+
+namespace soniq {
+
+struct PackedOperand {
+  const uint64_t* data = nullptr;  // blocks in (group, segment) order, each [bits][rows][kw]
+  int64_t rows = 0;                // packed rows
+  int64_t ngroups = 0;
+  const int64_t* desc = nullptr;   // [ngroups][2 + nsegs]: row_start, row_count, bits per segment
+  const int64_t* sums = nullptr;   // [rows][nsegs]: sum of unsigned codes per row and segment
+  const int64_t* perm = nullptr;   // [rows]: packed row -> original row
+  bool is_signed = false;
+};
+
+enum class OutKind { Int32 = 0, Int64 = 1, Float32 = 2 };
+
+struct Scales {  // any may be null (= 1)
+  const float* a_row = nullptr;  // [a rows], original order
+  const float* b_row = nullptr;  // [b rows], original order
+  const float* a_seg = nullptr;  // [nsegs]
+  const float* b_seg = nullptr;  // [nsegs]
+};
+
+// ksegs: [nsegs][2] = (klen, kw). out: [a.rows][b.rows] row-major, original order.
+void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
+            const Scales& scales, OutKind kind, void* out);
+
+// Encoding of a b-bit value v as an unsigned code u: v = alpha * u + offset.
+inline void code_affine(int bits, bool is_signed, int64_t& alpha, int64_t& offset) {
+  if (!is_signed) { alpha = 1; offset = 0; }
+  else if (bits == 1) { alpha = 2; offset = -1; }
+  else { alpha = 1; offset = -(int64_t(1) << (bits - 1)); }
+}
+
+}  // namespace soniq

@@ -1,0 +1,171 @@
+#include "threadpool.h"
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace soniq {
+namespace {
+
+struct Pool {
+  std::mutex job_mutex;  // held by the caller running a parallel job
+  std::mutex m;
+  std::condition_variable cv_work, cv_done;
+  std::vector<std::thread> workers;
+  int wanted = 0;          // total threads including the caller
+  uint64_t generation = 0; // bumped for each job
+  bool stopping = false;
+  // current job
+  const std::function<void(int64_t)>* fn = nullptr;
+  int64_t n = 0;
+  std::atomic<int64_t> next{0};
+  int active = 0;
+  std::exception_ptr error;
+
+  void run_tasks() {
+    for (;;) {
+      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) break;
+      try {
+        (*fn)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(m);
+        if (!error) error = std::current_exception();
+        next.store(n, std::memory_order_relaxed);
+      }
+    }
+  }
+
+  void worker_loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m);
+    for (;;) {
+      cv_work.wait(lk, [&] { return stopping || generation != seen; });
+      if (stopping) return;
+      seen = generation;
+      lk.unlock();
+      run_tasks();
+      lk.lock();
+      if (--active == 0) cv_done.notify_all();
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> g(m);
+      stopping = true;
+    }
+    cv_work.notify_all();
+    for (auto& t : workers) t.join();
+    workers.clear();
+    stopping = false;
+  }
+
+  void ensure_workers() {
+    int need = wanted - 1;
+    if (int(workers.size()) == need) return;
+    stop_workers();
+    for (int i = 0; i < need; ++i) workers.emplace_back([this] { worker_loop(); });
+  }
+};
+
+Pool* g_pool = nullptr;
+std::mutex g_pool_mutex;
+
+void after_fork_child() {
+  // The child has only the forking thread: abandon the parent's pool objects (their
+  // threads do not exist here) and build a fresh pool on first use.
+  g_pool = nullptr;
+  new (&g_pool_mutex) std::mutex();
+}
+
+Pool& pool() {
+  std::lock_guard<std::mutex> g(g_pool_mutex);
+  if (!g_pool) {
+    static bool registered = false;
+    if (!registered) {
+      pthread_atfork(nullptr, nullptr, after_fork_child);
+      registered = true;
+    }
+    g_pool = new Pool();  // never freed: workers may outlive static destructors
+    g_pool->wanted = default_num_threads();
+  }
+  return *g_pool;
+}
+
+int count_physical_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return int(std::thread::hardware_concurrency());
+  std::set<std::string> cores;
+  int logical = 0;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &set)) continue;
+    ++logical;
+    std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream pkg(base + "physical_package_id"), core(base + "core_id");
+    std::string p, c;
+    if (pkg >> p && core >> c) cores.insert(p + ":" + c);
+    else cores.insert("cpu" + std::to_string(cpu));
+  }
+  int n = cores.empty() ? logical : int(cores.size());
+  return n > 0 ? n : 1;
+}
+
+}  // namespace
+
+int default_num_threads() {
+  static const int n = count_physical_cores();
+  return n;
+}
+
+int get_num_threads() { return pool().wanted; }
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1 (got " + std::to_string(n) + ")");
+  Pool& p = pool();
+  std::lock_guard<std::mutex> job(p.job_mutex);  // never resize under a running job
+  p.wanted = n;
+  p.ensure_workers();
+}
+
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  Pool& p = pool();
+  std::unique_lock<std::mutex> job(p.job_mutex, std::try_to_lock);
+  if (!job.owns_lock() || p.wanted <= 1 || n == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  p.ensure_workers();
+  {
+    std::lock_guard<std::mutex> g(p.m);
+    p.fn = &fn;
+    p.n = n;
+    p.next.store(0);
+    p.error = nullptr;
+    p.active = int(p.workers.size());
+    ++p.generation;
+  }
+  p.cv_work.notify_all();
+  p.run_tasks();
+  std::unique_lock<std::mutex> lk(p.m);
+  p.cv_done.wait(lk, [&] { return p.active == 0; });
+  p.fn = nullptr;
+  if (p.error) {
+    std::exception_ptr e = p.error;
+    p.error = nullptr;
+    std::rethrow_exception(e);
+  }
+}
+
+}  // namespace soniq

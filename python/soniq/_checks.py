@@ -1,0 +1,110 @@
+"""Argument checking shared by the ops: every message names the argument and what was expected."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_INT_DTYPES = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
+
+
+def as_int_tensor(x, name: str) -> tuple[torch.Tensor, str]:
+    """Returns (contiguous int64-safe torch tensor, 'numpy'|'torch'). Accepts numpy or torch."""
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "iu":
+            raise TypeError(f"{name} must have an integer dtype, got numpy {x.dtype}"
+                            + (" (quantize floats first, e.g. with soniq.ops.quantize)" if x.dtype.kind == "f" else ""))
+        if x.dtype.kind == "u" and x.dtype.itemsize >= 8 and x.size and x.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} holds values above 2**63-1, out of range for any bit width")
+        # a private, aligned, C-contiguous copy: user memory never reaches native code
+        return torch.from_numpy(np.array(x, dtype=np.int64, order="C", copy=True)), "numpy"
+    if isinstance(x, torch.Tensor):
+        if x.dtype not in _INT_DTYPES:
+            hint = " (quantize floats first, e.g. with soniq.ops.quantize)" if x.is_floating_point() else ""
+            if x.dtype == torch.bool:
+                hint = " (convert with .to(torch.uint8) for 0/1 codes)"
+            raise TypeError(f"{name} must have an integer dtype (int8/16/32/64 or uint8), got {x.dtype}{hint}")
+        return x.contiguous(), "torch"
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def check_2d_nonempty(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, K], got {x.dim()}-D with shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)}")
+
+
+def bits_vector(bits, length: int, name: str, device) -> torch.Tensor:
+    """Bit widths as an int64 vector of `length`, each in 1..8."""
+    if isinstance(bits, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int in 1..8 or a 1-D integer array, got bool")
+    if isinstance(bits, (int, np.integer)):
+        b = int(bits)
+        if not 1 <= b <= 8:
+            raise ValueError(f"{name} must be in 1..8, got {b}")
+        return torch.full((length,), b, dtype=torch.int64, device=device)
+    if isinstance(bits, (list, tuple)):
+        bits = np.asarray(bits)
+    if isinstance(bits, np.ndarray):
+        if bits.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integers, got dtype {bits.dtype}")
+        bits = torch.from_numpy(bits.astype(np.int64))
+    if not isinstance(bits, torch.Tensor):
+        raise TypeError(f"{name} must be an int or a 1-D integer tensor/array, got {type(bits).__name__}")
+    if bits.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must hold integers, got dtype {bits.dtype}")
+    if bits.dim() != 1 or bits.numel() != length:
+        raise ValueError(f"{name} must be 1-D with {length} entries (one per channel), got shape {tuple(bits.shape)}")
+    bits = bits.to(device=device, dtype=torch.int64)
+    bad = (bits < 1) | (bits > 8)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {int(bits[i])}: bit widths must be in 1..8")
+    return bits.contiguous()
+
+
+def value_range(bits: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive [lo, hi] of each channel's values (signed 1-bit: {-1, +1})."""
+    if signed:
+        hi = torch.where(bits == 1, torch.ones_like(bits), (1 << (bits - 1)) - 1)
+        lo = torch.where(bits == 1, -torch.ones_like(bits), -(1 << (bits - 1)))
+    else:
+        lo, hi = torch.zeros_like(bits), (1 << bits) - 1
+    return lo, hi
+
+
+def code_affine(bits: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, offset) with value = alpha * code + offset (design.md section 2)."""
+    if not signed:
+        return torch.ones_like(bits), torch.zeros_like(bits)
+    alpha = torch.where(bits == 1, torch.full_like(bits, 2), torch.ones_like(bits))
+    offset = torch.where(bits == 1, -torch.ones_like(bits), -(1 << (bits - 1)))
+    return alpha, offset
+
+
+def max_abs_value(bits: int, signed: bool) -> int:
+    if not signed:
+        return (1 << bits) - 1
+    return 1 if bits == 1 else 1 << (bits - 1)
+
+
+def scale_vector(scale, length: int, name: str, device) -> torch.Tensor | None:
+    """None, a positive finite scalar, or a 1-D float vector of `length` -> float32 vector."""
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool):
+        s = torch.full((length,), float(scale), dtype=torch.float32, device=device)
+    else:
+        if isinstance(scale, np.ndarray):
+            scale = torch.from_numpy(np.array(scale, dtype=np.float32))
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(f"{name} must be None, a float or a 1-D float tensor/array, got {type(scale).__name__}")
+        if scale.dim() == 0:
+            scale = scale.reshape(1).expand(length)
+        if scale.dim() != 1 or scale.numel() != length:
+            raise ValueError(f"{name} must be a scalar or 1-D with {length} entries, got shape {tuple(scale.shape)}")
+        s = scale.detach().to(device=device, dtype=torch.float32).contiguous()
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        i = int((~torch.isfinite(s) | (s <= 0)).nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {float(s[i])}: scales must be finite and > 0")
+    return s

@@ -1,0 +1,106 @@
+"""Threads, ISA selection and the build/CPU report behind soniq.info()."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from typing import Iterator
+
+from ._native import _C
+
+
+def get_num_threads() -> int:
+    """Threads soniq's CPU kernels use (default: physical cores available to this process)."""
+    return _C.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of threads soniq's CPU kernels use (results do not depend on it)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    _C.set_num_threads(n)
+
+
+def supported_isas() -> list[str]:
+    """ISA paths this CPU can run, e.g. ['scalar', 'avx2']."""
+    return list(_C.supported_isas())
+
+
+def get_isa() -> str:
+    """The CPU kernel path in use: 'scalar', 'avx2' or 'avx512'."""
+    return _C.active_isa()
+
+
+def set_isa(isa: str) -> None:
+    """Forces a CPU kernel path; raises ValueError if unknown or unsupported by this CPU."""
+    if not isinstance(isa, str):
+        raise TypeError(f"isa must be a str, got {type(isa).__name__}")
+    _C.set_isa(isa.lower())
+
+
+@contextlib.contextmanager
+def use_isa(isa: str) -> Iterator[None]:
+    """Context manager running the enclosed code on one ISA path, then restoring the old one."""
+    old = get_isa()
+    set_isa(isa)
+    try:
+        yield
+    finally:
+        set_isa(old)
+
+
+def _cuda_report() -> dict:
+    rep = {"built": bool(_C.built_with_cuda), "archs": _C.cuda_archs() or None, "devices": 0}
+    if rep["built"]:
+        rep["devices"] = _C.cuda_device_count()
+        if rep["devices"] == 0:
+            rep["note"] = _C.cuda_error() or "no CUDA device"
+    return rep
+
+
+def info(verbose: bool = True) -> dict:
+    """Returns (and by default prints) version, build, CPU features, ISA path and threads."""
+    from . import __version__
+    import torch
+
+    cpu = _C.cpu_info()
+    d = {
+        "version": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "compiler": _C.compiler(),
+        "cuda": _cuda_report(),
+        "cpu": {"vendor": cpu["vendor"], "model": cpu["brand"], "features": list(cpu["features"])},
+        "isa": {
+            "compiled": list(_C.compiled_isas()),
+            "supported": supported_isas(),
+            "active": get_isa(),
+            "forced_by_env": os.environ.get("SONIQ_ISA") or None,
+        },
+        "threads": {"soniq": get_num_threads(), "default": _C.default_num_threads(),
+                    "torch": torch.get_num_threads()},
+    }
+    if verbose:
+        print(format_info(d))
+    return d
+
+
+def format_info(d: dict) -> str:
+    cuda = d["cuda"]
+    if not cuda["built"]:
+        cuda_line = "not built (CPU only)"
+    else:
+        cuda_line = f"built for {cuda['archs']}; devices: {cuda['devices']}"
+        if cuda.get("note"):
+            cuda_line += f" ({cuda['note']})"
+    lines = [
+        f"soniq {d['version']}  (python {d['python']}, torch {d['torch']})",
+        f"  compiler : {d['compiler']}",
+        f"  cuda     : {cuda_line}",
+        f"  cpu      : {d['cpu']['model'] or 'unknown'} [{d['cpu']['vendor']}]",
+        f"  features : {' '.join(d['cpu']['features']) or '(none detected)'}",
+        f"  isa      : {d['isa']['active']} (supported: {', '.join(d['isa']['supported'])}; "
+        f"compiled: {', '.join(d['isa']['compiled'])})",
+        f"  threads  : {d['threads']['soniq']} (default {d['threads']['default']}; torch uses {d['threads']['torch']})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""soniq.ops: packing and the mixed-precision GEMM (torch tensors or numpy arrays)."""
+from . import _library  # noqa: F401  (registers the torch.library ops)
+from ._mpgemm import int32_limit, mpgemm
+from ._pack import pack, unpack
+
+__all__ = ["pack", "unpack", "mpgemm", "int32_limit"]

@@ -1,0 +1,102 @@
+"""torch.library custom ops over the native core (schemas, fake kernels, device kernels).
+
+The core never links libtorch: these wrappers hand it raw pointers (and, on CUDA, the
+current stream). Fake implementations let torch.compile and opcheck trace the ops.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._native import _C
+
+KIND_INT32, KIND_INT64, KIND_FLOAT32 = 0, 1, 2
+_KIND_DTYPE = {KIND_INT32: torch.int32, KIND_INT64: torch.int64, KIND_FLOAT32: torch.float32}
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# ---- pack / unpack one uniform block --------------------------------------------------
+def pack_block_torch(codes: Tensor, bits: int, kw: int) -> Tensor:
+    """Pure-torch packing (any device); the native kernel is checked against it."""
+    rows, klen = codes.shape
+    padded = torch.zeros(rows, kw * 64, dtype=torch.int64, device=codes.device)
+    padded[:, :klen] = codes.to(torch.int64)
+    padded = padded.view(rows, kw, 64)
+    shifts = torch.arange(64, device=codes.device, dtype=torch.int64)
+    # each word is a sum of distinct powers of two, i.e. their OR (bit 63 wraps to the sign)
+    planes = [(((padded >> p) & 1) << shifts).sum(-1) for p in range(bits)]
+    return torch.stack(planes).reshape(-1)
+
+
+def unpack_block_torch(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
+    shifts = torch.arange(64, device=planes.device, dtype=torch.int64)
+    words = planes.view(bits, rows, kw, 1)
+    bitv = (words >> shifts) & 1  # [bits, rows, kw, 64]
+    weights = (1 << torch.arange(bits, device=planes.device, dtype=torch.int64)).view(bits, 1, 1, 1)
+    codes = (bitv * weights).sum(0).reshape(rows, kw * 64)[:, :klen]
+    return codes.to(torch.uint8).contiguous()
+
+
+@torch.library.custom_op("soniq::pack_block", mutates_args=())
+def pack_block(codes: Tensor, bits: int, kw: int) -> Tensor:
+    """codes: uint8 [rows, klen] (< 2**bits) -> int64 words [bits * rows * kw] (bit planes)."""
+    rows, klen = codes.shape
+    if codes.device.type != "cpu":
+        return pack_block_torch(codes, bits, kw)
+    codes = codes.contiguous()
+    out = torch.empty(bits * rows * kw, dtype=torch.int64)
+    _C.pack_block(codes.data_ptr(), rows, klen, klen, bits, kw, out.data_ptr())
+    return out
+
+
+@pack_block.register_fake
+def _(codes, bits, kw):
+    return codes.new_empty((bits * codes.shape[0] * kw,), dtype=torch.int64)
+
+
+@torch.library.custom_op("soniq::unpack_block", mutates_args=())
+def unpack_block(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
+    """Inverse of pack_block: int64 words -> uint8 codes [rows, klen]."""
+    if planes.device.type != "cpu":
+        return unpack_block_torch(planes, bits, rows, klen, kw)
+    planes = planes.contiguous()
+    out = torch.empty(rows, klen, dtype=torch.uint8)
+    _C.unpack_block(planes.data_ptr(), rows, klen, bits, kw, out.data_ptr(), klen)
+    return out
+
+
+@unpack_block.register_fake
+def _(planes, bits, rows, klen, kw):
+    return planes.new_empty((rows, klen), dtype=torch.uint8)
+
+
+# ---- mixed-precision GEMM ---------------------------------------------------------------
+@torch.library.custom_op("soniq::mpgemm_packed", mutates_args=())
+def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor, a_signed: bool,
+                  b_data: Tensor, b_desc: Tensor, b_sums: Tensor, b_perm: Tensor, b_signed: bool,
+                  ksegs: Tensor, a_row_scale: Optional[Tensor], b_row_scale: Optional[Tensor],
+                  a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int) -> Tensor:
+    """out[M, N] = a_int @ b_int.T over packed operands (int32/int64), or scaled float32."""
+    M, N = a_perm.numel(), b_perm.numel()
+    out = torch.empty(M, N, dtype=_KIND_DTYPE[kind], device=a_data.device)
+    A = (_ptr(a_data), M, a_desc.shape[0], _ptr(a_desc), _ptr(a_sums), _ptr(a_perm), a_signed)
+    B = (_ptr(b_data), N, b_desc.shape[0], _ptr(b_desc), _ptr(b_sums), _ptr(b_perm), b_signed)
+    S = (_ptr(a_row_scale), _ptr(b_row_scale), _ptr(a_seg_scale), _ptr(b_seg_scale))
+    nsegs = ksegs.shape[0]
+    if a_data.device.type == "cuda":
+        stream = torch.cuda.current_stream(a_data.device).cuda_stream
+        _C.cuda_mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), stream)
+    else:
+        _C.mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr())
+    return out
+
+
+@mpgemm_packed.register_fake
+def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed, ksegs,
+      a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind):
+    return a_data.new_empty((a_perm.shape[0], b_perm.shape[0]), dtype=_KIND_DTYPE[kind])

@@ -1,0 +1,79 @@
+"""soniq.ops.mpgemm: exact mixed-precision GEMM over PackedTensors."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import max_abs_value
+from ..packed import PackedTensor
+from . import _library as L
+
+INT32_MAX = 2**31 - 1
+
+
+def int32_limit(a: PackedTensor, b: PackedTensor) -> int:
+    """Largest |a_int @ b_int.T| entry the bit widths allow: sum over K segments of
+    klen * max|a| * max|b|, maximized over every pair of row groups."""
+    klens = a.ksegs[:, 0].cpu().tolist()
+    worst = 0
+    for da in a.desc.cpu().tolist():
+        for db in b.desc.cpu().tolist():
+            tot = sum(n * max_abs_value(ba, a.signed) * max_abs_value(bb, b.signed)
+                      for n, ba, bb in zip(klens, da[2:], db[2:]))
+            worst = max(worst, tot)
+    return worst
+
+
+def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = None):
+    """out[M, N] = a_int @ b_int.T for packed a [M, K] and b [N, K].
+
+    Without scales the result is exact: int32 by default, int64 with out_dtype=torch.int64.
+    int32 is refused (OverflowError) when K and the bit widths could exceed 2**31-1; the
+    limit is K * max|a| * max|b|, e.g. K <= 33,025 for unsigned 8-bit x unsigned 8-bit,
+    K <= 131,071 for signed 8-bit x signed 8-bit. With scales on either operand the
+    result is float32: sum over K segments of acc * seg scales, times row scales of a
+    and b (accumulated exactly in int64, scaled in float64, rounded once).
+    Returns a numpy array when both operands were packed from numpy.
+    """
+    for name, p in (("a", a), ("b", b)):
+        if not isinstance(p, PackedTensor):
+            raise TypeError(f"{name} must be a soniq.PackedTensor (pack it with soniq.ops.pack), "
+                            f"got {type(p).__name__}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same K: a is {a.shape} (K={a.shape[1]}), "
+                         f"b is {b.shape} (K={b.shape[1]})")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on the same device, got a on {a.device} and b on {b.device}")
+    if not a.k_layout.same_as(b.k_layout):
+        raise ValueError(
+            "a and b have different K layouts (a: " + a.k_layout.describe() + "; b: " + b.k_layout.describe()
+            + "). When either operand has per-K-column bits, pack the other with k_layout=<that operand>.")
+
+    scaled = a.scale is not None or b.scale is not None
+    if scaled:
+        if out_dtype not in (None, torch.float32):
+            raise ValueError(f"out_dtype must be None or torch.float32 when scales are set, got {out_dtype}")
+        kind = L.KIND_FLOAT32
+    elif out_dtype in (None, torch.int32):
+        limit = int32_limit(a, b)
+        if limit > INT32_MAX:
+            raise OverflowError(
+                f"int32 output could overflow: K={a.shape[1]} with these bit widths allows |out| up to "
+                f"{limit} > 2**31-1. Pass out_dtype=torch.int64 for a wider accumulator.")
+        kind = L.KIND_INT32
+    elif out_dtype == torch.int64:
+        kind = L.KIND_INT64
+    else:
+        raise ValueError(f"out_dtype must be None, torch.int32 or torch.int64 (or float32 with scales), got {out_dtype}")
+    if a.device.type == "cuda":
+        from .._native import _C
+        if not _C.built_with_cuda:
+            raise RuntimeError("soniq was built without CUDA kernels; move the operands to the CPU "
+                               "or reinstall with nvcc available (SONIQ_CUDA=ON)")
+
+    out = torch.ops.soniq.mpgemm_packed(
+        a.data, a.desc, a.sums, a.row_perm, a.signed,
+        b.data, b.desc, b.sums, b.row_perm, b.signed,
+        a.ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
+    if a.kind == "numpy" and b.kind == "numpy":
+        return out.cpu().numpy()
+    return out

@@ -1,0 +1,134 @@
+"""PackedTensor: an integer matrix with per-channel bits, stored as tier-grouped bit planes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUT = "bitplanes-v1"
+
+
+@dataclass(frozen=True)
+class KLayout:
+    """How K is arranged: K columns are permuted (`perm[i]` = original column at position i)
+    and cut into segments of uniform precision. Two operands of one mpgemm must share it."""
+
+    perm: torch.Tensor       # int64 [K]
+    seg_lens: tuple          # lengths of the K segments, in order
+
+    def same_as(self, other: "KLayout") -> bool:
+        return (self.seg_lens == other.seg_lens and self.perm.shape == other.perm.shape
+                and bool(torch.equal(self.perm.cpu(), other.perm.cpu())))
+
+    def describe(self) -> str:
+        K = int(self.perm.numel())
+        identity = bool(torch.equal(self.perm.cpu(), torch.arange(K)))
+        return f"{'identity' if identity else 'permuted'} K={K}, segments {list(self.seg_lens)}"
+
+
+class PackedTensor:
+    """An integer matrix [R, K] packed for soniq.ops.mpgemm (see design.md section 3).
+
+    Rows (axis=0, per-row bits as for weights) or K columns (axis=1, per-column bits as
+    for activations) are grouped by bit width through a stored permutation, so the data
+    is a grid of uniform-precision blocks (row groups x K segments), each stored as bit
+    planes [bits][rows][ceil(klen/64)] of uint64 words (kept in an int64 tensor).
+    Made by soniq.ops.pack; read back with soniq.ops.unpack.
+    """
+
+    def __init__(self, *, shape, axis, signed, bits, data, desc, sums, row_perm, k_perm, ksegs,
+                 scale=None, dtype=torch.int64, kind="torch", layout=LAYOUT):
+        self.shape = tuple(int(s) for s in shape)
+        self.axis = int(axis)
+        self.signed = bool(signed)
+        self.bits = bits            # int64, one per channel along `axis`, original order
+        self.data = data            # int64 words of all blocks, (group, segment) order
+        self.desc = desc            # int64 [G, 2 + S]: row_start, row_count, bits per segment
+        self.sums = sums            # int64 [R, S]: code sums per packed row and K segment
+        self.row_perm = row_perm    # int64 [R]: packed row -> original row
+        self.k_perm = k_perm        # int64 [K]: packed K position -> original column
+        self.ksegs = ksegs          # int64 [S, 2]: (klen, kw) per K segment
+        self.scale = scale          # float32 along `axis`, or None
+        self.dtype = dtype          # dtype unpack() returns
+        self.kind = kind            # 'torch' or 'numpy': what the ops hand back
+        self.layout = layout
+
+    # ---- properties -----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def k_layout(self) -> KLayout:
+        return KLayout(self.k_perm, tuple(int(x) for x in self.ksegs[:, 0].tolist()))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values() if t is not None)
+
+    @property
+    def row_scale(self) -> torch.Tensor | None:
+        """Scale per row (original order) when scales run along rows."""
+        return self.scale if self.axis == 0 else None
+
+    @property
+    def seg_scale(self) -> torch.Tensor | None:
+        """Scale per K segment when scales run along K (constant within a segment)."""
+        if self.axis != 1 or self.scale is None:
+            return None
+        starts = torch.cumsum(self.ksegs[:, 0], 0) - self.ksegs[:, 0]
+        return self.scale[self.k_perm[starts]].contiguous()
+
+    def bit_histogram(self) -> dict:
+        vals, counts = torch.unique(self.bits.cpu(), return_counts=True)
+        return {int(v): int(c) for v, c in zip(vals.tolist(), counts.tolist())}
+
+    # ---- movement ---------------------------------------------------------------------
+    def _tensors(self) -> dict:
+        return {"data": self.data, "desc": self.desc, "sums": self.sums, "row_perm": self.row_perm,
+                "k_perm": self.k_perm, "ksegs": self.ksegs, "bits": self.bits, "scale": self.scale}
+
+    def to(self, device) -> "PackedTensor":
+        """Moves every buffer to `device` (no repacking: the layout is device-independent)."""
+        moved = {k: (v.to(device) if v is not None else None) for k, v in self._tensors().items()}
+        return PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
+                            kind=self.kind, layout=self.layout, **moved)
+
+    def cuda(self, device=None) -> "PackedTensor":
+        return self.to(device if device is not None else "cuda")
+
+    def cpu(self) -> "PackedTensor":
+        return self.to("cpu")
+
+    # ---- serialization (soniq.save uses this) -------------------------------------------
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self._tensors().items() if v is not None}
+
+    def metadata(self) -> dict:
+        return {"shape": list(self.shape), "axis": self.axis, "signed": self.signed,
+                "dtype": str(self.dtype).replace("torch.", ""), "layout": self.layout}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict, meta: dict) -> "PackedTensor":
+        from .ops._pack import validate_packed  # local import: ops depends on this module
+
+        if meta.get("layout") != LAYOUT:
+            raise ValueError(f"unsupported packed layout {meta.get('layout')!r}; this soniq reads {LAYOUT!r}")
+        pt = cls(shape=meta["shape"], axis=meta["axis"], signed=meta["signed"],
+                 dtype=getattr(torch, meta["dtype"]), scale=tensors.get("scale"),
+                 **{k: tensors[k] for k in ("data", "desc", "sums", "row_perm", "k_perm", "ksegs", "bits")})
+        validate_packed(pt, "tensors")
+        return pt
+
+    # ---- display ---------------------------------------------------------------------
+    def __repr__(self) -> str:
+        along = "per row" if self.axis == 0 else "per K column"
+        hist = ", ".join(f"{b}b: {n}" for b, n in sorted(self.bit_histogram().items()))
+        if self.scale is None:
+            sc = "none"
+        else:
+            sc = "per row" if self.axis == 0 else "per K segment"
+        kb = self.nbytes / 1024
+        return (f"soniq.PackedTensor(shape={self.shape}, bits {along} {{{hist}}}, "
+                f"signed={self.signed}, scale={sc}, K segments={[int(x) for x in self.ksegs[:, 0].tolist()]}, "
+                f"layout={self.layout}, device={self.device}, {kb:.1f} KiB)")
