@@ -12,6 +12,7 @@
 #include "../cpp/mpgemm.h"
 #include "../cpp/pack.h"
 #include "../cpp/threadpool.h"
+#include "registry.h"
 #ifdef SONIQ_WITH_CUDA
 #include "../cuda/cuda_api.h"
 #endif
@@ -41,8 +42,7 @@ py::dict cpu_info() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "soniq native core (torch-free)";
+void soniq::bindings::register_core(py::module_& m) {
   m.def("cpu_info", &cpu_info);
   m.def("compiler", &compiler_version);
   m.def("cuda_archs", &cuda_archs);
@@ -102,4 +102,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", []() { return 0; });
   m.def("cuda_error", []() { return std::string("built without CUDA"); });
 #endif
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "soniq native core (torch-free)";
+  soniq::bindings::register_core(m);
 }

@@ -1,0 +1,10 @@
+// Each area of the native core registers its Python bindings from its own file
+// (bindings/<area>.cpp) through one of these; module.cpp calls them all.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace soniq::bindings {
+
+void register_core(pybind11::module_& m);  // module.cpp: info, dispatch, threads, pack, mpgemm
+
+}  // namespace soniq::bindings
