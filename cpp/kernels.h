@@ -38,6 +38,7 @@ struct KernelTable {
   // The driver uses bit-serial for a block pair when bits_a * bits_b <= this, else the
   // byte path (measured per ISA: bench/cpp/bench_mpgemm.cpp).
   int bitserial_max_pairs;
+  int bitserial_max_pairs_gemv;  // the same for tiles of 1-2 A rows (B expansion not amortized)
 };
 
 // Reference table (scalar loops) built in each ISA unit, for tests and benchmarks.

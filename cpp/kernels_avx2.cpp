@@ -147,9 +147,90 @@ inline void bp_micro(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wl
     for (int j = 0; j < nj; ++j) C[i * ldc + j] += hsum_epi32(acc[i][j]) << shift;
 }
 
+typedef uint32_t u32_alias __attribute__((may_alias));  // 32-bit halves of plane words
+
+// Few A rows (GEMV): expansion cannot be amortized over rows, so expand in registers and
+// multiply at once (no store/reload). One plane: the cmpeq mask is -1 per set bit, used
+// directly as the s8 operand (the sum comes out negated). PB planes are expanded; B codes
+// <= 63 keep vpmaddubsw exact (see below).
+template <int PB, int RM>
+inline void bp_fused_rows(const uint8_t* A, int64_t lda, const uint64_t* B, int64_t sb, int64_t kw,
+                          int64_t* C, int64_t ldc, int nj, int p0, int shift) {
+  const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RM][4];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int64_t nj_rows = nj;
+  for (int64_t h = 0; h < 2 * kw; ++h) {
+    __m256i a[RM];
+    for (int i = 0; i < RM; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + h * 32));
+    for (int j = 0; j < 4; ++j) {
+      if (j >= nj_rows) break;
+      const u32_alias* row = reinterpret_cast<const u32_alias*>(B + j * kw) + h;
+      __m256i code;
+      if (PB == 1) {
+        const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(int(row[p0 * sb * 2])), rep);
+        code = _mm256_cmpeq_epi8(_mm256_and_si256(x, sel), sel);
+      } else {
+        code = _mm256_setzero_si256();
+        for (int p = 0; p < PB; ++p) {
+          const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(int(row[(p0 + p) * sb * 2])), rep);
+          const __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(x, sel), sel);
+          code = _mm256_or_si256(code, _mm256_and_si256(m, _mm256_set1_epi8(char(1 << p))));
+        }
+      }
+      for (int i = 0; i < RM; ++i)
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(a[i], code), ones));
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < nj; ++j) {
+      const int64_t v = hsum_epi32(acc[i][j]);
+      C[i * ldc + j] += (PB == 1 ? -v : v) << shift;
+    }
+}
+
+template <int RM>
+void bp_fused(const uint8_t* A, int64_t lda, const uint64_t* B, int pb, int64_t sb, int64_t N, int64_t kw,
+              int64_t* C, int64_t ldc) {
+  // int32 lanes: 2*kw*4 products of <= 255*63 each -> exact for kw < 520 (K < 33,280);
+  // longer rows go through K blocks
+  constexpr int64_t kMaxKw = 512;
+  for (int64_t w0 = 0; w0 < kw; w0 += kMaxKw) {
+    const int64_t wb = std::min(kMaxKw, kw - w0);
+    for (int64_t j0 = 0; j0 < N; j0 += 4) {
+      const int nj = int(std::min<int64_t>(4, N - j0));
+      const uint64_t* b = B + j0 * kw + w0;
+      const uint8_t* a = A + w0 * 64;
+      int64_t* c = C + j0;
+      // a view of B with row stride kw but only wb words per row
+      auto run = [&](int planes, int p0, int shift) {
+        switch (planes) {
+          case 1: bp_fused_rows<1, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
+          case 2: bp_fused_rows<2, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
+          case 3: bp_fused_rows<3, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
+          case 4: bp_fused_rows<4, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
+          case 5: bp_fused_rows<5, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
+          default: bp_fused_rows<6, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
+        }
+      };
+      run(std::min(pb, kLoPlanes), 0, 0);
+      if (pb > kLoPlanes) run(pb - kLoPlanes, kLoPlanes, kLoPlanes);
+    }
+  }
+}
+
 void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb, int64_t sb,
                        int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, int64_t(0));
+  if (M <= 2) {  // GEMV-like: in-register expansion beats the expanded-B buffer
+    if (M == 2) bp_fused<2>(A, lda, B, pb, sb, N, kw, C, ldc);
+    else bp_fused<1>(A, lda, B, pb, sb, N, kw, C, ldc);
+    return;
+  }
   constexpr int64_t wld = kBytesKwBlock * 64;
   alignas(32) int8_t wlo[4 * wld];
   alignas(32) int8_t whi[4 * wld];
@@ -187,8 +268,9 @@ void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t*
 }  // namespace
 
 const KernelTable& kernels_avx2() {
-  // bit-serial wins only for 1x1 and 1x2 bit pairs against vpmaddubsw (bench/cpp)
-  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 2};
+  // bit-serial wins for 1x1 and 1x2 bit pairs against vpmaddubsw, and up to 2x2 when A has
+  // 1-2 rows (bench/cpp: bitserial/ vs bytes/ at M1, M16, M64)
+  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 2, 4};
   return t;
 }
 

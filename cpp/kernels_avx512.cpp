@@ -7,6 +7,9 @@
 
 #include "kernels_ref.inl"
 
+// GCC 12 headers: _mm512_reduce_add_* trip a false -Wmaybe-uninitialized
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace soniq {
 namespace {
 
@@ -158,7 +161,7 @@ void avx512_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_
 
 const KernelTable& kernels_avx512() {
   static const KernelTable t{"avx512", avx512_bitserial, avx512_pack_planes, avx512_unpack_planes,
-                             avx512_bytes_planes, 2};
+                             avx512_bytes_planes, 2, 4};
   return t;
 }
 

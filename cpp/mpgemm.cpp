@@ -77,7 +77,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   auto use_bytes = [&](int ba, int bb) {
     if (policy == int(KernelPath::Bitserial)) return false;
     if (policy == int(KernelPath::Bytes)) return true;
-    return ba * bb > kt.bitserial_max_pairs;
+    return ba * bb > (a.rows <= 2 ? kt.bitserial_max_pairs_gemv : kt.bitserial_max_pairs);
   };
 
   // A blocks that some block pair runs on the byte path are expanded once per call to one
