@@ -154,8 +154,8 @@ typedef uint32_t u32_alias __attribute__((may_alias));  // 32-bit halves of plan
 // directly as the s8 operand (the sum comes out negated). PB planes are expanded; B codes
 // <= 63 keep vpmaddubsw exact (see below).
 template <int PB, int RM>
-inline void bp_fused_rows(const uint8_t* A, int64_t lda, const uint64_t* B, int64_t sb, int64_t kw,
-                          int64_t* C, int64_t ldc, int nj, int p0, int shift) {
+inline void bp_fused_rows(const uint8_t* A, int64_t lda, const uint64_t* B, int64_t sb, int64_t ldb,
+                          int64_t kw, int64_t* C, int64_t ldc, int nj, int p0, int shift) {
   const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
@@ -169,7 +169,7 @@ inline void bp_fused_rows(const uint8_t* A, int64_t lda, const uint64_t* B, int6
     for (int i = 0; i < RM; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + h * 32));
     for (int j = 0; j < 4; ++j) {
       if (j >= nj_rows) break;
-      const u32_alias* row = reinterpret_cast<const u32_alias*>(B + j * kw) + h;
+      const u32_alias* row = reinterpret_cast<const u32_alias*>(B + j * ldb) + h;
       __m256i code;
       if (PB == 1) {
         const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(int(row[p0 * sb * 2])), rep);
@@ -206,15 +206,14 @@ void bp_fused(const uint8_t* A, int64_t lda, const uint64_t* B, int pb, int64_t 
       const uint64_t* b = B + j0 * kw + w0;
       const uint8_t* a = A + w0 * 64;
       int64_t* c = C + j0;
-      // a view of B with row stride kw but only wb words per row
       auto run = [&](int planes, int p0, int shift) {
         switch (planes) {
-          case 1: bp_fused_rows<1, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
-          case 2: bp_fused_rows<2, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
-          case 3: bp_fused_rows<3, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
-          case 4: bp_fused_rows<4, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
-          case 5: bp_fused_rows<5, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
-          default: bp_fused_rows<6, RM>(a, lda, b, sb, wb, c, ldc, nj, p0, shift); break;
+          case 1: bp_fused_rows<1, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 2: bp_fused_rows<2, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 3: bp_fused_rows<3, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 4: bp_fused_rows<4, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 5: bp_fused_rows<5, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          default: bp_fused_rows<6, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
         }
       };
       run(std::min(pb, kLoPlanes), 0, 0);

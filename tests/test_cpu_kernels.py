@@ -90,6 +90,19 @@ def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("M", [1, 3])
+def test_long_k_crosses_kernel_blocks(isa, M, kernel_setup):
+    """K past every internal K block (bit-serial 8192, byte buffer 4096, fused GEMV 32768)."""
+    rng = np.random.default_rng(M)
+    soniq.set_isa(isa)
+    K = 33000
+    for path in PATHS:
+        _C.set_kernel_path(path)
+        for ba, bb in [(1, 1), (2, 2), (8, 1), (4, 4), (8, 8)]:
+            check(random_values(rng, M, K, ba, False), ba, False, random_values(rng, 5, K, bb, False), bb, False)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_two_tier_operands_both_axes(isa, threads, kernel_setup):
     """Weights with per-row tiers (axis 0) or per-K tiers (axis 1) against activations
