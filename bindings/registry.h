@@ -6,5 +6,6 @@
 namespace soniq::bindings {
 
 void register_core(pybind11::module_& m);  // module.cpp: info, dispatch, threads, pack, mpgemm
+void register_cpu_kernels(pybind11::module_& m);  // cpu_kernels.cpp: kernel path choice
 
 }  // namespace soniq::bindings

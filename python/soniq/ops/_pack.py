@@ -116,7 +116,8 @@ def pack(values, bits, *, signed: bool, axis: int = 0, scale=None, k_layout=None
                 raise ValueError("scale along K must be constant within each K segment (bit width); "
                                  "fold per-column scales into the other operand instead")
 
-    codes = codes[row_perm][:, kl.perm]
+    # index_select: advanced indexing runs an OpenMP region that costs milliseconds on a busy machine
+    codes = codes.index_select(0, row_perm).index_select(1, kl.perm)
     kws = [(n + 63) // 64 for n in kl.seg_lens]
     words, desc, sums = [], [], torch.empty(R, len(kl.seg_lens), dtype=torch.int64, device=dev)
     r0 = 0
