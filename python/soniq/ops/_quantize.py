@@ -100,11 +100,12 @@ def philox_uniform(n: int, seed: int, *, dtype=torch.float32, device="cpu") -> T
 
 
 # ---- public entry point -------------------------------------------------------------------
-def _channel_vector(v, C: int, name: str, like: Tensor) -> Tensor:
+def _channel_vector(v, C: int, name: str, like: Tensor, dtype=None) -> Tensor:
+    dtype = dtype or like.dtype
     if isinstance(v, np.ndarray):
         v = torch.from_numpy(np.asarray(v, dtype=np.float64))
     if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
-        return torch.full((C,), float(v), dtype=like.dtype, device=like.device)
+        return torch.full((C,), float(v), dtype=dtype, device=like.device)
     if not isinstance(v, Tensor):
         raise TypeError(f"{name} must be a number or a 1-D tensor/array with one entry per channel, "
                         f"got {type(v).__name__}")
@@ -112,7 +113,7 @@ def _channel_vector(v, C: int, name: str, like: Tensor) -> Tensor:
         v = v.reshape(1).expand(C)
     if v.dim() != 1 or v.numel() != C:
         raise ValueError(f"{name} must be a scalar or 1-D with {C} entries (one per channel), got shape {tuple(v.shape)}")
-    return v.detach().to(device=like.device, dtype=like.dtype).contiguous()
+    return v.detach().to(device=like.device, dtype=dtype).contiguous()
 
 
 def check_scale(scale: Tensor, name: str = "scale") -> None:
@@ -168,10 +169,10 @@ def quantize(x, scale, bits, *, signed: bool, noise: str = "none", seed=None, ax
     axis = int(axis) % x.dim()
     C = x.shape[axis]
     s = _channel_vector(scale, C, "scale", x)
-    b = _channel_vector(bits, C, "bits", x)
+    b = _channel_vector(bits, C, "bits", x, torch.float64)
     check_scale(s)
     check_bits(b, exact=noise == "none")
-    lo, hi, alpha = level_bounds(b.double(), bool(signed))
+    lo, hi, alpha = level_bounds(b, bool(signed))
     lo, hi, alpha = (t.to(x.dtype) for t in (lo, hi, alpha))
     sd = resolve_seed(seed) if noise == "uniform" else 0
     if x.device.type == "cuda" and not _C.built_with_cuda:
