@@ -4,7 +4,7 @@ NoiseQuant (phase 1): v = clamp(x/s + alpha*(u - 1/2), lo, hi), out = v*s. Piece
 every input, so its exact gradient exists almost everywhere: backward regenerates the same
 Philox noise from the seed (nothing stored) and differentiates x, s, lo, hi, alpha -- the
 gradient to the bits flows through s (noise magnitude) and lo/hi/alpha (clipping range).
-RoundQuant (phase 2): straight-through rounding with clipping masks and the LSQ gradient
+RoundQuant (phase 2): straight-through rounding with clipping masks (as torch.fake_quantize) and the LSQ gradient
 to the step (Esser et al. 2020): d out/d s = v - x/s inside the range, v at the clamp.
 """
 from __future__ import annotations
@@ -58,16 +58,18 @@ class RoundQuant(torch.autograd.Function):
         x = x.contiguous()
         v = torch.ops.soniq.quantize_raw(x, s.contiguous(), lo.contiguous(), hi.contiguous(),
                                          alpha.contiguous(), axis, 0, 0, True)
-        ctx.save_for_backward(x, s, lo, hi, v)
+        ctx.save_for_backward(x, s, lo, hi, alpha, v)
         ctx.axis = axis
         return v * _view(s, x.dim(), axis)
 
     @staticmethod
     def backward(ctx, g):
-        x, s, lo, hi, v = ctx.saved_tensors
+        x, s, lo, hi, alpha, v = ctx.saved_tensors
         ax, d = ctx.axis, x.dim()
         t = x * (1.0 / _view(s, d, ax))
-        inside = (t >= _view(lo, d, ax)) & (t <= _view(hi, d, ax))
+        # the mask of torch.fake_quantize: the rounded (unclamped) value lies on the grid
+        r = torch.where(_view(alpha, d, ax) == 1, torch.round(t), torch.round((t + 1) * 0.5) * 2 - 1)
+        inside = (r >= _view(lo, d, ax)) & (r <= _view(hi, d, ax))
         gx = g * inside
         gs = _sum_to_channel(g * torch.where(inside, v - t, v), ax)
         return gx, gs, None, None, None, None
