@@ -169,9 +169,11 @@ def _assign_tiers(scores: list, counts: list, palette: tuple, target: float, wha
     return out
 
 
-def freeze_precision(model: nn.Module) -> nn.Module:
+def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> nn.Module:
     """Phase 1 -> 2: snaps every channel to one of the config's two tiers (channels with the
-    most learned bits go high first) so the average bits stay within the budgets."""
+    most learned bits go high first) so the average bits stay within the budgets. With
+    refit_weight_scales, each weight channel's clip is refit (rounding MSE) for its tier:
+    a clip learned at ~2 real bits is too wide for 1-bit channels."""
     cfg = _config(model)
     layers = list(quant_layers(model).values())
     if not layers:
@@ -188,6 +190,9 @@ def freeze_precision(model: nn.Module) -> nn.Module:
         tiers = _assign_tiers([q.bits() for q in qs], counts, pal, target, what)
         for q, b in zip(qs, tiers):
             q.freeze(b)
+    if refit_weight_scales:
+        for m in layers:
+            m.w_quant.refit_clip(m.weight)
     cfg.phase = PHASE_EXACT
     return model
 

@@ -108,6 +108,14 @@ class WeightQuantizer(ChannelQuantizer):
             best, best_err = torch.where(better, clip, best), torch.where(better, err, best_err)
         return best
 
+    @torch.no_grad()
+    def refit_clip(self, w: Tensor) -> None:
+        """Phase 2 start: per-channel clip refit (rounding MSE) for each channel's frozen bits."""
+        bits = self.frozen_bits
+        for b in torch.unique(bits).tolist():
+            sel = bits == b
+            self.clip[sel] = self._init_clip(w.detach()[sel], int(b)).to(self.clip)
+
     def step(self) -> Tensor:
         b = self.bits()
         g = 1.0 / math.sqrt(self.per_channel * float(2 ** (self.palette[1] - 1)))
