@@ -108,4 +108,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "soniq native core (torch-free)";
   soniq::bindings::register_core(m);
   soniq::bindings::register_cpu_kernels(m);
+  soniq::bindings::register_quantize(m);
 }
