@@ -107,4 +107,5 @@ void soniq::bindings::register_core(py::module_& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "soniq native core (torch-free)";
   soniq::bindings::register_core(m);
+  soniq::bindings::register_cuda(m);
 }

@@ -6,5 +6,6 @@
 namespace soniq::bindings {
 
 void register_core(pybind11::module_& m);  // module.cpp: info, dispatch, threads, pack, mpgemm
+void register_cuda(pybind11::module_& m);  // cuda.cpp: CUDA kernel choice
 
 }  // namespace soniq::bindings
