@@ -95,7 +95,11 @@ def scale_vector(scale, length: int, name: str, device) -> torch.Tensor | None:
     if isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool):
         s = torch.full((length,), float(scale), dtype=torch.float32, device=device)
     else:
+        if isinstance(scale, (list, tuple)):
+            scale = np.asarray(scale)
         if isinstance(scale, np.ndarray):
+            if scale.dtype.kind not in "fiu":
+                raise TypeError(f"{name} must hold floats, got dtype {scale.dtype}")
             scale = torch.from_numpy(np.array(scale, dtype=np.float32))
         if not isinstance(scale, torch.Tensor):
             raise TypeError(f"{name} must be None, a float or a 1-D float tensor/array, got {type(scale).__name__}")

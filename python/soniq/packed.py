@@ -16,6 +16,20 @@ class KLayout:
     perm: torch.Tensor       # int64 [K]
     seg_lens: tuple          # lengths of the K segments, in order
 
+    @staticmethod
+    def from_bits(*bits_along_k) -> "KLayout":
+        """The layout grouping K by bit width -- by the tuple of widths when several operands
+        (e.g. per-input-channel weights and activations) vary along K together."""
+        cols = [torch.as_tensor(b, dtype=torch.int64).reshape(-1) for b in bits_along_k]
+        if not cols or any(c.numel() != cols[0].numel() for c in cols):
+            raise ValueError("bits_along_k must be one or more 1-D arrays of the same length K")
+        key = torch.zeros_like(cols[0])
+        for c in cols:  # lexicographic key over the widths (each in 1..8, so base 16)
+            key = key * 16 + c
+        perm = torch.sort(key, stable=True).indices
+        _, counts = torch.unique_consecutive(key[perm], return_counts=True)
+        return KLayout(perm, tuple(int(c) for c in counts.tolist()))
+
     def same_as(self, other: "KLayout") -> bool:
         return (self.seg_lens == other.seg_lens and self.perm.shape == other.perm.shape
                 and bool(torch.equal(self.perm.cpu(), other.perm.cpu())))

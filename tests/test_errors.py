@@ -1,0 +1,142 @@
+"""Bad input raises a clear Python exception naming the argument; never a crash."""
+import numpy as np
+import pytest
+import torch
+
+import soniq
+from soniq import ops
+
+
+def packed(x=None, bits=4, signed=False, **kw):
+    x = np.zeros((2, 10), dtype=np.int64) if x is None else x
+    return ops.pack(x, bits, signed=signed, **kw)
+
+
+@pytest.mark.parametrize("values,exc,match", [
+    (np.zeros((2, 3), dtype=np.float32), TypeError, "values must have an integer dtype.*float32.*quantize"),
+    (torch.zeros(2, 3), TypeError, "values must have an integer dtype.*torch.float32"),
+    (torch.zeros(2, 3, dtype=torch.bool), TypeError, "values.*bool.*uint8"),
+    ([[1, 2]], TypeError, "values must be a torch.Tensor or numpy.ndarray, got list"),
+    (np.zeros((2, 3, 4), dtype=np.int64), ValueError, "values must be 2-D.*3-D"),
+    (np.zeros(5, dtype=np.int64), ValueError, "values must be 2-D"),
+    (np.zeros((0, 5), dtype=np.int64), ValueError, "values must be non-empty"),
+    (np.zeros((5, 0), dtype=np.int64), ValueError, "values must be non-empty"),
+])
+def test_bad_values(values, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.pack(values, 4, signed=False)
+
+
+@pytest.mark.parametrize("bits,exc,match", [
+    (0, ValueError, r"bits must be in 1..8, got 0"),
+    (9, ValueError, r"bits must be in 1..8, got 9"),
+    (True, TypeError, "bits.*bool"),
+    (2.5, TypeError, "bits must be an int"),
+    (np.array([1, 2]), ValueError, r"bits must be 1-D with 3 entries"),
+    (np.array([1, 9, 2]), ValueError, r"bits\[1\] = 9"),
+    (np.array([1.0, 2.0, 3.0]), TypeError, "bits must hold integers"),
+])
+def test_bad_bits(bits, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.pack(np.zeros((3, 4), dtype=np.int64), bits, signed=False)
+
+
+@pytest.mark.parametrize("x,bits,signed,match", [
+    (np.array([[0, 16]]), 4, False, r"values\[0, 1\] = 16 is out of range for row 0's 4-bit unsigned .*0..15"),
+    (np.array([[-1, 0]]), 4, False, r"values\[0, 0\] = -1"),
+    (np.array([[-9, 0]]), 4, True, r"values\[0, 0\] = -9 .* -8..7"),
+    (np.array([[1, 0]]), 1, True, r"values\[0, 1\] = 0 .*1-bit signed .*\{-1, \+1\}"),
+    (np.array([[2**40, 0]], dtype=np.uint64), 8, False, r"values\[0, 0\] = 1099511627776"),
+    (np.array([[2**63 + 5, 0]], dtype=np.uint64), 8, False, r"values holds values above 2\*\*63-1"),
+])
+def test_values_out_of_range(x, bits, signed, match):
+    with pytest.raises(ValueError, match=match):
+        ops.pack(x, bits, signed=signed)
+
+
+def test_per_column_range_names_the_column():
+    x = np.array([[3, 3], [1, 5]])
+    with pytest.raises(ValueError, match=r"values\[1, 1\] = 5 is out of range for column 1's 2-bit"):
+        ops.pack(x, np.array([2, 2]), signed=False, axis=1)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"axis": 2}, ValueError, "axis must be 0 .* or 1"),
+    ({"signed": 1}, TypeError, "signed must be a bool"),
+    ({"scale": 0.0}, ValueError, r"scale\[0\] = 0.0: scales must be finite and > 0"),
+    ({"scale": -1.0}, ValueError, "scales must be finite and > 0"),
+    ({"scale": float("nan")}, ValueError, "scales must be finite"),
+    ({"scale": np.array([1.0, np.inf])}, ValueError, r"scale\[1\] = inf"),
+    ({"scale": np.ones(3)}, ValueError, "scale must be a scalar or 1-D with 2 entries"),
+    ({"scale": "big"}, TypeError, "scale must be None, a float"),
+])
+def test_bad_keywords(kw, exc, match):
+    args = {"signed": False, **kw}
+    with pytest.raises(exc, match=match):
+        ops.pack(np.zeros((2, 10), dtype=np.int64), 4, **args)
+
+
+def test_k_scale_must_be_constant_per_tier():
+    bits = np.array([4, 4, 8, 8])
+    with pytest.raises(ValueError, match="constant within each K segment"):
+        ops.pack(np.zeros((2, 4), dtype=np.int64), bits, signed=False, axis=1, scale=np.array([1.0, 2.0, 1.0, 1.0]))
+
+
+def test_mpgemm_argument_errors():
+    a = packed()
+    with pytest.raises(TypeError, match="b must be a soniq.PackedTensor .*ndarray"):
+        ops.mpgemm(a, np.zeros((2, 10), dtype=np.int64))
+    with pytest.raises(TypeError, match="a must be a soniq.PackedTensor"):
+        ops.mpgemm(torch.zeros(2, 10, dtype=torch.int64), a)
+    with pytest.raises(ValueError, match=r"same K: a is \(2, 10\) \(K=10\), b is \(2, 11\) \(K=11\)"):
+        ops.mpgemm(a, packed(np.zeros((2, 11), dtype=np.int64)))
+    with pytest.raises(ValueError, match="out_dtype must be None, torch.int32 or torch.int64"):
+        ops.mpgemm(a, a, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="out_dtype must be None or torch.float32 when scales"):
+        ops.mpgemm(packed(scale=2.0), a, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="p must be a soniq.PackedTensor"):
+        ops.unpack(np.zeros((2, 2)))
+
+
+def test_k_layout_mismatch_is_explained():
+    bits = np.array([4, 8] * 5)
+    a = ops.pack(np.zeros((2, 10), dtype=np.int64), bits, signed=False, axis=1)
+    b = packed()
+    with pytest.raises(ValueError, match="different K layouts.*k_layout="):
+        ops.mpgemm(a, b)
+    with pytest.raises(ValueError, match="k_layout does not match bits"):
+        ops.pack(np.zeros((2, 10), dtype=np.int64), np.array([4] * 9 + [8]), signed=False, axis=1, k_layout=a)
+    with pytest.raises(ValueError, match="k_layout.perm must have K=11"):
+        ops.pack(np.zeros((2, 11), dtype=np.int64), 4, signed=False, k_layout=a)
+    with pytest.raises(TypeError, match="k_layout must be a soniq.KLayout"):
+        ops.pack(np.zeros((2, 10), dtype=np.int64), 4, signed=False, k_layout="x")
+
+
+def test_mixed_devices_rejected():
+    a = packed()
+    b = packed().to("meta")
+    with pytest.raises(ValueError, match="same device.*cpu.*meta"):
+        ops.mpgemm(a, b)
+
+
+def test_set_num_threads_and_isa_errors():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            soniq.set_num_threads(bad)
+    with pytest.raises(ValueError, match="isa must be one of scalar, avx2, avx512 .*'sse9'"):
+        soniq.set_isa("sse9")
+    for name in ("avx2", "avx512"):
+        if name not in soniq.supported_isas():
+            with pytest.raises(ValueError, match=f"'{name}' is not supported by this CPU .missing: "):
+                soniq.set_isa(name)
+
+
+def test_corrupted_state_dict_rejected():
+    p = packed(np.ones((3, 70), dtype=np.int64), 2)
+    for key, bad in [("data", lambda t: t[:-1]), ("row_perm", lambda t: torch.zeros_like(t)),
+                     ("desc", lambda t: t * 2), ("ksegs", lambda t: t + 1), ("sums", lambda t: t[:1]),
+                     ("bits", lambda t: t * 0)]:
+        sd = dict(p.state_dict())
+        sd[key] = bad(sd[key])
+        with pytest.raises(ValueError, match="invalid packed tensor"):
+            soniq.PackedTensor.from_state_dict(sd, p.metadata())
