@@ -102,14 +102,14 @@ def test_two_tier(kernel, axes, seed):
     a = values(rng, (M, K), bits_a, True, a_axis)
     b = values(rng, (N, K), bits_b, False, b_axis)
     if kl is not None:
-        pa = ops.pack(a, torch.from_numpy(bits_a), signed=True, axis=1, k_layout=kl)
-        pb = ops.pack(b, torch.from_numpy(bits_b), signed=False, axis=1, k_layout=kl)
+        pa = ops.pack(a, bits_a, signed=True, axis=1, k_layout=kl)
+        pb = ops.pack(b, bits_b, signed=False, axis=1, k_layout=kl)
     elif a_axis == 1:
-        pa = ops.pack(a, torch.from_numpy(bits_a), signed=True, axis=1)
-        pb = ops.pack(b, torch.from_numpy(bits_b), signed=False, axis=b_axis, k_layout=pa)
+        pa = ops.pack(a, bits_a, signed=True, axis=1)
+        pb = ops.pack(b, bits_b, signed=False, axis=b_axis, k_layout=pa)
     else:
-        pb = ops.pack(b, torch.from_numpy(bits_b), signed=False, axis=b_axis)
-        pa = ops.pack(a, torch.from_numpy(bits_a), signed=True, axis=0, k_layout=pb)
+        pb = ops.pack(b, bits_b, signed=False, axis=b_axis)
+        pa = ops.pack(a, bits_a, signed=True, axis=0, k_layout=pb)
     check(kernel, pa, pb, exact=a @ b.T)
 
 
@@ -121,7 +121,7 @@ def test_scales_bitwise(kernel):
     a = values(rng, (M, K), bits_a, False, axis=1)
     b = values(rng, (N, K), 4, True)
     seg = {2: 0.37, 8: 0.011}
-    pa = ops.pack(a, torch.from_numpy(bits_a), signed=False, axis=1,
+    pa = ops.pack(a, bits_a, signed=False, axis=1,
                   scale=torch.tensor([seg[int(x)] for x in bits_a], dtype=torch.float32))
     pb = ops.pack(b, 4, signed=True, scale=torch.rand(N) + 0.5, k_layout=pa)
     check(kernel, pa, pb)
