@@ -125,14 +125,16 @@ def bench_shape(M, N, K, configs, peaks, results, verify):
     x16 = torch.randn(M, K, dtype=torch.float16, device="cuda")
     w16 = torch.randn(N, K, dtype=torch.float16, device="cuda")
     t_fp16, mode = time_fn(lambda: torch.matmul(x16, w16.t()))
-    row["candidates"].append({"name": "cuBLAS FP16 (torch.matmul)", "s": t_fp16, "mode": mode})
+    row["candidates"].append({"name": "cuBLAS FP16 (torch.matmul)", "s": t_fp16, "mode": mode,
+                              "bytes": 2 * (M * K + N * K + M * N)})
     Mi = max(M, 32)  # torch._int_mm wants M > 16
     x8 = torch.randint(-128, 127, (Mi, K), dtype=torch.int8, device="cuda")
     w8 = torch.randint(-128, 127, (K, N), dtype=torch.int8, device="cuda").t().contiguous().t()
     try:
         t_int8, mode = time_fn(lambda: torch._int_mm(x8, w8))
         note = "" if Mi == M else f"padded to M={Mi} (torch._int_mm needs M > 16)"
-        row["candidates"].append({"name": "cuBLAS INT8 (torch._int_mm)", "s": t_int8, "mode": mode, "note": note})
+        row["candidates"].append({"name": "cuBLAS INT8 (torch._int_mm)", "s": t_int8, "mode": mode, "note": note,
+                                  "bytes": Mi * K + N * K + 4 * Mi * N})
     except Exception as e:
         t_int8 = None
         row["candidates"].append({"name": "cuBLAS INT8 (torch._int_mm)", "s": None, "note": str(e)[:120]})
@@ -149,24 +151,22 @@ def bench_shape(M, N, K, configs, peaks, results, verify):
         a = rand_codes((M, K), wa, sa, gen=gen)
         b = rand_codes((N, K), wb, sb, gen=gen)
         pa, pb = ops.pack(a, wa, signed=sa), ops.pack(b, wb, signed=sb)
-        ok = None
-        if verify:
-            ref = (a.double() @ b.double().t()).long()  # exact: |sums| < 2**53
-            ok = bool(torch.equal(ops.mpgemm(pa, pb, out_dtype=torch.int64), ref))
-            del ref
+        ref = (a.double() @ b.double().t()).long() if verify else None  # exact: |sums| < 2**53
         del a, b
         for kern in kernels:
             _C.cuda_set_kernel(kern)
             try:
-                t, mode = time_fn(lambda: ops.mpgemm(pa, pb, out_dtype=torch.int64))
+                ok = bool(torch.equal(ops.mpgemm(pa, pb).long(), ref)) if verify else None
+                t, mode = time_fn(lambda: ops.mpgemm(pa, pb))  # int32 out, like torch._int_mm
             except Exception as e:
                 row["candidates"].append({"name": f"soniq W{wb}A{wa} [{kern}]", "s": None, "note": str(e)[:120]})
                 continue
             finally:
                 _C.cuda_set_kernel("auto")
-            packed_bytes = pb.data.numel() * 8 + pa.data.numel() * 8
+            packed_bytes = pb.data.numel() * 8 + pa.data.numel() * 8 + 4 * M * N
             row["candidates"].append({"name": f"soniq W{wb}A{wa} [{kern}]", "s": t, "mode": mode, "exact": ok,
                                       "bytes": packed_bytes})
+        del ref
         del pa, pb
         torch.cuda.empty_cache()
 
