@@ -68,15 +68,27 @@ class PackedTensor:
         self.dtype = dtype          # dtype unpack() returns
         self.kind = kind            # 'torch' or 'numpy': what the ops hand back
         self.layout = layout
+        # CPU copies of the small layout metadata (desc, ksegs, k_perm) and the per-segment
+        # scales, cached so a GPU mpgemm never synchronizes after its first call (the CUDA
+        # kernels take desc/ksegs by value; needed for CUDA graph capture).
+        self._host = (desc, ksegs, k_perm) if all(t.device.type == "cpu" for t in (desc, ksegs, k_perm)) else None
+        self._seg_scale = None
 
     # ---- properties -----------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.data.device
 
+    def host_meta(self) -> tuple:
+        """(desc, ksegs, k_perm) as CPU tensors; copied once from the device, then cached."""
+        if self._host is None:
+            self._host = (self.desc.cpu(), self.ksegs.cpu(), self.k_perm.cpu())
+        return self._host
+
     @property
     def k_layout(self) -> KLayout:
-        return KLayout(self.k_perm, tuple(int(x) for x in self.ksegs[:, 0].tolist()))
+        _, ksegs, k_perm = self.host_meta()
+        return KLayout(k_perm, tuple(int(x) for x in ksegs[:, 0].tolist()))
 
     @property
     def nbytes(self) -> int:
@@ -92,8 +104,11 @@ class PackedTensor:
         """Scale per K segment when scales run along K (constant within a segment)."""
         if self.axis != 1 or self.scale is None:
             return None
-        starts = torch.cumsum(self.ksegs[:, 0], 0) - self.ksegs[:, 0]
-        return self.scale[self.k_perm[starts]].contiguous()
+        if self._seg_scale is None:
+            _, ksegs, k_perm = self.host_meta()
+            starts = torch.cumsum(ksegs[:, 0], 0) - ksegs[:, 0]
+            self._seg_scale = self.scale[k_perm[starts].to(self.scale.device)].contiguous()
+        return self._seg_scale
 
     def bit_histogram(self) -> dict:
         vals, counts = torch.unique(self.bits.cpu(), return_counts=True)
@@ -106,9 +121,12 @@ class PackedTensor:
 
     def to(self, device) -> "PackedTensor":
         """Moves every buffer to `device` (no repacking: the layout is device-independent)."""
+        host = self.host_meta()
         moved = {k: (v.to(device) if v is not None else None) for k, v in self._tensors().items()}
-        return PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
-                            kind=self.kind, layout=self.layout, **moved)
+        pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
+                          kind=self.kind, layout=self.layout, **moved)
+        pt._host = host
+        return pt
 
     def cuda(self, device=None) -> "PackedTensor":
         return self.to(device if device is not None else "cuda")

@@ -81,16 +81,23 @@ def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
                   b_data: Tensor, b_desc: Tensor, b_sums: Tensor, b_perm: Tensor, b_signed: bool,
                   ksegs: Tensor, a_row_scale: Optional[Tensor], b_row_scale: Optional[Tensor],
                   a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int) -> Tensor:
-    """out[M, N] = a_int @ b_int.T over packed operands (int32/int64), or scaled float32."""
+    """out[M, N] = a_int @ b_int.T over packed operands (int32/int64), or scaled float32.
+
+    a_desc, b_desc and ksegs (the small layout metadata) are read on the host: pass CPU
+    tensors (PackedTensor.host_meta()) so a CUDA call never syncs; device copies work
+    but cost a device-to-host copy. Everything else lives on the data's device."""
     M, N = a_perm.numel(), b_perm.numel()
     out = torch.empty(M, N, dtype=_KIND_DTYPE[kind], device=a_data.device)
+    if a_data.device.type == "cuda":  # host copies of the metadata (a sync only if given on device)
+        a_desc, b_desc, ksegs = a_desc.cpu(), b_desc.cpu(), ksegs.cpu()
     A = (_ptr(a_data), M, a_desc.shape[0], _ptr(a_desc), _ptr(a_sums), _ptr(a_perm), a_signed)
     B = (_ptr(b_data), N, b_desc.shape[0], _ptr(b_desc), _ptr(b_sums), _ptr(b_perm), b_signed)
     S = (_ptr(a_row_scale), _ptr(b_row_scale), _ptr(a_seg_scale), _ptr(b_seg_scale))
     nsegs = ksegs.shape[0]
     if a_data.device.type == "cuda":
-        stream = torch.cuda.current_stream(a_data.device).cuda_stream
-        _C.cuda_mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), stream)
+        with torch.cuda.device(a_data.device):  # the kernels launch on the current device
+            stream = torch.cuda.current_stream(a_data.device).cuda_stream
+            _C.cuda_mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), stream)
     else:
         _C.mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr())
     return out

@@ -13,10 +13,10 @@ INT32_MAX = 2**31 - 1
 def int32_limit(a: PackedTensor, b: PackedTensor) -> int:
     """Largest |a_int @ b_int.T| entry the bit widths allow: sum over K segments of
     klen * max|a| * max|b|, maximized over every pair of row groups."""
-    klens = a.ksegs[:, 0].cpu().tolist()
+    klens = a.host_meta()[1][:, 0].tolist()
     worst = 0
-    for da in a.desc.cpu().tolist():
-        for db in b.desc.cpu().tolist():
+    for da in a.host_meta()[0].tolist():
+        for db in b.host_meta()[0].tolist():
             tot = sum(n * max_abs_value(ba, a.signed) * max_abs_value(bb, b.signed)
                       for n, ba, bb in zip(klens, da[2:], db[2:]))
             worst = max(worst, tot)
@@ -70,10 +70,14 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
             raise RuntimeError("soniq was built without CUDA kernels; move the operands to the CPU "
                                "or reinstall with nvcc available (SONIQ_CUDA=ON)")
 
+    # desc and ksegs go as their cached CPU copies: the CUDA kernels take them by value,
+    # so no device-to-host copy (and no sync) happens here after the first call.
+    a_desc, a_ksegs, _ = a.host_meta()
+    b_desc = b.host_meta()[0]
     out = torch.ops.soniq.mpgemm_packed(
-        a.data, a.desc, a.sums, a.row_perm, a.signed,
-        b.data, b.desc, b.sums, b.row_perm, b.signed,
-        a.ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
+        a.data, a_desc, a.sums, a.row_perm, a.signed,
+        b.data, b_desc, b.sums, b.row_perm, b.signed,
+        a_ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
     if a.kind == "numpy" and b.kind == "numpy":
         return out.cpu().numpy()
     return out

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU, run from the repository root:
+#   bash bench/gpu_run.sh build test       # ~5 min: pip install, info, tests/test_cuda.py
+#   bash bench/gpu_run.sh sanitize bench   # ~5 min: compute-sanitizer sweep, benchmark
+#   bash bench/gpu_run.sh                  # all four (needs more than one 10-minute call)
+# Writes logs and results to $OUT (the device tool's output folder) or, without it, to
+# bench/results/gpu_run/; summary.txt says what passed, with each log's tail. Stages
+# other than build install first if soniq is not importable. Non-zero exit if any failed.
+set -u
+OUT=${OUT:-bench/results/gpu_run}
+mkdir -p "$OUT"
+STAGES=${*:-build test sanitize bench}
+PY=${PYTHON:-python3}
+status=0
+say() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+stage() {  # stage NAME LIMIT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  [ $rc -ne 0 ] && status=1
+  say "$name: rc=$rc ($((SECONDS - t0)) s)$([ $rc -eq 124 ] && echo ' TIMED OUT')"
+  tail -n 15 "$OUT/$name.log" | sed 's/^/    /' >> "$OUT/summary.txt"
+}
+
+say "soniq GPU run $(date -u +%FT%TZ), stages: $STAGES"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+BUILD=(env SONIQ_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -v .)
+for s in $STAGES; do
+  if [ "$s" != build ] && ! (cd /tmp && $PY -c "import soniq._C" 2> /dev/null); then
+    stage build 300 "${BUILD[@]}"
+  fi
+  case $s in
+    build)
+      # --no-deps: the machine has torch/numpy and no network; build dir is reused
+      stage build 300 "${BUILD[@]}" ;;
+    test)
+      stage info 60 $PY -c "import soniq, json; print(json.dumps(soniq.info(verbose=False), indent=1, default=str))"
+      stage test_cuda 240 $PY -m pytest -q -ra --maxfail=40 -p no:cacheprovider tests/test_cuda.py \
+        --junitxml="$OUT/test_cuda.xml" ;;
+    sanitize)
+      if command -v compute-sanitizer > /dev/null; then
+        for tool in memcheck racecheck synccheck; do
+          stage "sanitize_$tool" 110 compute-sanitizer --tool $tool --error-exitcode 1 \
+            $PY bench/cuda_sanitize_sweep.py
+        done
+      else
+        say "sanitize: compute-sanitizer not found, skipped"
+      fi ;;
+    bench)
+      stage bench 240 $PY bench/gpu_gemm.py --out "$OUT" ;;
+    *) say "unknown stage $s"; status=1 ;;
+  esac
+done
+say "done, status $status"
+exit $status

@@ -1,0 +1,195 @@
+// Tensor-core mpgemm: the bit planes of a 64x64 tile are expanded to one unsigned code
+// byte per element in shared memory, and mma.sync.m16n8k32 .u8 x .u8 -> .s32 (sm_80 and
+// sm_90 alike) multiplies them. Why unsigned x unsigned: codes are 0..2^b-1 <= 255, which
+// .s8 cannot hold for 8 bits; the signed encodings are recovered exactly afterwards by the
+// same code-sum corrections as every other kernel (design.md sec. 2):
+//   sum_k va*vb = aa*ab*sum_k ua*ub + aa*ob*sum ua + ab*oa*sum ub + K*oa*ob.
+// The .s32 accumulators wrap past 2^31, so they are flushed to 64 bits every
+// kFlushChunks chunks (16384 K: 16384 * 255 * 255 < 2^31).
+// Exactness first: plain global loads with the next chunk in flight during the mma of
+// the current one, two shared stages. Faster paths (ldmatrix, INT8 byte layout from the
+// packer for 8-bit operands, wgmma on sm_90a) are left for measurement.
+#include <stdexcept>
+
+#include "mpgemm_common.cuh"
+
+namespace soniq::cuda::detail {
+namespace {
+
+constexpr int kTile = 64;       // rows of a and b per block tile
+constexpr int kThreads = 128;   // 4 warps, 2 x 2, each 32 x 32 outputs
+constexpr int kK = 128;         // K per chunk: 2 words per plane and row
+constexpr int kRowBytes = kK + 16;  // padded: fragment reads of 8 rows x 4 lanes hit 32 banks
+constexpr int kFlushChunks = 128;   // 128 chunks * 128 K = 16384 K
+
+__device__ __forceinline__ void mma_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                       unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 4 bits -> 4 bytes holding 0/1 (bit i to byte i): the multiply places copies of the
+// nibble at shifts 0, 7, 14, 21 without overlap, the mask keeps bit i of copy i.
+__device__ __forceinline__ unsigned spread4(unsigned nib) { return (nib * 0x00204081u) & 0x01010101u; }
+
+// Loads the plane words of one (row, word) for every plane (zeros outside the block).
+__device__ __forceinline__ void load_planes(uint64_t (&x)[8], const uint64_t* g, long long plane_stride, int planes,
+                                            bool ok) {
+#pragma unroll
+  for (int p = 0; p < 8; ++p) x[p] = (ok && p < planes) ? __ldg(g + p * plane_stride) : 0ull;
+}
+
+// Writes the 64 code bytes of one plane word set: byte k = sum_p bit_k(x_p) << p.
+__device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t (&x)[8]) {
+  unsigned out[16];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) out[j] = 0;
+#pragma unroll
+  for (int p = 0; p < 8; ++p) {
+    const unsigned lo = unsigned(x[p]), hi = unsigned(x[p] >> 32);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      out[j] |= spread4((lo >> (4 * j)) & 15u) << p;
+      out[8 + j] |= spread4((hi >> (4 * j)) & 15u) << p;
+    }
+  }
+  uint4* d = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int v = 0; v < 4; ++v) d[v] = make_uint4(out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
+}
+
+template <bool kFloat>
+__global__ void __launch_bounds__(kThreads) mma_gemm_kernel(const __grid_constant__ GemmParams P) {
+  __shared__ __align__(16) unsigned char sA[2][kTile * kRowBytes];
+  __shared__ __align__(16) unsigned char sB[2][kTile * kRowBytes];
+  const Tile T = locate_tile(P, blockIdx.x);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;            // mma fragment coordinates
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // warp's output sub-tile
+  const int lr = tid / 2, lh = tid % 2;           // row and word this thread expands
+  const int rows_a = P.a.row_count[T.ga], rows_b = P.b.row_count[T.gb];
+
+  Total<kFloat> total[2][4][4];
+  for (int s = 0; s < P.nsegs; ++s) {
+    const int pa = P.a.bits[T.ga][s], pb = P.b.bits[T.gb][s];
+    const long long kw = P.kw[s];
+    const long long stride_a = rows_a * kw, stride_b = rows_b * kw;
+    const bool row_a = T.m0 + lr < rows_a, row_b = T.n0 + lr < rows_b;
+    const uint64_t* gA = P.a.data + P.a.offset[T.ga][s] + (long long)(T.m0 + (row_a ? lr : 0)) * kw + lh;
+    const uint64_t* gB = P.b.data + P.b.offset[T.gb][s] + (long long)(T.n0 + (row_b ? lr : 0)) * kw + lh;
+    const int nchunks = int((kw + 1) / 2);
+    long long aa, oa, ab, ob;
+    code_affine(pa, P.a.is_signed, aa, oa);
+    code_affine(pb, P.b.is_signed, ab, ob);
+
+    int acc[2][4][4];
+    long long dot[2][4][4];  // only the float path keeps the raw dot (one rounding per segment)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0, dot[i][j][e] = 0;
+    auto flush = [&]() {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if constexpr (kFloat) dot[i][j][e] += acc[i][j][e];
+            else total[i][j][e].v += aa * ab * (long long)acc[i][j][e];
+            acc[i][j][e] = 0;
+          }
+    };
+
+    uint64_t xa[8], xb[8];
+    load_planes(xa, gA, stride_a, pa, row_a && lh < kw);
+    load_planes(xb, gB, stride_b, pb, row_b && lh < kw);
+    expand_store(&sA[0][lr * kRowBytes + lh * 64], xa);
+    expand_store(&sB[0][lr * kRowBytes + lh * 64], xb);
+    __syncthreads();
+    for (int c = 0; c < nchunks; ++c) {
+      const int cur = c & 1;
+      const bool more = c + 1 < nchunks;
+      if (more) {  // next chunk's words in flight during this chunk's mma
+        const long long w = 2LL * (c + 1) + lh;
+        load_planes(xa, gA + 2LL * (c + 1), stride_a, pa, row_a && w < kw);
+        load_planes(xb, gB + 2LL * (c + 1), stride_b, pb, row_b && w < kw);
+      }
+      const unsigned char* A = sA[cur];
+      const unsigned char* B = sB[cur];
+#pragma unroll
+      for (int ks = 0; ks < kK / 32; ++ks) {
+        const int k0 = ks * 32 + t * 4;
+        unsigned af[2][4], bf[4][2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const unsigned char* r0 = A + (wm + 16 * i + g) * kRowBytes + k0;
+          const unsigned char* r8 = r0 + 8 * kRowBytes;
+          af[i][0] = *reinterpret_cast<const unsigned*>(r0);
+          af[i][1] = *reinterpret_cast<const unsigned*>(r8);
+          af[i][2] = *reinterpret_cast<const unsigned*>(r0 + 16);
+          af[i][3] = *reinterpret_cast<const unsigned*>(r8 + 16);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const unsigned char* r = B + (wn + 8 * j + g) * kRowBytes + k0;
+          bf[j][0] = *reinterpret_cast<const unsigned*>(r);
+          bf[j][1] = *reinterpret_cast<const unsigned*>(r + 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_u8(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j][0], bf[j][1]);
+      }
+      if (more) {
+        expand_store(&sA[cur ^ 1][lr * kRowBytes + lh * 64], xa);
+        expand_store(&sB[cur ^ 1][lr * kRowBytes + lh * 64], xb);
+      }
+      if ((c + 1) % kFlushChunks == 0) flush();
+      __syncthreads();  // the other stage is complete; this one is free for the next chunk
+    }
+    flush();
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int mi = T.m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0);
+          const int nj = T.n0 + wn + 8 * j + 2 * t + (e & 1);
+          if (mi < rows_a && nj < rows_b) {
+            const long long ii = P.a.row_start[T.ga] + mi, jj = P.b.row_start[T.gb] + nj;
+            // int path: the dot is already in the total, add only the corrections
+            add_segment<kFloat>(P, s, pa, pb, ii, jj, kFloat ? dot[i][j][e] : 0, total[i][j][e]);
+          }
+        }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int mi = T.m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0);
+        const int nj = T.n0 + wn + 8 * j + 2 * t + (e & 1);
+        if (mi < rows_a && nj < rows_b)
+          store_total<kFloat>(P, P.a.row_start[T.ga] + mi, P.b.row_start[T.gb] + nj, total[i][j][e]);
+      }
+}
+
+}  // namespace
+
+void launch_mma(GemmParams& P, cudaStream_t st) {
+  const long long tiles = schedule_tiles(P, kTile, kTile);
+  const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
+  if (P.kind == int(OutKind::Float32)) mma_gemm_kernel<true><<<grid, block, 0, st>>>(P);
+  else mma_gemm_kernel<false><<<grid, block, 0, st>>>(P);
+  check_cuda(cudaGetLastError(), "soniq mma_gemm kernel launch");
+}
+
+}  // namespace soniq::cuda::detail

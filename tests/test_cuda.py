@@ -1,0 +1,202 @@
+"""CUDA mpgemm kernels are exactly the CPU mpgemm (and a_int @ b_int.T): every kernel
+(reference, popcount GEMM, GEMV, tensor-core INT8) forced in turn, every bit pair, odd
+shapes, two-tier operands on both axes, scales, non-default streams and graph capture."""
+import numpy as np
+import pytest
+import torch
+
+import soniq
+from soniq import ops
+from soniq._native import _C
+
+HAVE_GPU = bool(_C.built_with_cuda) and torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not HAVE_GPU, reason="no CUDA device" if _C.built_with_cuda else "soniq built without CUDA")
+
+KERNELS = ["ref", "popc", "gemv", "mma", "auto"]
+
+
+def values(rng, shape, bits, signed, axis=0):
+    """Random integers valid for per-channel `bits` (int or array along `axis`)."""
+    R, K = shape
+    b = np.broadcast_to(np.asarray(bits), ((R, K)[axis],)).reshape((-1, 1) if axis == 0 else (1, -1))
+    if signed:
+        lo, hi = -(1 << (b - 1)), (1 << (b - 1)) - 1
+        v = rng.integers(0, 1 << 62, size=shape) % (hi - lo + 1) + lo
+        v = np.where(np.broadcast_to(b == 1, shape), np.where(rng.random(shape) < 0.5, -1, 1), v)
+    else:
+        v = rng.integers(0, 1 << 62, size=shape) % (1 << b)
+    return torch.from_numpy(v.astype(np.int64))
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request):
+    _C.cuda_set_kernel(request.param)
+    try:
+        yield request.param
+    finally:
+        _C.cuda_set_kernel("auto")
+
+
+def check(kernel, pa, pb, exact=None, stream=None, **kw):
+    """GPU result == CPU result (bitwise, any dtype) == exact integer product if given."""
+    want = ops.mpgemm(pa, pb, **kw)
+    if exact is not None:
+        torch.testing.assert_close(want.to(torch.int64), exact, rtol=0, atol=0)
+    ga, gb = pa.cuda(), pb.cuda()
+    if stream is None:
+        got = ops.mpgemm(ga, gb, **kw)
+    else:
+        with torch.cuda.stream(stream):
+            got = ops.mpgemm(ga, gb, **kw)
+        stream.synchronize()
+    assert got.is_cuda and got.dtype == want.dtype and got.shape == want.shape
+    got = got.cpu()
+    if want.dtype == torch.float32:  # bitwise, NaN-free
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), f"{kernel}: float mismatch"
+    else:
+        assert torch.equal(got, want), f"{kernel}: max diff {(got - want).abs().max()}"
+
+
+def small_m(kernel, M):
+    return min(M, 16) if kernel == "gemv" else M
+
+
+@pytest.mark.parametrize("wa", range(1, 9))
+@pytest.mark.parametrize("signed_a,signed_b", [(False, True), (True, True), (False, False)])
+def test_every_bit_pair(kernel, wa, signed_a, signed_b):
+    rng = np.random.default_rng(wa)
+    M, N, K = small_m(kernel, 67), 70, 131
+    for wb in range(1, 9):
+        a, b = values(rng, (M, K), wa, signed_a), values(rng, (N, K), wb, signed_b)
+        check(kernel, ops.pack(a, wa, signed=signed_a), ops.pack(b, wb, signed=signed_b), exact=a @ b.T)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 9, 63), (3, 1, 64), (2, 3, 65), (1, 130, 200), (16, 65, 129),
+                                   (17, 64, 1000), (65, 129, 257), (128, 64, 513)])
+def test_odd_shapes(kernel, M, N, K):
+    if kernel == "gemv" and M > 16:
+        pytest.skip("gemv takes a.rows <= 16")
+    rng = np.random.default_rng(M * 1000 + N + K)
+    for wa, wb in [(1, 1), (2, 4), (8, 8)]:
+        a, b = values(rng, (M, K), wa, False), values(rng, (N, K), wb, True)
+        check(kernel, ops.pack(a, wa, signed=False), ops.pack(b, wb, signed=True), exact=a @ b.T)
+
+
+@pytest.mark.parametrize("axes", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize("seed", range(3))
+def test_two_tier(kernel, axes, seed):
+    """Per-channel bits from two tiers along rows (axis 0) or K (axis 1) of each operand."""
+    rng = np.random.default_rng(100 + seed)
+    M, N, K = small_m(kernel, 40), 75, 300
+    a_axis, b_axis = axes
+    ta, tb = [(1, 4), (2, 8), (4, 8)][seed], [(2, 4), (1, 8), (3, 6)][seed]
+    if a_axis == 1 and b_axis == 1:
+        ka = rng.integers(0, 2, K)
+        bits_a, bits_b = np.array(ta)[ka], np.array(tb)[ka]
+        kl = soniq.KLayout.from_bits(bits_a, bits_b)
+    else:
+        bits_a = np.array(ta)[rng.integers(0, 2, (M, K)[a_axis])]
+        bits_b = np.array(tb)[rng.integers(0, 2, (N, K)[b_axis])]
+        kl = None
+    a = values(rng, (M, K), bits_a, True, a_axis)
+    b = values(rng, (N, K), bits_b, False, b_axis)
+    if kl is not None:
+        pa = ops.pack(a, bits_a, signed=True, axis=1, k_layout=kl)
+        pb = ops.pack(b, bits_b, signed=False, axis=1, k_layout=kl)
+    elif a_axis == 1:
+        pa = ops.pack(a, bits_a, signed=True, axis=1)
+        pb = ops.pack(b, bits_b, signed=False, axis=b_axis, k_layout=pa)
+    else:
+        pb = ops.pack(b, bits_b, signed=False, axis=b_axis)
+        pa = ops.pack(a, bits_a, signed=True, axis=0, k_layout=pb)
+    check(kernel, pa, pb, exact=a @ b.T)
+
+
+def test_scales_bitwise(kernel):
+    """float32 output with row scales on both operands and per-segment scales along K."""
+    rng = np.random.default_rng(7)
+    M, N, K = small_m(kernel, 33), 50, 200
+    bits_a = np.array([2, 8])[rng.integers(0, 2, K)]
+    a = values(rng, (M, K), bits_a, False, axis=1)
+    b = values(rng, (N, K), 4, True)
+    seg = {2: 0.37, 8: 0.011}
+    pa = ops.pack(a, bits_a, signed=False, axis=1,
+                  scale=torch.tensor([seg[int(x)] for x in bits_a], dtype=torch.float32))
+    pb = ops.pack(b, 4, signed=True, scale=torch.rand(N) + 0.5, k_layout=pa)
+    check(kernel, pa, pb)
+
+
+def test_int64_long_k(kernel):
+    """K past the int32 accumulator range of one mma run: the 64-bit flush path."""
+    rng = np.random.default_rng(11)
+    M, N, K = small_m(kernel, 17), 9, 40000
+    a, b = values(rng, (M, K), 8, False), values(rng, (N, K), 8, False)
+    check(kernel, ops.pack(a, 8, signed=False), ops.pack(b, 8, signed=False), exact=a @ b.T,
+          out_dtype=torch.int64)
+
+
+def test_non_default_stream(kernel):
+    rng = np.random.default_rng(3)
+    M, N, K = small_m(kernel, 70), 90, 333
+    a, b = values(rng, (M, K), 2, True), values(rng, (N, K), 3, False)
+    check(kernel, ops.pack(a, 2, signed=True), ops.pack(b, 3, signed=False), exact=a @ b.T,
+          stream=torch.cuda.Stream())
+
+
+def test_cuda_graph_capture_and_replay(kernel):
+    """mpgemm is capturable (no sync, no host allocation after the first call) and a
+    replay recomputes from the current contents of the packed buffers."""
+    rng = np.random.default_rng(5)
+    M, N, K = small_m(kernel, 40), 64, 250
+    a1, a2 = values(rng, (M, K), 4, False), values(rng, (M, K), 4, False)
+    b = values(rng, (N, K), 2, True)
+    pa, pb = ops.pack(a1, 4, signed=False).cuda(), ops.pack(b, 2, signed=True).cuda()
+    pa2 = ops.pack(a2, 4, signed=False).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.mpgemm(pa, pb)  # warm-up: caches host metadata and kernel attributes
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.mpgemm(pa, pb)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu().to(torch.int64), a1 @ b.T)
+    pa.data.copy_(pa2.data)
+    pa.sums.copy_(pa2.sums)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu().to(torch.int64), a2 @ b.T)
+
+
+def test_pack_on_gpu_matches_cpu():
+    rng = np.random.default_rng(9)
+    a = values(rng, (5, 130), 3, True)
+    pc, pg = ops.pack(a, 3, signed=True), ops.pack(a.cuda(), 3, signed=True)
+    assert torch.equal(pc.data, pg.data.cpu()) and torch.equal(pc.sums, pg.sums.cpu())
+    assert torch.equal(ops.unpack(pg).cpu(), a)
+
+
+def test_device_metadata_still_works():
+    """The raw op accepts desc/ksegs on the device too (at the cost of a copy to the host)."""
+    rng = np.random.default_rng(2)
+    a, b = values(rng, (20, 70), 2, False), values(rng, (30, 70), 2, True)
+    pa, pb = ops.pack(a, 2, signed=False).cuda(), ops.pack(b, 2, signed=True).cuda()
+    out = torch.ops.soniq.mpgemm_packed(pa.data, pa.desc, pa.sums, pa.row_perm, False, pb.data, pb.desc, pb.sums,
+                                        pb.row_perm, True, pa.ksegs, None, None, None, None, 1)
+    assert torch.equal(out.cpu(), a @ b.T)
+
+
+def test_kernel_choice_errors():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        _C.cuda_set_kernel("fast")
+    rng = np.random.default_rng(1)
+    a, b = values(rng, (17, 64), 2, False), values(rng, (8, 64), 2, False)
+    _C.cuda_set_kernel("gemv")
+    try:
+        with pytest.raises(ValueError, match="at most 16 rows"):
+            ops.mpgemm(ops.pack(a, 2, signed=False).cuda(), ops.pack(b, 2, signed=False).cuda())
+    finally:
+        _C.cuda_set_kernel("auto")
