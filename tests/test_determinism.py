@@ -13,7 +13,6 @@ import soniq
 from soniq import ops
 
 THREADS = (1, 2, 3)
-HAS_QUANTIZE = hasattr(soniq.ops, "quantize")
 HAS_CUDA = bool(soniq._native._C.built_with_cuda) and torch.cuda.is_available()
 
 
@@ -128,14 +127,12 @@ def test_cuda_matches_cpu_bit_for_bit(M, N, K):
 
 
 # ---- the noise quantizer (soniq.ops.quantize, issue 8) ----------------------------------
-needs_quantize = pytest.mark.skipif(not HAS_QUANTIZE, reason="soniq.ops.quantize not merged yet (issue 8)")
 
 
 def _quantize(x, seed, **kw):
     return ops.quantize(x, 0.05, 4, signed=True, noise="uniform", seed=seed, **kw)
 
 
-@needs_quantize
 def test_same_seed_same_noise_everywhere():
     x = torch.randn(33, 70, generator=torch.Generator().manual_seed(0))
     want = as_bytes(_quantize(x, 1234))
@@ -145,13 +142,11 @@ def test_same_seed_same_noise_everywhere():
         assert as_bytes(_quantize(x, 1234)) == want, f"isa={isa} threads={n}"
 
 
-@needs_quantize
 def test_different_seed_different_noise():
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
     assert as_bytes(_quantize(x, 1)) != as_bytes(_quantize(x, 2))
 
 
-@needs_quantize
 def test_no_noise_ignores_seed():
     x = torch.randn(16, 16, generator=torch.Generator().manual_seed(2))
     a = ops.quantize(x, 0.05, 4, signed=True, noise="none", seed=1)
@@ -159,7 +154,6 @@ def test_no_noise_ignores_seed():
     assert as_bytes(a) == as_bytes(b)
 
 
-@needs_quantize
 @pytest.mark.skipif(not HAS_CUDA, reason="needs soniq built with CUDA and a CUDA device")
 def test_same_seed_same_noise_on_cuda():
     x = torch.randn(33, 70, generator=torch.Generator().manual_seed(3))

@@ -16,8 +16,6 @@ from soniq import ops
 
 CLEAN = (TypeError, ValueError, OverflowError, MemoryError)
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-HAS_QUANTIZE = hasattr(soniq.ops, "quantize")
-HAS_SAVE = hasattr(soniq, "save") and hasattr(soniq, "load")
 
 
 def value_range(bits, signed):
@@ -270,7 +268,6 @@ def test_valid_state_dict_round_trips():
 
 
 # ---- quantizer (issue 8; runs once merged) -----------------------------------------------------
-@pytest.mark.skipif(not HAS_QUANTIZE, reason="soniq.ops.quantize not merged yet (issue 8)")
 @FUZZ
 @given(x=st.one_of(st.just(torch.tensor([[float("nan"), 1.0]])), st.just(torch.tensor([[float("inf"), -1e30]]))),
        scale=weird_scales, bits=weird_bits, signed=st.sampled_from([True, False, None]),
@@ -286,22 +283,19 @@ def test_quantize_malformed_arguments(x, scale, bits, signed, noise, seed):
             assert bool(torch.isfinite(t).all()), "quantize returned non-finite values"
 
 
-# ---- corrupted saved files (issue 8; runs once merged) -----------------------------------------
+# ---- corrupted saved files -----------------------------------------
 def _small_saved_model(path):
     """Saves the smallest model the save/load API takes; returns it."""
-    if hasattr(soniq, "convert") and hasattr(soniq, "qat"):
-        m = torch.nn.Sequential(torch.nn.Linear(16, 8))
-        cfg = soniq.qat.QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0)
-        m = soniq.qat.prepare(m, cfg)
-        soniq.qat.freeze_precision(m)
-        m = soniq.convert(m)
-    else:
-        pytest.skip("soniq.convert / soniq.qat not merged yet")
+    m = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    cfg = soniq.qat.QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0)
+    m = soniq.qat.prepare(m, cfg)
+    m(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))  # calibrate activations
+    soniq.qat.freeze_precision(m)
+    m = soniq.convert(m)
     soniq.save(m, path)
     return m
 
 
-@pytest.mark.skipif(not HAS_SAVE, reason="soniq.save/load not merged yet (issue 8)")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_corrupted_saved_file_is_rejected_or_loads(tmp_path, data):

@@ -1,7 +1,5 @@
 """No data lost (issue 7.7): soniq.save writes a temp file and renames it over the target,
 so an interrupted save never leaves a half-written model in place of a good one.
-
-Runs once soniq.save/load and soniq.convert are merged (issue 8); skipped until then.
 """
 import os
 import random
@@ -13,16 +11,12 @@ import torch
 
 import soniq
 
-pytestmark = pytest.mark.skipif(
-    not all(hasattr(soniq, n) for n in ("save", "load", "convert", "qat")),
-    reason="soniq.save/load/convert not merged yet (issue 8)")
-
-
 def _model(seed: int, width: int = 256):
     torch.manual_seed(seed)
     m = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 16))
     cfg = soniq.qat.QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0)
     m = soniq.qat.prepare(m, cfg)
+    m(torch.randn(8, m[0].in_features, generator=torch.Generator().manual_seed(seed)))  # calibrate activations
     soniq.qat.freeze_precision(m)
     return soniq.convert(m).eval()
 

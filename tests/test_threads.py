@@ -18,7 +18,6 @@ import torch
 import soniq
 from soniq import ops
 
-HAS_QUANTIZE = hasattr(soniq.ops, "quantize")
 N_THREADS = 8
 
 
@@ -49,9 +48,8 @@ def _work(x, abits, w, wbits):
         "unpack": ops.unpack(pw_int),
         "data": pw_int.data.numpy().copy(),
     }
-    if HAS_QUANTIZE:
-        xf = torch.from_numpy(x.astype(np.float32) / 7.0)
-        out["quantize"] = _plain(ops.quantize(xf, 0.25, 4, signed=True, noise="uniform", seed=1234))
+    xf = torch.from_numpy(x.astype(np.float32) / 7.0)
+    out["quantize"] = _plain(ops.quantize(xf, 0.25, 4, signed=True, noise="uniform", seed=1234))
     return out
 
 

@@ -36,7 +36,7 @@ class _PackedBase(nn.Module):
                          values_only=True).to(torch.int64)
         if integer:
             a = ops.pack(v, col_bits, signed=self.a_signed, axis=1)
-            w = PackedTensor(**{**self.w.__dict__, "scale": None})
+            w = self.w.with_scale(None)
             return ops.mpgemm(a, w, out_dtype=torch.int64)
         a = ops.pack(v, col_bits, signed=self.a_signed, axis=1, scale=col_scale)
         return ops.mpgemm(a, self.w)
@@ -107,6 +107,6 @@ class PackedConv2d(_PackedBase):
         v = rows.to(torch.int64)
         if integer:
             a = ops.pack(v, kb, signed=self.a_signed, axis=1)
-            w = PackedTensor(**{**self.w.__dict__, "scale": None})
+            w = self.w.with_scale(None)
             return ops.mpgemm(a, w, out_dtype=torch.int64)
         return ops.mpgemm(ops.pack(v, kb, signed=self.a_signed, axis=1, scale=ks), self.w)

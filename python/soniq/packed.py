@@ -128,6 +128,14 @@ class PackedTensor:
         pt._host = host
         return pt
 
+    def with_scale(self, scale: "torch.Tensor | None") -> "PackedTensor":
+        """The same packed data with another scale (None: plain integer operand)."""
+        pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
+                          kind=self.kind, layout=self.layout, scale=scale,
+                          **{k: v for k, v in self._tensors().items() if k != "scale"})
+        pt._host = self._host
+        return pt
+
     def cuda(self, device=None) -> "PackedTensor":
         return self.to(device if device is not None else "cuda")
 
