@@ -1,3 +1,4 @@
+import json
 """Fake equals real: packed modules give the fake-quantized model's integer accumulators
 and its float outputs within float32 rounding; save/load is bit-exact and rejects damage."""
 import copy
@@ -95,6 +96,16 @@ def test_save_load_round_trip_and_damage(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(bytes(bad))
     with pytest.raises(ValueError, match="checksum mismatch"):
         soniq.load(tmp_path / "x.safetensors")
+    # metadata edited, tensors intact (e.g. a layer's signedness flipped): caught as well
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(p), framework="pt") as f:
+        meta = json.loads(f.metadata()["soniq"])
+    name = next(iter(meta["packed"]))
+    meta["packed"][name]["a_signed"] = not meta["packed"][name]["a_signed"]
+    save_file(load_file(str(p)), str(tmp_path / "m2.safetensors"), metadata={"soniq": json.dumps(meta)})
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        soniq.load(tmp_path / "m2.safetensors")
 
 
 def test_custom_module_needs_architecture(tmp_path):

@@ -61,8 +61,10 @@ def _build(t: dict):
     return getattr(nn, t["type"])(**t["args"])
 
 
-def _digest(tensors: dict) -> str:
-    h = hashlib.sha256()
+def _digest(tensors: dict, meta: dict) -> str:
+    """SHA-256 over the metadata (less the digest itself) and every tensor's name, dtype,
+    shape and bytes: any change to the file after saving is caught."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
@@ -93,8 +95,8 @@ def save(model: nn.Module, path) -> None:
     for k, t in model.state_dict().items():
         if not any(k == n or k.startswith(n + ".") for n in packed) and t is not None:
             tensors[f"state|{k}"] = t.detach().cpu().contiguous()
-    meta = {"format": FORMAT, "version": VERSION, "packed": records, "tree": _tree(model),
-            "sha256": _digest(tensors)}
+    meta = {"format": FORMAT, "version": VERSION, "packed": records, "tree": _tree(model)}
+    meta["sha256"] = _digest(tensors, meta)
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".soniq-", suffix=".tmp", dir=d)
@@ -127,13 +129,22 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
         meta = json.loads(header["soniq"])
     except (KeyError, json.JSONDecodeError):
         raise ValueError(f"{path}: safetensors file without soniq metadata (not written by soniq.save)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads version {VERSION}")
-    if _digest(tensors) != meta.get("sha256"):
-        raise ValueError(f"{path}: checksum mismatch: the tensors were modified or damaged after saving")
+    if _digest(tensors, meta) != meta.get("sha256"):
+        raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
 
+    try:
+        return _rebuild(path, meta, tensors, model)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{path}: malformed soniq model record ({type(e).__name__}: {e})") from None
+
+
+def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
     if model is None:
         if meta.get("tree") is None:
             raise ValueError(f"{path}: the saved model has custom module types; pass its architecture as "
