@@ -1,7 +1,7 @@
-import json
 """Fake equals real: packed modules give the fake-quantized model's integer accumulators
 and its float outputs within float32 rounding; save/load is bit-exact and rejects damage."""
 import copy
+import json
 
 import pytest
 import torch
