@@ -26,14 +26,7 @@ std::vector<uint64_t> random_words(size_t n, uint64_t seed) {
   return v;
 }
 
-const KernelTable* table(const std::string& isa) {
-  if (isa == "scalar") return &kernels_scalar();
-#if defined(SONIQ_HAVE_X86_ISAS)
-  if (isa == "avx2") return &kernels_avx2();
-  if (isa == "avx512") return &kernels_avx512();
-#endif
-  return nullptr;
-}
+const KernelTable* table(const std::string& isa) { return kernels_for(isa); }
 
 void set_gops(benchmark::State& st, double macs) {
   st.counters["GOP/s"] = benchmark::Counter(2.0 * macs, benchmark::Counter::kIsIterationInvariantRate,
