@@ -18,7 +18,7 @@ from soniq._native import _C
 
 ISAS = soniq.supported_isas()
 ALL_X86 = ["scalar", "avx2", "avx512"]
-PATHS = ["auto", "bitserial", "bytes"]
+PATHS = ["auto", "bitserial", "bytes", "lut"]
 
 
 def isa_param(name):
