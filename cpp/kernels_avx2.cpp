@@ -147,6 +147,59 @@ inline void bp_micro(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wl
     for (int j = 0; j < nj; ++j) C[i * ldc + j] += hsum_epi32(acc[i][j]) << shift;
 }
 
+// Same product with int16 accumulation: when n * 2 * max(A) * max(B) <= 32767, n vpmaddubsw
+// results are summed with vpaddw before one vpmaddwd (half the multiply-port work: this is
+// the int8 GEMM trick, made exact by bounding n from the actual code ranges).
+template <int RM>
+inline void bp_micro16(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wld, int64_t nbytes,
+                       int64_t* C, int64_t ldc, int nj, int shift, int n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RM][4];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k0 = 0; k0 < nbytes; k0 += 32 * int64_t(n)) {
+    const int64_t k1 = std::min(nbytes, k0 + 32 * int64_t(n));
+    __m256i a16[RM][4];
+    for (int i = 0; i < RM; ++i)
+      for (int j = 0; j < 4; ++j) a16[i][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 32) {
+      __m256i a[RM];
+      for (int i = 0; i < RM; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k));
+      for (int j = 0; j < 4; ++j) {
+        const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + j * wld + k));
+        for (int i = 0; i < RM; ++i) a16[i][j] = _mm256_add_epi16(a16[i][j], _mm256_maddubs_epi16(a[i], b));
+      }
+    }
+    for (int i = 0; i < RM; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(a16[i][j], ones));
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < nj; ++j) C[i * ldc + j] += hsum_epi32(acc[i][j]) << shift;
+}
+
+// How many vpmaddubsw results fit one int16 lane exactly (pairs of a <= amax, b <= bmax).
+inline int int16_run(int amax, int bmax) {
+  const int pair = 2 * amax * bmax;
+  return pair == 0 ? 64 : std::max(1, std::min(64, 32767 / pair));
+}
+
+inline int max_byte(const uint8_t* A, int64_t lda, int64_t M, int64_t nbytes) {
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < nbytes; k += 32)
+      m = _mm256_max_epu8(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k)));
+  alignas(32) uint8_t v[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(v), m);
+  return *std::max_element(v, v + 32);
+}
+
+template <int RM>
+inline void bp_block(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wld, int64_t nbytes,
+                     int64_t* C, int64_t ldc, int nj, int shift, int n) {
+  if (n > 1) bp_micro16<RM>(A, lda, wb, wld, nbytes, C, ldc, nj, shift, n);
+  else bp_micro<RM>(A, lda, wb, wld, nbytes, C, ldc, nj, shift);
+}
+
 typedef uint32_t u32_alias __attribute__((may_alias));  // 32-bit halves of plane words
 
 // Few A rows (GEMV): expansion cannot be amortized over rows, so expand in registers and
@@ -236,6 +289,9 @@ void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t*
   const int lo_planes = std::min(pb, kLoPlanes);
   for (int64_t w0 = 0; w0 < kw; w0 += kBytesKwBlock) {
     const int64_t wcount = std::min(kBytesKwBlock, kw - w0), nbytes = wcount * 64;
+    const int amax = max_byte(A + w0 * 64, lda, M, nbytes);
+    const int n_lo = int16_run(amax, (1 << lo_planes) - 1);
+    const int n_hi = pb > kLoPlanes ? int16_run(amax, (1 << (pb - kLoPlanes)) - 1) : 1;
     for (int64_t j0 = 0; j0 < N; j0 += 4) {
       const int nj = int(std::min<int64_t>(4, N - j0));
       for (int j = 0; j < 4; ++j) {
@@ -253,12 +309,12 @@ void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t*
       const uint8_t* a = A + w0 * 64;
       int64_t i = 0;
       for (; i + 2 <= M; i += 2) {
-        bp_micro<2>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
-        if (pb > kLoPlanes) bp_micro<2>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+        bp_block<2>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0, n_lo);
+        if (pb > kLoPlanes) bp_block<2>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes, n_hi);
       }
       for (; i < M; ++i) {
-        bp_micro<1>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
-        if (pb > kLoPlanes) bp_micro<1>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+        bp_block<1>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0, n_lo);
+        if (pb > kLoPlanes) bp_block<1>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes, n_hi);
       }
     }
   }

@@ -90,6 +90,23 @@ def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("M", [1, 5])
+def test_extreme_codes_do_not_saturate(isa, M, kernel_setup):
+    """All codes at their maximum: the int16 stages of the byte and table kernels must not
+    saturate for any bit pair (the bound that lets them accumulate in int16 is tight)."""
+    soniq.set_isa(isa)
+    K, N = 4200, 6
+    for path in PATHS:
+        _C.set_kernel_path(path)
+        for ba, bb in [(8, 8), (8, 6), (8, 4), (8, 2), (8, 1), (4, 4), (6, 8), (7, 7)]:
+            a = np.full((M, K), (1 << ba) - 1, dtype=np.int64)
+            b = np.full((N, K), (1 << bb) - 1, dtype=np.int64)
+            b[0, ::3] = 0
+            check(a, ba, False, b, bb, False)
+            check(-(a + 1) // 2, ba, True, -(b + 1) // 2, bb, True)  # most negative signed values
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
 @pytest.mark.parametrize("M", [1, 3])
 def test_long_k_crosses_kernel_blocks(isa, M, kernel_setup):
     """K past every internal K block (bit-serial 8192, byte buffer 4096, fused GEMV 32768)."""
