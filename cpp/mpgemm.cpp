@@ -101,10 +101,16 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       parallel_for(nchunks, [&](int64_t c) {
         const int64_t r0 = c * chunk, nr = std::min(chunk, rows - r0);
         kt.unpack_planes(src + r0 * kw, int(da[2 + s]), rows * kw, nr, kw, buf.data() + r0 * kw * 64, kw * 64);
-        if (!use_lut) return;
-        for (int64_t r = r0; r < r0 + nr; ++r)
-          kt.lut_build(buf.data() + r * kw * 64, kw, luts[size_t(ga * nsegs + s)].data() + r * lut_bytes(kw));
       });
+      if (use_lut) {  // tables per row, built in pieces of 32 words (whole 4-word chunks) over threads
+        constexpr int64_t kPiece = 32;
+        const int64_t pieces = (kw + kPiece - 1) / kPiece;
+        uint8_t* lut = luts[size_t(ga * nsegs + s)].data();
+        parallel_for(rows * pieces, [&](int64_t t) {
+          const int64_t r = t / pieces, w0 = (t % pieces) * kPiece, n = std::min(kPiece, kw - w0);
+          kt.lut_build(buf.data() + r * kw * 64 + w0 * 64, n, lut + r * lut_bytes(kw) + w0 / 4 * 2048);
+        });
+      }
     }
   }
 
