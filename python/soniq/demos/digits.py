@@ -177,7 +177,7 @@ def plot(res, path):
     plt.close(fig)
 
 
-def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False) -> int:
+def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False, peer=True) -> int:
     from tqdm.auto import tqdm
 
     import soniq
@@ -186,7 +186,7 @@ def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False
     seeds = list(range(seeds if seeds is not None else (1 if quick else 3)))
     try:
         import brevitas  # noqa: F401
-        have_brevitas = True
+        have_brevitas = peer
     except ImportError:
         have_brevitas = False
     torch.set_num_threads(min(2, os.cpu_count() or 1))
