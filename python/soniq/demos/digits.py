@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-FULL = dict(fp_epochs=40, p1_epochs=15, p2_epochs=15, batch=64)
+FULL = dict(fp_epochs=30, p1_epochs=10, p2_epochs=10, batch=64)
 QUICK = dict(fp_epochs=8, p1_epochs=3, p2_epochs=3, batch=64)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (1, 4), (3, 8), 2.0, 4.0
 UNIFORM_W, UNIFORM_A = 2, 4
+P2_LR = 1e-3  # QAT fine-tuning learning rate (SONIQ phase 2, uniform QAT, Brevitas)
 
 
 def load_data():
@@ -90,7 +91,7 @@ def run_soniq(fp, data, seed, E, tick):
     train(m, data, E["p1_epochs"], 1e-3, seed, extra_loss=lambda: soniq.qat.bit_penalty(m),
           param_groups=_qat_groups(m, 1e-3, 5e-2), tick=tick)
     soniq.qat.freeze_precision(m)
-    train(m, data, E["p2_epochs"], 5e-4, seed + 1, tick=tick)
+    train(m, data, E["p2_epochs"], P2_LR, seed + 1, tick=tick)
     rep = soniq.qat.precision_report(m)
     packed = soniq.convert(m)
     return m, packed, rep
@@ -107,7 +108,7 @@ def run_uniform(fp, data, seed, E, tick, epochs):
     m(data[0][:256])
     soniq.qat.set_uniform_precision(m, UNIFORM_W, UNIFORM_A)
     if epochs:
-        train(m, data, epochs, 5e-4, seed, tick=tick)
+        train(m, data, epochs, P2_LR, seed, tick=tick)
     return m
 
 
@@ -133,7 +134,7 @@ def brevitas_cnn(fp):
 def run_brevitas(fp, data, seed, epochs, tick):
     torch.manual_seed(seed)
     m = brevitas_cnn(fp)
-    return train(m, data, epochs, 5e-4, seed, tick=tick)
+    return train(m, data, epochs, P2_LR, seed, tick=tick)
 
 
 def _mean_std(v):
