@@ -152,23 +152,30 @@ def plot(res, path):
     layers = res["soniq_layers_seed0"]
     names = list(layers)
     x = np.arange(len(names))
-    for off, kind, pal, col in ((-0.2, "w_bits", W_PALETTE, ("#9ecae1", "#08519c")),
-                                (0.2, "a_bits", A_PALETTE, ("#fdae6b", "#a63603"))):
-        low = [layers[n][kind]["hist"].get(pal[0], 0) / layers[n][kind]["channels"] for n in names]
+    cfg = res["soniq_config"]
+    for off, kind, pal, col in ((-0.2, "w_bits", cfg["w_palette"], ("#9ecae1", "#08519c")),
+                                (0.2, "a_bits", cfg["a_palette"], ("#fdae6b", "#a63603"))):
+        low = [layers[n][kind]["hist"].get(str(pal[0]), layers[n][kind]["hist"].get(pal[0], 0))
+               / layers[n][kind]["channels"] for n in names]
         a1.bar(x + off, low, 0.38, color=col[0], label=f"{kind[0]}: {pal[0]}-bit")
         a1.bar(x + off, [1 - v for v in low], 0.38, bottom=low, color=col[1], label=f"{kind[0]}: {pal[1]}-bit")
     a1.set_xticks(x, names)
     a1.set_ylabel("fraction of channels")
     a1.set_title("SONIQ per-layer bit allocation (seed 0)\nweights per output ch. (left), activations per input ch. (right)")
     a1.legend(fontsize=8, loc="upper right")
-    for key, marker in (("fp32", "*"), ("soniq", "o"), ("uniform_lsq_qat", "s"), ("ptq", "v"), ("brevitas_qat", "D")):
+    fp = res["methods"]["fp32"]
+    a2.axhline(fp["acc_mean"], color="k", ls="--", lw=1, label=f"FP32 ({fp['acc_mean']:.2f}%)")
+    a2.axhspan(fp["acc_mean"] - 0.5, fp["acc_mean"], color="k", alpha=0.06, label="within 0.5 of FP32")
+    keys = [("soniq", "o"), ("soniq_packed", "P"), ("uniform_lsq_qat", "s"), ("ptq", "v"), ("brevitas_qat", "D")]
+    for i, (key, marker) in enumerate(keys):
         r = res["methods"].get(key)
         if not r or r["acc_mean"] is None:
             continue
-        a2.errorbar(r["avg_w_bits"], r["acc_mean"], yerr=r["acc_std"], fmt=marker, capsize=3, ms=8,
+        xo = r["avg_w_bits"] + (i - 2) * 0.06  # side by side: the methods share the same bits
+        a2.errorbar(xo, r["acc_mean"], yerr=r["acc_std"], fmt=marker, capsize=3, ms=8,
                     label=f"{r['label']} (A {r['avg_a_bits']:.1f} b)")
-    a2.set_xscale("log", base=2)
-    a2.set_xlabel("average weight bits")
+    a2.set_xlim(1.5, 2.5)
+    a2.set_xlabel("average weight bits (methods offset sideways for legibility)")
     a2.set_ylabel("test accuracy (%)")
     a2.set_title("digits: accuracy vs average bits (mean ± std over seeds)")
     a2.legend(fontsize=8, loc="lower right")
