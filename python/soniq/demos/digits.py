@@ -197,7 +197,7 @@ def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False
         have_brevitas = peer
     except ImportError:
         have_brevitas = False
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # a tiny CNN: intra-op threads cost more than they give
     data = load_data()
     Xte, yte = data[2], data[3]
     qat_epochs = E["p1_epochs"] + E["p2_epochs"]
