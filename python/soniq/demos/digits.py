@@ -22,6 +22,7 @@ QUICK = dict(fp_epochs=8, p1_epochs=3, p2_epochs=3, batch=64)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (1, 4), (3, 8), 2.0, 4.0
 UNIFORM_W, UNIFORM_A = 2, 4
 P2_LR = 1e-3  # QAT fine-tuning learning rate (SONIQ phase 2, uniform QAT, Brevitas)
+BITS_LR, PENALTY = 5e-2, 2.0  # phase 1: learning rate of the bit logits, bit-budget penalty weight
 
 
 def load_data():
@@ -85,11 +86,11 @@ def run_soniq(fp, data, seed, E, tick):
 
     torch.manual_seed(seed)
     cfg = QATConfig(w_palette=W_PALETTE, a_palette=A_PALETTE, w_bits_target=W_TARGET, a_bits_target=A_TARGET,
-                    penalty_weight=2.0, init_w_bits=W_TARGET, init_a_bits=A_TARGET)
+                    penalty_weight=PENALTY, init_w_bits=W_TARGET, init_a_bits=A_TARGET)
     m = soniq.qat.prepare(copy.deepcopy(fp), cfg)
     m(data[0][:256])  # calibrate activation ranges
     train(m, data, E["p1_epochs"], 1e-3, seed, extra_loss=lambda: soniq.qat.bit_penalty(m),
-          param_groups=_qat_groups(m, 1e-3, 5e-2), tick=tick)
+          param_groups=_qat_groups(m, 1e-3, BITS_LR), tick=tick)
     soniq.qat.freeze_precision(m)
     train(m, data, E["p2_epochs"], P2_LR, seed + 1, tick=tick)
     rep = soniq.qat.precision_report(m)
