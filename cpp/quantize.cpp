@@ -20,8 +20,12 @@ void quantize_row(const T* x, int64_t n, T s, T lo, T hi, T alpha, int noise, ui
   const T inv = T(1) / s;
   const T mul = values_only ? T(1) : s;
   if (noise) {
+    uint32_t words[4];
+    uint64_t cached = ~uint64_t(0);
     for (int64_t j = 0; j < n; ++j) {
-      const T u = T(philox::uniform_f32(seed, base + uint64_t(j)));
+      const uint64_t idx = base + uint64_t(j);
+      if ((idx >> 2) != cached) philox::block_words(seed, cached = idx >> 2, words);  // 4 draws per block
+      const T u = T(philox::to_uniform(words[idx & 3]));
       const T t = x[j] * inv + alpha * (u - T(0.5));
       out[j] = clampv(t, lo, hi) * mul;
     }
@@ -57,7 +61,11 @@ void philox_uniform(int64_t n, uint64_t seed, T* out) {
   const int64_t chunk = 8192;
   parallel_for((n + chunk - 1) / chunk, [&](int64_t t) {
     const int64_t j1 = (t + 1) * chunk < n ? (t + 1) * chunk : n;
-    for (int64_t j = t * chunk; j < j1; ++j) out[j] = T(philox::uniform_f32(seed, uint64_t(j)));
+    uint32_t words[4];
+    for (int64_t j = t * chunk; j < j1; ++j) {
+      if (j == t * chunk || (j & 3) == 0) philox::block_words(seed, uint64_t(j) >> 2, words);
+      out[j] = T(philox::to_uniform(words[j & 3]));
+    }
   });
 }
 

@@ -98,3 +98,13 @@ def test_freeze_needs_calibration_and_a_prepared_model():
         soniq.qat.freeze_precision(_net())
     with pytest.raises(ValueError, match="outside the palette"):
         m[0].w_quant.freeze(torch.full((6,), 3.0))
+
+
+def test_size_budget_in_bytes():
+    m = _prepared(QATConfig(w_palette=(1, 4), a_palette=(2, 8), size_bytes_target=1000.0, w_bits_target=4.0))
+    n_w = sum(l.weight.numel() for l in soniq.qat.quant_layers(m).values())
+    soniq.qat.freeze_precision(m)
+    assert soniq.qat.precision_report(m)["w_bytes"] <= 1000.0
+    m = _prepared(QATConfig(w_palette=(2, 4), a_palette=(2, 8), size_bytes_target=n_w / 8))
+    with pytest.raises(ValueError, match="budget cannot be met: size_bytes_target"):
+        soniq.qat.freeze_precision(m)
