@@ -129,7 +129,7 @@ std::string& last_query_error() {
 }
 
 std::atomic<int> forced_kernel{0};  // index into kKernelNames
-const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma"};
+const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma", "bmma"};
 
 }  // namespace
 
@@ -152,7 +152,7 @@ void set_kernel(const std::string& name) {
       forced_kernel = k;
       return;
     }
-  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma; got '" + name + "'");
+  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma, bmma; got '" + name + "'");
 }
 
 std::string get_kernel() { return kKernelNames[forced_kernel.load()]; }
@@ -184,6 +184,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   if (k == "ref") detail::launch_ref(P, st);
   else if (k == "popc") detail::launch_popc(P, st);
   else if (k == "gemv") detail::launch_gemv(P, st);
+  else if (k == "bmma") detail::launch_bmma(P, st);
   else detail::launch_mma(P, st);
 }
 

@@ -9,60 +9,16 @@
 // Exactness first; tile sizes are first guesses to be tuned with bench/gpu_gemm.py.
 #include <stdexcept>
 
-#include "mpgemm_common.cuh"
+#include "plane_stage.cuh"
 
 namespace soniq::cuda::detail {
 namespace {
 
-// ---- cp.async helpers (sm_80+) ----------------------------------------------------------
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ bool aligned16(const uint64_t* p, long long kw) {
-  return ((reinterpret_cast<uintptr_t>(p) & 15) == 0) && (kw % 2 == 0);
-}
-
 // ---- tiled GEMM ----------------------------------------------------------------------------
-constexpr int kTile = 64;     // rows of a and of b per block tile
-constexpr int kChunk = 4;     // uint64 words of K per plane and row per pipeline stage (256 K)
+constexpr int kTile = kStageRows;
+constexpr int kChunk = kStageWords;
 constexpr int kThreads = 256;
 constexpr int kStages = 3;
-
-// Word w of row r in a staged plane: 16-byte halves swapped on rows with bit 2 set, so
-// the 16-byte reads of 8 consecutive rows (one quarter warp) hit 8 distinct bank groups.
-__device__ __forceinline__ int swz(int r, int w) { return w ^ (((r >> 2) & 1) << 1); }
-
-// Stages words [c*kChunk, c*kChunk + kChunk) of rows [r0, r0 + kTile) of `planes` planes.
-__device__ __forceinline__ void stage_planes(uint64_t* dst, const uint64_t* g, long long plane_stride, int rows,
-                                             int r0, long long kw, int c, int planes, bool al16, int tid) {
-  const int units = planes * kTile * 2;  // 16-byte units: two per row
-  for (int u = tid; u < units; u += kThreads) {
-    const int p = u / (kTile * 2), rem = u % (kTile * 2), r = rem >> 1, h = rem & 1;
-    const long long w = (long long)c * kChunk + 2 * h;
-    const bool row_ok = r0 + r < rows;
-    const uint64_t* src = g + p * plane_stride + (long long)(r0 + r) * kw + w;
-    uint64_t* d = dst + (p * kTile + r) * kChunk + swz(r, 2 * h);
-    if (al16) {
-      const bool ok = row_ok && w < kw;  // kw even: w < kw implies w + 1 < kw
-      cp_async16(d, ok ? src : g, ok ? 16 : 0);
-    } else {
-      const bool ok0 = row_ok && w < kw, ok1 = row_ok && w + 1 < kw;
-      cp_async8(d, ok0 ? src : g, ok0 ? 8 : 0);
-      cp_async8(d + 1, ok1 ? src + 1 : g, ok1 ? 8 : 0);
-    }
-  }
-}
 
 template <bool kFloat>
 __global__ void __launch_bounds__(kThreads) popc_gemm_kernel(const __grid_constant__ GemmParams P) {
@@ -85,8 +41,8 @@ __global__ void __launch_bounds__(kThreads) popc_gemm_kernel(const __grid_consta
     const int nchunks = int((kw + kChunk - 1) / kChunk);
     auto issue = [&](int c) {
       const int st = c % kStages;
-      stage_planes(sA + st * stage_a, gA, stride_a, rows_a, T.m0, kw, c, pa, al_a, tid);
-      stage_planes(sB + st * stage_b, gB, stride_b, rows_b, T.n0, kw, c, pb, al_b, tid);
+      stage_planes<kThreads>(sA + st * stage_a, gA, stride_a, rows_a, T.m0, kw, c, pa, al_a, tid);
+      stage_planes<kThreads>(sB + st * stage_b, gB, stride_b, rows_b, T.n0, kw, c, pb, al_b, tid);
     };
 
     long long dot[4][4];

@@ -1,5 +1,5 @@
 """CUDA mpgemm kernels are exactly the CPU mpgemm (and a_int @ b_int.T): every kernel
-(reference, popcount GEMM, GEMV, tensor-core INT8) forced in turn, every bit pair, odd
+(reference, popcount GEMM, GEMV, INT8 and binary tensor cores) forced in turn, every bit pair, odd
 shapes, two-tier operands on both axes, scales, non-default streams and graph capture."""
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ HAVE_GPU = bool(_C.built_with_cuda) and torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
     not HAVE_GPU, reason="no CUDA device" if _C.built_with_cuda else "soniq built without CUDA")
 
-KERNELS = ["ref", "popc", "gemv", "mma", "auto"]
+KERNELS = ["ref", "popc", "gemv", "mma", "bmma", "auto"]
 
 
 def values(rng, shape, bits, signed, axis=0):
