@@ -107,5 +107,7 @@ void soniq::bindings::register_core(py::module_& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "soniq native core (torch-free)";
   soniq::bindings::register_core(m);
+  soniq::bindings::register_cpu_kernels(m);
+  soniq::bindings::register_quantize(m);
   soniq::bindings::register_cuda(m);
 }

@@ -7,9 +7,8 @@
 #include "cpu_features.h"
 
 namespace soniq {
-namespace {
 
-const KernelTable* table_for(const std::string& isa) {
+const KernelTable* kernels_for(const std::string& isa) {
   if (isa == "scalar") return &kernels_scalar();
 #if defined(SONIQ_HAVE_X86_ISAS)
   if (isa == "avx2") return &kernels_avx2();
@@ -17,6 +16,8 @@ const KernelTable* table_for(const std::string& isa) {
 #endif
   return nullptr;
 }
+
+namespace {
 
 std::atomic<const KernelTable*>& current() {
   static std::atomic<const KernelTable*> t{nullptr};
@@ -28,11 +29,11 @@ const KernelTable* choose_default() {
   // reported by the Python package at import (where it can raise cleanly).
   if (const char* env = std::getenv("SONIQ_ISA")) {
     std::string isa(env);
-    if (!isa.empty() && isa != "auto" && table_for(isa) && missing_features(isa).empty())
-      return table_for(isa);
+    if (!isa.empty() && isa != "auto" && kernels_for(isa) && missing_features(isa).empty())
+      return kernels_for(isa);
   }
   auto isas = supported_isas();
-  return table_for(isas.back());
+  return kernels_for(isas.back());
 }
 
 }  // namespace
@@ -87,7 +88,7 @@ const KernelTable& active_kernels() {
 std::string active_isa() { return active_kernels().name; }
 
 void set_isa(const std::string& isa) {
-  const KernelTable* t = table_for(isa);
+  const KernelTable* t = kernels_for(isa);
   if (!t) {
     std::string names;
     for (const auto& n : compiled_isas()) names += (names.empty() ? "" : ", ") + n;

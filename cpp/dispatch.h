@@ -13,6 +13,7 @@ std::vector<std::string> supported_isas();   // on this CPU, in order scalar < a
 std::vector<std::string> compiled_isas();    // built into this binary
 std::string missing_features(const std::string& isa);  // "" when the CPU has them all
 const KernelTable& active_kernels();
+const KernelTable* kernels_for(const std::string& isa);  // nullptr when not compiled in
 std::string active_isa();
 void set_isa(const std::string& isa);        // throws std::invalid_argument
 

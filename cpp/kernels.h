@@ -18,11 +18,31 @@ using BitserialFn = void (*)(const uint64_t* A, int pa, int64_t a_plane_stride, 
 using PackPlanesFn = void (*)(const uint8_t* codes, int64_t rows, int64_t klen, int64_t ld,
                               int bits, int64_t kw, uint64_t* out);
 
+// Expand bit planes back to one byte per code: out[r*ldo + k] for k < kw*64.
+using UnpackPlanesFn = void (*)(const uint64_t* planes, int bits, int64_t plane_stride, int64_t rows,
+                                int64_t kw, uint8_t* out, int64_t ldo);
+
+// Byte x plane block product for high-bit operands (int8 dot products):
+//   C[i*ldc + j] = sum_{k < kw*64} A[i*lda + k] * codeB(j, k)
+// A: unsigned codes, one byte each (rows padded with zeros to kw*64); B: bit planes as in
+// BitserialFn. Overwrites C.
+using BytesPlanesFn = void (*)(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb,
+                               int64_t b_plane_stride, int64_t N, int64_t kw, int64_t* C, int64_t ldc);
+
 struct KernelTable {
   const char* name;
   BitserialFn bitserial;
   PackPlanesFn pack_planes;
+  UnpackPlanesFn unpack_planes;
+  BytesPlanesFn bytes_planes;
+  // The driver uses bit-serial for a block pair when bits_a * bits_b <= this, else the
+  // byte path (measured per ISA: bench/cpp/bench_mpgemm.cpp).
+  int bitserial_max_pairs;
+  int bitserial_max_pairs_gemv;  // the same for tiles of 1-2 A rows (B expansion not amortized)
 };
+
+// Reference table (scalar loops) built in each ISA unit, for tests and benchmarks.
+const KernelTable& kernels_reference();
 
 // Defined in each ISA's translation unit (only those built for this target).
 const KernelTable& kernels_scalar();

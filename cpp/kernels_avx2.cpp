@@ -1,10 +1,275 @@
 // AVX2 path (built with -mavx2 -mfma -mbmi2 -mpopcnt). Runs only when cpuid says so.
+// Never put AVX-512 intrinsics here: this object must run on AVX2-only CPUs
+// (tests/test_cpu_kernels.py checks its disassembly for zmm registers).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
 #include "kernels_ref.inl"
 
 namespace soniq {
+namespace {
+
+// ---- bit-serial: scalar 64-bit popcnt, RM x RN rows per inner loop ---------------------
+// Zen/Intel run 3-4 popcnt per cycle; each loaded A word is reused RN times and each B
+// word RM times. Counts of one plane pair fit in 32 bits for kw < 2^26.
+template <int RM, int RN>
+inline void bs_micro(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb,
+                     int64_t kw, int64_t kw_blk, int64_t* C, int64_t ldc) {
+  int64_t acc[RM][RN] = {};
+  for (int p = 0; p < pa; ++p) {
+    for (int q = 0; q < pb; ++q) {
+      const uint64_t* a = A + p * sa;
+      const uint64_t* b = B + q * sb;
+      uint64_t s[RM][RN] = {};
+      for (int64_t w = 0; w < kw_blk; ++w) {
+        uint64_t av[RM];
+        for (int i = 0; i < RM; ++i) av[i] = a[i * kw + w];
+        for (int j = 0; j < RN; ++j) {
+          const uint64_t bv = b[j * kw + w];
+          for (int i = 0; i < RM; ++i) s[i][j] += uint64_t(_mm_popcnt_u64(av[i] & bv));
+        }
+      }
+      for (int i = 0; i < RM; ++i)
+        for (int j = 0; j < RN; ++j) acc[i][j] += int64_t(s[i][j]) << (p + q);
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) C[i * ldc + j] += acc[i][j];
+}
+
+template <int RM>
+inline void bs_row_strip(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb,
+                         int64_t N, int64_t kw, int64_t kw_blk, int64_t* C, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 4 <= N; j += 4) bs_micro<RM, 4>(A, pa, sa, B + j * kw, pb, sb, kw, kw_blk, C + j, ldc);
+  for (; j < N; ++j) bs_micro<RM, 1>(A, pa, sa, B + j * kw, pb, sb, kw, kw_blk, C + j, ldc);
+}
+
+void avx2_bitserial(const uint64_t* A, int pa, int64_t sa, int64_t M, const uint64_t* B, int pb,
+                    int64_t sb, int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, int64_t(0));
+  constexpr int64_t kKwBlock = 128;  // 8192 K per pass keeps a 64-row B strip in L2
+  for (int64_t w0 = 0; w0 < kw; w0 += kKwBlock) {
+    const int64_t wb = std::min(kKwBlock, kw - w0);
+    int64_t i = 0;
+    for (; i + 3 <= M; i += 3) bs_row_strip<3>(A + i * kw + w0, pa, sa, B + w0, pb, sb, N, kw, wb, C + i * ldc, ldc);
+    for (; i < M; ++i) bs_row_strip<1>(A + i * kw + w0, pa, sa, B + w0, pb, sb, N, kw, wb, C + i * ldc, ldc);
+  }
+}
+
+// ---- codes -> bit planes: movemask of shifted code bytes gives 32 plane bits at once -----
+void avx2_pack_planes(const uint8_t* codes, int64_t rows, int64_t klen, int64_t ld, int bits, int64_t kw,
+                      uint64_t* out) {
+  const int64_t plane = rows * kw;
+  alignas(32) uint8_t tail[32];
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = codes + r * ld;
+    uint64_t* o = out + r * kw;
+    for (int64_t w = 0; w < kw; ++w) {
+      uint32_t lohi[2][8];
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k0 = w * 64 + h * 32;
+        __m256i x;
+        if (k0 + 32 <= klen) {
+          x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k0));
+        } else {
+          std::memset(tail, 0, sizeof(tail));
+          if (k0 < klen) std::memcpy(tail, row + k0, size_t(klen - k0));
+          x = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+        }
+        // bit p of every byte moved to the sign bit (16-bit shifts: neighbouring bytes'
+        // bits shifted in land below bit 7 of each byte, so the sign bit is exact)
+        for (int p = 0; p < bits; ++p)
+          lohi[h][p] = uint32_t(_mm256_movemask_epi8(_mm256_slli_epi16(x, 7 - p)));
+      }
+      for (int p = 0; p < bits; ++p) o[p * plane + w] = uint64_t(lohi[0][p]) | (uint64_t(lohi[1][p]) << 32);
+    }
+  }
+}
+
+// ---- bit planes -> bytes ----------------------------------------------------------------
+// 32 codes from plane bits [p0, p1) of one row; half = index of the 32-bit chunk.
+inline __m256i expand32(const uint64_t* row, int64_t plane_stride, int p0, int p1, int64_t half) {
+  const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+  __m256i code = _mm256_setzero_si256();
+  for (int p = p0; p < p1; ++p) {
+    uint32_t bits;
+    std::memcpy(&bits, reinterpret_cast<const uint32_t*>(row + p * plane_stride) + half, 4);
+    __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), rep);
+    x = _mm256_cmpeq_epi8(_mm256_and_si256(x, sel), sel);
+    code = _mm256_or_si256(code, _mm256_and_si256(x, _mm256_set1_epi8(char(1 << (p - p0)))));
+  }
+  return code;
+}
+
+void avx2_unpack_planes(const uint64_t* planes, int bits, int64_t plane_stride, int64_t rows, int64_t kw,
+                        uint8_t* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < 2 * kw; ++h)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + h * 32),
+                          expand32(planes + r * kw, plane_stride, 0, bits, h));
+}
+
+// ---- bytes x planes: expand RN rows of B to int8 once per K block, then vpmaddubsw ------
+// Exactness: vpmaddubsw adds two u8*s8 products in int16; with B codes <= 63 a pair is
+// <= 2*255*63 < 32767, so B planes 0..5 and 6..7 are expanded and multiplied separately.
+constexpr int64_t kBytesKwBlock = 64;  // 4096 codes: int32 lanes hold <= 512 products
+constexpr int kLoPlanes = 6;
+
+inline int64_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return int64_t(_mm_cvtsi128_si32(s));
+}
+
+template <int RM>
+inline void bp_micro(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wld, int64_t nbytes,
+                     int64_t* C, int64_t ldc, int nj, int shift) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RM][4];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < nbytes; k += 32) {
+    __m256i a[RM];
+    for (int i = 0; i < RM; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k));
+    for (int j = 0; j < 4; ++j) {
+      const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + j * wld + k));
+      for (int i = 0; i < RM; ++i)
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(a[i], b), ones));
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < nj; ++j) C[i * ldc + j] += hsum_epi32(acc[i][j]) << shift;
+}
+
+typedef uint32_t u32_alias __attribute__((may_alias));  // 32-bit halves of plane words
+
+// Few A rows (GEMV): expansion cannot be amortized over rows, so expand in registers and
+// multiply at once (no store/reload). One plane: the cmpeq mask is -1 per set bit, used
+// directly as the s8 operand (the sum comes out negated). PB planes are expanded; B codes
+// <= 63 keep vpmaddubsw exact (see below).
+template <int PB, int RM>
+inline void bp_fused_rows(const uint8_t* A, int64_t lda, const uint64_t* B, int64_t sb, int64_t ldb,
+                          int64_t kw, int64_t* C, int64_t ldc, int nj, int p0, int shift) {
+  const __m256i rep = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                       2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RM][4];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int64_t nj_rows = nj;
+  for (int64_t h = 0; h < 2 * kw; ++h) {
+    __m256i a[RM];
+    for (int i = 0; i < RM; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + h * 32));
+    for (int j = 0; j < 4; ++j) {
+      if (j >= nj_rows) break;
+      const u32_alias* row = reinterpret_cast<const u32_alias*>(B + j * ldb) + h;
+      __m256i code;
+      if (PB == 1) {
+        const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(int(row[p0 * sb * 2])), rep);
+        code = _mm256_cmpeq_epi8(_mm256_and_si256(x, sel), sel);
+      } else {
+        code = _mm256_setzero_si256();
+        for (int p = 0; p < PB; ++p) {
+          const __m256i x = _mm256_shuffle_epi8(_mm256_set1_epi32(int(row[(p0 + p) * sb * 2])), rep);
+          const __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(x, sel), sel);
+          code = _mm256_or_si256(code, _mm256_and_si256(m, _mm256_set1_epi8(char(1 << p))));
+        }
+      }
+      for (int i = 0; i < RM; ++i)
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(a[i], code), ones));
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < nj; ++j) {
+      const int64_t v = hsum_epi32(acc[i][j]);
+      C[i * ldc + j] += (PB == 1 ? -v : v) << shift;
+    }
+}
+
+template <int RM>
+void bp_fused(const uint8_t* A, int64_t lda, const uint64_t* B, int pb, int64_t sb, int64_t N, int64_t kw,
+              int64_t* C, int64_t ldc) {
+  // int32 lanes: 2*kw*4 products of <= 255*63 each -> exact for kw < 520 (K < 33,280);
+  // longer rows go through K blocks
+  constexpr int64_t kMaxKw = 512;
+  for (int64_t w0 = 0; w0 < kw; w0 += kMaxKw) {
+    const int64_t wb = std::min(kMaxKw, kw - w0);
+    for (int64_t j0 = 0; j0 < N; j0 += 4) {
+      const int nj = int(std::min<int64_t>(4, N - j0));
+      const uint64_t* b = B + j0 * kw + w0;
+      const uint8_t* a = A + w0 * 64;
+      int64_t* c = C + j0;
+      auto run = [&](int planes, int p0, int shift) {
+        switch (planes) {
+          case 1: bp_fused_rows<1, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 2: bp_fused_rows<2, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 3: bp_fused_rows<3, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 4: bp_fused_rows<4, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          case 5: bp_fused_rows<5, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+          default: bp_fused_rows<6, RM>(a, lda, b, sb, kw, wb, c, ldc, nj, p0, shift); break;
+        }
+      };
+      run(std::min(pb, kLoPlanes), 0, 0);
+      if (pb > kLoPlanes) run(pb - kLoPlanes, kLoPlanes, kLoPlanes);
+    }
+  }
+}
+
+void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb, int64_t sb,
+                       int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, int64_t(0));
+  if (M <= 2) {  // GEMV-like: in-register expansion beats the expanded-B buffer
+    if (M == 2) bp_fused<2>(A, lda, B, pb, sb, N, kw, C, ldc);
+    else bp_fused<1>(A, lda, B, pb, sb, N, kw, C, ldc);
+    return;
+  }
+  constexpr int64_t wld = kBytesKwBlock * 64;
+  alignas(32) int8_t wlo[4 * wld];
+  alignas(32) int8_t whi[4 * wld];
+  const int lo_planes = std::min(pb, kLoPlanes);
+  for (int64_t w0 = 0; w0 < kw; w0 += kBytesKwBlock) {
+    const int64_t wcount = std::min(kBytesKwBlock, kw - w0), nbytes = wcount * 64;
+    for (int64_t j0 = 0; j0 < N; j0 += 4) {
+      const int nj = int(std::min<int64_t>(4, N - j0));
+      for (int j = 0; j < 4; ++j) {
+        for (int64_t h = 0; h < 2 * wcount; ++h) {
+          __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+          if (j < nj) {
+            const uint64_t* row = B + (j0 + j) * kw + w0;
+            lo = expand32(row, sb, 0, lo_planes, h);
+            if (pb > kLoPlanes) hi = expand32(row, sb, kLoPlanes, pb, h);
+          }
+          _mm256_store_si256(reinterpret_cast<__m256i*>(wlo + j * wld + h * 32), lo);
+          if (pb > kLoPlanes) _mm256_store_si256(reinterpret_cast<__m256i*>(whi + j * wld + h * 32), hi);
+        }
+      }
+      const uint8_t* a = A + w0 * 64;
+      int64_t i = 0;
+      for (; i + 2 <= M; i += 2) {
+        bp_micro<2>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
+        if (pb > kLoPlanes) bp_micro<2>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+      }
+      for (; i < M; ++i) {
+        bp_micro<1>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
+        if (pb > kLoPlanes) bp_micro<1>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+      }
+    }
+  }
+}
+
+}  // namespace
 
 const KernelTable& kernels_avx2() {
-  static const KernelTable t{"avx2", ref_bitserial, ref_pack_planes};
+  // bit-serial wins for 1x1 and 1x2 bit pairs against vpmaddubsw, and up to 2x2 when A has
+  // 1-2 rows (bench/cpp: bitserial/ vs bytes/ at M1, M16, M64)
+  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 2, 4};
   return t;
 }
 

@@ -1,6 +1,7 @@
 #include "mpgemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <vector>
 
@@ -10,8 +11,12 @@
 namespace soniq {
 namespace {
 
-constexpr int64_t kTileM = 16;
+// A task is one (kTileM x kTileN) output tile over all K segments. 64 A rows amortize the
+// byte path's per-tile expansion of B; GEMV (M=1) still gets N/64 tasks.
+constexpr int64_t kTileM = 64;
 constexpr int64_t kTileN = 64;
+
+std::atomic<int> g_path_policy{0};
 
 struct Layout {  // word offset of every (group, segment) block
   std::vector<int64_t> offset;
@@ -68,6 +73,33 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   const Layout la = block_offsets(a, ksegs, nsegs), lb = block_offsets(b, ksegs, nsegs);
   const KernelTable& kt = active_kernels();
   const int64_t N = b.rows;
+  const int policy = g_path_policy.load(std::memory_order_relaxed);
+  auto use_bytes = [&](int ba, int bb) {
+    if (policy == int(KernelPath::Bitserial)) return false;
+    if (policy == int(KernelPath::Bytes)) return true;
+    return ba * bb > (a.rows <= 2 ? kt.bitserial_max_pairs_gemv : kt.bitserial_max_pairs);
+  };
+
+  // A blocks that some block pair runs on the byte path are expanded once per call to one
+  // byte per code (rows padded with zero codes to kw*64), shared by all tasks.
+  std::vector<std::vector<uint8_t>> abytes(size_t(a.ngroups * nsegs));
+  for (int64_t ga = 0; ga < a.ngroups; ++ga) {
+    const int64_t* da = a.desc + ga * (2 + nsegs);
+    for (int64_t s = 0; s < nsegs; ++s) {
+      bool need = false;
+      for (int64_t gb = 0; gb < b.ngroups; ++gb) need |= use_bytes(int(da[2 + s]), int(b.desc[gb * (2 + nsegs) + 2 + s]));
+      if (!need) continue;
+      const int64_t kw = ksegs[2 * s + 1], rows = da[1];
+      auto& buf = abytes[size_t(ga * nsegs + s)];
+      buf.resize(size_t(rows * kw * 64));
+      const uint64_t* src = a.data + la.at(ga, s);
+      const int64_t chunk = 64, nchunks = (rows + chunk - 1) / chunk;
+      parallel_for(nchunks, [&](int64_t c) {
+        const int64_t r0 = c * chunk, nr = std::min(chunk, rows - r0);
+        kt.unpack_planes(src + r0 * kw, int(da[2 + s]), rows * kw, nr, kw, buf.data() + r0 * kw * 64, kw * 64);
+      });
+    }
+  }
 
   struct Task { int64_t ga, gb, m0, m1, n0, n1; };
   std::vector<Task> tasks;
@@ -86,15 +118,25 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     const int64_t* da = a.desc + T.ga * (2 + nsegs);
     const int64_t* db = b.desc + T.gb * (2 + nsegs);
     const int64_t tm = T.m1 - T.m0, tn = T.n1 - T.n0;
-    int64_t block[kTileM * kTileN];
-    int64_t itotal[kTileM * kTileN] = {0};
-    double ftotal[kTileM * kTileN] = {0};
+    thread_local std::vector<int64_t> block_buf, itotal_buf;
+    thread_local std::vector<double> ftotal_buf;
+    block_buf.resize(size_t(kTileM * kTileN));
+    itotal_buf.assign(size_t(kTileM * kTileN), 0);
+    if (kind == OutKind::Float32) ftotal_buf.assign(size_t(kTileM * kTileN), 0.0);
+    int64_t* block = block_buf.data();
+    int64_t* itotal = itotal_buf.data();
+    double* ftotal = ftotal_buf.data();
     for (int64_t s = 0; s < nsegs; ++s) {
       const int64_t klen = ksegs[2 * s], kw = ksegs[2 * s + 1];
       const int ba = int(da[2 + s]), bb = int(db[2 + s]);
-      const uint64_t* A = a.data + la.at(T.ga, s) + T.m0 * kw;
       const uint64_t* B = b.data + lb.at(T.gb, s) + T.n0 * kw;
-      kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+      if (use_bytes(ba, bb)) {
+        const uint8_t* A = abytes[size_t(T.ga * nsegs + s)].data() + T.m0 * kw * 64;
+        kt.bytes_planes(A, kw * 64, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+      } else {
+        const uint64_t* A = a.data + la.at(T.ga, s) + T.m0 * kw;
+        kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+      }
       int64_t aa, oa, ab, ob;
       code_affine(ba, a.is_signed, aa, oa);
       code_affine(bb, b.is_signed, ab, ob);
@@ -127,5 +169,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     }
   });
 }
+
+void set_kernel_path(KernelPath p) { g_path_policy.store(int(p), std::memory_order_relaxed); }
+KernelPath get_kernel_path() { return KernelPath(g_path_policy.load(std::memory_order_relaxed)); }
 
 }  // namespace soniq

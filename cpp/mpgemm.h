@@ -29,6 +29,12 @@ struct Scales {  // any may be null (= 1)
 void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
             const Scales& scales, OutKind kind, void* out);
 
+// Which block kernel the driver uses: Auto picks per block pair from the ISA's measured
+// threshold (KernelTable::bitserial_max_pairs); the others force one (tests, benchmarks).
+enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2 };
+void set_kernel_path(KernelPath p);
+KernelPath get_kernel_path();
+
 // Encoding of a b-bit value v as an unsigned code u: v = alpha * u + offset.
 inline void code_affine(int bits, bool is_signed, int64_t& alpha, int64_t& offset) {
   if (!is_signed) { alpha = 1; offset = 0; }

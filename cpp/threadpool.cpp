@@ -22,7 +22,7 @@ struct Pool {
   std::mutex m;
   std::condition_variable cv_work, cv_done;
   std::vector<std::thread> workers;
-  int wanted = 0;          // total threads including the caller
+  std::atomic<int> wanted{0};  // total threads including the caller (read without locks)
   uint64_t generation = 0; // bumped for each job
   bool stopping = false;
   // current job
@@ -46,8 +46,10 @@ struct Pool {
     }
   }
 
-  void worker_loop() {
-    uint64_t seen = 0;
+  // `seen` starts at the generation current when the worker is made: a worker made by a
+  // resize must not mistake the last finished job for a new one (it would decrement
+  // `active` twice and let a later job return while it still runs that job's tasks).
+  void worker_loop(uint64_t seen) {
     std::unique_lock<std::mutex> lk(m);
     for (;;) {
       cv_work.wait(lk, [&] { return stopping || generation != seen; });
@@ -75,16 +77,23 @@ struct Pool {
     int need = wanted - 1;
     if (int(workers.size()) == need) return;
     stop_workers();
-    for (int i = 0; i < need; ++i) workers.emplace_back([this] { worker_loop(); });
+    uint64_t gen;
+    {
+      std::lock_guard<std::mutex> g(m);
+      gen = generation;
+    }
+    for (int i = 0; i < need; ++i) workers.emplace_back([this, gen] { worker_loop(gen); });
   }
 };
 
 Pool* g_pool = nullptr;
 std::mutex g_pool_mutex;
+int g_wanted_after_fork = 0;  // the parent's thread count, kept for the child's new pool
 
 void after_fork_child() {
   // The child has only the forking thread: abandon the parent's pool objects (their
   // threads do not exist here) and build a fresh pool on first use.
+  if (g_pool) g_wanted_after_fork = g_pool->wanted.load();
   g_pool = nullptr;
   new (&g_pool_mutex) std::mutex();
 }
@@ -98,7 +107,7 @@ Pool& pool() {
       registered = true;
     }
     g_pool = new Pool();  // never freed: workers may outlive static destructors
-    g_pool->wanted = default_num_threads();
+    g_pool->wanted = g_wanted_after_fork > 0 ? g_wanted_after_fork : default_num_threads();
   }
   return *g_pool;
 }

@@ -1,78 +1,158 @@
-// google-benchmark microbenchmarks of the native core (no Python, no torch):
-// the bit-serial block kernel of every ISA this CPU has, and the full mpgemm driver.
-// Build: cmake -S . -B build/bench -DSONIQ_BUILD_BENCH=ON -DSONIQ_BUILD_PYTHON=OFF && cmake --build build/bench
-// Run:   build/bench/soniq_bench --benchmark_filter=.
+// google-benchmark microbenchmarks of the CPU kernels, per ISA this CPU supports.
+//   cmake -S . -B build/bench -DSONIQ_BUILD_BENCH=ON -DSONIQ_BUILD_PYTHON=OFF -DSONIQ_CUDA=OFF
+//   cmake --build build/bench && build/bench/soniq_bench --benchmark_filter=avx2
+// Counters: GOP/s counts a multiply-add as 2 ops (as the Python benchmarks do).
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "cpp/cpu_features.h"
 #include "cpp/dispatch.h"
+#include "cpp/kernels.h"
 #include "cpp/mpgemm.h"
-#include "cpp/pack.h"
 #include "cpp/threadpool.h"
+
+using namespace soniq;
 
 namespace {
 
-struct Operand {  // one uniform block: [rows][K] codes packed to planes
-  int64_t rows, K, kw;
-  int bits;
-  std::vector<uint64_t> planes;
-  std::vector<int64_t> desc, sums, perm;
-  soniq::PackedOperand view(bool is_signed) const {
-    return {planes.data(), rows, 1, desc.data(), sums.data(), perm.data(), is_signed};
-  }
-};
-
-Operand make_operand(int64_t rows, int64_t K, int bits, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<uint8_t> codes(size_t(rows * K));
-  for (auto& c : codes) c = uint8_t(rng() & ((1u << bits) - 1));
-  Operand op{rows, K, (K + 63) / 64, bits, {}, {0, rows, bits}, std::vector<int64_t>(size_t(rows)),
-             std::vector<int64_t>(size_t(rows))};
-  op.planes.resize(size_t(bits * rows * op.kw));
-  soniq::pack_block(codes.data(), rows, K, K, bits, op.kw, op.planes.data());
-  for (int64_t r = 0; r < rows; ++r) {
-    op.perm[size_t(r)] = r;
-    for (int64_t k = 0; k < K; ++k) op.sums[size_t(r)] += codes[size_t(r * K + k)];
-  }
-  return op;
+std::vector<uint64_t> random_words(size_t n, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::vector<uint64_t> v(n);
+  for (auto& x : v) x = g();
+  return v;
 }
 
-// args: M, N, K, bits_a, bits_b, isa index (into supported_isas())
-void BM_mpgemm(benchmark::State& st) {
-  const int64_t M = st.range(0), N = st.range(1), K = st.range(2);
-  const int ba = int(st.range(3)), bb = int(st.range(4));
-  const auto isas = soniq::supported_isas();
-  if (size_t(st.range(5)) >= isas.size()) {
-    st.SkipWithError("ISA not supported by this CPU");
-    return;
-  }
-  soniq::set_isa(isas[size_t(st.range(5))]);
-  Operand a = make_operand(M, K, ba, 1), b = make_operand(N, K, bb, 2);
-  std::vector<int64_t> ksegs{K, a.kw};
-  std::vector<int32_t> out(size_t(M * N));
-  for (auto _ : st) {
-    soniq::mpgemm(a.view(false), b.view(true), ksegs.data(), 1, soniq::Scales{}, soniq::OutKind::Int32, out.data());
-    benchmark::DoNotOptimize(out.data());
-  }
-  st.SetLabel(soniq::active_isa() + " W" + std::to_string(bb) + "A" + std::to_string(ba) + " threads=" +
-              std::to_string(soniq::get_num_threads()));
-  st.counters["GOP/s"] = benchmark::Counter(2.0 * double(M) * double(N) * double(K), benchmark::Counter::kIsIterationInvariantRate,
+const KernelTable* table(const std::string& isa) { return kernels_for(isa); }
+
+void set_gops(benchmark::State& st, double macs) {
+  st.counters["GOP/s"] = benchmark::Counter(2.0 * macs, benchmark::Counter::kIsIterationInvariantRate,
                                             benchmark::Counter::kIs1000);
 }
 
-void shapes(benchmark::internal::Benchmark* b) {
-  for (int isa = 0; isa < 3; ++isa)
-    for (auto bits : std::vector<std::pair<int, int>>{{1, 1}, {2, 2}, {4, 4}, {8, 2}, {8, 8}}) {
-      b->Args({1, 4096, 4096, bits.first, bits.second, isa});      // GEMV
-      b->Args({16, 1024, 1024, bits.first, bits.second, isa});     // small batch
-      b->Args({256, 256, 1024, bits.first, bits.second, isa});     // GEMM
+// One block kernel call on an (M x N x K) block, single thread.
+void bm_bitserial(benchmark::State& st, const KernelTable* kt, int pa, int pb, int64_t M, int64_t N, int64_t K) {
+  const int64_t kw = (K + 63) / 64;
+  auto A = random_words(size_t(pa * M * kw), 1), B = random_words(size_t(pb * N * kw), 2);
+  std::vector<int64_t> C(size_t(M * N));
+  for (auto _ : st) {
+    kt->bitserial(A.data(), pa, M * kw, M, B.data(), pb, N * kw, N, kw, C.data(), N);
+    benchmark::DoNotOptimize(C.data());
+  }
+  set_gops(st, double(M) * N * K);
+}
+
+void bm_bytes(benchmark::State& st, const KernelTable* kt, int pa, int pb, int64_t M, int64_t N, int64_t K) {
+  const int64_t kw = (K + 63) / 64;
+  auto Ap = random_words(size_t(pa * M * kw), 1), B = random_words(size_t(pb * N * kw), 2);
+  std::vector<uint8_t> A(size_t(M * kw * 64));
+  kt->unpack_planes(Ap.data(), pa, M * kw, M, kw, A.data(), kw * 64);
+  std::vector<int64_t> C(size_t(M * N));
+  for (auto _ : st) {
+    kt->bytes_planes(A.data(), kw * 64, M, B.data(), pb, N * kw, N, kw, C.data(), N);
+    benchmark::DoNotOptimize(C.data());
+  }
+  set_gops(st, double(M) * N * K);
+}
+
+void bm_pack(benchmark::State& st, const KernelTable* kt, int bits, int64_t rows, int64_t K) {
+  std::mt19937 g(3);
+  std::vector<uint8_t> codes(size_t(rows * K));
+  for (auto& c : codes) c = uint8_t(g() & ((1u << bits) - 1));
+  const int64_t kw = (K + 63) / 64;
+  std::vector<uint64_t> out(size_t(bits * rows * kw));
+  for (auto _ : st) {
+    kt->pack_planes(codes.data(), rows, K, K, bits, kw, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * rows * K);
+}
+
+void bm_unpack(benchmark::State& st, const KernelTable* kt, int bits, int64_t rows, int64_t K) {
+  const int64_t kw = (K + 63) / 64;
+  auto planes = random_words(size_t(bits * rows * kw), 4);
+  std::vector<uint8_t> out(size_t(rows * kw * 64));
+  for (auto _ : st) {
+    kt->unpack_planes(planes.data(), bits, rows * kw, rows, kw, out.data(), kw * 64);
+    benchmark::DoNotOptimize(out.data());
+  }
+  st.SetBytesProcessed(int64_t(st.iterations()) * rows * K);
+}
+
+// The whole driver (tiling, threads, byte expansion of A, corrections) on one uniform layer.
+void bm_mpgemm(benchmark::State& st, std::string isa, int ba, int bb, int64_t M, int64_t N, int64_t K,
+               int threads) {
+  set_isa(isa);
+  set_num_threads(threads);
+  const int64_t kw = (K + 63) / 64;
+  auto Ad = random_words(size_t(ba * M * kw), 5), Bd = random_words(size_t(bb * N * kw), 6);
+  if (K % 64)  // zero the padding bits past K, as the packer does
+    for (auto* v : {&Ad, &Bd})
+      for (size_t w = size_t(kw - 1); w < v->size(); w += size_t(kw)) (*v)[w] &= (uint64_t(1) << (K % 64)) - 1;
+  std::vector<int64_t> da{0, M, ba}, db{0, N, bb}, sa(static_cast<size_t>(M), 0), sb(static_cast<size_t>(N), 0), pa(static_cast<size_t>(M)), pb(static_cast<size_t>(N));
+  for (int64_t i = 0; i < M; ++i) pa[size_t(i)] = i;
+  for (int64_t j = 0; j < N; ++j) pb[size_t(j)] = j;
+  PackedOperand a{Ad.data(), M, 1, da.data(), sa.data(), pa.data(), false};
+  PackedOperand b{Bd.data(), N, 1, db.data(), sb.data(), pb.data(), false};
+  int64_t ksegs[2] = {K, kw};
+  std::vector<int32_t> out(size_t(M * N));
+  for (auto _ : st) {
+    mpgemm(a, b, ksegs, 1, Scales{}, OutKind::Int32, out.data());
+    benchmark::DoNotOptimize(out.data());
+  }
+  set_gops(st, double(M) * N * K);
+  set_num_threads(default_num_threads());
+}
+
+void register_all() {
+  struct Shape { int64_t M, N, K; };
+  const Shape blocks[] = {{64, 64, 4096}, {1, 64, 8192}, {16, 64, 4096}};
+  const int pairs[][2] = {{1, 1}, {1, 2}, {2, 2}, {4, 4}, {8, 1}, {8, 2}, {8, 4}, {8, 8}};
+  for (const auto& isa : supported_isas()) {
+    const KernelTable* kt = table(isa);
+    if (!kt) continue;
+    for (const auto& s : blocks)
+      for (const auto& pr : pairs) {
+        const std::string shape = "/A" + std::to_string(pr[0]) + "W" + std::to_string(pr[1]) + "/M" +
+                                  std::to_string(s.M) + "N" + std::to_string(s.N) + "K" + std::to_string(s.K);
+        if (isa != "scalar" || s.M == 1)  // the scalar reference is slow; one shape is enough
+          benchmark::RegisterBenchmark(("bitserial/" + isa + shape).c_str(), bm_bitserial, kt, pr[0], pr[1], s.M, s.N, s.K);
+        if (isa != "scalar" || s.M == 1)
+          benchmark::RegisterBenchmark(("bytes/" + isa + shape).c_str(), bm_bytes, kt, pr[0], pr[1], s.M, s.N, s.K);
+      }
+    for (int bits : {1, 2, 4, 8}) {
+      benchmark::RegisterBenchmark(("pack_planes/" + isa + "/b" + std::to_string(bits)).c_str(), bm_pack, kt, bits, 16, 4096);
+      benchmark::RegisterBenchmark(("unpack_planes/" + isa + "/b" + std::to_string(bits)).c_str(), bm_unpack, kt, bits, 16, 4096);
     }
+    if (isa == "scalar") continue;
+    const Shape layers[] = {{1, 8192, 8192}, {16, 4096, 4096}, {2048, 2048, 2048}};
+    for (const auto& s : layers)
+      for (const auto& pr : pairs) {
+        if (s.M == 2048 && !(pr[0] == pr[1] || pr[0] == 8)) continue;
+        const std::string name = "mpgemm/" + isa + "/A" + std::to_string(pr[0]) + "W" + std::to_string(pr[1]) + "/M" +
+                                 std::to_string(s.M) + "N" + std::to_string(s.N) + "K" + std::to_string(s.K) + "/threads:";
+        for (int th : {1, 2})
+          benchmark::RegisterBenchmark((name + std::to_string(th)).c_str(), bm_mpgemm, isa, pr[0], pr[1], s.M, s.N, s.K, th)
+              ->UseRealTime()->Unit(benchmark::kMillisecond);
+      }
+  }
 }
 
 }  // namespace
 
-BENCHMARK(BM_mpgemm)->Apply(shapes)->Unit(benchmark::kMicrosecond)->UseRealTime();
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  const CpuFeatures& f = cpu_features();
+  benchmark::AddCustomContext("cpu_model", f.brand);
+  std::string isas;
+  for (const auto& s : supported_isas()) isas += (isas.empty() ? "" : ",") + s;
+  benchmark::AddCustomContext("soniq_isas", isas);
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

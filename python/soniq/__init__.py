@@ -10,6 +10,10 @@ from ._runtime import (get_isa, get_num_threads, info, set_isa, set_num_threads,
                        supported_isas, use_isa)
 from .packed import KLayout, PackedTensor
 from . import ops
+# ---- training / deployment (issue #8) ----
+from . import nn, qat  # noqa: E402
+from ._convert import convert  # noqa: E402
+from ._io import load, save  # noqa: E402
 
 try:
     __version__ = _metadata.version("soniq")
@@ -17,4 +21,5 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a sour
     __version__ = "0.0.0+unknown"
 
 __all__ = ["ops", "PackedTensor", "KLayout", "info", "get_num_threads", "set_num_threads",
-           "get_isa", "set_isa", "use_isa", "supported_isas", "__version__"]
+           "get_isa", "set_isa", "use_isa", "supported_isas", "__version__",
+           "nn", "qat", "convert", "save", "load"]

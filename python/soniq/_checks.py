@@ -13,17 +13,24 @@ def as_int_tensor(x, name: str) -> tuple[torch.Tensor, str]:
         if x.dtype.kind not in "iu":
             raise TypeError(f"{name} must have an integer dtype, got numpy {x.dtype}"
                             + (" (quantize floats first, e.g. with soniq.ops.quantize)" if x.dtype.kind == "f" else ""))
+        # a private, aligned, C-contiguous copy: user memory never reaches native code.
+        # Copy before scanning: a huge broadcast view fails here at once instead of hanging.
+        x = np.array(x, order="C", copy=True)
         if x.dtype.kind == "u" and x.dtype.itemsize >= 8 and x.size and x.max() > np.iinfo(np.int64).max:
             raise ValueError(f"{name} holds values above 2**63-1, out of range for any bit width")
-        # a private, aligned, C-contiguous copy: user memory never reaches native code
-        return torch.from_numpy(np.array(x, dtype=np.int64, order="C", copy=True)), "numpy"
+        return torch.from_numpy(x.astype(np.int64, copy=False)), "numpy"
     if isinstance(x, torch.Tensor):
         if x.dtype not in _INT_DTYPES:
             hint = " (quantize floats first, e.g. with soniq.ops.quantize)" if x.is_floating_point() else ""
             if x.dtype == torch.bool:
                 hint = " (convert with .to(torch.uint8) for 0/1 codes)"
             raise TypeError(f"{name} must have an integer dtype (int8/16/32/64 or uint8), got {x.dtype}{hint}")
-        return x.contiguous(), "torch"
+        try:
+            return x.contiguous(), "torch"
+        except RuntimeError as e:  # e.g. a huge expanded view: report it as what it is
+            if "alloc" not in str(e):
+                raise
+            raise MemoryError(f"{name} of shape {tuple(x.shape)} does not fit in memory: {e}") from None
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 

@@ -21,6 +21,14 @@ def _cmd_demo_quick(args) -> int:
     return quick_main(json_out=args.json)
 
 
+def _cmd_demo_digits(args) -> int:
+    try:
+        from soniq.demos.digits import main as digits_main
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError(f"the digits demo needs the demo extras (pip install 'soniq[demo]'): {e}") from None
+    return digits_main(seeds=args.seeds, quick=args.quick, json_path=args.json, out_dir=args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soniq", description="soniq: per-channel mixed-precision quantization")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -32,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     pq = dsub.add_parser("quick", help="pack a two-tier layer, run mpgemm, compare with numpy")
     pq.add_argument("--json", action="store_true", help="print JSON instead of text")
     pq.set_defaults(func=_cmd_demo_quick)
+    # ---- demo digits (issue #8) ----
+    pg = dsub.add_parser("digits", help="train a small CNN on sklearn digits: SONIQ vs FP32, uniform QAT, PTQ, Brevitas")
+    pg.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    pg.add_argument("--quick", action="store_true", help="few epochs (about a minute), for tests")
+    pg.add_argument("--json", default=None, metavar="PATH", help="where to write the results JSON "
+                    "(default OUT/digits_results.json)")
+    pg.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and the PNG plot")
+    pg.set_defaults(func=_cmd_demo_digits)
     return p
 
 

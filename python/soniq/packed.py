@@ -1,11 +1,13 @@
 """PackedTensor: an integer matrix with per-channel bits, stored as tier-grouped bit planes."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 LAYOUT = "bitplanes-v1"
+_UNPACK_DTYPES = {"int8", "int16", "int32", "int64", "uint8"}
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,14 @@ class PackedTensor:
         pt._host = host
         return pt
 
+    def with_scale(self, scale: "torch.Tensor | None") -> "PackedTensor":
+        """The same packed data with another scale (None: plain integer operand)."""
+        pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
+                          kind=self.kind, layout=self.layout, scale=scale,
+                          **{k: v for k, v in self._tensors().items() if k != "scale"})
+        pt._host = self._host
+        return pt
+
     def cuda(self, device=None) -> "PackedTensor":
         return self.to(device if device is not None else "cuda")
 
@@ -144,11 +154,25 @@ class PackedTensor:
     def from_state_dict(cls, tensors: dict, meta: dict) -> "PackedTensor":
         from .ops._pack import validate_packed  # local import: ops depends on this module
 
-        if meta.get("layout") != LAYOUT:
-            raise ValueError(f"unsupported packed layout {meta.get('layout')!r}; this soniq reads {LAYOUT!r}")
-        pt = cls(shape=meta["shape"], axis=meta["axis"], signed=meta["signed"],
-                 dtype=getattr(torch, meta["dtype"]), scale=tensors.get("scale"),
-                 **{k: tensors[k] for k in ("data", "desc", "sums", "row_perm", "k_perm", "ksegs", "bits")})
+        if not isinstance(meta, dict) or meta.get("layout") != LAYOUT:
+            got = meta.get("layout") if isinstance(meta, dict) else meta
+            raise ValueError(f"unsupported packed layout {got!r}; this soniq reads {LAYOUT!r}")
+        # untrusted input: every malformed field ends in a ValueError naming it
+        need = ("data", "desc", "sums", "row_perm", "k_perm", "ksegs", "bits")
+        missing = [k for k in need if not isinstance(tensors, dict) or k not in tensors]
+        missing += [k for k in ("shape", "axis", "signed", "dtype") if k not in meta]
+        if missing:
+            raise ValueError(f"packed tensor is missing {missing}")
+        shape, dt = meta["shape"], meta["dtype"]
+        if (not isinstance(shape, (list, tuple)) or len(shape) != 2
+                or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape)):
+            raise ValueError(f"packed tensor shape must be two ints, got {shape!r}")
+        if meta["axis"] not in (0, 1) or isinstance(meta["axis"], bool) or meta["signed"] not in (True, False):
+            raise ValueError(f"packed tensor axis/signed malformed: {meta['axis']!r}, {meta['signed']!r}")
+        if dt not in _UNPACK_DTYPES:
+            raise ValueError(f"packed tensor dtype must be one of {sorted(_UNPACK_DTYPES)}, got {dt!r}")
+        pt = cls(shape=shape, axis=meta["axis"], signed=meta["signed"],
+                 dtype=getattr(torch, dt), scale=tensors.get("scale"), **{k: tensors[k] for k in need})
         validate_packed(pt, "tensors")
         return pt
 

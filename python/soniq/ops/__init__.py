@@ -2,5 +2,6 @@
 from . import _library  # noqa: F401  (registers the torch.library ops)
 from ._mpgemm import int32_limit, mpgemm
 from ._pack import pack, unpack
+from ._quantize import philox_uniform, quantize
 
-__all__ = ["pack", "unpack", "mpgemm", "int32_limit"]
+__all__ = ["pack", "unpack", "mpgemm", "int32_limit", "quantize", "philox_uniform"]

@@ -116,7 +116,8 @@ def pack(values, bits, *, signed: bool, axis: int = 0, scale=None, k_layout=None
                 raise ValueError("scale along K must be constant within each K segment (bit width); "
                                  "fold per-column scales into the other operand instead")
 
-    codes = codes[row_perm][:, kl.perm]
+    # index_select: advanced indexing runs an OpenMP region that costs milliseconds on a busy machine
+    codes = codes.index_select(0, row_perm).index_select(1, kl.perm)
     kws = [(n + 63) // 64 for n in kl.seg_lens]
     words, desc, sums = [], [], torch.empty(R, len(kl.seg_lens), dtype=torch.int64, device=dev)
     r0 = 0
@@ -174,12 +175,22 @@ def validate_packed(p: PackedTensor, name: str) -> None:
     def bad(msg):
         raise ValueError(f"{name}: invalid packed tensor: {msg}")
 
+    if len(p.shape) != 2:
+        bad(f"shape {p.shape} is not 2-D")
     R, K = p.shape
     if R <= 0 or K <= 0 or p.axis not in (0, 1):
         bad(f"shape {p.shape} / axis {p.axis}")
     for key, t in p._tensors().items():
-        if t is not None and t.dtype != (torch.float32 if key == "scale" else torch.int64):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            bad(f"{key} is a {type(t).__name__}, not a tensor")
+        if t.dtype != (torch.float32 if key == "scale" else torch.int64):
             bad(f"{key} has dtype {t.dtype}")
+        if t.device != p.data.device:  # kernels get raw pointers: one device for all
+            bad(f"{key} is on {t.device} but data is on {p.data.device}")
+        if not t.is_contiguous():  # kernels assume dense buffers
+            bad(f"{key} is not contiguous")
     if p.ksegs.dim() != 2 or p.ksegs.shape[1] != 2 or p.ksegs.shape[0] < 1:
         bad("ksegs must be [S, 2]")
     S = p.ksegs.shape[0]
@@ -208,3 +219,35 @@ def validate_packed(p: PackedTensor, name: str) -> None:
     if p.scale is not None and (p.scale.shape != ((R, K)[p.axis],) or not bool(torch.isfinite(p.scale).all())
                                 or bool((p.scale <= 0).any())):
         bad("scale must be finite, positive, one per channel")
+    _validate_contents(p, bad)
+
+
+def _validate_contents(p: PackedTensor, bad) -> None:
+    """Checks that the blocks agree with the metadata, so a corrupted tensor cannot give a
+    silently wrong product: padding bits are zero (kernels count them), each block's bit
+    width matches `bits`, scales along K are constant per segment, and the stored code sums
+    equal the codes."""
+    R, K = p.shape
+    ks = p.ksegs.cpu().tolist()
+    k_starts = np.concatenate([[0], np.cumsum([k[0] for k in ks])[:-1]]).astype(int).tolist()
+    bits_c, rperm, kperm = p.bits.cpu(), p.row_perm.cpu(), p.k_perm.cpu()
+    for g, s, r0, rows, k0, klen, kw, b, off in _block_walk(p):
+        if p.axis == 0:
+            owner = bits_c[rperm[r0:r0 + rows]]
+        else:
+            owner = bits_c[kperm[k0:k0 + klen]]
+        if bool((owner != b).any()):
+            bad(f"block ({g}, {s}) holds {b}-bit codes but bits disagrees")
+        words = p.data[off:off + b * rows * kw].view(b, rows, kw)
+        pos = torch.arange(kw * 64, device=p.data.device).view(kw, 64)
+        pad = ((pos >= klen).to(torch.int64) << torch.arange(64, device=p.data.device)).sum(-1)
+        if bool(((words & pad) != 0).any()):
+            bad(f"block ({g}, {s}) has nonzero padding bits beyond K")
+        codes = L.unpack_block(words.reshape(-1), b, rows, klen, kw)
+        if not torch.equal(codes.to(torch.int64).sum(1), p.sums[r0:r0 + rows, s]):
+            bad(f"sums of block ({g}, {s}) do not match its codes")
+    if p.scale is not None and p.axis == 1:
+        sk = p.scale.cpu()[kperm]
+        for k0, (klen, _) in zip(k_starts, ks):
+            if bool((sk[k0:k0 + klen] != sk[k0]).any()):
+                bad("scale along K is not constant within a K segment")

@@ -1,0 +1,68 @@
+"""soniq.convert: fake-quantized (phase 2) modules -> packed modules on ops.mpgemm."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import ops
+from ._packed_nn import PackedConv2d, PackedLinear, k_layout_for
+from .qat._quantizers import PHASE_EXACT
+
+
+def _pack_weight(m, a_bits_k: torch.Tensor, name: str):
+    w_step = m.w_quant.step().detach().float()
+    vw = ops.quantize(m.weight.detach().float(), w_step, m.w_quant.bits(), signed=True, axis=0,
+                      values_only=True).to(torch.int64)
+    return ops.pack(vw.reshape(vw.shape[0], -1), m.w_quant.bits().to(torch.int64), signed=True, axis=0,
+                    scale=w_step, k_layout=k_layout_for(a_bits_k))
+
+
+def convert_module(m, name: str):
+    from .nn import QConv2d, QLinear
+
+    if m.phase != PHASE_EXACT:
+        raise ValueError(f"module {name!r} ({type(m).__name__}) is still in phase 1 (noise, real-valued bits); "
+                         "call soniq.qat.freeze_precision(model) and fine-tune before soniq.convert")
+    if not bool(m.a_quant.calibrated):
+        raise ValueError(f"module {name!r} ({type(m).__name__}) has an uncalibrated activation quantizer; "
+                         "run the model on data before converting")
+    a_bits = m.a_quant.bits().to(torch.int64).cpu()
+    a_scale = m.a_quant.step().detach().float().cpu()
+    signed = m.a_quant.signed
+    bias = None if m.bias is None else m.bias.detach()
+    if isinstance(m, QLinear):
+        return PackedLinear(_pack_weight(m, a_bits, name), a_bits, a_scale, signed, bias, name)
+    if isinstance(m, QConv2d):
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise ValueError(f"module {name!r} (QConv2d): the converter handles groups=1 with numeric zero padding only")
+        if signed and any(m.padding) and bool((a_bits == 1).any()):
+            raise ValueError(f"module {name!r} (QConv2d): signed 1-bit activations cannot represent the zero "
+                             "padding ({-1, +1}); use a low tier of 2+ bits or no padding")
+        kk = m.kernel_size[0] * m.kernel_size[1]
+        return PackedConv2d(_pack_weight(m, a_bits.repeat_interleave(kk), name), a_bits, a_scale, signed, bias, name,
+                            kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation)
+    raise ValueError(f"module {name!r}: soniq.convert cannot handle {type(m).__name__}")
+
+
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Returns a copy of `model` (phase 2) where every QLinear / QConv2d is a PackedLinear /
+    PackedConv2d: exact integer accumulators equal to the fake-quantized model's."""
+    from .nn import QConv2d, QLinear
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = model if inplace else copy.deepcopy(model)
+    names = [n for n, m in out.named_modules() if isinstance(m, (QLinear, QConv2d))]
+    if not names:
+        raise ValueError("model has no soniq QLinear/QConv2d layers to convert (prepare and train it first)")
+    if isinstance(out, (QLinear, QConv2d)):
+        return convert_module(out.cpu(), "<root>")
+    for n in names:
+        parts = n.split(".")
+        parent = out
+        for p in parts[:-1]:
+            parent = getattr(parent, p)
+        setattr(parent, parts[-1], convert_module(getattr(parent, parts[-1]).cpu(), n))
+    return out.cpu().eval()

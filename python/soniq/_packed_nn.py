@@ -1,0 +1,112 @@
+"""Packed inference modules: quantize activations exactly (ops.quantize), pack them per K
+column (tiers grouped by the stored permutation), and run ops.mpgemm against weights
+packed once at convert time with the same K layout. Made by soniq.convert."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .ops._pack import _group_by_bits
+from .packed import KLayout, PackedTensor
+
+
+def k_layout_for(a_bits_k: Tensor) -> KLayout:
+    """The K layout ops.pack(axis=1) gives activations with these per-column bits."""
+    perm, lens, _ = _group_by_bits(a_bits_k.to(torch.int64))
+    return KLayout(perm, tuple(lens))
+
+
+class _PackedBase(nn.Module):
+    def __init__(self, w: PackedTensor, a_bits: Tensor, a_scale: Tensor, a_signed: bool,
+                 bias: Optional[Tensor], name: str = "?"):
+        super().__init__()
+        self.w = w
+        self.register_buffer("a_bits", a_bits.to(torch.int64).cpu().contiguous())      # per input channel
+        self.register_buffer("a_scale", a_scale.to(torch.float32).cpu().contiguous())  # per input channel
+        self.a_signed = bool(a_signed)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().contiguous())
+        self.name = name
+
+    def _gemm(self, rows: Tensor, col_bits: Tensor, col_scale: Tensor, integer: bool) -> Tensor:
+        v = ops.quantize(rows.float().contiguous(), col_scale, col_bits, signed=self.a_signed, axis=1,
+                         values_only=True).to(torch.int64)
+        if integer:
+            a = ops.pack(v, col_bits, signed=self.a_signed, axis=1)
+            w = self.w.with_scale(None)
+            return ops.mpgemm(a, w, out_dtype=torch.int64)
+        a = ops.pack(v, col_bits, signed=self.a_signed, axis=1, scale=col_scale)
+        return ops.mpgemm(a, self.w)
+
+    def precision(self) -> dict:
+        return {"type": type(self).__name__, "w_bits": self.w.bit_histogram(),
+                "a_bits": {int(b): int(c) for b, c in zip(*torch.unique(self.a_bits, return_counts=True))},
+                "packed_weight_bytes": self.w.nbytes}
+
+
+class PackedLinear(_PackedBase):
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, integer=False)
+
+    def accumulators(self, x: Tensor) -> Tensor:
+        """Exact a_int @ w_int.T (int64) as the kernels accumulate it."""
+        return self._run(x, integer=True)
+
+    def _run(self, x, integer):
+        K = self.a_bits.numel()
+        if x.shape[-1] != K:
+            raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
+        out = self._gemm(x.reshape(-1, K), self.a_bits, self.a_scale, integer)
+        if not integer and self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class PackedConv2d(_PackedBase):
+    def __init__(self, w, a_bits, a_scale, a_signed, bias, name, *, kernel_size, stride, padding, dilation):
+        super().__init__(w, a_bits, a_scale, a_signed, bias, name)
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+
+    def conv_args(self) -> dict:
+        return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, integer=False)
+
+    def accumulators(self, x: Tensor) -> Tensor:
+        """Exact integer accumulators [B, O, H', W'] (int64) over the unfolded input."""
+        return self._run(x, integer=True)
+
+    def _run(self, x, integer):
+        C = self.a_bits.numel()
+        if x.dim() != 4 or x.shape[1] != C:
+            raise ValueError(f"{self.name}: expected input [B, {C}, H, W], got shape {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        kh, kw = self.kernel_size
+        # quantize per channel first (zero padding is the integer 0), then unfold exact integers
+        v = ops.quantize(x.float().contiguous(), self.a_scale, self.a_bits, signed=self.a_signed, axis=1,
+                         values_only=True)
+        cols = F.unfold(v, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C*kh*kw, L]
+        Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        kb = self.a_bits.repeat_interleave(kh * kw)
+        ks = self.a_scale.repeat_interleave(kh * kw)
+        # rows already hold integers: scale 1 keeps them, the real scale goes into the pack
+        out = self._gemm_int_rows(rows, kb, ks, integer)
+        if not integer and self.bias is not None:
+            out = out + self.bias
+        return out.reshape(B, Ho * Wo, -1).transpose(1, 2).reshape(B, -1, Ho, Wo)
+
+    def _gemm_int_rows(self, rows, kb, ks, integer):
+        v = rows.to(torch.int64)
+        if integer:
+            a = ops.pack(v, kb, signed=self.a_signed, axis=1)
+            w = self.w.with_scale(None)
+            return ops.mpgemm(a, w, out_dtype=torch.int64)
+        return ops.mpgemm(ops.pack(v, kb, signed=self.a_signed, axis=1, scale=ks), self.w)

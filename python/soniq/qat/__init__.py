@@ -1,0 +1,216 @@
+"""soniq.qat: two-phase SONIQ training (design.md sections 1 and 4).
+
+    cfg = QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=2.0, a_bits_target=4.0)
+    model = prepare(model, cfg)                 # phase 1: noise + learnable bits
+    loss = task_loss + bit_penalty(model)       # budget penalty (weight cfg.penalty_weight)
+    freeze_precision(model)                     # snap to the two tiers within the budget
+    ... fine-tune (phase 2: exact rounding, learned scales) ...
+    precision_report(model)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._quantizers import PHASE_EXACT, PHASE_NOISE, ActQuantizer, ChannelQuantizer, WeightQuantizer
+
+__all__ = ["QATConfig", "prepare", "bit_penalty", "freeze_precision", "precision_report", "quant_layers",
+           "set_uniform_precision"]
+
+
+@dataclass
+class QATConfig:
+    """Palettes (low tier in 1..4, high tier in 4..8), average-bit budgets, the penalty weight,
+    and the module names to leave in float ("first"/"last" name the first/last layer)."""
+
+    w_palette: tuple = (2, 4)
+    a_palette: tuple = (4, 8)
+    w_bits_target: float = 2.0
+    a_bits_target: float = 4.0
+    exclude: tuple = ()
+    penalty_weight: float = 1.0
+    size_bytes_target: Optional[float] = None   # optional budget on weight bytes (bits/8 summed)
+    phase: int = PHASE_NOISE
+    init_w_bits: Optional[float] = None         # phase-1 starting bits (default: palette middle)
+    init_a_bits: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, (lo_rng, hi_rng) in (("w_palette", ((1, 4), (4, 8))), ("a_palette", ((1, 4), (4, 8)))):
+            pal = getattr(self, name)
+            if not isinstance(pal, (tuple, list)) or len(pal) != 2 or not all(isinstance(b, int) for b in pal):
+                raise ValueError(f"{name} must be two integer bit widths (low tier, high tier), got {pal!r}")
+            lo, hi = pal
+            if not (lo_rng[0] <= lo <= lo_rng[1] and hi_rng[0] <= hi <= hi_rng[1] and lo <= hi):
+                raise ValueError(f"{name}={tuple(pal)}: the low tier must be in 1..4 and the high tier in 4..8")
+            setattr(self, name, (lo, hi))
+        for name, pal in (("w_bits_target", self.w_palette), ("a_bits_target", self.a_palette)):
+            t = getattr(self, name)
+            if not isinstance(t, (int, float)) or not t == t:
+                raise ValueError(f"{name} must be a number, got {t!r}")
+            if t < pal[0]:
+                raise ValueError(f"budget cannot be met: {name}={t} is below the palette's low tier {pal[0]}")
+        if self.penalty_weight < 0 or self.penalty_weight != self.penalty_weight:
+            raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight!r}")
+        if self.phase not in (PHASE_NOISE, PHASE_EXACT):
+            raise ValueError(f"phase must be 1 (noise, learned bits) or 2 (exact), got {self.phase!r}")
+        self.exclude = tuple(self.exclude)
+
+
+def quant_layers(model: nn.Module) -> dict:
+    from ..nn import QConv2d, QLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QConv2d))}
+
+
+def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
+    """Swaps every nn.Linear / nn.Conv2d (not excluded) for QLinear / QConv2d in place."""
+    from ..nn import QConv2d, QLinear
+
+    cfg = config or QATConfig()
+    if not isinstance(cfg, QATConfig):
+        raise TypeError(f"config must be a soniq.qat.QATConfig, got {type(cfg).__name__}")
+    cand = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    excl = set(cfg.exclude)
+    if "first" in excl and cand:
+        excl.add(cand[0])
+    if "last" in excl and cand:
+        excl.add(cand[-1])
+    unknown = excl - set(cand) - {"first", "last"}
+    if unknown:
+        raise ValueError(f"exclude names modules that are not Linear/Conv2d layers of the model: {sorted(unknown)}")
+    kw = dict(w_palette=cfg.w_palette, a_palette=cfg.a_palette,
+              w_bits=cfg.init_w_bits or sum(cfg.w_palette) / 2, a_bits=cfg.init_a_bits or sum(cfg.a_palette) / 2)
+    for name in cand:
+        if name in excl:
+            continue
+        parent, attr = _parent(model, name)
+        m = getattr(parent, attr)
+        try:
+            q = (QLinear if isinstance(m, nn.Linear) else QConv2d).from_float(m, **kw)
+        except ValueError as e:
+            raise ValueError(f"module {name!r} ({type(m).__name__}) cannot be quantized: {e}") from None
+        q.w_quant.name, q.a_quant.name = f"{name}.weight", f"{name}.input"
+        setattr(parent, attr, q)
+    model._soniq_config = cfg
+    if cfg.phase == PHASE_EXACT:
+        freeze_precision(model)
+    return model
+
+
+def _parent(model: nn.Module, name: str):
+    parts = name.split(".")
+    parent = model
+    for p in parts[:-1]:
+        parent = getattr(parent, p)
+    return parent, parts[-1]
+
+
+def _config(model: nn.Module) -> QATConfig:
+    cfg = getattr(model, "_soniq_config", None)
+    if cfg is None:
+        raise ValueError("model was not prepared with soniq.qat.prepare (no QATConfig attached)")
+    return cfg
+
+
+def _averages(model: nn.Module) -> dict:
+    """Differentiable averages: bits per weight, bits per activation element, weight bytes."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("model has no soniq QLinear/QConv2d layers (call soniq.qat.prepare first)")
+    wsum = wn = asum = an = 0
+    for m in layers.values():
+        bw = m.w_quant.bits()
+        wsum = wsum + bw.sum() * m.w_quant.per_channel
+        wn += bw.numel() * m.w_quant.per_channel
+        ba = m.a_quant.bits()
+        e = float(m.a_quant.elems_per_channel)
+        asum = asum + ba.sum() * e
+        an += ba.numel() * e
+    return {"avg_w_bits": wsum / wn, "avg_a_bits": asum / an, "w_bytes": wsum / 8}
+
+
+def bit_penalty(model: nn.Module, weight: Optional[float] = None) -> Tensor:
+    """penalty_weight * (relu(avg_w_bits - w_target) + relu(avg_a_bits - a_target)
+    [+ relu(w_bytes / size_target - 1)]): zero within the budget, linear above it."""
+    cfg = _config(model)
+    lam = cfg.penalty_weight if weight is None else weight
+    avg = _averages(model)
+    pen = torch.relu(avg["avg_w_bits"] - cfg.w_bits_target) + torch.relu(avg["avg_a_bits"] - cfg.a_bits_target)
+    if cfg.size_bytes_target is not None:
+        pen = pen + torch.relu(avg["w_bytes"] / cfg.size_bytes_target - 1) * cfg.w_palette[1]
+    return lam * pen
+
+
+def _assign_tiers(scores: list, counts: list, palette: tuple, target: float, what: str) -> list:
+    """Two tiers for all channels: the highest-scoring channels take the high tier while the
+    count-weighted average stays <= target (greedy: a channel that does not fit is skipped)."""
+    lo, hi = palette
+    s = torch.cat([t.detach().float().cpu() for t in scores])
+    n = torch.cat([torch.full((t.numel(),), float(c)) for t, c in zip(scores, counts)])
+    total = float(n.sum())
+    if target < lo:
+        raise ValueError(f"budget cannot be met: {what} target {target} is below the low tier {lo}")
+    room = (target - lo) * total  # bits left for upgrades
+    bits = torch.full_like(s, float(lo))
+    if hi > lo:
+        for i in torch.argsort(s, descending=True, stable=True).tolist():
+            cost = (hi - lo) * float(n[i])
+            if cost <= room + 1e-9 * total:
+                bits[i] = hi
+                room -= cost
+    out, k = [], 0
+    for t in scores:
+        out.append(bits[k:k + t.numel()])
+        k += t.numel()
+    return out
+
+
+def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> nn.Module:
+    """Phase 1 -> 2: snaps every channel to one of the config's two tiers (channels with the
+    most learned bits go high first) so the average bits stay within the budgets. With
+    refit_weight_scales, each weight channel's clip is refit (rounding MSE) for its tier:
+    a clip learned at ~2 real bits is too wide for 1-bit channels."""
+    cfg = _config(model)
+    layers = list(quant_layers(model).values())
+    if not layers:
+        raise ValueError("model has no soniq QLinear/QConv2d layers (call soniq.qat.prepare first)")
+    for kind, pal, target in (("w", cfg.w_palette, cfg.w_bits_target), ("a", cfg.a_palette, cfg.a_bits_target)):
+        qs = [getattr(m, f"{kind}_quant") for m in layers]
+        if kind == "a":
+            missing = [q.name for q in qs if not bool(q.calibrated)]
+            if missing:
+                raise ValueError(f"activation quantizers {missing} have seen no data: run at least one forward "
+                                 "pass before freeze_precision")
+        counts = [q.per_channel if kind == "w" else float(q.elems_per_channel) for q in qs]
+        what = "w_bits_target" if kind == "w" else "a_bits_target"
+        tiers = _assign_tiers([q.bits() for q in qs], counts, pal, target, what)
+        for q, b in zip(qs, tiers):
+            q.freeze(b)
+    if refit_weight_scales:
+        for m in layers:
+            m.w_quant.refit_clip(m.weight)
+    cfg.phase = PHASE_EXACT
+    return model
+
+
+def set_uniform_precision(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+    """Every channel at the same bits, phase 2 (uniform QAT / PTQ baselines)."""
+    for m in quant_layers(model).values():
+        for q, b in ((m.w_quant, w_bits), (m.a_quant, a_bits)):
+            q.palette = (min(q.palette[0], b), max(q.palette[1], b))
+            q.freeze(torch.full((q.channels,), float(b)))
+    return model
+
+
+def precision_report(model: nn.Module) -> dict:
+    """{"avg_w_bits", "avg_a_bits", "w_bytes", "layers": {name: layer.precision()}} -- the bits
+    actually in use (continuous means in phase 1, the tiers in phase 2)."""
+    with torch.no_grad():
+        avg = _averages(model)
+    return {"avg_w_bits": float(avg["avg_w_bits"]), "avg_a_bits": float(avg["avg_a_bits"]),
+            "w_bytes": float(avg["w_bytes"]),
+            "layers": {n: m.precision() for n, m in quant_layers(model).items()}}

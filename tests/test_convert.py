@@ -1,0 +1,140 @@
+"""Fake equals real: packed modules give the fake-quantized model's integer accumulators
+and its float outputs within float32 rounding; save/load is bit-exact and rejects damage."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import soniq
+from soniq.qat import QATConfig
+
+
+def _frozen(model, x, cfg):
+    torch.manual_seed(0)
+    soniq.qat.prepare(model, cfg)
+    model(x)
+    soniq.qat.freeze_precision(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)  # a phase-2 step moves the scales
+    model(x).square().mean().backward()
+    opt.step()
+    return model.eval()
+
+
+def _tol(xq, wq, K):
+    # |fake - real| <= K * eps32 * sum_k |xq_k * wq_nk|  (float32 accumulation in the fake model)
+    return K * 2.0 ** -23 * (xq.abs() @ wq.abs().T) + 1e-6
+
+
+CFGS = [QATConfig(w_palette=(1, 4), a_palette=(2, 8), w_bits_target=2.0, a_bits_target=4.0),
+        QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0)]
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("shift", [0.0, -0.5])  # unsigned and signed activations
+@pytest.mark.parametrize("K, N, M", [(70, 5, 1), (130, 1, 3), (9, 17, 4)])
+def test_linear_fake_equals_real(cfg, shift, K, N, M):
+    torch.manual_seed(K + N)
+    x = torch.rand(M, 2, K) + shift
+    lin = nn.Sequential(nn.Linear(K, N))
+    m = _frozen(lin, x, copy.deepcopy(cfg))
+    q = soniq.convert(m)
+    va, vw = m[0].integer_operands(x)
+    acc = q[0].accumulators(x)
+    assert torch.equal(acc, va @ vw.T)
+    fake, real = m(x).detach(), q(x)
+    xq = m[0].a_quant(x).detach().reshape(-1, K)
+    wq = m[0].w_quant(m[0].weight).detach()
+    assert bool(((fake - real).abs().reshape(-1, N) <= _tol(xq, wq, K)).all())
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("conv_kw", [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 2), stride=2, dilation=(1, 2)),
+                                     dict(kernel_size=1, bias=False)])
+def test_conv_fake_equals_real(cfg, conv_kw):
+    torch.manual_seed(1)
+    x = torch.rand(2, 5, 9, 7) - 0.2
+    m = _frozen(nn.Sequential(nn.Conv2d(5, 6, **conv_kw)), x, copy.deepcopy(cfg))
+    q = soniq.convert(m)
+    c = m[0]
+    va, vw = c.integer_operands(x)
+    ref_acc = F.conv2d(va.double(), vw.double(), None, c.stride, c.padding, c.dilation).round().to(torch.int64)
+    assert torch.equal(q[0].accumulators(x), ref_acc)
+    fake, real = m(x).detach(), q(x)
+    xq = c.a_quant(x).detach()
+    cols = F.unfold(xq, c.kernel_size, c.dilation, c.padding, c.stride).transpose(1, 2).reshape(-1, 5 * c.kernel_size[0] * c.kernel_size[1])
+    tol = _tol(cols, c.w_quant(c.weight).detach().reshape(6, -1), cols.shape[1])
+    diff = (fake - real).abs().permute(0, 2, 3, 1).reshape(-1, 6)
+    assert bool((diff <= tol).all())
+
+
+def _small_model():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 16, 10))
+
+
+def test_save_load_round_trip_and_damage(tmp_path):
+    x = torch.rand(3, 1, 8, 8)
+    m = _frozen(_small_model(), x, copy.deepcopy(CFGS[0]))
+    q = soniq.convert(m)
+    p = tmp_path / "m.safetensors"
+    soniq.save(q, p)
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".soniq-")]  # temp file replaced
+    q2 = soniq.load(p)
+    assert torch.equal(q2(x), q(x))
+    q3 = soniq.load(p, model=_small_model())  # architecture given explicitly
+    assert torch.equal(q3(x), q(x))
+    raw = p.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(raw[: len(raw) - 40])
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        soniq.load(tmp_path / "t.safetensors")
+    bad = bytearray(raw)
+    bad[-5] ^= 0x55
+    (tmp_path / "x.safetensors").write_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        soniq.load(tmp_path / "x.safetensors")
+    # metadata edited, tensors intact (e.g. a layer's signedness flipped): caught as well
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(p), framework="pt") as f:
+        meta = json.loads(f.metadata()["soniq"])
+    name = next(iter(meta["packed"]))
+    meta["packed"][name]["a_signed"] = not meta["packed"][name]["a_signed"]
+    save_file(load_file(str(p)), str(tmp_path / "m2.safetensors"), metadata={"soniq": json.dumps(meta)})
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        soniq.load(tmp_path / "m2.safetensors")
+
+
+def test_custom_module_needs_architecture(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(x).relu()
+
+    x = torch.rand(4, 8)
+    q = soniq.convert(_frozen(Net(), x, copy.deepcopy(CFGS[1])))
+    soniq.save(q, tmp_path / "n.safetensors")
+    with pytest.raises(ValueError, match="pass its architecture"):
+        soniq.load(tmp_path / "n.safetensors")
+    assert torch.equal(soniq.load(tmp_path / "n.safetensors", model=Net())(x), q(x))
+
+
+def test_convert_errors():
+    m = soniq.qat.prepare(nn.Sequential(nn.Linear(4, 2)), QATConfig())
+    m(torch.rand(2, 4))
+    with pytest.raises(ValueError, match="'0' \\(QLinear\\) is still in phase 1"):
+        soniq.convert(m)
+    with pytest.raises(ValueError, match="no soniq QLinear/QConv2d"):
+        soniq.convert(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="call soniq.convert"):
+        soniq.save(nn.Linear(2, 2), "/tmp/never.safetensors")
+    cfg = QATConfig(a_palette=(1, 8), a_bits_target=1.0)
+    c = _frozen(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1)), torch.rand(1, 2, 5, 5) - 0.5, cfg)
+    with pytest.raises(ValueError, match="'0' \\(QConv2d\\): signed 1-bit activations"):
+        soniq.convert(c)

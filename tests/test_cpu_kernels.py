@@ -1,0 +1,180 @@
+"""The fast CPU kernels (bit-serial, byte path, pack/unpack) are exact on every ISA path
+this machine runs, for every bit pair, odd shapes, two-tier operands and thread counts."""
+import glob
+import itertools
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import soniq
+from soniq import ops
+from soniq._native import _C
+
+ISAS = soniq.supported_isas()
+ALL_X86 = ["scalar", "avx2", "avx512"]
+PATHS = ["auto", "bitserial", "bytes"]
+
+
+def isa_param(name):
+    miss = "" if name in ISAS else (_C.missing_features(name) if name in _C.compiled_isas() else "not compiled")
+    return pytest.param(name, marks=pytest.mark.skipif(
+        name not in ISAS, reason=f"{name} kernels need CPU features this machine lacks: {miss}"))
+
+
+ISA_PARAMS = [isa_param(n) for n in ALL_X86 if n in _C.compiled_isas()]
+
+
+@pytest.fixture
+def kernel_setup():
+    """Restores ISA, kernel path and threads after a test that changes them."""
+    isa, path, threads = soniq.get_isa(), _C.get_kernel_path(), soniq.get_num_threads()
+    yield
+    soniq.set_isa(isa)
+    _C.set_kernel_path(path)
+    soniq.set_num_threads(threads)
+
+
+def random_values(rng, R, K, bits, signed, axis=0):
+    """Integers in each channel's range (bits: int or per-channel along axis)."""
+    b = np.asarray(bits)
+    if b.ndim:
+        b = b.reshape([-1, 1] if axis == 0 else [1, -1])
+    b = np.broadcast_to(b, (R, K))
+    if not signed:
+        return rng.integers(0, 1 << b).astype(np.int64)
+    lo = np.where(b == 1, -1, -(1 << (b - 1)))
+    hi = np.where(b == 1, 1, (1 << (b - 1)) - 1)
+    v = rng.integers(lo, hi + 1)
+    return np.where((b == 1) & (v == 0), 1, v).astype(np.int64)
+
+
+def check(a, ba, sa, b, bb, sb, a_axis=0, b_axis=0):
+    pa = ops.pack(a, ba, signed=sa, axis=a_axis)
+    pb = ops.pack(b, bb, signed=sb, axis=b_axis, k_layout=pa if a_axis == 1 else None)
+    if b_axis == 1:
+        pa = ops.pack(a, ba, signed=sa, axis=a_axis, k_layout=pb)
+    out = ops.mpgemm(pa, pb, out_dtype=torch.int64)
+    np.testing.assert_array_equal(out, a @ b.T)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("path", PATHS)
+def test_all_bit_pairs_exact(isa, path, kernel_setup):
+    rng = np.random.default_rng(hash((isa, path)) % 2**32)
+    soniq.set_isa(isa)
+    _C.set_kernel_path(path)
+    for ba, bb in itertools.product(range(1, 9), range(1, 9)):
+        M, N, K = int(rng.integers(1, 6)), int(rng.integers(1, 10)), int(rng.choice([1, 63, 65, 200]))
+        sa, sb = bool(rng.integers(2)), bool(rng.integers(2))
+        check(random_values(rng, M, K, ba, sa), ba, sa, random_values(rng, N, K, bb, sb), bb, sb)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 70, 63), (67, 1, 65), (70, 131, 200), (3, 5, 4097)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
+    rng = np.random.default_rng(sum(shape) + threads)
+    soniq.set_isa(isa)
+    soniq.set_num_threads(threads)
+    M, N, K = shape
+    for path in PATHS:
+        _C.set_kernel_path(path)
+        for ba, bb in [(1, 1), (2, 2), (8, 1), (8, 4), (4, 8)]:
+            check(random_values(rng, M, K, ba, False), ba, False, random_values(rng, N, K, bb, True), bb, True)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("M", [1, 3])
+def test_long_k_crosses_kernel_blocks(isa, M, kernel_setup):
+    """K past every internal K block (bit-serial 8192, byte buffer 4096, fused GEMV 32768)."""
+    rng = np.random.default_rng(M)
+    soniq.set_isa(isa)
+    K = 33000
+    for path in PATHS:
+        _C.set_kernel_path(path)
+        for ba, bb in [(1, 1), (2, 2), (8, 1), (4, 4), (8, 8)]:
+            check(random_values(rng, M, K, ba, False), ba, False, random_values(rng, 5, K, bb, False), bb, False)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_two_tier_operands_both_axes(isa, threads, kernel_setup):
+    """Weights with per-row tiers (axis 0) or per-K tiers (axis 1) against activations
+    with per-K tiers, as in a mixed layer; every block pair may take a different path."""
+    rng = np.random.default_rng(7 + threads)
+    soniq.set_isa(isa)
+    soniq.set_num_threads(threads)
+    M, N, K = 5, 70, 130
+    for (la, ha), (lw, hw) in [((4, 8), (2, 4)), ((1, 8), (1, 8)), ((2, 4), (1, 2))]:
+        a_bits = rng.choice([la, ha], K)
+        a = random_values(rng, M, K, a_bits, False, axis=1)
+        w_rows = rng.choice([lw, hw], N)
+        check(a, a_bits, False, random_values(rng, N, K, w_rows, True, axis=0), w_rows, True, 1, 0)
+        w_cols = rng.choice([lw, hw], K)
+        w_cols[a_bits == la] = lw  # K tiers must be shared: one permutation for both operands
+        w_cols[a_bits == ha] = hw
+        check(a, a_bits, False, random_values(rng, N, K, w_cols, True, axis=1), w_cols, True, 1, 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ba=st.integers(1, 8), bb=st.integers(1, 8), M=st.integers(1, 9), N=st.integers(1, 70),
+       K=st.integers(1, 300), sa=st.booleans(), sb=st.booleans(), seed=st.integers(0, 2**31))
+def test_property_every_isa_and_path(ba, bb, M, N, K, sa, sb, seed):
+    rng = np.random.default_rng(seed)
+    a, b = random_values(rng, M, K, ba, sa), random_values(rng, N, K, bb, sb)
+    isa0, path0 = soniq.get_isa(), _C.get_kernel_path()
+    try:
+        for isa in ISAS:
+            soniq.set_isa(isa)
+            for path in PATHS:
+                _C.set_kernel_path(path)
+                check(a, ba, sa, b, bb, sb)
+    finally:
+        soniq.set_isa(isa0)
+        _C.set_kernel_path(path0)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_pack_planes_matches_torch_reference(isa, bits, kernel_setup):
+    from soniq.ops._library import pack_block_torch
+    rng = np.random.default_rng(bits)
+    soniq.set_isa(isa)
+    for rows, klen in [(1, 1), (3, 31), (2, 33), (5, 64), (70, 200)]:
+        codes = torch.from_numpy(rng.integers(0, 1 << bits, (rows, klen)).astype(np.uint8))
+        kw = (klen + 63) // 64 + 1  # one spare word: padding must stay zero
+        got = torch.empty(bits * rows * kw, dtype=torch.int64)
+        _C.pack_block(codes.data_ptr(), rows, klen, klen, bits, kw, got.data_ptr())
+        assert torch.equal(got, pack_block_torch(codes, bits, kw))
+        back = ops._library.unpack_block(got, bits, rows, klen, kw)
+        assert torch.equal(back, codes)
+
+
+def test_kernel_path_rejects_unknown_name():
+    with pytest.raises(ValueError, match="path must be"):
+        _C.set_kernel_path("fastest")
+
+
+def _avx2_object():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hits = glob.glob(os.path.join(root, "build", "**", "kernels_avx2.cpp.o"), recursive=True)
+    return max(hits, key=os.path.getmtime) if hits else None
+
+
+def test_avx2_object_has_no_avx512_instructions():
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not found (binutils)")
+    obj = _avx2_object()
+    if obj is None:
+        pytest.skip("no build/**/kernels_avx2.cpp.o (run from a source tree after pip install .)")
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", obj], capture_output=True, text=True,
+                         check=True).stdout
+    bad = [ln for ln in asm.splitlines() if re.search(r"%zmm|%k[0-7]\b|\{%k|vpopcnt|vpdpbusd|vpternlog", ln)]
+    assert not bad, "AVX-512 instructions in the AVX2 object:\n" + "\n".join(bad[:10])

@@ -1,0 +1,236 @@
+"""Threads and processes (issue 7.4).
+
+- 8 Python threads calling pack / mpgemm / quantize at once on shared inputs get the
+  results of serial calls;
+- the ops release the GIL (another Python thread keeps running during a long call);
+- soniq.set_num_threads changes nothing in the results, also when changed between calls;
+- no deadlock after fork: a forked child (and a fork-context DataLoader worker) can use
+  soniq even when the parent's pool was busy in another thread at the moment of fork.
+"""
+import multiprocessing as mp
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import soniq
+from soniq import ops
+
+N_THREADS = 8
+
+
+@pytest.fixture
+def restore_threads():
+    n = soniq.get_num_threads()
+    yield
+    soniq.set_num_threads(n)
+
+
+def _inputs(seed=0, M=33, N=70, K=200):
+    rng = np.random.default_rng(seed)
+    wbits = rng.choice([2, 4], size=N)
+    w = np.stack([rng.integers(-(2 ** (b - 1)), 2 ** (b - 1), size=K) for b in wbits])
+    abits = rng.choice([4, 8], size=K)
+    x = np.stack([rng.integers(0, 2**abits)] * M) if M == 1 else rng.integers(0, 2**abits, size=(M, K))
+    return x, abits, w, wbits
+
+
+def _work(x, abits, w, wbits):
+    """One round of every op; returns comparable results."""
+    px = ops.pack(x, abits, signed=False, axis=1)
+    pw = ops.pack(w, wbits, signed=True, k_layout=px, scale=np.linspace(0.5, 2, len(wbits)))
+    pw_int = ops.pack(w, wbits, signed=True, k_layout=px)
+    out = {
+        "int": ops.mpgemm(px, pw_int),
+        "float": ops.mpgemm(px, pw),
+        "unpack": ops.unpack(pw_int),
+        "data": pw_int.data.numpy().copy(),
+    }
+    xf = torch.from_numpy(x.astype(np.float32) / 7.0)
+    out["quantize"] = _plain(ops.quantize(xf, 0.25, 4, signed=True, noise="uniform", seed=1234))
+    return out
+
+
+def _plain(r):
+    """Any op result as comparable numpy arrays (tensors, arrays, tuples, PackedTensors)."""
+    if isinstance(r, (tuple, list)):
+        return [_plain(t) for t in r]
+    if isinstance(r, soniq.PackedTensor):
+        return [_plain(t) for t in r.state_dict().values()]
+    if isinstance(r, torch.Tensor):
+        return r.detach().cpu().numpy().copy()
+    return np.asarray(r).copy()
+
+
+def _assert_same(got, want):
+    assert got.keys() == want.keys()
+    for k in want:
+        g, w = got[k], want[k]
+        if isinstance(w, list):
+            for gi, wi in zip(g, w):
+                assert gi.tobytes() == wi.tobytes(), k
+        else:
+            assert g.dtype == w.dtype and g.tobytes() == w.tobytes(), k  # bit-identical
+
+
+def test_eight_threads_match_serial():
+    inputs = [_inputs(seed) for seed in range(3)]
+    serial = [_work(*inp) for inp in inputs]
+    barrier = threading.Barrier(N_THREADS)
+    errors = []
+
+    def run(tid):
+        try:
+            barrier.wait()
+            for it in range(4):
+                i = (tid + it) % len(inputs)
+                _assert_same(_work(*inputs[i]), serial[i])
+        except BaseException as e:  # reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "threads still running: deadlock?"
+    assert not errors, errors[0]
+
+
+def test_ops_release_the_gil(restore_threads):
+    """While one thread is inside a long mpgemm, the main thread keeps executing Python:
+    the longest pause it sees is far shorter than the native call. (The scalar reference
+    path on one thread gives a call long enough to see, whatever the fast kernels do.)"""
+    soniq.set_num_threads(1)
+    rng = np.random.default_rng(1)
+    K = 4096
+    a = ops.pack(rng.integers(0, 256, size=(64, K)), 8, signed=False)
+    with soniq.use_isa("scalar"):
+        M = 128
+        while True:  # grow until one call takes >= 0.2 s
+            b = ops.pack(rng.integers(0, 256, size=(M, K)), 8, signed=False)
+            ops.mpgemm(a, b)  # warm
+            t0 = time.perf_counter()
+            ops.mpgemm(a, b)
+            call = time.perf_counter() - t0
+            if call >= 0.2 or M >= 4096:
+                break
+            M *= 2
+        if call < 0.1:
+            pytest.skip(f"the kernel is too fast to show a GIL pause ({call:.3f} s at M={M})")
+
+        started = threading.Event()
+
+        def long_call():
+            started.set()
+            for _ in range(2):
+                ops.mpgemm(a, b)
+
+        t = threading.Thread(target=long_call)
+        t.start()
+        started.wait()
+        last, worst, ticks = time.perf_counter(), 0.0, 0
+        while t.is_alive():
+            now = time.perf_counter()
+            worst, last, ticks = max(worst, now - last), now, ticks + 1
+        t.join()
+    assert ticks > 1000
+    assert worst < call / 2, f"main thread stalled {worst:.3f} s during a {call:.3f} s call"
+
+
+def test_set_num_threads_changes_nothing(restore_threads):
+    inp = _inputs(5, M=70, N=300, K=333)
+    soniq.set_num_threads(1)
+    want = _work(*inp)
+    for n in (2, 3, 4, 8, 1, 16):
+        soniq.set_num_threads(n)
+        assert soniq.get_num_threads() == n
+        _assert_same(_work(*inp), want)
+
+
+def test_resizing_between_calls_stays_exact(restore_threads):
+    """Regression: workers made by a resize must not take the previous job for a new one."""
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 4, size=(64, 200))
+    b = rng.integers(0, 4, size=(256, 200))
+    pa, pb = ops.pack(a, 2, signed=False), ops.pack(b, 2, signed=False)
+    want = a @ b.T
+    for it in range(150):
+        soniq.set_num_threads(2 + it % 3)
+        np.testing.assert_array_equal(ops.mpgemm(pa, pb), want)
+
+
+def test_set_num_threads_rejects_bad_values():
+    for bad in (0, -1, 1.5, True, "2", None):
+        with pytest.raises((ValueError, TypeError)):
+            soniq.set_num_threads(bad)
+
+
+# ---- fork -------------------------------------------------------------------------------
+def _child_compute(q, x, abits, w, wbits):
+    # as a DataLoader worker does: torch's OpenMP pool is not fork-safe if another parent
+    # thread was inside a torch parallel region at the fork (soniq's own pool is)
+    torch.set_num_threads(1)
+    try:
+        q.put(("ok", _work(x, abits, w, wbits)))
+    except BaseException as e:  # pragma: no cover - reported by the parent
+        q.put(("error", repr(e)))
+
+
+def test_fork_while_pool_busy_does_not_deadlock(restore_threads):
+    soniq.set_num_threads(2)
+    inp = _inputs(7, M=64, N=256, K=300)
+    want = _work(*inp)  # the parent's pool now has workers
+    rng = np.random.default_rng(8)
+    big = ops.pack(rng.integers(0, 16, size=(256, 2048)), 4, signed=False)
+    stop = threading.Event()
+
+    def busy():  # keeps soniq's pool (and its locks) busy while we fork
+        while not stop.is_set():
+            ops.mpgemm(big, big)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        ctx = mp.get_context("fork")
+        for _ in range(3):
+            time.sleep(0.05)
+            q = ctx.Queue()
+            p = ctx.Process(target=_child_compute, args=(q,) + inp)
+            p.start()
+            try:
+                status, got = q.get(timeout=120)
+            finally:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.kill()
+            assert status == "ok", got
+            _assert_same(got, want)
+            assert p.exitcode == 0
+    finally:
+        stop.set()
+        t.join()
+
+
+class _SoniqDataset(torch.utils.data.Dataset):
+    def __init__(self, inp):
+        self.inp = inp
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.from_numpy(_work(*self.inp)["int"])
+
+
+def test_dataloader_fork_workers_use_soniq():
+    inp = _inputs(9)
+    want = torch.from_numpy(_work(*inp)["int"])  # parent uses soniq before the fork
+    loader = torch.utils.data.DataLoader(_SoniqDataset(inp), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", timeout=120)
+    got = list(loader)
+    assert len(got) == 4
+    for g in got:
+        assert torch.equal(g, want)
