@@ -3,6 +3,7 @@
 #   bash bench/gpu_run.sh build test       # ~5 min: pip install, info, tests/test_cuda.py
 #   bash bench/gpu_run.sh sanitize bench   # ~5 min: compute-sanitizer sweep, benchmark
 #   bash bench/gpu_run.sh                  # all four (needs more than one 10-minute call)
+#   bash bench/gpu_run.sh test_all         # the whole test suite on the GPU machine
 # Writes logs and results to $OUT (the device tool's output folder) or, without it, to
 # bench/results/gpu_run/; summary.txt says what passed, with each log's tail. Stages
 # other than build install first if soniq is not importable. Non-zero exit if any failed.
@@ -43,8 +44,11 @@ for s in $STAGES; do
     test)
       stage check_cuda_build 60 "${CHECK_CUDA[@]}"  # all CUDA tests would skip otherwise
       stage info 60 $PY -c "import soniq, json; print(json.dumps(soniq.info(verbose=False), indent=1, default=str))"
-      stage test_cuda 240 $PY -m pytest -q -ra --maxfail=40 -p no:cacheprovider tests/test_cuda.py \
-        --junitxml="$OUT/test_cuda.xml" ;;
+      # the CUDA kernels, plus the other test files with CUDA cases (quantizer, determinism)
+      stage test_cuda 270 $PY -m pytest -q -ra --maxfail=40 -p no:cacheprovider tests/test_cuda.py \
+        tests/test_quantize.py tests/test_determinism.py --junitxml="$OUT/test_cuda.xml" ;;
+    test_all)
+      stage test_all 500 $PY -m pytest -q -ra -p no:cacheprovider tests/ --junitxml="$OUT/test_all.xml" ;;
     sanitize)
       CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2> /dev/null | head -1)
       if [ -n "$CS" ]; then
