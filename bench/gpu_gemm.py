@@ -223,10 +223,10 @@ def main():
             "host": platform.node(), "capability": list(torch.cuda.get_device_capability())}
     results = []
     # (w bits, a bits, w signed, a signed, kernels to time); 'auto' is what users get
-    gemv_cfgs = [(2, 8, True, True, ["auto"]), (4, 8, True, True, ["auto"]), (1, 1, True, True, ["auto"]),
-                 (4, 4, True, True, ["auto", "mma"])]
-    gemm_cfgs = [(8, 8, True, True, ["auto"]), (4, 4, True, True, ["auto"]), (2, 2, True, True, ["auto", "popc"]),
-                 (1, 1, True, True, ["auto", "mma"])]
+    gemv_cfgs = [(2, 8, True, True, ["auto", "gemv", "mma"]), (4, 8, True, True, ["auto", "gemv", "mma"]),
+                 (1, 1, True, True, ["auto", "bmma"]), (4, 4, True, True, ["auto", "mma"])]
+    gemm_cfgs = [(8, 8, True, True, ["auto"]), (4, 4, True, True, ["auto", "bmma"]),
+                 (2, 2, True, True, ["auto", "popc", "bmma"]), (1, 1, True, True, ["auto", "mma", "bmma"])]
     for M, N, K, cfgs in [(1, S, S, gemv_cfgs), (16, S, S, gemv_cfgs), (S, S, S, gemm_cfgs)]:
         r = bench_shape(M, N, K, cfgs, peaks, results, verify=not args.no_verify)
         for c in r["candidates"]:

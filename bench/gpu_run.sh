@@ -3,6 +3,7 @@
 #   bash bench/gpu_run.sh build test       # ~5 min: pip install, info, tests/test_cuda.py
 #   bash bench/gpu_run.sh sanitize bench   # ~5 min: compute-sanitizer sweep, benchmark
 #   bash bench/gpu_run.sh                  # all four (needs more than one 10-minute call)
+#   bash bench/gpu_run.sh test_all         # the whole test suite on the GPU machine
 # Writes logs and results to $OUT (the device tool's output folder) or, without it, to
 # bench/results/gpu_run/; summary.txt says what passed, with each log's tail. Stages
 # other than build install first if soniq is not importable. Non-zero exit if any failed.
@@ -25,7 +26,12 @@ stage() {  # stage NAME LIMIT_S CMD...
 
 say "soniq GPU run $(date -u +%FT%TZ), stages: $STAGES"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+# CMake finds nvcc on PATH or through CUDACXX; fall back to the usual install place
+if ! command -v nvcc > /dev/null && [ -z "${CUDACXX:-}" ]; then
+  for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc; do [ -x "$c" ] && export CUDACXX=$c && break; done
+fi
 BUILD=(env SONIQ_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -v .)
+CHECK_CUDA=("$PY" -c "import soniq._C as C, sys; print('built_with_cuda', C.built_with_cuda, 'archs', C.cuda_archs(), 'devices', C.cuda_device_count(), C.cuda_error()); sys.exit(0 if C.built_with_cuda and C.cuda_device_count() else 1)")
 for s in $STAGES; do
   if [ "$s" != build ] && ! (cd /tmp && $PY -c "import soniq._C" 2> /dev/null); then
     stage build 300 "${BUILD[@]}"
@@ -33,15 +39,23 @@ for s in $STAGES; do
   case $s in
     build)
       # --no-deps: the machine has torch/numpy and no network; build dir is reused
-      stage build 300 "${BUILD[@]}" ;;
+      stage build 300 "${BUILD[@]}"
+      stage check_cuda_build 60 "${CHECK_CUDA[@]}" ;;
     test)
+      stage check_cuda_build 60 "${CHECK_CUDA[@]}"  # all CUDA tests would skip otherwise
       stage info 60 $PY -c "import soniq, json; print(json.dumps(soniq.info(verbose=False), indent=1, default=str))"
-      stage test_cuda 240 $PY -m pytest -q -ra --maxfail=40 -p no:cacheprovider tests/test_cuda.py \
-        --junitxml="$OUT/test_cuda.xml" ;;
+      # the CUDA kernels, plus the other test files with CUDA cases (quantizer, determinism)
+      stage test_cuda 270 $PY -m pytest -q -ra --maxfail=40 -p no:cacheprovider tests/test_cuda.py \
+        tests/test_quantize.py tests/test_determinism.py --junitxml="$OUT/test_cuda.xml" ;;
+    test_all)
+      stage test_all 500 $PY -m pytest -q -ra -p no:cacheprovider tests/ --junitxml="$OUT/test_all.xml" ;;
     sanitize)
-      if command -v compute-sanitizer > /dev/null; then
+      CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2> /dev/null | head -1)
+      if [ -n "$CS" ]; then
+        # only soniq's kernels are instrumented (torch's own run untouched) when supported
+        FILT=(); "$CS" --help 2>&1 | grep -q -- "--kernel-name" && FILT=(--kernel-name kns=soniq)
         for tool in memcheck racecheck synccheck; do
-          stage "sanitize_$tool" 110 compute-sanitizer --tool $tool --error-exitcode 1 \
+          stage "sanitize_$tool" 110 "$CS" --tool $tool "${FILT[@]}" --error-exitcode 1 \
             $PY bench/cuda_sanitize_sweep.py
         done
       else

@@ -16,7 +16,7 @@ namespace py = pybind11;
 void soniq::bindings::register_cuda(py::module_& m) {
 #ifdef SONIQ_WITH_CUDA
   m.def("cuda_set_kernel", &soniq::cuda::set_kernel, py::arg("name"),
-        "Force the CUDA mpgemm kernel: 'auto', 'ref', 'popc', 'gemv' or 'mma' (process-wide).");
+        "Force the CUDA mpgemm kernel: 'auto', 'ref', 'popc', 'gemv', 'mma' or 'bmma' (process-wide).");
   m.def("cuda_get_kernel", &soniq::cuda::get_kernel);
 #else
   m.def("cuda_set_kernel", [](const std::string&) {

@@ -19,7 +19,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
             const Scales& scales, OutKind kind, void* out, void* stream);
 
 // Kernel choice for mpgemm: "auto" (by shape and bits), or force "ref", "popc", "gemv"
-// (a.rows per group <= 16) or "mma" -- for tests and benchmarks. Process-wide.
+// (a.rows per group <= 16), "mma" (INT8 tensor cores) or "bmma" (binary tensor cores)
+// -- for tests and benchmarks. Process-wide.
 void set_kernel(const std::string& name);
 std::string get_kernel();
 

@@ -62,6 +62,7 @@ void launch_ref(const GemmParams& P, cudaStream_t st);
 void launch_popc(GemmParams& P, cudaStream_t st);   // tiled bit-serial GEMM
 void launch_gemv(GemmParams& P, cudaStream_t st);   // weight streaming, a.rows <= 16
 void launch_mma(GemmParams& P, cudaStream_t st);    // INT8 tensor cores (mma.sync u8.u8)
+void launch_bmma(GemmParams& P, cudaStream_t st);   // binary tensor cores (mma.sync b1 and.popc)
 constexpr int kGemvMaxRows = 16;
 
 struct Tile {

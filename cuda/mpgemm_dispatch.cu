@@ -129,7 +129,7 @@ std::string& last_query_error() {
 }
 
 std::atomic<int> forced_kernel{0};  // index into kKernelNames
-const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma"};
+const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma", "bmma"};
 
 }  // namespace
 
@@ -152,7 +152,7 @@ void set_kernel(const std::string& name) {
       forced_kernel = k;
       return;
     }
-  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma; got '" + name + "'");
+  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma, bmma; got '" + name + "'");
 }
 
 std::string get_kernel() { return kKernelNames[forced_kernel.load()]; }
@@ -166,10 +166,13 @@ std::string choose_kernel(const detail::GemmParams& P) {
       throw std::invalid_argument("kernel 'gemv' needs every row group of a to have at most 16 rows");
     return kKernelNames[forced];
   }
-  // First guesses, to be settled by bench/gpu_gemm.py: small M streams the weights
-  // (memory bound, where low bits pay); 1-bit x 1..2-bit stays on the popcount units;
-  // everything else expands codes to INT8 for the tensor cores.
-  if (P.a.max_group_rows <= detail::kGemvMaxRows) return "gemv";
+  // First guesses, to be settled by bench/gpu_gemm.py. Small M streams the weights
+  // (memory bound, where low bits pay) while the popcount work per weight word, rows x
+  // a bits x b bits, stays small (M=1 W4A8: 32; M=16 W2A8: 256 goes to the tensor cores);
+  // 1-bit x 1..2-bit stays on the popcount units; the rest expands codes to INT8.
+  int mb = 1;
+  while (mb < P.a.max_group_rows) mb *= 2;
+  if (P.a.max_group_rows <= detail::kGemvMaxRows && mb * P.a.max_bits * P.b.max_bits <= 64) return "gemv";
   if (P.a.max_bits * P.b.max_bits <= 2) return "popc";
   return "mma";
 }
@@ -184,6 +187,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   if (k == "ref") detail::launch_ref(P, st);
   else if (k == "popc") detail::launch_popc(P, st);
   else if (k == "gemv") detail::launch_gemv(P, st);
+  else if (k == "bmma") detail::launch_bmma(P, st);
   else detail::launch_mma(P, st);
 }
 

@@ -16,8 +16,7 @@
 namespace soniq::cuda::detail {
 namespace {
 
-constexpr int kTile = 64;       // rows of a and b per block tile
-constexpr int kThreads = 128;   // 4 warps, 2 x 2, each 32 x 32 outputs
+constexpr int kThreads = 128;   // 4 warps
 constexpr int kK = 128;         // K per chunk: 2 words per plane and row
 constexpr int kRowBytes = kK + 16;  // padded: fragment reads of 8 rows x 4 lanes hit 32 banks
 constexpr int kFlushChunks = 128;   // 128 chunks * 128 K = 16384 K
@@ -60,43 +59,81 @@ __device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t 
   for (int v = 0; v < 4; ++v) d[v] = make_uint4(out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
 }
 
-template <bool kFloat>
-__global__ void __launch_bounds__(kThreads) mma_gemm_kernel(const __grid_constant__ GemmParams P) {
-  __shared__ __align__(16) unsigned char sA[2][kTile * kRowBytes];
-  __shared__ __align__(16) unsigned char sB[2][kTile * kRowBytes];
+// The plane words one thread expands for a tile operand of ROWS rows: units
+// u = tid + k * kThreads, each one (row u / 2, word u % 2) of the 2-word chunk.
+template <int ROWS>
+struct Expander {
+  static constexpr int kUnits = (ROWS * 2 + kThreads - 1) / kThreads;
+  uint64_t x[kUnits][8];
+  const uint64_t* g[kUnits];
+  bool unit_ok[kUnits], row_ok[kUnits];
+  int half[kUnits], soff[kUnits];
+
+  __device__ __forceinline__ void init(const uint64_t* block, long long kw, int r0, int rows, int tid) {
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k) {
+      const int u = tid + k * kThreads, r = u / 2;
+      unit_ok[k] = u < ROWS * 2;
+      row_ok[k] = unit_ok[k] && r0 + r < rows;
+      half[k] = u % 2;
+      g[k] = block + (long long)(r0 + (row_ok[k] ? r : 0)) * kw + half[k];
+      soff[k] = (unit_ok[k] ? r : 0) * kRowBytes + half[k] * 64;
+    }
+  }
+  __device__ __forceinline__ void load(int c, long long kw, long long stride, int planes) {
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k)
+      load_planes(x[k], g[k] + 2LL * c, stride, planes, row_ok[k] && 2LL * c + half[k] < kw);
+  }
+  __device__ __forceinline__ void store(unsigned char* stage) const {
+#pragma unroll
+    for (int k = 0; k < kUnits; ++k)
+      if (unit_ok[k]) expand_store(stage + soff[k], x[k]);
+  }
+};
+
+// TM = 64: 64 x 64 tile, warps 2 x 2 of 32 x 32. TM = 16 (small M): 16 x 128 tile,
+// warps 1 x 4 of 16 x 32, so a GEMV-sized a wastes no tensor-core rows beyond 16.
+template <int TM, bool kFloat>
+__global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_constant__ GemmParams P) {
+  constexpr int TN = TM == 16 ? 128 : 64;
+  constexpr int WARPS_N = TN / 32, WM = TM / (4 / WARPS_N), MI = WM / 16, NJ = 4;
+  static_assert(MI >= 1 && (4 / WARPS_N) * WM == TM, "tile shape");
+  __shared__ __align__(16) unsigned char sA[2][TM * kRowBytes];
+  __shared__ __align__(16) unsigned char sB[2][TN * kRowBytes];
   const Tile T = locate_tile(P, blockIdx.x);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int g = lane / 4, t = lane % 4;            // mma fragment coordinates
-  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // warp's output sub-tile
-  const int lr = tid / 2, lh = tid % 2;           // row and word this thread expands
+  const int g = lane / 4, t = lane % 4;                                 // mma fragment coordinates
+  const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * 32;    // warp's output sub-tile
   const int rows_a = P.a.row_count[T.ga], rows_b = P.b.row_count[T.gb];
 
-  Total<kFloat> total[2][4][4];
+  Total<kFloat> total[MI][NJ][4];
   for (int s = 0; s < P.nsegs; ++s) {
     const int pa = P.a.bits[T.ga][s], pb = P.b.bits[T.gb][s];
     const long long kw = P.kw[s];
     const long long stride_a = rows_a * kw, stride_b = rows_b * kw;
-    const bool row_a = T.m0 + lr < rows_a, row_b = T.n0 + lr < rows_b;
-    const uint64_t* gA = P.a.data + P.a.offset[T.ga][s] + (long long)(T.m0 + (row_a ? lr : 0)) * kw + lh;
-    const uint64_t* gB = P.b.data + P.b.offset[T.gb][s] + (long long)(T.n0 + (row_b ? lr : 0)) * kw + lh;
+    Expander<TM> ea;
+    Expander<TN> eb;
+    ea.init(P.a.data + P.a.offset[T.ga][s], kw, T.m0, rows_a, tid);
+    eb.init(P.b.data + P.b.offset[T.gb][s], kw, T.n0, rows_b, tid);
     const int nchunks = int((kw + 1) / 2);
     long long aa, oa, ab, ob;
     code_affine(pa, P.a.is_signed, aa, oa);
     code_affine(pb, P.b.is_signed, ab, ob);
 
-    int acc[2][4][4];
-    long long dot[2][4][4];  // only the float path keeps the raw dot (one rounding per segment)
+    int acc[MI][NJ][4];
+    long long dot[MI][NJ][4];  // only the float path keeps the raw dot (one rounding per segment)
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < NJ; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][j][e] = 0, dot[i][j][e] = 0;
     auto flush = [&]() {
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < MI; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < NJ; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             if constexpr (kFloat) dot[i][j][e] += acc[i][j][e];
@@ -105,28 +142,26 @@ __global__ void __launch_bounds__(kThreads) mma_gemm_kernel(const __grid_constan
           }
     };
 
-    uint64_t xa[8], xb[8];
-    load_planes(xa, gA, stride_a, pa, row_a && lh < kw);
-    load_planes(xb, gB, stride_b, pb, row_b && lh < kw);
-    expand_store(&sA[0][lr * kRowBytes + lh * 64], xa);
-    expand_store(&sB[0][lr * kRowBytes + lh * 64], xb);
+    ea.load(0, kw, stride_a, pa);
+    eb.load(0, kw, stride_b, pb);
+    ea.store(sA[0]);
+    eb.store(sB[0]);
     __syncthreads();
     for (int c = 0; c < nchunks; ++c) {
       const int cur = c & 1;
       const bool more = c + 1 < nchunks;
       if (more) {  // next chunk's words in flight during this chunk's mma
-        const long long w = 2LL * (c + 1) + lh;
-        load_planes(xa, gA + 2LL * (c + 1), stride_a, pa, row_a && w < kw);
-        load_planes(xb, gB + 2LL * (c + 1), stride_b, pb, row_b && w < kw);
+        ea.load(c + 1, kw, stride_a, pa);
+        eb.load(c + 1, kw, stride_b, pb);
       }
       const unsigned char* A = sA[cur];
       const unsigned char* B = sB[cur];
 #pragma unroll
       for (int ks = 0; ks < kK / 32; ++ks) {
         const int k0 = ks * 32 + t * 4;
-        unsigned af[2][4], bf[4][2];
+        unsigned af[MI][4], bf[NJ][2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < MI; ++i) {
           const unsigned char* r0 = A + (wm + 16 * i + g) * kRowBytes + k0;
           const unsigned char* r8 = r0 + 8 * kRowBytes;
           af[i][0] = *reinterpret_cast<const unsigned*>(r0);
@@ -135,19 +170,19 @@ __global__ void __launch_bounds__(kThreads) mma_gemm_kernel(const __grid_constan
           af[i][3] = *reinterpret_cast<const unsigned*>(r8 + 16);
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < NJ; ++j) {
           const unsigned char* r = B + (wn + 8 * j + g) * kRowBytes + k0;
           bf[j][0] = *reinterpret_cast<const unsigned*>(r);
           bf[j][1] = *reinterpret_cast<const unsigned*>(r + 16);
         }
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < MI; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) mma_u8(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j][0], bf[j][1]);
+          for (int j = 0; j < NJ; ++j) mma_u8(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j][0], bf[j][1]);
       }
       if (more) {
-        expand_store(&sA[cur ^ 1][lr * kRowBytes + lh * 64], xa);
-        expand_store(&sB[cur ^ 1][lr * kRowBytes + lh * 64], xb);
+        ea.store(sA[cur ^ 1]);
+        eb.store(sB[cur ^ 1]);
       }
       if ((c + 1) % kFlushChunks == 0) flush();
       __syncthreads();  // the other stage is complete; this one is free for the next chunk
@@ -155,9 +190,9 @@ __global__ void __launch_bounds__(kThreads) mma_gemm_kernel(const __grid_constan
     flush();
 
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < NJ; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int mi = T.m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0);
@@ -170,9 +205,9 @@ __global__ void __launch_bounds__(kThreads) mma_gemm_kernel(const __grid_constan
         }
   }
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < MI; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < NJ; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int mi = T.m0 + wm + 16 * i + g + (e >= 2 ? 8 : 0);
@@ -182,14 +217,20 @@ __global__ void __launch_bounds__(kThreads) mma_gemm_kernel(const __grid_constan
       }
 }
 
+template <int TM>
+void launch_mma_tm(GemmParams& P, cudaStream_t st) {
+  const long long tiles = schedule_tiles(P, TM, TM == 16 ? 128 : 64);
+  const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
+  if (P.kind == int(OutKind::Float32)) mma_gemm_kernel<TM, true><<<grid, block, 0, st>>>(P);
+  else mma_gemm_kernel<TM, false><<<grid, block, 0, st>>>(P);
+  check_cuda(cudaGetLastError(), "soniq mma_gemm kernel launch");
+}
+
 }  // namespace
 
 void launch_mma(GemmParams& P, cudaStream_t st) {
-  const long long tiles = schedule_tiles(P, kTile, kTile);
-  const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
-  if (P.kind == int(OutKind::Float32)) mma_gemm_kernel<true><<<grid, block, 0, st>>>(P);
-  else mma_gemm_kernel<false><<<grid, block, 0, st>>>(P);
-  check_cuda(cudaGetLastError(), "soniq mma_gemm kernel launch");
+  if (P.a.max_group_rows <= 16) launch_mma_tm<16>(P, st);
+  else launch_mma_tm<64>(P, st);
 }
 
 }  // namespace soniq::cuda::detail

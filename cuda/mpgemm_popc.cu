@@ -9,60 +9,16 @@
 // Exactness first; tile sizes are first guesses to be tuned with bench/gpu_gemm.py.
 #include <stdexcept>
 
-#include "mpgemm_common.cuh"
+#include "plane_stage.cuh"
 
 namespace soniq::cuda::detail {
 namespace {
 
-// ---- cp.async helpers (sm_80+) ----------------------------------------------------------
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ bool aligned16(const uint64_t* p, long long kw) {
-  return ((reinterpret_cast<uintptr_t>(p) & 15) == 0) && (kw % 2 == 0);
-}
-
 // ---- tiled GEMM ----------------------------------------------------------------------------
-constexpr int kTile = 64;     // rows of a and of b per block tile
-constexpr int kChunk = 4;     // uint64 words of K per plane and row per pipeline stage (256 K)
+constexpr int kTile = kStageRows;
+constexpr int kChunk = kStageWords;
 constexpr int kThreads = 256;
 constexpr int kStages = 3;
-
-// Word w of row r in a staged plane: 16-byte halves swapped on rows with bit 2 set, so
-// the 16-byte reads of 8 consecutive rows (one quarter warp) hit 8 distinct bank groups.
-__device__ __forceinline__ int swz(int r, int w) { return w ^ (((r >> 2) & 1) << 1); }
-
-// Stages words [c*kChunk, c*kChunk + kChunk) of rows [r0, r0 + kTile) of `planes` planes.
-__device__ __forceinline__ void stage_planes(uint64_t* dst, const uint64_t* g, long long plane_stride, int rows,
-                                             int r0, long long kw, int c, int planes, bool al16, int tid) {
-  const int units = planes * kTile * 2;  // 16-byte units: two per row
-  for (int u = tid; u < units; u += kThreads) {
-    const int p = u / (kTile * 2), rem = u % (kTile * 2), r = rem >> 1, h = rem & 1;
-    const long long w = (long long)c * kChunk + 2 * h;
-    const bool row_ok = r0 + r < rows;
-    const uint64_t* src = g + p * plane_stride + (long long)(r0 + r) * kw + w;
-    uint64_t* d = dst + (p * kTile + r) * kChunk + swz(r, 2 * h);
-    if (al16) {
-      const bool ok = row_ok && w < kw;  // kw even: w < kw implies w + 1 < kw
-      cp_async16(d, ok ? src : g, ok ? 16 : 0);
-    } else {
-      const bool ok0 = row_ok && w < kw, ok1 = row_ok && w + 1 < kw;
-      cp_async8(d, ok0 ? src : g, ok0 ? 8 : 0);
-      cp_async8(d + 1, ok1 ? src + 1 : g, ok1 ? 8 : 0);
-    }
-  }
-}
 
 template <bool kFloat>
 __global__ void __launch_bounds__(kThreads) popc_gemm_kernel(const __grid_constant__ GemmParams P) {
@@ -85,8 +41,8 @@ __global__ void __launch_bounds__(kThreads) popc_gemm_kernel(const __grid_consta
     const int nchunks = int((kw + kChunk - 1) / kChunk);
     auto issue = [&](int c) {
       const int st = c % kStages;
-      stage_planes(sA + st * stage_a, gA, stride_a, rows_a, T.m0, kw, c, pa, al_a, tid);
-      stage_planes(sB + st * stage_b, gB, stride_b, rows_b, T.n0, kw, c, pb, al_b, tid);
+      stage_planes<kThreads>(sA + st * stage_a, gA, stride_a, rows_a, T.m0, kw, c, pa, al_a, tid);
+      stage_planes<kThreads>(sB + st * stage_b, gB, stride_b, rows_b, T.n0, kw, c, pb, al_b, tid);
     };
 
     long long dot[4][4];
@@ -167,6 +123,7 @@ __global__ void __launch_bounds__(kThreads) popc_gemm_kernel(const __grid_consta
 // ---- GEMV / small M --------------------------------------------------------------------------
 constexpr int kGemvThreads = 256;  // 8 warps
 constexpr int kGemvChunk = 64;     // words of K per chunk: 2 per lane
+constexpr int kGemvPlanes = 4;     // weight planes loaded at once (all of them for <= 4 bits)
 
 __device__ __forceinline__ long long warp_sum(long long v) {
 #pragma unroll
@@ -176,7 +133,7 @@ __device__ __forceinline__ long long warp_sum(long long v) {
 
 // MB: rows of a handled (>= every row group of a); RW: rows of b per warp.
 template <int MB, int RW, bool kFloat>
-__global__ void __launch_bounds__(kGemvThreads, 1) gemv_kernel(const __grid_constant__ GemmParams P) {
+__global__ void __launch_bounds__(kGemvThreads, MB <= 2 ? 2 : 1) gemv_kernel(const __grid_constant__ GemmParams P) {
   extern __shared__ __align__(16) uint64_t smem[];  // a chunk: [pa][MB][kGemvChunk] words
   const Tile T = locate_tile(P, blockIdx.x);        // tile_m = MB so T.m0 == 0
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -202,35 +159,48 @@ __global__ void __launch_bounds__(kGemvThreads, 1) gemv_kernel(const __grid_cons
       for (int m = 0; m < MB; ++m) acc[r][m] = 0;
 
     for (long long c0 = 0; c0 < kw; c0 += kGemvChunk) {
+      const long long w = c0 + 2 * lane;
+      // Weight words of up to kGemvPlanes planes x RW rows, all in flight at once; the
+      // first batch is issued before the activation chunk is staged, hiding that too.
+      ulonglong2 bv[kGemvPlanes][RW];
+      auto load_b = [&](int q0) {
+#pragma unroll
+        for (int qq = 0; qq < kGemvPlanes; ++qq)
+#pragma unroll
+          for (int r = 0; r < RW; ++r) {
+            const int q = q0 + qq;
+            const bool ok = q < pb && nb0 + r < rows_b;
+            const uint64_t* src = gB + (long long)(ok ? q : 0) * stride_b + (long long)(nb0 + r) * kw + w;
+            if (al_b) {
+              bv[qq][r] = (ok && w < kw) ? __ldg(reinterpret_cast<const ulonglong2*>(src)) : make_ulonglong2(0, 0);
+            } else {
+              bv[qq][r].x = (ok && w < kw) ? __ldg(src) : 0ull;
+              bv[qq][r].y = (ok && w + 1 < kw) ? __ldg(src + 1) : 0ull;
+            }
+          }
+      };
+      load_b(0);
       __syncthreads();  // previous chunk fully read
       const int units = pa * MB * kGemvChunk;
       for (int u = threadIdx.x; u < units; u += kGemvThreads) {
-        const int p = u / (MB * kGemvChunk), m = (u / kGemvChunk) % MB, w = u % kGemvChunk;
-        smem[u] = (m < rows_a && c0 + w < kw) ? __ldg(gA + p * stride_a + m * kw + c0 + w) : 0ull;
+        const int p = u / (MB * kGemvChunk), m = (u / kGemvChunk) % MB, wu = u % kGemvChunk;
+        smem[u] = (m < rows_a && c0 + wu < kw) ? __ldg(gA + p * stride_a + m * kw + c0 + wu) : 0ull;
       }
       __syncthreads();
-      const long long w = c0 + 2 * lane;
-      for (int q = 0; q < pb; ++q) {
-        ulonglong2 bv[RW];
-#pragma unroll
-        for (int r = 0; r < RW; ++r) {  // RW independent 16-byte loads in flight
-          const bool row_ok = nb0 + r < rows_b;
-          const uint64_t* src = gB + q * stride_b + (long long)(nb0 + r) * kw + w;
-          if (al_b) {
-            bv[r] = (row_ok && w < kw) ? __ldg(reinterpret_cast<const ulonglong2*>(src)) : make_ulonglong2(0, 0);
-          } else {
-            bv[r].x = (row_ok && w < kw) ? __ldg(src) : 0ull;
-            bv[r].y = (row_ok && w + 1 < kw) ? __ldg(src + 1) : 0ull;
-          }
-        }
+      for (int q0 = 0; q0 < pb; q0 += kGemvPlanes) {
+        if (q0 > 0) load_b(q0);
         for (int p = 0; p < pa; ++p) {
-          const int sh = p + q;
 #pragma unroll
           for (int m = 0; m < MB; ++m) {
             const ulonglong2 av = *reinterpret_cast<const ulonglong2*>(smem + (p * MB + m) * kGemvChunk + 2 * lane);
 #pragma unroll
-            for (int r = 0; r < RW; ++r)
-              acc[r][m] += (long long)((popc64(av.x & bv[r].x) + popc64(av.y & bv[r].y)) << sh);
+            for (int qq = 0; qq < kGemvPlanes; ++qq) {
+              // planes past pb were loaded as zeros: they add nothing
+              const int sh = p + q0 + qq;
+#pragma unroll
+              for (int r = 0; r < RW; ++r)
+                acc[r][m] += (long long)((popc64(av.x & bv[qq][r].x) + popc64(av.y & bv[qq][r].y)) << sh);
+            }
           }
         }
       }
@@ -282,8 +252,8 @@ void launch_popc(GemmParams& P, cudaStream_t st) {
 
 void launch_gemv(GemmParams& P, cudaStream_t st) {
   const int m = P.a.max_group_rows;
-  if (m <= 1) launch_gemv_mb<1, 4>(P, st);
-  else if (m <= 2) launch_gemv_mb<2, 4>(P, st);
+  if (m <= 1) launch_gemv_mb<1, 2>(P, st);
+  else if (m <= 2) launch_gemv_mb<2, 2>(P, st);
   else if (m <= 4) launch_gemv_mb<4, 2>(P, st);
   else if (m <= 8) launch_gemv_mb<8, 2>(P, st);
   else if (m <= kGemvMaxRows) launch_gemv_mb<16, 2>(P, st);

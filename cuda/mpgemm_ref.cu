@@ -1,6 +1,8 @@
 // Reference CUDA mixed-precision GEMM: one thread per output element, bit-serial with
 // __popcll over the same packed layout as the CPU. Simple and exact; the fast
 // vector-unit and tensor-core kernels are checked against it (and all against the CPU).
+#include <stdexcept>
+
 #include "mpgemm_common.cuh"
 
 namespace soniq::cuda::detail {
@@ -38,6 +40,7 @@ __global__ void mpgemm_ref_kernel(const __grid_constant__ GemmParams P) {
 void launch_ref(const GemmParams& P, cudaStream_t st) {
   dim3 block(32, 8);
   dim3 grid(unsigned((P.b.rows + 31) / 32), unsigned((P.a.rows + 7) / 8));
+  if (grid.y > 65535) throw std::invalid_argument("reference kernel: a has more than 524280 rows");
   if (P.kind == int(OutKind::Float32)) mpgemm_ref_kernel<true><<<grid, block, 0, st>>>(P);
   else mpgemm_ref_kernel<false><<<grid, block, 0, st>>>(P);
   check_cuda(cudaGetLastError(), "mpgemm_ref_kernel launch");

@@ -1,5 +1,5 @@
 """CUDA mpgemm kernels are exactly the CPU mpgemm (and a_int @ b_int.T): every kernel
-(reference, popcount GEMM, GEMV, tensor-core INT8) forced in turn, every bit pair, odd
+(reference, popcount GEMM, GEMV, INT8 and binary tensor cores) forced in turn, every bit pair, odd
 shapes, two-tier operands on both axes, scales, non-default streams and graph capture."""
 import numpy as np
 import pytest
@@ -10,10 +10,10 @@ from soniq import ops
 from soniq._native import _C
 
 HAVE_GPU = bool(_C.built_with_cuda) and torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(
+needs_gpu = pytest.mark.skipif(
     not HAVE_GPU, reason="no CUDA device" if _C.built_with_cuda else "soniq built without CUDA")
 
-KERNELS = ["ref", "popc", "gemv", "mma", "auto"]
+KERNELS = ["ref", "popc", "gemv", "mma", "bmma", "auto"]
 
 
 def values(rng, shape, bits, signed, axis=0):
@@ -62,16 +62,19 @@ def small_m(kernel, M):
     return min(M, 16) if kernel == "gemv" else M
 
 
+@needs_gpu
 @pytest.mark.parametrize("wa", range(1, 9))
 @pytest.mark.parametrize("signed_a,signed_b", [(False, True), (True, True), (False, False)])
 def test_every_bit_pair(kernel, wa, signed_a, signed_b):
     rng = np.random.default_rng(wa)
-    M, N, K = small_m(kernel, 67), 70, 131
+    # even wa: M = 13 also covers the small-M tile shape of the tensor-core kernels
+    M, N, K = small_m(kernel, 13 if wa % 2 == 0 else 67), 70, 131
     for wb in range(1, 9):
         a, b = values(rng, (M, K), wa, signed_a), values(rng, (N, K), wb, signed_b)
         check(kernel, ops.pack(a, wa, signed=signed_a), ops.pack(b, wb, signed=signed_b), exact=a @ b.T)
 
 
+@needs_gpu
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 9, 63), (3, 1, 64), (2, 3, 65), (1, 130, 200), (16, 65, 129),
                                    (17, 64, 1000), (65, 129, 257), (128, 64, 513)])
 def test_odd_shapes(kernel, M, N, K):
@@ -83,6 +86,7 @@ def test_odd_shapes(kernel, M, N, K):
         check(kernel, ops.pack(a, wa, signed=False), ops.pack(b, wb, signed=True), exact=a @ b.T)
 
 
+@needs_gpu
 @pytest.mark.parametrize("axes", [(0, 0), (1, 0), (0, 1), (1, 1)])
 @pytest.mark.parametrize("seed", range(3))
 def test_two_tier(kernel, axes, seed):
@@ -113,6 +117,7 @@ def test_two_tier(kernel, axes, seed):
     check(kernel, pa, pb, exact=a @ b.T)
 
 
+@needs_gpu
 def test_scales_bitwise(kernel):
     """float32 output with row scales on both operands and per-segment scales along K."""
     rng = np.random.default_rng(7)
@@ -127,6 +132,7 @@ def test_scales_bitwise(kernel):
     check(kernel, pa, pb)
 
 
+@needs_gpu
 def test_int64_long_k(kernel):
     """K past the int32 accumulator range of one mma run: the 64-bit flush path."""
     rng = np.random.default_rng(11)
@@ -136,6 +142,7 @@ def test_int64_long_k(kernel):
           out_dtype=torch.int64)
 
 
+@needs_gpu
 def test_non_default_stream(kernel):
     rng = np.random.default_rng(3)
     M, N, K = small_m(kernel, 70), 90, 333
@@ -144,6 +151,7 @@ def test_non_default_stream(kernel):
           stream=torch.cuda.Stream())
 
 
+@needs_gpu
 def test_cuda_graph_capture_and_replay(kernel):
     """mpgemm is capturable (no sync, no host allocation after the first call) and a
     replay recomputes from the current contents of the packed buffers."""
@@ -171,6 +179,7 @@ def test_cuda_graph_capture_and_replay(kernel):
     assert torch.equal(out.cpu().to(torch.int64), a2 @ b.T)
 
 
+@needs_gpu
 def test_pack_on_gpu_matches_cpu():
     rng = np.random.default_rng(9)
     a = values(rng, (5, 130), 3, True)
@@ -179,6 +188,7 @@ def test_pack_on_gpu_matches_cpu():
     assert torch.equal(ops.unpack(pg).cpu(), a)
 
 
+@needs_gpu
 def test_device_metadata_still_works():
     """The raw op accepts desc/ksegs on the device too (at the cost of a copy to the host)."""
     rng = np.random.default_rng(2)
@@ -189,6 +199,7 @@ def test_device_metadata_still_works():
     assert torch.equal(out.cpu(), a @ b.T)
 
 
+@needs_gpu
 def test_kernel_choice_errors():
     with pytest.raises(ValueError, match="kernel must be one of"):
         _C.cuda_set_kernel("fast")
@@ -200,3 +211,46 @@ def test_kernel_choice_errors():
             ops.mpgemm(ops.pack(a, 2, signed=False).cuda(), ops.pack(b, 2, signed=False).cuda())
     finally:
         _C.cuda_set_kernel("auto")
+
+
+@needs_gpu
+@pytest.mark.parametrize("scaled", [False, True])
+def test_opcheck_cuda(scaled):
+    """The op on CUDA tensors (desc/ksegs on the host) passes torch.library.opcheck."""
+    rng = np.random.default_rng(4)
+    bits_a = np.where(rng.random(100) < 0.5, 2, 8)
+    a, w = values(rng, (3, 100), bits_a, False, axis=1), values(rng, (5, 100), np.array([1, 4, 4, 1, 2]), True)
+    pa = ops.pack(a, bits_a, signed=False, axis=1, scale=np.where(bits_a == 2, 0.5, 0.25) if scaled else None)
+    pw = ops.pack(w, np.array([1, 4, 4, 1, 2]), signed=True, k_layout=pa,
+                  scale=rng.uniform(0.5, 1, 5) if scaled else None)
+    pa, pw = pa.cuda(), pw.cuda()
+    args = (pa.data, pa.host_meta()[0], pa.sums, pa.row_perm, False, pw.data, pw.host_meta()[0], pw.sums,
+            pw.row_perm, True, pa.host_meta()[1], pa.row_scale, pw.row_scale, pa.seg_scale, pw.seg_scale,
+            2 if scaled else 1)
+    torch.library.opcheck(torch.ops.soniq.mpgemm_packed.default, args)
+    if not scaled:
+        f = torch.compile(lambda *x: torch.ops.soniq.mpgemm_packed(*x) * 2, fullgraph=True, backend="eager")
+        assert torch.equal(f(*args).cpu(), 2 * (a @ w.T))
+
+
+@pytest.mark.skipif(not _C.built_with_cuda or _C.cuda_device_count() > 0,
+                    reason="only meaningful on a CUDA build without a usable device")
+def test_errors_without_device():
+    """Metadata is validated on the host (ValueError naming the operand) before any CUDA
+    call, and a CUDA failure surfaces as RuntimeError carrying the CUDA error text."""
+    rng = np.random.default_rng(0)
+    pa = ops.pack(values(rng, (4, 70), 2, False), 2, signed=False)
+    pb = ops.pack(values(rng, (3, 70), 2, True), 2, signed=True)
+
+    def call(desc_a, ksegs):
+        A = (pa.data.data_ptr(), 4, desc_a.shape[0], desc_a.data_ptr(), pa.sums.data_ptr(), pa.row_perm.data_ptr(), False)
+        B = (pb.data.data_ptr(), 3, 1, pb.desc.data_ptr(), pb.sums.data_ptr(), pb.row_perm.data_ptr(), True)
+        out = torch.empty(4, 3, dtype=torch.int32)
+        _C.cuda_mpgemm(A, B, ksegs.data_ptr(), ksegs.shape[0], (0, 0, 0, 0), 0, out.data_ptr(), 0)
+
+    bad = pa.desc.clone()
+    bad[0, 2] = 9
+    with pytest.raises(ValueError, match="a: block bits must be in 1..8"):
+        call(bad, pa.ksegs)
+    with pytest.raises(RuntimeError, match="CUDA error in"):
+        call(pa.desc, pa.ksegs)
