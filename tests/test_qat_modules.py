@@ -60,7 +60,7 @@ def test_penalty_and_freeze_respect_budget():
     rep = soniq.qat.precision_report(m)
     assert rep["avg_w_bits"] > 2.0  # starts mid-palette, over budget
     pen = soniq.qat.bit_penalty(m)
-    assert float(pen) > 0
+    assert float(pen.detach()) > 0
     pen.backward()
     assert all(float(q.bits_logit.grad.min()) >= 0 and float(q.bits_logit.grad.max()) > 0
                for l in soniq.qat.quant_layers(m).values() for q in (l.w_quant, l.a_quant))
