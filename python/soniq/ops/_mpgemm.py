@@ -70,10 +70,15 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
             raise RuntimeError("soniq was built without CUDA kernels; move the operands to the CPU "
                                "or reinstall with nvcc available (SONIQ_CUDA=ON)")
 
-    out = torch.ops.soniq.mpgemm_packed(
-        a.data, a.desc, a.sums, a.row_perm, a.signed,
-        b.data, b.desc, b.sums, b.row_perm, b.signed,
-        a.ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
+    try:
+        out = torch.ops.soniq.mpgemm_packed(
+            a.data, a.desc, a.sums, a.row_perm, a.signed,
+            b.data, b.desc, b.sums, b.row_perm, b.signed,
+            a.ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
+    except RuntimeError as e:  # the [M, N] output did not fit: say so as MemoryError
+        if "alloc" not in str(e):
+            raise
+        raise MemoryError(f"the [{a.shape[0]}, {b.shape[0]}] output of mpgemm does not fit in memory: {e}") from None
     if a.kind == "numpy" and b.kind == "numpy":
         return out.cpu().numpy()
     return out
