@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reliability checks (issue 7), about 5 minutes on 2 cores:
+# Reliability checks (issue 7), about 3-4 minutes on 2 cores (build/asan reused):
 #   1. build the native core + Python extension with AddressSanitizer + UBSan (build/asan)
 #   2. run the kernel / packing / reliability tests on that build (libasan preloaded)
 #   3. leak check: a sanitizer-built C++ driver loops pack + mpgemm with LeakSanitizer on
@@ -20,10 +20,11 @@ LOGS=$B/logs
 step() { printf '\n==== reliability: %s (%ds)\n' "$1" "$SECONDS"; }
 
 step "sanitizer build ($B)"
-cmake -S . -B "$B" -DSONIQ_SANITIZE=ON -DSONIQ_CUDA=OFF -DSONIQ_BUILD_PYTHON=ON \
+mkdir -p "$B"
+cmake -S . -B "$B" -DSONIQ_SANITIZE=ON -DSONIQ_CUDA=OFF -DSONIQ_BUILD_PYTHON=ON -DCMAKE_CXX_COMPILER=g++ \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE="$PY" \
-  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >"$B.configure.log" 2>&1 \
-  || { cat "$B.configure.log"; exit 1; }
+  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" >"$B/configure.log" 2>&1 \
+  || { cat "$B/configure.log"; exit 1; }
 cmake --build "$B" -j "$JOBS"
 # an importable package: python/soniq plus the sanitizer-built extension
 rm -rf "$B/stage" && mkdir -p "$B/stage"

@@ -116,6 +116,18 @@ def test_huge_dimensions_fail_fast_with_memory_error(make):
         ops.pack(make(), 1, signed=False)
 
 
+def test_output_allocation_failure_is_memory_error(monkeypatch):
+    """An [M, N] output too big for memory is a MemoryError (simulated: a real one could
+    succeed lazily under overcommit and get the test process OOM-killed)."""
+    def fail(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(torch.ops.soniq, "mpgemm_packed", fail)
+    p = ops.pack(np.ones((3, 5), dtype=np.int8), 1, signed=False)
+    with pytest.raises(MemoryError, match="mpgemm"):
+        ops.mpgemm(p, p)
+
+
 def test_zero_and_empty_dimensions_rejected():
     for shape in [(0, 5), (5, 0), (0, 0)]:
         with pytest.raises(ValueError, match="non-empty"):

@@ -99,7 +99,7 @@ def scale_arg(src, n):
     if kind == 1:
         return src.float()
     if kind == 2:
-        return np.array([src.float() for _ in range(n)], dtype=np.float32)
+        return np.array([src.float() for _ in range(n)], dtype=np.float64)
     return torch.from_numpy(np.full(src.int(0, n + 1), src.float(), dtype=np.float64))
 
 
@@ -168,6 +168,7 @@ def fuzz_state_dict(src):
         t = sd[key]
         how = src.int(0, 5)
         if how == 0 and t.numel():  # overwrite some raw bytes
+            t = sd[key] = t.contiguous()
             buf = t.view(-1).view(torch.uint8).numpy()
             i = src.int(0, buf.size - 1)
             chunk = src.bytes(src.int(1, 16))

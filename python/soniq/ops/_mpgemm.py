@@ -74,10 +74,15 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
     # so no device-to-host copy (and no sync) happens here after the first call.
     a_desc, a_ksegs, _ = a.host_meta()
     b_desc = b.host_meta()[0]
-    out = torch.ops.soniq.mpgemm_packed(
-        a.data, a_desc, a.sums, a.row_perm, a.signed,
-        b.data, b_desc, b.sums, b.row_perm, b.signed,
-        a_ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
+    try:
+        out = torch.ops.soniq.mpgemm_packed(
+            a.data, a_desc, a.sums, a.row_perm, a.signed,
+            b.data, b_desc, b.sums, b.row_perm, b.signed,
+            a_ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
+    except RuntimeError as e:  # the [M, N] output did not fit: say so as MemoryError
+        if "alloc" not in str(e):
+            raise
+        raise MemoryError(f"the [{a.shape[0]}, {b.shape[0]}] output of mpgemm does not fit in memory: {e}") from None
     if a.kind == "numpy" and b.kind == "numpy":
         return out.cpu().numpy()
     return out
