@@ -73,14 +73,20 @@ def mpgemm_int8mm(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
     ks = [tuple(x) for x in ksegs.tolist()]
     is_float = out.dtype == torch.float32
     acc_dtype = torch.float64 if is_float else torch.int64
+    b_blocks = _blocks(b_desc, ks)
+    b_cache = {}  # each b block is expanded once, not once per row group of a
     for ra0, ra, abits, aoffs in _blocks(a_desc, ks):
-        for rb0, rb, bbits, boffs in _blocks(b_desc, ks):
+        a_cache = {}
+        for gb, (rb0, rb, bbits, boffs) in enumerate(b_blocks):
             total = torch.zeros(ra, rb, dtype=acc_dtype, device=out.device)
             for s, (klen, kw) in enumerate(ks):
                 pa, pb = abits[s], bbits[s]
                 kpad, ra_pad, rb_pad = _pad(klen, 16), max(32, _pad(ra, 16)), _pad(rb, 16)
-                ea = expand_block(a_data, aoffs[s], pa, ra, klen, kw, ra_pad, kpad)
-                eb = expand_block(b_data, boffs[s], pb, rb, klen, kw, rb_pad, kpad)
+                if s not in a_cache:
+                    a_cache[s] = expand_block(a_data, aoffs[s], pa, ra, klen, kw, ra_pad, kpad)
+                if (gb, s) not in b_cache:
+                    b_cache[gb, s] = expand_block(b_data, boffs[s], pb, rb, klen, kw, rb_pad, kpad)
+                ea, eb = a_cache[s], b_cache[gb, s]
                 cc = torch._int_mm(ea, eb.t())[:ra, :rb].to(torch.int64)
                 sa = a_sums[ra0:ra0 + ra, s].view(-1, 1)
                 sb = b_sums[rb0:rb0 + rb, s].view(1, -1)
