@@ -76,45 +76,60 @@ def memory_bandwidth(threads: int) -> float:
     return 2 * x.numel() * 4 / min(ts)
 
 
-def bench(fn, quick: bool) -> float:
-    """Median seconds per call after warm-up."""
-    for _ in range(2):
-        fn()
-    ts, t_end = [], time.perf_counter() + (0.3 if quick else 1.5)
-    while len(ts) < (3 if quick else 7) or (time.perf_counter() < t_end and len(ts) < 30):
+def measure(methods: dict, quick: bool) -> dict:
+    """Median seconds per call of each method. Methods are measured in interleaved rounds
+    (each round: one warm-up call, then the best of two timed calls per method), so a load
+    change on a shared machine hits every method alike and the ratios stay fair."""
+    first = {}
+    for k, fn in methods.items():
         t0 = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        first[k] = time.perf_counter() - t0
+    rounds, calls = (2, 1) if quick else (5, 2)
+    times = {k: [] for k in methods}
+    for rnd in range(rounds):
+        for k, fn in methods.items():
+            if first[k] > 1.0 and rnd > 0:  # a pathologically slow baseline: one timed call is enough
+                continue
+            fn()
+            best = float("inf")
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t0)
+            times[k].append(best)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ---- baselines -------------------------------------------------------------------------
-def baselines(M, N, K, x, w, quick, threads) -> dict:
-    res = {}
+def baselines(M, N, K, x, w, threads) -> tuple[dict, dict]:
+    """(callables, notes): notes explain baselines that cannot run here."""
+    res, notes = {}, {}
     lin = torch.nn.Linear(K, N, bias=False)
     with torch.no_grad():
         lin.weight.copy_(w)
-        res["torch fp32"] = bench(lambda: lin(x), quick)
+        res["torch fp32"] = lambda: lin(x)
         xb, lb = x.bfloat16(), torch.nn.Linear(K, N, bias=False).to(torch.bfloat16)
         lb.weight.copy_(w.bfloat16())
-        res["torch bf16"] = bench(lambda: lb(xb), quick)
+        res["torch bf16"] = lambda: lb(xb)
         q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)
-        res["FBGEMM INT8 (dynamic Linear)"] = bench(lambda: q(x), quick)
+        res["FBGEMM INT8 (dynamic Linear)"] = lambda: q(x)
     a8 = torch.randint(-128, 128, (M, K), dtype=torch.int8)
     b8 = torch.randint(-128, 128, (K, N), dtype=torch.int8)
     try:
         torch._int_mm(a8, b8)
-        res["oneDNN INT8 (torch._int_mm)"] = bench(lambda: torch._int_mm(a8, b8), quick)
+        res["oneDNN INT8 (torch._int_mm)"] = lambda: torch._int_mm(a8, b8)
     except (RuntimeError, AttributeError) as e:
-        res["oneDNN INT8 (torch._int_mm)"] = f"n/a: {str(e).splitlines()[0][:80]}"
+        notes["oneDNN INT8 (torch._int_mm)"] = f"n/a: {str(e).splitlines()[0][:80]}"
     for bits in (2, 4, 8):
         try:
             sess = ort_matmulnbits(N, K, w.numpy(), bits, threads)
             xn = x.numpy()
-            res[f"ORT MatMulNBits {bits}-bit"] = bench(lambda: sess.run(None, {"A": xn}), quick)
+            sess.run(None, {"A": xn})
+            res[f"ORT MatMulNBits {bits}-bit"] = (lambda s_: lambda: s_.run(None, {"A": xn}))(sess)
         except Exception as e:  # missing onnxruntime or an unsupported bit width: say so
-            res[f"ORT MatMulNBits {bits}-bit"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    return res
+            notes[f"ORT MatMulNBits {bits}-bit"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    return res, notes
 
 
 def ort_matmulnbits(N, K, w, bits, threads, block=128):
@@ -149,6 +164,8 @@ def ort_matmulnbits(N, K, w, bits, threads, block=128):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # no spinning after a run: measurements are interleaved with other libraries' calls
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -171,41 +188,39 @@ def weight_codes(w, bits_per_row):
     return q.to(torch.int8), s.view(-1)
 
 
-def soniq_runs(M, N, K, x, w, quick) -> dict:
+def soniq_methods(M, N, K, x, w) -> dict:
+    """Callables: 'soniq <cfg>' (packed kernel, activations packed beforehand), '... +act'
+    (quantize + pack the float activations, then the kernel), and the mixed layer's parts."""
     res = {}
     gen = torch.Generator().manual_seed(0)
     mixed_rows = torch.full((N,), 2, dtype=torch.int64)
     mixed_rows[torch.randperm(N, generator=gen)[: N // 4]] = 4
     cases = [(f"W{wb}A{ab}", torch.full((N,), wb, dtype=torch.int64), ab) for wb, ab in CONFIGS]
-    cases.append(("mixed 25% W4 / 75% W2, A8", mixed_rows, 8))
+    cases.append((MIXED, mixed_rows, 8))
+    n4 = int((mixed_rows == 4).sum())
+    cases += [(MIXED + " part W4", torch.full((n4,), 4), 8), (MIXED + " part W2", torch.full((N - n4,), 2), 8)]
     for name, wbits, ab in cases:
-        wq, ws = weight_codes(w, wbits)
+        rows = wbits.numel()
+        wq, ws = weight_codes(w[:rows], wbits)
         pw = ops.pack(wq, wbits, signed=True, axis=0, scale=ws)
         aq, s = quantize_acts(x, ab)
         pa = ops.pack(aq, ab, signed=True, scale=s)
-        kernel = bench(lambda: ops.mpgemm(pa, pw), quick)
-
-        def e2e():
-            q, sc = quantize_acts(x, ab)
-            return ops.mpgemm(ops.pack(q, ab, signed=True, scale=sc), pw)
-        res[name] = {"kernel": kernel, "with_act_quant_pack": bench(e2e, quick)}
-    # sum of the mixed layer's parts: the W4 rows and the W2 rows as separate layers
-    n4 = int((mixed_rows == 4).sum())
-    parts = 0.0
-    for wb, n in ((4, n4), (2, N - n4)):
-        wq, ws = weight_codes(w[:n], torch.full((n,), wb))
-        pw = ops.pack(wq, wb, signed=True, scale=ws)
-        aq, s = quantize_acts(x, 8)
-        pa = ops.pack(aq, 8, signed=True, scale=s)
-        parts += bench(lambda: ops.mpgemm(pa, pw), quick)
-    res["mixed 25% W4 / 75% W2, A8"]["sum_of_parts"] = parts
+        res["soniq " + name] = (lambda pa_, pw_: lambda: ops.mpgemm(pa_, pw_))(pa, pw)
+        if "part" not in name:
+            def e2e(pw_=pw, ab_=ab):
+                q, sc = quantize_acts(x, ab_)
+                return ops.mpgemm(ops.pack(q, ab_, signed=True, scale=sc), pw_)
+            res["soniq " + name + " +act"] = e2e
     return res
 
 
+MIXED = "mixed 25% W4 / 75% W2, A8"
+
+
 # ---- report ----------------------------------------------------------------------------
-def summarize(shape_name, M, N, K, base, son, pk, bw) -> dict:
+def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
     ops_n = 2.0 * M * N * K
-    int8 = {k: v for k, v in base.items() if "INT8" in k and isinstance(v, float)}
+    int8 = {k: v for k, v in times.items() if "INT8" in k}
     best_name = min(int8, key=int8.get) if int8 else None
     best = int8.get(best_name) if best_name else None
     is_gemv = M == 1
@@ -214,37 +229,39 @@ def summarize(shape_name, M, N, K, base, son, pk, bw) -> dict:
     def limit(method, t, wbits):
         if is_gemv:  # weight bytes streamed per call against memory bandwidth
             return (N * K * wbits / 8 / t) / bw
-        m = re.match(r"W(\d)A(\d)$", method)
+        m = re.match(r"soniq W(\d)A(\d)$", method)
         if m and int(m.group(1)) * int(m.group(2)) <= 2:
             return ops_n / t / (pk["popcount_ops"] / (int(m.group(1)) * int(m.group(2))))
         return ops_n / t / pk["int8_ops"]
 
-    for k, v in base.items():
-        if not isinstance(v, float):
-            rows.append({"method": k, "note": v})
+    for k, v in times.items():
+        if k.startswith("soniq") and (k.endswith(" +act") or " part " in k):
             continue
-        wbits = {"torch fp32": 32, "torch bf16": 16}.get(k, 8)
-        m = re.search(r"(\d)-bit", k)
-        if m:
-            wbits = int(m.group(1))
-        rows.append({"method": k, "ms": v * 1e3, "gops": ops_n / v / 1e9,
-                     "vs_best_int8": best / v if best else None, "limit_frac": limit(k, v, wbits)})
-    for k, d in son.items():
-        t = d["kernel"]
-        m = re.match(r"W(\d)A", k)
-        wbits = int(m.group(1)) if m else 2.5
-        r = {"method": "soniq " + k, "ms": t * 1e3, "ms_with_act_quant_pack": d["with_act_quant_pack"] * 1e3,
-             "gops": ops_n / t / 1e9, "vs_best_int8": best / t if best else None,
-             "vs_best_int8_with_act_pack": best / d["with_act_quant_pack"] if best else None,
-             "limit_frac": limit(k, t, wbits)}
-        for bits in (2, 4, 8):
-            o = base.get(f"ORT MatMulNBits {bits}-bit")
-            if isinstance(o, float):
-                r[f"vs_ort_{bits}bit"] = o / t
-        if "sum_of_parts" in d:
-            r["sum_of_parts_ms"] = d["sum_of_parts"] * 1e3
-            r["mixed_over_sum_of_parts"] = t / d["sum_of_parts"]
+        if k.startswith("soniq"):
+            m = re.match(r"soniq W(\d)A", k)
+            wbits = int(m.group(1)) if m else 2.5
+        else:
+            wbits = {"torch fp32": 32, "torch bf16": 16}.get(k, 8)
+            m = re.search(r"(\d)-bit", k)
+            wbits = int(m.group(1)) if m else wbits
+        r = {"method": k, "ms": v * 1e3, "gops": ops_n / v / 1e9, "vs_best_int8": best / v if best else None,
+             "limit_frac": limit(k, v, wbits)}
+        if k.startswith("soniq"):
+            e2e = times.get(k + " +act")
+            if e2e:
+                r["ms_with_act_quant_pack"] = e2e * 1e3
+                r["vs_best_int8_with_act_pack"] = best / e2e if best else None
+            for bits in (2, 4, 8):
+                o = times.get(f"ORT MatMulNBits {bits}-bit")
+                if o:
+                    r[f"vs_ort_{bits}bit"] = o / v
+            if k == "soniq " + MIXED:
+                parts = times["soniq " + MIXED + " part W4"] + times["soniq " + MIXED + " part W2"]
+                r["sum_of_parts_ms"] = parts * 1e3
+                r["mixed_over_sum_of_parts"] = v / parts
         rows.append(r)
+    for k, note in notes.items():
+        rows.append({"method": k, "note": note})
     return {"shape": shape_name, "M": M, "N": N, "K": K, "best_int8": best_name, "rows": rows}
 
 
@@ -343,9 +360,10 @@ def main(argv=None):
     for name, (M, N, K) in (QUICK_SHAPES if args.quick else FULL_SHAPES).items():
         torch.manual_seed(0)
         x, w = torch.randn(M, K), torch.randn(N, K) / K ** 0.5
-        base = baselines(M, N, K, x, w, args.quick, args.threads)
-        son = soniq_runs(M, N, K, x, w, args.quick)
-        s = summarize(name, M, N, K, base, son, pk, bw)
+        methods, notes = baselines(M, N, K, x, w, args.threads)
+        methods.update(soniq_methods(M, N, K, x, w))
+        times = measure(methods, args.quick)
+        s = summarize(name, M, N, K, times, notes, pk, bw)
         results.append(s)
         print(f"\n{name}: M={M} N={N} K={K}  (best INT8: {s['best_int8']})")
         for r in s["rows"]:
@@ -367,6 +385,8 @@ def main(argv=None):
             "load_avg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", (cpu["model"] or "cpu").lower()).strip("-") + ("-quick" if args.quick else "")
+    if args.threads != 2:
+        slug += f"-{args.threads}t"
     with open(os.path.join(args.out, f"cpu_gemm_{slug}.json"), "w") as f:
         json.dump({"meta": meta, "results": results, "targets": targets}, f, indent=1)
     md = markdown(meta, results, targets)

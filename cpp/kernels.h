@@ -29,6 +29,15 @@ using UnpackPlanesFn = void (*)(const uint64_t* planes, int bits, int64_t plane_
 using BytesPlanesFn = void (*)(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb,
                                int64_t b_plane_stride, int64_t N, int64_t kw, int64_t* C, int64_t ldc);
 
+// Table lookup (T-MAC style) for 1-2 rows of byte codes against bit-plane B.
+// lut_build: for each group of 4 codes of one A row, the sums of their low and high
+// nibbles over all 16 subsets, laid out for lut_planes (lut_bytes(kw) bytes per row).
+// lut_planes: C[i*ldc + j] = sum_k A[i][k] * codeB(j, k), same contract as BytesPlanesFn.
+using LutBuildFn = void (*)(const uint8_t* A, int64_t kw, uint8_t* tables);
+using LutPlanesFn = void (*)(const uint8_t* tables, int64_t M, const uint64_t* B, int pb, int64_t b_plane_stride,
+                             int64_t N, int64_t kw, int64_t* C, int64_t ldc);
+inline int64_t lut_bytes(int64_t kw) { return (kw + 3) / 4 * 2048; }  // 2048 bytes per 256 codes
+
 struct KernelTable {
   const char* name;
   BitserialFn bitserial;
@@ -39,6 +48,8 @@ struct KernelTable {
   // byte path (measured per ISA: bench/cpp/bench_mpgemm.cpp).
   int bitserial_max_pairs;
   int bitserial_max_pairs_gemv;  // the same for tiles of 1-2 A rows (B expansion not amortized)
+  LutBuildFn lut_build = nullptr;  // optional: GEMV rows use the table path when set
+  LutPlanesFn lut_planes = nullptr;
 };
 
 // Reference table (scalar loops) built in each ISA unit, for tests and benchmarks.

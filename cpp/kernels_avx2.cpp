@@ -147,6 +147,59 @@ inline void bp_micro(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wl
     for (int j = 0; j < nj; ++j) C[i * ldc + j] += hsum_epi32(acc[i][j]) << shift;
 }
 
+// Same product with int16 accumulation: when n * 2 * max(A) * max(B) <= 32767, n vpmaddubsw
+// results are summed with vpaddw before one vpmaddwd (half the multiply-port work: this is
+// the int8 GEMM trick, made exact by bounding n from the actual code ranges).
+template <int RM>
+inline void bp_micro16(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wld, int64_t nbytes,
+                       int64_t* C, int64_t ldc, int nj, int shift, int n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RM][4];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k0 = 0; k0 < nbytes; k0 += 32 * int64_t(n)) {
+    const int64_t k1 = std::min(nbytes, k0 + 32 * int64_t(n));
+    __m256i a16[RM][4];
+    for (int i = 0; i < RM; ++i)
+      for (int j = 0; j < 4; ++j) a16[i][j] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < k1; k += 32) {
+      __m256i a[RM];
+      for (int i = 0; i < RM; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k));
+      for (int j = 0; j < 4; ++j) {
+        const __m256i b = _mm256_load_si256(reinterpret_cast<const __m256i*>(wb + j * wld + k));
+        for (int i = 0; i < RM; ++i) a16[i][j] = _mm256_add_epi16(a16[i][j], _mm256_maddubs_epi16(a[i], b));
+      }
+    }
+    for (int i = 0; i < RM; ++i)
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(a16[i][j], ones));
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < nj; ++j) C[i * ldc + j] += hsum_epi32(acc[i][j]) << shift;
+}
+
+// How many vpmaddubsw results fit one int16 lane exactly (pairs of a <= amax, b <= bmax).
+inline int int16_run(int amax, int bmax) {
+  const int pair = 2 * amax * bmax;
+  return pair == 0 ? 64 : std::max(1, std::min(64, 32767 / pair));
+}
+
+inline int max_byte(const uint8_t* A, int64_t lda, int64_t M, int64_t nbytes) {
+  __m256i m = _mm256_setzero_si256();
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t k = 0; k < nbytes; k += 32)
+      m = _mm256_max_epu8(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + i * lda + k)));
+  alignas(32) uint8_t v[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(v), m);
+  return *std::max_element(v, v + 32);
+}
+
+template <int RM>
+inline void bp_block(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wld, int64_t nbytes,
+                     int64_t* C, int64_t ldc, int nj, int shift, int n) {
+  if (n > 1) bp_micro16<RM>(A, lda, wb, wld, nbytes, C, ldc, nj, shift, n);
+  else bp_micro<RM>(A, lda, wb, wld, nbytes, C, ldc, nj, shift);
+}
+
 typedef uint32_t u32_alias __attribute__((may_alias));  // 32-bit halves of plane words
 
 // Few A rows (GEMV): expansion cannot be amortized over rows, so expand in registers and
@@ -236,6 +289,9 @@ void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t*
   const int lo_planes = std::min(pb, kLoPlanes);
   for (int64_t w0 = 0; w0 < kw; w0 += kBytesKwBlock) {
     const int64_t wcount = std::min(kBytesKwBlock, kw - w0), nbytes = wcount * 64;
+    const int amax = max_byte(A + w0 * 64, lda, M, nbytes);
+    const int n_lo = int16_run(amax, (1 << lo_planes) - 1);
+    const int n_hi = pb > kLoPlanes ? int16_run(amax, (1 << (pb - kLoPlanes)) - 1) : 1;
     for (int64_t j0 = 0; j0 < N; j0 += 4) {
       const int nj = int(std::min<int64_t>(4, N - j0));
       for (int j = 0; j < 4; ++j) {
@@ -253,12 +309,133 @@ void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t*
       const uint8_t* a = A + w0 * 64;
       int64_t i = 0;
       for (; i + 2 <= M; i += 2) {
-        bp_micro<2>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
-        if (pb > kLoPlanes) bp_micro<2>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+        bp_block<2>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0, n_lo);
+        if (pb > kLoPlanes) bp_block<2>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes, n_hi);
       }
       for (; i < M; ++i) {
-        bp_micro<1>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
-        if (pb > kLoPlanes) bp_micro<1>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+        bp_block<1>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0, n_lo);
+        if (pb > kLoPlanes) bp_block<1>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes, n_hi);
+      }
+    }
+  }
+}
+
+// ---- table lookup for GEMV rows (T-MAC style, exact) ------------------------------------
+// A weight plane's nibble (4 consecutive K bits of one row) indexes a 16-entry table of
+// subset sums of the 4 matching activation codes. Tables hold the sums of the codes' low
+// and high nibbles separately (<= 60 each, bytes), so vpshufb looks up 32 rows at once and
+// sums stay exact: total = lo + 16 * hi, combined with vpmaddubsw. vpshufb needs one K
+// group per 128-bit lane and a different row per byte, so 16 rows x 256 K of a plane are
+// transposed in registers (16x16 bytes per lane) from the plain plane layout.
+// Table layout per 256-code chunk c: [j 0..15][nibble 0..1][part lo/hi][lane 0..1][16],
+// lane 0 = group 2j+nibble, lane 1 = group 32+2j+nibble of the chunk.
+void avx2_lut_build(const uint8_t* A, int64_t kw, uint8_t* tables) {
+  const int64_t nchunks = (kw + 3) / 4;
+  std::memset(tables, 0, size_t(lut_bytes(kw)));
+  for (int64_t g = 0; g < kw * 16; ++g) {  // groups of 4 codes that exist
+    const int64_t c = g / 64, gl = g % 64, lane = gl / 32, j = (gl % 32) / 2, nib = gl % 2;
+    uint8_t* lo = tables + (((c * 16 + j) * 2 + nib) * 2 + 0) * 32 + lane * 16;
+    uint8_t* hi = lo + 32;
+    const uint8_t* a = A + g * 4;
+    lo[0] = hi[0] = 0;
+    for (int idx = 1; idx < 16; ++idx) {
+      const int low = idx & -idx, t = __builtin_ctz(unsigned(idx));
+      lo[idx] = uint8_t(lo[idx ^ low] + (a[t] & 15));
+      hi[idx] = uint8_t(hi[idx ^ low] + (a[t] >> 4));
+    }
+  }
+  (void)nchunks;
+}
+
+// 16 rows x 32 bytes -> t[b] = byte b (lane 0) / 16+b (lane 1) of rows 0..15.
+inline void transpose16x16_lanes(const __m256i* x, __m256i* t) {
+  __m256i s1[2][8], s2[4][4], s3[8][2];
+  for (int i = 0; i < 8; ++i) {
+    s1[0][i] = _mm256_unpacklo_epi8(x[2 * i], x[2 * i + 1]);
+    s1[1][i] = _mm256_unpackhi_epi8(x[2 * i], x[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < 4; ++m) {
+      s2[2 * h][m] = _mm256_unpacklo_epi16(s1[h][2 * m], s1[h][2 * m + 1]);
+      s2[2 * h + 1][m] = _mm256_unpackhi_epi16(s1[h][2 * m], s1[h][2 * m + 1]);
+    }
+  for (int q = 0; q < 4; ++q)
+    for (int o = 0; o < 2; ++o) {
+      s3[2 * q][o] = _mm256_unpacklo_epi32(s2[q][2 * o], s2[q][2 * o + 1]);
+      s3[2 * q + 1][o] = _mm256_unpackhi_epi32(s2[q][2 * o], s2[q][2 * o + 1]);
+    }
+  for (int e = 0; e < 8; ++e) {
+    t[2 * e] = _mm256_unpacklo_epi64(s3[e][0], s3[e][1]);
+    t[2 * e + 1] = _mm256_unpackhi_epi64(s3[e][0], s3[e][1]);
+  }
+}
+
+// 16 rows (nrows valid) of B, planes 0..pb-1, codes [w0, w0 + wcount) words; adds into acc32
+// (rows 4q..4q+3 in acc32[q], both lanes: fold at the end).
+inline void lut_rows16(const uint8_t* tables, const uint64_t* B, int pb, int64_t sb, int64_t kw, int nrows,
+                       int64_t c0, int64_t c1, __m256i* acc32) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  const __m256i y16 = _mm256_set1_epi16(0x1001);  // bytes (1, 16): lo + 16 * hi
+  const __m256i zero = _mm256_setzero_si256();
+  for (int p = 0; p < pb; ++p) {
+    const uint64_t* plane = B + p * sb;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t w = c * 4, valid = std::min<int64_t>(4, kw - w);
+      __m256i x[16], t[16];
+      const __m256i lmask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(valid), _mm256_setr_epi64x(0, 1, 2, 3));
+      for (int r = 0; r < 16; ++r) {
+        if (r >= nrows) x[r] = zero;
+        else if (valid == 4) x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane + r * kw + w));
+        else x[r] = _mm256_maskload_epi64(reinterpret_cast<const long long*>(plane + r * kw + w), lmask);
+      }
+      transpose16x16_lanes(x, t);
+      const uint8_t* tb = tables + c * 2048;
+      __m256i acc16a = zero, acc16b = zero;
+      for (int j = 0; j < 16; j += 2) {
+        __m256i slo = zero, shi = zero;
+        for (int jj = j; jj < j + 2; ++jj) {
+          const __m256i i0 = _mm256_and_si256(t[jj], nib);
+          const __m256i i1 = _mm256_and_si256(_mm256_srli_epi16(t[jj], 4), nib);
+          const uint8_t* e = tb + jj * 128;
+          slo = _mm256_add_epi8(slo, _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e)), i0));
+          shi = _mm256_add_epi8(shi, _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 32)), i0));
+          slo = _mm256_add_epi8(slo, _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 64)), i1));
+          shi = _mm256_add_epi8(shi, _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 96)), i1));
+        }
+        // slo, shi <= 4 * 60 = 240; rows 0..7 / 8..15 as int16 lo + 16*hi <= 4080
+        acc16a = _mm256_add_epi16(acc16a, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(slo, shi), y16));
+        acc16b = _mm256_add_epi16(acc16b, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(slo, shi), y16));
+      }
+      // 8 additions of <= 4080: < 32768. Widen, weight by 2^p.
+      const __m128i sh = _mm_cvtsi32_si128(p);
+      acc32[0] = _mm256_add_epi32(acc32[0], _mm256_sll_epi32(_mm256_unpacklo_epi16(acc16a, zero), sh));
+      acc32[1] = _mm256_add_epi32(acc32[1], _mm256_sll_epi32(_mm256_unpackhi_epi16(acc16a, zero), sh));
+      acc32[2] = _mm256_add_epi32(acc32[2], _mm256_sll_epi32(_mm256_unpacklo_epi16(acc16b, zero), sh));
+      acc32[3] = _mm256_add_epi32(acc32[3], _mm256_sll_epi32(_mm256_unpackhi_epi16(acc16b, zero), sh));
+    }
+  }
+}
+
+void avx2_lut_planes(const uint8_t* tables, int64_t M, const uint64_t* B, int pb, int64_t sb, int64_t N,
+                     int64_t kw, int64_t* C, int64_t ldc) {
+  const int64_t nchunks = (kw + 3) / 4;
+  // per row and K block: sum <= 255 * 255 * 2048 < 2^31
+  constexpr int64_t kChunkBlock = 8;  // 2048 codes: 16 KiB of tables stay in L1
+  for (int64_t i = 0; i < M; ++i) {
+    const uint8_t* tab = tables + i * lut_bytes(kw);
+    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = 0;
+    for (int64_t c0 = 0; c0 < nchunks; c0 += kChunkBlock) {
+      const int64_t c1 = std::min(nchunks, c0 + kChunkBlock);
+      for (int64_t j0 = 0; j0 < N; j0 += 16) {
+        const int nrows = int(std::min<int64_t>(16, N - j0));
+        __m256i acc32[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                            _mm256_setzero_si256()};
+        lut_rows16(tab, B + j0 * kw, pb, sb, kw, nrows, c0, c1, acc32);
+        alignas(32) int32_t rows[16];
+        for (int q = 0; q < 4; ++q)
+          _mm_store_si128(reinterpret_cast<__m128i*>(rows + 4 * q),
+                          _mm_add_epi32(_mm256_castsi256_si128(acc32[q]), _mm256_extracti128_si256(acc32[q], 1)));
+        for (int r = 0; r < nrows; ++r) C[i * ldc + j0 + r] += rows[r];
       }
     }
   }
@@ -267,9 +444,10 @@ void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t*
 }  // namespace
 
 const KernelTable& kernels_avx2() {
-  // bit-serial wins for 1x1 and 1x2 bit pairs against vpmaddubsw, and up to 2x2 when A has
-  // 1-2 rows (bench/cpp: bitserial/ vs bytes/ at M1, M16, M64)
-  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 2, 4};
+  // bit-serial wins for 1x1 and 1x2 bit pairs against vpmaddubsw and against the table
+  // lookup for GEMV rows (bench/cpp: bitserial/ vs bytes/ vs lut/ at M1, M16, M64)
+  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 2, 2,
+                             avx2_lut_build, avx2_lut_planes};
   return t;
 }
 

@@ -76,13 +76,16 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   const int policy = g_path_policy.load(std::memory_order_relaxed);
   auto use_bytes = [&](int ba, int bb) {
     if (policy == int(KernelPath::Bitserial)) return false;
-    if (policy == int(KernelPath::Bytes)) return true;
+    if (policy == int(KernelPath::Bytes) || policy == int(KernelPath::Lut)) return true;
     return ba * bb > (a.rows <= 2 ? kt.bitserial_max_pairs_gemv : kt.bitserial_max_pairs);
   };
+  // byte-path blocks of GEMV rows use table lookup when the ISA has it
+  const bool use_lut = kt.lut_planes && (policy == int(KernelPath::Lut) ||
+                                         (policy == int(KernelPath::Auto) && a.rows <= 2));
 
   // A blocks that some block pair runs on the byte path are expanded once per call to one
   // byte per code (rows padded with zero codes to kw*64), shared by all tasks.
-  std::vector<std::vector<uint8_t>> abytes(size_t(a.ngroups * nsegs));
+  std::vector<std::vector<uint8_t>> abytes(size_t(a.ngroups * nsegs)), luts(size_t(a.ngroups * nsegs));
   for (int64_t ga = 0; ga < a.ngroups; ++ga) {
     const int64_t* da = a.desc + ga * (2 + nsegs);
     for (int64_t s = 0; s < nsegs; ++s) {
@@ -92,12 +95,22 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       const int64_t kw = ksegs[2 * s + 1], rows = da[1];
       auto& buf = abytes[size_t(ga * nsegs + s)];
       buf.resize(size_t(rows * kw * 64));
+      if (use_lut) luts[size_t(ga * nsegs + s)].resize(size_t(rows * lut_bytes(kw)));
       const uint64_t* src = a.data + la.at(ga, s);
       const int64_t chunk = 64, nchunks = (rows + chunk - 1) / chunk;
       parallel_for(nchunks, [&](int64_t c) {
         const int64_t r0 = c * chunk, nr = std::min(chunk, rows - r0);
         kt.unpack_planes(src + r0 * kw, int(da[2 + s]), rows * kw, nr, kw, buf.data() + r0 * kw * 64, kw * 64);
       });
+      if (use_lut) {  // tables per row, built in pieces of 32 words (whole 4-word chunks) over threads
+        constexpr int64_t kPiece = 32;
+        const int64_t pieces = (kw + kPiece - 1) / kPiece;
+        uint8_t* lut = luts[size_t(ga * nsegs + s)].data();
+        parallel_for(rows * pieces, [&](int64_t t) {
+          const int64_t r = t / pieces, w0 = (t % pieces) * kPiece, n = std::min(kPiece, kw - w0);
+          kt.lut_build(buf.data() + r * kw * 64 + w0 * 64, n, lut + r * lut_bytes(kw) + w0 / 4 * 2048);
+        });
+      }
     }
   }
 
@@ -131,8 +144,13 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       const int ba = int(da[2 + s]), bb = int(db[2 + s]);
       const uint64_t* B = b.data + lb.at(T.gb, s) + T.n0 * kw;
       if (use_bytes(ba, bb)) {
-        const uint8_t* A = abytes[size_t(T.ga * nsegs + s)].data() + T.m0 * kw * 64;
-        kt.bytes_planes(A, kw * 64, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+        if (use_lut) {
+          const uint8_t* L = luts[size_t(T.ga * nsegs + s)].data() + T.m0 * lut_bytes(kw);
+          kt.lut_planes(L, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+        } else {
+          const uint8_t* A = abytes[size_t(T.ga * nsegs + s)].data() + T.m0 * kw * 64;
+          kt.bytes_planes(A, kw * 64, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+        }
       } else {
         const uint64_t* A = a.data + la.at(T.ga, s) + T.m0 * kw;
         kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);

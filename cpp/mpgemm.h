@@ -30,8 +30,9 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
             const Scales& scales, OutKind kind, void* out);
 
 // Which block kernel the driver uses: Auto picks per block pair from the ISA's measured
-// threshold (KernelTable::bitserial_max_pairs); the others force one (tests, benchmarks).
-enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2 };
+// threshold (KernelTable::bitserial_max_pairs) and the table-lookup kernel for GEMV rows;
+// the others force one (tests, benchmarks); Lut falls back to Bytes where the ISA has none.
+enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2, Lut = 3 };
 void set_kernel_path(KernelPath p);
 KernelPath get_kernel_path();
 

@@ -32,17 +32,22 @@ SONIQ_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
   }
 }
 
+// The 4 words of block `block` (elements 4*block .. 4*block+3) under `seed`.
+SONIQ_HD void block_words(uint64_t seed, uint64_t block, uint32_t c[4]) {
+  c[0] = uint32_t(block); c[1] = uint32_t(block >> 32); c[2] = 0u; c[3] = 0u;
+  philox4x32_10(c, uint32_t(seed), uint32_t(seed >> 32));
+}
+
 // 32 random bits for element `index` under `seed`: block index/4, word index%4.
 SONIQ_HD uint32_t bits_at(uint64_t seed, uint64_t index) {
-  const uint64_t block = index >> 2;
-  uint32_t c[4] = {uint32_t(block), uint32_t(block >> 32), 0u, 0u};
-  philox4x32_10(c, uint32_t(seed), uint32_t(seed >> 32));
+  uint32_t c[4];
+  block_words(seed, index >> 2, c);
   return c[index & 3];
 }
 
 // u in [0, 1): the top 24 bits times 2^-24, exact in float and double.
-SONIQ_HD float uniform_f32(uint64_t seed, uint64_t index) {
-  return float(bits_at(seed, index) >> 8) * (1.0f / 16777216.0f);
-}
+SONIQ_HD float to_uniform(uint32_t w) { return float(w >> 8) * (1.0f / 16777216.0f); }
+
+SONIQ_HD float uniform_f32(uint64_t seed, uint64_t index) { return to_uniform(bits_at(seed, index)); }
 
 }  // namespace soniq::philox

@@ -3,7 +3,6 @@
 // exactly as the CUDA kernel (explicit __fmul_rn/__fadd_rn) and the torch reference do.
 #include "quantize.h"
 
-#include <cmath>
 
 #include "philox.h"
 #include "threadpool.h"
@@ -14,22 +13,39 @@ namespace {
 template <class T>
 inline T clampv(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// 1.5 * 2^(mantissa bits): adding and subtracting it rounds to the nearest integer, ties to
+// even (default rounding mode), for |t| < 2^22 (float) / 2^51 (double).
+template <class T>
+constexpr T magic();
+template <>
+constexpr float magic<float>() { return 12582912.0f; }
+template <>
+constexpr double magic<double>() { return 6755399441055744.0; }
+
 template <class T>
 void quantize_row(const T* x, int64_t n, T s, T lo, T hi, T alpha, int noise, uint64_t seed,
                   uint64_t base, bool values_only, T* out) {
   const T inv = T(1) / s;
   const T mul = values_only ? T(1) : s;
   if (noise) {
+    uint32_t words[4];
+    uint64_t cached = ~uint64_t(0);
     for (int64_t j = 0; j < n; ++j) {
-      const T u = T(philox::uniform_f32(seed, base + uint64_t(j)));
+      const uint64_t idx = base + uint64_t(j);
+      if ((idx >> 2) != cached) philox::block_words(seed, cached = idx >> 2, words);  // 4 draws per block
+      const T u = T(philox::to_uniform(words[idx & 3]));
       const T t = x[j] * inv + alpha * (u - T(0.5));
       out[j] = clampv(t, lo, hi) * mul;
     }
   } else if (alpha == T(1)) {
-    for (int64_t j = 0; j < n; ++j) out[j] = clampv(std::nearbyint(x[j] * inv), lo, hi) * mul;
+    // round-half-even by the magic constant after clamping t to [lo-1, hi+1] (|t| <= 257, far
+    // below 2^22, so (t + M) - M is exact): same result as nearbyint, and the loop vectorizes
+    const T lo1 = lo - T(1), hi1 = hi + T(1), M = magic<T>();
+    for (int64_t j = 0; j < n; ++j) out[j] = clampv((clampv(x[j] * inv, lo1, hi1) + M) - M, lo, hi) * mul;
   } else {  // signed 1-bit: code c = round((t + 1) / 2) in {0, 1}, value 2c - 1
+    const T M = magic<T>();
     for (int64_t j = 0; j < n; ++j) {
-      const T c = std::nearbyint((x[j] * inv + T(1)) * T(0.5));
+      const T c = (clampv((x[j] * inv + T(1)) * T(0.5), T(-2), T(3)) + M) - M;
       out[j] = clampv(c * T(2) - T(1), lo, hi) * mul;
     }
   }
@@ -57,7 +73,11 @@ void philox_uniform(int64_t n, uint64_t seed, T* out) {
   const int64_t chunk = 8192;
   parallel_for((n + chunk - 1) / chunk, [&](int64_t t) {
     const int64_t j1 = (t + 1) * chunk < n ? (t + 1) * chunk : n;
-    for (int64_t j = t * chunk; j < j1; ++j) out[j] = T(philox::uniform_f32(seed, uint64_t(j)));
+    uint32_t words[4];
+    for (int64_t j = t * chunk; j < j1; ++j) {
+      if (j == t * chunk || (j & 3) == 0) philox::block_words(seed, uint64_t(j) >> 2, words);
+      out[j] = T(philox::to_uniform(words[j & 3]));
+    }
   });
 }
 

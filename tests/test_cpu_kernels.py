@@ -18,7 +18,7 @@ from soniq._native import _C
 
 ISAS = soniq.supported_isas()
 ALL_X86 = ["scalar", "avx2", "avx512"]
-PATHS = ["auto", "bitserial", "bytes"]
+PATHS = ["auto", "bitserial", "bytes", "lut"]
 
 
 def isa_param(name):
@@ -87,6 +87,23 @@ def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
         _C.set_kernel_path(path)
         for ba, bb in [(1, 1), (2, 2), (8, 1), (8, 4), (4, 8)]:
             check(random_values(rng, M, K, ba, False), ba, False, random_values(rng, N, K, bb, True), bb, True)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS)
+@pytest.mark.parametrize("M", [1, 5])
+def test_extreme_codes_do_not_saturate(isa, M, kernel_setup):
+    """All codes at their maximum: the int16 stages of the byte and table kernels must not
+    saturate for any bit pair (the bound that lets them accumulate in int16 is tight)."""
+    soniq.set_isa(isa)
+    K, N = 4200, 6
+    for path in PATHS:
+        _C.set_kernel_path(path)
+        for ba, bb in [(8, 8), (8, 6), (8, 4), (8, 2), (8, 1), (4, 4), (6, 8), (7, 7)]:
+            a = np.full((M, K), (1 << ba) - 1, dtype=np.int64)
+            b = np.full((N, K), (1 << bb) - 1, dtype=np.int64)
+            b[0, ::3] = 0
+            check(a, ba, False, b, bb, False)
+            check(-(a + 1) // 2, ba, True, -(b + 1) // 2, bb, True)  # most negative signed values
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)

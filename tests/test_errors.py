@@ -63,8 +63,9 @@ def test_per_column_range_names_the_column():
 @pytest.mark.parametrize("kw,exc,match", [
     ({"axis": 2}, ValueError, "axis must be 0 .* or 1"),
     ({"signed": 1}, TypeError, "signed must be a bool"),
-    ({"scale": 0.0}, ValueError, r"scale\[0\] = 0.0: scales must be finite and > 0"),
-    ({"scale": -1.0}, ValueError, "scales must be finite and > 0"),
+    ({"scale": 0.0}, ValueError, r"scale = 0.0: scales must be finite, > 0 and fit float32"),
+    ({"scale": -1.0}, ValueError, "scales must be finite, > 0"),
+    ({"scale": 1e39}, ValueError, "fit float32"),
     ({"scale": float("nan")}, ValueError, "scales must be finite"),
     ({"scale": np.array([1.0, np.inf])}, ValueError, r"scale\[1\] = inf"),
     ({"scale": np.ones(3)}, ValueError, "scale must be a scalar or 1-D with 2 entries"),

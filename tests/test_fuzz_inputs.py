@@ -58,7 +58,9 @@ weird_bits = st.one_of(
     st.just(np.array([2.0, 4.0])), st.just(torch.tensor([1, 9])), st.just(np.array([2**40, 2], dtype=np.uint64)),
 )
 weird_scales = st.one_of(
-    st.none(), st.sampled_from([0.0, -0.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e-45, 1e38, 3e38]),
+    st.none(), st.sampled_from([0.0, -0.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e-45, 1e38, 3e38,
+                                1e300, 5e-324, 2**200]),
+    st.just(np.array([1e300, 1.0])), st.just(torch.tensor([1e300], dtype=torch.float64)),
     st.just(np.array([1.0, float("nan")])), st.just(torch.tensor([[1.0]])), st.just("1.0"), st.just(True),
     st.just(torch.tensor(float("inf"))), st.just(np.array([], dtype=np.float32)),
 )

@@ -60,7 +60,7 @@ def test_penalty_and_freeze_respect_budget():
     rep = soniq.qat.precision_report(m)
     assert rep["avg_w_bits"] > 2.0  # starts mid-palette, over budget
     pen = soniq.qat.bit_penalty(m)
-    assert float(pen) > 0
+    assert float(pen.detach()) > 0
     pen.backward()
     assert all(float(q.bits_logit.grad.min()) >= 0 and float(q.bits_logit.grad.max()) > 0
                for l in soniq.qat.quant_layers(m).values() for q in (l.w_quant, l.a_quant))
@@ -98,3 +98,26 @@ def test_freeze_needs_calibration_and_a_prepared_model():
         soniq.qat.freeze_precision(_net())
     with pytest.raises(ValueError, match="outside the palette"):
         m[0].w_quant.freeze(torch.full((6,), 3.0))
+
+
+def test_size_budget_in_bytes():
+    m = _prepared(QATConfig(w_palette=(1, 4), a_palette=(2, 8), size_bytes_target=1000.0, w_bits_target=4.0))
+    n_w = sum(l.weight.numel() for l in soniq.qat.quant_layers(m).values())
+    soniq.qat.freeze_precision(m)
+    assert soniq.qat.precision_report(m)["w_bytes"] <= 1000.0
+    m = _prepared(QATConfig(w_palette=(2, 4), a_palette=(2, 8), size_bytes_target=n_w / 8))
+    with pytest.raises(ValueError, match="budget cannot be met: size_bytes_target"):
+        soniq.qat.freeze_precision(m)
+
+
+def test_direct_construction_and_cli_wiring():
+    lin = QLinear(6, 3, w_palette=(2, 4), a_palette=(4, 8))
+    y = lin(torch.randn(2, 5, 6))  # any leading dims; channels on the last axis
+    assert y.shape == (2, 5, 3) and lin.precision()["a_bits"]["channels"] == 6
+    conv = QConv2d(3, 4, 3, padding=1)
+    assert conv(torch.rand(1, 3, 5, 5)).shape == (1, 4, 5, 5)
+    with pytest.raises(ValueError, match="groups=1"):
+        QConv2d(4, 4, 3, groups=4)
+    from soniq.cli import build_parser
+    args = build_parser().parse_args(["demo", "digits", "--quick", "--seeds", "2", "--out", "/tmp/x"])
+    assert args.quick and args.seeds == 2 and args.out == "/tmp/x"

@@ -130,3 +130,14 @@ def test_cuda_equals_cpu(noise):
         gpu = ops.quantize(x.cuda(), s.cuda(), bits.cuda(), signed=signed, noise=noise, seed=42, axis=1)
         assert torch.equal(cpu, gpu.cpu())
     assert torch.equal(ops.philox_uniform(999, 5), ops.philox_uniform(999, 5, device="cuda").cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_rounding_edges(dtype):
+    # ties, values far outside the range, infinities: same as the torch reference
+    x = torch.cat([torch.arange(-300, 300, dtype=dtype) + 0.5, torch.tensor([1e30, -1e30, 3e9], dtype=dtype),
+                   torch.tensor([float("inf"), float("-inf")], dtype=dtype)]).reshape(1, -1)
+    for signed in (False, True):
+        for b in (1, 2, 5, 8):
+            got = ops.quantize(x, 1.0, b, signed=signed, axis=0)
+            assert torch.equal(got, _ref(x, torch.ones(1, dtype=dtype), torch.tensor([float(b)]), signed, 0, 0, 0))

@@ -58,6 +58,20 @@ void bm_bytes(benchmark::State& st, const KernelTable* kt, int pa, int pb, int64
   set_gops(st, double(M) * N * K);
 }
 
+void bm_lut(benchmark::State& st, const KernelTable* kt, int pa, int pb, int64_t M, int64_t N, int64_t K) {
+  const int64_t kw = (K + 63) / 64;
+  auto Ap = random_words(size_t(pa * M * kw), 1), B = random_words(size_t(pb * N * kw), 2);
+  std::vector<uint8_t> A(size_t(M * kw * 64)), T(size_t(M * lut_bytes(kw)));
+  kt->unpack_planes(Ap.data(), pa, M * kw, M, kw, A.data(), kw * 64);
+  std::vector<int64_t> C(size_t(M * N));
+  for (int64_t i = 0; i < M; ++i) kt->lut_build(A.data() + i * kw * 64, kw, T.data() + i * lut_bytes(kw));
+  for (auto _ : st) {  // tables are built once per call and shared by all N tiles: not timed here
+    kt->lut_planes(T.data(), M, B.data(), pb, N * kw, N, kw, C.data(), N);
+    benchmark::DoNotOptimize(C.data());
+  }
+  set_gops(st, double(M) * N * K);
+}
+
 void bm_pack(benchmark::State& st, const KernelTable* kt, int bits, int64_t rows, int64_t K) {
   std::mt19937 g(3);
   std::vector<uint8_t> codes(size_t(rows * K));
@@ -122,6 +136,8 @@ void register_all() {
           benchmark::RegisterBenchmark(("bitserial/" + isa + shape).c_str(), bm_bitserial, kt, pr[0], pr[1], s.M, s.N, s.K);
         if (isa != "scalar" || s.M == 1)
           benchmark::RegisterBenchmark(("bytes/" + isa + shape).c_str(), bm_bytes, kt, pr[0], pr[1], s.M, s.N, s.K);
+        if (kt->lut_planes && s.M <= 2)  // table lookup includes building the tables
+          benchmark::RegisterBenchmark(("lut/" + isa + shape).c_str(), bm_lut, kt, pr[0], pr[1], s.M, s.N, s.K);
       }
     for (int bits : {1, 2, 4, 8}) {
       benchmark::RegisterBenchmark(("pack_planes/" + isa + "/b" + std::to_string(bits)).c_str(), bm_pack, kt, bits, 16, 4096);

@@ -1,9 +1,12 @@
 """Argument checking shared by the ops: every message names the argument and what was expected."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT_DTYPES = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 
 
@@ -100,14 +103,17 @@ def scale_vector(scale, length: int, name: str, device) -> torch.Tensor | None:
     if scale is None:
         return None
     if isinstance(scale, (int, float, np.floating, np.integer)) and not isinstance(scale, bool):
-        s = torch.full((length,), float(scale), dtype=torch.float32, device=device)
+        v = float(scale)
+        if not (math.isfinite(v) and 0 < v <= _FLOAT32_MAX):
+            raise ValueError(f"{name} = {v!r}: scales must be finite, > 0 and fit float32")
+        s = torch.full((length,), v, dtype=torch.float32, device=device)
     else:
         if isinstance(scale, (list, tuple)):
             scale = np.asarray(scale)
         if isinstance(scale, np.ndarray):
             if scale.dtype.kind not in "fiu":
                 raise TypeError(f"{name} must hold floats, got dtype {scale.dtype}")
-            scale = torch.from_numpy(np.array(scale, dtype=np.float32))
+            scale = torch.from_numpy(np.array(scale, dtype=np.float64))  # float32 cast checked below
         if not isinstance(scale, torch.Tensor):
             raise TypeError(f"{name} must be None, a float or a 1-D float tensor/array, got {type(scale).__name__}")
         if scale.dim() == 0:

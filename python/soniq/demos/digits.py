@@ -17,10 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-FULL = dict(fp_epochs=40, p1_epochs=15, p2_epochs=15, batch=64)
+FULL = dict(fp_epochs=30, p1_epochs=10, p2_epochs=10, batch=64)
 QUICK = dict(fp_epochs=8, p1_epochs=3, p2_epochs=3, batch=64)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (1, 4), (3, 8), 2.0, 4.0
 UNIFORM_W, UNIFORM_A = 2, 4
+P2_LR = 1e-3  # QAT fine-tuning learning rate (SONIQ phase 2, uniform QAT, Brevitas)
+BITS_LR, PENALTY = 5e-2, 2.0  # phase 1: learning rate of the bit logits, bit-budget penalty weight
 
 
 def load_data():
@@ -84,13 +86,13 @@ def run_soniq(fp, data, seed, E, tick):
 
     torch.manual_seed(seed)
     cfg = QATConfig(w_palette=W_PALETTE, a_palette=A_PALETTE, w_bits_target=W_TARGET, a_bits_target=A_TARGET,
-                    penalty_weight=2.0, init_w_bits=W_TARGET, init_a_bits=A_TARGET)
+                    penalty_weight=PENALTY, init_w_bits=W_TARGET, init_a_bits=A_TARGET)
     m = soniq.qat.prepare(copy.deepcopy(fp), cfg)
     m(data[0][:256])  # calibrate activation ranges
     train(m, data, E["p1_epochs"], 1e-3, seed, extra_loss=lambda: soniq.qat.bit_penalty(m),
-          param_groups=_qat_groups(m, 1e-3, 5e-2), tick=tick)
+          param_groups=_qat_groups(m, 1e-3, BITS_LR), tick=tick)
     soniq.qat.freeze_precision(m)
-    train(m, data, E["p2_epochs"], 5e-4, seed + 1, tick=tick)
+    train(m, data, E["p2_epochs"], P2_LR, seed + 1, tick=tick)
     rep = soniq.qat.precision_report(m)
     packed = soniq.convert(m)
     return m, packed, rep
@@ -107,7 +109,7 @@ def run_uniform(fp, data, seed, E, tick, epochs):
     m(data[0][:256])
     soniq.qat.set_uniform_precision(m, UNIFORM_W, UNIFORM_A)
     if epochs:
-        train(m, data, epochs, 5e-4, seed, tick=tick)
+        train(m, data, epochs, P2_LR, seed, tick=tick)
     return m
 
 
@@ -133,7 +135,7 @@ def brevitas_cnn(fp):
 def run_brevitas(fp, data, seed, epochs, tick):
     torch.manual_seed(seed)
     m = brevitas_cnn(fp)
-    return train(m, data, epochs, 5e-4, seed, tick=tick)
+    return train(m, data, epochs, P2_LR, seed, tick=tick)
 
 
 def _mean_std(v):
@@ -151,23 +153,30 @@ def plot(res, path):
     layers = res["soniq_layers_seed0"]
     names = list(layers)
     x = np.arange(len(names))
-    for off, kind, pal, col in ((-0.2, "w_bits", W_PALETTE, ("#9ecae1", "#08519c")),
-                                (0.2, "a_bits", A_PALETTE, ("#fdae6b", "#a63603"))):
-        low = [layers[n][kind]["hist"].get(pal[0], 0) / layers[n][kind]["channels"] for n in names]
+    cfg = res["soniq_config"]
+    for off, kind, pal, col in ((-0.2, "w_bits", cfg["w_palette"], ("#9ecae1", "#08519c")),
+                                (0.2, "a_bits", cfg["a_palette"], ("#fdae6b", "#a63603"))):
+        low = [layers[n][kind]["hist"].get(str(pal[0]), layers[n][kind]["hist"].get(pal[0], 0))
+               / layers[n][kind]["channels"] for n in names]
         a1.bar(x + off, low, 0.38, color=col[0], label=f"{kind[0]}: {pal[0]}-bit")
         a1.bar(x + off, [1 - v for v in low], 0.38, bottom=low, color=col[1], label=f"{kind[0]}: {pal[1]}-bit")
     a1.set_xticks(x, names)
     a1.set_ylabel("fraction of channels")
     a1.set_title("SONIQ per-layer bit allocation (seed 0)\nweights per output ch. (left), activations per input ch. (right)")
     a1.legend(fontsize=8, loc="upper right")
-    for key, marker in (("fp32", "*"), ("soniq", "o"), ("uniform_lsq_qat", "s"), ("ptq", "v"), ("brevitas_qat", "D")):
+    fp = res["methods"]["fp32"]
+    a2.axhline(fp["acc_mean"], color="k", ls="--", lw=1, label=f"FP32 ({fp['acc_mean']:.2f}%)")
+    a2.axhspan(fp["acc_mean"] - 0.5, fp["acc_mean"], color="k", alpha=0.06, label="within 0.5 of FP32")
+    keys = [("soniq", "o"), ("soniq_packed", "P"), ("uniform_lsq_qat", "s"), ("ptq", "v"), ("brevitas_qat", "D")]
+    for i, (key, marker) in enumerate(keys):
         r = res["methods"].get(key)
         if not r or r["acc_mean"] is None:
             continue
-        a2.errorbar(r["avg_w_bits"], r["acc_mean"], yerr=r["acc_std"], fmt=marker, capsize=3, ms=8,
+        xo = r["avg_w_bits"] + (i - 2) * 0.06  # side by side: the methods share the same bits
+        a2.errorbar(xo, r["acc_mean"], yerr=r["acc_std"], fmt=marker, capsize=3, ms=8,
                     label=f"{r['label']} (A {r['avg_a_bits']:.1f} b)")
-    a2.set_xscale("log", base=2)
-    a2.set_xlabel("average weight bits")
+    a2.set_xlim(1.5, 2.5)
+    a2.set_xlabel("average weight bits (methods offset sideways for legibility)")
     a2.set_ylabel("test accuracy (%)")
     a2.set_title("digits: accuracy vs average bits (mean ± std over seeds)")
     a2.legend(fontsize=8, loc="lower right")
@@ -177,7 +186,7 @@ def plot(res, path):
     plt.close(fig)
 
 
-def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False) -> int:
+def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False, peer=True) -> int:
     from tqdm.auto import tqdm
 
     import soniq
@@ -186,10 +195,10 @@ def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False
     seeds = list(range(seeds if seeds is not None else (1 if quick else 3)))
     try:
         import brevitas  # noqa: F401
-        have_brevitas = True
+        have_brevitas = peer
     except ImportError:
         have_brevitas = False
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # a tiny CNN: intra-op threads cost more than they give
     data = load_data()
     Xte, yte = data[2], data[3]
     qat_epochs = E["p1_epochs"] + E["p2_epochs"]

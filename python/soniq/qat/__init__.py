@@ -187,6 +187,10 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
                                  "pass before freeze_precision")
         counts = [q.per_channel if kind == "w" else float(q.elems_per_channel) for q in qs]
         what = "w_bits_target" if kind == "w" else "a_bits_target"
+        if kind == "w" and cfg.size_bytes_target is not None:  # a byte budget caps the bits per weight
+            n_w = sum(q.channels * q.per_channel for q in qs)
+            if cfg.size_bytes_target * 8 / n_w < target:
+                target, what = cfg.size_bytes_target * 8 / n_w, f"size_bytes_target={cfg.size_bytes_target}"
         tiers = _assign_tiers([q.bits() for q in qs], counts, pal, target, what)
         for q, b in zip(qs, tiers):
             q.freeze(b)
