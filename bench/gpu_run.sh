@@ -22,6 +22,7 @@ stage() {  # stage NAME LIMIT_S CMD...
   [ $rc -ne 0 ] && status=1
   say "$name: rc=$rc ($((SECONDS - t0)) s)$([ $rc -eq 124 ] && echo ' TIMED OUT')"
   tail -n 15 "$OUT/$name.log" | sed 's/^/    /' >> "$OUT/summary.txt"
+  return $rc
 }
 
 say "soniq GPU run $(date -u +%FT%TZ), stages: $STAGES"
@@ -30,16 +31,25 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 if ! command -v nvcc > /dev/null && [ -z "${CUDACXX:-}" ]; then
   for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc; do [ -x "$c" ] && export CUDACXX=$c && break; done
 fi
+export PYTHONUNBUFFERED=1
+# a site-packages that cannot be written to: install under /tmp/soniq-site instead
+SITE=/tmp/soniq-site
+[ -d "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 BUILD=(env SONIQ_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -v .)
+BUILD_TMP=(env SONIQ_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -v --target "$SITE" .)
+build() {
+  stage build 300 "${BUILD[@]}" && return 0
+  stage build_target 300 "${BUILD_TMP[@]}" && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+}
 CHECK_CUDA=("$PY" -c "import soniq._C as C, sys; print('built_with_cuda', C.built_with_cuda, 'archs', C.cuda_archs(), 'devices', C.cuda_device_count(), C.cuda_error()); sys.exit(0 if C.built_with_cuda and C.cuda_device_count() else 1)")
 for s in $STAGES; do
   if [ "$s" != build ] && ! (cd /tmp && $PY -c "import soniq._C" 2> /dev/null); then
-    stage build 300 "${BUILD[@]}"
+    build
   fi
   case $s in
     build)
       # --no-deps: the machine has torch/numpy and no network; build dir is reused
-      stage build 300 "${BUILD[@]}"
+      build
       stage check_cuda_build 60 "${CHECK_CUDA[@]}" ;;
     test)
       stage check_cuda_build 60 "${CHECK_CUDA[@]}"  # all CUDA tests would skip otherwise

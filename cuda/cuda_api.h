@@ -19,9 +19,18 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
             const Scales& scales, OutKind kind, void* out, void* stream);
 
 // Kernel choice for mpgemm: "auto" (by shape and bits), or force "ref", "popc", "gemv"
-// (a.rows per group <= 16), "mma" (INT8 tensor cores) or "bmma" (binary tensor cores)
-// -- for tests and benchmarks. Process-wide.
+// (a.rows per group <= 16), "mma" (INT8 tensor cores), "bmma" (binary tensor cores) or
+// "int8mm" (codes expanded to int8 in global memory + cuBLAS INT8, driven from Python:
+// python/soniq/ops/_int8mm.py) -- for tests and benchmarks. Process-wide.
 void set_kernel(const std::string& name);
 std::string get_kernel();
+// The kernel mpgemm would run for these operands (host metadata only; validates it).
+// mpgemm itself runs "mma" where this says "int8mm".
+std::string choose_kernel(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs);
+
+// One packed block [bits][rows][kw] -> int8 [rows_pad][kpad] row-major, c = u - 128 for
+// k < klen and rows < rows, 0 in the padding (kpad % 8 == 0; out 8-byte aligned).
+void expand_codes(const uint64_t* planes, int bits, int64_t rows, int64_t kw, int64_t klen, void* out,
+                  int64_t rows_pad, int64_t kpad, void* stream);
 
 }  // namespace soniq::cuda

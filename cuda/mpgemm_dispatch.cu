@@ -129,7 +129,7 @@ std::string& last_query_error() {
 }
 
 std::atomic<int> forced_kernel{0};  // index into kKernelNames
-const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma", "bmma"};
+const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma", "bmma", "int8mm"};
 
 }  // namespace
 
@@ -152,7 +152,7 @@ void set_kernel(const std::string& name) {
       forced_kernel = k;
       return;
     }
-  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma, bmma; got '" + name + "'");
+  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma, bmma, int8mm; got '" + name + "'");
 }
 
 std::string get_kernel() { return kKernelNames[forced_kernel.load()]; }
@@ -168,16 +168,24 @@ std::string choose_kernel(const detail::GemmParams& P) {
   }
   // First guesses, to be settled by bench/gpu_gemm.py. Small M streams the weights
   // (memory bound, where low bits pay) while the popcount work per weight word, rows x
-  // a bits x b bits, stays small (M=1 W4A8: 32; M=16 W2A8: 256 goes to the tensor cores);
-  // 1-bit x 1..2-bit stays on the popcount units; the rest expands codes to INT8.
+  // a bits x b bits, stays small (M=1 W4A8: 32; M=16 W2A8: 256 goes to the tensor cores).
+  // Larger M: codes expanded to int8 once, then cuBLAS INT8 (exact while every segment
+  // has klen <= 131071: |sum c_a c_b| <= klen * 2^14 < 2^31); else the mma kernel.
   int mb = 1;
   while (mb < P.a.max_group_rows) mb *= 2;
   if (P.a.max_group_rows <= detail::kGemvMaxRows && mb * P.a.max_bits * P.b.max_bits <= 64) return "gemv";
+  bool short_k = true;
+  for (int s = 0; s < P.nsegs; ++s) short_k = short_k && P.klen[s] <= 131071;
+  if (P.a.max_group_rows > detail::kGemvMaxRows && short_k) return "int8mm";
   if (P.a.max_bits * P.b.max_bits <= 2) return "popc";
   return "mma";
 }
 
 }  // namespace
+
+std::string choose_kernel(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs) {
+  return choose_kernel(detail::make_params(a, b, ksegs, nsegs, Scales{}, OutKind::Int64, reinterpret_cast<void*>(1)));
+}
 
 void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
             const Scales& scales, OutKind kind, void* out, void* stream) {
@@ -188,7 +196,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   else if (k == "popc") detail::launch_popc(P, st);
   else if (k == "gemv") detail::launch_gemv(P, st);
   else if (k == "bmma") detail::launch_bmma(P, st);
-  else detail::launch_mma(P, st);
+  else detail::launch_mma(P, st);  // "mma", and "int8mm" when called from C++ directly
 }
 
 }  // namespace soniq::cuda

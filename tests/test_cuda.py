@@ -1,5 +1,5 @@
 """CUDA mpgemm kernels are exactly the CPU mpgemm (and a_int @ b_int.T): every kernel
-(reference, popcount GEMM, GEMV, INT8 and binary tensor cores) forced in turn, every bit pair, odd
+(reference, popcount GEMM, GEMV, INT8 and binary tensor cores, cuBLAS INT8) forced in turn, every bit pair, odd
 shapes, two-tier operands on both axes, scales, non-default streams and graph capture."""
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ HAVE_GPU = bool(_C.built_with_cuda) and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(
     not HAVE_GPU, reason="no CUDA device" if _C.built_with_cuda else "soniq built without CUDA")
 
-KERNELS = ["ref", "popc", "gemv", "mma", "bmma", "auto"]
+KERNELS = ["ref", "popc", "gemv", "mma", "bmma", "int8mm", "auto"]
 
 
 def values(rng, shape, bits, signed, axis=0):
@@ -254,3 +254,19 @@ def test_errors_without_device():
         call(bad, pa.ksegs)
     with pytest.raises(RuntimeError, match="CUDA error in"):
         call(pa.desc, pa.ksegs)
+
+
+@needs_gpu
+@pytest.mark.parametrize("bits,rows,klen,off_rows", [(1, 1, 1, 0), (5, 7, 130, 3), (8, 33, 64, 1), (3, 16, 1000, 0)])
+def test_expand_codes_kernel(bits, rows, klen, off_rows):
+    """cuda/expand_codes.cu == its torch twin (shifted codes, zero padding), also at odd word offsets."""
+    from soniq.ops import _int8mm
+    rng = np.random.default_rng(bits)
+    kw = (klen + 63) // 64
+    codes = torch.from_numpy(rng.integers(0, 1 << bits, (rows, klen)).astype(np.uint8))
+    planes = torch.cat([torch.zeros(off_rows * kw, dtype=torch.int64), ops._library.pack_block_torch(codes, bits, kw)])
+    rows_pad, kpad = max(32, (rows + 15) // 16 * 16), (klen + 15) // 16 * 16
+    want = _int8mm.expand_block(planes, off_rows * kw, bits, rows, klen, kw, rows_pad, kpad)
+    got = _int8mm.expand_block(planes.cuda(), off_rows * kw, bits, rows, klen, kw, rows_pad, kpad)
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), want)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._native import _C
+from . import _int8mm
 
 KIND_INT32, KIND_INT64, KIND_FLOAT32 = 0, 1, 2
 _KIND_DTYPE = {KIND_INT32: torch.int32, KIND_INT64: torch.int64, KIND_FLOAT32: torch.float32}
@@ -96,6 +97,10 @@ def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
     nsegs = ksegs.shape[0]
     if a_data.device.type == "cuda":
         with torch.cuda.device(a_data.device):  # the kernels launch on the current device
+            if _C.cuda_choose_kernel(A, B, _ptr(ksegs), nsegs) == "int8mm" and _int8mm.supported(ksegs):
+                _int8mm.mpgemm_int8mm(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm,
+                                      b_signed, ksegs, a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, out)
+                return out
             stream = torch.cuda.current_stream(a_data.device).cuda_stream
             _C.cuda_mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), stream)
     else:
