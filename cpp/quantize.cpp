@@ -57,6 +57,7 @@ template <class T>
 void quantize(const T* x, const QuantShape& sh, const QuantParams<T>& p, int noise, uint64_t seed,
               bool values_only, T* out) {
   const int64_t rows = sh.outer * sh.channels, n = sh.inner;
+  if (rows <= 0 || n <= 0) return;  // empty tensor: nothing to do (and no division by n)
   const int64_t chunk = n >= 4096 ? 1 : (4096 + n - 1) / n;  // rows per task: ~4K elements
   parallel_for((rows + chunk - 1) / chunk, [&](int64_t t) {
     const int64_t r1 = (t + 1) * chunk < rows ? (t + 1) * chunk : rows;

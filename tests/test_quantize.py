@@ -95,6 +95,7 @@ def test_numpy_in_numpy_out():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(scale=0.0), "scales must be finite and > 0"),
     (dict(scale=float("nan")), "scales must be finite"),
+    (dict(scale=1e300), "scale = 1e\\+300 cannot be represented as torch.float32"),  # a fuzzer finding
     (dict(bits=9), "bit widths must be"),
     (dict(bits=2.5), "integers in 1..8 in exact mode"),
     (dict(noise="gauss"), "noise must be one of"),
@@ -141,3 +142,14 @@ def test_exact_rounding_edges(dtype):
         for b in (1, 2, 5, 8):
             got = ops.quantize(x, 1.0, b, signed=signed, axis=0)
             assert torch.equal(got, _ref(x, torch.ones(1, dtype=dtype), torch.tensor([float(b)]), signed, 0, 0, 0))
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 5), 0), ((3, 0), 0), ((3, 0), 1), ((0,), 0), ((2, 0, 4), 1)])
+def test_empty_tensors(shape, axis):
+    """Empty in, empty out (a fuzzer once found a division by zero here)."""
+    x = torch.empty(shape)
+    C = shape[axis]
+    for noise in ("none", "uniform"):
+        out = ops.quantize(x, torch.ones(C) if C else 1.0, 4, signed=True, axis=axis, noise=noise, seed=1)
+        assert out.shape == x.shape
+

@@ -105,7 +105,10 @@ def _channel_vector(v, C: int, name: str, like: Tensor, dtype=None) -> Tensor:
     if isinstance(v, np.ndarray):
         v = torch.from_numpy(np.asarray(v, dtype=np.float64))
     if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
-        return torch.full((C,), float(v), dtype=dtype, device=like.device)
+        try:
+            return torch.full((C,), float(v), dtype=dtype, device=like.device)
+        except (RuntimeError, OverflowError):  # e.g. 1e300 does not fit float32
+            raise ValueError(f"{name} = {v!r} cannot be represented as {dtype}") from None
     if not isinstance(v, Tensor):
         raise TypeError(f"{name} must be a number or a 1-D tensor/array with one entry per channel, "
                         f"got {type(v).__name__}")
