@@ -265,23 +265,27 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
     return {"shape": shape_name, "M": M, "N": N, "K": K, "best_int8": best_name, "rows": rows}
 
 
-MISS_REASONS = {
-    "W1A8": "GEMV W1A8 runs the byte path (weight planes expanded to int8 in registers, then vpmaddubsw): "
-            "~6 vector ops per 32 MACs make it compute-bound near the INT8 kernel's speed although it reads "
-            "8x fewer bytes. Closing it needs a T-MAC style table lookup (vpshufb over 4-activation groups, "
-            "weights in a row-interleaved nibble layout), ~2-3x fewer ops per MAC.",
-    "W2A8": "as W1A8: expansion of 2 weight planes per 32 codes dominates; needs the LUT kernel.",
-    "W4A8": "4 plane expansions per 32 codes (~20 ops) before each vpmaddubsw; a nibble byte layout for 4-bit "
-            "weights (2 ops to unpack) or the LUT kernel would close it.",
-    "W8A8": "8-bit weights are stored as 8 bit planes and expanded on every call; an int8 byte layout for "
-            "8-bit tiers (design.md section 3 allows it) would make this the plain INT8 kernel.",
-    "mixed": "the mixed layer is the sum of its W4A8 and W2A8 parts (see sum_of_parts), which miss for the "
-             "reasons above.",
-    "W1A1": "scalar popcnt bit-serial runs at ~40-45 binary MACs/cycle/core (limit ~85 on 4 ALUs); 8x INT8 "
-            "needs ~4x the INT8 MAC rate, i.e. above the AVX2 popcount limit on this core. A vpshufb "
-            "Harley-Seal popcount on the vector pipes alongside scalar popcnt would raise it.",
-    "W2A2": "byte path (int8 dot products) with per-tile expansion of bit planes.",
-    "W4A4": "byte path (int8 dot products) with per-tile expansion of bit planes.",
+MISS_REASONS = {  # measured with bench/cpp/soniq_bench (single-thread kernel rates on this AMD EPYC, AVX2)
+    "W1A8": "GEMV runs the exact table-lookup kernel (vpshufb over nibble-split subset sums of 4 activations; "
+            "~120-155 GOP/s per core, 1 LUT pass per weight plane). It is compute-bound, not memory-bound: "
+            "~20% of its vector ops transpose 16 plane rows in registers because the stored layout is row-major "
+            "planes. A row-interleaved nibble layout for GEMV weights (design.md section 3 allows layouts per "
+            "kernel) would drop the transpose; AVX-512 VBMI (vpermb, 64 entries) would look up 6 bits per "
+            "byte instead of 4.",
+    "W2A8": "table lookup costs one pass per weight plane (2 here, ~60 GOP/s per core); same remedy as W1A8, "
+            "plus looking up 2-bit codes of 2 activations per nibble instead of 1-bit codes of 4 (halves passes).",
+    "W4A8": "4 LUT passes (~40 GOP/s per core) against ORT's nibble-packed int8 kernel; a nibble byte layout "
+            "for 4-bit weights (unpack in 2 ops, then vpmaddubsw with int16 accumulation) would close it.",
+    "W8A8": "8-bit weights are stored as 8 bit planes and re-expanded on every call (8 LUT passes); an int8 "
+            "byte layout for 8-bit tiers (design.md section 3 allows it) would make this the plain INT8 kernel.",
+    "mixed": "one call runs both tiers; its time is the sum of its W4A8 and W2A8 parts (see sum_of_parts), "
+             "which are limited as above.",
+    "W1A1": "bit-serial with scalar popcnt: ~290 GOP/s per core (3x4 register block, ~60 binary MACs/cycle "
+            "against a limit of ~85 on 4 integer ALUs). 8x INT8 would need ~8x the int8 MAC rate, above the "
+            "AVX2 popcount limit; only VPOPCNTDQ (AVX-512) or a vpshufb popcount running on the vector pipes "
+            "beside the scalar one can raise it.",
+    "W2A2": "byte path: bit planes expanded to int8 per tile, vpmaddubsw with exact int16 accumulation.",
+    "W4A4": "byte path: bit planes expanded to int8 per tile, vpmaddubsw with exact int16 accumulation.",
 }
 
 
@@ -317,7 +321,12 @@ def markdown(meta, results, targets) -> str:
          + (" -- the machine was shared with other jobs, so absolute numbers are noisy" if
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
          f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; soniq ms = packed kernel "
-         "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python", ""]
+         "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python",
+         "- kernels chosen per block pair (AVX2): bit-serial popcnt when bits_a*bits_b <= 2; for GEMV rows "
+         "(M <= 2) the exact table-lookup kernel otherwise; else the byte path (bit planes expanded to int8 per "
+         "tile, vpmaddubsw, exact int16 accumulation). AVX-512: vpopcntq bit-serial / vpdpbusd byte path.",
+         "- methods are measured in interleaved rounds (median of rounds, best of 2 calls per round), so load "
+         "changes hit all alike; a baseline slower than 1 s per call is timed once", ""]
     for s in results:
         L += [f"## {s['shape']}: M={s['M']} N={s['N']} K={s['K']} (best INT8: {s['best_int8']})", "",
               "| method | ms | GOP/s | vs best INT8 | vs best INT8 (with act pack) | vs ORT 2/4/8-bit | limit frac |",
@@ -347,7 +356,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI smoke, < 1 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--shapes", help="comma-separated subset of the shapes (names as printed)")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown (and targets) of a saved run")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        saved["targets"] = targets_table(saved["results"])
+        with open(args.render, "w") as f:
+            json.dump(saved, f, indent=1)
+        with open(args.render[:-5] + ".md", "w") as f:
+            f.write(markdown(saved["meta"], saved["results"], saved["targets"]))
+        return
     torch.set_num_threads(args.threads)
     soniq.set_num_threads(args.threads)
     cpu = cpu_report()
@@ -357,7 +377,13 @@ def main(argv=None):
     print(f"limits: int8 {pk['int8_ops']/1e9:.0f} GOP/s, popcount {pk['popcount_ops']/1e9:.0f} GOP/s, "
           f"memory {bw/1e9:.1f} GB/s")
     results = []
-    for name, (M, N, K) in (QUICK_SHAPES if args.quick else FULL_SHAPES).items():
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shapes:
+        unknown = set(args.shapes.split(",")) - set(shapes)
+        if unknown:
+            ap.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
+        shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    for name, (M, N, K) in shapes.items():
         torch.manual_seed(0)
         x, w = torch.randn(M, K), torch.randn(N, K) / K ** 0.5
         methods, notes = baselines(M, N, K, x, w, args.threads)
