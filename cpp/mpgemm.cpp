@@ -11,9 +11,10 @@
 namespace soniq {
 namespace {
 
-// A task is one (kTileM x kTileN) output tile over all K segments. 64 A rows amortize the
-// byte path's per-tile expansion of B; GEMV (M=1) still gets N/64 tasks.
-constexpr int64_t kTileM = 64;
+// A task is one (kTileM x kTileN) output tile over all K segments. 128 A rows amortize the
+// byte path's per-tile expansion of B (~20 vector ops per 32 codes of a 4-bit row);
+// GEMV (M=1) still gets N/64 tasks.
+constexpr int64_t kTileM = 128;
 constexpr int64_t kTileN = 64;
 
 std::atomic<int> g_path_policy{0};
