@@ -265,27 +265,34 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
     return {"shape": shape_name, "M": M, "N": N, "K": K, "best_int8": best_name, "rows": rows}
 
 
-MISS_REASONS = {  # measured with bench/cpp/soniq_bench (single-thread kernel rates on this AMD EPYC, AVX2)
-    "W1A8": "GEMV runs the exact table-lookup kernel (vpshufb over nibble-split subset sums of 4 activations; "
-            "~120-155 GOP/s per core, 1 LUT pass per weight plane). It is compute-bound, not memory-bound: "
-            "~20% of its vector ops transpose 16 plane rows in registers because the stored layout is row-major "
-            "planes. A row-interleaved nibble layout for GEMV weights (design.md section 3 allows layouts per "
-            "kernel) would drop the transpose; AVX-512 VBMI (vpermb, 64 entries) would look up 6 bits per "
-            "byte instead of 4.",
-    "W2A8": "table lookup costs one pass per weight plane (2 here, ~60 GOP/s per core); same remedy as W1A8, "
-            "plus looking up 2-bit codes of 2 activations per nibble instead of 1-bit codes of 4 (halves passes).",
-    "W4A8": "4 LUT passes (~40 GOP/s per core) against ORT's nibble-packed int8 kernel; a nibble byte layout "
-            "for 4-bit weights (unpack in 2 ops, then vpmaddubsw with int16 accumulation) would close it.",
-    "W8A8": "8-bit weights are stored as 8 bit planes and re-expanded on every call (8 LUT passes); an int8 "
-            "byte layout for 8-bit tiers (design.md section 3 allows it) would make this the plain INT8 kernel.",
-    "mixed": "one call runs both tiers; its time is the sum of its W4A8 and W2A8 parts (see sum_of_parts), "
-             "which are limited as above.",
-    "W1A1": "bit-serial with scalar popcnt: ~290 GOP/s per core (3x4 register block, ~60 binary MACs/cycle "
-            "against a limit of ~85 on 4 integer ALUs). 8x INT8 would need ~8x the int8 MAC rate, above the "
-            "AVX2 popcount limit; only VPOPCNTDQ (AVX-512) or a vpshufb popcount running on the vector pipes "
-            "beside the scalar one can raise it.",
-    "W2A2": "byte path: bit planes expanded to int8 per tile, vpmaddubsw with exact int16 accumulation.",
-    "W4A4": "byte path: bit planes expanded to int8 per tile, vpmaddubsw with exact int16 accumulation.",
+_GEMV_WHY = ("GEMV here is compute-bound, not memory-bound: FBGEMM INT8 streams its 64 MB (8192x8192) at "
+             "18-29 GB/s, while soniq's exact table-lookup kernel (vpshufb over nibble-split subset sums of 4 "
+             "activations) costs one pass per weight bit plane at ~150 GOP/s per core from cache (bench/cpp lut/), "
+             "so W1/W2/W4 need ~0.9/1.8/3.3 ms at 2 threads for 8192^2 and measure 1.7/4.1/5.7 ms (16 strided "
+             "row streams per plane, in-register 16x16 transposes). What would close it: a GEMV weight layout "
+             "with the 16 rows of a block interleaved per plane (one contiguous stream, no transpose: ~20% of "
+             "the ops), one table pass per 2-bit code pair / a nibble layout with vpmaddubsw for 4-bit weights "
+             "instead of one pass per plane, and vpermb (AVX-512 VBMI, 64-entry tables) on Intel.")
+MISS_REASONS = {  # kernel rates from bench/cpp/soniq_bench, single thread, this AMD EPYC (AVX2)
+    "W1A8": _GEMV_WHY,
+    "W2A8": _GEMV_WHY + " Against ORT 2-bit: ORT reads the same bytes in one contiguous stream per row and decodes "
+            "2-bit codes in a few ops; soniq makes 2 table passes (one per plane).",
+    "W4A8": _GEMV_WHY + " Against ORT 4-bit: 4 table passes per weight vs ORT's 2-op nibble decode; a nibble "
+            "layout for 4-bit weights with vpmaddubsw (exact int16 runs) would match it.",
+    "W8A8": "8-bit weights are stored as 8 bit planes and expanded on every call (8 table passes in GEMV); an "
+            "int8 byte layout for 8-bit tiers (design.md section 3 allows it) would make this the plain INT8 kernel.",
+    "mixed": "one call runs both tiers (its time is the sum of its W4A8 and W2A8 parts, see sum_of_parts), which "
+             "are limited as above.",
+    "W1A1": "bit-serial with scalar popcnt runs at ~290 GOP/s per core (3x4 register block, ~60 binary MACs/cycle "
+            "against ~85 for and+popcnt+add on 4 integer ALUs), while FBGEMM INT8 reaches ~150 GOP/s per core. "
+            "8x INT8 is above the AVX2 popcount limit (~1.7x at best); only VPOPCNTDQ (AVX-512, written and "
+            "built here, untested on this CPU) or a vpshufb popcount on the vector pipes beside the scalar one "
+            "could raise it.",
+    "W2A2": "byte path: bit planes expanded to int8 per 128-row tile, vpmaddubsw with exact int16 runs; the "
+            "expansion (~5 ops per plane per 32 codes) is the gap to FBGEMM's prepacked int8 weights.",
+    "W4A4": "byte path: bit planes expanded to int8 per 128-row tile, vpmaddubsw with exact int16 runs; the "
+            "expansion (~20 ops per 32 codes of a 4-bit row) is the gap to FBGEMM's prepacked int8 weights. "
+            "A prepacked byte/nibble layout for weights >= 4 bits would remove it.",
 }
 
 
@@ -315,7 +322,8 @@ def markdown(meta, results, targets) -> str:
          f"- ISA {meta['cpu']['isa']} (supported {', '.join(meta['cpu']['supported_isas'])}); "
          f"{meta['threads']} threads; {meta['cpu']['mhz']} MHz nominal",
          f"- limits: int8 {meta['peaks']['int8_ops']/1e9:.0f} GOP/s, popcount {meta['peaks']['popcount_ops']/1e9:.0f} "
-         f"GOP/s (1x1-bit), memory bandwidth {meta['bandwidth_gbs']:.1f} GB/s (copy)",
+         f"GOP/s (1x1-bit), memory bandwidth {meta['bandwidth_gbs']:.1f} GB/s (copy; streaming reads reach more, "
+         "so GEMV fractions above 1 occur)",
          f"- machine load: 1-min load average {meta['cpu']['load_avg_1min_at_start']} at start, "
          f"{meta['load_avg_end']} at end on {meta['cpu']['logical_cpus']} logical CPUs"
          + (" -- the machine was shared with other jobs, so absolute numbers are noisy" if
