@@ -135,8 +135,11 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     thread_local std::vector<int64_t> block_buf, itotal_buf;
     thread_local std::vector<double> ftotal_buf;
     block_buf.resize(size_t(kTileM * kTileN));
-    itotal_buf.assign(size_t(kTileM * kTileN), 0);
-    if (kind == OutKind::Float32) ftotal_buf.assign(size_t(kTileM * kTileN), 0.0);
+    itotal_buf.resize(size_t(kTileM * kTileN));
+    ftotal_buf.resize(size_t(kTileM * kTileN));
+    // zero only the rows this tile uses: a GEMV tile has 1 of 128
+    std::fill(itotal_buf.begin(), itotal_buf.begin() + tm * kTileN, int64_t(0));
+    if (kind == OutKind::Float32) std::fill(ftotal_buf.begin(), ftotal_buf.begin() + tm * kTileN, 0.0);
     int64_t* block = block_buf.data();
     int64_t* itotal = itotal_buf.data();
     double* ftotal = ftotal_buf.data();
