@@ -268,7 +268,7 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
 _GEMV_WHY = ("GEMV here is compute-bound, not memory-bound: FBGEMM INT8 streams its 64 MB (8192x8192) at "
              "18-29 GB/s, while soniq's exact table-lookup kernel (vpshufb over nibble-split subset sums of 4 "
              "activations) costs one pass per weight bit plane at ~150 GOP/s per core from cache (bench/cpp lut/), "
-             "so W1/W2/W4 need ~0.9/1.8/3.3 ms at 2 threads for 8192^2 and measure 1.7/4.1/5.7 ms (16 strided "
+             "so W1/W2/W4 need ~0.9/1.8/3.3 ms at 2 threads for 8192^2 and measure 1.6/2.8/5.0 ms (16 strided "
              "row streams per plane, in-register 16x16 transposes). What would close it: a GEMV weight layout "
              "with the 16 rows of a block interleaved per plane (one contiguous stream, no transpose: ~20% of "
              "the ops), one table pass per 2-bit code pair / a nibble layout with vpmaddubsw for 4-bit weights "
