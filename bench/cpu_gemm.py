@@ -230,7 +230,7 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
         if is_gemv:  # weight bytes streamed per call against memory bandwidth
             return (N * K * wbits / 8 / t) / bw
         m = re.match(r"soniq W(\d)A(\d)$", method)
-        if m and int(m.group(1)) * int(m.group(2)) <= 2:
+        if m and int(m.group(1)) * int(m.group(2)) == 1:
             return ops_n / t / (pk["popcount_ops"] / (int(m.group(1)) * int(m.group(2))))
         return ops_n / t / pk["int8_ops"]
 
@@ -330,8 +330,9 @@ def markdown(meta, results, targets) -> str:
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
          f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; soniq ms = packed kernel "
          "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python",
-         "- kernels chosen per block pair (AVX2): bit-serial popcnt when bits_a*bits_b <= 2; for GEMV rows "
-         "(M <= 2) the exact table-lookup kernel otherwise; else the byte path (bit planes expanded to int8 per "
+         "- kernels chosen per block pair (AVX2, measured in bench/results/bench_cpp_*.json): bit-serial popcnt "
+         "for 1x1 bits (GEMV rows: up to 1x2); for GEMV rows (M <= 2) the exact table-lookup kernel otherwise; "
+         "else the byte path (bit planes expanded to int8 per "
          "tile, vpmaddubsw, exact int16 accumulation). AVX-512: vpopcntq bit-serial / vpdpbusd byte path.",
          "- methods are measured in interleaved rounds (median of rounds, best of 2 calls per round), so load "
          "changes hit all alike; a baseline slower than 1 s per call is timed once", ""]

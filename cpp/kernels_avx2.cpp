@@ -467,9 +467,10 @@ void avx2_lut_planes(const uint8_t* tables, int64_t M, const uint64_t* B, int pb
 }  // namespace
 
 const KernelTable& kernels_avx2() {
-  // bit-serial wins for 1x1 and 1x2 bit pairs against vpmaddubsw and against the table
-  // lookup for GEMV rows (bench/cpp: bitserial/ vs bytes/ vs lut/ at M1, M16, M64)
-  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 2, 2,
+  // Measured (bench/results/bench_cpp_amd-epyc.json, single core): bit-serial wins only for
+  // 1x1 bits against vpmaddubsw with int16 runs (M16/M64: 300 vs 190-220 GOP/s; 1x2: 152 vs
+  // 170-210), and up to 1x2 against the table lookup for GEMV rows (1x2: 147 vs 83; 2x2: 74 vs 83).
+  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 1, 2,
                              avx2_lut_build, avx2_lut_planes};
   return t;
 }
