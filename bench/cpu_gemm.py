@@ -230,7 +230,7 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
         if is_gemv:  # weight bytes streamed per call against memory bandwidth
             return (N * K * wbits / 8 / t) / bw
         m = re.match(r"soniq W(\d)A(\d)$", method)
-        if m and int(m.group(1)) * int(m.group(2)) <= 2:
+        if m and int(m.group(1)) * int(m.group(2)) == 1:
             return ops_n / t / (pk["popcount_ops"] / (int(m.group(1)) * int(m.group(2))))
         return ops_n / t / pk["int8_ops"]
 
@@ -265,23 +265,34 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
     return {"shape": shape_name, "M": M, "N": N, "K": K, "best_int8": best_name, "rows": rows}
 
 
-MISS_REASONS = {
-    "W1A8": "GEMV W1A8 runs the byte path (weight planes expanded to int8 in registers, then vpmaddubsw): "
-            "~6 vector ops per 32 MACs make it compute-bound near the INT8 kernel's speed although it reads "
-            "8x fewer bytes. Closing it needs a T-MAC style table lookup (vpshufb over 4-activation groups, "
-            "weights in a row-interleaved nibble layout), ~2-3x fewer ops per MAC.",
-    "W2A8": "as W1A8: expansion of 2 weight planes per 32 codes dominates; needs the LUT kernel.",
-    "W4A8": "4 plane expansions per 32 codes (~20 ops) before each vpmaddubsw; a nibble byte layout for 4-bit "
-            "weights (2 ops to unpack) or the LUT kernel would close it.",
-    "W8A8": "8-bit weights are stored as 8 bit planes and expanded on every call; an int8 byte layout for "
-            "8-bit tiers (design.md section 3 allows it) would make this the plain INT8 kernel.",
-    "mixed": "the mixed layer is the sum of its W4A8 and W2A8 parts (see sum_of_parts), which miss for the "
-             "reasons above.",
-    "W1A1": "scalar popcnt bit-serial runs at ~40-45 binary MACs/cycle/core (limit ~85 on 4 ALUs); 8x INT8 "
-            "needs ~4x the INT8 MAC rate, i.e. above the AVX2 popcount limit on this core. A vpshufb "
-            "Harley-Seal popcount on the vector pipes alongside scalar popcnt would raise it.",
-    "W2A2": "byte path (int8 dot products) with per-tile expansion of bit planes.",
-    "W4A4": "byte path (int8 dot products) with per-tile expansion of bit planes.",
+_GEMV_WHY = ("GEMV here is compute-bound, not memory-bound: FBGEMM INT8 streams its 64 MB (8192x8192) at "
+             "18-29 GB/s, while soniq's exact table-lookup kernel (vpshufb over nibble-split subset sums of 4 "
+             "activations) costs one pass per weight bit plane at ~150 GOP/s per core from cache (bench/cpp lut/), "
+             "so W1/W2/W4 need ~0.9/1.8/3.3 ms at 2 threads for 8192^2 and measure 1.6/2.8/5.0 ms (16 strided "
+             "row streams per plane, in-register 16x16 transposes). What would close it: a GEMV weight layout "
+             "with the 16 rows of a block interleaved per plane (one contiguous stream, no transpose: ~20% of "
+             "the ops), one table pass per 2-bit code pair / a nibble layout with vpmaddubsw for 4-bit weights "
+             "instead of one pass per plane, and vpermb (AVX-512 VBMI, 64-entry tables) on Intel.")
+MISS_REASONS = {  # kernel rates from bench/cpp/soniq_bench, single thread, this AMD EPYC (AVX2)
+    "W1A8": _GEMV_WHY,
+    "W2A8": _GEMV_WHY + " Against ORT 2-bit: ORT reads the same bytes in one contiguous stream per row and decodes "
+            "2-bit codes in a few ops; soniq makes 2 table passes (one per plane).",
+    "W4A8": _GEMV_WHY + " Against ORT 4-bit: 4 table passes per weight vs ORT's 2-op nibble decode; a nibble "
+            "layout for 4-bit weights with vpmaddubsw (exact int16 runs) would match it.",
+    "W8A8": "8-bit weights are stored as 8 bit planes and expanded on every call (8 table passes in GEMV); an "
+            "int8 byte layout for 8-bit tiers (design.md section 3 allows it) would make this the plain INT8 kernel.",
+    "mixed": "one call runs both tiers (its time is the sum of its W4A8 and W2A8 parts, see sum_of_parts), which "
+             "are limited as above.",
+    "W1A1": "bit-serial with scalar popcnt runs at ~290 GOP/s per core (3x4 register block, ~60 binary MACs/cycle "
+            "against ~85 for and+popcnt+add on 4 integer ALUs), while FBGEMM INT8 reaches ~150 GOP/s per core. "
+            "8x INT8 is above the AVX2 popcount limit (~1.7x at best); only VPOPCNTDQ (AVX-512, written and "
+            "built here, untested on this CPU) or a vpshufb popcount on the vector pipes beside the scalar one "
+            "could raise it.",
+    "W2A2": "byte path: bit planes expanded to int8 per 128-row tile, vpmaddubsw with exact int16 runs; the "
+            "expansion (~5 ops per plane per 32 codes) is the gap to FBGEMM's prepacked int8 weights.",
+    "W4A4": "byte path: bit planes expanded to int8 per 128-row tile, vpmaddubsw with exact int16 runs; the "
+            "expansion (~20 ops per 32 codes of a 4-bit row) is the gap to FBGEMM's prepacked int8 weights. "
+            "A prepacked byte/nibble layout for weights >= 4 bits would remove it.",
 }
 
 
@@ -311,13 +322,20 @@ def markdown(meta, results, targets) -> str:
          f"- ISA {meta['cpu']['isa']} (supported {', '.join(meta['cpu']['supported_isas'])}); "
          f"{meta['threads']} threads; {meta['cpu']['mhz']} MHz nominal",
          f"- limits: int8 {meta['peaks']['int8_ops']/1e9:.0f} GOP/s, popcount {meta['peaks']['popcount_ops']/1e9:.0f} "
-         f"GOP/s (1x1-bit), memory bandwidth {meta['bandwidth_gbs']:.1f} GB/s (copy)",
+         f"GOP/s (1x1-bit), memory bandwidth {meta['bandwidth_gbs']:.1f} GB/s (copy; streaming reads reach more, "
+         "so GEMV fractions above 1 occur)",
          f"- machine load: 1-min load average {meta['cpu']['load_avg_1min_at_start']} at start, "
          f"{meta['load_avg_end']} at end on {meta['cpu']['logical_cpus']} logical CPUs"
          + (" -- the machine was shared with other jobs, so absolute numbers are noisy" if
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
          f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; soniq ms = packed kernel "
-         "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python", ""]
+         "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python",
+         "- kernels chosen per block pair (AVX2, measured in bench/results/bench_cpp_*.json): bit-serial popcnt "
+         "for 1x1 bits (GEMV rows: up to 1x2); for GEMV rows (M <= 2) the exact table-lookup kernel otherwise; "
+         "else the byte path (bit planes expanded to int8 per "
+         "tile, vpmaddubsw, exact int16 accumulation). AVX-512: vpopcntq bit-serial / vpdpbusd byte path.",
+         "- methods are measured in interleaved rounds (median of rounds, best of 2 calls per round), so load "
+         "changes hit all alike; a baseline slower than 1 s per call is timed once", ""]
     for s in results:
         L += [f"## {s['shape']}: M={s['M']} N={s['N']} K={s['K']} (best INT8: {s['best_int8']})", "",
               "| method | ms | GOP/s | vs best INT8 | vs best INT8 (with act pack) | vs ORT 2/4/8-bit | limit frac |",
@@ -347,7 +365,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI smoke, < 1 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--shapes", help="comma-separated subset of the shapes (names as printed)")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown (and targets) of a saved run")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        saved["targets"] = targets_table(saved["results"])
+        with open(args.render, "w") as f:
+            json.dump(saved, f, indent=1)
+        with open(args.render[:-5] + ".md", "w") as f:
+            f.write(markdown(saved["meta"], saved["results"], saved["targets"]))
+        return
     torch.set_num_threads(args.threads)
     soniq.set_num_threads(args.threads)
     cpu = cpu_report()
@@ -357,7 +386,13 @@ def main(argv=None):
     print(f"limits: int8 {pk['int8_ops']/1e9:.0f} GOP/s, popcount {pk['popcount_ops']/1e9:.0f} GOP/s, "
           f"memory {bw/1e9:.1f} GB/s")
     results = []
-    for name, (M, N, K) in (QUICK_SHAPES if args.quick else FULL_SHAPES).items():
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shapes:
+        unknown = set(args.shapes.split(",")) - set(shapes)
+        if unknown:
+            ap.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
+        shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    for name, (M, N, K) in shapes.items():
         torch.manual_seed(0)
         x, w = torch.randn(M, K), torch.randn(N, K) / K ** 0.5
         methods, notes = baselines(M, N, K, x, w, args.threads)

@@ -330,21 +330,40 @@ void avx2_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t*
 // Table layout per 256-code chunk c: [j 0..15][nibble 0..1][part lo/hi][lane 0..1][16],
 // lane 0 = group 2j+nibble, lane 1 = group 32+2j+nibble of the chunk.
 void avx2_lut_build(const uint8_t* A, int64_t kw, uint8_t* tables) {
-  const int64_t nchunks = (kw + 3) / 4;
-  std::memset(tables, 0, size_t(lut_bytes(kw)));
-  for (int64_t g = 0; g < kw * 16; ++g) {  // groups of 4 codes that exist
-    const int64_t c = g / 64, gl = g % 64, lane = gl / 32, j = (gl % 32) / 2, nib = gl % 2;
-    uint8_t* lo = tables + (((c * 16 + j) * 2 + nib) * 2 + 0) * 32 + lane * 16;
-    uint8_t* hi = lo + 32;
-    const uint8_t* a = A + g * 4;
-    lo[0] = hi[0] = 0;
-    for (int idx = 1; idx < 16; ++idx) {
-      const int low = idx & -idx, t = __builtin_ctz(unsigned(idx));
-      lo[idx] = uint8_t(lo[idx ^ low] + (a[t] & 15));
-      hi[idx] = uint8_t(hi[idx ^ low] + (a[t] >> 4));
+  // Two groups per register, one per lane, as lut_planes loads them:
+  // table[idx] = sum_t ((idx >> t) & 1) * nibble(a_t), from 4 byte splats and 4 bit masks.
+  __m256i mask[4], splat[4];
+  for (int t = 0; t < 4; ++t) {
+    alignas(32) int8_t mk[32], sp[32];
+    for (int i = 0; i < 32; ++i) {
+      mk[i] = int8_t(((i & 15) >> t) & 1 ? -1 : 0);
+      sp[i] = int8_t(t);
     }
+    mask[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
+    splat[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(sp));
   }
-  (void)nchunks;
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  const int64_t ngroups = kw * 16, nchunks = (kw + 3) / 4;
+  auto load4 = [&](int64_t g) {
+    uint32_t v = 0;
+    if (g < ngroups) std::memcpy(&v, A + g * 4, 4);
+    return int(v);
+  };
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int j = 0; j < 16; ++j)
+      for (int nb = 0; nb < 2; ++nb) {
+        const int64_t g = c * 64 + 2 * j + nb;
+        const __m256i v = _mm256_setr_epi32(load4(g), 0, 0, 0, load4(g + 32), 0, 0, 0);
+        const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        __m256i tlo = _mm256_setzero_si256(), thi = _mm256_setzero_si256();
+        for (int t = 0; t < 4; ++t) {
+          tlo = _mm256_add_epi8(tlo, _mm256_and_si256(_mm256_shuffle_epi8(lo, splat[t]), mask[t]));
+          thi = _mm256_add_epi8(thi, _mm256_and_si256(_mm256_shuffle_epi8(hi, splat[t]), mask[t]));
+        }
+        uint8_t* out = tables + ((c * 16 + j) * 2 + nb) * 64;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), tlo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32), thi);
+      }
 }
 
 // 16 rows x 32 bytes -> t[b] = byte b (lane 0) / 16+b (lane 1) of rows 0..15.
@@ -383,6 +402,8 @@ inline void lut_rows16(const uint8_t* tables, const uint64_t* B, int pb, int64_t
       const int64_t w = c * 4, valid = std::min<int64_t>(4, kw - w);
       __m256i x[16], t[16];
       const __m256i lmask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(valid), _mm256_setr_epi64x(0, 1, 2, 3));
+      for (int r = 0; r < nrows; ++r)  // 16 chunks (512 B) ahead for DRAM latency; prefetches never fault
+        _mm_prefetch(reinterpret_cast<const char*>(plane + r * kw + w + 64), _MM_HINT_T0);
       for (int r = 0; r < 16; ++r) {
         if (r >= nrows) x[r] = zero;
         else if (valid == 4) x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane + r * kw + w));
@@ -419,15 +440,17 @@ inline void lut_rows16(const uint8_t* tables, const uint64_t* B, int pb, int64_t
 void avx2_lut_planes(const uint8_t* tables, int64_t M, const uint64_t* B, int pb, int64_t sb, int64_t N,
                      int64_t kw, int64_t* C, int64_t ldc) {
   const int64_t nchunks = (kw + 3) / 4;
-  // per row and K block: sum <= 255 * 255 * 2048 < 2^31
-  constexpr int64_t kChunkBlock = 8;  // 2048 codes: 16 KiB of tables stay in L1
+  // Each of the 16 rows of a plane is streamed sequentially over K (long streams the
+  // prefetchers follow; weights come from DRAM in GEMV), tables are re-read from L2.
+  // int32 lanes: per chunk and all planes <= 32640 * 255; 64 chunks x 2 lanes < 2^31.
+  constexpr int64_t kChunkBlock = 64;
   for (int64_t i = 0; i < M; ++i) {
     const uint8_t* tab = tables + i * lut_bytes(kw);
     for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = 0;
-    for (int64_t c0 = 0; c0 < nchunks; c0 += kChunkBlock) {
-      const int64_t c1 = std::min(nchunks, c0 + kChunkBlock);
-      for (int64_t j0 = 0; j0 < N; j0 += 16) {
-        const int nrows = int(std::min<int64_t>(16, N - j0));
+    for (int64_t j0 = 0; j0 < N; j0 += 16) {
+      const int nrows = int(std::min<int64_t>(16, N - j0));
+      for (int64_t c0 = 0; c0 < nchunks; c0 += kChunkBlock) {
+        const int64_t c1 = std::min(nchunks, c0 + kChunkBlock);
         __m256i acc32[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                             _mm256_setzero_si256()};
         lut_rows16(tab, B + j0 * kw, pb, sb, kw, nrows, c0, c1, acc32);
@@ -444,9 +467,10 @@ void avx2_lut_planes(const uint8_t* tables, int64_t M, const uint64_t* B, int pb
 }  // namespace
 
 const KernelTable& kernels_avx2() {
-  // bit-serial wins for 1x1 and 1x2 bit pairs against vpmaddubsw and against the table
-  // lookup for GEMV rows (bench/cpp: bitserial/ vs bytes/ vs lut/ at M1, M16, M64)
-  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 2, 2,
+  // Measured (bench/results/bench_cpp_amd-epyc.json, single core): bit-serial wins only for
+  // 1x1 bits against vpmaddubsw with int16 runs (M16/M64: 300 vs 190-220 GOP/s; 1x2: 152 vs
+  // 170-210), and up to 1x2 against the table lookup for GEMV rows (1x2: 147 vs 83; 2x2: 74 vs 83).
+  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 1, 2,
                              avx2_lut_build, avx2_lut_planes};
   return t;
 }

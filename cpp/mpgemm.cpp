@@ -11,9 +11,10 @@
 namespace soniq {
 namespace {
 
-// A task is one (kTileM x kTileN) output tile over all K segments. 64 A rows amortize the
-// byte path's per-tile expansion of B; GEMV (M=1) still gets N/64 tasks.
-constexpr int64_t kTileM = 64;
+// A task is one (kTileM x kTileN) output tile over all K segments. 128 A rows amortize the
+// byte path's per-tile expansion of B (~20 vector ops per 32 codes of a 4-bit row);
+// GEMV (M=1) still gets N/64 tasks.
+constexpr int64_t kTileM = 128;
 constexpr int64_t kTileN = 64;
 
 std::atomic<int> g_path_policy{0};
@@ -134,8 +135,11 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     thread_local std::vector<int64_t> block_buf, itotal_buf;
     thread_local std::vector<double> ftotal_buf;
     block_buf.resize(size_t(kTileM * kTileN));
-    itotal_buf.assign(size_t(kTileM * kTileN), 0);
-    if (kind == OutKind::Float32) ftotal_buf.assign(size_t(kTileM * kTileN), 0.0);
+    itotal_buf.resize(size_t(kTileM * kTileN));
+    ftotal_buf.resize(size_t(kTileM * kTileN));
+    // zero only the rows this tile uses: a GEMV tile has 1 of 128
+    std::fill(itotal_buf.begin(), itotal_buf.begin() + tm * kTileN, int64_t(0));
+    if (kind == OutKind::Float32) std::fill(ftotal_buf.begin(), ftotal_buf.begin() + tm * kTileN, 0.0);
     int64_t* block = block_buf.data();
     int64_t* itotal = itotal_buf.data();
     double* ftotal = ftotal_buf.data();
