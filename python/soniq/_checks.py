@@ -121,7 +121,13 @@ def scale_vector(scale, length: int, name: str, device) -> torch.Tensor | None:
         if scale.dim() != 1 or scale.numel() != length:
             raise ValueError(f"{name} must be a scalar or 1-D with {length} entries, got shape {tuple(scale.shape)}")
         s = scale.detach().to(device=device, dtype=torch.float32).contiguous()
-    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
-        i = int((~torch.isfinite(s) | (s <= 0)).nonzero()[0, 0])
-        raise ValueError(f"{name}[{i}] = {float(s[i])}: scales must be finite and > 0")
+    check_scales(s, name)
     return s
+
+
+def check_scales(s: torch.Tensor, name: str) -> None:
+    """Every entry of a scale vector must be finite and > 0."""
+    bad = ~torch.isfinite(s) | (s <= 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {float(s[i])}: scales must be finite and > 0")

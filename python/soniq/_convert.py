@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from . import ops
-from ._packed_nn import PackedConv2d, PackedLinear, k_layout_for
+from ._packed_nn import PackedConv2d, PackedLinear
+from .packed import KLayout
 from .qat._quantizers import PHASE_EXACT
 
 
@@ -16,7 +17,7 @@ def _pack_weight(m, a_bits_k: torch.Tensor, name: str):
     vw = ops.quantize(m.weight.detach().float(), w_step, m.w_quant.bits(), signed=True, axis=0,
                       values_only=True).to(torch.int64)
     return ops.pack(vw.reshape(vw.shape[0], -1), m.w_quant.bits().to(torch.int64), signed=True, axis=0,
-                    scale=w_step, k_layout=k_layout_for(a_bits_k))
+                    scale=w_step, k_layout=KLayout.from_bits(a_bits_k))
 
 
 def convert_module(m, name: str):

@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .ops._pack import _group_by_bits
-from .packed import KLayout, PackedTensor
-
-
-def k_layout_for(a_bits_k: Tensor) -> KLayout:
-    """The K layout ops.pack(axis=1) gives activations with these per-column bits."""
-    perm, lens, _ = _group_by_bits(a_bits_k.to(torch.int64))
-    return KLayout(perm, tuple(lens))
+from .packed import PackedTensor
 
 
 class _PackedBase(nn.Module):

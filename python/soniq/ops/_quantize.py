@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import check_scales
 from .._native import _C
 
 NOISE_MODES = {"none": 0, "uniform": 1}
@@ -119,13 +120,6 @@ def _channel_vector(v, C: int, name: str, like: Tensor, dtype=None) -> Tensor:
     return v.detach().to(device=like.device, dtype=dtype).contiguous()
 
 
-def check_scale(scale: Tensor, name: str = "scale") -> None:
-    bad = ~torch.isfinite(scale) | (scale <= 0)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{name}[{i}] = {float(scale[i])}: scales must be finite and > 0")
-
-
 def check_bits(bits: Tensor, exact: bool, name: str = "bits") -> None:
     bad = ~torch.isfinite(bits) | (bits < 1) | (bits > 8)
     if exact:
@@ -173,7 +167,7 @@ def quantize(x, scale, bits, *, signed: bool, noise: str = "none", seed=None, ax
     C = x.shape[axis]
     s = _channel_vector(scale, C, "scale", x)
     b = _channel_vector(bits, C, "bits", x, torch.float64)
-    check_scale(s)
+    check_scales(s, "scale")
     check_bits(b, exact=noise == "none")
     lo, hi, alpha = level_bounds(b, bool(signed))
     lo, hi, alpha = (t.to(x.dtype) for t in (lo, hi, alpha))
