@@ -9,6 +9,7 @@
 
 // GCC 12 headers: _mm512_reduce_add_* trip a false -Wmaybe-uninitialized
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace soniq {
 namespace {
@@ -121,9 +122,92 @@ inline void bp_micro(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wl
     for (int j = 0; j < nj; ++j) C[i * ldc + j] += int64_t(_mm512_reduce_add_epi32(acc[i][j])) << shift;
 }
 
+// ---- few A rows (GEMV): no B expansion at all. A plane word of B is a byte mask that
+// selects A's codes (vpmovdqu8 {z}); vpdpbusd against ones sums them 4 per int32 lane.
+// Per 64 weights of one plane: a mask load, a masked move and a dot product, so a b-bit
+// weight row costs b such steps and streams b/8 of an int8 row. One accumulator per
+// (row, column, plane) keeps the dot-product chains independent; planes are weighted
+// 2^p when reduced. Lane sums stay below 4 * 255 * kGemvKwBlock, far inside int32.
+constexpr int64_t kGemvKwBlock = 256;
+constexpr int kGemvMaxRows = 4;
+constexpr int64_t kGemvAhead = 64;  // words (8 cache lines)
+
+template <int RM, int PB, int RN>
+inline void gemv_masked_micro(const uint8_t* A, int64_t lda, const uint64_t* B, int64_t sb, int64_t kw,
+                              int64_t wcount, int64_t* C, int64_t ldc, int nj) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[RM][RN][PB];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j)
+      for (int p = 0; p < PB; ++p) acc[i][j][p] = _mm512_setzero_si512();
+  auto step = [&](int64_t w) {
+    __m512i a[RM];
+    for (int i = 0; i < RM; ++i) a[i] = _mm512_loadu_si512(A + i * lda + w * 64);
+    for (int j = 0; j < RN; ++j)
+      for (int p = 0; p < PB; ++p) {
+        const __mmask64 m = _cvtu64_mask64(B[p * sb + j * kw + w]);
+        for (int i = 0; i < RM; ++i)
+          acc[i][j][p] = _mm512_dpbusd_epi32(acc[i][j][p], _mm512_maskz_mov_epi8(m, a[i]), ones);
+      }
+  };
+  int64_t w = 0;
+  // a cache line (8 words) of every plane row per round, the lines kGemvAhead rounds on prefetched:
+  // RN * PB interleaved streams are more than the hardware prefetcher follows well
+  for (; w + 8 <= wcount; w += 8) {
+    for (int j = 0; j < RN; ++j)
+      for (int p = 0; p < PB; ++p) _mm_prefetch(reinterpret_cast<const char*>(B + p * sb + j * kw + w + kGemvAhead), _MM_HINT_T0);
+    for (int u = 0; u < 8; ++u) step(w + u);
+  }
+  for (; w < wcount; ++w) step(w);
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < nj; ++j) {
+      int64_t s = 0;
+      for (int p = 0; p < PB; ++p) s += int64_t(_mm512_reduce_add_epi32(acc[i][j][p])) << p;
+      C[i * ldc + j] += s;
+    }
+}
+
+template <int RM, int PB>
+void gemv_masked_rows(const uint8_t* A, int64_t lda, const uint64_t* B, int64_t sb, int64_t N, int64_t kw,
+                      int64_t* C, int64_t ldc) {
+  // about 16 accumulators: many columns for few planes, few for many
+  constexpr int RN = (16 / (PB * RM)) > 0 ? (16 / (PB * RM)) : 1;
+  for (int64_t w0 = 0; w0 < kw; w0 += kGemvKwBlock) {
+    const int64_t wcount = std::min(kGemvKwBlock, kw - w0);
+    int64_t j = 0;
+    for (; j + RN <= N; j += RN)
+      gemv_masked_micro<RM, PB, RN>(A + w0 * 64, lda, B + j * kw + w0, sb, kw, wcount, C + j, ldc, RN);
+    for (; j < N; ++j)
+      gemv_masked_micro<RM, PB, 1>(A + w0 * 64, lda, B + j * kw + w0, sb, kw, wcount, C + j, ldc, 1);
+  }
+}
+
+template <int RM>
+void gemv_masked_pb(const uint8_t* A, int64_t lda, const uint64_t* B, int pb, int64_t sb, int64_t N, int64_t kw,
+                    int64_t* C, int64_t ldc) {
+  switch (pb) {
+    case 1: return gemv_masked_rows<RM, 1>(A, lda, B, sb, N, kw, C, ldc);
+    case 2: return gemv_masked_rows<RM, 2>(A, lda, B, sb, N, kw, C, ldc);
+    case 3: return gemv_masked_rows<RM, 3>(A, lda, B, sb, N, kw, C, ldc);
+    case 4: return gemv_masked_rows<RM, 4>(A, lda, B, sb, N, kw, C, ldc);
+    case 5: return gemv_masked_rows<RM, 5>(A, lda, B, sb, N, kw, C, ldc);
+    case 6: return gemv_masked_rows<RM, 6>(A, lda, B, sb, N, kw, C, ldc);
+    case 7: return gemv_masked_rows<RM, 7>(A, lda, B, sb, N, kw, C, ldc);
+    default: return gemv_masked_rows<RM, 8>(A, lda, B, sb, N, kw, C, ldc);
+  }
+}
+
+void avx512_gemv_masked(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb, int64_t sb,
+                        int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 2 <= M; i += 2) gemv_masked_pb<2>(A + i * lda, lda, B, pb, sb, N, kw, C + i * ldc, ldc);
+  if (i < M) gemv_masked_pb<1>(A + i * lda, lda, B, pb, sb, N, kw, C + i * ldc, ldc);
+}
+
 void avx512_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb, int64_t sb,
                          int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, int64_t(0));
+  if (M <= kGemvMaxRows) return avx512_gemv_masked(A, lda, M, B, pb, sb, N, kw, C, ldc);
   constexpr int64_t wld = kBytesKwBlock * 64;
   alignas(64) int8_t wlo[4 * wld];
   alignas(64) int8_t whi[4 * wld];
