@@ -419,7 +419,9 @@ def main(argv=None):
             "threads": args.threads, "quick": args.quick, "cpu": cpu, "peaks": pk, "bandwidth_gbs": bw / 1e9,
             "load_avg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     os.makedirs(args.out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", (cpu["model"] or "cpu").lower()).strip("-") + ("-quick" if args.quick else "")
+    # one file per CPU model and ISA path: machines of one model name differ in ISA
+    slug = re.sub(r"[^a-z0-9]+", "-", (cpu["model"] or "cpu").lower()).strip("-") + f"-{cpu['isa']}"
+    slug += "-quick" if args.quick else ""
     if args.threads != 2:
         slug += f"-{args.threads}t"
     with open(os.path.join(args.out, f"cpu_gemm_{slug}.json"), "w") as f:
