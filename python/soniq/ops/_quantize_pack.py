@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import _checks as C
 from ..packed import KLayout, PackedTensor
 from . import _library  # noqa: F401  (registers soniq::quantize_pack_raw)
-from ._pack import _check_k_layout, _group_by_bits
+from ._pack import _check_k_layout
 
 _SAME = object()
 
@@ -26,13 +26,15 @@ class ActPlan:
     def __init__(self, bits: Tensor, scale: Tensor, signed: bool, kl: KLayout, out_scale: Tensor | None):
         self.K, self.signed, self.bits, self.out_scale = int(bits.numel()), signed, bits, out_scale
         self.k_perm = kl.perm.contiguous()
-        starts = torch.tensor([0] + list(np.cumsum(kl.seg_lens)[:-1]), dtype=torch.int64)
-        self.seg_bits = [int(b) for b in bits[self.k_perm[starts]].tolist()]
+        # numpy for the small per-layer vectors: torch's advanced indexing starts an OpenMP
+        # region that costs milliseconds on a busy machine
+        first = self.k_perm.numpy()[np.concatenate([[0], np.cumsum(kl.seg_lens)[:-1]]).astype(np.int64)]
+        self.seg_bits = [int(b) for b in bits.numpy()[first]]
         kws = [(n + 63) // 64 for n in kl.seg_lens]
         self.segs = torch.tensor([[n, w, b] for n, w, b in zip(kl.seg_lens, kws, self.seg_bits)], dtype=torch.int64)
         self.ksegs = self.segs[:, :2].contiguous()
-        self.seg_scale = scale[self.k_perm[starts]].contiguous()
-        self.out_seg_scale = None if out_scale is None else out_scale[self.k_perm[starts]].contiguous()
+        self.seg_scale = torch.from_numpy(scale.numpy()[first].copy())
+        self.out_seg_scale = None if out_scale is None else torch.from_numpy(out_scale.numpy()[first].copy())
         self.row_words = sum(b * w for b, w in zip(self.seg_bits, kws))
 
     def __call__(self, x: Tensor, kind: str = "torch") -> PackedTensor:
@@ -63,16 +65,19 @@ def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SA
     out_v = scale_v if out_scale is _SAME else C.scale_vector(out_scale, K, "out_scale", "cpu")
     if k_layout is not None:
         kl = _check_k_layout(k_layout, K, "cpu")
-    else:
-        perm, lens, _ = _group_by_bits(bits_v)
-        kl = KLayout(perm, tuple(lens))
-    seg_of = torch.repeat_interleave(torch.arange(len(kl.seg_lens)), torch.tensor(kl.seg_lens))
-    first = torch.tensor([0] + list(np.cumsum(kl.seg_lens)[:-1]), dtype=torch.int64)[seg_of]
-    kb, ks = bits_v[kl.perm], scale_v[kl.perm]
-    if not torch.equal(kb, kb[first]):
+    else:  # tiers grouped, low first, stable (as ops.pack's axis=1 default)
+        perm = np.argsort(bits_v.numpy(), kind="stable")
+        _, counts = np.unique(bits_v.numpy()[perm], return_counts=True)
+        kl = KLayout(torch.from_numpy(perm.astype(np.int64)), tuple(int(c) for c in counts))
+    lens = np.asarray(kl.seg_lens)
+    first = np.repeat(np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)  # each position's segment start
+    perm_np = kl.perm.numpy()
+    kb = bits_v.numpy()[perm_np]
+    if not np.array_equal(kb, kb[first]):
         raise ValueError("k_layout does not match bits: each K segment must hold a single bit width")
-    for name, v in (("scale", ks), ("out_scale", None if out_v is None or out_v is scale_v else out_v[kl.perm])):
-        if v is not None and not torch.equal(v, v[first]):
+    for name, v in (("scale", scale_v), ("out_scale", None if out_v is None or out_v is scale_v else out_v)):
+        vk = None if v is None else v.numpy()[perm_np]
+        if vk is not None and not np.array_equal(vk, vk[first]):
             raise ValueError(f"{name} along K must be constant within each K segment (bit width); "
                              "fold per-column scales into the other operand instead")
     return ActPlan(bits_v, scale_v, bool(signed), kl, out_v)
