@@ -40,11 +40,18 @@ std::vector<SegPlan> plan(const ActLayout& L, bool is_signed) {
       if (bits == 1) p.alpha = 2, p.lo = -1.0f, p.hi = 1.0f;
       else p.lo = -float(1 << (bits - 1)), p.hi = float((1 << (bits - 1)) - 1);
     }
+    // branch-free scan (it runs on every call): range, and whether the run is contiguous
+    const int64_t* pk = L.perm + k0;
+    bool out_of_range = false, contiguous = true;
     for (int64_t j = 0; j < klen; ++j) {
-      const int64_t c = L.perm[k0 + j];
-      if (c < 0 || c >= L.K) bad("perm[" + std::to_string(k0 + j) + "] = " + std::to_string(c) + " is outside [0, K)");
-      p.contiguous = p.contiguous && c == L.perm[k0] + j;
+      out_of_range |= uint64_t(pk[j]) >= uint64_t(L.K);
+      contiguous &= pk[j] == pk[0] + j;
     }
+    if (out_of_range)
+      for (int64_t j = 0; j < klen; ++j)
+        if (uint64_t(pk[j]) >= uint64_t(L.K))
+          bad("perm[" + std::to_string(k0 + j) + "] = " + std::to_string(pk[j]) + " is outside [0, K)");
+    p.contiguous = contiguous;
     out.push_back(p);
     k0 += klen;
     words += bits * kw;
@@ -105,7 +112,8 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
   const int64_t ntasks = (M + chunk - 1) / chunk;
   std::atomic<bool> any_nan{false};
   parallel_for(ntasks, [&](int64_t t) {
-    std::vector<float> buf(static_cast<size_t>(max_padded));
+    thread_local std::vector<float> buf;  // reused across calls: no allocation per row batch
+    if (buf.size() < size_t(max_padded)) buf.resize(size_t(max_padded));
     bool nan = false;
     const int64_t r1 = std::min(M, (t + 1) * chunk);
     for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, buf, data, sums, &nan);
