@@ -268,3 +268,20 @@ def test_raw_op_rejects_inconsistent_layout():
     with pytest.raises(ValueError, match="k_perm, segs, seg_scale must be"):
         torch.ops.soniq.quantize_pack_raw(x, perm[:5], segs, seg_scale, signed, words)
     assert _C.quantize_pack  # the binding exists under its documented name
+
+
+def test_torch_compile_plan_fullgraph_and_packed_linear():
+    """The eager fast path skips op dispatch; under dynamo the registered op is traced."""
+    from soniq.ops._quantize_pack import make_plan
+    rng = np.random.default_rng(12)
+    K, N = 100, 5
+    bits = torch.from_numpy(rng.choice([4, 8], size=K))
+    scale = torch.from_numpy(tier_scales(bits.numpy(), rng))
+    pw = ops.pack(torch.from_numpy(rng.integers(-2, 2, size=(N, K))), 2, signed=True, scale=np.ones(N),
+                  k_layout=KLayout.from_bits(bits))
+    plan = make_plan(bits, scale, K, signed=True, k_layout=pw)
+    x = torch.randn(3, K)
+    f = torch.compile(lambda x: plan(x).sums * 2, fullgraph=True, backend="eager")
+    assert torch.equal(f(x), plan(x).sums * 2)
+    lin = PackedLinear(pw, bits, scale, True, None, "lin")
+    assert torch.equal(torch.compile(lin, backend="eager")(x), lin(x))

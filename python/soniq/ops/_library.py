@@ -115,9 +115,8 @@ def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, 
 
 
 # ---- fused activation quantize + pack ------------------------------------------------
-@torch.library.custom_op("soniq::quantize_pack_raw", mutates_args=())
-def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                      row_words: int) -> tuple[Tensor, Tensor]:
+def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
+                       row_words: int) -> tuple[Tensor, Tensor]:
     """x: float32 [M, K] on the CPU; k_perm int64 [K]; segs int64 [S, 3] (klen, kw, bits);
     seg_scale float32 [S]; row_words = sum of bits * kw. Returns (data int64 [M * row_words],
     sums int64 [M, S]): the blocks of ops.pack(ops.quantize(x, ...)) with one row group.
@@ -137,6 +136,13 @@ def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor
     _C.quantize_pack(x.data_ptr(), M, K, x.stride(0), k_perm.data_ptr(), segs.data_ptr(), S,
                      seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr())
     return data, sums
+
+
+@torch.library.custom_op("soniq::quantize_pack_raw", mutates_args=())
+def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
+                      row_words: int) -> tuple[Tensor, Tensor]:
+    """The registered op over quantize_pack_impl (see there)."""
+    return quantize_pack_impl(x, k_perm, segs, seg_scale, signed, row_words)
 
 
 @quantize_pack_raw.register_fake

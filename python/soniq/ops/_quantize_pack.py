@@ -36,14 +36,20 @@ class ActPlan:
         self.seg_scale = torch.from_numpy(scale.numpy()[first].copy())
         self.out_seg_scale = None if out_scale is None else torch.from_numpy(out_scale.numpy()[first].copy())
         self.row_words = sum(b * w for b, w in zip(self.seg_bits, kws))
+        self._rows_meta = None  # (M, desc, row_perm) of the last call
 
     def __call__(self, x: Tensor, kind: str = "torch") -> PackedTensor:
         M = x.shape[0]
-        data, sums = torch.ops.soniq.quantize_pack_raw(x, self.k_perm, self.segs, self.seg_scale, self.signed,
-                                                       self.row_words)
-        pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=self.bits, data=data,
-                          desc=torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), sums=sums,
-                          row_perm=torch.arange(M), k_perm=self.k_perm, ksegs=self.ksegs,
+        args = (x, self.k_perm, self.segs, self.seg_scale, self.signed, self.row_words)
+        if type(x) is Tensor and not torch.compiler.is_compiling():
+            data, sums = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
+        else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
+            data, sums = torch.ops.soniq.quantize_pack_raw(*args)
+        if self._rows_meta is None or self._rows_meta[0] != M:  # desc/row_perm depend on M only
+            self._rows_meta = (M, torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), torch.arange(M))
+        _, desc, row_perm = self._rows_meta
+        pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=self.bits, data=data, desc=desc,
+                          sums=sums, row_perm=row_perm, k_perm=self.k_perm, ksegs=self.ksegs,
                           scale=self.out_scale, dtype=torch.int64, kind=kind)
         pt._seg_scale = self.out_seg_scale  # known already: mpgemm need not gather it
         return pt
