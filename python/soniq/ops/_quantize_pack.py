@@ -40,6 +40,8 @@ class ActPlan:
 
     def __call__(self, x: Tensor, kind: str = "torch") -> PackedTensor:
         M = x.shape[0]
+        if x.requires_grad:  # not differentiable (as ops.quantize): the kernel reads the values only
+            x = x.detach()
         args = (x, self.k_perm, self.segs, self.seg_scale, self.signed, self.row_words)
         if type(x) is Tensor and not torch.compiler.is_compiling():
             data, sums = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
