@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -60,26 +58,17 @@ std::vector<SegPlan> plan(const ActLayout& L, bool is_signed) {
   return out;
 }
 
-// One row: gather each segment in packed order (padded with -inf, which maps to code 0), then
-// quantize and pack it with the ISA kernel.
+// One row: each segment read in packed order (in place when its columns are one contiguous
+// run, else gathered through perm by the kernel), quantized and packed by the ISA kernel.
 void pack_row(const KernelTable& kt, const float* xr, int64_t M, int64_t r, const ActLayout& L,
-              const std::vector<SegPlan>& segs, std::vector<float>& buf, uint64_t* data, int64_t* sums, bool* nan) {
+              const std::vector<SegPlan>& segs, uint64_t* data, int64_t* sums, bool* nan) {
   for (size_t s = 0; s < segs.size(); ++s) {
     const SegPlan& p = segs[s];
-    const int64_t padded = p.kw * 64;
-    const float* src;
-    if (p.contiguous && p.klen == padded) {
-      src = xr + L.perm[p.k0];  // whole words in original order: read in place
-    } else {
-      if (p.contiguous) std::memcpy(buf.data(), xr + L.perm[p.k0], sizeof(float) * size_t(p.klen));
-      else
-        for (int64_t j = 0; j < p.klen; ++j) buf[j] = xr[L.perm[p.k0 + j]];
-      std::fill(buf.begin() + p.klen, buf.begin() + padded, -std::numeric_limits<float>::infinity());
-      src = buf.data();
-    }
+    const float* src = p.contiguous ? xr + L.perm[p.k0] : xr;
+    const int64_t* idx = p.contiguous ? nullptr : L.perm + p.k0;
     uint64_t* out = data + M * p.word_off + r * p.kw;
     sums[r * int64_t(segs.size()) + int64_t(s)] =
-        kt.quant_pack(src, p.kw, p.inv, p.lo, p.hi, p.alpha, p.bits, out, M * p.kw, nan);
+        kt.quant_pack(src, idx, p.klen, p.kw, p.inv, p.lo, p.hi, p.alpha, p.bits, out, M * p.kw, nan);
   }
 }
 
@@ -104,19 +93,15 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
                    int64_t* sums) {
   if (M <= 0 || !x || !data || !sums) bad("x must be non-empty");
   const std::vector<SegPlan> segs = plan(L, is_signed);
-  int64_t max_padded = 0;
-  for (const SegPlan& p : segs) max_padded = std::max(max_padded, p.kw * 64);
   const KernelTable& kt = active_kernels();
   // ~16K elements per task: below that the pool's wake-up costs more than it saves
   const int64_t chunk = std::max<int64_t>(1, (16384 + L.K - 1) / L.K);
   const int64_t ntasks = (M + chunk - 1) / chunk;
   std::atomic<bool> any_nan{false};
   parallel_for(ntasks, [&](int64_t t) {
-    thread_local std::vector<float> buf;  // reused across calls: no allocation per row batch
-    if (buf.size() < size_t(max_padded)) buf.resize(size_t(max_padded));
     bool nan = false;
     const int64_t r1 = std::min(M, (t + 1) * chunk);
-    for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, buf, data, sums, &nan);
+    for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, data, sums, &nan);
     if (nan) any_nan.store(true, std::memory_order_relaxed);
   });
   if (any_nan.load()) report_nan(x, M, ldx, L.K);

@@ -468,8 +468,8 @@ void avx2_lut_planes(const uint8_t* tables, int64_t M, const uint64_t* B, int pb
 // shift + vpmovmskb per bit plane gives half of that plane's word ---------------------------
 inline __m256 clamp_ps(__m256 v, __m256 lo, __m256 hi) { return _mm256_min_ps(_mm256_max_ps(v, lo), hi); }
 
-int64_t avx2_quant_pack(const float* xs, int64_t kw, float inv, float lo, float hi, int alpha, int bits,
-                        uint64_t* out, int64_t plane_stride, bool* nan) {
+int64_t avx2_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                        float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan) {
   const __m256 vinv = _mm256_set1_ps(inv), M = _mm256_set1_ps(12582912.0f);
   // the order of operations of quantize.cpp (see avx512_quant_pack)
   const bool a1 = alpha == 1;
@@ -479,12 +479,14 @@ int64_t avx2_quant_pack(const float* xs, int64_t kw, float inv, float lo, float 
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the per-lane packs
   __m256 nanv = _mm256_setzero_ps();
   int64_t sum = 0;
+  alignas(32) float tmp[64];
   for (int64_t w = 0; w < kw; ++w) {
+    const float* xs = word_floats(x_, idx, klen, w, tmp);
     __m256i v[2];
     for (int h = 0; h < 2; ++h) {
       __m256i c[4];
       for (int i = 0; i < 4; ++i) {
-        const __m256 x = _mm256_loadu_ps(xs + w * 64 + h * 32 + 8 * i);
+        const __m256 x = _mm256_loadu_ps(xs + h * 32 + 8 * i);
         nanv = _mm256_or_ps(nanv, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
         __m256 t = _mm256_mul_ps(x, vinv);
         if (!a1) t = _mm256_mul_ps(_mm256_add_ps(t, one), half);

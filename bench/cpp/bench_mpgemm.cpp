@@ -108,7 +108,7 @@ void bm_quant_pack(benchmark::State& st, const KernelTable* kt, int bits, int64_
   const float hi = float((1 << (bits - 1)) - 1), lo = -hi - 1.0f;
   bool nan = false;
   for (auto _ : st) {
-    benchmark::DoNotOptimize(kt->quant_pack(x.data(), kw, 0.5f, bits == 1 ? -1.0f : lo, bits == 1 ? 1.0f : hi,
+    benchmark::DoNotOptimize(kt->quant_pack(x.data(), nullptr, K, kw, 0.5f, bits == 1 ? -1.0f : lo, bits == 1 ? 1.0f : hi,
                                             bits == 1 ? 2 : 1, bits, out.data(), kw, &nan));
   }
   st.SetItemsProcessed(int64_t(st.iterations()) * K);
