@@ -17,7 +17,7 @@ struct SegPlan {
   int64_t k0, klen, kw, word_off;  // word_off: where this segment's planes start in data / M
   int bits, alpha;
   float inv, lo, hi;
-  bool contiguous;  // perm[k0 + j] == perm[k0] + j: copy instead of gather
+  bool contiguous;  // perm[k0 + j] == perm[k0] + j: read in place instead of gathering
 };
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("quantize_pack: " + msg); }
