@@ -25,6 +25,7 @@ import torch
 
 import soniq
 from soniq import ops
+from soniq.ops._quantize_pack import make_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FULL_SHAPES = {"gemm": (2048, 2048, 2048), "gemv_8k": (1, 8192, 8192), "gemv_14k": (1, 14336, 4096),
@@ -190,7 +191,9 @@ def weight_codes(w, bits_per_row):
 
 def soniq_methods(M, N, K, x, w) -> dict:
     """Callables: 'soniq <cfg>' (packed kernel, activations packed beforehand), '... +act'
-    (quantize + pack the float activations, then the kernel), and the mixed layer's parts."""
+    (quantize + pack the float activations in Python, then the kernel), '... +act fused'
+    (float activations in, output out: ops.quantize_pack with the layer's checked layout, as
+    the packed modules run it, then the kernel), and the mixed layer's parts."""
     res = {}
     gen = torch.Generator().manual_seed(0)
     mixed_rows = torch.full((N,), 2, dtype=torch.int64)
@@ -211,6 +214,8 @@ def soniq_methods(M, N, K, x, w) -> dict:
                 q, sc = quantize_acts(x, ab_)
                 return ops.mpgemm(ops.pack(q, ab_, signed=True, scale=sc), pw_)
             res["soniq " + name + " +act"] = e2e
+            plan = make_plan(ab, s, K, signed=True)  # static (calibrated) scale, checked once per layer
+            res["soniq " + name + " +act fused"] = (lambda p_, pw_: lambda: ops.mpgemm(p_(x), pw_))(plan, pw)
     return res
 
 
@@ -235,7 +240,7 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
         return ops_n / t / pk["int8_ops"]
 
     for k, v in times.items():
-        if k.startswith("soniq") and (k.endswith(" +act") or " part " in k):
+        if k.startswith("soniq") and (k.endswith(" +act") or k.endswith(" +act fused") or " part " in k):
             continue
         if k.startswith("soniq"):
             m = re.match(r"soniq W(\d)A", k)
@@ -251,6 +256,10 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
             if e2e:
                 r["ms_with_act_quant_pack"] = e2e * 1e3
                 r["vs_best_int8_with_act_pack"] = best / e2e if best else None
+            fused = times.get(k + " +act fused")
+            if fused:
+                r["ms_with_fused_act"] = fused * 1e3
+                r["vs_best_int8_with_fused_act"] = best / fused if best else None
             for bits in (2, 4, 8):
                 o = times.get(f"ORT MatMulNBits {bits}-bit")
                 if o:
@@ -329,7 +338,8 @@ def markdown(meta, results, targets) -> str:
          + (" -- the machine was shared with other jobs, so absolute numbers are noisy" if
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
          f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; soniq ms = packed kernel "
-         "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python",
+         "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python; "
+         "'fused act' is float activations in, output out, with ops.quantize_pack (one native pass)",
          "- kernels chosen per block pair (AVX2, measured in bench/results/bench_cpp_*.json): bit-serial popcnt "
          "for 1x1 bits (GEMV rows: up to 1x2); for GEMV rows (M <= 2) the exact table-lookup kernel otherwise; "
          "else the byte path (bit planes expanded to int8 per "
@@ -338,18 +348,20 @@ def markdown(meta, results, targets) -> str:
          "changes hit all alike; a baseline slower than 1 s per call is timed once", ""]
     for s in results:
         L += [f"## {s['shape']}: M={s['M']} N={s['N']} K={s['K']} (best INT8: {s['best_int8']})", "",
-              "| method | ms | GOP/s | vs best INT8 | vs best INT8 (with act pack) | vs ORT 2/4/8-bit | limit frac |",
-              "|---|---:|---:|---:|---:|---|---:|"]
+              "| method | ms | GOP/s | vs best INT8 | vs best INT8 (with act pack) | ms (fused act) | "
+              "vs best INT8 (fused act) | vs ORT 2/4/8-bit | limit frac |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
         for r in s["rows"]:
             if "note" in r:
-                L.append(f"| {r['method']} | {r['note']} | | | | | |")
+                L.append(f"| {r['method']} | {r['note']} | | | | | | | |")
                 continue
             f = lambda v, p=2: "" if v is None else f"{v:.{p}f}"
             ort = "/".join(f(r.get(f"vs_ort_{b}bit")) or "-" for b in (2, 4, 8)) if "vs_ort_4bit" in r else ""
             extra = f" (sum of parts {r['sum_of_parts_ms']:.3f} ms, ratio {r['mixed_over_sum_of_parts']:.2f})" \
                 if "sum_of_parts_ms" in r else ""
             L.append(f"| {r['method']}{extra} | {f(r['ms'], 3)} | {f(r['gops'], 1)} | {f(r['vs_best_int8'])} | "
-                     f"{f(r.get('vs_best_int8_with_act_pack'))} | {ort} | {f(r['limit_frac'])} |")
+                     f"{f(r.get('vs_best_int8_with_act_pack'))} | {f(r.get('ms_with_fused_act'), 3)} | "
+                     f"{f(r.get('vs_best_int8_with_fused_act'))} | {ort} | {f(r['limit_frac'])} |")
         L.append("")
     L += ["## Targets", "", "| shape | soniq | baseline | target | ratio | met | why missed / what would close it |",
           "|---|---|---|---:|---:|---|---|"]
@@ -406,8 +418,10 @@ def main(argv=None):
                 print(f"  {r['method']:<34} {r['note']}")
             else:
                 vb = r["vs_best_int8"]
+                e2e = "".join(f"  {lbl} {r[key]:.3f} ms" for lbl, key in
+                              (("+act", "ms_with_act_quant_pack"), ("+act fused", "ms_with_fused_act")) if key in r)
                 print(f"  {r['method']:<34} {r['ms']:9.3f} ms {r['gops']:8.1f} GOP/s  vs best INT8 "
-                      f"{'' if vb is None else f'{vb:5.2f}x'}  limit {r['limit_frac']:.2f}")
+                      f"{'' if vb is None else f'{vb:5.2f}x'}  limit {r['limit_frac']:.2f}{e2e}")
     targets = targets_table(results)
     try:
         import onnxruntime

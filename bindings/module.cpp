@@ -109,5 +109,6 @@ PYBIND11_MODULE(_C, m) {
   soniq::bindings::register_core(m);
   soniq::bindings::register_cpu_kernels(m);
   soniq::bindings::register_quantize(m);
+  soniq::bindings::register_actpack(m);
   soniq::bindings::register_cuda(m);
 }

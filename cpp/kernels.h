@@ -38,6 +38,16 @@ using LutPlanesFn = void (*)(const uint8_t* tables, int64_t M, const uint64_t* B
                              int64_t N, int64_t kw, int64_t* C, int64_t ldc);
 inline int64_t lut_bytes(int64_t kw) { return (kw + 3) / 4 * 2048; }  // 2048 bytes per 256 codes
 
+// Quantize one row of one K segment straight to bit planes (fused activation path,
+// cpp/actpack.h). The segment's floats in packed order are xs[j] = x[idx[j]] (gathered), or
+// x[j] when idx is null, for j < klen; positions klen..kw*64 get code 0.
+// Exactly soniq::quantize's exact mode: t = xs * inv; alpha 1: v = clamp(rne(clamp(t, lo-1,
+// hi+1)), lo, hi), code = v - lo; alpha 2 (signed 1-bit): code = clamp(rne(clamp((t+1)/2,
+// -2, 3)), 0, 1). Writes plane p's words at out[p * plane_stride + w]; returns the code sum
+// and sets *nan when any xs is NaN (its code is unspecified; the caller raises).
+using QuantPackFn = int64_t (*)(const float* x, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                                float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan);
+
 struct KernelTable {
   const char* name;
   BitserialFn bitserial;
@@ -50,6 +60,7 @@ struct KernelTable {
   int bitserial_max_pairs_gemv;  // the same for tiles of 1-2 A rows (B expansion not amortized)
   LutBuildFn lut_build = nullptr;  // optional: GEMV rows use the table path when set
   LutPlanesFn lut_planes = nullptr;
+  QuantPackFn quant_pack = nullptr;  // every table sets it
 };
 
 // Reference table (scalar loops) built in each ISA unit, for tests and benchmarks.

@@ -241,11 +241,54 @@ void avx512_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_
   }
 }
 
+// ---- fused activation quantize + pack: 64 floats -> 64 byte codes in one zmm, then one
+// vptestmb per bit plane gives that plane's word directly --------------------------------
+inline __m512 clamp_ps(__m512 v, __m512 lo, __m512 hi) { return _mm512_min_ps(_mm512_max_ps(v, lo), hi); }
+
+int64_t avx512_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                          float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan) {
+  const __m512 vinv = _mm512_set1_ps(inv), M = _mm512_set1_ps(12582912.0f);
+  // alpha 1: clamp to [lo-1, hi+1], round, clamp to [lo, hi], minus lo; alpha 2: (t+1)/2,
+  // clamp to [-2, 3], round, clamp to [0, 1] (the order of operations of quantize.cpp)
+  const bool a1 = alpha == 1;
+  const __m512 c1lo = _mm512_set1_ps(a1 ? lo - 1.0f : -2.0f), c1hi = _mm512_set1_ps(a1 ? hi + 1.0f : 3.0f);
+  const __m512 c2lo = _mm512_set1_ps(a1 ? lo : 0.0f), c2hi = _mm512_set1_ps(a1 ? hi : 1.0f);
+  const __m512 off = _mm512_set1_ps(a1 ? lo : 0.0f), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  __mmask16 nanm = 0;
+  int64_t sum = 0;
+  alignas(64) float tmp[64];
+  for (int64_t w = 0; w < kw; ++w) {
+    const float* xs = word_floats(x_, idx, klen, w, tmp);
+    __m128i b[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m512 x = _mm512_loadu_ps(xs + 16 * i);
+      nanm |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      __m512 t = _mm512_mul_ps(x, vinv);
+      if (!a1) t = _mm512_mul_ps(_mm512_add_ps(t, one), half);
+      t = _mm512_sub_ps(_mm512_add_ps(clamp_ps(t, c1lo, c1hi), M), M);
+      t = _mm512_sub_ps(clamp_ps(t, c2lo, c2hi), off);
+      b[i] = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t));  // codes are 0..255
+    }
+    __m512i v = _mm512_castsi128_si512(b[0]);
+    v = _mm512_inserti32x4(v, b[1], 1);
+    v = _mm512_inserti32x4(v, b[2], 2);
+    v = _mm512_inserti32x4(v, b[3], 3);
+    uint64_t planes[8];
+    for (int p = 0; p < bits; ++p) {
+      planes[p] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(char(1 << p)));
+      out[p * plane_stride + w] = planes[p];
+    }
+    sum += plane_sum(planes, bits);
+  }
+  if (nanm) *nan = true;
+  return sum;
+}
+
 }  // namespace
 
 const KernelTable& kernels_avx512() {
   static const KernelTable t{"avx512", avx512_bitserial, avx512_pack_planes, avx512_unpack_planes,
-                             avx512_bytes_planes, 2, 4};
+                             avx512_bytes_planes, 2, 4, nullptr, nullptr, avx512_quant_pack};
   return t;
 }
 

@@ -69,4 +69,57 @@ inline void ref_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uin
     }
 }
 
+inline float ref_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Codes of one word are counted from its planes (popcount << p): exact, and NaN-proof.
+inline int64_t plane_sum(const uint64_t* planes, int bits) {
+  int64_t s = 0;
+  for (int p = 0; p < bits; ++p) s += int64_t(popcount64(planes[p])) << p;
+  return s;
+}
+
+// The 64 floats of word w in packed order: read in place when the word is whole and not
+// gathered, else gathered / copied into tmp and padded with -inf (code 0 in every encoding).
+inline const float* word_floats(const float* x, const int64_t* idx, int64_t klen, int64_t w, float* tmp) {
+  const int64_t j0 = w * 64, n = klen - j0 < 64 ? klen - j0 : 64;
+  if (!idx && n == 64) return x + j0;
+  if (idx)
+    for (int64_t j = 0; j < n; ++j) tmp[j] = x[idx[j0 + j]];
+  else
+    for (int64_t j = 0; j < n; ++j) tmp[j] = x[j0 + j];
+  for (int64_t j = n; j < 64; ++j) tmp[j] = -__builtin_huge_valf();
+  return tmp;
+}
+
+inline int64_t ref_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                              float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan) {
+  const float M = 12582912.0f;  // 1.5 * 2^23: (t + M) - M rounds half to even, as quantize.cpp
+  int64_t sum = 0;
+  bool saw_nan = false;
+  float tmp[64];
+  for (int64_t w = 0; w < kw; ++w) {
+    const float* xs = word_floats(x_, idx, klen, w, tmp);
+    uint64_t planes[8] = {};
+    for (int j = 0; j < 64; ++j) {
+      const float x = xs[j];
+      float code;
+      if (alpha == 1) {
+        code = ref_clamp((ref_clamp(x * inv, lo - 1.0f, hi + 1.0f) + M) - M, lo, hi) - lo;
+      } else {
+        code = ref_clamp((ref_clamp((x * inv + 1.0f) * 0.5f, -2.0f, 3.0f) + M) - M, 0.0f, 1.0f);
+      }
+      if (x != x) {  // NaN: no code (converting it to an integer would be undefined)
+        saw_nan = true;
+        continue;
+      }
+      const unsigned c = unsigned(code);
+      for (int p = 0; p < bits; ++p) planes[p] |= uint64_t((c >> p) & 1u) << j;
+    }
+    for (int p = 0; p < bits; ++p) out[p * plane_stride + w] = planes[p];
+    sum += plane_sum(planes, bits);
+  }
+  if (saw_nan) *nan = true;
+  return sum;
+}
+
 }  // namespace

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cpp/actpack.h"
 #include "cpp/cpu_features.h"
 #include "cpp/dispatch.h"
 #include "cpp/kernels.h"
@@ -96,6 +97,49 @@ void bm_unpack(benchmark::State& st, const KernelTable* kt, int bits, int64_t ro
   st.SetBytesProcessed(int64_t(st.iterations()) * rows * K);
 }
 
+// Fused activation quantize + pack kernel alone: one row segment of K floats in packed order.
+void bm_quant_pack(benchmark::State& st, const KernelTable* kt, int bits, int64_t K) {
+  const int64_t kw = (K + 63) / 64;
+  std::mt19937 g(7);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::vector<float> x(size_t(kw * 64));
+  for (auto& v : x) v = nd(g);
+  std::vector<uint64_t> out(size_t(bits * kw));
+  const float hi = float((1 << (bits - 1)) - 1), lo = -hi - 1.0f;
+  bool nan = false;
+  for (auto _ : st) {
+    benchmark::DoNotOptimize(kt->quant_pack(x.data(), nullptr, K, kw, 0.5f, bits == 1 ? -1.0f : lo, bits == 1 ? 1.0f : hi,
+                                            bits == 1 ? 2 : 1, bits, out.data(), kw, &nan));
+  }
+  st.SetItemsProcessed(int64_t(st.iterations()) * K);
+}
+
+// The whole fused driver (gather through a two-tier K permutation, threads) on [M, K]
+// activations: 25% of the columns 8-bit, 75% 4-bit, signed.
+void bm_quantize_pack(benchmark::State& st, std::string isa, int64_t M, int64_t K, int threads) {
+  set_isa(isa);
+  set_num_threads(threads);
+  std::mt19937 g(8);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(size_t(M * K));
+  for (auto& v : x) v = nd(g);
+  std::vector<int64_t> perm, hi8;
+  for (int64_t k = 0; k < K; ++k) (g() % 4 ? perm : hi8).push_back(k);
+  const int64_t n4 = int64_t(perm.size()), n8 = int64_t(hi8.size());
+  perm.insert(perm.end(), hi8.begin(), hi8.end());
+  const int64_t segs[6] = {n4, (n4 + 63) / 64, 4, n8, (n8 + 63) / 64, 8};
+  const float scales[2] = {0.5f, 0.03f};
+  ActLayout L{K, perm.data(), 2, segs, scales};
+  std::vector<uint64_t> data(size_t(M * act_row_words(L)));
+  std::vector<int64_t> sums(size_t(M * 2));
+  for (auto _ : st) {
+    quantize_pack(x.data(), M, K, L, true, data.data(), sums.data());
+    benchmark::DoNotOptimize(data.data());
+  }
+  st.SetItemsProcessed(int64_t(st.iterations()) * M * K);
+  set_num_threads(default_num_threads());
+}
+
 // The whole driver (tiling, threads, byte expansion of A, corrections) on one uniform layer.
 void bm_mpgemm(benchmark::State& st, std::string isa, int ba, int bb, int64_t M, int64_t N, int64_t K,
                int threads) {
@@ -143,6 +187,14 @@ void register_all() {
       benchmark::RegisterBenchmark(("pack_planes/" + isa + "/b" + std::to_string(bits)).c_str(), bm_pack, kt, bits, 16, 4096);
       benchmark::RegisterBenchmark(("unpack_planes/" + isa + "/b" + std::to_string(bits)).c_str(), bm_unpack, kt, bits, 16, 4096);
     }
+    for (int bits : {1, 2, 4, 8})
+      benchmark::RegisterBenchmark(("quant_pack/" + isa + "/b" + std::to_string(bits)).c_str(), bm_quant_pack, kt, bits,
+                                   4096);
+    for (int64_t M : {1, 32})
+      for (int th : {1, 2})
+        benchmark::RegisterBenchmark(("quantize_pack/" + isa + "/M" + std::to_string(M) + "K4096/threads:" +
+                                      std::to_string(th)).c_str(), bm_quantize_pack, isa, M, 4096, th)
+            ->UseRealTime()->Unit(benchmark::kMicrosecond);
     if (isa == "scalar") continue;
     const Shape layers[] = {{1, 8192, 8192}, {16, 4096, 4096}, {2048, 2048, 2048}};
     for (const auto& s : layers)

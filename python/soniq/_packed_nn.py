@@ -1,6 +1,6 @@
-"""Packed inference modules: quantize activations exactly (ops.quantize), pack them per K
-column (tiers grouped by the stored permutation), and run ops.mpgemm against weights
-packed once at convert time with the same K layout. Made by soniq.convert."""
+"""Packed inference modules: quantize and pack activations per K column in one native pass
+(ops.quantize_pack; tiers grouped by the weights' K permutation), and run ops.mpgemm against
+weights packed once at convert time with the same K layout. Made by soniq.convert."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .ops._quantize_pack import make_plan
 from .packed import PackedTensor
 
 
@@ -24,14 +25,20 @@ class _PackedBase(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().contiguous())
         self.name = name
 
-    def _gemm(self, rows: Tensor, col_bits: Tensor, col_scale: Tensor, integer: bool) -> Tensor:
-        v = ops.quantize(rows.float().contiguous(), col_scale, col_bits, signed=self.a_signed, axis=1,
-                         values_only=True).to(torch.int64)
+    def _plan(self, key, make):
+        """The activation layout (ops.quantize_pack's ActPlan), checked once and cached until
+        a_bits or a_scale change (load_state_dict copies in place: their version moves)."""
+        ver = (self.a_bits._version, self.a_scale._version, self.a_bits.data_ptr(), self.a_scale.data_ptr())
+        cache = self.__dict__.setdefault("_act_plans", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] != ver:
+            hit = cache[key] = (ver, make())
+        return hit[1]
+
+    def _gemm(self, rows: Tensor, plan, integer: bool) -> Tensor:
+        a = plan(rows if rows.dtype == torch.float32 else rows.float())  # fused quantize + pack
         if integer:
-            a = ops.pack(v, col_bits, signed=self.a_signed, axis=1)
-            w = self.w.with_scale(None)
-            return ops.mpgemm(a, w, out_dtype=torch.int64)
-        a = ops.pack(v, col_bits, signed=self.a_signed, axis=1, scale=col_scale)
+            return ops.mpgemm(a, self.w.with_scale(None), out_dtype=torch.int64)
         return ops.mpgemm(a, self.w)
 
     def precision(self) -> dict:
@@ -52,7 +59,9 @@ class PackedLinear(_PackedBase):
         K = self.a_bits.numel()
         if x.shape[-1] != K:
             raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
-        out = self._gemm(x.reshape(-1, K), self.a_bits, self.a_scale, integer)
+        plan = self._plan(("linear", integer), lambda: make_plan(
+            self.a_bits, self.a_scale, K, signed=self.a_signed, k_layout=self.w, out_scale=None if integer else self.a_scale))
+        out = self._gemm(x.reshape(-1, K), plan, integer)
         if not integer and self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -88,18 +97,14 @@ class PackedConv2d(_PackedBase):
         Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        kb = self.a_bits.repeat_interleave(kh * kw)
-        ks = self.a_scale.repeat_interleave(kh * kw)
-        # rows already hold integers: scale 1 keeps them, the real scale goes into the pack
-        out = self._gemm_int_rows(rows, kb, ks, integer)
+        # rows already hold integers: quantizing them with scale 1 keeps them (they are in range:
+        # convert refuses zero padding with signed 1-bit), the real scale goes into the pack
+        def make():
+            kb = self.a_bits.repeat_interleave(kh * kw)
+            ks = self.a_scale.repeat_interleave(kh * kw)
+            return make_plan(kb, 1.0, kb.numel(), signed=self.a_signed, k_layout=self.w,
+                             out_scale=None if integer else ks)
+        out = self._gemm(rows, self._plan(("conv", integer), make), integer)
         if not integer and self.bias is not None:
             out = out + self.bias
         return out.reshape(B, Ho * Wo, -1).transpose(1, 2).reshape(B, -1, Ho, Wo)
-
-    def _gemm_int_rows(self, rows, kb, ks, integer):
-        v = rows.to(torch.int64)
-        if integer:
-            a = ops.pack(v, kb, signed=self.a_signed, axis=1)
-            w = self.w.with_scale(None)
-            return ops.mpgemm(a, w, out_dtype=torch.int64)
-        return ops.mpgemm(ops.pack(v, kb, signed=self.a_signed, axis=1, scale=ks), self.w)

@@ -3,7 +3,8 @@
 Each input picks an entry point and builds its arguments from the fuzzer's bytes: pack /
 unpack with arbitrary shapes, dtypes, bit arrays, scales (0, negative, NaN, inf) and axes;
 mpgemm with arbitrary operand pairs and out_dtype; PackedTensor.from_state_dict on
-corrupted state; and, once merged, ops.quantize and soniq.load on damaged files.
+corrupted state; ops.quantize and ops.quantize_pack (checked equal to quantize + pack);
+and soniq.load on damaged files.
 Allowed outcomes: a clean Python exception, or a result checked to be exact. Anything
 else (another exception, a wrong result, a sanitizer report, a crash, a hang past
 -timeout) is a finding.
@@ -205,6 +206,34 @@ def fuzz_quantize(src):
         return
 
 
+def fuzz_quantize_pack(src):
+    """Fused activation quantize + pack: a clean exception, or exactly the two-step result."""
+    R, K = src.int(0, 6), src.int(0, 200)
+    x = array(src, (R, K), src.pick([np.float32, np.float32, np.float64]))
+    if src.bool() and x.size:  # finite values on the grid's scale, some special floats
+        x = (np.random.default_rng(src.int(0, 99)).normal(0, 50, x.shape) * src.pick([1e-3, 1.0])).astype(x.dtype)
+        with np.errstate(over="ignore"):  # 1e300 -> inf in float32: fine, it clamps
+            x.flat[src.int(0, x.size - 1)] = src.float()
+    bits = bits_arg(src, K)
+    scale = scale_arg(src, K) if src.bool() else src.pick([0.5, 0.01, 3.0])
+    signed = src.pick([True, False, None])
+    k_layout = None
+    if src.bool() and isinstance(bits, np.ndarray) and bits.shape == (K,) and K:
+        k_layout = soniq.KLayout.from_bits(np.clip(bits, 1, 8), np.array([src.int(1, 2) for _ in range(K)]))
+    xt = torch.from_numpy(x) if src.bool() else x
+    try:
+        p = ops.quantize_pack(xt, scale, bits, signed=signed, k_layout=k_layout)
+    except CLEAN:
+        return
+    sv = torch.as_tensor(np.broadcast_to(np.asarray(scale, np.float64), (K,)).copy()).float()
+    bv = torch.as_tensor(np.broadcast_to(np.asarray(bits), (K,)).astype(np.int64))
+    v = ops.quantize(torch.from_numpy(x), sv, bv.double(), signed=signed, axis=1, values_only=True).to(torch.int64)
+    q = ops.pack(v, bv, signed=signed, axis=1, scale=sv, k_layout=p)
+    for name in ("data", "sums", "k_perm", "ksegs", "desc"):
+        assert torch.equal(getattr(p, name), getattr(q, name)), name
+    assert np.array_equal(np.asarray(ops.unpack(p)), v.numpy())
+
+
 _SAVED = {}
 
 
@@ -235,7 +264,7 @@ def fuzz_load(src):
                 raise
 
 
-TARGETS = [fuzz_pack, fuzz_mpgemm, fuzz_state_dict, fuzz_quantize, fuzz_load]
+TARGETS = [fuzz_pack, fuzz_mpgemm, fuzz_state_dict, fuzz_quantize, fuzz_quantize_pack, fuzz_load]
 
 
 def TestOneInput(data: bytes) -> None:

@@ -3,5 +3,6 @@ from . import _library  # noqa: F401  (registers the torch.library ops)
 from ._mpgemm import int32_limit, mpgemm
 from ._pack import pack, unpack
 from ._quantize import philox_uniform, quantize
+from ._quantize_pack import quantize_pack
 
-__all__ = ["pack", "unpack", "mpgemm", "int32_limit", "quantize", "philox_uniform"]
+__all__ = ["pack", "unpack", "mpgemm", "int32_limit", "quantize", "philox_uniform", "quantize_pack"]

@@ -112,3 +112,40 @@ def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
 def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed, ksegs,
       a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind):
     return a_data.new_empty((a_perm.shape[0], b_perm.shape[0]), dtype=_KIND_DTYPE[kind])
+
+
+# ---- fused activation quantize + pack ------------------------------------------------
+def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
+                       row_words: int) -> tuple[Tensor, Tensor]:
+    """x: float32 [M, K] on the CPU; k_perm int64 [K]; segs int64 [S, 3] (klen, kw, bits);
+    seg_scale float32 [S]; row_words = sum of bits * kw. Returns (data int64 [M * row_words],
+    sums int64 [M, S]): the blocks of ops.pack(ops.quantize(x, ...)) with one row group.
+    soniq.ops.quantize_pack checks the layout; here only what keeps the kernel in bounds."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        raise ValueError(f"x must be a 2-D float32 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    M, K = x.shape
+    S = segs.shape[0]
+    if (k_perm.dtype != torch.int64 or k_perm.shape != (K,) or segs.dtype != torch.int64 or segs.shape != (S, 3)
+            or seg_scale.dtype != torch.float32 or seg_scale.shape != (S,)):
+        raise ValueError("k_perm, segs, seg_scale must be int64 [K], int64 [S, 3], float32 [S]")
+    if x.stride(1) != 1 and K > 1:
+        x = x.contiguous()
+    k_perm, segs, seg_scale = k_perm.contiguous(), segs.contiguous(), seg_scale.contiguous()
+    data = torch.empty(M * row_words, dtype=torch.int64)
+    sums = torch.empty(M, S, dtype=torch.int64)
+    _C.quantize_pack(x.data_ptr(), M, K, x.stride(0), k_perm.data_ptr(), segs.data_ptr(), S,
+                     seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr())
+    return data, sums
+
+
+@torch.library.custom_op("soniq::quantize_pack_raw", mutates_args=())
+def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
+                      row_words: int) -> tuple[Tensor, Tensor]:
+    """The registered op over quantize_pack_impl (see there)."""
+    return quantize_pack_impl(x, k_perm, segs, seg_scale, signed, row_words)
+
+
+@quantize_pack_raw.register_fake
+def _(x, k_perm, segs, seg_scale, signed, row_words):
+    M = x.shape[0]
+    return (x.new_empty((M * row_words,), dtype=torch.int64), x.new_empty((M, segs.shape[0]), dtype=torch.int64))

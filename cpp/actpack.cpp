@@ -1,0 +1,110 @@
+#include "actpack.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
+#include "threadpool.h"
+
+namespace soniq {
+namespace {
+
+struct SegPlan {
+  int64_t k0, klen, kw, word_off;  // word_off: where this segment's planes start in data / M
+  int bits, alpha;
+  float inv, lo, hi;
+  bool contiguous;  // perm[k0 + j] == perm[k0] + j: read in place instead of gathering
+};
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("quantize_pack: " + msg); }
+
+std::vector<SegPlan> plan(const ActLayout& L, bool is_signed) {
+  if (L.K <= 0 || L.nsegs <= 0 || !L.perm || !L.segs || !L.seg_scale) bad("empty layout");
+  std::vector<SegPlan> out;
+  int64_t k0 = 0, words = 0;
+  for (int64_t s = 0; s < L.nsegs; ++s) {
+    const int64_t klen = L.segs[3 * s], kw = L.segs[3 * s + 1], bits = L.segs[3 * s + 2];
+    if (klen <= 0 || klen > L.K - k0 || kw != (klen + 63) / 64) bad("segment " + std::to_string(s) + " is malformed");
+    if (bits < 1 || bits > 8) bad("segment bits must be in 1..8, got " + std::to_string(bits));
+    const float s_ = L.seg_scale[s], inv = 1.0f / s_;  // 1/s in float, exactly as quantize.cpp
+    if (!(s_ > 0.0f) || !std::isfinite(s_) || !std::isfinite(inv))
+      bad("scale " + std::to_string(s_) + " of segment " + std::to_string(s) + " must be finite, > 0 and have a finite float32 inverse");
+    SegPlan p{k0, klen, kw, words, int(bits), 1, inv, 0.0f, float((1 << bits) - 1), true};
+    if (is_signed) {
+      if (bits == 1) p.alpha = 2, p.lo = -1.0f, p.hi = 1.0f;
+      else p.lo = -float(1 << (bits - 1)), p.hi = float((1 << (bits - 1)) - 1);
+    }
+    // branch-free scan (it runs on every call): range, and whether the run is contiguous
+    const int64_t* pk = L.perm + k0;
+    bool out_of_range = false, contiguous = true;
+    for (int64_t j = 0; j < klen; ++j) {
+      out_of_range |= uint64_t(pk[j]) >= uint64_t(L.K);
+      contiguous &= pk[j] == pk[0] + j;
+    }
+    if (out_of_range)
+      for (int64_t j = 0; j < klen; ++j)
+        if (uint64_t(pk[j]) >= uint64_t(L.K))
+          bad("perm[" + std::to_string(k0 + j) + "] = " + std::to_string(pk[j]) + " is outside [0, K)");
+    p.contiguous = contiguous;
+    out.push_back(p);
+    k0 += klen;
+    words += bits * kw;
+  }
+  if (k0 != L.K) bad("segment lengths sum to " + std::to_string(k0) + ", not K = " + std::to_string(L.K));
+  return out;
+}
+
+// One row: each segment read in packed order (in place when its columns are one contiguous
+// run, else gathered through perm by the kernel), quantized and packed by the ISA kernel.
+void pack_row(const KernelTable& kt, const float* xr, int64_t M, int64_t r, const ActLayout& L,
+              const std::vector<SegPlan>& segs, uint64_t* data, int64_t* sums, bool* nan) {
+  for (size_t s = 0; s < segs.size(); ++s) {
+    const SegPlan& p = segs[s];
+    const float* src = p.contiguous ? xr + L.perm[p.k0] : xr;
+    const int64_t* idx = p.contiguous ? nullptr : L.perm + p.k0;
+    uint64_t* out = data + M * p.word_off + r * p.kw;
+    sums[r * int64_t(segs.size()) + int64_t(s)] =
+        kt.quant_pack(src, idx, p.klen, p.kw, p.inv, p.lo, p.hi, p.alpha, p.bits, out, M * p.kw, nan);
+  }
+}
+
+[[noreturn]] void report_nan(const float* x, int64_t M, int64_t ldx, int64_t K) {
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t k = 0; k < K; ++k)
+      if (std::isnan(x[r * ldx + k]))
+        throw std::invalid_argument("x[" + std::to_string(r) + ", " + std::to_string(k) +
+                                    "] is NaN: activations must not be NaN to be quantized");
+  throw std::invalid_argument("x holds a NaN: activations must not be NaN to be quantized");
+}
+
+}  // namespace
+
+int64_t act_row_words(const ActLayout& L) {
+  int64_t words = 0;
+  for (int64_t s = 0; s < L.nsegs; ++s) words += L.segs[3 * s + 2] * L.segs[3 * s + 1];
+  return words;
+}
+
+void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
+                   int64_t* sums) {
+  if (M <= 0 || !x || !data || !sums) bad("x must be non-empty");
+  const std::vector<SegPlan> segs = plan(L, is_signed);
+  const KernelTable& kt = active_kernels();
+  // ~16K elements per task: below that the pool's wake-up costs more than it saves
+  const int64_t chunk = std::max<int64_t>(1, (16384 + L.K - 1) / L.K);
+  const int64_t ntasks = (M + chunk - 1) / chunk;
+  std::atomic<bool> any_nan{false};
+  parallel_for(ntasks, [&](int64_t t) {
+    bool nan = false;
+    const int64_t r1 = std::min(M, (t + 1) * chunk);
+    for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, data, sums, &nan);
+    if (nan) any_nan.store(true, std::memory_order_relaxed);
+  });
+  if (any_nan.load()) report_nan(x, M, ldx, L.K);
+}
+
+}  // namespace soniq

@@ -1,0 +1,26 @@
+// Fused activation quantize + pack (issue #4): float32 rows [M, K] -> the bit planes and
+// code sums of a PackedTensor with per-K-column bits (axis=1, one row group), in one pass.
+// Equal, word for word, to soniq.ops.pack(soniq.ops.quantize(x, ..., values_only=True)).
+#pragma once
+#include <cstdint>
+
+namespace soniq {
+
+struct ActLayout {
+  int64_t K;
+  const int64_t* perm;      // [K]: packed K position -> original column
+  int64_t nsegs;
+  const int64_t* segs;      // [nsegs][3]: klen, kw (= ceil(klen/64)), bits (1..8)
+  const float* seg_scale;   // [nsegs]: the quantization scale of each segment (finite, > 0)
+};
+
+// Words one row takes: sum over segments of bits * kw (data holds M times that).
+int64_t act_row_words(const ActLayout& L);
+
+// x: row r at x + r*ldx, unit column stride. data: segment s's planes [bits][M][kw] at
+// offset M * (words of segments before s); sums: [M][nsegs]. Throws std::invalid_argument
+// on a malformed layout or a NaN in x (naming its position).
+void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
+                   int64_t* sums);
+
+}  // namespace soniq

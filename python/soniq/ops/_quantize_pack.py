@@ -1,0 +1,134 @@
+"""soniq.ops.quantize_pack: float activations -> PackedTensor in one native pass (issue #4).
+
+Equal, word for word, to ops.pack(ops.quantize(x, scale, bits, signed=..., axis=1,
+values_only=True).to(torch.int64), bits, signed=..., axis=1, scale=scale, k_layout=...):
+same rounding (round half to even, clamped), same K permutation, planes and code sums.
+The layout checks run once per ActPlan, so the packed modules pay them once per layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _checks as C
+from ..packed import KLayout, PackedTensor
+from . import _library  # noqa: F401  (registers soniq::quantize_pack_raw)
+from ._pack import _check_k_layout
+
+_SAME = object()
+
+
+class ActPlan:
+    """A checked activation layout: bits and scales per K column, the K permutation and
+    its segments. Calling it with float32 rows [M, K] quantizes and packs them."""
+
+    def __init__(self, bits: Tensor, scale: Tensor, signed: bool, kl: KLayout, out_scale: Tensor | None):
+        self.K, self.signed, self.bits, self.out_scale = int(bits.numel()), signed, bits, out_scale
+        self.k_perm = kl.perm.contiguous()
+        # numpy for the small per-layer vectors: torch's advanced indexing starts an OpenMP
+        # region that costs milliseconds on a busy machine
+        first = self.k_perm.numpy()[np.concatenate([[0], np.cumsum(kl.seg_lens)[:-1]]).astype(np.int64)]
+        self.seg_bits = [int(b) for b in bits.numpy()[first]]
+        kws = [(n + 63) // 64 for n in kl.seg_lens]
+        self.segs = torch.tensor([[n, w, b] for n, w, b in zip(kl.seg_lens, kws, self.seg_bits)], dtype=torch.int64)
+        self.ksegs = self.segs[:, :2].contiguous()
+        self.seg_scale = torch.from_numpy(scale.numpy()[first].copy())
+        self.out_seg_scale = None if out_scale is None else torch.from_numpy(out_scale.numpy()[first].copy())
+        self.row_words = sum(b * w for b, w in zip(self.seg_bits, kws))
+        self._rows_meta = None  # (M, desc, row_perm) of the last call
+
+    def __call__(self, x: Tensor, kind: str = "torch") -> PackedTensor:
+        M = x.shape[0]
+        if x.requires_grad:  # not differentiable (as ops.quantize): the kernel reads the values only
+            x = x.detach()
+        args = (x, self.k_perm, self.segs, self.seg_scale, self.signed, self.row_words)
+        if type(x) is Tensor and not torch.compiler.is_compiling():
+            data, sums = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
+        else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
+            data, sums = torch.ops.soniq.quantize_pack_raw(*args)
+        if self._rows_meta is None or self._rows_meta[0] != M:  # desc/row_perm depend on M only
+            self._rows_meta = (M, torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), torch.arange(M))
+        _, desc, row_perm = self._rows_meta
+        pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=self.bits, data=data, desc=desc,
+                          sums=sums, row_perm=row_perm, k_perm=self.k_perm, ksegs=self.ksegs,
+                          scale=self.out_scale, dtype=torch.int64, kind=kind)
+        pt._seg_scale = self.out_seg_scale  # known already: mpgemm need not gather it
+        return pt
+
+
+def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SAME) -> ActPlan:
+    """Checks bits/scale/k_layout for K columns (messages name the argument). out_scale is
+    the scale the PackedTensor carries (default: `scale`; None for integer operands)."""
+    if not isinstance(signed, (bool, np.bool_)):
+        raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+    if scale is None:
+        raise TypeError("scale must be a positive float or one per K column (quantize_pack quantizes with it), got None")
+    bits_v = C.bits_vector(bits, K, "bits", "cpu")
+    scale_v = C.scale_vector(scale, K, "scale", "cpu")
+    inv = torch.ones_like(scale_v) / scale_v  # the float32 inverse the kernels multiply by
+    if not bool(torch.isfinite(inv).all()):
+        i = int((~torch.isfinite(inv)).nonzero()[0, 0])
+        raise ValueError(f"scale[{i}] = {float(scale_v[i])!r} is too small: its float32 inverse overflows")
+    out_v = scale_v if out_scale is _SAME else C.scale_vector(out_scale, K, "out_scale", "cpu")
+    if k_layout is not None:
+        kl = _check_k_layout(k_layout, K, "cpu")
+    else:  # tiers grouped, low first, stable (as ops.pack's axis=1 default)
+        perm = np.argsort(bits_v.numpy(), kind="stable")
+        _, counts = np.unique(bits_v.numpy()[perm], return_counts=True)
+        kl = KLayout(torch.from_numpy(perm.astype(np.int64)), tuple(int(c) for c in counts))
+    lens = np.asarray(kl.seg_lens)
+    first = np.repeat(np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)  # each position's segment start
+    perm_np = kl.perm.numpy()
+    kb = bits_v.numpy()[perm_np]
+    if not np.array_equal(kb, kb[first]):
+        raise ValueError("k_layout does not match bits: each K segment must hold a single bit width")
+    for name, v in (("scale", scale_v), ("out_scale", None if out_v is None or out_v is scale_v else out_v)):
+        vk = None if v is None else v.numpy()[perm_np]
+        if vk is not None and not np.array_equal(vk, vk[first]):
+            raise ValueError(f"{name} along K must be constant within each K segment (bit width); "
+                             "fold per-column scales into the other operand instead")
+    return ActPlan(bits_v, scale_v, bool(signed), kl, out_v)
+
+
+def _as_float32_rows(x, name: str = "x") -> tuple[Tensor, str]:
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.float32:
+            raise TypeError(f"{name} must be float32, got numpy {x.dtype} (convert with x.astype(np.float32))")
+        if any(s < 0 or s % 4 for s in x.strides):  # torch.from_numpy cannot view these
+            x = np.ascontiguousarray(x)
+        t, kind = torch.from_numpy(x), "numpy"
+    elif isinstance(x, Tensor):
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {x.dtype} (convert with x.float(); "
+                            "quantize_pack rounds in float32 like ops.quantize on float32)")
+        t, kind = x.detach(), "torch"
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, K], got {t.dim()}-D with shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(t.shape)}")
+    return t, kind
+
+
+def quantize_pack(x, scale, bits, *, signed: bool, k_layout=None) -> PackedTensor:
+    """Quantizes float32 activations x [M, K] per K column and packs them (axis=1) in one pass.
+
+    scale: positive float or one per K column, constant within each bit width (K segment);
+    bits: int in 1..8 or one per K column; signed: design.md encodings (signed 1-bit is
+    {-1, +1}); k_layout: a KLayout or PackedTensor whose K layout to use (e.g. the weights',
+    from KLayout.from_bits), else K columns are grouped by bit width. Values beyond the
+    range clamp; NaN raises. Returns the PackedTensor ops.pack would (with scale attached).
+    """
+    t, kind = _as_float32_rows(x)
+    plan = make_plan(bits, scale, t.shape[1], signed=signed, k_layout=k_layout)
+    if t.device.type != "cpu":  # no fused kernel on the GPU yet: the two-step path
+        from ._pack import pack
+        from ._quantize import quantize
+        dev = t.device
+        v = quantize(t, plan.out_scale.to(dev), plan.bits.to(dev).double(), signed=plan.signed, axis=1,
+                     values_only=True).to(torch.int64)
+        return pack(v, plan.bits.to(dev), signed=plan.signed, axis=1, scale=plan.out_scale.to(dev),
+                    k_layout=KLayout(plan.k_perm.to(dev), tuple(int(n) for n in plan.ksegs[:, 0].tolist())))
+    return plan(t, kind)
