@@ -29,6 +29,40 @@ def _cmd_demo_digits(args) -> int:
     return digits_main(seeds=args.seeds, quick=args.quick, json_path=args.json, out_dir=args.out)
 
 
+def _run_bench(module: str, args) -> int:
+    """Runs a packaged benchmark. With --json the human-readable lines go to stderr and the
+    saved document (meta, results, targets) to stdout."""
+    import contextlib
+    import importlib
+
+    main = importlib.import_module(f"soniq.benchmarks.{module}").main
+    argv = list(args.bench_args) + ["--out", args.out]
+    if not args.json:
+        main(argv)
+        return 0
+    with contextlib.redirect_stdout(sys.stderr):
+        doc = main(argv)
+    print(json.dumps(doc, indent=1))
+    return 0
+
+
+def _cmd_bench_cpu(args) -> int:
+    return _run_bench("cpu_gemm", args)
+
+
+def _cmd_bench_gpu(args) -> int:
+    return _run_bench("gpu_gemm", args)
+
+
+def _add_bench_parser(bsub, name: str, help_: str, flags: list, func) -> None:
+    p = bsub.add_parser(name, help=help_, description=help_)
+    for flag, kw in flags:
+        p.add_argument(flag, **kw)
+    p.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and markdown results (default .)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (progress on stderr)")
+    p.set_defaults(func=func, bench_flags=[f for f, _ in flags])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soniq", description="soniq: per-channel mixed-precision quantization")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -48,7 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default OUT/digits_results.json)")
     pg.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and the PNG plot")
     pg.set_defaults(func=_cmd_demo_digits)
+    # ---- bench (issues #4, #5): the packaged benchmarks, baselines measured in the same run ----
+    pb = sub.add_parser("bench", help="run a benchmark against baselines measured in the same run")
+    bsub = pb.add_subparsers(dest="bench", metavar="BENCH")
+    _add_bench_parser(bsub, "cpu", "CPU GEMM/GEMV: soniq kernels vs torch fp32/bf16, FBGEMM and oneDNN INT8, "
+                      "ONNX Runtime MatMulNBits (needs soniq[bench] for ORT)",
+                      [("--quick", dict(action="store_true", help="small shapes, few repeats (under a minute)")),
+                       ("--threads", dict(type=int, default=2, help="threads for soniq and torch (default 2)")),
+                       ("--shapes", dict(default=None, help="comma-separated subset of the shapes"))], _cmd_bench_cpu)
+    _add_bench_parser(bsub, "gpu", "GPU GEMM/GEMV: soniq CUDA kernels vs cuBLAS FP16 and INT8 (needs a CUDA GPU)",
+                      [("--quick", dict(action="store_true", help="4096 instead of 8192 shapes")),
+                       ("--no-verify", dict(action="store_true", help="skip the exactness check"))], _cmd_bench_gpu)
+    pb.set_defaults(func=lambda a: (pb.print_help(), 2)[1])
     return p
+
+
+def _bench_args(args) -> list:
+    """The benchmark's own flags, rebuilt from the parsed CLI options."""
+    out = []
+    for flag in getattr(args, "bench_flags", []):
+        v = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if v is True:
+            out.append(flag)
+        elif v not in (None, False):
+            out += [flag, str(v)]
+    return out
 
 
 def main(argv=None) -> int:
@@ -57,6 +115,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.bench_args = _bench_args(args)
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, RuntimeError) as e:

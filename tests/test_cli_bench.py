@@ -1,0 +1,48 @@
+"""`soniq bench cpu|gpu`: the packaged benchmarks behind the console command (a smoke run;
+speed is never asserted here, only that the run completes and reports what it measured)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import soniq
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, "-m", "soniq.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_bench_cpu_quick_json(tmp_path):
+    r = run(["bench", "cpu", "--quick", "--shapes", "gemv_4k", "--threads", "1", "--json", "--out", str(tmp_path)],
+            tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)  # stdout is only the JSON; progress went to stderr
+    assert "CPU:" in r.stderr and doc["meta"]["cpu"]["isa"] == soniq.get_isa()
+    (shape,) = doc["results"]
+    assert (shape["M"], shape["N"], shape["K"]) == (1, 4096, 4096)
+    timed = {row["method"]: row for row in shape["rows"] if "ms" in row}
+    for method in ("torch fp32", "FBGEMM INT8 (dynamic Linear)", "soniq W1A8", "soniq W4A4"):
+        assert timed[method]["ms"] > 0 and timed[method]["vs_best_int8"] > 0
+    assert doc["targets"] and all(t["shape"] == "gemv_4k" for t in doc["targets"])
+    saved = [f for f in os.listdir(tmp_path) if f.startswith("cpu_gemm_")]
+    assert sorted(f.rsplit(".", 1)[1] for f in saved) == ["json", "md"]
+
+
+def test_bench_cpu_rejects_unknown_shape(tmp_path):
+    r = run(["bench", "cpu", "--quick", "--shapes", "nope", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "unknown shapes ['nope']" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and soniq._native._C.built_with_cuda, reason="has a GPU")
+def test_bench_gpu_without_gpu_is_a_clear_error(tmp_path):
+    r = run(["bench", "gpu", "--quick", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 1 and "soniq bench gpu:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_help_lists_both(tmp_path):
+    r = run(["bench", "--help"], tmp_path)
+    assert r.returncode == 0 and "cpu" in r.stdout and "gpu" in r.stdout
