@@ -29,7 +29,9 @@ def _tol(xq, wq, K):
 
 
 CFGS = [QATConfig(w_palette=(1, 4), a_palette=(2, 8), w_bits_target=2.0, a_bits_target=4.0),
-        QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0)]
+        QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0),
+        # SmoothQuant-style input smoothing on the Linear layers (convs ignore it)
+        QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0, smooth_alpha=0.5)]
 
 
 @pytest.mark.parametrize("cfg", CFGS)
@@ -76,15 +78,19 @@ def _small_model():
                          nn.Linear(4 * 16, 10))
 
 
-def test_save_load_round_trip_and_damage(tmp_path):
+@pytest.mark.parametrize("cfg", [CFGS[0], CFGS[2]], ids=["plain", "smoothed"])
+def test_save_load_round_trip_and_damage(tmp_path, cfg):
     x = torch.rand(3, 1, 8, 8)
-    m = _frozen(_small_model(), x, copy.deepcopy(CFGS[0]))
+    m = _frozen(_small_model(), x, copy.deepcopy(cfg))
     q = soniq.convert(m)
     p = tmp_path / "m.safetensors"
     soniq.save(q, p)
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".soniq-")]  # temp file replaced
     q2 = soniq.load(p)
     assert torch.equal(q2(x), q(x))
+    assert torch.equal(q2[-1].accumulators(q[-1].a_scale.new_ones(3, 64)), q[-1].accumulators(torch.ones(3, 64)))
+    if cfg.smooth_alpha is not None:
+        assert torch.equal(q2[-1].a_inv_smooth, m[-1].a_inv_smooth)
     q3 = soniq.load(p, model=_small_model())  # architecture given explicitly
     assert torch.equal(q3(x), q(x))
     raw = p.read_bytes()

@@ -121,3 +121,29 @@ def test_direct_construction_and_cli_wiring():
     from soniq.cli import build_parser
     args = build_parser().parse_args(["demo", "digits", "--quick", "--seeds", "2", "--out", "/tmp/x"])
     assert args.quick and args.seeds == 2 and args.out == "/tmp/x"
+
+
+def test_smoothing_keeps_the_float_product_and_shrinks_outlier_channels():
+    import soniq
+    from soniq.qat import QATConfig
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8)
+    x = torch.randn(64, 16)
+    x[:, 3] *= 50.0  # an outlier input channel
+    m = soniq.qat.prepare(torch.nn.Sequential(lin), QATConfig(smooth_alpha=0.5))
+    q = m[0]
+    q(x)
+    assert float(q.a_smooth[3]) > 5 * float(q.a_smooth.median())
+    xs, ws = q.smoothed_input(x), q.effective_weight()
+    torch.testing.assert_close(xs @ ws.T, x @ lin.weight.T, rtol=1e-4, atol=1e-4)
+    assert float(xs.abs().amax(0).max() / xs.abs().amax(0).median()) < float(x.abs().amax(0).max() /
+                                                                              x.abs().amax(0).median())
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, "half", float("nan")])
+def test_smoothing_alpha_is_checked(alpha):
+    from soniq.qat import QATConfig
+
+    with pytest.raises(ValueError, match="smooth_alpha"):
+        QATConfig(smooth_alpha=alpha)

@@ -14,7 +14,7 @@ from .qat._quantizers import PHASE_EXACT
 
 def _pack_weight(m, a_bits_k: torch.Tensor, name: str):
     w_step = m.w_quant.step().detach().float()
-    vw = ops.quantize(m.weight.detach().float(), w_step, m.w_quant.bits(), signed=True, axis=0,
+    vw = ops.quantize(m.effective_weight().detach().float(), w_step, m.w_quant.bits(), signed=True, axis=0,
                       values_only=True).to(torch.int64)
     return ops.pack(vw.reshape(vw.shape[0], -1), m.w_quant.bits().to(torch.int64), signed=True, axis=0,
                     scale=w_step, k_layout=KLayout.from_bits(a_bits_k))
@@ -34,7 +34,8 @@ def convert_module(m, name: str):
     signed = m.a_quant.signed
     bias = None if m.bias is None else m.bias.detach()
     if isinstance(m, QLinear):
-        return PackedLinear(_pack_weight(m, a_bits, name), a_bits, a_scale, signed, bias, name)
+        inv = None if m.smooth_alpha is None else m.a_inv_smooth.detach().float().cpu()
+        return PackedLinear(_pack_weight(m, a_bits, name), a_bits, a_scale, signed, bias, name, a_inv_smooth=inv)
     if isinstance(m, QConv2d):
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise ValueError(f"module {name!r} (QConv2d): the converter handles groups=1 with numeric zero padding only")

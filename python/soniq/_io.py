@@ -72,9 +72,25 @@ def _digest(tensors: dict, meta: dict) -> str:
     return h.hexdigest()
 
 
+def _is_sentence_transformer(model) -> bool:
+    return any(c.__name__ == "SentenceTransformer" and c.__module__.startswith("sentence_transformers")
+               for c in type(model).__mro__)
+
+
 def save(model: nn.Module, path) -> None:
-    """Writes a converted model (soniq.convert) to `path` (safetensors), atomically."""
-    from safetensors.torch import save_file
+    """Writes a converted model (soniq.convert) to `path` (safetensors), atomically. A
+    SentenceTransformer is written as a folder (configuration, tokenizer, soniq weights) that
+    soniq.load(path) turns back into a SentenceTransformer."""
+    if _is_sentence_transformer(model):
+        from ._st_io import save_dir
+
+        return save_dir(model, path)
+    return save_file(model, path)
+
+
+def save_file(model: nn.Module, path) -> None:
+    """soniq.save for one safetensors file (any model with packed layers)."""
+    from safetensors.torch import save_file as st_save_file
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -88,6 +104,8 @@ def save(model: nn.Module, path) -> None:
         tensors[f"{n}|a_bits"], tensors[f"{n}|a_scale"] = m.a_bits, m.a_scale
         if m.bias is not None:
             tensors[f"{n}|bias"] = m.bias
+        if getattr(m, "a_inv_smooth", None) is not None:
+            tensors[f"{n}|a_inv_smooth"] = m.a_inv_smooth
         rec = {"type": type(m).__name__, "w_meta": m.w.metadata(), "a_signed": m.a_signed}
         if isinstance(m, PackedConv2d):
             rec["conv"] = m.conv_args()
@@ -102,7 +120,7 @@ def save(model: nn.Module, path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".soniq-", suffix=".tmp", dir=d)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"soniq": json.dumps(meta)})
+        st_save_file(tensors, tmp, metadata={"soniq": json.dumps(meta)})
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -113,10 +131,18 @@ def save(model: nn.Module, path) -> None:
 def load(path, model: nn.Module | None = None) -> nn.Module:
     """Reads a model written by soniq.save. Models built from standard layers (nn.Sequential
     of Linear/Conv2d/activations/pooling/...) are rebuilt from the file; otherwise pass the
-    architecture as `model` (its float or prepared form): its packed layers are replaced."""
+    architecture as `model` (its float or prepared form): its packed layers are replaced.
+    A folder written for a SentenceTransformer comes back as a SentenceTransformer."""
     from safetensors import safe_open
 
+    from ._st_io import is_model_dir, load_dir
+
     path = os.fspath(path)
+    if model is None and is_model_dir(path):
+        return load_dir(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: a folder without a soniq manifest; pass the model file (.safetensors) "
+                         "or a folder written by soniq.save(sentence_transformer, folder)")
     try:
         with safe_open(path, framework="pt") as f:
             header = f.metadata() or {}
@@ -158,7 +184,7 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         if rec["type"] == "PackedConv2d":
             mod = PackedConv2d(*args, **rec["conv"])
         else:
-            mod = PackedLinear(*args)
+            mod = PackedLinear(*args, a_inv_smooth=tensors.get(pre + "a_inv_smooth"))
         if mod.a_bits.numel() * (1 if rec["type"] == "PackedLinear" else
                                  rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]) != w.shape[1]:
             raise ValueError(f"{path}: layer {n!r}: activation bits do not match the packed weight's K={w.shape[1]}")

@@ -27,9 +27,13 @@ class _PackedBase(nn.Module):
 
     def _plan(self, key, make):
         """The activation layout (ops.quantize_pack's ActPlan), checked once and cached until
-        a_bits or a_scale change (load_state_dict copies in place: their version moves)."""
-        ver = (self.a_bits._version, self.a_scale._version, self.a_bits.data_ptr(), self.a_scale.data_ptr())
+        a_bits or a_scale change (load_state_dict copies in place: their version moves). Under
+        torch.compile the plan built with the module is traced as a constant (no graph break);
+        the layout is a property of the converted model, not of the input."""
         cache = self.__dict__.setdefault("_act_plans", {})
+        if torch.compiler.is_compiling() and key in cache:
+            return cache[key][1]
+        ver = (self.a_bits._version, self.a_scale._version, self.a_bits.data_ptr(), self.a_scale.data_ptr())
         hit = cache.get(key)
         if hit is None or hit[0] != ver:
             hit = cache[key] = (ver, make())
@@ -48,6 +52,25 @@ class _PackedBase(nn.Module):
 
 
 class PackedLinear(_PackedBase):
+    """a_inv_smooth (optional, per input feature): the QLinear's float32 1/s smoothing factors,
+    applied to x before quantizing (the weights were packed from W * s)."""
+
+    def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None):
+        super().__init__(w, a_bits, a_scale, a_signed, bias, name)
+        if a_inv_smooth is not None:
+            a_inv_smooth = torch.as_tensor(a_inv_smooth).to(torch.float32).cpu().contiguous()
+            if a_inv_smooth.shape != self.a_bits.shape or not bool(torch.isfinite(a_inv_smooth).all()) \
+                    or bool((a_inv_smooth <= 0).any()):
+                raise ValueError(f"{name}: a_inv_smooth must hold {self.a_bits.numel()} finite positive factors, "
+                                 f"got shape {tuple(a_inv_smooth.shape)}")
+        self.register_buffer("a_inv_smooth", a_inv_smooth)
+        self._act_plan(False)  # built now, so torch.compile traces a cached plan (no graph break)
+
+    def _act_plan(self, integer: bool):
+        K = self.a_bits.numel()
+        return self._plan(("linear", integer), lambda: make_plan(
+            self.a_bits, self.a_scale, K, signed=self.a_signed, k_layout=self.w, out_scale=None if integer else self.a_scale))
+
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, integer=False)
 
@@ -59,9 +82,11 @@ class PackedLinear(_PackedBase):
         K = self.a_bits.numel()
         if x.shape[-1] != K:
             raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
-        plan = self._plan(("linear", integer), lambda: make_plan(
-            self.a_bits, self.a_scale, K, signed=self.a_signed, k_layout=self.w, out_scale=None if integer else self.a_scale))
-        out = self._gemm(x.reshape(-1, K), plan, integer)
+        plan = self._act_plan(integer)
+        rows = x.reshape(-1, K)
+        if self.a_inv_smooth is not None:
+            rows = rows.float() * self.a_inv_smooth
+        out = self._gemm(rows, plan, integer)
         if not integer and self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -72,6 +97,19 @@ class PackedConv2d(_PackedBase):
         super().__init__(w, a_bits, a_scale, a_signed, bias, name)
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self._act_plan(False)  # built now, so torch.compile traces a cached plan (no graph break)
+
+    def _act_plan(self, integer: bool):
+        # the unfolded rows already hold integers: quantizing them with scale 1 keeps them (they
+        # are in range: convert refuses zero padding with signed 1-bit); the real scale goes
+        # into the pack
+        def make():
+            kk = self.kernel_size[0] * self.kernel_size[1]
+            kb = self.a_bits.repeat_interleave(kk)
+            ks = self.a_scale.repeat_interleave(kk)
+            return make_plan(kb, 1.0, kb.numel(), signed=self.a_signed, k_layout=self.w,
+                             out_scale=None if integer else ks)
+        return self._plan(("conv", integer), make)
 
     def conv_args(self) -> dict:
         return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
@@ -97,14 +135,7 @@ class PackedConv2d(_PackedBase):
         Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        # rows already hold integers: quantizing them with scale 1 keeps them (they are in range:
-        # convert refuses zero padding with signed 1-bit), the real scale goes into the pack
-        def make():
-            kb = self.a_bits.repeat_interleave(kh * kw)
-            ks = self.a_scale.repeat_interleave(kh * kw)
-            return make_plan(kb, 1.0, kb.numel(), signed=self.a_signed, k_layout=self.w,
-                             out_scale=None if integer else ks)
-        out = self._gemm(rows, self._plan(("conv", integer), make), integer)
+        out = self._gemm(rows, self._act_plan(integer), integer)
         if not integer and self.bias is not None:
             out = out + self.bias
         return out.reshape(B, Ho * Wo, -1).transpose(1, 2).reshape(B, -1, Ho, Wo)

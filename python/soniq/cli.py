@@ -29,6 +29,13 @@ def _cmd_demo_digits(args) -> int:
     return digits_main(seeds=args.seeds, quick=args.quick, json_path=args.json, out_dir=args.out)
 
 
+def _cmd_demo_minilm(args) -> int:
+    from soniq.demos.minilm import main as minilm_main
+
+    return minilm_main(quick=args.quick, out_dir=args.out, json_path=args.json, save_dir=args.save,
+                       threads=args.threads)
+
+
 def _run_bench(module: str, args) -> int:
     """Runs a packaged benchmark. With --json the human-readable lines go to stderr and the
     saved document (meta, results, targets) to stdout."""
@@ -82,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default OUT/digits_results.json)")
     pg.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and the PNG plot")
     pg.set_defaults(func=_cmd_demo_digits)
+    # ---- demo minilm (issue #6) ----
+    pm = dsub.add_parser("minilm", help="quantize a pretrained MiniLM sentence encoder with SONIQ: fidelity, size "
+                         "and CPU speed vs FP32, FBGEMM INT8 and uniform 4/2-bit weights (needs soniq[transformer])")
+    pm.add_argument("--quick", action="store_true", help="a few training steps on little data (under 3 minutes), "
+                    "for tests")
+    pm.add_argument("--out", default=".", metavar="DIR", help="folder for the results JSON and the PNG plot")
+    pm.add_argument("--json", default=None, metavar="PATH", help="where to write the results JSON "
+                    "(default OUT/minilm_results.json)")
+    pm.add_argument("--save", default=None, metavar="DIR", help="also write the packed model to this folder "
+                    "(soniq.load(DIR) gives a SentenceTransformer back)")
+    pm.add_argument("--threads", type=int, default=2, help="CPU threads for torch and soniq (default 2)")
+    pm.set_defaults(func=_cmd_demo_minilm)
     # ---- bench (issues #4, #5): the packaged benchmarks, baselines measured in the same run ----
     pb = sub.add_parser("bench", help="run a benchmark against baselines measured in the same run")
     bsub = pb.add_subparsers(dest="bench", metavar="BENCH")

@@ -23,9 +23,19 @@ def _bits_summary(bits: Tensor, weights_per_channel: float) -> dict:
 
 
 class _QMixin:
+    smooth_alpha = None  # per-input-channel activation smoothing (QLinear only), see QLinear
+
     def _setup_quant(self, w_palette, a_palette, w_bits, a_bits, a_axis):
         self.w_quant = WeightQuantizer(self.weight, w_palette, w_bits)
         self.a_quant = ActQuantizer(self.weight.shape[1], a_palette, a_bits, a_axis)
+
+    def effective_weight(self) -> Tensor:
+        """The float weight the quantizer sees (QLinear with smoothing: weight * a_smooth)."""
+        return self.weight
+
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        """The float input the activation quantizer sees (QLinear with smoothing: x * a_inv_smooth)."""
+        return x
 
     @property
     def phase(self) -> int:
@@ -41,7 +51,7 @@ class _QMixin:
         return d
 
     def quantized_weight(self) -> Tensor:
-        return self.w_quant(self.weight)
+        return self.w_quant(self.effective_weight())
 
     def integer_operands(self, x: Tensor):
         """Phase 2 only: (activation values, weight values) as exact integers (int64), the
@@ -51,20 +61,54 @@ class _QMixin:
         from .ops import quantize
 
         ax = self.a_quant.axis % x.dim()
-        va = quantize(x.detach(), self.a_quant.step().detach(), self.a_quant.bits(), signed=self.a_quant.signed,
-                      axis=ax, values_only=True)
-        vw = quantize(self.weight.detach(), self.w_quant.step().detach(), self.w_quant.bits(), signed=True,
-                      axis=0, values_only=True)
+        va = quantize(self.smoothed_input(x.detach()), self.a_quant.step().detach(), self.a_quant.bits(),
+                      signed=self.a_quant.signed, axis=ax, values_only=True)
+        vw = quantize(self.effective_weight().detach(), self.w_quant.step().detach(), self.w_quant.bits(),
+                      signed=True, axis=0, values_only=True)
         return va.to(torch.int64), vw.to(torch.int64)
 
 
 class QLinear(_QMixin, nn.Linear):
-    """nn.Linear with quantized weights (per output channel) and inputs (per input feature)."""
+    """nn.Linear with quantized weights (per output channel) and inputs (per input feature).
+
+    With smooth_alpha (0..1), the first batch also sets a per-input-channel factor s
+    (SmoothQuant: s_k = max|x_k|^alpha / max_n|W_nk|^(1-alpha), geometric mean 1): the layer
+    computes (x * (1/s)) @ (W * s).T, the same product in float, with activation outlier
+    channels shrunk before the per-layer activation clip. The packed layer applies the same
+    float32 1/s before quantizing, so fake and real stay equal."""
 
     def __init__(self, in_features, out_features, bias=True, *, w_palette=(2, 4), a_palette=(4, 8),
-                 w_bits=None, a_bits=None, device=None, dtype=None):
+                 w_bits=None, a_bits=None, smooth_alpha=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._setup_quant(w_palette, a_palette, w_bits or sum(w_palette) / 2, a_bits or sum(a_palette) / 2, -1)
+        self._setup_smoothing(smooth_alpha)
+
+    def _setup_smoothing(self, alpha):
+        if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise ValueError(f"smooth_alpha must be a number in [0, 1] or None, got {alpha!r}")
+        self.smooth_alpha = None if alpha is None else float(alpha)
+        ones = torch.ones(self.in_features, device=self.weight.device)
+        self.register_buffer("a_smooth", ones)
+        self.register_buffer("a_inv_smooth", ones.clone())
+
+    @torch.no_grad()
+    def _init_smoothing(self, x: Tensor) -> None:
+        amax_x = x.detach().float().abs().reshape(-1, self.in_features).amax(0)
+        amax_x = amax_x.clamp_min(float(amax_x.max()) * 1e-5 + 1e-12)
+        amax_w = self.weight.detach().float().abs().amax(0).clamp_min(1e-8)
+        s = amax_x.pow(self.smooth_alpha) / amax_w.pow(1.0 - self.smooth_alpha)
+        s = (s / s.log().mean().exp()).clamp(1e-4, 1e4)
+        self.a_smooth.copy_(s)
+        self.a_inv_smooth.copy_(torch.ones_like(s) / s)
+        # the weight clip was fit to the unsmoothed weight
+        b = int(round(float(self.w_quant.bits().mean())))
+        self.w_quant.clip.copy_(WeightQuantizer._init_clip(self.effective_weight().detach(), b))
+
+    def effective_weight(self) -> Tensor:
+        return self.weight if self.smooth_alpha is None else self.weight * self.a_smooth
+
+    def smoothed_input(self, x: Tensor) -> Tensor:
+        return x if self.smooth_alpha is None else x * self.a_inv_smooth.to(x.dtype)
 
     @classmethod
     def from_float(cls, m: nn.Linear, **kw) -> "QLinear":
@@ -76,10 +120,13 @@ class QLinear(_QMixin, nn.Linear):
             if m.bias is not None:
                 q.bias.copy_(m.bias)
         q._setup_quant(kw["w_palette"], kw["a_palette"], kw["w_bits"], kw["a_bits"], -1)
+        q._setup_smoothing(kw.get("smooth_alpha"))
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.a_quant(x), self.w_quant(self.weight), self.bias)
+        if self.smooth_alpha is not None and not bool(self.a_quant.calibrated):
+            self._init_smoothing(x)
+        return F.linear(self.a_quant(self.smoothed_input(x)), self.w_quant(self.effective_weight()), self.bias)
 
 
 class QConv2d(_QMixin, nn.Conv2d):

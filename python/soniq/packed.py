@@ -73,6 +73,7 @@ class PackedTensor:
         # kernels take desc/ksegs by value; needed for CUDA graph capture).
         self._host = (desc, ksegs, k_perm) if all(t.device.type == "cpu" for t in (desc, ksegs, k_perm)) else None
         self._seg_scale = None
+        self._k_layout_of = None  # set by an ActPlan: the operand this one shares its K layout with
 
     # ---- properties -----------------------------------------------------------------
     @property

@@ -43,7 +43,9 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
                          f"b is {b.shape} (K={b.shape[1]})")
     if a.device != b.device:
         raise ValueError(f"a and b must be on the same device, got a on {a.device} and b on {b.device}")
-    if not a.k_layout.same_as(b.k_layout):
+    # operands from a plan checked against the other one (packed layers) share its layout
+    shared = getattr(a, "_k_layout_of", None) is b or getattr(b, "_k_layout_of", None) is a
+    if not shared and not a.k_layout.same_as(b.k_layout):
         raise ValueError(
             "a and b have different K layouts (a: " + a.k_layout.describe() + "; b: " + b.k_layout.describe()
             + "). When either operand has per-K-column bits, pack the other with k_layout=<that operand>.")

@@ -23,8 +23,10 @@ class ActPlan:
     """A checked activation layout: bits and scales per K column, the K permutation and
     its segments. Calling it with float32 rows [M, K] quantizes and packs them."""
 
-    def __init__(self, bits: Tensor, scale: Tensor, signed: bool, kl: KLayout, out_scale: Tensor | None):
+    def __init__(self, bits: Tensor, scale: Tensor, signed: bool, kl: KLayout, out_scale: Tensor | None,
+                 layout_of: PackedTensor | None = None):
         self.K, self.signed, self.bits, self.out_scale = int(bits.numel()), signed, bits, out_scale
+        self.layout_of = layout_of  # the operand whose K layout this plan was checked against
         self.k_perm = kl.perm.contiguous()
         # numpy for the small per-layer vectors: torch's advanced indexing starts an OpenMP
         # region that costs milliseconds on a busy machine
@@ -54,6 +56,7 @@ class ActPlan:
                           sums=sums, row_perm=row_perm, k_perm=self.k_perm, ksegs=self.ksegs,
                           scale=self.out_scale, dtype=torch.int64, kind=kind)
         pt._seg_scale = self.out_seg_scale  # known already: mpgemm need not gather it
+        pt._k_layout_of = self.layout_of  # mpgemm against it needs no layout comparison
         return pt
 
 
@@ -88,7 +91,8 @@ def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SA
         if vk is not None and not np.array_equal(vk, vk[first]):
             raise ValueError(f"{name} along K must be constant within each K segment (bit width); "
                              "fold per-column scales into the other operand instead")
-    return ActPlan(bits_v, scale_v, bool(signed), kl, out_v)
+    return ActPlan(bits_v, scale_v, bool(signed), kl, out_v,
+                   layout_of=k_layout if isinstance(k_layout, PackedTensor) else None)
 
 
 def _as_float32_rows(x, name: str = "x") -> tuple[Tensor, str]:

