@@ -48,6 +48,12 @@ inline int64_t lut_bytes(int64_t kw) { return (kw + 3) / 4 * 2048; }  // 2048 by
 using QuantPackFn = int64_t (*)(const float* x, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
                                 float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan);
 
+// Float output of one tile row with one K segment, in exactly the scalar driver's order:
+//   out_row[perm[j]] = float(((0.0 + double(acc[j]) * segscale) [* ar]) [* double(b_row[perm[j]])])
+// for j < n ("[* ar]" when has_ar, "[* b_row]" when b_row is set).
+using EpilogueF32Fn = void (*)(const int64_t* acc, int64_t n, double segscale, bool has_ar, double ar,
+                               const float* b_row, const int64_t* perm, float* out_row);
+
 struct KernelTable {
   const char* name;
   BitserialFn bitserial;
@@ -61,6 +67,7 @@ struct KernelTable {
   LutBuildFn lut_build = nullptr;  // optional: GEMV rows use the table path when set
   LutPlanesFn lut_planes = nullptr;
   QuantPackFn quant_pack = nullptr;  // every table sets it
+  EpilogueF32Fn epilogue_f32 = nullptr;  // optional: the driver's scalar loop otherwise
 };
 
 // Reference table (scalar loops) built in each ISA unit, for tests and benchmarks.

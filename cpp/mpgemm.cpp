@@ -137,12 +137,18 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     block_buf.resize(size_t(kTileM * kTileN));
     itotal_buf.resize(size_t(kTileM * kTileN));
     ftotal_buf.resize(size_t(kTileM * kTileN));
-    // zero only the rows this tile uses: a GEMV tile has 1 of 128
+    // zero only the rows this tile uses: a GEMV tile has 1 of 128. One K segment (the usual
+    // case) needs no float accumulator: its scaled value is formed once, at the end.
+    const bool float_acc = kind == OutKind::Float32 && nsegs > 1;
     std::fill(itotal_buf.begin(), itotal_buf.begin() + tm * kTileN, int64_t(0));
-    if (kind == OutKind::Float32) std::fill(ftotal_buf.begin(), ftotal_buf.begin() + tm * kTileN, 0.0);
+    if (float_acc) std::fill(ftotal_buf.begin(), ftotal_buf.begin() + tm * kTileN, 0.0);
     int64_t* block = block_buf.data();
     int64_t* itotal = itotal_buf.data();
     double* ftotal = ftotal_buf.data();
+    thread_local std::vector<int64_t> colterm_buf;
+    colterm_buf.resize(size_t(kTileN));
+    int64_t* colterm = colterm_buf.data();
+    double segscale = 1.0;
     for (int64_t s = 0; s < nsegs; ++s) {
       const int64_t klen = ksegs[2 * s], kw = ksegs[2 * s + 1];
       const int ba = int(da[2 + s]), bb = int(db[2 + s]);
@@ -159,33 +165,50 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         const uint64_t* A = a.data + la.at(T.ga, s) + T.m0 * kw;
         kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
       }
+      // sum_k (aa*ua + oa)(ab*ub + ob) = aa*ab*sum ua*ub + aa*ob*sum ua + ab*oa*sum ub + klen*oa*ob
       int64_t aa, oa, ab, ob;
       code_affine(ba, a.is_signed, aa, oa);
       code_affine(bb, b.is_signed, ab, ob);
-      const double segscale = double(sc.a_seg ? sc.a_seg[s] : 1.0f) * double(sc.b_seg ? sc.b_seg[s] : 1.0f);
+      const int64_t aab = aa * ab;
+      for (int64_t j = 0; j < tn; ++j) colterm[j] = ab * oa * b.sums[(db[0] + T.n0 + j) * nsegs + s];
+      segscale = double(sc.a_seg ? sc.a_seg[s] : 1.0f) * double(sc.b_seg ? sc.b_seg[s] : 1.0f);
       for (int64_t i = 0; i < tm; ++i) {
-        const int64_t sa = a.sums[(da[0] + T.m0 + i) * nsegs + s];
-        for (int64_t j = 0; j < tn; ++j) {
-          const int64_t sb = b.sums[(db[0] + T.n0 + j) * nsegs + s];
-          // sum_k (aa*ua + oa)(ab*ub + ob) from sum ua*ub and the code sums
-          const int64_t v = aa * ab * block[i * kTileN + j] + aa * ob * sa + ab * oa * sb + klen * oa * ob;
-          if (kind == OutKind::Float32) ftotal[i * kTileN + j] += double(v) * segscale;
-          else itotal[i * kTileN + j] += v;
+        const int64_t rowterm = aa * ob * a.sums[(da[0] + T.m0 + i) * nsegs + s] + klen * oa * ob;
+        const int64_t* blk = block + i * kTileN;
+        int64_t* it = itotal + i * kTileN;
+        if (float_acc) {
+          double* ft = ftotal + i * kTileN;
+          for (int64_t j = 0; j < tn; ++j) ft[j] += double(aab * blk[j] + rowterm + colterm[j]) * segscale;
+        } else if (aab == 1) {  // plain adds: vectorizable with baseline flags
+          for (int64_t j = 0; j < tn; ++j) it[j] += blk[j] + rowterm + colterm[j];
+        } else {
+          for (int64_t j = 0; j < tn; ++j) it[j] += aab * blk[j] + rowterm + colterm[j];
         }
       }
     }
     for (int64_t i = 0; i < tm; ++i) {
       const int64_t m = a.perm[da[0] + T.m0 + i];
-      for (int64_t j = 0; j < tn; ++j) {
-        const int64_t n = b.perm[db[0] + T.n0 + j];
-        const int64_t idx = m * N + n;
-        if (kind == OutKind::Int32) static_cast<int32_t*>(out)[idx] = int32_t(itotal[i * kTileN + j]);
-        else if (kind == OutKind::Int64) static_cast<int64_t*>(out)[idx] = itotal[i * kTileN + j];
-        else {
-          double v = ftotal[i * kTileN + j];
-          if (sc.a_row) v *= double(sc.a_row[m]);
+      const int64_t* bperm = b.perm + db[0] + T.n0;
+      if (kind == OutKind::Int32) {
+        int32_t* o = static_cast<int32_t*>(out) + m * N;
+        for (int64_t j = 0; j < tn; ++j) o[bperm[j]] = int32_t(itotal[i * kTileN + j]);
+      } else if (kind == OutKind::Int64) {
+        int64_t* o = static_cast<int64_t*>(out) + m * N;
+        for (int64_t j = 0; j < tn; ++j) o[bperm[j]] = itotal[i * kTileN + j];
+      } else {
+        float* o = static_cast<float*>(out) + m * N;
+        const double ar = sc.a_row ? double(sc.a_row[m]) : 1.0;
+        if (!float_acc && kt.epilogue_f32) {
+          kt.epilogue_f32(itotal + i * kTileN, tn, segscale, sc.a_row != nullptr, ar, sc.b_row, bperm, o);
+          continue;
+        }
+        for (int64_t j = 0; j < tn; ++j) {
+          const int64_t n = bperm[j];
+          // one segment: (0.0 + v * segscale) is v * segscale exactly, as the accumulated form
+          double v = float_acc ? ftotal[i * kTileN + j] : 0.0 + double(itotal[i * kTileN + j]) * segscale;
+          if (sc.a_row) v *= ar;
           if (sc.b_row) v *= double(sc.b_row[n]);
-          static_cast<float*>(out)[idx] = float(v);
+          o[n] = float(v);
         }
       }
     }

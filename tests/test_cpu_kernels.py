@@ -76,7 +76,7 @@ def test_all_bit_pairs_exact(isa, path, kernel_setup):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 70, 63), (67, 1, 65), (70, 131, 200), (3, 5, 4097)])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 70, 63), (67, 1, 65), (70, 131, 200), (3, 5, 4097), (9, 70, 2100)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
     rng = np.random.default_rng(sum(shape) + threads)
@@ -90,7 +90,7 @@ def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 5, 9])
 def test_extreme_codes_do_not_saturate(isa, M, kernel_setup):
     """All codes at their maximum: the int16 stages of the byte and table kernels must not
     saturate for any bit pair (the bound that lets them accumulate in int16 is tight)."""
@@ -107,9 +107,10 @@ def test_extreme_codes_do_not_saturate(isa, M, kernel_setup):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
-@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("M", [1, 3, 6])
 def test_long_k_crosses_kernel_blocks(isa, M, kernel_setup):
-    """K past every internal K block (bit-serial 8192, byte buffer 4096, fused GEMV 32768)."""
+    """K past every internal K block (bit-serial 8192, byte buffer 4096, VNNI chunk 1024, fused
+    GEMV 32768)."""
     rng = np.random.default_rng(M)
     soniq.set_isa(isa)
     K = 33000
