@@ -103,6 +103,27 @@ void avx512_unpack_planes(const uint64_t* planes, int bits, int64_t plane_stride
 // ---- bytes x planes with vpdpbusd (u8 A codes x s8 B codes): B codes <= 127 are exact, so
 // planes 0..6 and plane 7 are handled separately.
 constexpr int kLoPlanes = 7;
+constexpr int64_t kBytesKwBlock = 64;
+
+// few rows (5..31): B expanded per 4 columns and reused by every row, 4x4 accumulators
+// summed across lanes per K block (cheaper than the VNNI regrouping when few rows share it)
+template <int RM>
+inline void bp_micro(const uint8_t* A, int64_t lda, const int8_t* wb, int64_t wld, int64_t nbytes,
+                     int64_t* C, int64_t ldc, int nj, int shift) {
+  __m512i acc[RM][4];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < nbytes; k += 64) {
+    __m512i a[RM];
+    for (int i = 0; i < RM; ++i) a[i] = _mm512_loadu_si512(A + i * lda + k);
+    for (int j = 0; j < 4; ++j) {
+      const __m512i b = _mm512_load_si512(wb + j * wld + k);
+      for (int i = 0; i < RM; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], a[i], b);
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < nj; ++j) C[i * ldc + j] += int64_t(_mm512_reduce_add_epi32(acc[i][j])) << shift;
+}
 
 // ---- few A rows (GEMV): no B expansion at all. A plane word of B is a byte mask that
 // selects A's codes (vpmovdqu8 {z}); vpdpbusd against ones sums them 4 per int32 lane.
@@ -300,10 +321,48 @@ void avx512_gemm_vnni(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* 
   }
 }
 
+void avx512_bytes_rows(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb, int64_t sb,
+                         int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
+  constexpr int64_t wld = kBytesKwBlock * 64;
+  alignas(64) int8_t wlo[4 * wld];
+  alignas(64) int8_t whi[4 * wld];
+  const int lo_planes = std::min(pb, kLoPlanes);
+  for (int64_t w0 = 0; w0 < kw; w0 += kBytesKwBlock) {
+    const int64_t wcount = std::min(kBytesKwBlock, kw - w0), nbytes = wcount * 64;
+    for (int64_t j0 = 0; j0 < N; j0 += 4) {
+      const int nj = int(std::min<int64_t>(4, N - j0));
+      for (int j = 0; j < 4; ++j)
+        for (int64_t w = 0; w < wcount; ++w) {
+          __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+          if (j < nj) {
+            const uint64_t* row = B + (j0 + j) * kw + w0;
+            lo = expand64(row, sb, 0, lo_planes, w);
+            if (pb > kLoPlanes) hi = expand64(row, sb, kLoPlanes, pb, w);
+          }
+          _mm512_store_si512(wlo + j * wld + w * 64, lo);
+          if (pb > kLoPlanes) _mm512_store_si512(whi + j * wld + w * 64, hi);
+        }
+      const uint8_t* a = A + w0 * 64;
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4) {
+        bp_micro<4>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
+        if (pb > kLoPlanes) bp_micro<4>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+      }
+      for (; i < M; ++i) {
+        bp_micro<1>(a + i * lda, lda, wlo, wld, nbytes, C + i * ldc + j0, ldc, nj, 0);
+        if (pb > kLoPlanes) bp_micro<1>(a + i * lda, lda, whi, wld, nbytes, C + i * ldc + j0, ldc, nj, kLoPlanes);
+      }
+    }
+  }
+}
+
+constexpr int64_t kVnniMinRows = 32;  // measured: M=16 0.83x, M=64 1.12x, M=128 2x the per-4-columns kernel
+
 void avx512_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb, int64_t sb,
                          int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, int64_t(0));
   if (M <= kGemvMaxRows) return avx512_gemv_masked(A, lda, M, B, pb, sb, N, kw, C, ldc);
+  if (M < kVnniMinRows) return avx512_bytes_rows(A, lda, M, B, pb, sb, N, kw, C, ldc);
   avx512_gemm_vnni(A, lda, M, B, pb, sb, N, kw, C, ldc);
 }
 

@@ -90,7 +90,7 @@ def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
-@pytest.mark.parametrize("M", [1, 5, 9])
+@pytest.mark.parametrize("M", [1, 5, 9, 40])
 def test_extreme_codes_do_not_saturate(isa, M, kernel_setup):
     """All codes at their maximum: the int16 stages of the byte and table kernels must not
     saturate for any bit pair (the bound that lets them accumulate in int16 is tight)."""
@@ -107,7 +107,7 @@ def test_extreme_codes_do_not_saturate(isa, M, kernel_setup):
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
-@pytest.mark.parametrize("M", [1, 3, 6])
+@pytest.mark.parametrize("M", [1, 3, 6, 40])
 def test_long_k_crosses_kernel_blocks(isa, M, kernel_setup):
     """K past every internal K block (bit-serial 8192, byte buffer 4096, VNNI chunk 1024, fused
     GEMV 32768)."""

@@ -280,7 +280,7 @@ _GEMV_WHY = ("GEMV here is compute-bound, not memory-bound: FBGEMM INT8 streams 
              "with the 16 rows of a block interleaved per plane (one contiguous stream, no transpose: ~20% of "
              "the ops), one table pass per 2-bit code pair / a nibble layout with vpmaddubsw for 4-bit weights "
              "instead of one pass per plane, and vpermb (AVX-512 VBMI, 64-entry tables) on Intel.")
-MISS_REASONS = {  # kernel rates from bench/cpp/soniq_bench, single thread, this AMD EPYC (AVX2)
+MISS_REASONS = {  # AVX2 (kernel rates from bench/cpp/soniq_bench, single thread, AMD EPYC); per ISA below
     "W1A8": _GEMV_WHY,
     "W2A8": _GEMV_WHY + " Against ORT 2-bit: ORT reads the same bytes in one contiguous stream per row and decodes "
             "2-bit codes in a few ops; soniq makes 2 table passes (one per plane).",
@@ -303,7 +303,35 @@ MISS_REASONS = {  # kernel rates from bench/cpp/soniq_bench, single thread, this
 }
 
 
-def targets_table(results) -> list:
+_GEMV_WHY_AVX512 = (
+    "GEMV on AVX-512 has no table path: each 64-bit plane word of a weight row is a byte mask over the "
+    "activation codes (vmovdqu8{z} + vpdpbusd against ones), so a b-bit row costs b mask steps per 64 "
+    "weights and the kernel is compute-bound at ~150 GOP/s for W1A8 (2 threads, 0.28 of the int8 limit), "
+    "while FBGEMM INT8 is memory-bound at ~0.9 of the measured bandwidth. 7.3x INT8 means ~430 GOP/s here. "
+    "What would close it: the plane-interleaved GEMV layout and vpermb tables (VBMI, 64 entries) so one "
+    "pass serves 2 planes, and a nibble layout for 4-bit rows.")
+_BYTES_WHY_AVX512 = (
+    "AVX-512 byte path: bit planes expanded per call and per 64-column tile into VNNI order (weights are "
+    "not kept as int8, so memory stays at b bits per weight), 4x64 vpdpbusd register block at ~900 GOP/s "
+    "for 2048^3 (0.67 of the nominal int8 limit); the best INT8 baseline here is oneDNN's VNNI kernel at "
+    "~1730 GOP/s on prepacked int8 weights, so every bit width below 8 runs at the int8 rate minus the "
+    "expansion. What would close it: vpopcntq bit-serial for 2x2 bits (measured slower than bytes so far), "
+    "a prepacked VNNI weight cache for compute-bound layers, larger register blocks (6x64).")
+MISS_REASONS_BY_ISA = {"avx512": {
+    "W1A8": _GEMV_WHY_AVX512, "W2A8": _GEMV_WHY_AVX512, "W4A8": _GEMV_WHY_AVX512,
+    "W8A8": "8-bit weights are 8 bit planes: 8 mask steps per 64 weights in GEMV, and 2 VNNI passes (planes "
+            "0-6 and 7, s8 operands) in GEMM; an int8 byte layout for 8-bit tiers would make this the plain "
+            "INT8 kernel.",
+    "mixed": "one call runs both tiers (its time is about the sum of its W4A8 and W2A8 parts, see "
+             "sum_of_parts), which are limited as above.",
+    "W1A1": "vpopcntq bit-serial reaches ~1800 GOP/s for 2048^3 (0.34 of the popcount limit), 1.05x oneDNN's "
+            "VNNI INT8; the popcount/int8 peak ratio of this CPU is 4x, so 8x of a VNNI INT8 baseline is out "
+            "of reach; a larger register block (4x4 -> 6x4) and K blocking for L1 would raise the fraction.",
+    "W2A2": _BYTES_WHY_AVX512, "W4A4": _BYTES_WHY_AVX512}}
+
+
+def targets_table(results, isa: str = "avx2") -> list:
+    reasons = {**MISS_REASONS, **MISS_REASONS_BY_ISA.get(isa, {})}
     out = []
     for kind, method, base, need in TARGETS:
         for s in results:
@@ -319,7 +347,7 @@ def targets_table(results) -> list:
             ok = got is not None and got >= need
             key = "mixed" if method.startswith("mixed") else method
             out.append({"shape": s["shape"], "method": method, "baseline": base, "target": need,
-                        "ratio": got, "met": ok, "why_missed": None if ok else MISS_REASONS.get(key)})
+                        "ratio": got, "met": ok, "why_missed": None if ok else reasons.get(key)})
     return out
 
 
@@ -382,7 +410,7 @@ def main(argv=None, default_out: str = ".") -> dict:
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
-        saved["targets"] = targets_table(saved["results"])
+        saved["targets"] = targets_table(saved["results"], saved["meta"]["cpu"]["isa"])
         with open(args.render, "w") as f:
             json.dump(saved, f, indent=1)
         with open(args.render[:-5] + ".md", "w") as f:
@@ -423,7 +451,7 @@ def main(argv=None, default_out: str = ".") -> dict:
                               (("+act", "ms_with_act_quant_pack"), ("+act fused", "ms_with_fused_act")) if key in r)
                 print(f"  {r['method']:<34} {r['ms']:9.3f} ms {r['gops']:8.1f} GOP/s  vs best INT8 "
                       f"{'' if vb is None else f'{vb:5.2f}x'}  limit {r['limit_frac']:.2f}{e2e}")
-    targets = targets_table(results)
+    targets = targets_table(results, cpu["isa"])
     try:
         import onnxruntime
         ort_v = onnxruntime.__version__
