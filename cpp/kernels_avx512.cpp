@@ -210,25 +210,26 @@ void avx512_gemv_masked(const uint8_t* A, int64_t lda, int64_t M, const uint64_t
 // ---- more A rows (GEMM): B in VNNI order, no horizontal sums. Per chunk of K, B's columns
 // are expanded once (codes -> bytes) and regrouped so that one zmm holds 4 consecutive codes
 // of 16 columns (one int32 lane per column); a row of A is broadcast 4 codes at a time and
-// vpdpbusd accumulates 16 outputs per instruction. Planes 0..6 and 7 go separately (s8 side).
-// Lane sums stay below 4 * 255 * 127 * kVnniKw * 16 < 2^31 within a chunk.
+// vpdpbusd accumulates 16 outputs per instruction. 8-bit B codes go in as u - 128 (s8 side).
+// Lane sums stay below 4 * 255 * 128 * kVnniKw * 16 < 2^31 within a chunk.
 constexpr int64_t kVnniKw = 16;   // words of K per chunk (1024 codes)
 constexpr int kVnniCols = 64;     // columns per pass: 4 groups of 16
 
 struct VnniBuffers {
   alignas(64) int8_t tmp[kVnniCols * kVnniKw * 64];
   alignas(64) int8_t lo[kVnniCols * kVnniKw * 64];
-  alignas(64) int8_t hi[kVnniCols * kVnniKw * 64];
 };
 
 // columns [0, nc) of B, words [w0, w0 + wc), planes [p0, p1) -> out[g][k4][16 columns x 4 codes]
+// (codes XOR flip: 0x80 turns 8-bit codes u into the s8 value u - 128)
 void expand_vnni(const uint64_t* B, int64_t sb, int64_t nc, int64_t kw, int64_t w0, int64_t wc, int p0, int p1,
-                 int8_t* tmp, int8_t* out) {
+                 char flip, int8_t* tmp, int8_t* out) {
   const int64_t nb = wc * 64, nk4 = wc * 16;
+  const __m512i vflip = _mm512_set1_epi8(flip);
   for (int64_t j = 0; j < kVnniCols; ++j)
     for (int64_t w = 0; w < wc; ++w)
-      _mm512_store_si512(tmp + j * nb + w * 64,
-                         j < nc ? expand64(B + j * kw + w0, sb, p0, p1, w) : _mm512_setzero_si512());
+      _mm512_store_si512(tmp + j * nb + w * 64, j < nc ? _mm512_xor_si512(expand64(B + j * kw + w0, sb, p0, p1, w), vflip)
+                                                       : _mm512_setzero_si512());
   const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(int(nb)));
   for (int g = 0; g < kVnniCols / 16; ++g)
@@ -296,27 +297,34 @@ inline void vnni_micro1(const uint8_t* A, int64_t lda, const int8_t* vb, int64_t
 }
 #undef SONIQ_VNNI_ROW
 
+inline int64_t byte_sum(const uint8_t* p, int64_t n) {  // n: a multiple of 64
+  __m512i acc = _mm512_setzero_si512();
+  for (int64_t k = 0; k < n; k += 64)
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512(p + k), _mm512_setzero_si512()));
+  return _mm512_reduce_add_epi64(acc);
+}
+
+// 8-bit B codes u do not fit vpdpbusd's s8 side; u - 128 does: one pass over (u XOR 0x80),
+// then sum_k a*u = sum_k a*(u - 128) + 128 * sum_k a (the A row's code sum, exact).
 void avx512_gemm_vnni(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb, int64_t sb, int64_t N,
                       int64_t kw, int64_t* C, int64_t ldc) {
   thread_local std::unique_ptr<VnniBuffers> buf;
   if (!buf) buf.reset(new VnniBuffers);
-  const int lo_planes = std::min(pb, kLoPlanes);
+  const bool flip = pb == 8;
   for (int64_t j0 = 0; j0 < N; j0 += kVnniCols) {
     const int64_t nc = std::min<int64_t>(kVnniCols, N - j0);
     for (int64_t w0 = 0; w0 < kw; w0 += kVnniKw) {
       const int64_t wc = std::min(kVnniKw, kw - w0), nk4 = wc * 16;
-      expand_vnni(B + j0 * kw, sb, nc, kw, w0, wc, 0, lo_planes, buf->tmp, buf->lo);
-      if (pb > kLoPlanes) expand_vnni(B + j0 * kw, sb, nc, kw, w0, wc, kLoPlanes, pb, buf->tmp, buf->hi);
+      expand_vnni(B + j0 * kw, sb, nc, kw, w0, wc, 0, pb, flip ? char(0x80) : char(0), buf->tmp, buf->lo);
       const uint8_t* a = A + w0 * 64;
       int64_t i = 0;
-      for (; i + 4 <= M; i += 4) {
-        vnni_micro4(a + i * lda, lda, buf->lo, nk4, C + i * ldc + j0, ldc, nc, 0);
-        if (pb > kLoPlanes) vnni_micro4(a + i * lda, lda, buf->hi, nk4, C + i * ldc + j0, ldc, nc, kLoPlanes);
-      }
-      for (; i < M; ++i) {
-        vnni_micro1(a + i * lda, lda, buf->lo, nk4, C + i * ldc + j0, ldc, nc, 0);
-        if (pb > kLoPlanes) vnni_micro1(a + i * lda, lda, buf->hi, nk4, C + i * ldc + j0, ldc, nc, kLoPlanes);
-      }
+      for (; i + 4 <= M; i += 4) vnni_micro4(a + i * lda, lda, buf->lo, nk4, C + i * ldc + j0, ldc, nc, 0);
+      for (; i < M; ++i) vnni_micro1(a + i * lda, lda, buf->lo, nk4, C + i * ldc + j0, ldc, nc, 0);
+      if (flip)
+        for (i = 0; i < M; ++i) {
+          const int64_t fix = 128 * byte_sum(a + i * lda, wc * 64);
+          for (int64_t j = 0; j < nc; ++j) C[i * ldc + j0 + j] += fix;
+        }
     }
   }
 }

@@ -98,11 +98,14 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       buf.resize(size_t(rows * kw * 64));
       if (use_lut) luts[size_t(ga * nsegs + s)].resize(size_t(rows * lut_bytes(kw)));
       const uint64_t* src = a.data + la.at(ga, s);
-      const int64_t chunk = 64, nchunks = (rows + chunk - 1) / chunk;
-      parallel_for(nchunks, [&](int64_t c) {
+      // chunks of at least 64 rows and 16K codes: a pool round trip costs more than a small expansion
+      const int64_t chunk = std::max<int64_t>(64, 256 / kw), nchunks = (rows + chunk - 1) / chunk;
+      auto unpack_chunk = [&](int64_t c) {
         const int64_t r0 = c * chunk, nr = std::min(chunk, rows - r0);
         kt.unpack_planes(src + r0 * kw, int(da[2 + s]), rows * kw, nr, kw, buf.data() + r0 * kw * 64, kw * 64);
-      });
+      };
+      if (nchunks == 1) unpack_chunk(0);
+      else parallel_for(nchunks, unpack_chunk);
       if (use_lut) {  // tables per row, built in pieces of 32 words (whole 4-word chunks) over threads
         constexpr int64_t kPiece = 32;
         const int64_t pieces = (kw + kPiece - 1) / kPiece;

@@ -4,6 +4,7 @@
 #include <sched.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <fstream>
@@ -24,12 +25,13 @@ struct Pool {
   std::vector<std::thread> workers;
   std::atomic<int> wanted{0};  // total threads including the caller (read without locks)
   uint64_t generation = 0; // bumped for each job
+  std::atomic<uint64_t> published{0};  // = generation, readable without the lock (spin hint)
   bool stopping = false;
   // current job
   const std::function<void(int64_t)>* fn = nullptr;
   int64_t n = 0;
   std::atomic<int64_t> next{0};
-  int active = 0;
+  std::atomic<int> active{0};  // changed under m; read without it while spinning
   std::exception_ptr error;
 
   void run_tasks() {
@@ -52,6 +54,11 @@ struct Pool {
   void worker_loop(uint64_t seen) {
     std::unique_lock<std::mutex> lk(m);
     for (;;) {
+      if (!stopping && generation == seen) {  // jobs come in bursts (one per layer): wait awake a little
+        lk.unlock();
+        spin_until([&] { return published.load(std::memory_order_acquire) != seen; });
+        lk.lock();
+      }
       cv_work.wait(lk, [&] { return stopping || generation != seen; });
       if (stopping) return;
       seen = generation;
@@ -60,6 +67,15 @@ struct Pool {
       lk.lock();
       if (--active == 0) cv_done.notify_all();
     }
+  }
+
+  // Up to kSpin of yielding (sched_yield hands the core to any runnable thread, e.g. torch's),
+  // so back-to-back jobs skip the futex sleep and wake-up (tens of microseconds each).
+  template <class Pred>
+  static void spin_until(Pred done) {
+    constexpr auto kSpin = std::chrono::microseconds(50);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (!done() && std::chrono::steady_clock::now() - t0 < kSpin) std::this_thread::yield();
   }
 
   void stop_workers() {
@@ -164,9 +180,11 @@ void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
     p.error = nullptr;
     p.active = int(p.workers.size());
     ++p.generation;
+    p.published.store(p.generation, std::memory_order_release);
   }
   p.cv_work.notify_all();
   p.run_tasks();
+  Pool::spin_until([&] { return p.active.load(std::memory_order_acquire) == 0; });
   std::unique_lock<std::mutex> lk(p.m);
   p.cv_done.wait(lk, [&] { return p.active == 0; });
   p.fn = nullptr;

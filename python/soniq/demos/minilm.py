@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import write_results
+
 FULL = dict(p1_steps=80, p2_steps=240, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
 QUICK = dict(p1_steps=3, p2_steps=4, batch=8, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 8), (4, 8), 4.5, 8.0
@@ -375,12 +377,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         soniq.save(packed, save_dir)
         res["saved"] = os.path.abspath(save_dir)
     res["seconds"] = time.time() - t0
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = json_path or os.path.join(out_dir, "minilm_results.json")
-    with open(json_path, "w") as f:
-        json.dump(res, f, indent=2)
-    png = os.path.join(out_dir, "minilm_results.png")
-    plot(res, png)
+    json_path, png = write_results(res, out_dir, "minilm", json_path, plot)
     if json_stdout:
         print(json.dumps(res, indent=2))
     else:
