@@ -107,6 +107,14 @@ def load_dir(path, device: str = "cpu"):
 
     _quiet_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = SentenceTransformer(path, device="cpu", local_files_only=True)
+    import transformers
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "loading" an empty weights file
+    try:
+        model = SentenceTransformer(path, device="cpu", local_files_only=True)
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     model = load(os.path.join(path, manifest.get("model_file", MODEL_FILE)), model=model)
     return model.to(device) if device != "cpu" else model
