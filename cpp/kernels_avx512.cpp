@@ -220,15 +220,15 @@ struct VnniBuffers {
   alignas(64) int8_t lo[kVnniCols * kVnniKw * 64];
 };
 
-// columns [0, nc) of B, words [w0, w0 + wc), planes [p0, p1) -> out[g][k4][16 columns x 4 codes]
+// columns [0, nc) of B, words [w0, w0 + wc), all pb planes -> out[g][k4][16 columns x 4 codes]
 // (codes XOR flip: 0x80 turns 8-bit codes u into the s8 value u - 128)
-void expand_vnni(const uint64_t* B, int64_t sb, int64_t nc, int64_t kw, int64_t w0, int64_t wc, int p0, int p1,
+void expand_vnni(const uint64_t* B, int64_t sb, int64_t nc, int64_t kw, int64_t w0, int64_t wc, int pb,
                  char flip, int8_t* tmp, int8_t* out) {
   const int64_t nb = wc * 64, nk4 = wc * 16;
   const __m512i vflip = _mm512_set1_epi8(flip);
   for (int64_t j = 0; j < kVnniCols; ++j)
     for (int64_t w = 0; w < wc; ++w)
-      _mm512_store_si512(tmp + j * nb + w * 64, j < nc ? _mm512_xor_si512(expand64(B + j * kw + w0, sb, p0, p1, w), vflip)
+      _mm512_store_si512(tmp + j * nb + w * 64, j < nc ? _mm512_xor_si512(expand64(B + j * kw + w0, sb, 0, pb, w), vflip)
                                                        : _mm512_setzero_si512());
   const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(int(nb)));
@@ -281,15 +281,14 @@ inline void vnni_micro4(const uint8_t* A, int64_t lda, const int8_t* vb, int64_t
     for (int g = 0; g < 4; ++g) vnni_store(rows[i][g], C + i * ldc, g * 16, nc, shift);
 }
 
-inline void vnni_micro1(const uint8_t* A, int64_t lda, const int8_t* vb, int64_t nk4, int64_t* C, int64_t ldc,
-                        int64_t nc, int shift) {
+inline void vnni_micro1(const uint8_t* A, int64_t lda, const int8_t* vb, int64_t nk4, int64_t* C, int64_t nc,
+                        int shift) {
   __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
   for (int64_t k4 = 0; k4 < nk4; ++k4) {
     const __m512i b0 = _mm512_load_si512(vb + k4 * 64), b1 = _mm512_load_si512(vb + (nk4 + k4) * 64),
                   b2 = _mm512_load_si512(vb + (2 * nk4 + k4) * 64), b3 = _mm512_load_si512(vb + (3 * nk4 + k4) * 64);
     SONIQ_VNNI_ROW(0, c0, c1, c2, c3)
   }
-  (void)ldc;
   vnni_store(c0, C, 0, nc, shift);
   vnni_store(c1, C, 16, nc, shift);
   vnni_store(c2, C, 32, nc, shift);
@@ -315,11 +314,11 @@ void avx512_gemm_vnni(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* 
     const int64_t nc = std::min<int64_t>(kVnniCols, N - j0);
     for (int64_t w0 = 0; w0 < kw; w0 += kVnniKw) {
       const int64_t wc = std::min(kVnniKw, kw - w0), nk4 = wc * 16;
-      expand_vnni(B + j0 * kw, sb, nc, kw, w0, wc, 0, pb, flip ? char(0x80) : char(0), buf->tmp, buf->lo);
+      expand_vnni(B + j0 * kw, sb, nc, kw, w0, wc, pb, flip ? char(0x80) : char(0), buf->tmp, buf->lo);
       const uint8_t* a = A + w0 * 64;
       int64_t i = 0;
       for (; i + 4 <= M; i += 4) vnni_micro4(a + i * lda, lda, buf->lo, nk4, C + i * ldc + j0, ldc, nc, 0);
-      for (; i < M; ++i) vnni_micro1(a + i * lda, lda, buf->lo, nk4, C + i * ldc + j0, ldc, nc, 0);
+      for (; i < M; ++i) vnni_micro1(a + i * lda, lda, buf->lo, nk4, C + i * ldc + j0, nc, 0);
       if (flip)
         for (i = 0; i < M; ++i) {
           const int64_t fix = 128 * byte_sum(a + i * lda, wc * 64);

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .qat._quantizers import PHASE_EXACT, ActQuantizer, WeightQuantizer
+from .qat._quantizers import PHASE_EXACT, ActQuantizer, WeightQuantizer, check_smooth_alpha
 
 
 def _bits_summary(bits: Tensor, weights_per_channel: float) -> dict:
@@ -84,9 +84,7 @@ class QLinear(_QMixin, nn.Linear):
         self._setup_smoothing(smooth_alpha)
 
     def _setup_smoothing(self, alpha):
-        if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise ValueError(f"smooth_alpha must be a number in [0, 1] or None, got {alpha!r}")
-        self.smooth_alpha = None if alpha is None else float(alpha)
+        self.smooth_alpha = check_smooth_alpha(alpha)
         ones = torch.ones(self.in_features, device=self.weight.device)
         self.register_buffer("a_smooth", ones)
         self.register_buffer("a_inv_smooth", ones.clone())

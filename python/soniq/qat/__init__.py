@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._quantizers import PHASE_EXACT, PHASE_NOISE, ActQuantizer, ChannelQuantizer, WeightQuantizer
+from ._quantizers import (PHASE_EXACT, PHASE_NOISE, ActQuantizer, ChannelQuantizer, WeightQuantizer,
+                          check_smooth_alpha)
 
 __all__ = ["QATConfig", "prepare", "bit_penalty", "freeze_precision", "precision_report", "quant_layers",
            "set_uniform_precision"]
@@ -58,9 +59,7 @@ class QATConfig:
             raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight!r}")
         if self.phase not in (PHASE_NOISE, PHASE_EXACT):
             raise ValueError(f"phase must be 1 (noise, learned bits) or 2 (exact), got {self.phase!r}")
-        if self.smooth_alpha is not None and not (isinstance(self.smooth_alpha, (int, float))
-                                                  and 0.0 <= self.smooth_alpha <= 1.0):
-            raise ValueError(f"smooth_alpha must be a number in [0, 1] or None, got {self.smooth_alpha!r}")
+        self.smooth_alpha = check_smooth_alpha(self.smooth_alpha)
         self.exclude = tuple(self.exclude)
 
 

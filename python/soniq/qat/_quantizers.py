@@ -22,6 +22,13 @@ from ._autograd import NoiseQuant, RoundQuant, grad_scale
 PHASE_NOISE, PHASE_EXACT = 1, 2
 
 
+def check_smooth_alpha(alpha):
+    """smooth_alpha is None (no smoothing) or a number in [0, 1]; returns it as a float."""
+    if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"smooth_alpha must be a number in [0, 1] or None, got {alpha!r}")
+    return None if alpha is None else float(alpha)
+
+
 def _den(bits: Tensor, signed: bool) -> Tensor:
     """clip / step: the largest level magnitude for (real) bits."""
     two = torch.full_like(bits, 2.0)
