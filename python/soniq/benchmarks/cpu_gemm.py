@@ -319,12 +319,12 @@ _BYTES_WHY_AVX512 = (
     "a prepacked VNNI weight cache for compute-bound layers, larger register blocks (6x64).")
 MISS_REASONS_BY_ISA = {"avx512": {
     "W1A8": _GEMV_WHY_AVX512, "W2A8": _GEMV_WHY_AVX512, "W4A8": _GEMV_WHY_AVX512,
-    "W8A8": "8-bit weights are 8 bit planes: 8 mask steps per 64 weights in GEMV, and 2 VNNI passes (planes "
-            "0-6 and 7, s8 operands) in GEMM; an int8 byte layout for 8-bit tiers would make this the plain "
-            "INT8 kernel.",
+    "W8A8": "8-bit weights are 8 bit planes: 8 mask steps per 64 weights in GEMV, and in GEMM all 8 planes "
+            "are expanded on every call (one VNNI pass over u - 128, the A row sums added back); an int8 byte "
+            "layout for 8-bit tiers would make this the plain INT8 kernel.",
     "mixed": "one call runs both tiers (its time is about the sum of its W4A8 and W2A8 parts, see "
              "sum_of_parts), which are limited as above.",
-    "W1A1": "vpopcntq bit-serial reaches ~1800 GOP/s for 2048^3 (0.34 of the popcount limit), 1.05x oneDNN's "
+    "W1A1": "vpopcntq bit-serial reaches ~1800-1900 GOP/s for 2048^3 (0.34 of the popcount limit), ~1.1x oneDNN's "
             "VNNI INT8; the popcount/int8 peak ratio of this CPU is 4x, so 8x of a VNNI INT8 baseline is out "
             "of reach; a larger register block (4x4 -> 6x4) and K blocking for L1 would raise the fraction.",
     "W2A2": _BYTES_WHY_AVX512, "W4A4": _BYTES_WHY_AVX512}}
