@@ -45,7 +45,7 @@ void expand_codes(const uint64_t* planes, int bits, int64_t rows, int64_t kw, in
   if (reinterpret_cast<uintptr_t>(out) % 8 != 0) throw std::invalid_argument("expand_codes: out must be 8-byte aligned");
   const long long n = rows_pad * (kpad / 8);
   const int threads = 256;
-  expand_codes_kernel<<<unsigned((n + threads - 1) / threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(
+  SONIQ_LAUNCH(unsigned((n + threads - 1) / threads), threads, 0, static_cast<cudaStream_t>(stream), expand_codes_kernel)(
       planes, bits, rows, kw, klen, static_cast<unsigned long long*>(out), rows_pad, kpad);
   detail::check_cuda(cudaGetLastError(), "soniq expand_codes kernel launch");
 }

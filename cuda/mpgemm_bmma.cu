@@ -18,16 +18,6 @@ constexpr int kThreads = 256;       // 8 warps, 2 x 4, each 32 x 16 outputs
 constexpr int kStages = 3;
 constexpr int kFlushChunks = 64;    // 64 * 256 K = 16384 K: 16384 * 255^2 < 2^31
 
-__device__ __forceinline__ void mma_b1(int (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                       unsigned b1) {
-  d[0] = d[1] = d[2] = d[3] = 0;
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // 32-bit word t32 (0..7, i.e. K bits 32*t32 .. +31 of the chunk) of a staged plane row.
 __device__ __forceinline__ unsigned word32(const uint64_t* stage, int plane, int r, int t32) {
   const uint64_t* row = stage + (plane * kStageRows + r) * kStageWords;
@@ -36,7 +26,7 @@ __device__ __forceinline__ unsigned word32(const uint64_t* stage, int plane, int
 
 template <bool kFloat>
 __global__ void __launch_bounds__(kThreads) bmma_gemm_kernel(const __grid_constant__ GemmParams P) {
-  extern __shared__ __align__(16) uint64_t smem[];
+  SONIQ_DYNAMIC_SMEM(uint64_t, smem);
   const Tile T = locate_tile(P, blockIdx.x);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -100,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) bmma_gemm_kernel(const __grid_consta
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
               int d[4];
-              mma_b1(d, af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
+              mma_b1_m16n8k256(d, af[i][0], af[i][1], af[i][2], af[i][3], b0, b1);
 #pragma unroll
               for (int e = 0; e < 4; ++e) acc[i][j][e] += d[e] << sh;
             }
@@ -152,10 +142,10 @@ void launch_bmma(GemmParams& P, cudaStream_t st) {
   const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
   if (P.kind == int(OutKind::Float32)) {
     allow_smem(reinterpret_cast<const void*>(bmma_gemm_kernel<true>), smem);
-    bmma_gemm_kernel<true><<<grid, block, smem, st>>>(P);
+    SONIQ_LAUNCH(grid, block, smem, st, bmma_gemm_kernel<true>)(P);
   } else {
     allow_smem(reinterpret_cast<const void*>(bmma_gemm_kernel<false>), smem);
-    bmma_gemm_kernel<false><<<grid, block, smem, st>>>(P);
+    SONIQ_LAUNCH(grid, block, smem, st, bmma_gemm_kernel<false>)(P);
   }
   check_cuda(cudaGetLastError(), "soniq bmma_gemm kernel launch");
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cuda_api.h"
+#include "ptx.cuh"
 
 namespace soniq::cuda::detail {
 

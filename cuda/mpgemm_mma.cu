@@ -21,14 +21,6 @@ constexpr int kK = 128;         // K per chunk: 2 words per plane and row
 constexpr int kRowBytes = kK + 16;  // padded: fragment reads of 8 rows x 4 lanes hit 32 banks
 constexpr int kFlushChunks = 128;   // 128 chunks * 128 K = 16384 K
 
-__device__ __forceinline__ void mma_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                       unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // 4 bits -> 4 bytes holding 0/1 (bit i to byte i): the multiply places copies of the
 // nibble at shifts 0, 7, 14, 21 without overlap, the mask keeps bit i of copy i.
 __device__ __forceinline__ unsigned spread4(unsigned nib) { return (nib * 0x00204081u) & 0x01010101u; }
@@ -178,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_cons
 #pragma unroll
         for (int i = 0; i < MI; ++i)
 #pragma unroll
-          for (int j = 0; j < NJ; ++j) mma_u8(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j][0], bf[j][1]);
+          for (int j = 0; j < NJ; ++j) mma_u8_m16n8k32(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j][0], bf[j][1]);
       }
       if (more) {
         ea.store(sA[cur ^ 1]);
@@ -221,8 +213,8 @@ template <int TM>
 void launch_mma_tm(GemmParams& P, cudaStream_t st) {
   const long long tiles = schedule_tiles(P, TM, TM == 16 ? 128 : 64);
   const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
-  if (P.kind == int(OutKind::Float32)) mma_gemm_kernel<TM, true><<<grid, block, 0, st>>>(P);
-  else mma_gemm_kernel<TM, false><<<grid, block, 0, st>>>(P);
+  if (P.kind == int(OutKind::Float32)) SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, true>)(P);
+  else SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, false>)(P);
   check_cuda(cudaGetLastError(), "soniq mma_gemm kernel launch");
 }
 

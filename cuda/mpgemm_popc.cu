@@ -22,7 +22,7 @@ constexpr int kStages = 3;
 
 template <bool kFloat>
 __global__ void __launch_bounds__(kThreads) popc_gemm_kernel(const __grid_constant__ GemmParams P) {
-  extern __shared__ __align__(16) uint64_t smem[];
+  SONIQ_DYNAMIC_SMEM(uint64_t, smem);
   const Tile T = locate_tile(P, blockIdx.x);
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int rows_a = P.a.row_count[T.ga], rows_b = P.b.row_count[T.gb];
@@ -134,7 +134,7 @@ __device__ __forceinline__ long long warp_sum(long long v) {
 // MB: rows of a handled (>= every row group of a); RW: rows of b per warp.
 template <int MB, int RW, bool kFloat>
 __global__ void __launch_bounds__(kGemvThreads, MB <= 2 ? 2 : 1) gemv_kernel(const __grid_constant__ GemmParams P) {
-  extern __shared__ __align__(16) uint64_t smem[];  // a chunk: [pa][MB][kGemvChunk] words
+  SONIQ_DYNAMIC_SMEM(uint64_t, smem);  // a chunk: [pa][MB][kGemvChunk] words
   const Tile T = locate_tile(P, blockIdx.x);        // tile_m = MB so T.m0 == 0
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rows_a = P.a.row_count[T.ga], rows_b = P.b.row_count[T.gb];
@@ -226,10 +226,10 @@ void launch_gemv_mb(GemmParams& P, cudaStream_t st) {
   const dim3 grid{unsigned(tiles)}, block{unsigned(kGemvThreads)};
   if (P.kind == int(OutKind::Float32)) {
     allow_smem(reinterpret_cast<const void*>(gemv_kernel<MB, RW, true>), smem);
-    gemv_kernel<MB, RW, true><<<grid, block, smem, st>>>(P);
+    SONIQ_LAUNCH(grid, block, smem, st, gemv_kernel<MB, RW, true>)(P);
   } else {
     allow_smem(reinterpret_cast<const void*>(gemv_kernel<MB, RW, false>), smem);
-    gemv_kernel<MB, RW, false><<<grid, block, smem, st>>>(P);
+    SONIQ_LAUNCH(grid, block, smem, st, gemv_kernel<MB, RW, false>)(P);
   }
   check_cuda(cudaGetLastError(), "soniq gemv kernel launch");
 }
@@ -242,10 +242,10 @@ void launch_popc(GemmParams& P, cudaStream_t st) {
   const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
   if (P.kind == int(OutKind::Float32)) {
     allow_smem(reinterpret_cast<const void*>(popc_gemm_kernel<true>), smem);
-    popc_gemm_kernel<true><<<grid, block, smem, st>>>(P);
+    SONIQ_LAUNCH(grid, block, smem, st, popc_gemm_kernel<true>)(P);
   } else {
     allow_smem(reinterpret_cast<const void*>(popc_gemm_kernel<false>), smem);
-    popc_gemm_kernel<false><<<grid, block, smem, st>>>(P);
+    SONIQ_LAUNCH(grid, block, smem, st, popc_gemm_kernel<false>)(P);
   }
   check_cuda(cudaGetLastError(), "soniq popc_gemm kernel launch");
 }

@@ -41,8 +41,8 @@ void launch_ref(const GemmParams& P, cudaStream_t st) {
   dim3 block(32, 8);
   dim3 grid(unsigned((P.b.rows + 31) / 32), unsigned((P.a.rows + 7) / 8));
   if (grid.y > 65535) throw std::invalid_argument("reference kernel: a has more than 524280 rows");
-  if (P.kind == int(OutKind::Float32)) mpgemm_ref_kernel<true><<<grid, block, 0, st>>>(P);
-  else mpgemm_ref_kernel<false><<<grid, block, 0, st>>>(P);
+  if (P.kind == int(OutKind::Float32)) SONIQ_LAUNCH(grid, block, 0, st, mpgemm_ref_kernel<true>)(P);
+  else SONIQ_LAUNCH(grid, block, 0, st, mpgemm_ref_kernel<false>)(P);
   check_cuda(cudaGetLastError(), "mpgemm_ref_kernel launch");
 }
 

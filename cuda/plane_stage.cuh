@@ -7,20 +7,6 @@
 
 namespace soniq::cuda::detail {
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(unsigned(__cvta_generic_to_shared(dst))),
-               "l"(__cvta_generic_to_global(src)), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 __device__ __forceinline__ bool aligned16(const uint64_t* p, long long kw) {
   return ((reinterpret_cast<uintptr_t>(p) & 15) == 0) && (kw % 2 == 0);
 }

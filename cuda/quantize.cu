@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../cpp/philox.h"
+#include "ptx.cuh"
 #include "quantize_api.h"
 
 namespace soniq::cuda {
@@ -17,8 +18,15 @@ __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, 
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float rint_(float a) { return rintf(a); }
-__device__ __forceinline__ double rint_(double a) { return rint(a); }
+template <class T>
+__device__ __forceinline__ T clampv(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// 1.5 * 2^(mantissa bits): (t + M) - M rounds t to the nearest integer, ties to even
+template <class T>
+__device__ __forceinline__ T magic();
+template <>
+__device__ __forceinline__ float magic<float>() { return 12582912.0f; }
+template <>
+__device__ __forceinline__ double magic<double>() { return 6755399441055744.0; }
 
 template <class T>
 __global__ void quantize_kernel(const T* x, int64_t total, int64_t channels, int64_t inner, const T* scale,
@@ -34,11 +42,14 @@ __global__ void quantize_kernel(const T* x, int64_t total, int64_t channels, int
     const T u = T(philox::uniform_f32(seed, uint64_t(i)));
     v = add_rn(t, mul_rn(a, add_rn(u, T(-0.5))));
   } else if (a == T(1)) {
-    v = rint_(t);
-  } else {
-    v = add_rn(mul_rn(rint_(mul_rn(add_rn(t, T(1)), T(0.5))), T(2)), T(-1));
+    // as cpp/quantize.cpp: clamp, then round half to even by adding and subtracting 1.5 *
+    // 2^mantissa (not rint: that keeps -0.0, where the CPU and torch give +0.0)
+    v = add_rn(add_rn(clampv(t, add_rn(lo[c], T(-1)), add_rn(hi[c], T(1))), magic<T>()), -magic<T>());
+  } else {  // signed 1-bit: c = round((t + 1) / 2) in {0, 1}, value 2c - 1
+    const T half = clampv(mul_rn(add_rn(t, T(1)), T(0.5)), T(-2), T(3));
+    v = add_rn(mul_rn(add_rn(add_rn(half, magic<T>()), -magic<T>()), T(2)), T(-1));
   }
-  v = v < lo[c] ? lo[c] : (v > hi[c] ? hi[c] : v);
+  v = clampv(v, lo[c], hi[c]);
   out[i] = values_only ? v : mul_rn(v, s);
 }
 
@@ -59,7 +70,7 @@ void launch(const T* x, int64_t outer, int64_t channels, int64_t inner, const T*
   if (total == 0) return;
   const int threads = 256;
   const int64_t blocks = (total + threads - 1) / threads;
-  quantize_kernel<T><<<unsigned(blocks), threads, 0, static_cast<cudaStream_t>(stream)>>>(
+  SONIQ_LAUNCH(unsigned(blocks), threads, 0, static_cast<cudaStream_t>(stream), quantize_kernel<T>)(
       x, total, channels, inner, scale, lo, hi, alpha, noise, seed, values_only, out);
   check(cudaGetLastError());
 }
@@ -84,9 +95,9 @@ void philox_uniform(int dtype_bytes, int64_t n, uint64_t seed, void* out, void* 
   const int threads = 256;
   const unsigned blocks = unsigned((n + threads - 1) / threads);
   if (dtype_bytes == 4)
-    uniform_kernel<float><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(n, seed, static_cast<float*>(out));
+    SONIQ_LAUNCH(blocks, threads, 0, static_cast<cudaStream_t>(stream), uniform_kernel<float>)(n, seed, static_cast<float*>(out));
   else
-    uniform_kernel<double><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(n, seed, static_cast<double*>(out));
+    SONIQ_LAUNCH(blocks, threads, 0, static_cast<cudaStream_t>(stream), uniform_kernel<double>)(n, seed, static_cast<double*>(out));
   check(cudaGetLastError());
 }
 

@@ -1,0 +1,493 @@
+// The CUDA kernels of cuda/ run on the CPU emulator (tests/cuda_emu) against exact
+// references: every mpgemm kernel (ref, popc, gemv, mma, bmma, auto) for every bit pair
+// 1..8 x 1..8, signed and unsigned, per-channel two-tier operands along rows and K, odd
+// shapes (M = 1, N = 1, K not a multiple of 64, several tiles and pipeline stages), an
+// 8-byte-aligned operand (the 8-byte cp.async path), int32/int64/float32 outputs with
+// scales (float bitwise equal to the CPU's soniq::mpgemm), long K past the s32 flush
+// points; expand_codes and the quantizer; and self-tests showing the emulator catches a
+// missing barrier, a diverged warp collective and a wrong mma fragment.
+//
+// Usage: soniq_cuda_emu_test [--quick] [--seed N]   (exit 0 = all passed)
+// Env: SONIQ_EMU_ORDER=forward|reverse, SONIQ_EMU_CP_ASYNC=late|eager (see emu.cpp).
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpp/mpgemm.h"
+#include "cpp/pack.h"
+#include "cpp/quantize.h"
+#include "cuda/cuda_api.h"
+#include "cuda/ptx.cuh"
+#include "cuda/quantize_api.h"
+
+namespace {
+
+int g_failures = 0, g_checks = 0;
+
+// Prints how long each part took and how many checks it added.
+struct Section {
+  const char* name;
+  int checks0 = g_checks, failures0 = g_failures;
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  explicit Section(const char* n) : name(n) {}
+  ~Section() {
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("  %-34s %5d checks %3d failures %7.1f s\n", name, g_checks - checks0, g_failures - failures0, s);
+    std::fflush(stdout);
+  }
+};
+std::mt19937_64 g_rng(20261202);
+
+void expect(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) {
+    ++g_failures;
+    if (g_failures <= 40) std::printf("FAIL: %s\n", what.c_str());
+  }
+}
+
+int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g_rng); }
+
+// ---- packed operands built independently of the Python packer ---------------------------
+struct Layout {
+  std::vector<int64_t> group_rows;               // rows per group (tiers along rows)
+  std::vector<std::vector<int>> bits;            // [group][segment]
+};
+
+struct Operand {
+  int64_t rows = 0;
+  bool is_signed = false;
+  std::vector<int64_t> values;  // [rows][K], original row order
+  std::vector<uint64_t> data;   // one spare word in front, for the 8-byte-aligned case
+  size_t lead = 0;              // words skipped before the blocks (0 or 1)
+  std::vector<int64_t> desc, sums, perm;
+  int64_t ngroups = 0;
+
+  soniq::PackedOperand view() const {
+    soniq::PackedOperand p;
+    p.data = data.data() + lead;
+    p.rows = rows;
+    p.ngroups = ngroups;
+    p.desc = desc.data();
+    p.sums = sums.data();
+    p.perm = perm.data();
+    p.is_signed = is_signed;
+    return p;
+  }
+};
+
+void code_affine(int bits, bool is_signed, int64_t& alpha, int64_t& offset) {
+  soniq::code_affine(bits, is_signed, alpha, offset);
+}
+
+Operand make_operand(const Layout& L, const std::vector<int64_t>& klens, const std::vector<int64_t>& kws,
+                     bool is_signed, bool misalign, bool extreme = false) {
+  Operand op;
+  op.is_signed = is_signed;
+  op.ngroups = int64_t(L.group_rows.size());
+  op.rows = std::accumulate(L.group_rows.begin(), L.group_rows.end(), int64_t(0));
+  const int64_t S = int64_t(klens.size());
+  const int64_t K = std::accumulate(klens.begin(), klens.end(), int64_t(0));
+  op.perm.resize(size_t(op.rows));
+  std::iota(op.perm.begin(), op.perm.end(), 0);
+  std::shuffle(op.perm.begin(), op.perm.end(), g_rng);
+  op.values.assign(size_t(op.rows * K), 0);
+  op.sums.assign(size_t(op.rows * S), 0);
+  op.lead = misalign ? 1 : 0;
+  op.data.assign(op.lead, 0);
+  int64_t r0 = 0;
+  for (int64_t g = 0; g < op.ngroups; ++g) {
+    const int64_t R = L.group_rows[size_t(g)];
+    op.desc.push_back(r0);
+    op.desc.push_back(R);
+    for (int64_t s = 0; s < S; ++s) op.desc.push_back(L.bits[size_t(g)][size_t(s)]);
+    int64_t k0 = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int b = L.bits[size_t(g)][size_t(s)];
+      int64_t alpha, offset;
+      code_affine(b, is_signed, alpha, offset);
+      const int64_t klen = klens[size_t(s)], kw = kws[size_t(s)];
+      std::vector<uint8_t> codes(size_t(R * klen));
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t packed = r0 + r, orig = op.perm[size_t(packed)];
+        for (int64_t k = 0; k < klen; ++k) {
+          const int64_t u = extreme ? (int64_t(1) << b) - 1 : rnd(0, (int64_t(1) << b) - 1);
+          codes[size_t(r * klen + k)] = uint8_t(u);
+          op.values[size_t(orig * K + k0 + k)] = alpha * u + offset;
+          op.sums[size_t(packed * S + s)] += u;
+        }
+      }
+      const size_t at = op.data.size();
+      op.data.resize(at + size_t(b * R * kw));
+      soniq::pack_block(codes.data(), R, klen, klen, b, kw, op.data.data() + at);
+      k0 += klen;
+    }
+    r0 += R;
+  }
+  return op;
+}
+
+std::vector<int64_t> exact_product(const Operand& a, const Operand& b, int64_t K) {
+  std::vector<int64_t> out(size_t(a.rows * b.rows), 0);
+  for (int64_t m = 0; m < a.rows; ++m)
+    for (int64_t n = 0; n < b.rows; ++n) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += a.values[size_t(m * K + k)] * b.values[size_t(n * K + k)];
+      out[size_t(m * b.rows + n)] = acc;
+    }
+  return out;
+}
+
+// ---- one mpgemm case on every kernel ----------------------------------------------------
+struct Case {
+  std::string name;
+  Layout la, lb;
+  std::vector<int64_t> klens;
+  bool a_signed = false, b_signed = true, pad_kw = false, misalign = false, extreme = false;
+  std::vector<std::string> kernels = {"ref", "popc", "gemv", "mma", "bmma", "auto"};
+  bool float_out = true;
+};
+
+int max_group_rows(const Layout& L) {
+  int64_t m = 0;
+  for (int64_t r : L.group_rows) m = std::max(m, r);
+  return int(m);
+}
+
+void run_case(const Case& c) {
+  std::vector<int64_t> kws, ksegs;
+  for (int64_t klen : c.klens) {
+    int64_t kw = (klen + 63) / 64;
+    if (c.pad_kw && kw % 2) ++kw;  // padded words must be read as zeros
+    kws.push_back(kw);
+    ksegs.push_back(klen);
+    ksegs.push_back(kw);
+  }
+  const int64_t S = int64_t(c.klens.size());
+  const int64_t K = std::accumulate(c.klens.begin(), c.klens.end(), int64_t(0));
+  const Operand a = make_operand(c.la, c.klens, kws, c.a_signed, c.misalign, c.extreme);
+  const Operand b = make_operand(c.lb, c.klens, kws, c.b_signed, false, c.extreme);
+  const std::vector<int64_t> exact = exact_product(a, b, K);
+  const size_t n_out = exact.size();
+
+  // float outputs with row and segment scales: the CPU result is the reference (bitwise)
+  std::vector<float> a_row(static_cast<size_t>(a.rows)), b_row(static_cast<size_t>(b.rows)), a_seg(static_cast<size_t>(S)),
+      b_seg(static_cast<size_t>(S));
+  std::uniform_real_distribution<float> sc(0.01f, 2.0f);
+  for (auto& v : a_row) v = sc(g_rng);
+  for (auto& v : b_row) v = sc(g_rng);
+  for (auto& v : a_seg) v = sc(g_rng);
+  for (auto& v : b_seg) v = sc(g_rng);
+  const soniq::Scales scales{a_row.data(), b_row.data(), a_seg.data(), b_seg.data()};
+  std::vector<float> want_f(n_out);
+  std::vector<int64_t> cpu_i64(n_out);
+  soniq::mpgemm(a.view(), b.view(), ksegs.data(), S, soniq::Scales{}, soniq::OutKind::Int64, cpu_i64.data());
+  expect(cpu_i64 == exact, c.name + ": CPU mpgemm != exact product (test harness)");
+  if (c.float_out)
+    soniq::mpgemm(a.view(), b.view(), ksegs.data(), S, scales, soniq::OutKind::Float32, want_f.data());
+
+  for (const std::string& k : c.kernels) {
+    if (k == "gemv" && max_group_rows(c.la) > 16) continue;
+    soniq::cuda::set_kernel(k);
+    const std::string tag = c.name + " [" + k + "]";
+    try {
+      std::vector<int64_t> got64(n_out, -7);
+      soniq::cuda::mpgemm(a.view(), b.view(), ksegs.data(), S, soniq::Scales{}, soniq::OutKind::Int64, got64.data(),
+                          nullptr);
+      size_t bad = 0;
+      for (size_t i = 0; i < n_out; ++i) bad += got64[i] != exact[i];
+      expect(bad == 0, tag + " int64: " + std::to_string(bad) + " of " + std::to_string(n_out) + " outputs differ");
+
+      std::vector<int32_t> got32(n_out, -7);
+      soniq::cuda::mpgemm(a.view(), b.view(), ksegs.data(), S, soniq::Scales{}, soniq::OutKind::Int32, got32.data(),
+                          nullptr);
+      bad = 0;
+      for (size_t i = 0; i < n_out; ++i) bad += got32[i] != int32_t(exact[i]);
+      expect(bad == 0, tag + " int32: " + std::to_string(bad) + " outputs differ");
+
+      if (c.float_out) {
+        std::vector<float> gotf(n_out, -7.0f);
+        soniq::cuda::mpgemm(a.view(), b.view(), ksegs.data(), S, scales, soniq::OutKind::Float32, gotf.data(),
+                            nullptr);
+        expect(std::memcmp(gotf.data(), want_f.data(), n_out * sizeof(float)) == 0,
+               tag + " float32 with scales: not bitwise the CPU's");
+      }
+    } catch (const std::exception& e) {
+      expect(false, tag + ": threw " + e.what());
+    }
+  }
+  soniq::cuda::set_kernel("auto");
+}
+
+Layout uniform(int64_t rows, std::vector<int> seg_bits) { return Layout{{rows}, {seg_bits}}; }
+
+// ---- expand_codes and the quantizer ------------------------------------------------------
+void test_expand_codes() {
+  for (int bits = 1; bits <= 8; ++bits)
+    for (int64_t rows : {1, 7, 33})
+      for (int64_t klen : {1, 63, 64, 130}) {
+        const int64_t kw = (klen + 63) / 64 + (bits % 2);  // sometimes a padded word
+        std::vector<uint8_t> codes(size_t(rows * klen));
+        for (auto& u : codes) u = uint8_t(rnd(0, (1 << bits) - 1));
+        std::vector<uint64_t> planes(size_t(bits * rows * kw));
+        soniq::pack_block(codes.data(), rows, klen, klen, bits, kw, planes.data());
+        const int64_t rows_pad = rows + 3, kpad = (klen + 7) / 8 * 8 + 8;
+        std::vector<uint64_t> out(size_t(rows_pad * kpad / 8), 0x5555555555555555ull);
+        const std::string tag = "expand_codes bits=" + std::to_string(bits) + " rows=" + std::to_string(rows) +
+                                " klen=" + std::to_string(klen);
+        try {
+          soniq::cuda::expand_codes(planes.data(), bits, rows, kw, klen, out.data(), rows_pad, kpad, nullptr);
+          const auto* bytes = reinterpret_cast<const int8_t*>(out.data());
+          size_t bad = 0;
+          for (int64_t r = 0; r < rows_pad; ++r)
+            for (int64_t k = 0; k < kpad; ++k) {
+              const int want = (r < rows && k < klen) ? int(codes[size_t(r * klen + k)]) - 128 : 0;
+              bad += bytes[r * kpad + k] != want;
+            }
+          expect(bad == 0, tag + ": " + std::to_string(bad) + " bytes differ");
+        } catch (const std::exception& e) {
+          expect(false, tag + ": threw " + e.what());
+        }
+      }
+}
+
+template <class T>
+void test_quantize_t(const char* dtype) {
+  const int64_t outer = 3, C = 5, inner = 37;
+  const int64_t n = outer * C * inner;
+  const size_t nc = static_cast<size_t>(C);
+  std::vector<T> x(static_cast<size_t>(n)), scale(nc), lo(nc), hi(nc), alpha(nc);
+  std::normal_distribution<double> nd(0.0, 2.0);
+  for (auto& v : x) v = T(nd(g_rng));
+  for (int64_t c = 0; c < C; ++c) {
+    const int bits = int(1 + c);
+    scale[size_t(c)] = T(0.05 + 0.1 * double(c));
+    alpha[size_t(c)] = T(bits == 1 ? 2 : 1);
+    lo[size_t(c)] = T(bits == 1 ? -1 : -(1 << (bits - 1)));
+    hi[size_t(c)] = T(bits == 1 ? 1 : (1 << (bits - 1)) - 1);
+  }
+  const soniq::QuantParams<T> qp{scale.data(), lo.data(), hi.data(), alpha.data()};
+  for (int noise = 0; noise <= 1; ++noise)
+    for (bool values_only : {false, true}) {
+      std::vector<T> want(static_cast<size_t>(n)), got(static_cast<size_t>(n), T(-99));
+      soniq::quantize<T>(x.data(), soniq::QuantShape{outer, C, inner}, qp, noise, 1234, values_only, want.data());
+      const std::string tag = std::string("quantize ") + dtype + " noise=" + std::to_string(noise) +
+                              " values_only=" + std::to_string(values_only);
+      try {
+        soniq::cuda::quantize(int(sizeof(T)), x.data(), outer, C, inner, scale.data(), lo.data(), hi.data(),
+                              alpha.data(), noise, 1234, values_only, got.data(), nullptr);
+        expect(std::memcmp(got.data(), want.data(), sizeof(T) * size_t(n)) == 0, tag + ": not bitwise the CPU's");
+      } catch (const std::exception& e) {
+        expect(false, tag + ": threw " + e.what());
+      }
+    }
+  std::vector<T> want(1000), got(1000);
+  soniq::philox_uniform<T>(1000, 99, want.data());
+  soniq::cuda::philox_uniform(int(sizeof(T)), 1000, 99, got.data(), nullptr);
+  expect(std::memcmp(got.data(), want.data(), sizeof(T) * 1000) == 0, std::string("philox_uniform ") + dtype);
+}
+
+// ---- the emulator catches what a GPU would get wrong -------------------------------------
+__global__ void racy_kernel(int* out, bool with_barrier) {
+  SONIQ_DYNAMIC_SMEM(int, s);
+  const int t = int(threadIdx.x), n = int(blockDim.x);
+  s[t] = t;
+  if (with_barrier) __syncthreads();
+  out[t] = s[(t + 1) % n];
+}
+
+__global__ void diverged_kernel(int* out) {
+  // half of warp 0 shuffles while the other half waits at the block barrier
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, int(threadIdx.x), 1);
+  __syncthreads();
+}
+
+// One warp multiplies a 16x32 u8 A by a 32x8 u8 B through the mma fragments of ptx.cuh;
+// swap_regs swaps a1 and a2 (a wrong fragment) to show such a bug is caught.
+__global__ void mma_kernel(const uint8_t* A, const uint8_t* B, int* D, bool swap_regs, int c0) {
+  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
+  auto word = [](const uint8_t* p) { return unsigned(p[0]) | unsigned(p[1]) << 8 | unsigned(p[2]) << 16 | unsigned(p[3]) << 24; };
+  unsigned a[4];
+  for (int reg = 0; reg < 4; ++reg) a[reg] = word(A + (g + 8 * (reg & 1)) * 32 + 16 * (reg >> 1) + 4 * t);
+  if (swap_regs) std::swap(a[1], a[2]);
+  unsigned b[2];
+  for (int reg = 0; reg < 2; ++reg) {
+    uint8_t col[4];
+    for (int j = 0; j < 4; ++j) col[j] = B[(16 * reg + 4 * t + j) * 8 + g];
+    b[reg] = word(col);
+  }
+  int c[4] = {c0 + 1, c0 + 2, c0 + 3, c0 + 4};
+  soniq::cuda::detail::mma_u8_m16n8k32(c, a[0], a[1], a[2], a[3], b[0], b[1]);
+  for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
+}
+
+// The same for the binary shape: A 16x256 bits, B 256x8 bits (one byte per bit here).
+__global__ void bmma_kernel(const uint8_t* A, const uint8_t* B, int* D) {
+  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
+  unsigned a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  for (int reg = 0; reg < 4; ++reg)
+    for (int j = 0; j < 32; ++j) a[reg] |= unsigned(A[(g + 8 * (reg & 1)) * 256 + 128 * (reg >> 1) + 32 * t + j]) << j;
+  for (int reg = 0; reg < 2; ++reg)
+    for (int j = 0; j < 32; ++j) b[reg] |= unsigned(B[(128 * reg + 32 * t + j) * 8 + g]) << j;
+  int d[4];
+  soniq::cuda::detail::mma_b1_m16n8k256(d, a[0], a[1], a[2], a[3], b[0], b[1]);
+  for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = d[e];
+}
+
+void test_emulator_catches_bugs() {
+  const int n = 64;
+  std::vector<int> out(n, -1);
+  SONIQ_LAUNCH(dim3(1), dim3(n), n * sizeof(int), nullptr, racy_kernel)(out.data(), true);
+  bool ok = cudaGetLastError() == cudaSuccess;
+  for (int t = 0; t < n; ++t) ok = ok && out[size_t(t)] == (t + 1) % n;
+  expect(ok, "self-test: barrier kernel gives the right answer");
+  SONIQ_LAUNCH(dim3(1), dim3(n), n * sizeof(int), nullptr, racy_kernel)(out.data(), false);
+  bool wrong = false;
+  for (int t = 0; t < n; ++t) wrong = wrong || out[size_t(t)] != (t + 1) % n;
+  expect(wrong, "self-test: a missing __syncthreads is visible (stale shared memory read)");
+
+  SONIQ_LAUNCH(dim3(1), dim3(64), 0, nullptr, diverged_kernel)(out.data());
+  expect(cudaGetLastError() == cudaErrorLaunchFailure, "self-test: a diverged warp collective fails the launch");
+
+  std::vector<uint8_t> A(16 * 32), B(32 * 8);
+  for (auto& v : A) v = uint8_t(rnd(0, 255));
+  for (auto& v : B) v = uint8_t(rnd(0, 255));
+  std::vector<int> want(16 * 8), D(16 * 8);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      int acc = 1 + (i >= 8 ? 2 : 0) + (j % 2);  // c = {1, 2, 3, 4} per fragment position
+      for (int k = 0; k < 32; ++k) acc += int(A[size_t(i * 32 + k)]) * int(B[size_t(k * 8 + j)]);
+      want[size_t(i * 8 + j)] = acc;
+    }
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(A.data(), B.data(), D.data(), false, 0);
+  expect(cudaGetLastError() == cudaSuccess && D == want, "self-test: mma m16n8k32 u8 fragments give A*B + C");
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(A.data(), B.data(), D.data(), true, 0);
+  expect(D != want, "self-test: a wrong mma fragment is visible");
+  std::fill(A.begin(), A.end(), uint8_t(255));
+  std::fill(B.begin(), B.end(), uint8_t(255));
+  // c + 32 x 255^2 past 2^31 - 1: the GPU would wrap silently, the emulator fails the launch
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(A.data(), B.data(), D.data(), false, 2147483647 - 2000000);
+  expect(cudaGetLastError() == cudaErrorLaunchFailure, "self-test: an s32 mma accumulator overflow fails the launch");
+
+  std::vector<uint8_t> A1(16 * 256), B1(256 * 8);
+  for (auto& v : A1) v = uint8_t(rnd(0, 1));
+  for (auto& v : B1) v = uint8_t(rnd(0, 1));
+  std::vector<int> want1(16 * 8), D1(16 * 8);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      int acc = 0;
+      for (int k = 0; k < 256; ++k) acc += A1[size_t(i * 256 + k)] & B1[size_t(k * 8 + j)];
+      want1[size_t(i * 8 + j)] = acc;
+    }
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, bmma_kernel)(A1.data(), B1.data(), D1.data());
+  expect(cudaGetLastError() == cudaSuccess && D1 == want1, "self-test: mma m16n8k256 b1 and.popc fragments");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--quick")) quick = true;
+    else if (!std::strcmp(argv[i], "--seed") && i + 1 < argc) g_rng.seed(std::stoull(argv[++i]));
+    else {
+      std::fprintf(stderr, "usage: %s [--quick] [--seed N]\n", argv[0]);
+      return 2;
+    }
+  }
+  const char* order = std::getenv("SONIQ_EMU_ORDER");
+  const char* copies = std::getenv("SONIQ_EMU_CP_ASYNC");
+  std::printf("soniq CUDA kernels on the CPU emulator (thread order: %s, cp.async: %s)\n", order ? order : "forward",
+              copies ? copies : "late");
+
+  {
+    Section sec("emulator self-tests");
+    test_emulator_catches_bugs();
+  }
+  {
+    Section sec("expand_codes");
+    test_expand_codes();
+  }
+  {
+    Section sec("quantize, philox_uniform");
+    test_quantize_t<float>("float32");
+    test_quantize_t<double>("float64");
+  }
+
+  // every bit pair, both signednesses, on small shapes (one tile, 1-2 chunks)
+  {
+  Section sec("mpgemm: every bit pair");
+  for (int pa = 1; pa <= 8; ++pa)
+    for (int pb = 1; pb <= 8; ++pb) {
+      Case c;
+      c.name = "bits " + std::to_string(pa) + "x" + std::to_string(pb);
+      c.la = uniform(quick ? 3 : rnd(1, 20), {pa});
+      c.lb = uniform(rnd(1, 40), {pb});
+      c.klens = {rnd(1, 300)};
+      c.a_signed = (pa + pb) % 2 == 0;
+      c.b_signed = pb % 3 != 0;
+      c.float_out = (pa * pb) % 5 == 0;
+      run_case(c);
+    }
+  }
+
+  std::vector<Case> shapes;
+  auto add = [&](std::string name, Layout la, Layout lb, std::vector<int64_t> klens) {
+    Case c;
+    c.name = std::move(name);
+    c.la = std::move(la);
+    c.lb = std::move(lb);
+    c.klens = std::move(klens);
+    shapes.push_back(c);
+    return &shapes.back();
+  };
+  add("M=1 N=1 K=1", uniform(1, {4}), uniform(1, {2}), {1});
+  add("M=1 GEMV K=1000 (4 popc stages)", uniform(1, {8}), uniform(70, {4}), {1000});
+  add("M=16 GEMV W2A8 K=777", uniform(16, {8}), uniform(33, {2}), {777});
+  add("M=5 N=1 K=65", uniform(5, {3}), uniform(1, {5}), {65});
+  add("M=70 N=130 K=300: several 64x64 tiles", uniform(70, {2}), uniform(130, {3}), {300});
+  add("M=17 N=200 K=129: 16-row groups x 128-wide mma tiles", Layout{{9, 8}, {{4}, {8}}}, uniform(200, {2}), {129});
+  add("two tiers on rows of both", Layout{{7, 12}, {{2}, {6}}}, Layout{{20, 9, 4}, {{1}, {4}, {8}}}, {200});
+  add("two tiers along K", uniform(6, {2, 8}), uniform(19, {4, 3}), {70, 130});
+  add("two tiers on rows and along K", Layout{{5, 3}, {{1, 4, 2}, {8, 2, 5}}}, Layout{{11, 30}, {{3, 3, 7}, {8, 1, 2}}},
+      {64, 1, 190});
+  add("8 groups x 8 segments", Layout{{1, 2, 3, 1, 2, 1, 1, 2}, std::vector<std::vector<int>>(8, {1, 2, 3, 4, 5, 6, 7, 8})},
+      Layout{{30, 9}, {{8, 7, 6, 5, 4, 3, 2, 1}, {1, 1, 2, 2, 3, 3, 4, 4}}}, {1, 2, 63, 64, 65, 127, 128, 129});
+  add("b in 8 groups", uniform(3, {4}), Layout{{3, 1, 4, 1, 5, 9, 2, 6}, {{1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}}}, {100});
+  Case* c = add("kw padded to even (16-byte cp.async), zeros read", uniform(9, {5}), uniform(21, {7}), {70});
+  c->pad_kw = true;
+  c = add("a 8-byte aligned (8-byte cp.async)", uniform(33, {3}), uniform(17, {2}), {520});
+  c->misalign = true;
+  c = add("a 8-byte aligned, 1-bit x 1-bit", uniform(4, {1}), uniform(66, {1}), {300});
+  c->misalign = true;
+  c->a_signed = c->b_signed = true;
+  if (!quick) {
+    // past the s32 flush points (16384 K) with the largest codes: an unflushed
+    // accumulator overflows, which the emulator reports
+    // (33025 * 255^2 > 2^31: one s32 accumulator over all of K would overflow)
+    c = add("long K 8x8 bits all-255 codes (mma flush)", uniform(3, {8}), uniform(8, {8}), {33025 + 200});
+    c->extreme = true;
+    c->a_signed = c->b_signed = false;
+    c->kernels = {"mma", "gemv", "popc"};
+    c = add("long K 8x8 bits all-255 codes (bmma flush)", uniform(2, {8}), uniform(8, {8}), {33025 + 300});
+    c->extreme = true;
+    c->a_signed = c->b_signed = false;
+    c->kernels = {"bmma"};
+  }
+  for (const Case& s : shapes) {
+    Section sec(s.name.c_str());
+    run_case(s);
+  }
+
+  std::printf("%d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
