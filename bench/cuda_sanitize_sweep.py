@@ -1,5 +1,5 @@
-"""Small sweep of every CUDA mpgemm kernel for compute-sanitizer (memcheck, racecheck,
-synccheck): odd shapes, two tiers, scales. Exits non-zero on any mismatch with the CPU.
+"""Small sweep of every CUDA mpgemm kernel and the fused quantize + pack for
+compute-sanitizer (memcheck, racecheck, synccheck): odd shapes, two tiers, scales. Exits non-zero on any mismatch with the CPU.
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/cuda_sanitize_sweep.py
 """
 import sys
@@ -39,6 +39,14 @@ def main() -> int:
                     bad += 1
                     print(f"MISMATCH kernel={kernel} M={M} N={N} K={K} W{wb}A{wa} scaled={sa.scale is not None}")
     _C.cuda_set_kernel("auto")
+    for M, K in ((1, 1), (5, 130), (33, 700)):  # the fused activation quantize + pack
+        bits = np.where(rng.random(K) < 0.5, 2, 8)
+        x = torch.from_numpy(rng.normal(0, 2, (M, K)).astype(np.float32))
+        want = ops.quantize_pack(x, 0.1, bits, signed=True)
+        got = ops.quantize_pack(x.cuda(), 0.1, bits, signed=True)
+        if not (torch.equal(got.data.cpu(), want.data) and torch.equal(got.sums.cpu(), want.sums)):
+            bad += 1
+            print(f"MISMATCH quantize_pack M={M} K={K}")
     torch.cuda.synchronize()
     print("sweep done:", "OK" if bad == 0 else f"{bad} mismatches")
     return 1 if bad else 0

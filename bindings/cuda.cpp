@@ -1,5 +1,6 @@
 // CUDA-only bindings beyond the core mpgemm entry point: kernel choice (tests,
-// benchmarks, and the Python-driven cuBLAS INT8 path) and the code expansion kernel.
+// benchmarks, and the Python-driven cuBLAS INT8 path), the code expansion kernel and the
+// fused activation quantize + pack.
 // Built with or without CUDA (without, the calls say so).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -10,7 +11,9 @@
 
 #include "registry.h"
 #ifdef SONIQ_WITH_CUDA
+#include "../cpp/actpack.h"
 #include "../cuda/cuda_api.h"
+#include "../cuda/quantize_api.h"
 #endif
 
 namespace py = pybind11;
@@ -44,6 +47,22 @@ void soniq::bindings::register_cuda(py::module_& m) {
                                     reinterpret_cast<void*>(out), rows_pad, kpad, reinterpret_cast<void*>(stream));
         },
         py::call_guard<py::gil_scoped_release>());
+  // x, perm, data, sums, flags: device pointers; segs, seg_scale: host (see quantize_api.h)
+  m.def("cuda_quantize_pack",
+        [](uintptr_t x, int64_t M, int64_t ldx, uintptr_t perm, int64_t K, uintptr_t segs, int64_t nsegs,
+           uintptr_t seg_scale, bool is_signed, int64_t row_words, uintptr_t data, uintptr_t sums, uintptr_t flags,
+           uintptr_t stream) {
+          const auto* segs_h = reinterpret_cast<const int64_t*>(segs);
+          // data was sized by the caller: a layout needing more words would write past it
+          soniq::ActLayout L{K, nullptr, nsegs, segs_h, reinterpret_cast<const float*>(seg_scale)};
+          if (nsegs <= 0 || soniq::act_row_words(L) != row_words)
+            throw std::invalid_argument("quantize_pack: row_words does not match the segments");
+          soniq::cuda::quantize_pack(reinterpret_cast<const float*>(x), M, ldx, reinterpret_cast<const int64_t*>(perm),
+                                     K, nsegs, segs_h, reinterpret_cast<const float*>(seg_scale), is_signed,
+                                     reinterpret_cast<uint64_t*>(data), reinterpret_cast<int64_t*>(sums),
+                                     reinterpret_cast<int*>(flags), reinterpret_cast<void*>(stream));
+        },
+        py::call_guard<py::gil_scoped_release>());
 #else
   auto none = [](py::args) -> py::object {
     throw std::runtime_error("soniq was built without CUDA (SONIQ_CUDA=OFF or no nvcc at build time)");
@@ -52,5 +71,6 @@ void soniq::bindings::register_cuda(py::module_& m) {
   m.def("cuda_get_kernel", []() { return std::string("none"); });
   m.def("cuda_choose_kernel", none);
   m.def("cuda_expand_codes", none);
+  m.def("cuda_quantize_pack", none);
 #endif
 }

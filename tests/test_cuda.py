@@ -8,6 +8,7 @@ import torch
 import soniq
 from soniq import ops
 from soniq._native import _C
+from soniq.packed import KLayout
 
 HAVE_GPU = bool(_C.built_with_cuda) and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(
@@ -270,3 +271,36 @@ def test_expand_codes_kernel(bits, rows, klen, off_rows):
     got = _int8mm.expand_block(planes.cuda(), off_rows * kw, bits, rows, klen, kw, rows_pad, kpad)
     torch.cuda.synchronize()
     assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("M", [1, 5, 64])
+def test_quantize_pack_cuda_matches_cpu(signed, M):
+    """cuda/quantize_pack.cu == the CPU kernel word for word (planes, sums), with a gathered
+    two-tier K layout, ties, clamping and a non-contiguous x; then mpgemm on the GPU."""
+    rng = np.random.default_rng(M)
+    K = 300
+    bits = np.where(rng.random(K) < 0.5, 2, 8)
+    bits[:3] = 1
+    scale = np.where(bits == 1, 0.3, np.where(bits == 2, 0.5, 0.05)).astype(np.float32)
+    x = torch.from_numpy(rng.normal(0, 2, (M, K + 5)).astype(np.float32))[:, :K]  # row stride K + 5
+    x[0, :10] = torch.from_numpy(((np.arange(10) - 4.5) * scale[:10]).astype(np.float32))  # ties
+    x[-1, -1] = 1e30
+    w = values(rng, (7, K), 4, True)
+    pw = ops.pack(w, 4, signed=True, k_layout=KLayout.from_bits(bits))  # tiers grouped: a gathered layout
+    cpu = ops.quantize_pack(x, scale, bits, signed=signed, k_layout=pw)
+    gpu = ops.quantize_pack(x.cuda(), scale, bits, signed=signed, k_layout=pw)
+    assert gpu.device.type == "cuda"
+    assert torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.sums.cpu(), cpu.sums)
+    got = ops.mpgemm(gpu, pw.cuda(), out_dtype=torch.int64)
+    assert torch.equal(got.cpu(), ops.mpgemm(cpu, pw, out_dtype=torch.int64))
+
+
+@needs_gpu
+def test_quantize_pack_cuda_nan_raises():
+    x = torch.zeros(3, 70, device="cuda")
+    x[2, 17] = float("nan")
+    with pytest.raises(ValueError, match=r"x\[2, 17\] is NaN"):
+        ops.quantize_pack(x, 0.1, 4, signed=True)
+

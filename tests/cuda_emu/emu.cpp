@@ -45,7 +45,7 @@ struct Copy {
 };
 
 enum class State { Ready, AtBarrier, AtWarp, Done };
-enum class WarpOp { None, Shfl, MmaU8, MmaB1 };
+enum class WarpOp { None, Shfl, Ballot, MmaU8, MmaB1 };
 
 struct Fiber {
   ucontext_t ctx;  // the entry context (used once)
@@ -190,6 +190,15 @@ void perform_shfl(Fiber* const* lanes) {
   }
 }
 
+void perform_ballot(Fiber* const* lanes) {
+  unsigned bits = 0;
+  for (int l = 0; l < kWarp; ++l) {
+    if (unsigned(lanes[l]->in[0]) != 0xffffffffu) fault("__ballot_sync: only the full-warp mask is emulated");
+    bits |= unsigned(lanes[l]->in[1] != 0) << l;
+  }
+  for (int l = 0; l < kWarp; ++l) lanes[l]->out[0] = bits;
+}
+
 // in[0..3] = a0..a3, in[4..5] = b0..b1, in[6..9] = c0..c3, laid out as the PTX ISA's
 // "Matrix Fragments for mma.m16n8k32" (u8: 4 elements per register, low byte first) and
 // "... for mma.m16n8k256" (b1: 32 elements per register, low bit first); see cuda/ptx.cuh.
@@ -249,6 +258,7 @@ bool release_warps() {
     for (int l = 1; l < kWarp; ++l)
       if (lanes[l]->op != op) fault("warp collective: lanes of one warp reached different collectives");
     if (op == WarpOp::Shfl) perform_shfl(lanes);
+    else if (op == WarpOp::Ballot) perform_ballot(lanes);
     else if (op == WarpOp::MmaU8) perform_mma_u8(lanes);
     else perform_mma_b1(lanes);
     for (int l = 0; l < kWarp; ++l) lanes[l]->state = State::Ready, lanes[l]->op = WarpOp::None;
@@ -389,6 +399,11 @@ void warp_collective(WarpOp op, std::initializer_list<unsigned long long> in) {
 unsigned long long shfl_xor(unsigned mask, unsigned long long bits, int lane_mask) {
   warp_collective(WarpOp::Shfl, {bits, mask, static_cast<unsigned long long>(lane_mask)});
   return static_cast<unsigned long long>(cur().out[0]);
+}
+
+unsigned ballot(unsigned mask, bool predicate) {
+  warp_collective(WarpOp::Ballot, {mask, predicate ? 1ull : 0ull});
+  return static_cast<unsigned>(cur().out[0]);
 }
 
 void mma_m16n8k32_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cpp/actpack.h"
 #include "cpp/mpgemm.h"
 #include "cpp/pack.h"
 #include "cpp/quantize.h"
@@ -296,6 +297,76 @@ void test_quantize_t(const char* dtype) {
   expect(std::memcmp(got.data(), want.data(), sizeof(T) * 1000) == 0, std::string("philox_uniform ") + dtype);
 }
 
+// ---- fused activation quantize + pack: word for word the CPU's -------------------------
+void test_quantize_pack() {
+  struct QP {
+    int64_t M, ldx_pad;
+    std::vector<int64_t> klens;
+    std::vector<int> bits;
+    bool is_signed;
+  };
+  const std::vector<QP> cases = {
+      {1, 0, {1}, {4}, true},
+      {1, 0, {700}, {8}, false},
+      {5, 3, {64, 65, 1}, {2, 8, 1}, true},
+      {37, 0, {130, 70}, {1, 4}, true},
+      {3, 7, {10, 20, 30, 40, 50, 60, 70, 80}, {1, 2, 3, 4, 5, 6, 7, 8}, false},
+      {2, 0, {600}, {1}, false},
+  };
+  int n = 0;
+  for (const QP& c : cases) {
+    const int64_t S = int64_t(c.klens.size()), K = std::accumulate(c.klens.begin(), c.klens.end(), int64_t(0));
+    const int64_t ldx = K + c.ldx_pad;
+    std::vector<int64_t> perm(static_cast<size_t>(K)), segs;
+    std::iota(perm.begin(), perm.end(), 0);
+    if (n % 2) std::shuffle(perm.begin(), perm.end(), g_rng);  // gathered and in-place runs
+    std::vector<float> seg_scale;
+    std::uniform_real_distribution<float> sc(0.05f, 0.5f);
+    for (int64_t s = 0; s < S; ++s) {
+      segs.insert(segs.end(), {c.klens[size_t(s)], (c.klens[size_t(s)] + 63) / 64, c.bits[size_t(s)]});
+      seg_scale.push_back(sc(g_rng));
+    }
+    const soniq::ActLayout L{K, perm.data(), S, segs.data(), seg_scale.data()};
+    const int64_t words = soniq::act_row_words(L);
+    std::vector<float> x(static_cast<size_t>(c.M * ldx));
+    std::normal_distribution<float> nd(0.0f, 3.0f);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = nd(g_rng);
+    // exact ties (k + 1/2) * scale and values far outside the range
+    for (int64_t k = 0; k < K && k < 40; ++k) {
+      int64_t s = 0, k0 = 0;
+      while (k >= k0 + c.klens[size_t(s)]) k0 += c.klens[size_t(s++)];
+      x[size_t(perm[size_t(k)])] = (float(k % 9) - 4.5f) * seg_scale[size_t(s)];
+    }
+    x[size_t(c.M * ldx - 1 - c.ldx_pad)] = 1e30f;
+    std::vector<uint64_t> want(static_cast<size_t>(c.M * words)), got(want.size(), 0x5a5a5a5a5a5a5a5aull);
+    std::vector<int64_t> want_sums(static_cast<size_t>(c.M * S)), got_sums(want_sums.size(), 0);
+    soniq::quantize_pack(x.data(), c.M, ldx, L, c.is_signed, want.data(), want_sums.data());
+    const std::string tag = "quantize_pack case " + std::to_string(n++);
+    int flags = 0;
+    try {
+      soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(), c.is_signed,
+                                 got.data(), got_sums.data(), &flags, nullptr);
+      expect(flags == 0 && got == want && got_sums == want_sums, tag + ": planes or sums differ from the CPU's");
+      // a NaN and a perm entry out of range are flagged, not read
+      if (c.M > 1) {
+        x[size_t(ldx)] = std::nanf("");
+        std::fill(got_sums.begin(), got_sums.end(), 0);
+        soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
+                                   c.is_signed, got.data(), got_sums.data(), &flags, nullptr);
+        expect(flags == 1, tag + ": NaN sets flag bit 0");
+      }
+      perm[0] = K + 5;
+      flags = 0;
+      std::fill(got_sums.begin(), got_sums.end(), 0);
+      soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(), c.is_signed,
+                                 got.data(), got_sums.data(), &flags, nullptr);
+      expect((flags & 2) != 0, tag + ": a perm entry outside [0, K) sets flag bit 1");
+    } catch (const std::exception& e) {
+      expect(false, tag + ": threw " + e.what());
+    }
+  }
+}
+
 // ---- the emulator catches what a GPU would get wrong -------------------------------------
 __global__ void racy_kernel(int* out, bool with_barrier) {
   SONIQ_DYNAMIC_SMEM(int, s);
@@ -416,6 +487,10 @@ int main(int argc, char** argv) {
   {
     Section sec("expand_codes");
     test_expand_codes();
+  }
+  {
+    Section sec("quantize_pack (fused activations)");
+    test_quantize_pack();
   }
   {
     Section sec("quantize, philox_uniform");

@@ -121,8 +121,10 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
     seg_scale float32 [S]; row_words = sum of bits * kw. Returns (data int64 [M * row_words],
     sums int64 [M, S]): the blocks of ops.pack(ops.quantize(x, ...)) with one row group.
     soniq.ops.quantize_pack checks the layout; here only what keeps the kernel in bounds."""
-    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
-        raise ValueError(f"x must be a 2-D float32 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"x must be a 2-D float32 CPU or CUDA tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if x.device.type == "cuda":
+        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words)
     M, K = x.shape
     S = segs.shape[0]
     if (k_perm.dtype != torch.int64 or k_perm.shape != (K,) or segs.dtype != torch.int64 or segs.shape != (S, 3)
@@ -135,6 +137,41 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
     sums = torch.empty(M, S, dtype=torch.int64)
     _C.quantize_pack(x.data_ptr(), M, K, x.stride(0), k_perm.data_ptr(), segs.data_ptr(), S,
                      seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr())
+    return data, sums
+
+
+def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
+                       row_words: int) -> tuple[Tensor, Tensor]:
+    """The CUDA kernel (cuda/quantize_pack.cu): x and k_perm on the GPU, segs and seg_scale
+    (the layout, read on the host) on the CPU. A NaN in x or a k_perm entry outside [0, K)
+    raises after the kernel (one sync; skipped while a CUDA graph is being captured)."""
+    M, K = x.shape
+    S = segs.shape[0]
+    if (k_perm.dtype != torch.int64 or k_perm.shape != (K,) or segs.dtype != torch.int64 or segs.shape != (S, 3)
+            or seg_scale.dtype != torch.float32 or seg_scale.shape != (S,)):
+        raise ValueError("k_perm, segs, seg_scale must be int64 [K], int64 [S, 3], float32 [S]")
+    if segs.device.type != "cpu" or seg_scale.device.type != "cpu":
+        raise ValueError("segs and seg_scale must be CPU tensors (the layout is read on the host)")
+    if x.stride(1) != 1 and K > 1:
+        x = x.contiguous()
+    dev = x.device
+    k_perm = k_perm.to(dev).contiguous()
+    segs, seg_scale = segs.contiguous(), seg_scale.contiguous()
+    data = torch.empty(M * row_words, dtype=torch.int64, device=dev)
+    sums = torch.zeros(M, S, dtype=torch.int64, device=dev)
+    flags = torch.zeros(1, dtype=torch.int32, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _C.cuda_quantize_pack(x.data_ptr(), M, x.stride(0), k_perm.data_ptr(), K, segs.data_ptr(), S,
+                              seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr(),
+                              flags.data_ptr(), stream)
+        if not torch.cuda.is_current_stream_capturing():
+            f = int(flags.item())
+            if f & 2:
+                raise ValueError(f"k_perm must hold positions in [0, {K}), got {int(k_perm.min())}..{int(k_perm.max())}")
+            if f & 1:
+                r, k = (int(i) for i in torch.isnan(x).nonzero()[0].tolist())
+                raise ValueError(f"x[{r}, {k}] is NaN: activations must not be NaN to be quantized")
     return data, sums
 
 

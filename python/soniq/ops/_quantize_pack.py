@@ -38,24 +38,42 @@ class ActPlan:
         self.seg_scale = torch.from_numpy(scale.numpy()[first].copy())
         self.out_seg_scale = None if out_scale is None else torch.from_numpy(out_scale.numpy()[first].copy())
         self.row_words = sum(b * w for b, w in zip(self.seg_bits, kws))
-        self._rows_meta = None  # (M, desc, row_perm) of the last call
+        self._rows_meta = None  # (M, desc, row_perm, their device copies) of the last call
+        self._devices = {}      # device -> the layout tensors there
+
+    def _on(self, device: torch.device) -> dict:
+        got = self._devices.get(device)
+        if got is None:
+            mv = (lambda t: t) if device.type == "cpu" else (lambda t: None if t is None else t.to(device))
+            got = self._devices[device] = {
+                "k_perm": mv(self.k_perm), "ksegs": mv(self.ksegs), "bits": mv(self.bits),
+                "out_scale": mv(self.out_scale), "out_seg_scale": mv(self.out_seg_scale)}
+        return got
 
     def __call__(self, x: Tensor, kind: str = "torch") -> PackedTensor:
         M = x.shape[0]
         if x.requires_grad:  # not differentiable (as ops.quantize): the kernel reads the values only
             x = x.detach()
-        args = (x, self.k_perm, self.segs, self.seg_scale, self.signed, self.row_words)
+        dev = self._on(x.device)  # the layout tensors on x's device (cached)
+        args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words)
         if type(x) is Tensor and not torch.compiler.is_compiling():
             data, sums = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
             data, sums = torch.ops.soniq.quantize_pack_raw(*args)
         if self._rows_meta is None or self._rows_meta[0] != M:  # desc/row_perm depend on M only
-            self._rows_meta = (M, torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), torch.arange(M))
-        _, desc, row_perm = self._rows_meta
-        pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=self.bits, data=data, desc=desc,
-                          sums=sums, row_perm=row_perm, k_perm=self.k_perm, ksegs=self.ksegs,
-                          scale=self.out_scale, dtype=torch.int64, kind=kind)
-        pt._seg_scale = self.out_seg_scale  # known already: mpgemm need not gather it
+            self._rows_meta = (M, torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), torch.arange(M), {})
+        _, desc, row_perm, on_dev = self._rows_meta
+        if x.device.type != "cpu":
+            if x.device not in on_dev:
+                on_dev[x.device] = (desc.to(x.device), row_perm.to(x.device))
+            desc_d, row_perm_d = on_dev[x.device]
+        else:
+            desc_d, row_perm_d = desc, row_perm
+        pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data, desc=desc_d,
+                          sums=sums, row_perm=row_perm_d, k_perm=dev["k_perm"], ksegs=dev["ksegs"],
+                          scale=dev["out_scale"], dtype=torch.int64, kind=kind)
+        pt._host = (desc, self.ksegs, self.k_perm)  # the CPU copies: a GPU mpgemm needs no sync
+        pt._seg_scale = dev["out_seg_scale"]  # known already: mpgemm need not gather it
         pt._k_layout_of = self.layout_of  # mpgemm against it needs no layout comparison
         return pt
 
@@ -127,12 +145,4 @@ def quantize_pack(x, scale, bits, *, signed: bool, k_layout=None) -> PackedTenso
     """
     t, kind = _as_float32_rows(x)
     plan = make_plan(bits, scale, t.shape[1], signed=signed, k_layout=k_layout)
-    if t.device.type != "cpu":  # no fused kernel on the GPU yet: the two-step path
-        from ._pack import pack
-        from ._quantize import quantize
-        dev = t.device
-        v = quantize(t, plan.out_scale.to(dev), plan.bits.to(dev).double(), signed=plan.signed, axis=1,
-                     values_only=True).to(torch.int64)
-        return pack(v, plan.bits.to(dev), signed=plan.signed, axis=1, scale=plan.out_scale.to(dev),
-                    k_layout=KLayout(plan.k_perm.to(dev), tuple(int(n) for n in plan.ksegs[:, 0].tolist())))
-    return plan(t, kind)
+    return plan(t, kind)  # CPU kernel, or the CUDA one (cuda/quantize_pack.cu) for a CUDA x

@@ -70,6 +70,7 @@ void mma_m16n8k32_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigne
 void mma_m16n8k256_b1_and_popc(int (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                unsigned b1);
 unsigned long long shfl_xor(unsigned mask, unsigned long long bits, int lane_mask);
+unsigned ballot(unsigned mask, bool predicate);
 void check_global_load(const void* p, std::size_t align);
 [[noreturn]] void fault(const char* what);
 
@@ -128,6 +129,21 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   bits = ::soniq_emu::shfl_xor(mask, bits, lane_mask);
   std::memcpy(&v, &bits, sizeof(T));
   return v;
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) { return ::soniq_emu::ballot(mask, predicate != 0); }
+
+// One OS thread runs every fiber and switches only at synchronization points, so a
+// read-modify-write is atomic as written.
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
+inline int atomicOr(int* p, int v) {
+  const int old = *p;
+  *p = old | v;
+  return old;
 }
 
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }

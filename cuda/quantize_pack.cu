@@ -1,0 +1,151 @@
+// Fused activation quantize + pack on the GPU: float32 rows [M, K] -> the bit planes and
+// code sums of a PackedTensor with per-K-column bits (one row group), word for word what
+// cpp/actpack.cpp writes (same rounding steps, explicitly rounded: no FMA contraction).
+// One warp per (row, K segment, run of kWordsPerWarp words): lane j quantizes elements j and
+// j + 32 of each 64-element word, read in packed order through perm (coalesced perm reads,
+// gathered x); __ballot_sync assembles each plane word; lane 0 adds the word's code sum
+// (popcounts of its planes) to the row's segment sum with one 64-bit atomic.
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "mpgemm_common.cuh"  // kMaxSegs, check_cuda
+#include "quantize_api.h"
+
+namespace soniq::cuda {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWordsPerWarp = 8;
+
+struct ActSeg {
+  long long k0, klen, kw, word_off;  // word_off: where this segment's planes start in data / M
+  long long warp_start;              // first warp of this segment in the grid
+  int bits, alpha;
+  float inv, lo, hi;
+};
+
+struct ActParams {
+  const float* x;
+  long long M, ldx, K;
+  const long long* perm;  // [K] packed position -> column, device
+  int nsegs;
+  ActSeg seg[detail::kMaxSegs];
+  long long warps;
+  unsigned long long* data;
+  unsigned long long* sums;  // [M][nsegs], zero on entry
+  int* flags;                // bit 0: NaN in x, bit 1: perm entry outside [0, K)
+};
+
+template <class T>
+__device__ __forceinline__ T clampv(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// The unsigned code of x (cpp/kernels_ref.inl ref_quant_pack): round half to even by
+// (t + 1.5 * 2^23) - 1.5 * 2^23 after clamping, then clamp to the level range.
+__device__ __forceinline__ unsigned code_of(float x, const ActSeg& q) {
+  const float M = 12582912.0f;
+  float c;
+  if (q.alpha == 1) {
+    const float t = clampv(__fmul_rn(x, q.inv), __fadd_rn(q.lo, -1.0f), __fadd_rn(q.hi, 1.0f));
+    c = __fadd_rn(clampv(__fadd_rn(__fadd_rn(t, M), -M), q.lo, q.hi), -q.lo);
+  } else {  // signed 1-bit: code round((t + 1) / 2) in {0, 1}
+    const float t = clampv(__fmul_rn(__fadd_rn(__fmul_rn(x, q.inv), 1.0f), 0.5f), -2.0f, 3.0f);
+    c = clampv(__fadd_rn(__fadd_rn(t, M), -M), 0.0f, 1.0f);
+  }
+  return unsigned(c);
+}
+
+__global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_constant__ ActParams P) {
+  const long long warp = blockIdx.x * (long long)(kThreads / 32) + threadIdx.x / 32;
+  const int lane = int(threadIdx.x % 32);
+  if (warp >= P.warps) return;  // warp-uniform: whole warps leave together
+  int s = 0;
+  while (s + 1 < P.nsegs && warp >= P.seg[s + 1].warp_start) ++s;
+  const ActSeg& q = P.seg[s];
+  const long long runs = (q.kw + kWordsPerWarp - 1) / kWordsPerWarp, local = warp - q.warp_start;
+  const long long r = local / runs, w0 = (local % runs) * kWordsPerWarp;
+  const long long w1 = w0 + kWordsPerWarp < q.kw ? w0 + kWordsPerWarp : q.kw;
+  const float* xr = P.x + r * P.ldx;
+  const long long* perm = P.perm + q.k0;
+  unsigned long long* out = P.data + P.M * q.word_off + r * q.kw;
+  const long long plane_stride = P.M * q.kw;
+  int flags = 0;
+  unsigned long long sum = 0;
+  for (long long w = w0; w < w1; ++w) {
+    unsigned c[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const long long j = w * 64 + h * 32 + lane;
+      c[h] = 0;  // padding past klen: code 0 in every encoding
+      if (j < q.klen) {
+        const long long col = perm[j];
+        if ((unsigned long long)col >= (unsigned long long)P.K) {
+          flags |= 2;
+        } else {
+          const float v = xr[col];
+          if (v != v) flags |= 1;  // NaN: no code (the host raises)
+          else c[h] = code_of(v, q);
+        }
+      }
+    }
+    for (int p = 0; p < q.bits; ++p) {  // q.bits is warp-uniform
+      const unsigned lo = __ballot_sync(0xffffffffu, (c[0] >> p) & 1u);
+      const unsigned hi = __ballot_sync(0xffffffffu, (c[1] >> p) & 1u);
+      const unsigned long long word = (unsigned long long)hi << 32 | lo;
+      if (lane == 0) {
+        out[p * plane_stride + w] = word;
+        sum += (unsigned long long)__popcll(word) << p;
+      }
+    }
+  }
+  if (lane == 0) atomicAdd(P.sums + r * P.nsegs + s, sum);
+  if (flags) atomicOr(P.flags, flags);
+}
+
+[[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("quantize_pack: " + msg); }
+
+}  // namespace
+
+void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, int64_t K, int64_t nsegs,
+                   const int64_t* segs, const float* seg_scale, bool is_signed, uint64_t* data, int64_t* sums,
+                   int* flags, void* stream) {
+  if (M <= 0 || K <= 0 || !x || !perm || !data || !sums || !flags) bad("x must be non-empty");
+  if (nsegs <= 0 || nsegs > detail::kMaxSegs)
+    bad("the CUDA kernel takes 1.." + std::to_string(detail::kMaxSegs) + " K segments, got " + std::to_string(nsegs));
+  ActParams P{};
+  P.x = x;
+  P.M = M;
+  P.ldx = ldx;
+  P.K = K;
+  P.perm = reinterpret_cast<const long long*>(perm);
+  P.nsegs = int(nsegs);
+  P.data = reinterpret_cast<unsigned long long*>(data);
+  P.sums = reinterpret_cast<unsigned long long*>(sums);
+  P.flags = flags;
+  long long k0 = 0, words = 0, warps = 0;
+  for (int64_t s = 0; s < nsegs; ++s) {  // host metadata: checked as cpp/actpack.cpp does
+    const int64_t klen = segs[3 * s], kw = segs[3 * s + 1], bits = segs[3 * s + 2];
+    if (klen <= 0 || klen > K - k0 || kw != (klen + 63) / 64) bad("segment " + std::to_string(s) + " is malformed");
+    if (bits < 1 || bits > 8) bad("segment bits must be in 1..8, got " + std::to_string(bits));
+    const float sc = seg_scale[s], inv = 1.0f / sc;  // 1/s in float, as the CPU
+    if (!(sc > 0.0f) || !std::isfinite(sc) || !std::isfinite(inv))
+      bad("scale of segment " + std::to_string(s) + " must be finite, > 0 and have a finite float32 inverse");
+    ActSeg& q = P.seg[s];
+    q = ActSeg{k0, klen, kw, words, warps, int(bits), 1, inv, 0.0f, float((1 << bits) - 1)};
+    if (is_signed) {
+      if (bits == 1) q.alpha = 2, q.lo = -1.0f, q.hi = 1.0f;
+      else q.lo = -float(1 << (bits - 1)), q.hi = float((1 << (bits - 1)) - 1);
+    }
+    k0 += klen;
+    words += bits * kw;
+    warps += M * ((kw + kWordsPerWarp - 1) / kWordsPerWarp);
+  }
+  if (k0 != K) bad("segment lengths sum to " + std::to_string(k0) + ", not K = " + std::to_string(K));
+  P.warps = warps;
+  const long long blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
+  if (blocks > 2147483647LL) bad("too many rows for one launch");
+  SONIQ_LAUNCH(dim3(unsigned(blocks)), dim3(kThreads), 0, static_cast<cudaStream_t>(stream), quantize_pack_kernel)(P);
+  detail::check_cuda(cudaGetLastError(), "soniq quantize_pack kernel launch");
+}
+
+}  // namespace soniq::cuda
