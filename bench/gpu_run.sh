@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU, run from the repository root:
-#   bash bench/gpu_run.sh build test       # ~5 min: pip install, info, tests/test_cuda.py
-#   bash bench/gpu_run.sh sanitize bench   # ~5 min: compute-sanitizer sweep, benchmark
+#   bash bench/gpu_run.sh build test bench # ~6 min: pip install, info, tests/test_cuda.py, benchmark
+#   bash bench/gpu_run.sh sanitize         # ~3 min: compute-sanitizer sweep
 #   bash bench/gpu_run.sh                  # all four (needs more than one 10-minute call)
 #   bash bench/gpu_run.sh test_all         # the whole test suite on the GPU machine
-# Writes logs and results to $OUT (the device tool's output folder) or, without it, to
-# bench/results/gpu_run/; summary.txt says what passed, with each log's tail. Stages
-# other than build install first if soniq is not importable. Non-zero exit if any failed.
+# Logs go to a work folder; at the end $OUT (the device tool's output folder, which brings
+# back at most 8 files) or, without it, bench/results/gpu_run/ receives summary.txt (what
+# passed, with each log's tail), logs.tar.gz, the JUnit XML and the benchmark JSON +
+# markdown. Stages other than build install first if soniq is not importable. The build
+# targets sm_90 only unless SONIQ_CUDA_ARCHITECTURES says otherwise (half the compile
+# time of "80;90" on the device's clock). Non-zero exit if any stage failed.
 set -u
-OUT=${OUT:-bench/results/gpu_run}
-mkdir -p "$OUT"
+FINAL=${OUT:-bench/results/gpu_run}
+OUT=${SONIQ_GPU_WORK:-/tmp/soniq-gpu-run}
+rm -rf "$OUT" && mkdir -p "$OUT" "$FINAL"
+export SONIQ_CUDA_ARCHITECTURES=${SONIQ_CUDA_ARCHITECTURES:-90}
+collect() {  # at most 8 files back: the summary, the results, every log in one archive
+  cp "$OUT/summary.txt" "$FINAL/" 2> /dev/null
+  cp "$OUT"/*.xml "$OUT"/*.json "$OUT"/*.md "$FINAL/" 2> /dev/null
+  (cd "$OUT" && tar czf "$FINAL/logs.tar.gz" --exclude='*.tar.gz' . 2> /dev/null)
+}
+trap collect EXIT
 STAGES=${*:-build test sanitize bench}
 PY=${PYTHON:-python3}
 status=0
