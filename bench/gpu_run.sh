@@ -38,6 +38,8 @@ stage() {  # stage NAME LIMIT_S CMD...
 
 say "soniq GPU run $(date -u +%FT%TZ), stages: $STAGES"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+# the build targets $SONIQ_CUDA_ARCHITECTURES: a GPU of another compute capability says "no kernel image"
+say "gpu: $(nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader 2>&1 | head -1); building for sm_$SONIQ_CUDA_ARCHITECTURES"
 # CMake finds nvcc on PATH or through CUDACXX; fall back to the usual install place
 if ! command -v nvcc > /dev/null && [ -z "${CUDACXX:-}" ]; then
   for c in /usr/local/cuda/bin/nvcc /usr/local/cuda-*/bin/nvcc; do [ -x "$c" ] && export CUDACXX=$c && break; done

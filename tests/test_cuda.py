@@ -290,7 +290,9 @@ def test_quantize_pack_cuda_matches_cpu(signed, M):
     w = values(rng, (7, K), 4, True)
     pw = ops.pack(w, 4, signed=True, k_layout=KLayout.from_bits(bits))  # tiers grouped: a gathered layout
     cpu = ops.quantize_pack(x, scale, bits, signed=signed, k_layout=pw)
-    gpu = ops.quantize_pack(x.cuda(), scale, bits, signed=signed, k_layout=pw)
+    xg = torch.empty(M, K + 5, device="cuda")[:, :K]  # .cuda() of x would be contiguous
+    xg.copy_(x)
+    gpu = ops.quantize_pack(xg, scale, bits, signed=signed, k_layout=pw)
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.sums.cpu(), cpu.sums)
     got = ops.mpgemm(gpu, pw.cuda(), out_dtype=torch.int64)

@@ -38,7 +38,8 @@ class ActPlan:
         self.seg_scale = torch.from_numpy(scale.numpy()[first].copy())
         self.out_seg_scale = None if out_scale is None else torch.from_numpy(out_scale.numpy()[first].copy())
         self.row_words = sum(b * w for b, w in zip(self.seg_bits, kws))
-        self._rows_meta = None  # (M, desc, row_perm, their device copies) of the last call
+        self._rows_meta = None  # (M, desc, row_perm) of the last call
+        self._rows_on_dev = {}  # (M, device) -> desc, row_perm there
         self._devices = {}      # device -> the layout tensors there
 
     def _on(self, device: torch.device) -> dict:
@@ -61,12 +62,17 @@ class ActPlan:
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
             data, sums = torch.ops.soniq.quantize_pack_raw(*args)
         if self._rows_meta is None or self._rows_meta[0] != M:  # desc/row_perm depend on M only
-            self._rows_meta = (M, torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), torch.arange(M), {})
-        _, desc, row_perm, on_dev = self._rows_meta
+            self._rows_meta = (M, torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), torch.arange(M))
+        _, desc, row_perm = self._rows_meta
         if x.device.type != "cpu":
-            if x.device not in on_dev:
-                on_dev[x.device] = (desc.to(x.device), row_perm.to(x.device))
-            desc_d, row_perm_d = on_dev[x.device]
+            # per (M, device), kept: a CUDA graph captured for several batch sizes after a
+            # warm-up must not copy from the host during capture
+            key = (M, x.device)
+            if key not in self._rows_on_dev:
+                if len(self._rows_on_dev) >= 64:
+                    self._rows_on_dev.clear()
+                self._rows_on_dev[key] = (desc.to(x.device), torch.arange(M, device=x.device))
+            desc_d, row_perm_d = self._rows_on_dev[key]
         else:
             desc_d, row_perm_d = desc, row_perm
         pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data, desc=desc_d,
