@@ -144,3 +144,35 @@ def test_convert_errors():
     c = _frozen(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1)), torch.rand(1, 2, 5, 5) - 0.5, cfg)
     with pytest.raises(ValueError, match="'0' \\(QConv2d\\): signed 1-bit activations"):
         soniq.convert(c)
+
+
+def converted_conv_net():
+    """A small converted conv + linear model and an input (also used by tests/test_cuda.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10))
+    x = torch.rand(4, 3, 6, 6) - 0.3
+    q = soniq.convert(_frozen(model, x, QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0,
+                                                  a_bits_target=6.0)))
+    return q, x
+
+
+def check_moved_model(q, x, device, tmp_path):
+    """q moved to `device` with .to() gives the same bits, and saves from there."""
+    want, want_acc = q(x), q[3].accumulators(q[:3](x))
+    moved = copy.deepcopy(q).to(device)
+    assert moved[0].w.device.type == torch.device(device).type and moved[3].a_scale.device.type == moved[0].w.device.type
+    xd = x.to(device)
+    assert torch.equal(moved(xd).cpu(), want)
+    assert torch.equal(moved[3].accumulators(moved[:3](xd)).cpu(), want_acc)
+    soniq.save(moved, tmp_path / "moved.safetensors")
+    assert torch.equal(soniq.load(tmp_path / "moved.safetensors")(x), want)
+
+
+def test_packed_model_moves_with_to(tmp_path):
+    """model.to(device) moves the packed weights (not a buffer) with the buffers; a dtype
+    conversion leaves them alone."""
+    q, x = converted_conv_net()
+    check_moved_model(q, x, "cpu", tmp_path)
+    w = q[0].w
+    q.to(torch.float32)
+    assert q[0].w is w

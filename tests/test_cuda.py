@@ -306,3 +306,12 @@ def test_quantize_pack_cuda_nan_raises():
     with pytest.raises(ValueError, match=r"x\[2, 17\] is NaN"):
         ops.quantize_pack(x, 0.1, 4, signed=True)
 
+
+
+@needs_gpu
+def test_converted_model_on_cuda_equals_cpu(tmp_path):
+    """A converted model moved with .cuda() runs on the GPU kernels (fused quantize + pack,
+    mpgemm) bit for bit as on the CPU, and saves from the GPU."""
+    from test_convert import check_moved_model, converted_conv_net
+    q, x = converted_conv_net()
+    check_moved_model(q, x, "cuda", tmp_path)

@@ -101,11 +101,11 @@ def save_file(model: nn.Module, path) -> None:
     for n, m in packed.items():
         for k, t in m.w.state_dict().items():
             tensors[f"{n}|w.{k}"] = t.detach().cpu().contiguous()
-        tensors[f"{n}|a_bits"], tensors[f"{n}|a_scale"] = m.a_bits, m.a_scale
+        tensors[f"{n}|a_bits"], tensors[f"{n}|a_scale"] = m.a_bits.cpu(), m.a_scale.cpu()  # a model may be on a GPU
         if m.bias is not None:
-            tensors[f"{n}|bias"] = m.bias
+            tensors[f"{n}|bias"] = m.bias.detach().cpu()
         if getattr(m, "a_inv_smooth", None) is not None:
-            tensors[f"{n}|a_inv_smooth"] = m.a_inv_smooth
+            tensors[f"{n}|a_inv_smooth"] = m.a_inv_smooth.cpu()
         rec = {"type": type(m).__name__, "w_meta": m.w.metadata(), "a_signed": m.a_signed}
         if isinstance(m, PackedConv2d):
             rec["conv"] = m.conv_args()

@@ -25,6 +25,16 @@ class _PackedBase(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().contiguous())
         self.name = name
 
+    def _apply(self, fn, recurse=True):
+        """model.to(device) / .cuda() / .cpu() move the packed weights too (they are not a
+        buffer); dtype conversions leave them alone (integer words, float32 scales)."""
+        out = super()._apply(fn, recurse)
+        dev = fn(torch.empty(0, device=self.w.device)).device  # where fn sends tensors
+        if dev != self.w.device:
+            self.w = self.w.to(dev)
+            self.__dict__.pop("_act_plans", None)  # plans cache device copies of the layout
+        return out
+
     def _plan(self, key, make):
         """The activation layout (ops.quantize_pack's ActPlan), checked once and cached until
         a_bits or a_scale change (load_state_dict copies in place: their version moves). Under
