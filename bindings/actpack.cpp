@@ -17,9 +17,7 @@ void soniq::bindings::register_actpack(py::module_& m) {
           soniq::ActLayout L{K, reinterpret_cast<const int64_t*>(perm), nsegs, reinterpret_cast<const int64_t*>(segs),
                              reinterpret_cast<const float*>(seg_scale)};
           py::gil_scoped_release nogil;
-          // data was sized by the caller: a layout needing more words would write past it
-          if (nsegs <= 0 || soniq::act_row_words(L) != row_words)
-            throw std::invalid_argument("quantize_pack: row_words does not match the segments");
+          soniq::check_row_words(L, row_words);
           soniq::quantize_pack(reinterpret_cast<const float*>(x), M, ldx, L, is_signed,
                                reinterpret_cast<uint64_t*>(data), reinterpret_cast<int64_t*>(sums));
         });

@@ -53,10 +53,8 @@ void soniq::bindings::register_cuda(py::module_& m) {
            uintptr_t seg_scale, bool is_signed, int64_t row_words, uintptr_t data, uintptr_t sums, uintptr_t flags,
            uintptr_t stream) {
           const auto* segs_h = reinterpret_cast<const int64_t*>(segs);
-          // data was sized by the caller: a layout needing more words would write past it
-          soniq::ActLayout L{K, nullptr, nsegs, segs_h, reinterpret_cast<const float*>(seg_scale)};
-          if (nsegs <= 0 || soniq::act_row_words(L) != row_words)
-            throw std::invalid_argument("quantize_pack: row_words does not match the segments");
+          soniq::check_row_words(soniq::ActLayout{K, nullptr, nsegs, segs_h, reinterpret_cast<const float*>(seg_scale)},
+                                 row_words);
           soniq::cuda::quantize_pack(reinterpret_cast<const float*>(x), M, ldx, reinterpret_cast<const int64_t*>(perm),
                                      K, nsegs, segs_h, reinterpret_cast<const float*>(seg_scale), is_signed,
                                      reinterpret_cast<uint64_t*>(data), reinterpret_cast<int64_t*>(sums),

@@ -13,48 +13,29 @@
 namespace soniq {
 namespace {
 
-struct SegPlan {
-  int64_t k0, klen, kw, word_off;  // word_off: where this segment's planes start in data / M
-  int bits, alpha;
-  float inv, lo, hi;
+struct SegPlan : ActSegment {
   bool contiguous;  // perm[k0 + j] == perm[k0] + j: read in place instead of gathering
 };
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("quantize_pack: " + msg); }
 
 std::vector<SegPlan> plan(const ActLayout& L, bool is_signed) {
-  if (L.K <= 0 || L.nsegs <= 0 || !L.perm || !L.segs || !L.seg_scale) bad("empty layout");
+  if (!L.perm) bad("empty layout");
   std::vector<SegPlan> out;
-  int64_t k0 = 0, words = 0;
-  for (int64_t s = 0; s < L.nsegs; ++s) {
-    const int64_t klen = L.segs[3 * s], kw = L.segs[3 * s + 1], bits = L.segs[3 * s + 2];
-    if (klen <= 0 || klen > L.K - k0 || kw != (klen + 63) / 64) bad("segment " + std::to_string(s) + " is malformed");
-    if (bits < 1 || bits > 8) bad("segment bits must be in 1..8, got " + std::to_string(bits));
-    const float s_ = L.seg_scale[s], inv = 1.0f / s_;  // 1/s in float, exactly as quantize.cpp
-    if (!(s_ > 0.0f) || !std::isfinite(s_) || !std::isfinite(inv))
-      bad("scale " + std::to_string(s_) + " of segment " + std::to_string(s) + " must be finite, > 0 and have a finite float32 inverse");
-    SegPlan p{k0, klen, kw, words, int(bits), 1, inv, 0.0f, float((1 << bits) - 1), true};
-    if (is_signed) {
-      if (bits == 1) p.alpha = 2, p.lo = -1.0f, p.hi = 1.0f;
-      else p.lo = -float(1 << (bits - 1)), p.hi = float((1 << (bits - 1)) - 1);
-    }
+  for (const ActSegment& seg : act_segments(L, is_signed)) {
     // branch-free scan (it runs on every call): range, and whether the run is contiguous
-    const int64_t* pk = L.perm + k0;
+    const int64_t* pk = L.perm + seg.k0;
     bool out_of_range = false, contiguous = true;
-    for (int64_t j = 0; j < klen; ++j) {
+    for (int64_t j = 0; j < seg.klen; ++j) {
       out_of_range |= uint64_t(pk[j]) >= uint64_t(L.K);
       contiguous &= pk[j] == pk[0] + j;
     }
     if (out_of_range)
-      for (int64_t j = 0; j < klen; ++j)
+      for (int64_t j = 0; j < seg.klen; ++j)
         if (uint64_t(pk[j]) >= uint64_t(L.K))
-          bad("perm[" + std::to_string(k0 + j) + "] = " + std::to_string(pk[j]) + " is outside [0, K)");
-    p.contiguous = contiguous;
-    out.push_back(p);
-    k0 += klen;
-    words += bits * kw;
+          bad("perm[" + std::to_string(seg.k0 + j) + "] = " + std::to_string(pk[j]) + " is outside [0, K)");
+    out.push_back(SegPlan{seg, contiguous});
   }
-  if (k0 != L.K) bad("segment lengths sum to " + std::to_string(k0) + ", not K = " + std::to_string(L.K));
   return out;
 }
 
@@ -87,6 +68,34 @@ int64_t act_row_words(const ActLayout& L) {
   int64_t words = 0;
   for (int64_t s = 0; s < L.nsegs; ++s) words += L.segs[3 * s + 2] * L.segs[3 * s + 1];
   return words;
+}
+
+void check_row_words(const ActLayout& L, int64_t row_words) {
+  if (L.nsegs <= 0 || act_row_words(L) != row_words) bad("row_words does not match the segments");
+}
+
+std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed) {
+  if (L.K <= 0 || L.nsegs <= 0 || !L.segs || !L.seg_scale) bad("empty layout");
+  std::vector<ActSegment> out;
+  int64_t k0 = 0, words = 0;
+  for (int64_t s = 0; s < L.nsegs; ++s) {
+    const int64_t klen = L.segs[3 * s], kw = L.segs[3 * s + 1], bits = L.segs[3 * s + 2];
+    if (klen <= 0 || klen > L.K - k0 || kw != (klen + 63) / 64) bad("segment " + std::to_string(s) + " is malformed");
+    if (bits < 1 || bits > 8) bad("segment bits must be in 1..8, got " + std::to_string(bits));
+    const float s_ = L.seg_scale[s], inv = 1.0f / s_;  // 1/s in float, exactly as quantize.cpp
+    if (!(s_ > 0.0f) || !std::isfinite(s_) || !std::isfinite(inv))
+      bad("scale " + std::to_string(s_) + " of segment " + std::to_string(s) + " must be finite, > 0 and have a finite float32 inverse");
+    ActSegment p{k0, klen, kw, words, int(bits), 1, inv, 0.0f, float((1 << bits) - 1)};
+    if (is_signed) {
+      if (bits == 1) p.alpha = 2, p.lo = -1.0f, p.hi = 1.0f;
+      else p.lo = -float(1 << (bits - 1)), p.hi = float((1 << (bits - 1)) - 1);
+    }
+    out.push_back(p);
+    k0 += klen;
+    words += bits * kw;
+  }
+  if (k0 != L.K) bad("segment lengths sum to " + std::to_string(k0) + ", not K = " + std::to_string(L.K));
+  return out;
 }
 
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,

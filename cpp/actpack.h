@@ -3,6 +3,7 @@
 // Equal, word for word, to soniq.ops.pack(soniq.ops.quantize(x, ..., values_only=True)).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace soniq {
 
@@ -16,6 +17,19 @@ struct ActLayout {
 
 // Words one row takes: sum over segments of bits * kw (data holds M times that).
 int64_t act_row_words(const ActLayout& L);
+// Throws std::invalid_argument unless row_words == act_row_words(L) (the caller sized data
+// from it: a layout needing more words would write past it).
+void check_row_words(const ActLayout& L, int64_t row_words);
+
+// One K segment, checked, with the constants its codes are computed from (the CPU kernels
+// and cuda/quantize_pack.cu use the same ones).
+struct ActSegment {
+  int64_t k0, klen, kw, word_off;  // word_off: where this segment's planes start in data / M
+  int bits, alpha;
+  float inv, lo, hi;
+};
+// Checks L's segments and scales (not perm); throws std::invalid_argument naming the problem.
+std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed);
 
 // x: row r at x + r*ldx, unit column stride. data: segment s's planes [bits][M][kw] at
 // offset M * (words of segments before s); sums: [M][nsegs]. Throws std::invalid_argument

@@ -5,10 +5,10 @@
 // j + 32 of each 64-element word, read in packed order through perm (coalesced perm reads,
 // gathered x); __ballot_sync assembles each plane word; lane 0 adds the word's code sum
 // (popcounts of its planes) to the row's segment sum with one 64-bit atomic.
-#include <cmath>
 #include <stdexcept>
 #include <string>
 
+#include "../cpp/actpack.h"
 #include "mpgemm_common.cuh"  // kMaxSegs, check_cuda
 #include "quantize_api.h"
 
@@ -18,11 +18,8 @@ namespace {
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kWordsPerWarp = 8;
 
-struct ActSeg {
-  long long k0, klen, kw, word_off;  // word_off: where this segment's planes start in data / M
-  long long warp_start;              // first warp of this segment in the grid
-  int bits, alpha;
-  float inv, lo, hi;
+struct ActSeg : ActSegment {  // cpp/actpack.h's checked segment, plus its place in the grid
+  long long warp_start;        // first warp of this segment
 };
 
 struct ActParams {
@@ -112,6 +109,8 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, 
   if (M <= 0 || K <= 0 || !x || !perm || !data || !sums || !flags) bad("x must be non-empty");
   if (nsegs <= 0 || nsegs > detail::kMaxSegs)
     bad("the CUDA kernel takes 1.." + std::to_string(detail::kMaxSegs) + " K segments, got " + std::to_string(nsegs));
+  // host metadata, checked as for the CPU kernel (perm is on the device: the kernel checks it)
+  const std::vector<ActSegment> plan = act_segments(ActLayout{K, nullptr, nsegs, segs, seg_scale}, is_signed);
   ActParams P{};
   P.x = x;
   P.M = M;
@@ -122,25 +121,11 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, 
   P.data = reinterpret_cast<unsigned long long*>(data);
   P.sums = reinterpret_cast<unsigned long long*>(sums);
   P.flags = flags;
-  long long k0 = 0, words = 0, warps = 0;
-  for (int64_t s = 0; s < nsegs; ++s) {  // host metadata: checked as cpp/actpack.cpp does
-    const int64_t klen = segs[3 * s], kw = segs[3 * s + 1], bits = segs[3 * s + 2];
-    if (klen <= 0 || klen > K - k0 || kw != (klen + 63) / 64) bad("segment " + std::to_string(s) + " is malformed");
-    if (bits < 1 || bits > 8) bad("segment bits must be in 1..8, got " + std::to_string(bits));
-    const float sc = seg_scale[s], inv = 1.0f / sc;  // 1/s in float, as the CPU
-    if (!(sc > 0.0f) || !std::isfinite(sc) || !std::isfinite(inv))
-      bad("scale of segment " + std::to_string(s) + " must be finite, > 0 and have a finite float32 inverse");
-    ActSeg& q = P.seg[s];
-    q = ActSeg{k0, klen, kw, words, warps, int(bits), 1, inv, 0.0f, float((1 << bits) - 1)};
-    if (is_signed) {
-      if (bits == 1) q.alpha = 2, q.lo = -1.0f, q.hi = 1.0f;
-      else q.lo = -float(1 << (bits - 1)), q.hi = float((1 << (bits - 1)) - 1);
-    }
-    k0 += klen;
-    words += bits * kw;
-    warps += M * ((kw + kWordsPerWarp - 1) / kWordsPerWarp);
+  long long warps = 0;
+  for (int64_t s = 0; s < nsegs; ++s) {
+    P.seg[s] = ActSeg{plan[size_t(s)], warps};
+    warps += M * ((plan[size_t(s)].kw + kWordsPerWarp - 1) / kWordsPerWarp);
   }
-  if (k0 != K) bad("segment lengths sum to " + std::to_string(k0) + ", not K = " + std::to_string(K));
   P.warps = warps;
   const long long blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
   if (blocks > 2147483647LL) bad("too many rows for one launch");

@@ -117,14 +117,12 @@ def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, 
 # ---- fused activation quantize + pack ------------------------------------------------
 def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
                        row_words: int) -> tuple[Tensor, Tensor]:
-    """x: float32 [M, K] on the CPU; k_perm int64 [K]; segs int64 [S, 3] (klen, kw, bits);
+    """x: float32 [M, K] on the CPU or a GPU; k_perm int64 [K]; segs int64 [S, 3] (klen, kw, bits);
     seg_scale float32 [S]; row_words = sum of bits * kw. Returns (data int64 [M * row_words],
     sums int64 [M, S]): the blocks of ops.pack(ops.quantize(x, ...)) with one row group.
     soniq.ops.quantize_pack checks the layout; here only what keeps the kernel in bounds."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"x must be a 2-D float32 CPU or CUDA tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
-    if x.device.type == "cuda":
-        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words)
     M, K = x.shape
     S = segs.shape[0]
     if (k_perm.dtype != torch.int64 or k_perm.shape != (K,) or segs.dtype != torch.int64 or segs.shape != (S, 3)
@@ -132,7 +130,10 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
         raise ValueError("k_perm, segs, seg_scale must be int64 [K], int64 [S, 3], float32 [S]")
     if x.stride(1) != 1 and K > 1:
         x = x.contiguous()
-    k_perm, segs, seg_scale = k_perm.contiguous(), segs.contiguous(), seg_scale.contiguous()
+    segs, seg_scale = segs.contiguous(), seg_scale.contiguous()
+    if x.device.type == "cuda":
+        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words)
+    k_perm = k_perm.contiguous()
     data = torch.empty(M * row_words, dtype=torch.int64)
     sums = torch.empty(M, S, dtype=torch.int64)
     _C.quantize_pack(x.data_ptr(), M, K, x.stride(0), k_perm.data_ptr(), segs.data_ptr(), S,
@@ -142,21 +143,16 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
 
 def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
                        row_words: int) -> tuple[Tensor, Tensor]:
-    """The CUDA kernel (cuda/quantize_pack.cu): x and k_perm on the GPU, segs and seg_scale
-    (the layout, read on the host) on the CPU. A NaN in x or a k_perm entry outside [0, K)
-    raises after the kernel (one sync; skipped while a CUDA graph is being captured)."""
+    """The CUDA kernel (cuda/quantize_pack.cu) for quantize_pack_impl's checked arguments: x
+    and k_perm on the GPU, segs and seg_scale (the layout, read on the host) on the CPU. A NaN
+    in x or a k_perm entry outside [0, K) raises after the kernel (one sync; skipped while a
+    CUDA graph is being captured)."""
     M, K = x.shape
     S = segs.shape[0]
-    if (k_perm.dtype != torch.int64 or k_perm.shape != (K,) or segs.dtype != torch.int64 or segs.shape != (S, 3)
-            or seg_scale.dtype != torch.float32 or seg_scale.shape != (S,)):
-        raise ValueError("k_perm, segs, seg_scale must be int64 [K], int64 [S, 3], float32 [S]")
     if segs.device.type != "cpu" or seg_scale.device.type != "cpu":
         raise ValueError("segs and seg_scale must be CPU tensors (the layout is read on the host)")
-    if x.stride(1) != 1 and K > 1:
-        x = x.contiguous()
     dev = x.device
     k_perm = k_perm.to(dev).contiguous()
-    segs, seg_scale = segs.contiguous(), seg_scale.contiguous()
     data = torch.empty(M * row_words, dtype=torch.int64, device=dev)
     sums = torch.zeros(M, S, dtype=torch.int64, device=dev)
     flags = torch.zeros(1, dtype=torch.int32, device=dev)
