@@ -38,17 +38,27 @@ class ActPlan:
         self.seg_scale = torch.from_numpy(scale.numpy()[first].copy())
         self.out_seg_scale = None if out_scale is None else torch.from_numpy(out_scale.numpy()[first].copy())
         self.row_words = sum(b * w for b, w in zip(self.seg_bits, kws))
-        self._rows_meta = None  # (M, desc, row_perm) of the last call
-        self._rows_on_dev = {}  # (M, device) -> desc, row_perm there
-        self._devices = {}      # device -> the layout tensors there
+        self._devices = {}  # device -> the layout tensors there
+        self._rows = {}     # (M, device) -> desc on the host, desc and row_perm on the device
 
     def _on(self, device: torch.device) -> dict:
         got = self._devices.get(device)
-        if got is None:
-            mv = (lambda t: t) if device.type == "cpu" else (lambda t: None if t is None else t.to(device))
+        if got is None:  # .to() of a tensor already there returns it
+            mv = lambda t: None if t is None else t.to(device)  # noqa: E731
             got = self._devices[device] = {
                 "k_perm": mv(self.k_perm), "ksegs": mv(self.ksegs), "bits": mv(self.bits),
                 "out_scale": mv(self.out_scale), "out_seg_scale": mv(self.out_seg_scale)}
+        return got
+
+    def _rows_meta(self, M: int, device: torch.device) -> tuple:
+        """desc and row_perm depend on M only; kept per (M, device), so a CUDA graph captured
+        for several batch sizes after a warm-up copies nothing from the host."""
+        got = self._rows.get((M, device))
+        if got is None:
+            if len(self._rows) >= 64:
+                self._rows.clear()
+            desc = torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64)
+            got = self._rows[(M, device)] = (desc, desc.to(device), torch.arange(M, device=device))
         return got
 
     def __call__(self, x: Tensor, kind: str = "torch") -> PackedTensor:
@@ -61,20 +71,7 @@ class ActPlan:
             data, sums = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
             data, sums = torch.ops.soniq.quantize_pack_raw(*args)
-        if self._rows_meta is None or self._rows_meta[0] != M:  # desc/row_perm depend on M only
-            self._rows_meta = (M, torch.tensor([[0, M] + self.seg_bits], dtype=torch.int64), torch.arange(M))
-        _, desc, row_perm = self._rows_meta
-        if x.device.type != "cpu":
-            # per (M, device), kept: a CUDA graph captured for several batch sizes after a
-            # warm-up must not copy from the host during capture
-            key = (M, x.device)
-            if key not in self._rows_on_dev:
-                if len(self._rows_on_dev) >= 64:
-                    self._rows_on_dev.clear()
-                self._rows_on_dev[key] = (desc.to(x.device), torch.arange(M, device=x.device))
-            desc_d, row_perm_d = self._rows_on_dev[key]
-        else:
-            desc_d, row_perm_d = desc, row_perm
+        desc, desc_d, row_perm_d = self._rows_meta(M, x.device)
         pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data, desc=desc_d,
                           sums=sums, row_perm=row_perm_d, k_perm=dev["k_perm"], ksegs=dev["ksegs"],
                           scale=dev["out_scale"], dtype=torch.int64, kind=kind)
