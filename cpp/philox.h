@@ -5,11 +5,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SONIQ_HD __host__ __device__ __forceinline__
-#else
-#define SONIQ_HD inline
-#endif
+#include "host_device.h"
 
 namespace soniq::philox {
 

@@ -5,22 +5,11 @@
 
 
 #include "philox.h"
+#include "rounding.h"
 #include "threadpool.h"
 
 namespace soniq {
 namespace {
-
-template <class T>
-inline T clampv(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-// 1.5 * 2^(mantissa bits): adding and subtracting it rounds to the nearest integer, ties to
-// even (default rounding mode), for |t| < 2^22 (float) / 2^51 (double).
-template <class T>
-constexpr T magic();
-template <>
-constexpr float magic<float>() { return 12582912.0f; }
-template <>
-constexpr double magic<double>() { return 6755399441055744.0; }
 
 template <class T>
 void quantize_row(const T* x, int64_t n, T s, T lo, T hi, T alpha, int noise, uint64_t seed,

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "../cpp/philox.h"
+#include "../cpp/rounding.h"
 #include "ptx.cuh"
 #include "quantize_api.h"
 
@@ -18,15 +19,6 @@ __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, 
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-template <class T>
-__device__ __forceinline__ T clampv(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
-// 1.5 * 2^(mantissa bits): (t + M) - M rounds t to the nearest integer, ties to even
-template <class T>
-__device__ __forceinline__ T magic();
-template <>
-__device__ __forceinline__ float magic<float>() { return 12582912.0f; }
-template <>
-__device__ __forceinline__ double magic<double>() { return 6755399441055744.0; }
 
 template <class T>
 __global__ void quantize_kernel(const T* x, int64_t total, int64_t channels, int64_t inner, const T* scale,

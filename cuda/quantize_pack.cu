@@ -9,6 +9,7 @@
 #include <string>
 
 #include "../cpp/actpack.h"
+#include "../cpp/rounding.h"
 #include "mpgemm_common.cuh"  // kMaxSegs, check_cuda
 #include "quantize_api.h"
 
@@ -34,13 +35,10 @@ struct ActParams {
   int* flags;                // bit 0: NaN in x, bit 1: perm entry outside [0, K)
 };
 
-template <class T>
-__device__ __forceinline__ T clampv(T v, T lo, T hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
 // The unsigned code of x (cpp/kernels_ref.inl ref_quant_pack): round half to even by
-// (t + 1.5 * 2^23) - 1.5 * 2^23 after clamping, then clamp to the level range.
+// (t + M) - M after clamping (cpp/rounding.h), then clamp to the level range.
 __device__ __forceinline__ unsigned code_of(float x, const ActSeg& q) {
-  const float M = 12582912.0f;
+  const float M = magic<float>();
   float c;
   if (q.alpha == 1) {
     const float t = clampv(__fmul_rn(x, q.inv), __fadd_rn(q.lo, -1.0f), __fadd_rn(q.hi, 1.0f));
