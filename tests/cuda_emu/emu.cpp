@@ -13,7 +13,6 @@
 #include <cuda_runtime.h>
 #include <ucontext.h>
 
-#include <cstdio>
 #include <cstdlib>
 #include <deque>
 #include <stdexcept>
@@ -53,7 +52,6 @@ struct Fiber {
   bool started = false;
   void* stack = nullptr;
   dim3 tid;
-  int linear = 0;
   State state = State::Ready;
   std::vector<Copy> open;                 // cp.async issued since the last commit
   std::deque<std::vector<Copy>> groups;   // committed, oldest first
@@ -69,7 +67,6 @@ struct Block {
   Body* body = nullptr;
 };
 
-ucontext_t g_sched;  // only the uc_link of a fiber, which never returns
 void* g_sched_jb[5];
 Block g_block;
 Fiber* g_cur = nullptr;
@@ -290,7 +287,6 @@ __attribute__((no_sanitize_address)) void run_block(std::size_t smem, Body& body
   while (int(g_stacks.stacks.size()) < n) g_stacks.stacks.push_back(std::malloc(kStackBytes));
   for (int i = 0; i < n; ++i) {
     Fiber& f = g_block.fibers[i];
-    f.linear = i;
     f.tid = dim3(unsigned(i) % g_block_dim.x, (unsigned(i) / g_block_dim.x) % g_block_dim.y,
                  unsigned(i) / (g_block_dim.x * g_block_dim.y));
     f.stack = g_stacks.stacks[i];
@@ -300,7 +296,7 @@ __attribute__((no_sanitize_address)) void run_block(std::size_t smem, Body& body
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &g_sched;
+    f.ctx.uc_link = nullptr;  // fiber_entry never returns: it jumps back to the scheduler
     makecontext(&f.ctx, fiber_entry, 0);
   }
   const bool rev = reverse_order();
@@ -456,7 +452,6 @@ cudaError_t cudaGetLastError() {
   g_last_error = cudaSuccess;
   return e;
 }
-cudaError_t cudaPeekAtLastError() { return g_last_error; }
 const char* cudaGetErrorString(cudaError_t e) {
   // the emulator's reason for the last failure (the texts callers report)
   static std::string text;

@@ -11,11 +11,10 @@
 // Env: SONIQ_EMU_ORDER=forward|reverse, SONIQ_EMU_CP_ASYNC=late|eager (see emu.cpp).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
-#include <cinttypes>
 #include <cstdio>
 #include <cstring>
-#include <functional>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -86,10 +85,6 @@ struct Operand {
   }
 };
 
-void code_affine(int bits, bool is_signed, int64_t& alpha, int64_t& offset) {
-  soniq::code_affine(bits, is_signed, alpha, offset);
-}
-
 Operand make_operand(const Layout& L, const std::vector<int64_t>& klens, const std::vector<int64_t>& kws,
                      bool is_signed, bool misalign, bool extreme = false) {
   Operand op;
@@ -115,7 +110,7 @@ Operand make_operand(const Layout& L, const std::vector<int64_t>& klens, const s
     for (int64_t s = 0; s < S; ++s) {
       const int b = L.bits[size_t(g)][size_t(s)];
       int64_t alpha, offset;
-      code_affine(b, is_signed, alpha, offset);
+      soniq::code_affine(b, is_signed, alpha, offset);
       const int64_t klen = klens[size_t(s)], kw = kws[size_t(s)];
       std::vector<uint8_t> codes(size_t(R * klen));
       for (int64_t r = 0; r < R; ++r) {

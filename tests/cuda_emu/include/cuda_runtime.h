@@ -49,7 +49,6 @@ typedef struct soniq_emu_stream* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 cudaError_t cudaGetLastError();
-cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);
 cudaError_t cudaGetDevice(int* dev);
 cudaError_t cudaGetDeviceCount(int* n);
