@@ -15,3 +15,14 @@ def write_results(res: dict, out_dir: str, name: str, json_path: str | None, plo
     png = os.path.join(out_dir, f"{name}_results.png")
     plot(res, png)
     return json_path, png
+
+
+def print_results(res: dict, json_stdout: bool, lines: list, json_path: str, png: str) -> None:
+    """A demo's report: the results as JSON, or `lines` (its table and notes) followed by
+    where the results were written and how long the demo took."""
+    if json_stdout:
+        print(json.dumps(res, indent=2))
+        return
+    for line in lines:
+        print(line)
+    print(f"saved {json_path} and {png} ({res['seconds']:.0f} s)")

@@ -8,7 +8,6 @@ first and last included, are quantized by every quantized method.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import write_results
+from . import print_results, write_results
 
 FULL = dict(fp_epochs=30, p1_epochs=10, p2_epochs=10, batch=64)
 QUICK = dict(fp_epochs=8, p1_epochs=3, p2_epochs=3, batch=64)
@@ -249,11 +248,7 @@ def main(seeds=None, quick=False, json_path=None, out_dir=".", json_stdout=False
            "methods": methods, "soniq_layers_seed0": layers0, "seconds": time.time() - t0,
            "threads": torch.get_num_threads(), "soniq_version": soniq.__version__}
     json_path, png = write_results(res, out_dir, "digits", json_path, plot)
-    if json_stdout:
-        print(json.dumps(res, indent=2))
-    else:
-        print(format_table(res))
-        print(f"\nsaved {json_path} and {png} ({res['seconds']:.0f} s)")
+    print_results(res, json_stdout, [format_table(res), ""], json_path, png)
     return 0
 
 

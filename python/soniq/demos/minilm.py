@@ -12,7 +12,6 @@ The pooler is left in float: the sentence embedding (mean pooling) never reads i
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import statistics
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import write_results
+from . import print_results, write_results
 
 FULL = dict(p1_steps=80, p2_steps=240, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
 QUICK = dict(p1_steps=3, p2_steps=4, batch=8, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
@@ -378,12 +377,8 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         res["saved"] = os.path.abspath(save_dir)
     res["seconds"] = time.time() - t0
     json_path, png = write_results(res, out_dir, "minilm", json_path, plot)
-    if json_stdout:
-        print(json.dumps(res, indent=2))
-    else:
-        print(format_table(res))
-        print(f"\nSONIQ average bits: weights {rep['avg_w_bits']:.2f}, activations {rep['avg_a_bits']:.2f}")
-        if save_dir:
-            print(f"saved the packed model to {res['saved']} (soniq.load(path).encode([...]))")
-        print(f"saved {json_path} and {png} ({res['seconds']:.0f} s)")
+    lines = [format_table(res), f"\nSONIQ average bits: weights {rep['avg_w_bits']:.2f}, activations {rep['avg_a_bits']:.2f}"]
+    if save_dir:
+        lines.append(f"saved the packed model to {res['saved']} (soniq.load(path).encode([...]))")
+    print_results(res, json_stdout, lines, json_path, png)
     return 0
