@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "philox.h"
+#include "rounding.h"
 #include "threadpool.h"
 
 namespace soniq {
@@ -39,17 +41,41 @@ std::vector<SegPlan> plan(const ActLayout& L, bool is_signed) {
   return out;
 }
 
+// Noise mode: the segment's values in packed order as ops.quantize(noise="uniform") gives
+// them, v = clamp(x * inv + alpha * (u - 1/2), lo, hi) with u Philox's draw for the flat index
+// r * K + column (cpp/quantize.cpp's steps; this unit is built with -ffp-contract=off).
+void noisy_values(const float* xr, int64_t r, const ActLayout& L, const SegPlan& p, uint64_t seed, float* v) {
+  uint32_t words[4];
+  uint64_t cached = ~uint64_t(0);
+  const float alpha = float(p.alpha);
+  for (int64_t j = 0; j < p.klen; ++j) {
+    const int64_t col = L.perm[p.k0 + j];
+    const uint64_t idx = uint64_t(r * L.K + col);
+    if ((idx >> 2) != cached) philox::block_words(seed, cached = idx >> 2, words);
+    const float u = philox::to_uniform(words[idx & 3]);
+    v[j] = clampv(xr[col] * p.inv + alpha * (u - 0.5f), p.lo, p.hi);
+  }
+}
+
 // One row: each segment read in packed order (in place when its columns are one contiguous
 // run, else gathered through perm by the kernel), quantized and packed by the ISA kernel.
+// With noise the noisy values are rounded by the same kernel at scale 1 (stochastic rounding).
 void pack_row(const KernelTable& kt, const float* xr, int64_t M, int64_t r, const ActLayout& L,
-              const std::vector<SegPlan>& segs, uint64_t* data, int64_t* sums, bool* nan) {
+              const std::vector<SegPlan>& segs, const ActNoise& noise, std::vector<float>& tmp, uint64_t* data,
+              int64_t* sums, bool* nan) {
   for (size_t s = 0; s < segs.size(); ++s) {
     const SegPlan& p = segs[s];
     const float* src = p.contiguous ? xr + L.perm[p.k0] : xr;
     const int64_t* idx = p.contiguous ? nullptr : L.perm + p.k0;
+    float inv = p.inv;
+    if (noise.mode) {
+      tmp.resize(size_t(p.klen));
+      noisy_values(xr, r, L, p, noise.seed, tmp.data());
+      src = tmp.data(), idx = nullptr, inv = 1.0f;
+    }
     uint64_t* out = data + M * p.word_off + r * p.kw;
     sums[r * int64_t(segs.size()) + int64_t(s)] =
-        kt.quant_pack(src, idx, p.klen, p.kw, p.inv, p.lo, p.hi, p.alpha, p.bits, out, M * p.kw, nan);
+        kt.quant_pack(src, idx, p.klen, p.kw, inv, p.lo, p.hi, p.alpha, p.bits, out, M * p.kw, nan);
   }
 }
 
@@ -99,8 +125,9 @@ std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed) {
 }
 
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
-                   int64_t* sums) {
+                   int64_t* sums, ActNoise noise) {
   if (M <= 0 || !x || !data || !sums) bad("x must be non-empty");
+  if (noise.mode != 0 && noise.mode != 1) bad("noise must be 0 (none) or 1 (uniform)");
   const std::vector<SegPlan> segs = plan(L, is_signed);
   const KernelTable& kt = active_kernels();
   // ~16K elements per task: below that the pool's wake-up costs more than it saves
@@ -109,8 +136,9 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
   std::atomic<bool> any_nan{false};
   parallel_for(ntasks, [&](int64_t t) {
     bool nan = false;
+    std::vector<float> tmp;
     const int64_t r1 = std::min(M, (t + 1) * chunk);
-    for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, data, sums, &nan);
+    for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, noise, tmp, data, sums, &nan);
     if (nan) any_nan.store(true, std::memory_order_relaxed);
   });
   if (any_nan.load()) report_nan(x, M, ldx, L.K);

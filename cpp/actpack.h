@@ -31,10 +31,18 @@ struct ActSegment {
 // Checks L's segments and scales (not perm); throws std::invalid_argument naming the problem.
 std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed);
 
+// Optional noise (mode 1, uniform): each code is round_half_even(clamp(x/s + alpha*(u - 1/2),
+// lo, hi)) with u the Philox draw ops.quantize(noise="uniform", seed) uses for the flat index
+// r * K + column of x, i.e. ops.quantize's noisy values rounded: stochastic rounding.
+struct ActNoise {
+  int mode = 0;  // 0: none (round to nearest), 1: uniform
+  uint64_t seed = 0;
+};
+
 // x: row r at x + r*ldx, unit column stride. data: segment s's planes [bits][M][kw] at
 // offset M * (words of segments before s); sums: [M][nsegs]. Throws std::invalid_argument
 // on a malformed layout or a NaN in x (naming its position).
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
-                   int64_t* sums);
+                   int64_t* sums, ActNoise noise = {});
 
 }  // namespace soniq

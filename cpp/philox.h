@@ -38,7 +38,8 @@ SONIQ_HD void block_words(uint64_t seed, uint64_t block, uint32_t c[4]) {
 SONIQ_HD uint32_t bits_at(uint64_t seed, uint64_t index) {
   uint32_t c[4];
   block_words(seed, index >> 2, c);
-  return c[index & 3];
+  const unsigned i = unsigned(index & 3);  // selects, not c[i]: a dynamic index puts c in GPU local memory
+  return i == 0 ? c[0] : i == 1 ? c[1] : i == 2 ? c[2] : c[3];
 }
 
 // u in [0, 1): the top 24 bits times 2^-24, exact in float and double.

@@ -3,12 +3,13 @@
 // cpp/actpack.cpp writes (same rounding steps, explicitly rounded: no FMA contraction).
 // One warp per (row, K segment, run of kWordsPerWarp words): lane j quantizes elements j and
 // j + 32 of each 64-element word, read in packed order through perm (coalesced perm reads,
-// gathered x); __ballot_sync assembles each plane word; lane 0 adds the word's code sum
+// gathered x), adds Philox noise in noise mode (stochastic rounding, as the CPU); __ballot_sync assembles each plane word; lane 0 adds the word's code sum
 // (popcounts of its planes) to the row's segment sum with one 64-bit atomic.
 #include <stdexcept>
 #include <string>
 
 #include "../cpp/actpack.h"
+#include "../cpp/philox.h"
 #include "../cpp/rounding.h"
 #include "mpgemm_common.cuh"  // kMaxSegs, check_cuda
 #include "quantize_api.h"
@@ -33,21 +34,32 @@ struct ActParams {
   unsigned long long* data;
   unsigned long long* sums;  // [M][nsegs], zero on entry
   int* flags;                // bit 0: NaN in x, bit 1: perm entry outside [0, K)
+  int noise;                 // 0 none, 1 uniform (Philox keyed by seed, as cpp/actpack.h)
+  unsigned long long seed;
 };
 
-// The unsigned code of x (cpp/kernels_ref.inl ref_quant_pack): round half to even by
-// (t + M) - M after clamping (cpp/rounding.h), then clamp to the level range.
-__device__ __forceinline__ unsigned code_of(float x, const ActSeg& q) {
+// The unsigned code of t = x * inv (cpp/kernels_ref.inl ref_quant_pack): round half to even
+// by (t + M) - M after clamping (cpp/rounding.h), then clamp to the level range.
+__device__ __forceinline__ unsigned code_of(float t, const ActSeg& q) {
   const float M = magic<float>();
   float c;
   if (q.alpha == 1) {
-    const float t = clampv(__fmul_rn(x, q.inv), __fadd_rn(q.lo, -1.0f), __fadd_rn(q.hi, 1.0f));
+    t = clampv(t, __fadd_rn(q.lo, -1.0f), __fadd_rn(q.hi, 1.0f));
     c = __fadd_rn(clampv(__fadd_rn(__fadd_rn(t, M), -M), q.lo, q.hi), -q.lo);
   } else {  // signed 1-bit: code round((t + 1) / 2) in {0, 1}
-    const float t = clampv(__fmul_rn(__fadd_rn(__fmul_rn(x, q.inv), 1.0f), 0.5f), -2.0f, 3.0f);
+    t = clampv(__fmul_rn(__fadd_rn(t, 1.0f), 0.5f), -2.0f, 3.0f);
     c = clampv(__fadd_rn(__fadd_rn(t, M), -M), 0.0f, 1.0f);
   }
   return unsigned(c);
+}
+
+// x scaled to its grid: x * inv, or with noise ops.quantize's noisy value clamp(x * inv +
+// alpha * (u - 1/2), lo, hi) for flat index r * K + col (cpp/actpack.cpp noisy_values)
+__device__ __forceinline__ float scaled(float x, const ActSeg& q, const ActParams& P, long long r, long long col) {
+  const float t = __fmul_rn(x, q.inv);
+  if (!P.noise) return t;
+  const float u = philox::uniform_f32(P.seed, (unsigned long long)(r * P.K + col));
+  return clampv(__fadd_rn(t, __fmul_rn(float(q.alpha), __fadd_rn(u, -0.5f))), q.lo, q.hi);
 }
 
 __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_constant__ ActParams P) {
@@ -79,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_co
         } else {
           const float v = xr[col];
           if (v != v) flags |= 1;  // NaN: no code (the host raises)
-          else c[h] = code_of(v, q);
+          else c[h] = code_of(scaled(v, q, P, r, col), q);
         }
       }
     }
@@ -103,8 +115,9 @@ __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_co
 
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, int64_t K, int64_t nsegs,
                    const int64_t* segs, const float* seg_scale, bool is_signed, uint64_t* data, int64_t* sums,
-                   int* flags, void* stream) {
+                   int* flags, ActNoise noise, void* stream) {
   if (M <= 0 || K <= 0 || !x || !perm || !data || !sums || !flags) bad("x must be non-empty");
+  if (noise.mode != 0 && noise.mode != 1) bad("noise must be 0 (none) or 1 (uniform)");
   if (nsegs <= 0 || nsegs > detail::kMaxSegs)
     bad("the CUDA kernel takes 1.." + std::to_string(detail::kMaxSegs) + " K segments, got " + std::to_string(nsegs));
   // host metadata, checked as for the CPU kernel (perm is on the device: the kernel checks it)
@@ -119,6 +132,8 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, 
   P.data = reinterpret_cast<unsigned long long*>(data);
   P.sums = reinterpret_cast<unsigned long long*>(sums);
   P.flags = flags;
+  P.noise = noise.mode;
+  P.seed = noise.seed;
   long long warps = 0;
   for (int64_t s = 0; s < nsegs; ++s) {
     P.seg[s] = ActSeg{plan[size_t(s)], warps};

@@ -300,6 +300,22 @@ def test_quantize_pack_cuda_matches_cpu(signed, M):
 
 
 @needs_gpu
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantize_pack_cuda_noise_matches_cpu(signed):
+    """noise="uniform": the same Philox draws and codes on the GPU as on the CPU for a seed."""
+    rng = np.random.default_rng(3 + signed)
+    M, K = 9, 333
+    bits = rng.choice([1, 3, 8], size=K)
+    scale = np.where(bits == 1, 0.4, np.where(bits == 3, 0.2, 0.02)).astype(np.float32)
+    x = torch.from_numpy(rng.normal(0, 1, (M, K)).astype(np.float32))
+    kl = KLayout.from_bits(bits, rng.choice([2, 4], size=K))
+    for seed in (0, 2**62 + 12345):
+        cpu = ops.quantize_pack(x, scale, bits, signed=signed, k_layout=kl, noise="uniform", seed=seed)
+        gpu = ops.quantize_pack(x.cuda(), scale, bits, signed=signed, k_layout=kl, noise="uniform", seed=seed)
+        assert torch.equal(gpu.data.cpu(), cpu.data) and torch.equal(gpu.sums.cpu(), cpu.sums)
+
+
+@needs_gpu
 def test_quantize_pack_cuda_nan_raises():
     x = torch.zeros(3, 70, device="cuda")
     x[2, 17] = float("nan")

@@ -157,6 +157,64 @@ def test_nan_raises_naming_position(isa):
         ops.quantize_pack(x, 0.1, np.where(np.arange(100) % 2 == 0, 2, 8), signed=False)
 
 
+# ---- noise mode: stochastic rounding with ops.quantize's Philox draws ----------------------
+def noisy_unfused(x, scale, bits, signed, seed, k_layout=None):
+    """ops.quantize(noise="uniform")'s noisy values, rounded by the exact quantizer at scale 1,
+    packed: what quantize_pack(noise="uniform", seed=seed) must equal."""
+    xt = torch.as_tensor(x).contiguous()
+    sv = torch.as_tensor(np.broadcast_to(np.asarray(scale, np.float32), (xt.shape[1],)).copy())
+    bv = torch.as_tensor(np.broadcast_to(np.asarray(bits), (xt.shape[1],)).astype(np.int64))
+    noisy = ops.quantize(xt, sv, bv.double(), signed=signed, noise="uniform", seed=seed, axis=1, values_only=True)
+    v = ops.quantize(noisy, 1.0, bv.double(), signed=signed, axis=1, values_only=True).to(torch.int64)
+    return ops.pack(v, bv, signed=signed, axis=1, scale=sv, k_layout=k_layout), v
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_noise_equals_rounded_noisy_quantize(isa, signed, threads):
+    rng = np.random.default_rng(20 + signed)
+    for palette in [(1,), (2, 8), (1, 2, 3, 4, 5, 6, 7, 8)]:
+        for M, K in [(1, 1), (1, 130), (5, 63), (40, 500)]:
+            bits = rng.choice(palette, size=K)
+            scale = tier_scales(bits, rng)
+            x = torch.from_numpy(activations(rng, M, K, scale, bits, signed))
+            seed = int(rng.integers(0, 2**63))
+            kl = KLayout.from_bits(bits, rng.choice([1, 4], size=K))  # gathered segments
+            q, v = noisy_unfused(x, scale, bits, signed, seed, k_layout=kl)
+            p = ops.quantize_pack(x, scale, bits, signed=signed, k_layout=kl, noise="uniform", seed=seed)
+            assert_same(p, q, v)
+
+
+def test_noise_strided_rows_use_the_flat_index_of_x():
+    """The draw of x[r, k] is the one ops.quantize takes for flat index r * K + k, whatever
+    x's strides (a strided view gives what its contiguous copy gives)."""
+    wide = torch.randn(8, 300)
+    x = wide[::2, 7:207]
+    p = ops.quantize_pack(x, 0.2, 3, signed=True, noise="uniform", seed=5)
+    q, v = noisy_unfused(x.contiguous(), 0.2, 3, True, 5)
+    assert_same(p, q, v)
+
+
+def test_noise_is_seeded_and_unbiased():
+    x = torch.full((64, 1000), 0.3)  # t = 0.3 / 0.5 = 0.6 steps: codes 0 or 1, mean 0.6
+    run = lambda seed: ops.unpack(ops.quantize_pack(x, 0.5, 4, signed=False, noise="uniform", seed=seed))  # noqa: E731
+    a, b = run(1), run(2)
+    assert torch.equal(a, run(1)) and not torch.equal(a, b)
+    assert set(a.unique().tolist()) == {0, 1}
+    assert abs(a.double().mean().item() - 0.6) < 0.01  # 64000 draws: sd 0.002
+    assert torch.equal(ops.unpack(ops.quantize_pack(x, 0.5, 4, signed=False)), torch.ones_like(a))  # nearest
+    torch.manual_seed(3)
+    c = ops.unpack(ops.quantize_pack(x, 0.5, 4, signed=False, noise="uniform"))
+    torch.manual_seed(3)
+    assert torch.equal(c, ops.unpack(ops.quantize_pack(x, 0.5, 4, signed=False, noise="uniform")))
+
+
+def test_noise_nan_still_raises(isa):
+    x = torch.zeros(2, 70)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"x\[1, 3\] is NaN"):
+        ops.quantize_pack(x, 0.1, 2, signed=False, noise="uniform", seed=0)
+
+
 def test_packed_linear_matches_unfused_path():
     rng = np.random.default_rng(11)
     K, N = 200, 7
@@ -203,6 +261,7 @@ def _raw_args(M=3, K=100):
 def test_opcheck_quantize_pack_raw():
     _, args = _raw_args()
     torch.library.opcheck(torch.ops.soniq.quantize_pack_raw.default, args)
+    torch.library.opcheck(torch.ops.soniq.quantize_pack_raw.default, args + (1, 12345))  # noise, seed
 
 
 def test_torch_compile_fullgraph_quantize_pack_then_mpgemm():
@@ -248,9 +307,12 @@ def test_torch_compile_fullgraph_quantize_pack_then_mpgemm():
     (dict(k_layout=KLayout(torch.tensor([0, 0, 1, 2]), (4,))), ValueError, "must be a permutation"),
     (dict(k_layout=KLayout(torch.arange(4), (2, 3))), ValueError, "seg_lens must be positive and sum to K=4"),
     (dict(bits=[2, 8, 2, 8], k_layout=KLayout(torch.arange(4), (4,))), ValueError, "k_layout does not match bits"),
+    (dict(noise="gaussian"), ValueError, "noise must be one of"),
+    (dict(noise="uniform", seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*63\), got -1"),
+    (dict(noise="uniform", seed=1.5), ValueError, "seed must be an int"),
 ])
 def test_errors(kwargs, exc, match):
-    args = dict(x=torch.zeros(2, 4), scale=0.5, bits=4, signed=True, k_layout=None)
+    args = dict(x=torch.zeros(2, 4), scale=0.5, bits=4, signed=True, k_layout=None)  # noise, seed: defaults
     args.update(kwargs)
     x = args.pop("x")
     with pytest.raises(exc, match=match):

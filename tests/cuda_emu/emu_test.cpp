@@ -335,26 +335,31 @@ void test_quantize_pack() {
     x[size_t(c.M * ldx - 1 - c.ldx_pad)] = 1e30f;
     std::vector<uint64_t> want(static_cast<size_t>(c.M * words)), got(want.size(), 0x5a5a5a5a5a5a5a5aull);
     std::vector<int64_t> want_sums(static_cast<size_t>(c.M * S)), got_sums(want_sums.size(), 0);
-    soniq::quantize_pack(x.data(), c.M, ldx, L, c.is_signed, want.data(), want_sums.data());
     const std::string tag = "quantize_pack case " + std::to_string(n++);
     int flags = 0;
     try {
-      soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(), c.is_signed,
-                                 got.data(), got_sums.data(), &flags, nullptr);
-      expect(flags == 0 && got == want && got_sums == want_sums, tag + ": planes or sums differ from the CPU's");
+      // round to nearest, then stochastic rounding (the same Philox draws as the CPU)
+      for (const soniq::ActNoise noise : {soniq::ActNoise{0, 0}, soniq::ActNoise{1, 0x0123456789abcdefull}}) {
+        soniq::quantize_pack(x.data(), c.M, ldx, L, c.is_signed, want.data(), want_sums.data(), noise);
+        std::fill(got_sums.begin(), got_sums.end(), 0);
+        soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
+                                   c.is_signed, got.data(), got_sums.data(), &flags, noise, nullptr);
+        expect(flags == 0 && got == want && got_sums == want_sums,
+               tag + " noise=" + std::to_string(noise.mode) + ": planes or sums differ from the CPU's");
+      }
       // a NaN and a perm entry out of range are flagged, not read
       if (c.M > 1) {
         x[size_t(ldx)] = std::nanf("");
         std::fill(got_sums.begin(), got_sums.end(), 0);
         soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
-                                   c.is_signed, got.data(), got_sums.data(), &flags, nullptr);
+                                   c.is_signed, got.data(), got_sums.data(), &flags, {}, nullptr);
         expect(flags == 1, tag + ": NaN sets flag bit 0");
       }
       perm[0] = K + 5;
       flags = 0;
       std::fill(got_sums.begin(), got_sums.end(), 0);
       soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(), c.is_signed,
-                                 got.data(), got_sums.data(), &flags, nullptr);
+                                 got.data(), got_sums.data(), &flags, {}, nullptr);
       expect((flags & 2) != 0, tag + ": a perm entry outside [0, K) sets flag bit 1");
     } catch (const std::exception& e) {
       expect(false, tag + ": threw " + e.what());

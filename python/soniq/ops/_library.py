@@ -116,11 +116,12 @@ def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, 
 
 # ---- fused activation quantize + pack ------------------------------------------------
 def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                       row_words: int) -> tuple[Tensor, Tensor]:
+                       row_words: int, noise: int = 0, seed: int = 0) -> tuple[Tensor, Tensor]:
     """x: float32 [M, K] on the CPU or a GPU; k_perm int64 [K]; segs int64 [S, 3] (klen, kw, bits);
-    seg_scale float32 [S]; row_words = sum of bits * kw. Returns (data int64 [M * row_words],
-    sums int64 [M, S]): the blocks of ops.pack(ops.quantize(x, ...)) with one row group.
-    soniq.ops.quantize_pack checks the layout; here only what keeps the kernel in bounds."""
+    seg_scale float32 [S]; row_words = sum of bits * kw; noise 0 (round) or 1 (Philox noise of
+    `seed`, then round). Returns (data int64 [M * row_words], sums int64 [M, S]): the blocks of
+    ops.pack(ops.quantize(x, ...)) with one row group. soniq.ops.quantize_pack checks the
+    layout; here only what keeps the kernel in bounds."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"x must be a 2-D float32 CPU or CUDA tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
     M, K = x.shape
@@ -131,18 +132,20 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
     if x.stride(1) != 1 and K > 1:
         x = x.contiguous()
     segs, seg_scale = segs.contiguous(), seg_scale.contiguous()
+    if noise not in (0, 1) or not 0 <= seed < 2**63:
+        raise ValueError(f"noise must be 0 or 1 and seed in [0, 2**63), got noise={noise}, seed={seed}")
     if x.device.type == "cuda":
-        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words)
+        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words, noise, seed)
     k_perm = k_perm.contiguous()
     data = torch.empty(M * row_words, dtype=torch.int64)
     sums = torch.empty(M, S, dtype=torch.int64)
     _C.quantize_pack(x.data_ptr(), M, K, x.stride(0), k_perm.data_ptr(), segs.data_ptr(), S,
-                     seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr())
+                     seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr(), noise, seed)
     return data, sums
 
 
 def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                       row_words: int) -> tuple[Tensor, Tensor]:
+                       row_words: int, noise: int, seed: int) -> tuple[Tensor, Tensor]:
     """The CUDA kernel (cuda/quantize_pack.cu) for quantize_pack_impl's checked arguments: x
     and k_perm on the GPU, segs and seg_scale (the layout, read on the host) on the CPU. A NaN
     in x or a k_perm entry outside [0, K) raises after the kernel (one sync; skipped while a
@@ -160,7 +163,7 @@ def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tens
         stream = torch.cuda.current_stream(dev).cuda_stream
         _C.cuda_quantize_pack(x.data_ptr(), M, x.stride(0), k_perm.data_ptr(), K, segs.data_ptr(), S,
                               seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr(),
-                              flags.data_ptr(), stream)
+                              flags.data_ptr(), noise, seed, stream)
         if not torch.cuda.is_current_stream_capturing():
             f = int(flags.item())
             if f & 2:
@@ -173,12 +176,12 @@ def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tens
 
 @torch.library.custom_op("soniq::quantize_pack_raw", mutates_args=())
 def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                      row_words: int) -> tuple[Tensor, Tensor]:
+                      row_words: int, noise: int = 0, seed: int = 0) -> tuple[Tensor, Tensor]:
     """The registered op over quantize_pack_impl (see there)."""
-    return quantize_pack_impl(x, k_perm, segs, seg_scale, signed, row_words)
+    return quantize_pack_impl(x, k_perm, segs, seg_scale, signed, row_words, noise, seed)
 
 
 @quantize_pack_raw.register_fake
-def _(x, k_perm, segs, seg_scale, signed, row_words):
+def _(x, k_perm, segs, seg_scale, signed, row_words, noise=0, seed=0):
     M = x.shape[0]
     return (x.new_empty((M * row_words,), dtype=torch.int64), x.new_empty((M, segs.shape[0]), dtype=torch.int64))

@@ -3,6 +3,8 @@
 Equal, word for word, to ops.pack(ops.quantize(x, scale, bits, signed=..., axis=1,
 values_only=True).to(torch.int64), bits, signed=..., axis=1, scale=scale, k_layout=...):
 same rounding (round half to even, clamped), same K permutation, planes and code sums.
+With noise="uniform" the codes are ops.quantize(x, ..., noise="uniform", seed=seed)'s noisy
+values rounded the same way (stochastic rounding with the same Philox draws).
 The layout checks run once per ActPlan, so the packed modules pay them once per layer.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .. import _checks as C
 from ..packed import KLayout, PackedTensor
 from . import _library  # noqa: F401  (registers soniq::quantize_pack_raw)
 from ._pack import _check_k_layout
+from ._quantize import NOISE_MODES, resolve_seed
 
 _SAME = object()
 
@@ -61,12 +64,13 @@ class ActPlan:
             got = self._rows[(M, device)] = (desc, desc.to(device), torch.arange(M, device=device))
         return got
 
-    def __call__(self, x: Tensor, kind: str = "torch") -> PackedTensor:
+    def __call__(self, x: Tensor, kind: str = "torch", noise: int = 0, seed: int = 0) -> PackedTensor:
+        """noise: 0 (round to nearest) or 1 (Philox noise of `seed`, then round)."""
         M = x.shape[0]
         if x.requires_grad:  # not differentiable (as ops.quantize): the kernel reads the values only
             x = x.detach()
         dev = self._on(x.device)  # the layout tensors on x's device (cached)
-        args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words)
+        args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words, noise, seed)
         if type(x) is Tensor and not torch.compiler.is_compiling():
             data, sums = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
@@ -137,15 +141,22 @@ def _as_float32_rows(x, name: str = "x") -> tuple[Tensor, str]:
     return t, kind
 
 
-def quantize_pack(x, scale, bits, *, signed: bool, k_layout=None) -> PackedTensor:
+def quantize_pack(x, scale, bits, *, signed: bool, k_layout=None, noise: str = "none", seed=None) -> PackedTensor:
     """Quantizes float32 activations x [M, K] per K column and packs them (axis=1) in one pass.
 
     scale: positive float or one per K column, constant within each bit width (K segment);
     bits: int in 1..8 or one per K column; signed: design.md encodings (signed 1-bit is
     {-1, +1}); k_layout: a KLayout or PackedTensor whose K layout to use (e.g. the weights',
-    from KLayout.from_bits), else K columns are grouped by bit width. Values beyond the
-    range clamp; NaN raises. Returns the PackedTensor ops.pack would (with scale attached).
+    from KLayout.from_bits), else K columns are grouped by bit width. noise: "none" rounds
+    to the nearest level; "uniform" adds ops.quantize's Philox noise of one step for `seed`
+    (None: drawn from torch's generator) before rounding, i.e. stochastic rounding, the same
+    codes on the CPU and CUDA. Values beyond the range clamp; NaN raises. Returns the
+    PackedTensor ops.pack would (with scale attached).
     """
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {sorted(NOISE_MODES)}, got {noise!r}")
+    mode = NOISE_MODES[noise]
+    seed = resolve_seed(seed) if mode else 0
     t, kind = _as_float32_rows(x)
     plan = make_plan(bits, scale, t.shape[1], signed=signed, k_layout=k_layout)
-    return plan(t, kind)  # CPU kernel, or the CUDA one (cuda/quantize_pack.cu) for a CUDA x
+    return plan(t, kind, mode, seed)  # CPU kernel, or the CUDA one (cuda/quantize_pack.cu) for a CUDA x
