@@ -24,7 +24,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     bad = 0
     cases = [(1, 1, 1, 1, 1), (3, 70, 65, 2, 4), (16, 33, 200, 8, 2), (65, 67, 129, 1, 1), (70, 64, 300, 4, 8)]
-    for kernel in ("ref", "popc", "gemv", "mma", "bmma", "int8mm"):
+    for kernel in ("ref", "popc", "gemv", "mma", "mma4", "bmma", "int8mm"):
         _C.cuda_set_kernel(kernel)
         for M, N, K, wa, wb in cases:
             if kernel == "gemv" and M > 16:

@@ -62,7 +62,8 @@ void allow_smem(const void* kernel, int bytes);
 void launch_ref(const GemmParams& P, cudaStream_t st);
 void launch_popc(GemmParams& P, cudaStream_t st);   // tiled bit-serial GEMM
 void launch_gemv(GemmParams& P, cudaStream_t st);   // weight streaming, a.rows <= 16
-void launch_mma(GemmParams& P, cudaStream_t st);    // INT8 tensor cores (mma.sync u8.u8)
+// INT8 tensor cores (mma.sync u8.u8); int4: low x low (<= 4 bits) K segments on u4.u4
+void launch_mma(GemmParams& P, cudaStream_t st, bool int4);
 void launch_bmma(GemmParams& P, cudaStream_t st);   // binary tensor cores (mma.sync b1 and.popc)
 constexpr int kGemvMaxRows = 16;
 

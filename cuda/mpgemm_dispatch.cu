@@ -129,7 +129,7 @@ std::string& last_query_error() {
 }
 
 std::atomic<int> forced_kernel{0};  // index into kKernelNames
-const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma", "bmma", "int8mm"};
+const char* const kKernelNames[] = {"auto", "ref", "popc", "gemv", "mma", "bmma", "int8mm", "mma4"};
 
 }  // namespace
 
@@ -152,12 +152,25 @@ void set_kernel(const std::string& name) {
       forced_kernel = k;
       return;
     }
-  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma, bmma, int8mm; got '" + name + "'");
+  throw std::invalid_argument("kernel must be one of auto, ref, popc, gemv, mma, bmma, int8mm, mma4; got '" + name +
+                              "'");
 }
 
 std::string get_kernel() { return kKernelNames[forced_kernel.load()]; }
 
 namespace {
+
+// INT4 tensor cores (mma.m16n8k64 u4) run at twice the INT8 rate on sm_80-89; sm_90 has
+// none (the instruction is accepted, slower). Read per call: an attribute query, no sync.
+bool has_int4_tensor_cores() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 8;
+}
 
 std::string choose_kernel(const detail::GemmParams& P) {
   const int forced = forced_kernel.load();
@@ -178,7 +191,7 @@ std::string choose_kernel(const detail::GemmParams& P) {
   for (int s = 0; s < P.nsegs; ++s) short_k = short_k && P.klen[s] <= 131071;
   if (P.a.max_group_rows > detail::kGemvMaxRows && short_k) return "int8mm";
   if (P.a.max_bits * P.b.max_bits <= 2) return "popc";
-  return "mma";
+  return has_int4_tensor_cores() ? "mma4" : "mma";
 }
 
 }  // namespace
@@ -196,7 +209,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   else if (k == "popc") detail::launch_popc(P, st);
   else if (k == "gemv") detail::launch_gemv(P, st);
   else if (k == "bmma") detail::launch_bmma(P, st);
-  else detail::launch_mma(P, st);  // "mma", and "int8mm" when called from C++ directly
+  else detail::launch_mma(P, st, k == "mma4");  // "mma", "mma4", and "int8mm" when called from C++ directly
 }
 
 }  // namespace soniq::cuda

@@ -1,8 +1,12 @@
-// Tensor-core mpgemm: the bit planes of a 64x64 tile are expanded to one unsigned code
-// byte per element in shared memory, and mma.sync.m16n8k32 .u8 x .u8 -> .s32 (sm_80 and
-// sm_90 alike) multiplies them. Why unsigned x unsigned: codes are 0..2^b-1 <= 255, which
-// .s8 cannot hold for 8 bits; the signed encodings are recovered exactly afterwards by the
-// same code-sum corrections as every other kernel (design.md sec. 2):
+// Tensor-core mpgemm: the bit planes of a 64x64 tile are expanded to one unsigned code per
+// element in shared memory and multiplied by mma.sync: a byte per code and
+// m16n8k32 .u8 x .u8 -> .s32 (sm_80 and sm_90 alike), or, in the INT4 variant, a nibble per
+// code and m16n8k64 .u4 x .u4 -> .s32 for K segments where both operands have <= 4 bits
+// (sm_80-89 have INT4 tensor cores at twice the INT8 rate; sm_90 accepts the instruction
+// but has no INT4 units, so "auto" uses it on 8.x only). Why unsigned x unsigned: codes
+// are 0..2^b-1 <= 255, which .s8 cannot hold for 8 bits; the signed encodings are
+// recovered exactly afterwards by the same code-sum corrections as every other kernel
+// (design.md sec. 2):
 //   sum_k va*vb = aa*ab*sum_k ua*ub + aa*ob*sum ua + ab*oa*sum ub + K*oa*ob.
 // The .s32 accumulators wrap past 2^31, so they are flushed to 64 bits every
 // kFlushChunks chunks (16384 K: 16384 * 255 * 255 < 2^31).
@@ -18,21 +22,38 @@ namespace {
 
 constexpr int kThreads = 128;   // 4 warps
 constexpr int kK = 128;         // K per chunk: 2 words per plane and row
-constexpr int kRowBytes = kK + 16;  // padded: fragment reads of 8 rows x 4 lanes hit 32 banks
 constexpr int kFlushChunks = 128;   // 128 chunks * 128 K = 16384 K
+
+// Shared-memory layout of CB-bit codes (CB = 8: bytes, 4: nibbles, low K first).
+template <int CB>
+struct CodeLayout {
+  static constexpr int kWordBytes = 64 * CB / 8;       // one 64-code plane word, expanded
+  // padded rows: fragment reads of 8 rows x 4 lanes hit 32 distinct banks
+  // (row stride 144 or 80 bytes: 36 or 20 words, times rows 0..7 mod 32, + t)
+  static constexpr int kRowBytes = kK * CB / 8 + 16;
+  static constexpr int kSteps = kK * CB / 8 / 32;      // mma per chunk: 32 bytes of K each
+};
 
 // 4 bits -> 4 bytes holding 0/1 (bit i to byte i): the multiply places copies of the
 // nibble at shifts 0, 7, 14, 21 without overlap, the mask keeps bit i of copy i.
 __device__ __forceinline__ unsigned spread4(unsigned nib) { return (nib * 0x00204081u) & 0x01010101u; }
-
-// Loads the plane words of one (row, word) for every plane (zeros outside the block).
-__device__ __forceinline__ void load_planes(uint64_t (&x)[8], const uint64_t* g, long long plane_stride, int planes,
-                                            bool ok) {
-#pragma unroll
-  for (int p = 0; p < 8; ++p) x[p] = (ok && p < planes) ? __ldg(g + p * plane_stride) : 0ull;
+// 8 bits -> 8 nibbles holding 0/1 (bit i to bit 4i), by three shift-and-mask steps.
+__device__ __forceinline__ unsigned spread8(unsigned byte) {
+  unsigned x = (byte | (byte << 12)) & 0x000F000Fu;
+  x = (x | (x << 6)) & 0x03030303u;
+  return (x | (x << 3)) & 0x11111111u;
 }
 
-// Writes the 64 code bytes of one plane word set: byte k = sum_p bit_k(x_p) << p.
+// Loads the plane words of one (row, word) for every plane (zeros outside the block).
+template <int NP>
+__device__ __forceinline__ void load_planes(uint64_t (&x)[NP], const uint64_t* g, long long plane_stride, int planes,
+                                            bool ok) {
+#pragma unroll
+  for (int p = 0; p < NP; ++p) x[p] = (ok && p < planes) ? __ldg(g + p * plane_stride) : 0ull;
+}
+
+// Writes the 64 codes of one plane word set: code k = sum_p bit_k(x_p) << p, as bytes
+// (8 planes) or nibbles (4 planes).
 __device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t (&x)[8]) {
   unsigned out[16];
 #pragma unroll
@@ -50,13 +71,30 @@ __device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t 
 #pragma unroll
   for (int v = 0; v < 4; ++v) d[v] = make_uint4(out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
 }
+__device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t (&x)[4]) {
+  unsigned out[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out[j] = 0;
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const unsigned lo = unsigned(x[p]), hi = unsigned(x[p] >> 32);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      out[j] |= spread8((lo >> (8 * j)) & 255u) << p;
+      out[4 + j] |= spread8((hi >> (8 * j)) & 255u) << p;
+    }
+  }
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  d[0] = make_uint4(out[0], out[1], out[2], out[3]);
+  d[1] = make_uint4(out[4], out[5], out[6], out[7]);
+}
 
 // The plane words one thread expands for a tile operand of ROWS rows: units
 // u = tid + k * kThreads, each one (row u / 2, word u % 2) of the 2-word chunk.
-template <int ROWS>
+template <int ROWS, int CB>
 struct Expander {
   static constexpr int kUnits = (ROWS * 2 + kThreads - 1) / kThreads;
-  uint64_t x[kUnits][8];
+  uint64_t x[kUnits][CB];
   const uint64_t* g[kUnits];
   bool unit_ok[kUnits], row_ok[kUnits];
   int half[kUnits], soff[kUnits];
@@ -69,7 +107,7 @@ struct Expander {
       row_ok[k] = unit_ok[k] && r0 + r < rows;
       half[k] = u % 2;
       g[k] = block + (long long)(r0 + (row_ok[k] ? r : 0)) * kw + half[k];
-      soff[k] = (unit_ok[k] ? r : 0) * kRowBytes + half[k] * 64;
+      soff[k] = (unit_ok[k] ? r : 0) * CodeLayout<CB>::kRowBytes + half[k] * CodeLayout<CB>::kWordBytes;
     }
   }
   __device__ __forceinline__ void load(int c, long long kw, long long stride, int planes) {
@@ -84,31 +122,105 @@ struct Expander {
   }
 };
 
-// TM = 64: 64 x 64 tile, warps 2 x 2 of 32 x 32. TM = 16 (small M): 16 x 128 tile,
-// warps 1 x 4 of 16 x 32, so a GEMV-sized a wastes no tensor-core rows beyond 16.
-template <int TM, bool kFloat>
-__global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_constant__ GemmParams P) {
-  constexpr int TN = TM == 16 ? 128 : 64;
-  constexpr int WARPS_N = TN / 32, WM = TM / (4 / WARPS_N), MI = WM / 16, NJ = 4;
+template <int CB>
+__device__ __forceinline__ void mma_codes(int (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  if constexpr (CB == 8) mma_u8_m16n8k32(c, a[0], a[1], a[2], a[3], b[0], b[1]);
+  else mma_u4_m16n8k64(c, a[0], a[1], a[2], a[3], b[0], b[1]);
+}
+
+// The tile geometry: TM = 64: 64 x 64 tile, warps 2 x 2 of 32 x 32. TM = 16 (small M):
+// 16 x 128 tile, warps 1 x 4 of 16 x 32, so a GEMV-sized a wastes no tensor-core rows.
+template <int TM>
+struct TileShape {
+  static constexpr int TN = TM == 16 ? 128 : 64;
+  static constexpr int WARPS_N = TN / 32, WM = TM / (4 / WARPS_N), MI = WM / 16, NJ = 4;
+  static constexpr int kStageA = TM * CodeLayout<8>::kRowBytes;  // sized for bytes; nibbles use less
+  static constexpr int kStageB = TN * CodeLayout<8>::kRowBytes;
   static_assert(MI >= 1 && (4 / WARPS_N) * WM == TM, "tile shape");
-  __shared__ __align__(16) unsigned char sA[2][TM * kRowBytes];
-  __shared__ __align__(16) unsigned char sB[2][TN * kRowBytes];
+};
+
+// The code dot products of one K segment for this thread's fragments, in CB-bit codes:
+// acc gathers up to kFlushChunks chunks, then flush() moves it to 64 bits and clears it.
+template <int CB, int TM, class Flush>
+__device__ __forceinline__ void segment_mma(const GemmParams& P, const Tile& T, int s, int pa, int pb,
+                                            unsigned char* sA, unsigned char* sB, int wm, int wn,
+                                            int (&acc)[TileShape<TM>::MI][4][4], Flush& flush) {
+  using S = TileShape<TM>;
+  using L = CodeLayout<CB>;
+  const int tid = threadIdx.x, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int rows_a = P.a.row_count[T.ga], rows_b = P.b.row_count[T.gb];
+  const long long kw = P.kw[s];
+  const long long stride_a = rows_a * kw, stride_b = rows_b * kw;
+  Expander<TM, CB> ea;
+  Expander<S::TN, CB> eb;
+  ea.init(P.a.data + P.a.offset[T.ga][s], kw, T.m0, rows_a, tid);
+  eb.init(P.b.data + P.b.offset[T.gb][s], kw, T.n0, rows_b, tid);
+  const int nchunks = int((kw + 1) / 2);
+
+  ea.load(0, kw, stride_a, pa);
+  eb.load(0, kw, stride_b, pb);
+  ea.store(sA);
+  eb.store(sB);
+  __syncthreads();
+  for (int c = 0; c < nchunks; ++c) {
+    const int cur = c & 1;
+    const bool more = c + 1 < nchunks;
+    if (more) {  // next chunk's words in flight during this chunk's mma
+      ea.load(c + 1, kw, stride_a, pa);
+      eb.load(c + 1, kw, stride_b, pb);
+    }
+    const unsigned char* A = sA + cur * S::kStageA;
+    const unsigned char* B = sB + cur * S::kStageB;
+#pragma unroll
+    for (int ks = 0; ks < L::kSteps; ++ks) {
+      const int k0 = ks * 32 + t * 4;  // byte offset: 4 codes (u8) or 8 codes (u4) per register
+      unsigned af[S::MI][4], bf[S::NJ][2];
+#pragma unroll
+      for (int i = 0; i < S::MI; ++i) {
+        const unsigned char* r0 = A + (wm + 16 * i + g) * L::kRowBytes + k0;
+        const unsigned char* r8 = r0 + 8 * L::kRowBytes;
+        af[i][0] = *reinterpret_cast<const unsigned*>(r0);
+        af[i][1] = *reinterpret_cast<const unsigned*>(r8);
+        af[i][2] = *reinterpret_cast<const unsigned*>(r0 + 16);
+        af[i][3] = *reinterpret_cast<const unsigned*>(r8 + 16);
+      }
+#pragma unroll
+      for (int j = 0; j < S::NJ; ++j) {
+        const unsigned char* r = B + (wn + 8 * j + g) * L::kRowBytes + k0;
+        bf[j][0] = *reinterpret_cast<const unsigned*>(r);
+        bf[j][1] = *reinterpret_cast<const unsigned*>(r + 16);
+      }
+#pragma unroll
+      for (int i = 0; i < S::MI; ++i)
+#pragma unroll
+        for (int j = 0; j < S::NJ; ++j) mma_codes<CB>(acc[i][j], af[i], bf[j]);
+    }
+    if (more) {
+      ea.store(sA + (cur ^ 1) * S::kStageA);
+      eb.store(sB + (cur ^ 1) * S::kStageB);
+    }
+    if ((c + 1) % kFlushChunks == 0) flush();
+    __syncthreads();  // the other stage is complete; this one is free for the next chunk
+  }
+  flush();
+}
+
+// kInt4: segments where both operands have <= 4 bits run on the u4 instruction.
+template <int TM, bool kFloat, bool kInt4>
+__global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_constant__ GemmParams P) {
+  using S = TileShape<TM>;
+  constexpr int MI = S::MI, NJ = S::NJ;
+  __shared__ __align__(16) unsigned char sA[2 * S::kStageA];
+  __shared__ __align__(16) unsigned char sB[2 * S::kStageB];
   const Tile T = locate_tile(P, blockIdx.x);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int g = lane / 4, t = lane % 4;                                 // mma fragment coordinates
-  const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * 32;    // warp's output sub-tile
+  const int g = lane / 4, t = lane % 4;                                     // mma fragment coordinates
+  const int wm = (warp / S::WARPS_N) * S::WM, wn = (warp % S::WARPS_N) * 32;  // warp's output sub-tile
   const int rows_a = P.a.row_count[T.ga], rows_b = P.b.row_count[T.gb];
 
   Total<kFloat> total[MI][NJ][4];
   for (int s = 0; s < P.nsegs; ++s) {
     const int pa = P.a.bits[T.ga][s], pb = P.b.bits[T.gb][s];
-    const long long kw = P.kw[s];
-    const long long stride_a = rows_a * kw, stride_b = rows_b * kw;
-    Expander<TM> ea;
-    Expander<TN> eb;
-    ea.init(P.a.data + P.a.offset[T.ga][s], kw, T.m0, rows_a, tid);
-    eb.init(P.b.data + P.b.offset[T.gb][s], kw, T.n0, rows_b, tid);
-    const int nchunks = int((kw + 1) / 2);
     long long aa, oa, ab, ob;
     code_affine(pa, P.a.is_signed, aa, oa);
     code_affine(pb, P.b.is_signed, ab, ob);
@@ -133,53 +245,8 @@ __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_cons
             acc[i][j][e] = 0;
           }
     };
-
-    ea.load(0, kw, stride_a, pa);
-    eb.load(0, kw, stride_b, pb);
-    ea.store(sA[0]);
-    eb.store(sB[0]);
-    __syncthreads();
-    for (int c = 0; c < nchunks; ++c) {
-      const int cur = c & 1;
-      const bool more = c + 1 < nchunks;
-      if (more) {  // next chunk's words in flight during this chunk's mma
-        ea.load(c + 1, kw, stride_a, pa);
-        eb.load(c + 1, kw, stride_b, pb);
-      }
-      const unsigned char* A = sA[cur];
-      const unsigned char* B = sB[cur];
-#pragma unroll
-      for (int ks = 0; ks < kK / 32; ++ks) {
-        const int k0 = ks * 32 + t * 4;
-        unsigned af[MI][4], bf[NJ][2];
-#pragma unroll
-        for (int i = 0; i < MI; ++i) {
-          const unsigned char* r0 = A + (wm + 16 * i + g) * kRowBytes + k0;
-          const unsigned char* r8 = r0 + 8 * kRowBytes;
-          af[i][0] = *reinterpret_cast<const unsigned*>(r0);
-          af[i][1] = *reinterpret_cast<const unsigned*>(r8);
-          af[i][2] = *reinterpret_cast<const unsigned*>(r0 + 16);
-          af[i][3] = *reinterpret_cast<const unsigned*>(r8 + 16);
-        }
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-          const unsigned char* r = B + (wn + 8 * j + g) * kRowBytes + k0;
-          bf[j][0] = *reinterpret_cast<const unsigned*>(r);
-          bf[j][1] = *reinterpret_cast<const unsigned*>(r + 16);
-        }
-#pragma unroll
-        for (int i = 0; i < MI; ++i)
-#pragma unroll
-          for (int j = 0; j < NJ; ++j) mma_u8_m16n8k32(acc[i][j], af[i][0], af[i][1], af[i][2], af[i][3], bf[j][0], bf[j][1]);
-      }
-      if (more) {
-        ea.store(sA[cur ^ 1]);
-        eb.store(sB[cur ^ 1]);
-      }
-      if ((c + 1) % kFlushChunks == 0) flush();
-      __syncthreads();  // the other stage is complete; this one is free for the next chunk
-    }
-    flush();
+    if (kInt4 && pa <= 4 && pb <= 4) segment_mma<4, TM>(P, T, s, pa, pb, sA, sB, wm, wn, acc, flush);
+    else segment_mma<8, TM>(P, T, s, pa, pb, sA, sB, wm, wn, acc, flush);
 
 #pragma unroll
     for (int i = 0; i < MI; ++i)
@@ -209,20 +276,20 @@ __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_cons
       }
 }
 
-template <int TM>
+template <int TM, bool kInt4>
 void launch_mma_tm(GemmParams& P, cudaStream_t st) {
-  const long long tiles = schedule_tiles(P, TM, TM == 16 ? 128 : 64);
+  const long long tiles = schedule_tiles(P, TM, TileShape<TM>::TN);
   const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
-  if (P.kind == int(OutKind::Float32)) SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, true>)(P);
-  else SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, false>)(P);
+  if (P.kind == int(OutKind::Float32)) SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, true, kInt4>)(P);
+  else SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, false, kInt4>)(P);
   check_cuda(cudaGetLastError(), "soniq mma_gemm kernel launch");
 }
 
 }  // namespace
 
-void launch_mma(GemmParams& P, cudaStream_t st) {
-  if (P.a.max_group_rows <= 16) launch_mma_tm<16>(P, st);
-  else launch_mma_tm<64>(P, st);
+void launch_mma(GemmParams& P, cudaStream_t st, bool int4) {
+  if (P.a.max_group_rows <= 16) int4 ? launch_mma_tm<16, true>(P, st) : launch_mma_tm<16, false>(P, st);
+  else int4 ? launch_mma_tm<64, true>(P, st) : launch_mma_tm<64, false>(P, st);
 }
 
 }  // namespace soniq::cuda::detail

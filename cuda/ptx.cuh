@@ -1,5 +1,5 @@
 // The few device operations the kernels write as inline PTX or CUDA-only syntax, in one
-// place: asynchronous global->shared copies, the two tensor-core mma shapes, dynamic shared
+// place: asynchronous global->shared copies, the tensor-core mma shapes, dynamic shared
 // memory and the launch. Under SONIQ_CUDA_EMU (tests/cuda_emu: the kernels compiled as
 // plain C++ and run on the CPU) each one maps to the emulator's implementation of the PTX
 // semantics instead; the kernels themselves are the same source either way.
@@ -66,6 +66,22 @@ __device__ __forceinline__ void mma_u8_m16n8k32(int (&c)[4], unsigned a0, unsign
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// c += A (16x64 u4, row) * B (64x8 u4, col) in s32 ("Matrix Fragments for mma.m16n8k64":
+// 8 elements per register, low nibble first): a0 row g, k 8t..8t+7; a1 row g+8; a2 row g,
+// k 32+8t..; a3 row g+8, k 32+8t..; b0 k 8t.., b1 k 32+8t.., col g; c as for m16n8k32.
+// INT4 tensor cores exist on sm_80-89; sm_90 accepts the instruction at a lower rate.
+__device__ __forceinline__ void mma_u4_m16n8k64(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                                unsigned b0, unsigned b1) {
+#if defined(SONIQ_CUDA_EMU)
+  ::soniq_emu::mma_m16n8k64_u4(c, a0, a1, a2, a3, b0, b1);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k64.row.col.s32.u4.u4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #endif

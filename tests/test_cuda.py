@@ -14,7 +14,7 @@ HAVE_GPU = bool(_C.built_with_cuda) and torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(
     not HAVE_GPU, reason="no CUDA device" if _C.built_with_cuda else "soniq built without CUDA")
 
-KERNELS = ["ref", "popc", "gemv", "mma", "bmma", "int8mm", "auto"]
+KERNELS = ["ref", "popc", "gemv", "mma", "mma4", "bmma", "int8mm", "auto"]
 
 
 def values(rng, shape, bits, signed, axis=0):

@@ -44,7 +44,7 @@ struct Copy {
 };
 
 enum class State { Ready, AtBarrier, AtWarp, Done };
-enum class WarpOp { None, Shfl, Ballot, MmaU8, MmaB1 };
+enum class WarpOp { None, Shfl, Ballot, MmaU8, MmaU4, MmaB1 };
 
 struct Fiber {
   ucontext_t ctx;  // the entry context (used once)
@@ -217,6 +217,25 @@ void perform_mma_u8(Fiber* const* lanes) {
   scatter_accumulators(lanes, C);
 }
 
+// u4: 8 elements per register, low nibble first ("Matrix Fragments for mma.m16n8k64")
+void perform_mma_u4(Fiber* const* lanes) {
+  unsigned char A[16][64] = {}, B[64][8] = {};
+  long long C[16][8] = {};
+  for (int l = 0; l < kWarp; ++l) {
+    const int g = l / 4, t = l % 4;
+    const unsigned long long* r = lanes[l]->in;
+    for (int reg = 0; reg < 4; ++reg)  // a0: row g, a1: row g+8; a2, a3: the same rows, k + 32
+      for (int j = 0; j < 8; ++j) A[g + (reg & 1) * 8][(reg >> 1) * 32 + 8 * t + j] = (r[reg] >> (4 * j)) & 15u;
+    for (int reg = 0; reg < 2; ++reg)
+      for (int j = 0; j < 8; ++j) B[reg * 32 + 8 * t + j][g] = (r[4 + reg] >> (4 * j)) & 15u;
+    for (int e = 0; e < 4; ++e) C[g + (e >= 2 ? 8 : 0)][2 * t + (e & 1)] = static_cast<int>(r[6 + e]);
+  }
+  for (int i = 0; i < 16; ++i)
+    for (int n = 0; n < 8; ++n)
+      for (int k = 0; k < 64; ++k) C[i][n] += (long long)A[i][k] * B[k][n];
+  scatter_accumulators(lanes, C);
+}
+
 void perform_mma_b1(Fiber* const* lanes) {
   // 32-bit words of K: word w holds k = 32w .. 32w+31, bit j = k 32w+j
   unsigned A[16][8] = {}, B[8][8] = {};  // A[row][word], B[col][word]
@@ -257,6 +276,7 @@ bool release_warps() {
     if (op == WarpOp::Shfl) perform_shfl(lanes);
     else if (op == WarpOp::Ballot) perform_ballot(lanes);
     else if (op == WarpOp::MmaU8) perform_mma_u8(lanes);
+    else if (op == WarpOp::MmaU4) perform_mma_u4(lanes);
     else perform_mma_b1(lanes);
     for (int l = 0; l < kWarp; ++l) lanes[l]->state = State::Ready, lanes[l]->op = WarpOp::None;
     released = true;
@@ -408,6 +428,12 @@ void mma_m16n8k32_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigne
   for (int e = 0; e < 4; ++e) c[e] = static_cast<int>(cur().out[e]);
 }
 
+void mma_m16n8k64_u4(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+  warp_collective(WarpOp::MmaU4, {a0, a1, a2, a3, b0, b1, static_cast<unsigned>(c[0]), static_cast<unsigned>(c[1]),
+                                  static_cast<unsigned>(c[2]), static_cast<unsigned>(c[3])});
+  for (int e = 0; e < 4; ++e) c[e] = static_cast<int>(cur().out[e]);
+}
+
 void mma_m16n8k256_b1_and_popc(int (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                unsigned b1) {
   warp_collective(WarpOp::MmaB1, {a0, a1, a2, a3, b0, b1, static_cast<unsigned>(d[0]), static_cast<unsigned>(d[1]),
@@ -460,6 +486,15 @@ const char* cudaGetErrorString(cudaError_t e) {
 }
 cudaError_t cudaGetDevice(int* dev) {
   *dev = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
+  const char* env = std::getenv("SONIQ_EMU_CC");
+  const int cc = env ? std::atoi(env) : 90;
+  if (dev != 0 || cc < 10) return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: no such device or SONIQ_EMU_CC");
+  if (attr == cudaDevAttrComputeCapabilityMajor) *value = cc / 10;
+  else if (attr == cudaDevAttrComputeCapabilityMinor) *value = cc % 10;
+  else return fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute: attribute not emulated");
   return cudaSuccess;
 }
 cudaError_t cudaGetDeviceCount(int* n) {

@@ -149,7 +149,7 @@ struct Case {
   Layout la, lb;
   std::vector<int64_t> klens;
   bool a_signed = false, b_signed = true, pad_kw = false, misalign = false, extreme = false;
-  std::vector<std::string> kernels = {"ref", "popc", "gemv", "mma", "bmma", "auto"};
+  std::vector<std::string> kernels = {"ref", "popc", "gemv", "mma", "mma4", "bmma", "auto"};
   bool float_out = true;
 };
 
@@ -225,6 +225,29 @@ void run_case(const Case& c) {
 }
 
 Layout uniform(int64_t rows, std::vector<int> seg_bits) { return Layout{{rows}, {seg_bits}}; }
+
+// ---- kernel choice: INT4 tensor cores on sm_80-89 only ----------------------------------
+void test_kernel_choice() {
+  const std::vector<int64_t> klens = {200}, kws = {4}, ksegs = {200, 4};
+  const Operand a = make_operand(uniform(16, {4}), klens, kws, false, false);
+  const Operand b = make_operand(uniform(40, {4}), klens, kws, true, false);
+  const Operand b8 = make_operand(uniform(40, {8}), klens, kws, true, false);
+  soniq::cuda::set_kernel("auto");
+  const char* cc = std::getenv("SONIQ_EMU_CC");
+  const std::string saved = cc ? cc : "";
+  for (const char* dev : {"80", "86", "89", "90"}) {
+    setenv("SONIQ_EMU_CC", dev, 1);
+    const bool ampere = dev[0] == '8';
+    // M=16 W4A4: 16 x 4 x 4 > 64, past the GEMV rule: tensor cores, u4 where the chip has them
+    expect(soniq::cuda::choose_kernel(a.view(), b.view(), ksegs.data(), 1) == (ampere ? "mma4" : "mma"),
+           std::string("auto picks ") + (ampere ? "mma4" : "mma") + " for M=16 W4A4 on sm_" + dev);
+    // with 8-bit weights mma4 still runs (the 8-bit segments on u8), as chosen
+    expect(soniq::cuda::choose_kernel(a.view(), b8.view(), ksegs.data(), 1) == (ampere ? "mma4" : "mma"),
+           std::string("auto for M=16 W8A4 on sm_") + dev);
+  }
+  if (cc) setenv("SONIQ_EMU_CC", saved.c_str(), 1);
+  else unsetenv("SONIQ_EMU_CC");
+}
 
 // ---- expand_codes and the quantizer ------------------------------------------------------
 void test_expand_codes() {
@@ -401,6 +424,19 @@ __global__ void mma_kernel(const uint8_t* A, const uint8_t* B, int* D, bool swap
   for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
 }
 
+// The same for the u4 shape: A 16x64, B 64x8, codes 0..15, 8 per register.
+__global__ void mma4_kernel(const uint8_t* A, const uint8_t* B, int* D) {
+  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
+  unsigned a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+  for (int reg = 0; reg < 4; ++reg)
+    for (int j = 0; j < 8; ++j) a[reg] |= unsigned(A[(g + 8 * (reg & 1)) * 64 + 32 * (reg >> 1) + 8 * t + j]) << (4 * j);
+  for (int reg = 0; reg < 2; ++reg)
+    for (int j = 0; j < 8; ++j) b[reg] |= unsigned(B[(32 * reg + 8 * t + j) * 8 + g]) << (4 * j);
+  int c[4] = {0, 0, 0, 0};
+  soniq::cuda::detail::mma_u4_m16n8k64(c, a[0], a[1], a[2], a[3], b[0], b[1]);
+  for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
+}
+
 // The same for the binary shape: A 16x256 bits, B 256x8 bits (one byte per bit here).
 __global__ void bmma_kernel(const uint8_t* A, const uint8_t* B, int* D) {
   const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
@@ -461,6 +497,19 @@ void test_emulator_catches_bugs() {
     }
   SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, bmma_kernel)(A1.data(), B1.data(), D1.data());
   expect(cudaGetLastError() == cudaSuccess && D1 == want1, "self-test: mma m16n8k256 b1 and.popc fragments");
+
+  std::vector<uint8_t> A4(16 * 64), B4(64 * 8);
+  for (auto& v : A4) v = uint8_t(rnd(0, 15));
+  for (auto& v : B4) v = uint8_t(rnd(0, 15));
+  std::vector<int> want4(16 * 8), D4(16 * 8);
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      int acc = 0;
+      for (int k = 0; k < 64; ++k) acc += int(A4[size_t(i * 64 + k)]) * int(B4[size_t(k * 8 + j)]);
+      want4[size_t(i * 8 + j)] = acc;
+    }
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma4_kernel)(A4.data(), B4.data(), D4.data());
+  expect(cudaGetLastError() == cudaSuccess && D4 == want4, "self-test: mma m16n8k64 u4 fragments give A*B");
 }
 
 }  // namespace
@@ -483,6 +532,10 @@ int main(int argc, char** argv) {
   {
     Section sec("emulator self-tests");
     test_emulator_catches_bugs();
+  }
+  {
+    Section sec("kernel choice (INT4 on sm_80-89)");
+    test_kernel_choice();
   }
   {
     Section sec("expand_codes");
@@ -552,7 +605,7 @@ int main(int argc, char** argv) {
     c = add("long K 8x8 bits all-255 codes (mma flush)", uniform(3, {8}), uniform(8, {8}), {33025 + 200});
     c->extreme = true;
     c->a_signed = c->b_signed = false;
-    c->kernels = {"mma", "gemv", "popc"};
+    c->kernels = {"mma", "mma4", "gemv", "popc"};
     c = add("long K 8x8 bits all-255 codes (bmma flush)", uniform(2, {8}), uniform(8, {8}), {33025 + 300});
     c->extreme = true;
     c->a_signed = c->b_signed = false;

@@ -229,8 +229,8 @@ def main(argv=None, default_out: str = ".") -> dict:
     # (w bits, a bits, w signed, a signed, kernels to time); 'auto' is what users get
     gemv_cfgs = [(2, 8, True, True, ["auto", "gemv", "mma", "int8mm"]),
                  (4, 8, True, True, ["auto", "gemv", "mma", "int8mm"]),
-                 (1, 1, True, True, ["auto", "bmma"]), (4, 4, True, True, ["auto", "mma"])]
-    gemm_cfgs = [(8, 8, True, True, ["auto", "mma"]), (4, 4, True, True, ["auto", "mma", "bmma"]),
+                 (1, 1, True, True, ["auto", "bmma"]), (4, 4, True, True, ["auto", "mma", "mma4"])]
+    gemm_cfgs = [(8, 8, True, True, ["auto", "mma"]), (4, 4, True, True, ["auto", "mma", "mma4", "bmma"]),
                  (2, 2, True, True, ["auto", "popc", "bmma"]), (1, 1, True, True, ["auto", "popc", "bmma"])]
     for M, N, K, cfgs in [(1, S, S, gemv_cfgs), (16, S, S, gemv_cfgs), (S, S, S, gemm_cfgs)]:
         r = bench_shape(M, N, K, cfgs, peaks, results, verify=not args.no_verify)

@@ -47,12 +47,15 @@ enum cudaError_t {
 };
 typedef struct soniq_emu_stream* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 };
 
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t e);
 cudaError_t cudaGetDevice(int* dev);
 cudaError_t cudaGetDeviceCount(int* n);
 cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value);
+// the emulated device is sm_90 unless SONIQ_EMU_CC names another, e.g. 80
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev);
 
 namespace soniq_emu {
 
@@ -66,6 +69,7 @@ void cp_async(void* dst, const void* src, int size, int bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
 void mma_m16n8k32_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1);
+void mma_m16n8k64_u4(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1);
 void mma_m16n8k256_b1_and_popc(int (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                unsigned b1);
 unsigned long long shfl_xor(unsigned mask, unsigned long long bits, int lane_mask);
