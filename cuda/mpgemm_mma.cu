@@ -53,40 +53,25 @@ __device__ __forceinline__ void load_planes(uint64_t (&x)[NP], const uint64_t* g
 }
 
 // Writes the 64 codes of one plane word set: code k = sum_p bit_k(x_p) << p, as bytes
-// (8 planes) or nibbles (4 planes).
-__device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t (&x)[8]) {
-  unsigned out[16];
+// (CB = 8 planes; 4 plane bits spread per output word) or nibbles (CB = 4; 8 bits spread).
+template <int CB>
+__device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t (&x)[CB]) {
+  constexpr int G = 32 / CB, W = 2 * CB;  // plane bits per 32-bit output word, output words
+  unsigned out[W];
 #pragma unroll
-  for (int j = 0; j < 16; ++j) out[j] = 0;
+  for (int j = 0; j < W; ++j) out[j] = 0;
 #pragma unroll
-  for (int p = 0; p < 8; ++p) {
-    const unsigned lo = unsigned(x[p]), hi = unsigned(x[p] >> 32);
+  for (int p = 0; p < CB; ++p) {
+    const unsigned lo = unsigned(x[p]), hi = unsigned(x[p] >> 32), mask = (1u << G) - 1;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      out[j] |= spread4((lo >> (4 * j)) & 15u) << p;
-      out[8 + j] |= spread4((hi >> (4 * j)) & 15u) << p;
+    for (int j = 0; j < W / 2; ++j) {
+      out[j] |= (CB == 8 ? spread4((lo >> (G * j)) & mask) : spread8((lo >> (G * j)) & mask)) << p;
+      out[W / 2 + j] |= (CB == 8 ? spread4((hi >> (G * j)) & mask) : spread8((hi >> (G * j)) & mask)) << p;
     }
   }
   uint4* d = reinterpret_cast<uint4*>(dst);
 #pragma unroll
-  for (int v = 0; v < 4; ++v) d[v] = make_uint4(out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
-}
-__device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t (&x)[4]) {
-  unsigned out[8];
-#pragma unroll
-  for (int j = 0; j < 8; ++j) out[j] = 0;
-#pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    const unsigned lo = unsigned(x[p]), hi = unsigned(x[p] >> 32);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      out[j] |= spread8((lo >> (8 * j)) & 255u) << p;
-      out[4 + j] |= spread8((hi >> (8 * j)) & 255u) << p;
-    }
-  }
-  uint4* d = reinterpret_cast<uint4*>(dst);
-  d[0] = make_uint4(out[0], out[1], out[2], out[3]);
-  d[1] = make_uint4(out[4], out[5], out[6], out[7]);
+  for (int v = 0; v < W / 4; ++v) d[v] = make_uint4(out[4 * v], out[4 * v + 1], out[4 * v + 2], out[4 * v + 3]);
 }
 
 // The plane words one thread expands for a tile operand of ROWS rows: units

@@ -164,7 +164,6 @@ void complete(const Copy& c) {
 }
 
 // ---- warp collectives ------------------------------------------------------------------
-unsigned char byte_of(unsigned long long reg, int j) { return static_cast<unsigned char>(reg >> (8 * j)); }
 
 // d0, d1: row g, cols 2t, 2t+1; d2, d3: row g+8. The s32 accumulator must not overflow
 // (the kernels flush to 64 bits in time; the GPU would wrap silently).
@@ -197,42 +196,27 @@ void perform_ballot(Fiber* const* lanes) {
 }
 
 // in[0..3] = a0..a3, in[4..5] = b0..b1, in[6..9] = c0..c3, laid out as the PTX ISA's
-// "Matrix Fragments for mma.m16n8k32" (u8: 4 elements per register, low byte first) and
+// "Matrix Fragments for mma.m16n8k32" (u8: 4 elements per register, low byte first),
+// "... for mma.m16n8k64" (u4: 8 per register, low nibble first; EB = element bits) and
 // "... for mma.m16n8k256" (b1: 32 elements per register, low bit first); see cuda/ptx.cuh.
-void perform_mma_u8(Fiber* const* lanes) {
-  unsigned char A[16][32] = {}, B[32][8] = {};
+template <int EB>
+void perform_mma_int(Fiber* const* lanes) {
+  constexpr int per = 32 / EB, K = 8 * per;  // elements per register; K of the shape
+  unsigned char A[16][K] = {}, B[K][8] = {};
   long long C[16][8] = {};
+  auto elem = [](unsigned long long reg, int j) { return static_cast<unsigned char>((reg >> (EB * j)) & ((1u << EB) - 1)); };
   for (int l = 0; l < kWarp; ++l) {
     const int g = l / 4, t = l % 4;
     const unsigned long long* r = lanes[l]->in;
-    for (int reg = 0; reg < 4; ++reg)  // a0: row g, a1: row g+8; a2, a3: the same rows, k + 16
-      for (int j = 0; j < 4; ++j) A[g + (reg & 1) * 8][(reg >> 1) * 16 + 4 * t + j] = byte_of(r[reg], j);
+    for (int reg = 0; reg < 4; ++reg)  // a0: row g, a1: row g+8; a2, a3: the same rows, k + K/2
+      for (int j = 0; j < per; ++j) A[g + (reg & 1) * 8][(reg >> 1) * (K / 2) + per * t + j] = elem(r[reg], j);
     for (int reg = 0; reg < 2; ++reg)
-      for (int j = 0; j < 4; ++j) B[reg * 16 + 4 * t + j][g] = byte_of(r[4 + reg], j);
+      for (int j = 0; j < per; ++j) B[reg * (K / 2) + per * t + j][g] = elem(r[4 + reg], j);
     for (int e = 0; e < 4; ++e) C[g + (e >= 2 ? 8 : 0)][2 * t + (e & 1)] = static_cast<int>(r[6 + e]);
   }
   for (int i = 0; i < 16; ++i)
     for (int n = 0; n < 8; ++n)
-      for (int k = 0; k < 32; ++k) C[i][n] += (long long)A[i][k] * B[k][n];
-  scatter_accumulators(lanes, C);
-}
-
-// u4: 8 elements per register, low nibble first ("Matrix Fragments for mma.m16n8k64")
-void perform_mma_u4(Fiber* const* lanes) {
-  unsigned char A[16][64] = {}, B[64][8] = {};
-  long long C[16][8] = {};
-  for (int l = 0; l < kWarp; ++l) {
-    const int g = l / 4, t = l % 4;
-    const unsigned long long* r = lanes[l]->in;
-    for (int reg = 0; reg < 4; ++reg)  // a0: row g, a1: row g+8; a2, a3: the same rows, k + 32
-      for (int j = 0; j < 8; ++j) A[g + (reg & 1) * 8][(reg >> 1) * 32 + 8 * t + j] = (r[reg] >> (4 * j)) & 15u;
-    for (int reg = 0; reg < 2; ++reg)
-      for (int j = 0; j < 8; ++j) B[reg * 32 + 8 * t + j][g] = (r[4 + reg] >> (4 * j)) & 15u;
-    for (int e = 0; e < 4; ++e) C[g + (e >= 2 ? 8 : 0)][2 * t + (e & 1)] = static_cast<int>(r[6 + e]);
-  }
-  for (int i = 0; i < 16; ++i)
-    for (int n = 0; n < 8; ++n)
-      for (int k = 0; k < 64; ++k) C[i][n] += (long long)A[i][k] * B[k][n];
+      for (int k = 0; k < K; ++k) C[i][n] += (long long)A[i][k] * B[k][n];
   scatter_accumulators(lanes, C);
 }
 
@@ -275,8 +259,8 @@ bool release_warps() {
       if (lanes[l]->op != op) fault("warp collective: lanes of one warp reached different collectives");
     if (op == WarpOp::Shfl) perform_shfl(lanes);
     else if (op == WarpOp::Ballot) perform_ballot(lanes);
-    else if (op == WarpOp::MmaU8) perform_mma_u8(lanes);
-    else if (op == WarpOp::MmaU4) perform_mma_u4(lanes);
+    else if (op == WarpOp::MmaU8) perform_mma_int<8>(lanes);
+    else if (op == WarpOp::MmaU4) perform_mma_int<4>(lanes);
     else perform_mma_b1(lanes);
     for (int l = 0; l < kWarp; ++l) lanes[l]->state = State::Ready, lanes[l]->op = WarpOp::None;
     released = true;
