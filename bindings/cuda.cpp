@@ -35,7 +35,7 @@ soniq::PackedOperand operand(const py::tuple& t) {
 void soniq::bindings::register_cuda(py::module_& m) {
 #ifdef SONIQ_WITH_CUDA
   m.def("cuda_set_kernel", &soniq::cuda::set_kernel, py::arg("name"),
-        "Force the CUDA mpgemm kernel: 'auto', 'ref', 'popc', 'gemv', 'mma', 'bmma' or 'int8mm' (process-wide).");
+        "Force the CUDA mpgemm kernel: 'auto', 'ref', 'popc', 'gemv', 'mma', 'mma4', 'bmma' or 'int8mm' (process-wide).");
   m.def("cuda_get_kernel", &soniq::cuda::get_kernel);
   m.def("cuda_choose_kernel", [](py::tuple A, py::tuple B, uintptr_t ksegs, int64_t nsegs) {
     return soniq::cuda::choose_kernel(operand(A), operand(B), reinterpret_cast<const int64_t*>(ksegs), nsegs);

@@ -9,7 +9,6 @@
 
 #include "dispatch.h"
 #include "philox.h"
-#include "rounding.h"
 #include "threadpool.h"
 
 namespace soniq {
@@ -41,9 +40,10 @@ std::vector<SegPlan> plan(const ActLayout& L, bool is_signed) {
   return out;
 }
 
-// Noise mode: the segment's values in packed order as ops.quantize(noise="uniform") gives
-// them, v = clamp(x * inv + alpha * (u - 1/2), lo, hi) with u Philox's draw for the flat index
-// r * K + column (cpp/quantize.cpp's steps; this unit is built with -ffp-contract=off).
+// Noise mode: the segment's values in packed order as ops.quantize(noise="uniform") computes
+// them, x * inv + alpha * (u - 1/2) with u Philox's draw for the flat index r * K + column
+// (cpp/quantize.cpp's steps; this unit is built with -ffp-contract=off). Its clamp to
+// [lo, hi] is left to the packer, whose clamps give the same codes.
 void noisy_values(const float* xr, int64_t r, const ActLayout& L, const SegPlan& p, uint64_t seed, float* v) {
   uint32_t words[4];
   uint64_t cached = ~uint64_t(0);
@@ -53,7 +53,7 @@ void noisy_values(const float* xr, int64_t r, const ActLayout& L, const SegPlan&
     const uint64_t idx = uint64_t(r * L.K + col);
     if ((idx >> 2) != cached) philox::block_words(seed, cached = idx >> 2, words);
     const float u = philox::to_uniform(words[idx & 3]);
-    v[j] = clampv(xr[col] * p.inv + alpha * (u - 0.5f), p.lo, p.hi);
+    v[j] = xr[col] * p.inv + alpha * (u - 0.5f);
   }
 }
 

@@ -19,8 +19,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
             const Scales& scales, OutKind kind, void* out, void* stream);
 
 // Kernel choice for mpgemm: "auto" (by shape and bits), or force "ref", "popc", "gemv"
-// (a.rows per group <= 16), "mma" (INT8 tensor cores), "mma4" (the same, with K segments
-// of <= 4 x <= 4 bits on INT4 tensor cores: what "auto" picks instead of "mma" on sm_80-89;
+// (a.rows per group <= 16), "mma" (INT8 tensor cores), "mma4" (INT4 tensor cores when
+// every block has <= 4 bits, else as "mma": what "auto" picks instead of "mma" on sm_80-89;
 // it runs, slower, on sm_90), "bmma" (binary tensor cores) or "int8mm" (codes expanded to
 // int8 in global memory + cuBLAS INT8, driven from Python: python/soniq/ops/_int8mm.py)
 // -- for tests and benchmarks. Process-wide.

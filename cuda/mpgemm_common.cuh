@@ -62,8 +62,9 @@ void allow_smem(const void* kernel, int bytes);
 void launch_ref(const GemmParams& P, cudaStream_t st);
 void launch_popc(GemmParams& P, cudaStream_t st);   // tiled bit-serial GEMM
 void launch_gemv(GemmParams& P, cudaStream_t st);   // weight streaming, a.rows <= 16
-// INT8 tensor cores (mma.sync u8.u8); int4: low x low (<= 4 bits) K segments on u4.u4
+// INT8 tensor cores (mma.sync u8.u8); int4: on u4.u4 instead when all_int4_block_pairs
 void launch_mma(GemmParams& P, cudaStream_t st, bool int4);
+bool all_int4_block_pairs(const GemmParams& P);  // every block of a and b has <= 4 bits
 void launch_bmma(GemmParams& P, cudaStream_t st);   // binary tensor cores (mma.sync b1 and.popc)
 constexpr int kGemvMaxRows = 16;
 

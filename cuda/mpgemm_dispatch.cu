@@ -191,7 +191,7 @@ std::string choose_kernel(const detail::GemmParams& P) {
   for (int s = 0; s < P.nsegs; ++s) short_k = short_k && P.klen[s] <= 131071;
   if (P.a.max_group_rows > detail::kGemvMaxRows && short_k) return "int8mm";
   if (P.a.max_bits * P.b.max_bits <= 2) return "popc";
-  return has_int4_tensor_cores() ? "mma4" : "mma";
+  return detail::all_int4_block_pairs(P) && has_int4_tensor_cores() ? "mma4" : "mma";
 }
 
 }  // namespace

@@ -1,9 +1,9 @@
 // Tensor-core mpgemm: the bit planes of a 64x64 tile are expanded to one unsigned code per
 // element in shared memory and multiplied by mma.sync: a byte per code and
-// m16n8k32 .u8 x .u8 -> .s32 (sm_80 and sm_90 alike), or, in the INT4 variant, a nibble per
-// code and m16n8k64 .u4 x .u4 -> .s32 for K segments where both operands have <= 4 bits
-// (sm_80-89 have INT4 tensor cores at twice the INT8 rate; sm_90 accepts the instruction
-// but has no INT4 units, so "auto" uses it on 8.x only). Why unsigned x unsigned: codes
+// m16n8k32 .u8 x .u8 -> .s32 (sm_80 and sm_90 alike), or, in the INT4 variant ("mma4"), a
+// nibble per code and m16n8k64 .u4 x .u4 -> .s32 when every block pair of the call has
+// <= 4 x <= 4 bits (sm_80-89 have INT4 tensor cores at twice the INT8 rate; sm_90 accepts
+// the instruction but has no INT4 units, so "auto" uses it on 8.x only). Why unsigned x unsigned: codes
 // are 0..2^b-1 <= 255, which .s8 cannot hold for 8 bits; the signed encodings are
 // recovered exactly afterwards by the same code-sum corrections as every other kernel
 // (design.md sec. 2):
@@ -21,17 +21,21 @@ namespace soniq::cuda::detail {
 namespace {
 
 constexpr int kThreads = 128;   // 4 warps
-constexpr int kK = 128;         // K per chunk: 2 words per plane and row
-constexpr int kFlushChunks = 128;   // 128 chunks * 128 K = 16384 K
+constexpr int kFlushChunks = 128;   // u8: 128 chunks * 128 K = 16384 K (u4: 32768 K, * 15^2 < 2^31)
 
-// Shared-memory layout of CB-bit codes (CB = 8: bytes, 4: nibbles, low K first).
+// Shared-memory layout of a chunk of CB-bit codes (CB = 8: bytes, 4: nibbles, low K
+// first): 128 bytes of codes per row either way -- 128 K (2 plane words) as bytes, 256 K
+// (4 words) as nibbles -- so both widths use the same stages, 4 mma steps per chunk and
+// one barrier per 4 steps.
 template <int CB>
 struct CodeLayout {
-  static constexpr int kWordBytes = 64 * CB / 8;       // one 64-code plane word, expanded
-  // padded rows: fragment reads of 8 rows x 4 lanes hit 32 distinct banks
-  // (row stride 144 or 80 bytes: 36 or 20 words, times rows 0..7 mod 32, + t)
-  static constexpr int kRowBytes = kK * CB / 8 + 16;
-  static constexpr int kSteps = kK * CB / 8 / 32;      // mma per chunk: 32 bytes of K each
+  static constexpr int kWords = 16 / CB;                // plane words per row and chunk
+  static constexpr int kWordBytes = 64 * CB / 8;        // one 64-code plane word, expanded
+  // padded rows (144 bytes = 36 banks, 4 mod 32): the fragment reads of 8 rows x 4 lanes
+  // and the 16-byte stores of 8 consecutive units (2 rows x 4 words, or 4 rows x 2
+  // words) each touch 32 distinct banks
+  static constexpr int kRowBytes = 128 + 16;
+  static constexpr int kSteps = 128 / 32;               // mma per chunk: 32 bytes of K each
 };
 
 // 4 bits -> 4 bytes holding 0/1 (bit i to byte i): the multiply places copies of the
@@ -75,30 +79,32 @@ __device__ __forceinline__ void expand_store(unsigned char* dst, const uint64_t 
 }
 
 // The plane words one thread expands for a tile operand of ROWS rows: units
-// u = tid + k * kThreads, each one (row u / 2, word u % 2) of the 2-word chunk.
+// u = tid + k * kThreads, each one (row u / W, word u % W) of the W-word chunk (W = 2 for
+// bytes, 4 for nibbles: the same registers, 8 plane words per unit of 64-row tiles).
 template <int ROWS, int CB>
 struct Expander {
-  static constexpr int kUnits = (ROWS * 2 + kThreads - 1) / kThreads;
+  static constexpr int W = CodeLayout<CB>::kWords;
+  static constexpr int kUnits = (ROWS * W + kThreads - 1) / kThreads;
   uint64_t x[kUnits][CB];
   const uint64_t* g[kUnits];
   bool unit_ok[kUnits], row_ok[kUnits];
-  int half[kUnits], soff[kUnits];
+  int word[kUnits], soff[kUnits];
 
   __device__ __forceinline__ void init(const uint64_t* block, long long kw, int r0, int rows, int tid) {
 #pragma unroll
     for (int k = 0; k < kUnits; ++k) {
-      const int u = tid + k * kThreads, r = u / 2;
-      unit_ok[k] = u < ROWS * 2;
+      const int u = tid + k * kThreads, r = u / W;
+      unit_ok[k] = u < ROWS * W;
       row_ok[k] = unit_ok[k] && r0 + r < rows;
-      half[k] = u % 2;
-      g[k] = block + (long long)(r0 + (row_ok[k] ? r : 0)) * kw + half[k];
-      soff[k] = (unit_ok[k] ? r : 0) * CodeLayout<CB>::kRowBytes + half[k] * CodeLayout<CB>::kWordBytes;
+      word[k] = u % W;
+      g[k] = block + (long long)(r0 + (row_ok[k] ? r : 0)) * kw + word[k];
+      soff[k] = (unit_ok[k] ? r : 0) * CodeLayout<CB>::kRowBytes + word[k] * CodeLayout<CB>::kWordBytes;
     }
   }
   __device__ __forceinline__ void load(int c, long long kw, long long stride, int planes) {
 #pragma unroll
     for (int k = 0; k < kUnits; ++k)
-      load_planes(x[k], g[k] + 2LL * c, stride, planes, row_ok[k] && 2LL * c + half[k] < kw);
+      load_planes(x[k], g[k] + (long long)W * c, stride, planes, row_ok[k] && (long long)W * c + word[k] < kw);
   }
   __device__ __forceinline__ void store(unsigned char* stage) const {
 #pragma unroll
@@ -119,9 +125,10 @@ template <int TM>
 struct TileShape {
   static constexpr int TN = TM == 16 ? 128 : 64;
   static constexpr int WARPS_N = TN / 32, WM = TM / (4 / WARPS_N), MI = WM / 16, NJ = 4;
-  static constexpr int kStageA = TM * CodeLayout<8>::kRowBytes;  // sized for bytes; nibbles use less
+  static constexpr int kStageA = TM * CodeLayout<8>::kRowBytes;  // the same for nibbles
   static constexpr int kStageB = TN * CodeLayout<8>::kRowBytes;
   static_assert(MI >= 1 && (4 / WARPS_N) * WM == TM, "tile shape");
+  static_assert(CodeLayout<8>::kRowBytes == CodeLayout<4>::kRowBytes, "one stage size for both code widths");
 };
 
 // The code dot products of one K segment for this thread's fragments, in CB-bit codes:
@@ -140,7 +147,7 @@ __device__ __forceinline__ void segment_mma(const GemmParams& P, const Tile& T, 
   Expander<S::TN, CB> eb;
   ea.init(P.a.data + P.a.offset[T.ga][s], kw, T.m0, rows_a, tid);
   eb.init(P.b.data + P.b.offset[T.gb][s], kw, T.n0, rows_b, tid);
-  const int nchunks = int((kw + 1) / 2);
+  const int nchunks = int((kw + L::kWords - 1) / L::kWords);
 
   ea.load(0, kw, stride_a, pa);
   eb.load(0, kw, stride_b, pb);
@@ -190,8 +197,9 @@ __device__ __forceinline__ void segment_mma(const GemmParams& P, const Tile& T, 
   flush();
 }
 
-// kInt4: segments where both operands have <= 4 bits run on the u4 instruction.
-template <int TM, bool kFloat, bool kInt4>
+// CB: the code width of every block pair of the launch (4 only when all have <= 4 x <= 4
+// bits: one code width per kernel keeps it within 255 registers without spills).
+template <int TM, bool kFloat, int CB>
 __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_constant__ GemmParams P) {
   using S = TileShape<TM>;
   constexpr int MI = S::MI, NJ = S::NJ;
@@ -230,8 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_cons
             acc[i][j][e] = 0;
           }
     };
-    if (kInt4 && pa <= 4 && pb <= 4) segment_mma<4, TM>(P, T, s, pa, pb, sA, sB, wm, wn, acc, flush);
-    else segment_mma<8, TM>(P, T, s, pa, pb, sA, sB, wm, wn, acc, flush);
+    segment_mma<CB, TM>(P, T, s, pa, pb, sA, sB, wm, wn, acc, flush);
 
 #pragma unroll
     for (int i = 0; i < MI; ++i)
@@ -261,20 +268,23 @@ __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_cons
       }
 }
 
-template <int TM, bool kInt4>
+template <int TM, int CB>
 void launch_mma_tm(GemmParams& P, cudaStream_t st) {
   const long long tiles = schedule_tiles(P, TM, TileShape<TM>::TN);
   const dim3 grid{unsigned(tiles)}, block{unsigned(kThreads)};
-  if (P.kind == int(OutKind::Float32)) SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, true, kInt4>)(P);
-  else SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, false, kInt4>)(P);
+  if (P.kind == int(OutKind::Float32)) SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, true, CB>)(P);
+  else SONIQ_LAUNCH(grid, block, 0, st, mma_gemm_kernel<TM, false, CB>)(P);
   check_cuda(cudaGetLastError(), "soniq mma_gemm kernel launch");
 }
 
 }  // namespace
 
+bool all_int4_block_pairs(const GemmParams& P) { return P.a.max_bits <= 4 && P.b.max_bits <= 4; }
+
 void launch_mma(GemmParams& P, cudaStream_t st, bool int4) {
-  if (P.a.max_group_rows <= 16) int4 ? launch_mma_tm<16, true>(P, st) : launch_mma_tm<16, false>(P, st);
-  else int4 ? launch_mma_tm<64, true>(P, st) : launch_mma_tm<64, false>(P, st);
+  const bool u4 = int4 && all_int4_block_pairs(P);
+  if (P.a.max_group_rows <= 16) u4 ? launch_mma_tm<16, 4>(P, st) : launch_mma_tm<16, 8>(P, st);
+  else u4 ? launch_mma_tm<64, 4>(P, st) : launch_mma_tm<64, 8>(P, st);
 }
 
 }  // namespace soniq::cuda::detail

@@ -53,13 +53,14 @@ __device__ __forceinline__ unsigned code_of(float t, const ActSeg& q) {
   return unsigned(c);
 }
 
-// x scaled to its grid: x * inv, or with noise ops.quantize's noisy value clamp(x * inv +
-// alpha * (u - 1/2), lo, hi) for flat index r * K + col (cpp/actpack.cpp noisy_values)
+// x scaled to its grid: x * inv, or with noise x * inv + alpha * (u - 1/2) for flat index
+// r * K + col (cpp/actpack.cpp noisy_values: ops.quantize's noisy value before its clamp,
+// which code_of's clamps make redundant)
 __device__ __forceinline__ float scaled(float x, const ActSeg& q, const ActParams& P, long long r, long long col) {
   const float t = __fmul_rn(x, q.inv);
   if (!P.noise) return t;
   const float u = philox::uniform_f32(P.seed, (unsigned long long)(r * P.K + col));
-  return clampv(__fadd_rn(t, __fmul_rn(float(q.alpha), __fadd_rn(u, -0.5f))), q.lo, q.hi);
+  return __fadd_rn(t, __fmul_rn(float(q.alpha), __fadd_rn(u, -0.5f)));
 }
 
 __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_constant__ ActParams P) {

@@ -199,8 +199,11 @@ void perform_ballot(Fiber* const* lanes) {
 // "Matrix Fragments for mma.m16n8k32" (u8: 4 elements per register, low byte first),
 // "... for mma.m16n8k64" (u4: 8 per register, low nibble first; EB = element bits) and
 // "... for mma.m16n8k256" (b1: 32 elements per register, low bit first); see cuda/ptx.cuh.
+unsigned long long g_mma_u4 = 0;
+
 template <int EB>
 void perform_mma_int(Fiber* const* lanes) {
+  if (EB == 4) ++g_mma_u4;
   constexpr int per = 32 / EB, K = 8 * per;  // elements per register; K of the shape
   unsigned char A[16][K] = {}, B[K][8] = {};
   long long C[16][8] = {};
@@ -411,6 +414,8 @@ void mma_m16n8k32_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigne
                                   static_cast<unsigned>(c[2]), static_cast<unsigned>(c[3])});
   for (int e = 0; e < 4; ++e) c[e] = static_cast<int>(cur().out[e]);
 }
+
+unsigned long long mma_u4_count() { return g_mma_u4; }
 
 void mma_m16n8k64_u4(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
   warp_collective(WarpOp::MmaU4, {a0, a1, a2, a3, b0, b1, static_cast<unsigned>(c[0]), static_cast<unsigned>(c[1]),

@@ -159,6 +159,15 @@ int max_group_rows(const Layout& L) {
   return int(m);
 }
 
+// mma4 runs on u4 when every block of both operands has <= 4 bits
+bool all_int4(const Case& c) {
+  for (const Layout* L : {&c.la, &c.lb})
+    for (const auto& g : L->bits)
+      for (int b : g)
+        if (b > 4) return false;
+  return true;
+}
+
 void run_case(const Case& c) {
   std::vector<int64_t> kws, ksegs;
   for (int64_t klen : c.klens) {
@@ -197,8 +206,14 @@ void run_case(const Case& c) {
     const std::string tag = c.name + " [" + k + "]";
     try {
       std::vector<int64_t> got64(n_out, -7);
+      const unsigned long long u4_before = soniq_emu::mma_u4_count();
       soniq::cuda::mpgemm(a.view(), b.view(), ksegs.data(), S, soniq::Scales{}, soniq::OutKind::Int64, got64.data(),
                           nullptr);
+      // mma4 runs on the u4 instruction exactly when every block has <= 4 bits
+      const bool used_u4 = soniq_emu::mma_u4_count() != u4_before;
+      const std::string ran = k == "auto" ? soniq::cuda::choose_kernel(a.view(), b.view(), ksegs.data(), S) : k;
+      if (ran == "mma4") expect(used_u4 == all_int4(c), tag + ": u4 mma used iff every block has <= 4 bits");
+      else expect(!used_u4, tag + ": no u4 mma outside mma4");
       size_t bad = 0;
       for (size_t i = 0; i < n_out; ++i) bad += got64[i] != exact[i];
       expect(bad == 0, tag + " int64: " + std::to_string(bad) + " of " + std::to_string(n_out) + " outputs differ");
@@ -241,9 +256,9 @@ void test_kernel_choice() {
     // M=16 W4A4: 16 x 4 x 4 > 64, past the GEMV rule: tensor cores, u4 where the chip has them
     expect(soniq::cuda::choose_kernel(a.view(), b.view(), ksegs.data(), 1) == (ampere ? "mma4" : "mma"),
            std::string("auto picks ") + (ampere ? "mma4" : "mma") + " for M=16 W4A4 on sm_" + dev);
-    // with 8-bit weights mma4 still runs (the 8-bit segments on u8), as chosen
-    expect(soniq::cuda::choose_kernel(a.view(), b8.view(), ksegs.data(), 1) == (ampere ? "mma4" : "mma"),
-           std::string("auto for M=16 W8A4 on sm_") + dev);
+    // 8-bit blocks: the plain INT8 kernel
+    expect(soniq::cuda::choose_kernel(a.view(), b8.view(), ksegs.data(), 1) == "mma",
+           std::string("auto picks mma for M=16 W8A4 on sm_") + dev);
   }
   if (cc) setenv("SONIQ_EMU_CC", saved.c_str(), 1);
   else unsetenv("SONIQ_EMU_CC");
@@ -364,7 +379,9 @@ void test_quantize_pack() {
       // round to nearest, then stochastic rounding (the same Philox draws as the CPU)
       for (const soniq::ActNoise noise : {soniq::ActNoise{0, 0}, soniq::ActNoise{1, 0x0123456789abcdefull}}) {
         soniq::quantize_pack(x.data(), c.M, ldx, L, c.is_signed, want.data(), want_sums.data(), noise);
+        std::fill(got.begin(), got.end(), 0x5a5a5a5a5a5a5a5aull);  // every word must be written again
         std::fill(got_sums.begin(), got_sums.end(), 0);
+        flags = 0;
         soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
                                    c.is_signed, got.data(), got_sums.data(), &flags, noise, nullptr);
         expect(flags == 0 && got == want && got_sums == want_sums,

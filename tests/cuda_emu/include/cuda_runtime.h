@@ -70,6 +70,7 @@ void cp_async_commit();
 void cp_async_wait(int n);
 void mma_m16n8k32_u8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1);
 void mma_m16n8k64_u4(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1);
+unsigned long long mma_u4_count();  // warp-level u4 mma performed so far (tests: was the INT4 path taken?)
 void mma_m16n8k256_b1_and_popc(int (&d)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                unsigned b1);
 unsigned long long shfl_xor(unsigned mask, unsigned long long bits, int lane_mask);
