@@ -2,7 +2,8 @@
 # One command for a machine with an NVIDIA GPU, run from the repository root:
 #   bash bench/gpu_run.sh build test bench # ~6 min: pip install, info, tests/test_cuda.py, benchmark
 #   bash bench/gpu_run.sh sanitize         # ~3 min: compute-sanitizer sweep
-#   bash bench/gpu_run.sh                  # all four (needs more than one 10-minute call)
+#   bash bench/gpu_run.sh profile          # ~2 min: ncu on each kernel once, SASS opcode counts
+#   bash bench/gpu_run.sh                  # build test sanitize bench (more than one 10-minute call)
 #   bash bench/gpu_run.sh test_all         # the whole test suite on the GPU machine
 # Logs go to a work folder; at the end $OUT (the device tool's output folder, which brings
 # back at most 8 files) or, without it, bench/results/gpu_run/ receives summary.txt (what
@@ -86,6 +87,24 @@ for s in $STAGES; do
       fi ;;
     bench)
       stage bench 240 $PY bench/gpu_gemm.py --out "$OUT" ;;
+    profile)
+      # Nsight Compute on one launch of each kernel (bench/gpu_profile.py), the SASS opcodes
+      # of every soniq kernel (tensor-core, popc, cp.async, spills): what explains a miss
+      NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2> /dev/null | head -1)
+      if [ -n "$NCU" ]; then
+        stage profile 150 "$NCU" --clock-control none --profile-from-start off --kernel-name-base demangled \
+          --kernel-name regex:soniq --section SpeedOfLight --section Occupancy --csv --page details \
+          $PY bench/gpu_profile.py
+      else
+        say "profile: ncu not found, skipped"
+      fi
+      CUOBJ=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2> /dev/null | head -1)
+      SO=$(cd /tmp && $PY -c "import soniq._C as C; print(C.__file__)" 2> /dev/null)
+      if [ -n "$CUOBJ" ] && [ -n "$SO" ]; then
+        stage sass 60 bash -c "'$CUOBJ' --dump-sass '$SO' | $PY bench/sass_summary.py"
+      else
+        say "sass: cuobjdump or the built extension not found, skipped"
+      fi ;;
     *) say "unknown stage $s"; status=1 ;;
   esac
 done

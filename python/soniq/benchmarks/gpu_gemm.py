@@ -18,7 +18,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import soniq
@@ -119,6 +118,25 @@ def peer_4bit(M, N, K):
     return None, why
 
 
+def from_float_candidates(M, K, wb, wa, sa, pb, packed_bytes) -> list:
+    """ops.mpgemm(quantize_pack(x), w) from float32 x, as the packed modules run it: captured in
+    a CUDA graph, and eager, where quantize_pack syncs once per call to raise on a NaN."""
+    from soniq.ops._quantize_pack import make_plan
+    out = []
+    try:
+        x = torch.randn(M, K, device="cuda")
+        plan = make_plan(wa, 4.0 / (1 << wa), K, signed=sa, k_layout=pb)
+        fn = lambda: ops.mpgemm(plan(x), pb)  # noqa: E731
+        for graph in (True, False):
+            t, mode = time_fn(fn, use_graph=graph)
+            how = "graph" if graph else "eager: NaN check syncs"
+            out.append({"name": f"soniq W{wb}A{wa} [auto] from float32 x ({how})", "s": t, "mode": mode,
+                        "bytes": packed_bytes + 4 * M * K})
+    except Exception as e:
+        out.append({"name": f"soniq W{wb}A{wa} [auto] from float32 x", "s": None, "note": str(e)[:120]})
+    return out
+
+
 def bench_shape(M, N, K, configs, peaks, results, verify):
     ops_count = 2.0 * M * N * K
     row = {"M": M, "N": N, "K": K, "candidates": []}
@@ -166,6 +184,8 @@ def bench_shape(M, N, K, configs, peaks, results, verify):
             packed_bytes = pb.data.numel() * 8 + pa.data.numel() * 8 + 4 * M * N
             row["candidates"].append({"name": f"soniq W{wb}A{wa} [{kern}]", "s": t, "mode": mode, "exact": ok,
                                       "bytes": packed_bytes})
+        if M <= 16:  # what a packed layer pays per call: float activations quantized and packed first
+            row["candidates"] += from_float_candidates(M, K, wb, wa, sa, pb, packed_bytes)
         del ref
         del pa, pb
         torch.cuda.empty_cache()
@@ -199,7 +219,8 @@ def markdown(meta, results):
                 lines.append(f"| {c['name']} | - | - | - | - | - | - | | {c.get('note', '')} |")
                 continue
             f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
-            notes = "; ".join(x for x in (c.get("note", ""), "" if c.get("mode") == "graph" else c.get("mode", "")) if x)
+            mode = "" if c.get("mode") == "graph" or c["name"].endswith("(eager: NaN check syncs)") else c.get("mode", "")
+            notes = "; ".join(x for x in (c.get("note", ""), mode) if x)
             lines.append(f"| {c['name']} | {c['s'] * 1e6:.1f} | {c['gops']:.0f} | {c['x_fp16']:.2f} | "
                          f"{f(c.get('x_int8'), '%.2f')} | {f(c.get('frac_peak_ops'), '%.3f')} | "
                          f"{f(c.get('frac_peak_bw'), '%.3f')} | {c.get('exact', '')} | {notes} |")
