@@ -125,7 +125,7 @@ std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed) {
 }
 
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
-                   int64_t* sums, ActNoise noise) {
+                   int64_t* sums, ActNoise noise, uint8_t* nan_rows) {
   if (M <= 0 || !x || !data || !sums) bad("x must be non-empty");
   if (noise.mode != 0 && noise.mode != 1) bad("noise must be 0 (none) or 1 (uniform)");
   const std::vector<SegPlan> segs = plan(L, is_signed);
@@ -141,7 +141,18 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
     for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, noise, tmp, data, sums, &nan);
     if (nan) any_nan.store(true, std::memory_order_relaxed);
   });
-  if (any_nan.load()) report_nan(x, M, ldx, L.K);
+  if (nan_rows) {
+    std::fill(nan_rows, nan_rows + M, uint8_t(0));
+    if (any_nan.load())
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t k = 0; k < L.K; ++k)
+          if (std::isnan(x[r * ldx + k])) {
+            nan_rows[r] = 1;
+            break;
+          }
+  } else if (any_nan.load()) {
+    report_nan(x, M, ldx, L.K);
+  }
 }
 
 }  // namespace soniq

@@ -41,8 +41,10 @@ struct ActNoise {
 
 // x: row r at x + r*ldx, unit column stride. data: segment s's planes [bits][M][kw] at
 // offset M * (words of segments before s); sums: [M][nsegs]. Throws std::invalid_argument
-// on a malformed layout or a NaN in x (naming its position).
+// on a malformed layout, or on a NaN in x (naming its position) unless nan_rows is given:
+// then nan_rows[r] = 1 if row r holds a NaN (its codes are then unspecified), else 0 --
+// for callers that make such rows' outputs NaN, as a float layer would.
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
-                   int64_t* sums, ActNoise noise = {});
+                   int64_t* sums, ActNoise noise = {}, uint8_t* nan_rows = nullptr);
 
 }  // namespace soniq

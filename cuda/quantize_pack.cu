@@ -34,6 +34,7 @@ struct ActParams {
   unsigned long long* data;
   unsigned long long* sums;  // [M][nsegs], zero on entry
   int* flags;                // bit 0: NaN in x, bit 1: perm entry outside [0, K)
+  unsigned char* nan_rows;   // [M] or null: 1 where the row holds a NaN
   int noise;                 // 0 none, 1 uniform (Philox keyed by seed, as cpp/actpack.h)
   unsigned long long seed;
 };
@@ -108,6 +109,7 @@ __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_co
   }
   if (lane == 0) atomicAdd(P.sums + r * P.nsegs + s, sum);
   if (flags) atomicOr(P.flags, flags);
+  if ((flags & 1) && P.nan_rows) P.nan_rows[r] = 1;  // the same value from every writer
 }
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument("quantize_pack: " + msg); }
@@ -116,7 +118,7 @@ __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_co
 
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, int64_t K, int64_t nsegs,
                    const int64_t* segs, const float* seg_scale, bool is_signed, uint64_t* data, int64_t* sums,
-                   int* flags, ActNoise noise, void* stream) {
+                   int* flags, unsigned char* nan_rows, ActNoise noise, void* stream) {
   if (M <= 0 || K <= 0 || !x || !perm || !data || !sums || !flags) bad("x must be non-empty");
   if (noise.mode != 0 && noise.mode != 1) bad("noise must be 0 (none) or 1 (uniform)");
   if (nsegs <= 0 || nsegs > detail::kMaxSegs)
@@ -133,6 +135,7 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, 
   P.data = reinterpret_cast<unsigned long long*>(data);
   P.sums = reinterpret_cast<unsigned long long*>(sums);
   P.flags = flags;
+  P.nan_rows = nan_rows;
   P.noise = noise.mode;
   P.seed = noise.seed;
   long long warps = 0;

@@ -176,3 +176,29 @@ def test_packed_model_moves_with_to(tmp_path):
     w = q[0].w
     q.to(torch.float32)
     assert q[0].w is w
+
+
+def check_nan_rows_propagate(q, x, device="cpu"):
+    """A NaN in the input gives NaN exactly where the float model's output is NaN (the
+    packed layers mark the affected rows without a host sync, then fill them with NaN);
+    every other output keeps its bits. The exact accumulators raise instead."""
+    q = copy.deepcopy(q).to(device)
+    x = x.to(device)
+    clean = q(x)
+    xn = x.clone()
+    xn[1, 2, 3, 4] = float("nan")  # one pixel of sample 1: a 3x3 patch of conv rows, then all of sample 1
+    got = q(xn)
+    assert torch.equal(torch.isnan(got).cpu(), torch.tensor([False, True, False, False])[:, None].expand(4, 10))
+    keep = torch.tensor([0, 2, 3], device=device)
+    assert torch.equal(got[keep], clean[keep])
+    conv = q[0](xn)  # the conv layer alone: NaN at the 3x3 output positions around the pixel, all channels
+    want = torch.zeros(4, 8, 6, 6, dtype=torch.bool)
+    want[1, :, 2:5, 3:6] = True
+    assert torch.equal(torch.isnan(conv).cpu(), want)
+    with pytest.raises(ValueError, match="is NaN"):
+        q[3].accumulators(torch.full((2, 8 * 36), float("nan"), device=device))
+
+
+def test_packed_layers_propagate_nan_rows(isa):
+    q, x = converted_conv_net()
+    check_nan_rows_propagate(q, x)

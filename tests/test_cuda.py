@@ -325,6 +325,14 @@ def test_quantize_pack_cuda_nan_raises():
 
 
 @needs_gpu
+def test_converted_model_on_cuda_propagates_nan_rows():
+    """On the GPU too a NaN input gives NaN outputs where the float model's are, with no sync."""
+    from test_convert import check_nan_rows_propagate, converted_conv_net
+    q, x = converted_conv_net()
+    check_nan_rows_propagate(q, x, "cuda")
+
+
+@needs_gpu
 def test_converted_model_on_cuda_equals_cpu(tmp_path):
     """A converted model moved with .cuda() runs on the GPU kernels (fused quantize + pack,
     mpgemm) bit for bit as on the CPU, and saves from the GPU."""

@@ -271,7 +271,7 @@ def test_torch_compile_fullgraph_quantize_pack_then_mpgemm():
     desc = torch.tensor([[0, 2] + plan.seg_bits])
 
     def f(x):
-        data, sums = torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words)
+        data, sums, _ = torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words)
         out = torch.ops.soniq.mpgemm_packed(data, desc, sums, torch.arange(2), True, pw.data, pw.desc, pw.sums,
                                             pw.row_perm, True, plan.ksegs, None, None, None, None, 1)
         return out * 2
@@ -317,6 +317,21 @@ def test_errors(kwargs, exc, match):
     x = args.pop("x")
     with pytest.raises(exc, match=match):
         ops.quantize_pack(x, args.pop("scale"), args.pop("bits"), **args)
+
+
+def test_raw_op_marks_nan_rows_instead_of_raising(isa):
+    plan, (x, perm, segs, seg_scale, signed, words) = _raw_args(M=4)
+    x[2, 50] = float("nan")
+    with pytest.raises(ValueError, match=r"x\[2, 50\] is NaN"):
+        torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words)
+    data, sums, rows = torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words, 0, 0, True)
+    assert rows.tolist() == [False, False, True, False]
+    assert torch.ops.soniq.quantize_pack_raw(x[[0, 1, 3]], perm, segs, seg_scale, signed, words)[2].numel() == 0
+    p = plan(x, nan_rows=True)  # the other rows are packed as without the NaN row
+    q = plan(x[[0, 1, 3]])
+    keep = torch.tensor([0, 1, 3])
+    assert torch.equal(ops.unpack(p)[keep], ops.unpack(q)) and p._nan_rows.tolist() == [False, False, True, False]
+    torch.library.opcheck(torch.ops.soniq.quantize_pack_raw.default, (x, perm, segs, seg_scale, signed, words, 0, 0, True))
 
 
 def test_raw_op_rejects_inconsistent_layout():

@@ -50,10 +50,13 @@ class _PackedBase(nn.Module):
         return hit[1]
 
     def _gemm(self, rows: Tensor, plan, integer: bool) -> Tensor:
-        a = plan(rows if rows.dtype == torch.float32 else rows.float())  # fused quantize + pack
-        if integer:
-            return ops.mpgemm(a, self.w.with_scale(None), out_dtype=torch.int64)
-        return ops.mpgemm(a, self.w)
+        rows = rows if rows.dtype == torch.float32 else rows.float()
+        if integer:  # exact accumulators: a NaN has no integer code, so it raises
+            return ops.mpgemm(plan(rows), self.w.with_scale(None), out_dtype=torch.int64)
+        # fused quantize + pack; a row of x holding a NaN gives a NaN output row, as in the
+        # float layer, found without a host sync (a per-call sync would stall the GPU)
+        a = plan(rows, nan_rows=True)
+        return ops.mpgemm(a, self.w).masked_fill_(a._nan_rows[:, None], float("nan"))
 
     def precision(self) -> dict:
         return {"type": type(self).__name__, "w_bits": self.w.bit_histogram(),

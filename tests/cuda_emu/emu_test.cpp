@@ -383,23 +383,28 @@ void test_quantize_pack() {
         std::fill(got_sums.begin(), got_sums.end(), 0);
         flags = 0;
         soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
-                                   c.is_signed, got.data(), got_sums.data(), &flags, noise, nullptr);
+                                   c.is_signed, got.data(), got_sums.data(), &flags, nullptr, noise, nullptr);
         expect(flags == 0 && got == want && got_sums == want_sums,
                tag + " noise=" + std::to_string(noise.mode) + ": planes or sums differ from the CPU's");
       }
-      // a NaN and a perm entry out of range are flagged, not read
+      // a NaN and a perm entry out of range are flagged, not read; NaN rows as the CPU marks them
       if (c.M > 1) {
         x[size_t(ldx)] = std::nanf("");
         std::fill(got_sums.begin(), got_sums.end(), 0);
+        std::vector<uint8_t> rows_gpu(size_t(c.M), 0), rows_cpu(size_t(c.M), 7);
         soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
-                                   c.is_signed, got.data(), got_sums.data(), &flags, {}, nullptr);
-        expect(flags == 1, tag + ": NaN sets flag bit 0");
+                                   c.is_signed, got.data(), got_sums.data(), &flags, rows_gpu.data(), {}, nullptr);
+        soniq::quantize_pack(x.data(), c.M, ldx, L, c.is_signed, want.data(), want_sums.data(), {}, rows_cpu.data());
+        std::vector<uint8_t> rows_want(size_t(c.M), 0);
+        rows_want[1] = 1;
+        expect(flags == 1 && rows_gpu == rows_want && rows_cpu == rows_want,
+               tag + ": NaN sets flag bit 0 and marks its row (CUDA and CPU)");
       }
       perm[0] = K + 5;
       flags = 0;
       std::fill(got_sums.begin(), got_sums.end(), 0);
       soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(), c.is_signed,
-                                 got.data(), got_sums.data(), &flags, {}, nullptr);
+                                 got.data(), got_sums.data(), &flags, nullptr, {}, nullptr);
       expect((flags & 2) != 0, tag + ": a perm entry outside [0, K) sets flag bit 1");
     } catch (const std::exception& e) {
       expect(false, tag + ": threw " + e.what());

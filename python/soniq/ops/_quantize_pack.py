@@ -64,17 +64,20 @@ class ActPlan:
             got = self._rows[(M, device)] = (desc, desc.to(device), torch.arange(M, device=device))
         return got
 
-    def __call__(self, x: Tensor, kind: str = "torch", noise: int = 0, seed: int = 0) -> PackedTensor:
-        """noise: 0 (round to nearest) or 1 (Philox noise of `seed`, then round)."""
+    def __call__(self, x: Tensor, kind: str = "torch", noise: int = 0, seed: int = 0,
+                 nan_rows: bool = False) -> PackedTensor:
+        """noise: 0 (round to nearest) or 1 (Philox noise of `seed`, then round). A NaN in x
+        raises, unless nan_rows: then the result's `_nan_rows` (bool [M]) marks the rows
+        holding one, found without a host sync (the packed layers make those outputs NaN)."""
         M = x.shape[0]
         if x.requires_grad:  # not differentiable (as ops.quantize): the kernel reads the values only
             x = x.detach()
         dev = self._on(x.device)  # the layout tensors on x's device (cached)
-        args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words, noise, seed)
+        args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words, noise, seed, nan_rows)
         if type(x) is Tensor and not torch.compiler.is_compiling():
-            data, sums = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
+            data, sums, rows = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
-            data, sums = torch.ops.soniq.quantize_pack_raw(*args)
+            data, sums, rows = torch.ops.soniq.quantize_pack_raw(*args)
         desc, desc_d, row_perm_d = self._rows_meta(M, x.device)
         pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data, desc=desc_d,
                           sums=sums, row_perm=row_perm_d, k_perm=dev["k_perm"], ksegs=dev["ksegs"],
@@ -82,6 +85,7 @@ class ActPlan:
         pt._host = (desc, self.ksegs, self.k_perm)  # the CPU copies: a GPU mpgemm needs no sync
         pt._seg_scale = dev["out_seg_scale"]  # known already: mpgemm need not gather it
         pt._k_layout_of = self.layout_of  # mpgemm against it needs no layout comparison
+        pt._nan_rows = rows if nan_rows else None
         return pt
 
 
