@@ -4,7 +4,8 @@ peer (torchao int4 / bitsandbytes NF4). Shapes: GEMM 8192^3, GEMV M=1 and M=16 w
 N=K=8192. Every candidate is captured in a CUDA graph (so Python launch overhead is not
 timed; eager fallback is noted), warmed up, timed with CUDA events; the median is kept.
 Reports GOP/s (2*M*N*K / time), ratios to the cuBLAS baselines and the fraction of the
-GPU's peak (INT8/FP16 tensor throughput, or memory bandwidth for GEMV), and writes JSON +
+GPU's peak (INT8/FP16 tensor throughput, memory bandwidth for GEMV, and for bit-serial pairs
+(a*b <= 4 bits) the popcount ceiling of the SMs), and writes JSON +
 markdown to gpu_gemm_<gpu>.{json,md} under --out.
     soniq bench gpu [--quick] [--out DIR] [--json]   # or: python bench/gpu_gemm.py (saves to bench/results)
 """
@@ -30,6 +31,20 @@ PEAKS = {
     "H200": (989.0, 1979.0, 4.8), "A100-SXM4-80GB": (312.0, 624.0, 2.04), "A100-SXM4-40GB": (312.0, 624.0, 1.56),
     "A100-PCIE": (312.0, 624.0, 1.94), "L40S": (362.0, 733.0, 0.864), "RTX 4090": (165.0, 661.0, 1.0),
 }
+
+
+# Boost clocks (GHz) for the popcount peak: 16 32-bit popc per SM per clock on sm_80-90
+# (CUDA C++ Programming Guide, arithmetic instruction throughput), 32 bit products each.
+BOOST_GHZ = {"H100 SXM": 1.98, "H100 NVL": 1.785, "H100 PCIe": 1.755, "H200": 1.98, "A100-SXM4-80GB": 1.41,
+             "A100-SXM4-40GB": 1.41, "A100-PCIE": 1.41, "L40S": 2.52, "RTX 4090": 2.52}
+POPC_PER_SM_CLOCK = 16
+
+
+def popc_peak_tops(peaks_name, sms: int):
+    """W1A1 bit-serial ceiling in TOP/s (2 ops per bit product: multiply and add); a WbAa
+    product needs b*a bit products per element pair, so its ceiling is this / (a*b)."""
+    ghz = BOOST_GHZ.get(peaks_name)
+    return None if ghz is None else round(sms * POPC_PER_SM_CLOCK * ghz * 1e9 * 32 * 2 / 1e12, 1)
 
 
 def gpu_peaks(name: str):
@@ -139,7 +154,7 @@ def from_float_candidates(M, K, wb, wa, sa, pb, packed_bytes) -> list:
     return out
 
 
-def bench_shape(M, N, K, configs, peaks, results, verify):
+def bench_shape(M, N, K, configs, peaks, results, verify, popc_tops=None):
     ops_count = 2.0 * M * N * K
     row = {"M": M, "N": N, "K": K, "candidates": []}
     x16 = torch.randn(M, K, dtype=torch.float16, device="cuda")
@@ -185,7 +200,7 @@ def bench_shape(M, N, K, configs, peaks, results, verify):
                 _C.cuda_set_kernel("auto")
             packed_bytes = pb.data.numel() * 8 + pa.data.numel() * 8 + 4 * M * N
             row["candidates"].append({"name": f"soniq W{wb}A{wa} [{kern}]", "s": t, "mode": mode, "exact": ok,
-                                      "bytes": packed_bytes})
+                                      "bytes": packed_bytes, "bits": wb * wa})
         if M <= 16:  # what a packed layer pays per call: float activations quantized and packed first
             row["candidates"] += from_float_candidates(M, K, wb, wa, sa, pb, packed_bytes)
         del ref
@@ -203,6 +218,8 @@ def bench_shape(M, N, K, configs, peaks, results, verify):
                 c["frac_peak_ops"] = c["gops"] / (peak * 1e3)
                 if "bytes" in c:
                     c["frac_peak_bw"] = c["bytes"] / c["s"] / (bw * 1e12)
+            if popc_tops and c.get("bits", 99) <= 4:  # bit-serial territory: against the popcount ceiling
+                c["frac_popc_peak"] = c["gops"] / (popc_tops * 1e3 / c["bits"])
     results.append(row)
     return row
 
@@ -211,21 +228,24 @@ def markdown(meta, results):
     lines = [f"# soniq GPU mpgemm vs cuBLAS on {meta['gpu']}", "",
              f"soniq {meta['soniq']}, torch {meta['torch']}, CUDA {meta['cuda']}, archs {meta['soniq_archs']}; "
              f"peaks used: {meta['peaks_name']} {meta['peaks']} (FP16 TFLOP/s, INT8 TOP/s, TB/s). "
-             "Times are medians of CUDA-event timings over graph replays; ops = 2*M*N*K.", ""]
+             "Times are medians of CUDA-event timings over graph replays; ops = 2*M*N*K. "
+             f"Popcount ceiling (W1A1, divided by a*b bits for WbAa): {meta.get('popc_peak_tops') or '-'} TOP/s.", ""]
     for r in results:
         lines += [f"## M={r['M']} N={r['N']} K={r['K']}", "",
-                  "| candidate | time (us) | GOP/s | x cuBLAS FP16 | x cuBLAS INT8 | frac. peak ops | frac. peak BW | exact | notes |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+                  "| candidate | time (us) | GOP/s | x cuBLAS FP16 | x cuBLAS INT8 | frac. peak ops | frac. peak BW "
+                  "| frac. popc peak | exact | notes |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for c in r["candidates"]:
             if not c.get("s"):
-                lines.append(f"| {c['name']} | - | - | - | - | - | - | | {c.get('note', '')} |")
+                lines.append(f"| {c['name']} | - | - | - | - | - | - | - | | {c.get('note', '')} |")
                 continue
             f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
             mode = "" if c.get("mode") == "graph" or c["name"].endswith("(eager)") else c.get("mode", "")
             notes = "; ".join(x for x in (c.get("note", ""), mode) if x)
             lines.append(f"| {c['name']} | {c['s'] * 1e6:.1f} | {c['gops']:.0f} | {c['x_fp16']:.2f} | "
                          f"{f(c.get('x_int8'), '%.2f')} | {f(c.get('frac_peak_ops'), '%.3f')} | "
-                         f"{f(c.get('frac_peak_bw'), '%.3f')} | {c.get('exact', '')} | {notes} |")
+                         f"{f(c.get('frac_peak_bw'), '%.3f')} | {f(c.get('frac_popc_peak'), '%.3f')} | "
+                         f"{c.get('exact', '')} | {notes} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -247,7 +267,9 @@ def main(argv=None, default_out: str = ".") -> dict:
     S = 4096 if args.quick else 8192
     meta = {"gpu": name, "peaks_name": peaks_name, "peaks": peaks, "soniq": soniq.__version__,
             "soniq_archs": _C.cuda_archs(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "host": platform.node(), "capability": list(torch.cuda.get_device_capability())}
+            "host": platform.node(), "capability": list(torch.cuda.get_device_capability()),
+            "sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    meta["popc_peak_tops"] = popc_peak_tops(peaks_name, meta["sms"])
     results = []
     # (w bits, a bits, w signed, a signed, kernels to time); 'auto' is what users get
     gemv_cfgs = [(2, 8, True, True, ["auto", "gemv", "mma", "int8mm"]),
@@ -256,7 +278,7 @@ def main(argv=None, default_out: str = ".") -> dict:
     gemm_cfgs = [(8, 8, True, True, ["auto", "mma"]), (4, 4, True, True, ["auto", "mma", "mma4", "bmma"]),
                  (2, 2, True, True, ["auto", "popc", "bmma"]), (1, 1, True, True, ["auto", "popc", "bmma"])]
     for M, N, K, cfgs in [(1, S, S, gemv_cfgs), (16, S, S, gemv_cfgs), (S, S, S, gemm_cfgs)]:
-        r = bench_shape(M, N, K, cfgs, peaks, results, verify=not args.no_verify)
+        r = bench_shape(M, N, K, cfgs, peaks, results, verify=not args.no_verify, popc_tops=meta["popc_peak_tops"])
         for c in r["candidates"]:
             t = f"{c['s'] * 1e6:9.1f} us  x_fp16 {c['x_fp16']:.2f}" if c.get("s") else c.get("note", "")
             print(f"M={M:5d} N={N} K={K}  {c['name']:<48s} {t}", flush=True)
