@@ -101,7 +101,7 @@ for s in $STAGES; do
       CUOBJ=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2> /dev/null | head -1)
       SO=$(cd /tmp && $PY -c "import soniq._C as C; print(C.__file__)" 2> /dev/null)
       if [ -n "$CUOBJ" ] && [ -n "$SO" ]; then
-        stage sass 60 bash -c "'$CUOBJ' --dump-sass '$SO' | $PY bench/sass_summary.py"
+        stage sass 60 bash -c "set -o pipefail; '$CUOBJ' --dump-sass '$SO' | $PY bench/sass_summary.py"
       else
         say "sass: cuobjdump or the built extension not found, skipped"
       fi ;;

@@ -10,16 +10,19 @@ KEYS = ("IMMA", "HMMA", "BMMA", "POPC", "LDGSTS", "BAR", "LDL", "STL", "SHFL", "
 
 
 def main():
-    name, counts, out = None, Counter(), []
+    name, counts, out, arch = None, Counter(), [], "?"
     for line in sys.stdin:
+        a = re.search(r"arch = (sm_\w+)", line)  # each cubin of a multi-arch build says its target
+        if a:
+            arch = a.group(1)
         m = re.search(r"Function : (\S+)", line)
         if m:
             if name:
                 out.append((name, counts))
-            name, counts = m.group(1), Counter()
+            name, counts = f"[{arch}] {m.group(1)}", Counter()
             continue
         op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", line)
-        if name and op:
+        if name and op and op.group(1) != "NOP":  # NOP: the padding after a function's code
             counts["total"] += 1
             for k in KEYS:
                 if op.group(1).startswith(k):

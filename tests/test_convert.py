@@ -187,7 +187,13 @@ def check_nan_rows_propagate(q, x, device="cpu"):
     clean = q(x)
     xn = x.clone()
     xn[1, 2, 3, 4] = float("nan")  # one pixel of sample 1: a 3x3 patch of conv rows, then all of sample 1
-    got = q(xn)
+    if device == "cuda":  # after the warm-up above, a forward pass never waits for the GPU
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = q(xn)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(torch.isnan(got).cpu(), torch.tensor([False, True, False, False])[:, None].expand(4, 10))
     keep = torch.tensor([0, 2, 3], device=device)
     assert torch.equal(got[keep], clean[keep])
@@ -202,3 +208,11 @@ def check_nan_rows_propagate(q, x, device="cpu"):
 def test_packed_layers_propagate_nan_rows(isa):
     q, x = converted_conv_net()
     check_nan_rows_propagate(q, x)
+
+
+def test_converted_conv_model_compiles_fullgraph():
+    """No data-dependent Python in the packed layers' forward: the activation checks ran
+    when the layer was built, so torch.compile(fullgraph=True) traces the whole model."""
+    q, x = converted_conv_net()
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(q, fullgraph=True, backend="eager")(x), q(x))

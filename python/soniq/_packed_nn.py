@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import check_scales
+from .ops._quantize import check_bits, level_bounds
 from .ops._quantize_pack import make_plan
 from .packed import PackedTensor
 
@@ -111,6 +113,18 @@ class PackedConv2d(_PackedBase):
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
         self._act_plan(False)  # built now, so torch.compile traces a cached plan (no graph break)
+        self._quant_params()
+
+    def _quant_params(self) -> tuple:
+        """(scale, lo, hi, alpha) float32 per input channel for soniq::quantize_raw, checked once
+        and cached with the plans: ops.quantize would check them on every call, which on a GPU
+        means host syncs (and no CUDA graph or torch.compile fullgraph)."""
+        def make():
+            s, b = self.a_scale.detach().float().contiguous(), self.a_bits.detach().double()
+            check_scales(s, f"{self.name}.a_scale")
+            check_bits(b, exact=True, name=f"{self.name}.a_bits")
+            return (s, *(t.float().contiguous() for t in level_bounds(b, self.a_signed)))
+        return self._plan(("conv_quant",), make)
 
     def _act_plan(self, integer: bool):
         # the unfolded rows already hold integers: quantizing them with scale 1 keeps them (they
@@ -142,8 +156,7 @@ class PackedConv2d(_PackedBase):
         B, _, H, W = x.shape
         kh, kw = self.kernel_size
         # quantize per channel first (zero padding is the integer 0), then unfold exact integers
-        v = ops.quantize(x.float().contiguous(), self.a_scale, self.a_bits, signed=self.a_signed, axis=1,
-                         values_only=True)
+        v = torch.ops.soniq.quantize_raw(x.float().contiguous(), *self._quant_params(), 1, 0, 0, True)
         cols = F.unfold(v, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C*kh*kw, L]
         Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1

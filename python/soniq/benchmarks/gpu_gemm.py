@@ -68,7 +68,7 @@ def time_fn(fn, *, reps_inner=None, repeats=15, use_graph=True):
     if reps_inner is None:
         reps_inner = int(min(50, max(1, 0.02 / one)))
     repeats = repeats if one < 0.2 else 3
-    mode = "graph"
+    mode = "graph" if use_graph else "eager"
     runner = None
     if use_graph:
         try:
@@ -186,6 +186,7 @@ def bench_shape(M, N, K, configs, peaks, results, verify, popc_tops=None):
         a = rand_codes((M, K), wa, sa, gen=gen)
         b = rand_codes((N, K), wb, sb, gen=gen)
         pa, pb = ops.pack(a, wa, signed=sa), ops.pack(b, wb, signed=sb)
+        packed_bytes = pb.data.numel() * 8 + pa.data.numel() * 8 + 4 * M * N
         ref = (a.double() @ b.double().t()).long() if verify else None  # exact: |sums| < 2**53
         del a, b
         for kern in kernels:
@@ -198,7 +199,6 @@ def bench_shape(M, N, K, configs, peaks, results, verify, popc_tops=None):
                 continue
             finally:
                 _C.cuda_set_kernel("auto")
-            packed_bytes = pb.data.numel() * 8 + pa.data.numel() * 8 + 4 * M * N
             row["candidates"].append({"name": f"soniq W{wb}A{wa} [{kern}]", "s": t, "mode": mode, "exact": ok,
                                       "bytes": packed_bytes, "bits": wb * wa})
         if M <= 16:  # what a packed layer pays per call: float activations quantized and packed first
@@ -240,7 +240,7 @@ def markdown(meta, results):
                 lines.append(f"| {c['name']} | - | - | - | - | - | - | - | | {c.get('note', '')} |")
                 continue
             f = lambda v, fmt: (fmt % v) if v is not None else "-"  # noqa: E731
-            mode = "" if c.get("mode") == "graph" or c["name"].endswith("(eager)") else c.get("mode", "")
+            mode = "" if c.get("mode") in ("graph", "eager") else c.get("mode", "")
             notes = "; ".join(x for x in (c.get("note", ""), mode) if x)
             lines.append(f"| {c['name']} | {c['s'] * 1e6:.1f} | {c['gops']:.0f} | {c['x_fp16']:.2f} | "
                          f"{f(c.get('x_int8'), '%.2f')} | {f(c.get('frac_peak_ops'), '%.3f')} | "
