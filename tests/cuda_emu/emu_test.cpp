@@ -472,6 +472,25 @@ __global__ void bmma_kernel(const uint8_t* A, const uint8_t* B, int* D) {
   for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = d[e];
 }
 
+// A random 16 x K times K x 8 problem with codes 0..max_code (A row-major, B [k][n]) and its
+// product, plus c = {1, 2, 3, 4} per fragment position when with_c (mma_kernel's start).
+struct MmaProblem {
+  std::vector<uint8_t> A, B;
+  std::vector<int> want;
+};
+MmaProblem mma_problem(int K, int max_code, bool with_c) {
+  MmaProblem p{std::vector<uint8_t>(size_t(16 * K)), std::vector<uint8_t>(size_t(K * 8)), std::vector<int>(16 * 8)};
+  for (auto& v : p.A) v = uint8_t(rnd(0, max_code));
+  for (auto& v : p.B) v = uint8_t(rnd(0, max_code));
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      int acc = with_c ? 1 + (i >= 8 ? 2 : 0) + (j % 2) : 0;
+      for (int k = 0; k < K; ++k) acc += int(p.A[size_t(i * K + k)]) * int(p.B[size_t(k * 8 + j)]);
+      p.want[size_t(i * 8 + j)] = acc;
+    }
+  return p;
+}
+
 void test_emulator_catches_bugs() {
   const int n = 64;
   std::vector<int> out(n, -1);
@@ -487,51 +506,25 @@ void test_emulator_catches_bugs() {
   SONIQ_LAUNCH(dim3(1), dim3(64), 0, nullptr, diverged_kernel)(out.data());
   expect(cudaGetLastError() == cudaErrorLaunchFailure, "self-test: a diverged warp collective fails the launch");
 
-  std::vector<uint8_t> A(16 * 32), B(32 * 8);
-  for (auto& v : A) v = uint8_t(rnd(0, 255));
-  for (auto& v : B) v = uint8_t(rnd(0, 255));
-  std::vector<int> want(16 * 8), D(16 * 8);
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 8; ++j) {
-      int acc = 1 + (i >= 8 ? 2 : 0) + (j % 2);  // c = {1, 2, 3, 4} per fragment position
-      for (int k = 0; k < 32; ++k) acc += int(A[size_t(i * 32 + k)]) * int(B[size_t(k * 8 + j)]);
-      want[size_t(i * 8 + j)] = acc;
-    }
-  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(A.data(), B.data(), D.data(), false, 0);
-  expect(cudaGetLastError() == cudaSuccess && D == want, "self-test: mma m16n8k32 u8 fragments give A*B + C");
-  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(A.data(), B.data(), D.data(), true, 0);
-  expect(D != want, "self-test: a wrong mma fragment is visible");
-  std::fill(A.begin(), A.end(), uint8_t(255));
-  std::fill(B.begin(), B.end(), uint8_t(255));
+  MmaProblem p = mma_problem(32, 255, true);
+  std::vector<int> D(16 * 8);
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(p.A.data(), p.B.data(), D.data(), false, 0);
+  expect(cudaGetLastError() == cudaSuccess && D == p.want, "self-test: mma m16n8k32 u8 fragments give A*B + C");
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(p.A.data(), p.B.data(), D.data(), true, 0);
+  expect(D != p.want, "self-test: a wrong mma fragment is visible");
+  std::fill(p.A.begin(), p.A.end(), uint8_t(255));
+  std::fill(p.B.begin(), p.B.end(), uint8_t(255));
   // c + 32 x 255^2 past 2^31 - 1: the GPU would wrap silently, the emulator fails the launch
-  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(A.data(), B.data(), D.data(), false, 2147483647 - 2000000);
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma_kernel)(p.A.data(), p.B.data(), D.data(), false, 2147483647 - 2000000);
   expect(cudaGetLastError() == cudaErrorLaunchFailure, "self-test: an s32 mma accumulator overflow fails the launch");
 
-  std::vector<uint8_t> A1(16 * 256), B1(256 * 8);
-  for (auto& v : A1) v = uint8_t(rnd(0, 1));
-  for (auto& v : B1) v = uint8_t(rnd(0, 1));
-  std::vector<int> want1(16 * 8), D1(16 * 8);
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 8; ++j) {
-      int acc = 0;
-      for (int k = 0; k < 256; ++k) acc += A1[size_t(i * 256 + k)] & B1[size_t(k * 8 + j)];
-      want1[size_t(i * 8 + j)] = acc;
-    }
-  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, bmma_kernel)(A1.data(), B1.data(), D1.data());
-  expect(cudaGetLastError() == cudaSuccess && D1 == want1, "self-test: mma m16n8k256 b1 and.popc fragments");
+  p = mma_problem(256, 1, false);  // bits: AND + popcount is the product of 0/1 values
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, bmma_kernel)(p.A.data(), p.B.data(), D.data());
+  expect(cudaGetLastError() == cudaSuccess && D == p.want, "self-test: mma m16n8k256 b1 and.popc fragments");
 
-  std::vector<uint8_t> A4(16 * 64), B4(64 * 8);
-  for (auto& v : A4) v = uint8_t(rnd(0, 15));
-  for (auto& v : B4) v = uint8_t(rnd(0, 15));
-  std::vector<int> want4(16 * 8), D4(16 * 8);
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 8; ++j) {
-      int acc = 0;
-      for (int k = 0; k < 64; ++k) acc += int(A4[size_t(i * 64 + k)]) * int(B4[size_t(k * 8 + j)]);
-      want4[size_t(i * 8 + j)] = acc;
-    }
-  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma4_kernel)(A4.data(), B4.data(), D4.data());
-  expect(cudaGetLastError() == cudaSuccess && D4 == want4, "self-test: mma m16n8k64 u4 fragments give A*B");
+  p = mma_problem(64, 15, false);
+  SONIQ_LAUNCH(dim3(1), dim3(32), 0, nullptr, mma4_kernel)(p.A.data(), p.B.data(), D.data());
+  expect(cudaGetLastError() == cudaSuccess && D == p.want, "self-test: mma m16n8k64 u4 fragments give A*B");
 }
 
 }  // namespace
