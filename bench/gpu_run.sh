@@ -22,6 +22,7 @@ collect() {  # at most 8 files back: the summary, the results, every log in one 
   (cd "$OUT" && tar czf "$FINAL/logs.tar.gz" --exclude='*.tar.gz' . 2> /dev/null)
 }
 trap collect EXIT
+trap 'collect; exit 143' TERM INT  # a device call past its time limit: keep what ran
 STAGES=${*:-build test sanitize bench}
 PY=${PYTHON:-python3}
 status=0
@@ -34,6 +35,7 @@ stage() {  # stage NAME LIMIT_S CMD...
   [ $rc -ne 0 ] && status=1
   say "$name: rc=$rc ($((SECONDS - t0)) s)$([ $rc -eq 124 ] && echo ' TIMED OUT')"
   tail -n 15 "$OUT/$name.log" | sed 's/^/    /' >> "$OUT/summary.txt"
+  collect  # after every stage, so even a SIGKILL of the whole run leaves the stages done so far
   return $rc
 }
 
