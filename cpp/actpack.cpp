@@ -79,12 +79,18 @@ void pack_row(const KernelTable& kt, const float* xr, int64_t M, int64_t r, cons
   }
 }
 
+// The first column of row xr holding a NaN, or -1.
+int64_t first_nan(const float* xr, int64_t K) {
+  for (int64_t k = 0; k < K; ++k)
+    if (std::isnan(xr[k])) return k;
+  return -1;
+}
+
 [[noreturn]] void report_nan(const float* x, int64_t M, int64_t ldx, int64_t K) {
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t k = 0; k < K; ++k)
-      if (std::isnan(x[r * ldx + k]))
-        throw std::invalid_argument("x[" + std::to_string(r) + ", " + std::to_string(k) +
-                                    "] is NaN: activations must not be NaN to be quantized");
+    if (const int64_t k = first_nan(x + r * ldx, K); k >= 0)
+      throw std::invalid_argument("x[" + std::to_string(r) + ", " + std::to_string(k) +
+                                  "] is NaN: activations must not be NaN to be quantized");
   throw std::invalid_argument("x holds a NaN: activations must not be NaN to be quantized");
 }
 
@@ -142,14 +148,8 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
     if (nan) any_nan.store(true, std::memory_order_relaxed);
   });
   if (nan_rows) {
-    std::fill(nan_rows, nan_rows + M, uint8_t(0));
-    if (any_nan.load())
-      for (int64_t r = 0; r < M; ++r)
-        for (int64_t k = 0; k < L.K; ++k)
-          if (std::isnan(x[r * ldx + k])) {
-            nan_rows[r] = 1;
-            break;
-          }
+    const bool any = any_nan.load();  // else no row needs the scan
+    for (int64_t r = 0; r < M; ++r) nan_rows[r] = any && first_nan(x + r * ldx, L.K) >= 0;
   } else if (any_nan.load()) {
     report_nan(x, M, ldx, L.K);
   }

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import check_scales
-from .ops._quantize import check_bits, level_bounds
+from .ops._quantize import quantizer_params
 from .ops._quantize_pack import make_plan
 from .packed import PackedTensor
 
@@ -119,12 +118,9 @@ class PackedConv2d(_PackedBase):
         """(scale, lo, hi, alpha) float32 per input channel for soniq::quantize_raw, checked once
         and cached with the plans: ops.quantize would check them on every call, which on a GPU
         means host syncs (and no CUDA graph or torch.compile fullgraph)."""
-        def make():
-            s, b = self.a_scale.detach().float().contiguous(), self.a_bits.detach().double()
-            check_scales(s, f"{self.name}.a_scale")
-            check_bits(b, exact=True, name=f"{self.name}.a_bits")
-            return (s, *(t.float().contiguous() for t in level_bounds(b, self.a_signed)))
-        return self._plan(("conv_quant",), make)
+        return self._plan(("conv_quant",), lambda: quantizer_params(
+            self.a_scale.detach().float().contiguous(), self.a_bits.detach().double(), self.a_signed, exact=True,
+            names=(f"{self.name}.a_scale", f"{self.name}.a_bits")))
 
     def _act_plan(self, integer: bool):
         # the unfolded rows already hold integers: quantizing them with scale 1 keeps them (they

@@ -130,6 +130,14 @@ def check_bits(bits: Tensor, exact: bool, name: str = "bits") -> None:
         raise ValueError(f"{name}[{i}] = {float(bits[i])}: bit widths must be {want}")
 
 
+def quantizer_params(s: Tensor, b: Tensor, signed: bool, *, exact: bool, names=("scale", "bits")) -> tuple:
+    """(scale, lo, hi, alpha) in s's dtype for soniq::quantize_raw, from per-channel scales s
+    and bits b (float64), checked (the messages name them as `names`)."""
+    check_scales(s, names[0])
+    check_bits(b, exact=exact, name=names[1])
+    return (s, *(t.to(s.dtype) for t in level_bounds(b, bool(signed))))
+
+
 def resolve_seed(seed) -> int:
     if seed is None:  # reproducible under torch.manual_seed
         return int(torch.randint(0, 2**62, (1,)).item())
@@ -167,10 +175,7 @@ def quantize(x, scale, bits, *, signed: bool, noise: str = "none", seed=None, ax
     C = x.shape[axis]
     s = _channel_vector(scale, C, "scale", x)
     b = _channel_vector(bits, C, "bits", x, torch.float64)
-    check_scales(s, "scale")
-    check_bits(b, exact=noise == "none")
-    lo, hi, alpha = level_bounds(b, bool(signed))
-    lo, hi, alpha = (t.to(x.dtype) for t in (lo, hi, alpha))
+    s, lo, hi, alpha = quantizer_params(s, b, signed, exact=noise == "none")
     sd = resolve_seed(seed) if noise == "uniform" else 0
     if x.device.type == "cuda" and not _C.built_with_cuda:
         raise RuntimeError("soniq was built without CUDA kernels; move x to the CPU or reinstall with nvcc")
