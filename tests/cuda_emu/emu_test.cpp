@@ -427,49 +427,61 @@ __global__ void diverged_kernel(int* out) {
   __syncthreads();
 }
 
+// This lane's fragments of A (16 x K, row-major) and B (K x 8, [k][n]) for an mma shape
+// with EB-bit elements: 32 / EB per register, low bits first, K = 8 * that; a0 row g, a1 row
+// g + 8, a2 / a3 the same rows at k + K/2; b0 / b1 column g at k and k + K/2 (PTX ISA
+// "Matrix Fragments" for m16n8k32 u8, m16n8k64 u4, m16n8k256 b1).
+template <int EB>
+__device__ void fragments(const uint8_t* A, const uint8_t* B, int lane, unsigned (&a)[4], unsigned (&b)[2]) {
+  constexpr int per = 32 / EB, K = 8 * per;
+  const int g = lane / 4, t = lane % 4;
+  for (int reg = 0; reg < 4; ++reg) {
+    a[reg] = 0;
+    for (int j = 0; j < per; ++j)
+      a[reg] |= unsigned(A[(g + 8 * (reg & 1)) * K + (K / 2) * (reg >> 1) + per * t + j]) << (EB * j);
+  }
+  for (int reg = 0; reg < 2; ++reg) {
+    b[reg] = 0;
+    for (int j = 0; j < per; ++j) b[reg] |= unsigned(B[((K / 2) * reg + per * t + j) * 8 + g]) << (EB * j);
+  }
+}
+
+// c -> D (16 x 8) from this lane's accumulator fragment (c0, c1 row g; c2, c3 row g + 8).
+__device__ void store_accumulators(const int (&c)[4], int lane, int* D) {
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
+}
+
 // One warp multiplies a 16x32 u8 A by a 32x8 u8 B through the mma fragments of ptx.cuh;
 // swap_regs swaps a1 and a2 (a wrong fragment) to show such a bug is caught.
 __global__ void mma_kernel(const uint8_t* A, const uint8_t* B, int* D, bool swap_regs, int c0) {
-  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
-  auto word = [](const uint8_t* p) { return unsigned(p[0]) | unsigned(p[1]) << 8 | unsigned(p[2]) << 16 | unsigned(p[3]) << 24; };
-  unsigned a[4];
-  for (int reg = 0; reg < 4; ++reg) a[reg] = word(A + (g + 8 * (reg & 1)) * 32 + 16 * (reg >> 1) + 4 * t);
+  const int lane = int(threadIdx.x);
+  unsigned a[4], b[2];
+  fragments<8>(A, B, lane, a, b);
   if (swap_regs) std::swap(a[1], a[2]);
-  unsigned b[2];
-  for (int reg = 0; reg < 2; ++reg) {
-    uint8_t col[4];
-    for (int j = 0; j < 4; ++j) col[j] = B[(16 * reg + 4 * t + j) * 8 + g];
-    b[reg] = word(col);
-  }
   int c[4] = {c0 + 1, c0 + 2, c0 + 3, c0 + 4};
   soniq::cuda::detail::mma_u8_m16n8k32(c, a[0], a[1], a[2], a[3], b[0], b[1]);
-  for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
+  store_accumulators(c, lane, D);
 }
 
 // The same for the u4 shape: A 16x64, B 64x8, codes 0..15, 8 per register.
 __global__ void mma4_kernel(const uint8_t* A, const uint8_t* B, int* D) {
-  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
-  unsigned a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
-  for (int reg = 0; reg < 4; ++reg)
-    for (int j = 0; j < 8; ++j) a[reg] |= unsigned(A[(g + 8 * (reg & 1)) * 64 + 32 * (reg >> 1) + 8 * t + j]) << (4 * j);
-  for (int reg = 0; reg < 2; ++reg)
-    for (int j = 0; j < 8; ++j) b[reg] |= unsigned(B[(32 * reg + 8 * t + j) * 8 + g]) << (4 * j);
+  const int lane = int(threadIdx.x);
+  unsigned a[4], b[2];
+  fragments<4>(A, B, lane, a, b);
   int c[4] = {0, 0, 0, 0};
   soniq::cuda::detail::mma_u4_m16n8k64(c, a[0], a[1], a[2], a[3], b[0], b[1]);
-  for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = c[e];
+  store_accumulators(c, lane, D);
 }
 
 // The same for the binary shape: A 16x256 bits, B 256x8 bits (one byte per bit here).
 __global__ void bmma_kernel(const uint8_t* A, const uint8_t* B, int* D) {
-  const int lane = int(threadIdx.x), g = lane / 4, t = lane % 4;
-  unsigned a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
-  for (int reg = 0; reg < 4; ++reg)
-    for (int j = 0; j < 32; ++j) a[reg] |= unsigned(A[(g + 8 * (reg & 1)) * 256 + 128 * (reg >> 1) + 32 * t + j]) << j;
-  for (int reg = 0; reg < 2; ++reg)
-    for (int j = 0; j < 32; ++j) b[reg] |= unsigned(B[(128 * reg + 32 * t + j) * 8 + g]) << j;
+  const int lane = int(threadIdx.x);
+  unsigned a[4], b[2];
+  fragments<1>(A, B, lane, a, b);
   int d[4];
   soniq::cuda::detail::mma_b1_m16n8k256(d, a[0], a[1], a[2], a[3], b[0], b[1]);
-  for (int e = 0; e < 4; ++e) D[(g + 8 * (e >> 1)) * 8 + 2 * t + (e & 1)] = d[e];
+  store_accumulators(d, lane, D);
 }
 
 // A random 16 x K times K x 8 problem with codes 0..max_code (A row-major, B [k][n]) and its
