@@ -331,6 +331,8 @@ def test_raw_op_marks_nan_rows_instead_of_raising(isa):
     q = plan(x[[0, 1, 3]])
     keep = torch.tensor([0, 1, 3])
     assert torch.equal(ops.unpack(p)[keep], ops.unpack(q)) and p._nan_rows.tolist() == [False, False, True, False]
+    # no NaN on the CPU: nothing for the layer to fill (it skips the elementwise pass)
+    assert plan(x[[0, 1, 3]], nan_rows=True)._nan_rows is None
     torch.library.opcheck(torch.ops.soniq.quantize_pack_raw.default, (x, perm, segs, seg_scale, signed, words, 0, 0, True))
 
 

@@ -57,7 +57,8 @@ class _PackedBase(nn.Module):
         # fused quantize + pack; a row of x holding a NaN gives a NaN output row, as in the
         # float layer, found without a host sync (a per-call sync would stall the GPU)
         a = plan(rows, nan_rows=True)
-        return ops.mpgemm(a, self.w).masked_fill_(a._nan_rows[:, None], float("nan"))
+        out = ops.mpgemm(a, self.w)
+        return out if a._nan_rows is None else out.masked_fill_(a._nan_rows[:, None], float("nan"))
 
     def precision(self) -> dict:
         return {"type": type(self).__name__, "w_bits": self.w.bit_histogram(),

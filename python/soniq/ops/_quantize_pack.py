@@ -68,7 +68,9 @@ class ActPlan:
                  nan_rows: bool = False) -> PackedTensor:
         """noise: 0 (round to nearest) or 1 (Philox noise of `seed`, then round). A NaN in x
         raises, unless nan_rows: then the result's `_nan_rows` (bool [M]) marks the rows
-        holding one, found without a host sync (the packed layers make those outputs NaN)."""
+        holding one, found without a host sync (the packed layers make those outputs NaN);
+        None on the CPU when no row does (known there at no cost: the layer skips the fill,
+        an OpenMP region that fights soniq's own pool for the cores)."""
         M = x.shape[0]
         if x.requires_grad:  # not differentiable (as ops.quantize): the kernel reads the values only
             x = x.detach()
@@ -76,6 +78,8 @@ class ActPlan:
         args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words, noise, seed, nan_rows)
         if type(x) is Tensor and not torch.compiler.is_compiling():
             data, sums, rows = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
+            if nan_rows and x.device.type == "cpu" and not bool(rows.any()):
+                nan_rows = False
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
             data, sums, rows = torch.ops.soniq.quantize_pack_raw(*args)
         desc, desc_d, row_perm_d = self._rows_meta(M, x.device)
