@@ -33,8 +33,78 @@ class _PackedBase(nn.Module):
         dev = fn(torch.empty(0, device=self.w.device)).device  # where fn sends tensors
         if dev != self.w.device:
             self.w = self.w.to(dev)
-            self.__dict__.pop("_act_plans", None)  # plans cache device copies of the layout
+            self._weights_changed()  # plans cache device copies of the layout
         return out
+
+    def _weights_changed(self) -> None:
+        """Drops everything derived from self.w (activation plans hold its K layout). Any new
+        cache of the weights kept on the module must be dropped here too."""
+        self.__dict__.pop("_act_plans", None)
+
+    # ---- state dict: the packed weight's parts are module state (see docs/DESIGN_NOTES.md) ----
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, t in self.w.state_dict().items():
+            destination[prefix + "w." + k] = t if keep_vars else t.detach()
+        destination[prefix + "w.meta"] = self.w.metadata_tensor()
+        destination[prefix + "a_signed"] = torch.tensor(self.a_signed)
+
+    def _state_keys(self) -> list:
+        return [*("w." + k for k in self.w.state_dict()), "w.meta", "a_signed"]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Buffers load as usual; the packed weight is rebuilt from its parts, validated
+        (ops._pack.validate_packed, shape/axis/signedness of this layer, K layout against
+        a_bits) and replaces self.w. All of its parts absent: reported as missing keys (an
+        error under strict=True; strict=False keeps the current weight and lists them). Some
+        present, or present but malformed: always an error (torch raises error_msgs even
+        with strict=False), and self.w is left as it was."""
+        def own(k):
+            return k.startswith(prefix) and (k[len(prefix):] == "a_signed" or k[len(prefix):].startswith("w."))
+
+        mine = {k[len(prefix):]: v for k, v in state_dict.items() if own(k)}
+        rest = {k: v for k, v in state_dict.items() if not own(k)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        expected = self._state_keys()
+        if not mine:
+            missing_keys.extend(prefix + k for k in expected)
+            return
+        unexpected_keys.extend(prefix + k for k in mine if k not in expected)
+        absent = [k for k in expected if k not in mine]
+        if absent:
+            error_msgs.append(f"packed weight of {prefix or 'the module'!r} is incomplete: missing {absent} "
+                              "(a state dict of a soniq packed layer holds all of them)")
+            return
+        try:
+            self._replace_weight(mine)
+        except (ValueError, TypeError, RuntimeError) as e:
+            error_msgs.append(f"packed weight of {prefix or 'the module'!r}: {e}")
+
+    def _replace_weight(self, parts: dict) -> None:
+        old, old_signed = self.w, self.a_signed
+        meta = PackedTensor.metadata_from_tensor(parts["w.meta"])
+        sig = parts["a_signed"]
+        if not isinstance(sig, Tensor) or sig.numel() != 1 or sig.dtype != torch.bool:
+            raise ValueError(f"a_signed must be a bool tensor of one element, got {sig!r}")
+        tensors = {k[2:]: v.detach().to(device=old.device, copy=True).contiguous()
+                   for k, v in parts.items() if k.startswith("w.") and k != "w.meta"}
+        w = PackedTensor.from_state_dict(tensors, meta)
+        if (w.shape, w.axis, w.signed) != (old.shape, old.axis, old.signed):
+            raise ValueError(f"shape/axis/signed {w.shape}/{w.axis}/{w.signed} do not match this layer's "
+                             f"{old.shape}/{old.axis}/{old.signed}")
+        self.w, self.a_signed = w, bool(sig)
+        self._weights_changed()
+        try:  # the plans check the weights' K layout against a_bits; built now as at construction
+            self._build_plans()
+        except Exception:
+            self.w, self.a_signed = old, old_signed
+            self._weights_changed()
+            self._build_plans()
+            raise
+
+    def _build_plans(self) -> None:
+        self._act_plan(False)
 
     def _plan(self, key, make):
         """The activation layout (ops.quantize_pack's ActPlan), checked once and cached until
@@ -66,6 +136,17 @@ class _PackedBase(nn.Module):
                 "packed_weight_bytes": self.w.nbytes}
 
 
+def _layer_from_state(sd: dict) -> tuple:
+    """(w, a_bits, a_scale, a_signed, bias) from a packed layer's state_dict()."""
+    need = ["w.meta", "a_bits", "a_scale", "a_signed"]
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"state_dict is missing {missing} (not a soniq packed layer's state_dict?)")
+    w = PackedTensor.from_state_dict({k[2:]: v for k, v in sd.items() if k.startswith("w.") and k != "w.meta"},
+                           PackedTensor.metadata_from_tensor(sd["w.meta"]))
+    return w, sd["a_bits"], sd["a_scale"], bool(sd["a_signed"]), sd.get("bias")
+
+
 class PackedLinear(_PackedBase):
     """a_inv_smooth (optional, per input feature): the QLinear's float32 1/s smoothing factors,
     applied to x before quantizing (the weights were packed from W * s)."""
@@ -80,6 +161,12 @@ class PackedLinear(_PackedBase):
                                  f"got shape {tuple(a_inv_smooth.shape)}")
         self.register_buffer("a_inv_smooth", a_inv_smooth)
         self._act_plan(False)  # built now, so torch.compile traces a cached plan (no graph break)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, name: str = "?") -> "PackedLinear":
+        """A PackedLinear rebuilt from its own state_dict() (no prepared model needed)."""
+        w, a_bits, a_scale, a_signed, bias = _layer_from_state(state_dict)
+        return cls(w, a_bits, a_scale, a_signed, bias, name, a_inv_smooth=state_dict.get("a_inv_smooth"))
 
     def _act_plan(self, integer: bool):
         K = self.a_bits.numel()
@@ -112,7 +199,17 @@ class PackedConv2d(_PackedBase):
         super().__init__(w, a_bits, a_scale, a_signed, bias, name)
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
-        self._act_plan(False)  # built now, so torch.compile traces a cached plan (no graph break)
+        self._build_plans()  # built now, so torch.compile traces cached plans (no graph break)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict, name: str = "?", *, kernel_size, stride, padding,
+                        dilation) -> "PackedConv2d":
+        """A PackedConv2d rebuilt from its own state_dict() and its geometry (conv_args())."""
+        return cls(*_layer_from_state(state_dict), name, kernel_size=kernel_size, stride=stride,
+                   padding=padding, dilation=dilation)
+
+    def _build_plans(self) -> None:
+        self._act_plan(False)
         self._quant_params()
 
     def _quant_params(self) -> tuple:

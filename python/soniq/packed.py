@@ -8,6 +8,8 @@ import torch
 
 LAYOUT = "bitplanes-v1"
 _UNPACK_DTYPES = {"int8", "int16", "int32", "int64", "uint8"}
+_LAYOUT_VERSION = 1                                        # LAYOUT as a number (metadata_tensor)
+_META_DTYPES = ("int64", "int32", "int16", "int8", "uint8")  # index = code in metadata_tensor
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,25 @@ class PackedTensor:
     def metadata(self) -> dict:
         return {"shape": list(self.shape), "axis": self.axis, "signed": self.signed,
                 "dtype": str(self.dtype).replace("torch.", ""), "layout": self.layout}
+
+    def metadata_tensor(self) -> torch.Tensor:
+        """metadata() as int64 [layout version, R, K, axis, signed, dtype index]: a module's
+        state_dict holds only tensors, so safetensors and torch.save both keep it."""
+        return torch.tensor([_LAYOUT_VERSION, *self.shape, self.axis, int(self.signed),
+                             _META_DTYPES.index(str(self.dtype).replace("torch.", ""))], dtype=torch.int64)
+
+    @staticmethod
+    def metadata_from_tensor(t) -> dict:
+        """Inverse of metadata_tensor(); a malformed tensor raises ValueError."""
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (6,):
+            raise ValueError(f"packed metadata must be an int64 tensor of 6 entries, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        ver, R, K, axis, signed, dt = t.tolist()
+        if ver != _LAYOUT_VERSION:
+            raise ValueError(f"unsupported packed layout version {ver}; this soniq reads {_LAYOUT_VERSION} ({LAYOUT})")
+        if signed not in (0, 1) or not 0 <= dt < len(_META_DTYPES):
+            raise ValueError(f"packed metadata malformed: signed={signed}, dtype index={dt}")
+        return {"shape": [R, K], "axis": axis, "signed": bool(signed), "dtype": _META_DTYPES[dt], "layout": LAYOUT}
 
     @classmethod
     def from_state_dict(cls, tensors: dict, meta: dict) -> "PackedTensor":

@@ -9,23 +9,28 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._quantizers import (PHASE_EXACT, PHASE_NOISE, ActQuantizer, ChannelQuantizer, WeightQuantizer,
-                          check_smooth_alpha)
+from ..ops._quantize import resolve_seed
+from ._quantizers import check_smooth_alpha
 
 __all__ = ["QATConfig", "prepare", "bit_penalty", "freeze_precision", "precision_report", "quant_layers",
            "set_uniform_precision"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class QATConfig:
     """Palettes (low tier in 1..4, high tier in 4..8), average-bit budgets, the penalty weight,
-    and the module names to leave in float ("first"/"last" name the first/last layer)."""
+    and the module names to leave in float ("first"/"last" name the first/last layer).
+
+    A value: immutable, never written by prepare / freeze_precision (the training phase and
+    the calibration live on the prepared model's quantizers), so one config prepares any
+    number of models. seed: phase-1 noise drawn from (seed, rank, layer, step) instead of
+    torch's global generator (see soniq.qat.prepare)."""
 
     w_palette: tuple = (2, 4)
     a_palette: tuple = (4, 8)
@@ -34,11 +39,10 @@ class QATConfig:
     exclude: tuple = ()
     penalty_weight: float = 1.0
     size_bytes_target: Optional[float] = None   # optional budget on weight bytes (bits/8 summed)
-    phase: int = PHASE_NOISE
     init_w_bits: Optional[float] = None         # phase-1 starting bits (default: palette middle)
     init_a_bits: Optional[float] = None
     smooth_alpha: Optional[float] = None        # Linear layers: SmoothQuant-style input smoothing (QLinear)
-    extra: dict = field(default_factory=dict)
+    seed: Optional[int] = None                  # phase-1 noise seed (None: torch's generator)
 
     def __post_init__(self):
         for name, (lo_rng, hi_rng) in (("w_palette", ((1, 4), (4, 8))), ("a_palette", ((1, 4), (4, 8)))):
@@ -48,7 +52,7 @@ class QATConfig:
             lo, hi = pal
             if not (lo_rng[0] <= lo <= lo_rng[1] and hi_rng[0] <= hi <= hi_rng[1] and lo <= hi):
                 raise ValueError(f"{name}={tuple(pal)}: the low tier must be in 1..4 and the high tier in 4..8")
-            setattr(self, name, (lo, hi))
+            object.__setattr__(self, name, (lo, hi))
         for name, pal in (("w_bits_target", self.w_palette), ("a_bits_target", self.a_palette)):
             t = getattr(self, name)
             if not isinstance(t, (int, float)) or not t == t:
@@ -57,10 +61,10 @@ class QATConfig:
                 raise ValueError(f"budget cannot be met: {name}={t} is below the palette's low tier {pal[0]}")
         if self.penalty_weight < 0 or self.penalty_weight != self.penalty_weight:
             raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight!r}")
-        if self.phase not in (PHASE_NOISE, PHASE_EXACT):
-            raise ValueError(f"phase must be 1 (noise, learned bits) or 2 (exact), got {self.phase!r}")
-        self.smooth_alpha = check_smooth_alpha(self.smooth_alpha)
-        self.exclude = tuple(self.exclude)
+        if self.seed is not None:
+            resolve_seed(self.seed)  # the same checks as ops.quantize's seed
+        object.__setattr__(self, "smooth_alpha", check_smooth_alpha(self.smooth_alpha))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
 
 
 def quant_layers(model: nn.Module) -> dict:
@@ -102,8 +106,6 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
         q.w_quant.name, q.a_quant.name = f"{name}.weight", f"{name}.input"
         setattr(parent, attr, q)
     model._soniq_config = cfg
-    if cfg.phase == PHASE_EXACT:
-        freeze_precision(model)
     return model
 
 
@@ -211,7 +213,6 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
     if refit_weight_scales:
         for m in layers:
             m.w_quant.refit_clip(m.effective_weight())
-    cfg.phase = PHASE_EXACT
     return model
 
 
