@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .qat import _dist
 from .qat._quantizers import PHASE_EXACT, ActQuantizer, WeightQuantizer, check_smooth_alpha
 
 
@@ -101,6 +102,7 @@ class QLinear(_QMixin, nn.Linear):
         # the weight clip was fit to the unsmoothed weight
         b = int(round(float(self.w_quant.bits().mean())))
         self.w_quant.clip.copy_(WeightQuantizer._init_clip(self.effective_weight().detach(), b))
+        _dist.broadcast_from_rank0(self.a_smooth, self.a_inv_smooth, self.w_quant.clip)  # as calibrate()
 
     def effective_weight(self) -> Tensor:
         return self.weight if self.smooth_alpha is None else self.weight * self.a_smooth

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..ops._quantize import resolve_seed
-from ._quantizers import check_smooth_alpha
+from . import _dist
+from ._quantizers import check_smooth_alpha, mix_seed
 
 __all__ = ["QATConfig", "prepare", "bit_penalty", "freeze_precision", "precision_report", "quant_layers",
            "set_uniform_precision"]
@@ -91,6 +92,7 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
         raise ValueError(f"exclude names modules that are not Linear/Conv2d layers of the model: {sorted(unknown)}")
     kw = dict(w_palette=cfg.w_palette, a_palette=cfg.a_palette,
               w_bits=cfg.init_w_bits or sum(cfg.w_palette) / 2, a_bits=cfg.init_a_bits or sum(cfg.a_palette) / 2)
+    keyed = []
     for name in cand:
         if name in excl:
             continue
@@ -104,6 +106,10 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
         except ValueError as e:
             raise ValueError(f"module {name!r} ({type(m).__name__}) cannot be quantized: {e}") from None
         q.w_quant.name, q.a_quant.name = f"{name}.weight", f"{name}.input"
+        if cfg.seed is not None:  # noise keyed by (seed, layer, weight/input); rank and step added per call
+            q.w_quant.noise_key = mix_seed(cfg.seed, len(keyed), 0)
+            q.a_quant.noise_key = mix_seed(cfg.seed, len(keyed), 1)
+        keyed.append(name)
         setattr(parent, attr, q)
     model._soniq_config = cfg
     return model
@@ -208,6 +214,10 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
             if cfg.size_bytes_target * 8 / n_w < target:
                 target, what = cfg.size_bytes_target * 8 / n_w, f"size_bytes_target={cfg.size_bytes_target}"
         tiers = _assign_tiers([q.bits() for q in qs], counts, pal, target, what)
+        # every rank takes rank 0's tiers (equal anyway when the bit logits are, as under DDP)
+        flat = torch.cat(tiers).to(qs[0].frozen_bits.device)
+        _dist.broadcast_from_rank0(flat)
+        tiers = flat.split([q.channels for q in qs])
         for q, b in zip(qs, tiers):
             q.freeze(b)
     if refit_weight_scales:

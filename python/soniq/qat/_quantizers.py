@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops._quantize import level_bounds, resolve_seed
+from . import _dist
 from ._autograd import NoiseQuant, RoundQuant, grad_scale
 
 PHASE_NOISE, PHASE_EXACT = 1, 2
@@ -27,6 +28,16 @@ def check_smooth_alpha(alpha):
     if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"smooth_alpha must be a number in [0, 1] or None, got {alpha!r}")
     return None if alpha is None else float(alpha)
+
+
+def mix_seed(*words: int) -> int:
+    """A seed in [0, 2**63) from integers (splitmix64 over each word in turn)."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = (h ^ (int(w) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h >> 1
 
 
 def _den(bits: Tensor, signed: bool) -> Tensor:
@@ -54,6 +65,10 @@ class ChannelQuantizer(nn.Module):
         self.register_buffer("phase", torch.tensor(PHASE_NOISE))
         self.name = "?"  # set by soniq.qat.prepare, used in error messages
         self.channels = channels
+        # phase-1 noise: with a key (soniq.qat.prepare with QATConfig(seed=...)), call n on rank r
+        # uses the seed mix(key, r, n), so ranks differ and a rerun repeats; without one, a seed
+        # from torch's generator. noise_rank overrides the torch.distributed rank (tests).
+        self.noise_key, self.noise_calls, self.noise_rank = None, 0, None
 
     def bits(self) -> Tensor:
         """Per-channel bits: continuous (differentiable) in phase 1, the frozen integers in phase 2."""
@@ -85,7 +100,14 @@ class ChannelQuantizer(nn.Module):
         step = step.to(x.dtype)
         if int(self.phase) == PHASE_EXACT:
             return RoundQuant.apply(x, step, lo.detach(), hi.detach(), alpha.detach(), axis)
-        return NoiseQuant.apply(x, step, lo, hi, alpha, axis, resolve_seed(None))
+        return NoiseQuant.apply(x, step, lo, hi, alpha, axis, self._noise_seed())
+
+    def _noise_seed(self) -> int:
+        if self.noise_key is None:
+            return resolve_seed(None)
+        r = _dist.rank() if self.noise_rank is None else self.noise_rank
+        self.noise_calls += 1
+        return mix_seed(self.noise_key, r, self.noise_calls - 1)
 
 
 class WeightQuantizer(ChannelQuantizer):
@@ -167,6 +189,9 @@ class ActQuantizer(ChannelQuantizer):
             if err < best_err:
                 best, best_err = clip, err
         self.clip.fill_(best)
+        # under torch.distributed every rank takes rank 0's calibration (its data, its noise),
+        # so clips and signedness never diverge; a single process computes the same as rank 0
+        _dist.broadcast_from_rank0(self.clip, self.is_signed, self.elems_per_channel)
         self.calibrated.fill_(True)
 
     def step(self, numel_per_channel: int = 1) -> Tensor:
