@@ -78,6 +78,24 @@ def test_saved_folder_loads_on_another_isa_path(demo):
         assert np.array_equal(np.load(dst), ref), isa
 
 
+def test_load_leaves_process_settings_alone(demo, monkeypatch):
+    """soniq.load quiets transformers and keeps the hub offline for its own call only."""
+    from transformers.utils import logging as log
+
+    out, _ = demo
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    level, bars = log.get_verbosity(), log.is_progress_bar_enabled()
+    log.set_verbosity_info()
+    log.enable_progress_bar()
+    try:
+        soniq.load(out / "model")
+        assert "HF_HUB_OFFLINE" not in os.environ
+        assert log.get_verbosity() == log.INFO and log.is_progress_bar_enabled()
+    finally:
+        log.set_verbosity(level)
+        (log.enable_progress_bar if bars else log.disable_progress_bar)()
+
+
 def test_truncated_or_tampered_files_are_refused(demo, tmp_path):
     out, _ = demo
     src = out / "model"

@@ -102,9 +102,11 @@ def test_mpgemm_argument_errors():
 def test_k_layout_mismatch_is_explained():
     bits = np.array([4, 8] * 5)
     a = ops.pack(np.zeros((2, 10), dtype=np.int64), bits, signed=False, axis=1)
-    b = packed()
-    with pytest.raises(ValueError, match="different K layouts.*k_layout="):
-        ops.mpgemm(a, b)
+    # both operands with per-K-column bits in different layouts: no side can be re-laid out
+    b = ops.pack(np.zeros((3, 10), dtype=np.int64), np.array([2, 4] * 5), signed=False, axis=1)
+    c = ops.pack(np.zeros((3, 10), dtype=np.int64), np.array([2] * 5 + [4] * 5), signed=False, axis=1)
+    with pytest.raises(ValueError, match="different K layouts.*segment by K segment.*KLayout.from_bits"):
+        ops.mpgemm(b, c)
     with pytest.raises(ValueError, match="k_layout does not match bits"):
         ops.pack(np.zeros((2, 10), dtype=np.int64), np.array([4] * 9 + [8]), signed=False, axis=1, k_layout=a)
     with pytest.raises(ValueError, match="k_layout.perm must have K=11"):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from soniq.ops._quantize import level_bounds
-from soniq.qat._autograd import NoiseQuant, RoundQuant
-from soniq.qat._quantizers import ActQuantizer, WeightQuantizer
+from soniq._quant_autograd import NoiseQuant, RoundQuant
+from soniq._quantizers import ActQuantizer, WeightQuantizer
 
 
 @pytest.mark.parametrize("signed", [False, True])

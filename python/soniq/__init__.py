@@ -3,22 +3,15 @@
 See README.md and design.md. Public API: soniq.ops (pack / unpack / mpgemm),
 soniq.PackedTensor, soniq.info(), thread and ISA controls.
 """
-from importlib import metadata as _metadata
-
 from . import _native  # noqa: F401  (loads soniq._C and applies SONIQ_ISA)
 from ._runtime import (get_isa, get_num_threads, info, set_isa, set_num_threads,
                        supported_isas, use_isa)
+from ._version import __version__
 from .packed import KLayout, PackedTensor
 from . import ops
-# ---- training / deployment (issue #8) ----
-from . import nn, qat  # noqa: E402
-from ._convert import convert  # noqa: E402
-from ._io import load, save  # noqa: E402
-
-try:
-    __version__ = _metadata.version("soniq")
-except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+unknown"
+from . import nn, qat
+from ._convert import convert
+from ._io import load, save
 
 __all__ = ["ops", "PackedTensor", "KLayout", "info", "get_num_threads", "set_num_threads",
            "get_isa", "set_isa", "use_isa", "supported_isas", "__version__",

@@ -9,7 +9,8 @@ from torch import nn
 from . import ops
 from ._packed_nn import PackedConv2d, PackedLinear
 from .packed import KLayout
-from .qat._quantizers import PHASE_EXACT
+from ._quantizers import PHASE_EXACT
+from .nn import QConv2d, QLinear
 
 
 def _pack_weight(m, a_bits_k: torch.Tensor, name: str):
@@ -21,8 +22,6 @@ def _pack_weight(m, a_bits_k: torch.Tensor, name: str):
 
 
 def convert_module(m, name: str):
-    from .nn import QConv2d, QLinear
-
     if m.phase != PHASE_EXACT:
         raise ValueError(f"module {name!r} ({type(m).__name__}) is still in phase 1 (noise, real-valued bits); "
                          "call soniq.qat.freeze_precision(model) and fine-tune before soniq.convert")
@@ -51,8 +50,6 @@ def convert_module(m, name: str):
 def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Returns a copy of `model` (phase 2) where every QLinear / QConv2d is a PackedLinear /
     PackedConv2d: exact integer accumulators equal to the fake-quantized model's."""
-    from .nn import QConv2d, QLinear
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = model if inplace else copy.deepcopy(model)

@@ -1,131 +1,22 @@
-"""soniq.save / soniq.load: converted models as safetensors + JSON metadata.
-
-The file holds every tensor (packed weights via PackedTensor.state_dict(), activation
-bits/scales, biases, the other modules' state) and, in the header metadata, a JSON record
-with a format version, the module tree (when built from standard layers; otherwise pass
-the architecture as load(path, model=...)) and a SHA-256 of all tensor bytes, so a
-truncated or tampered file raises a clear error instead of loading wrong numbers.
-Writes go to a temporary file in the same folder, then os.replace (atomic).
-"""
+"""soniq.save / soniq.load: one safetensors file (_model_file.py) for any converted model, or
+a folder (_st_io.py) for a SentenceTransformer."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 
-import torch
 from torch import nn
 
-from ._packed_nn import PackedConv2d, PackedLinear
-from .packed import PackedTensor
-
-FORMAT, VERSION = "soniq-model", 1
-
-# leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
-_LEAVES = {
-    "ReLU": lambda m: {}, "ReLU6": lambda m: {}, "GELU": lambda m: {"approximate": m.approximate},
-    "Tanh": lambda m: {}, "Sigmoid": lambda m: {}, "Identity": lambda m: {},
-    "LeakyReLU": lambda m: {"negative_slope": m.negative_slope},
-    "Flatten": lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim},
-    "Dropout": lambda m: {"p": m.p},
-    "MaxPool2d": lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
-    "AvgPool2d": lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
-    "AdaptiveAvgPool2d": lambda m: {"output_size": m.output_size},
-    "BatchNorm1d": lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum},
-    "BatchNorm2d": lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum},
-    "Linear": lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
-    "Conv2d": lambda m: {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": m.kernel_size,
-                         "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
-                         "bias": m.bias is not None},
-}
-
-
-def _tree(m: nn.Module):
-    if isinstance(m, (PackedLinear, PackedConv2d)):
-        return {"type": type(m).__name__}
-    if type(m) is nn.Sequential:
-        kids = {n: _tree(c) for n, c in m.named_children()}
-        return None if any(v is None for v in kids.values()) else {"type": "Sequential", "children": kids}
-    name = type(m).__name__
-    if type(m) is getattr(nn, name, None) and name in _LEAVES:
-        return {"type": name, "args": _LEAVES[name](m)}
-    return None
-
-
-def _build(t: dict):
-    if t["type"] == "Sequential":
-        return nn.Sequential(__import__("collections").OrderedDict((n, _build(c)) for n, c in t["children"].items()))
-    if t["type"] in ("PackedLinear", "PackedConv2d"):
-        return None  # filled in from the packed records
-    return getattr(nn, t["type"])(**t["args"])
-
-
-def _digest(tensors: dict, meta: dict) -> str:
-    """SHA-256 over the metadata (less the digest itself) and every tensor's name, dtype,
-    shape and bytes: any change to the file after saving is caught."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
-    for k in sorted(tensors):
-        t = tensors[k].contiguous()
-        h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _is_sentence_transformer(model) -> bool:
-    return any(c.__name__ == "SentenceTransformer" and c.__module__.startswith("sentence_transformers")
-               for c in type(model).__mro__)
+from ._model_file import load_file, save_file
+from ._st_io import is_model_dir, is_sentence_transformer, load_dir, save_dir
 
 
 def save(model: nn.Module, path) -> None:
     """Writes a converted model (soniq.convert) to `path` (safetensors), atomically. A
     SentenceTransformer is written as a folder (configuration, tokenizer, soniq weights) that
     soniq.load(path) turns back into a SentenceTransformer."""
-    if _is_sentence_transformer(model):
-        from ._st_io import save_dir
-
+    if is_sentence_transformer(model):
         return save_dir(model, path)
     return save_file(model, path)
-
-
-def save_file(model: nn.Module, path) -> None:
-    """soniq.save for one safetensors file (any model with packed layers)."""
-    from safetensors.torch import save_file as st_save_file
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    packed = {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, PackedConv2d))}
-    if not packed:
-        raise ValueError("model has no packed layers: call soniq.convert(model) before soniq.save")
-    tensors, records = {}, {}
-    for n, m in packed.items():
-        for k, t in m.w.state_dict().items():
-            tensors[f"{n}|w.{k}"] = t.detach().cpu().contiguous()
-        tensors[f"{n}|a_bits"], tensors[f"{n}|a_scale"] = m.a_bits.cpu(), m.a_scale.cpu()  # a model may be on a GPU
-        if m.bias is not None:
-            tensors[f"{n}|bias"] = m.bias.detach().cpu()
-        if getattr(m, "a_inv_smooth", None) is not None:
-            tensors[f"{n}|a_inv_smooth"] = m.a_inv_smooth.cpu()
-        rec = {"type": type(m).__name__, "w_meta": m.w.metadata(), "a_signed": m.a_signed}
-        if isinstance(m, PackedConv2d):
-            rec["conv"] = m.conv_args()
-        records[n] = rec
-    for k, t in model.state_dict().items():
-        if not any(k == n or k.startswith(n + ".") for n in packed) and t is not None:
-            tensors[f"state|{k}"] = t.detach().cpu().contiguous()
-    meta = {"format": FORMAT, "version": VERSION, "packed": records, "tree": _tree(model)}
-    meta["sha256"] = _digest(tensors, meta)
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".soniq-", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        st_save_file(tensors, tmp, metadata={"soniq": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load(path, model: nn.Module | None = None) -> nn.Module:
@@ -133,69 +24,6 @@ def load(path, model: nn.Module | None = None) -> nn.Module:
     of Linear/Conv2d/activations/pooling/...) are rebuilt from the file; otherwise pass the
     architecture as `model` (its float or prepared form): its packed layers are replaced.
     A folder written for a SentenceTransformer comes back as a SentenceTransformer."""
-    from safetensors import safe_open
-
-    from ._st_io import is_model_dir, load_dir
-
-    path = os.fspath(path)
-    if model is None and is_model_dir(path):
+    if model is None and is_model_dir(os.fspath(path)):
         return load_dir(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{path}: a folder without a soniq manifest; pass the model file (.safetensors) "
-                         "or a folder written by soniq.save(sentence_transformer, folder)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors raises its own types for truncated/garbled files
-        raise ValueError(f"{path}: not a readable soniq model file (truncated or corrupted?): {e}") from None
-    try:
-        meta = json.loads(header["soniq"])
-    except (KeyError, json.JSONDecodeError):
-        raise ValueError(f"{path}: safetensors file without soniq metadata (not written by soniq.save)") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads version {VERSION}")
-    if _digest(tensors, meta) != meta.get("sha256"):
-        raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
-
-    try:
-        return _rebuild(path, meta, tensors, model)
-    except (KeyError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path}: malformed soniq model record ({type(e).__name__}: {e})") from None
-
-
-def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
-    if model is None:
-        if meta.get("tree") is None:
-            raise ValueError(f"{path}: the saved model has custom module types; pass its architecture as "
-                             "soniq.load(path, model=...)")
-        model = _build(meta["tree"])
-    for n, rec in meta["packed"].items():
-        pre = f"{n}|"
-        wt = {k[len(pre) + 2:]: v for k, v in tensors.items() if k.startswith(pre + "w.")}
-        w = PackedTensor.from_state_dict(wt, rec["w_meta"])
-        args = (w, tensors[pre + "a_bits"], tensors[pre + "a_scale"], rec["a_signed"], tensors.get(pre + "bias"), n)
-        if rec["type"] == "PackedConv2d":
-            mod = PackedConv2d(*args, **rec["conv"])
-        else:
-            mod = PackedLinear(*args, a_inv_smooth=tensors.get(pre + "a_inv_smooth"))
-        if mod.a_bits.numel() * (1 if rec["type"] == "PackedLinear" else
-                                 rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]) != w.shape[1]:
-            raise ValueError(f"{path}: layer {n!r}: activation bits do not match the packed weight's K={w.shape[1]}")
-        parent = model
-        parts = n.split(".")
-        for p in parts[:-1]:
-            parent = getattr(parent, p)
-        setattr(parent, parts[-1], mod)
-    state = {k[len("state|"):]: v for k, v in tensors.items() if k.startswith("state|")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not any(k.startswith(n + ".") for n in meta["packed"])]
-    if missing or unexpected:
-        raise ValueError(f"{path}: the file does not match the model: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_file(path, model)

@@ -6,7 +6,10 @@ import os
 import platform
 from typing import Iterator
 
+import torch
+
 from ._native import _C
+from ._version import __version__
 
 
 def get_num_threads() -> int:
@@ -60,8 +63,6 @@ def _cuda_report() -> dict:
 
 def info(verbose: bool = True) -> dict:
     """Returns (and by default prints) version, build, CPU features, ISA path and threads."""
-    from . import __version__
-    import torch
 
     cpu = _C.cpu_info()
     d = {

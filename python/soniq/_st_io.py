@@ -18,6 +18,10 @@ import os
 import shutil
 import tempfile
 
+from ._hf import quiet_offline
+from ._model_file import load_file, save_file
+from ._version import __version__
+
 MANIFEST, MODEL_FILE, KIND = "soniq.json", "soniq_model.safetensors", "sentence-transformers"
 
 
@@ -29,20 +33,10 @@ def _require():
                            f"pip install 'soniq[transformer]' ({e})") from None
 
 
-def _quiet_transformers():
-    """Rebuilding from a folder without float weights makes transformers list every weight as
-    'newly initialized'; they are all replaced by the soniq file right after."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-
-
 def save_dir(model, path) -> None:
     """Writes a SentenceTransformer with soniq packed layers to the folder `path`. The folder is
     assembled beside it and renamed into place, so an interrupted save never leaves a mix."""
     from safetensors.torch import save_file as st_save_file
-
-    from ._io import save_file
 
     _require()
     from sentence_transformers import SentenceTransformer
@@ -59,18 +53,16 @@ def save_dir(model, path) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".soniq-", dir=parent)
     try:
-        _quiet_transformers()
-        model.save(tmp)  # configuration, tokenizer, pooling; its weights file is replaced below
+        with quiet_offline():
+            model.save(tmp)  # configuration, tokenizer, pooling; its weights file is replaced below
         for name in os.listdir(tmp):
             if name.endswith((".safetensors", ".bin")) and name.startswith(("model", "pytorch_model")):
                 os.remove(os.path.join(tmp, name))
         st_save_file({}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         save_file(model, os.path.join(tmp, MODEL_FILE))
-        import soniq
-
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"format": "soniq-dir", "kind": KIND, "model_file": MODEL_FILE,
-                       "soniq_version": soniq.__version__}, f, indent=1)
+                       "soniq_version": __version__}, f, indent=1)
         old = None
         if os.path.isdir(path):
             old = tempfile.mkdtemp(prefix=".soniq-old-", dir=parent)
@@ -84,14 +76,17 @@ def save_dir(model, path) -> None:
         raise
 
 
+def is_sentence_transformer(model) -> bool:
+    return any(c.__name__ == "SentenceTransformer" and c.__module__.startswith("sentence_transformers")
+               for c in type(model).__mro__)
+
+
 def is_model_dir(path) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))
 
 
 def load_dir(path, device: str = "cpu"):
     """Reads a folder written by save_dir and returns the SentenceTransformer."""
-    from ._io import load
-
     path = os.fspath(path)
     try:
         with open(os.path.join(path, MANIFEST)) as f:
@@ -105,16 +100,9 @@ def load_dir(path, device: str = "cpu"):
     _require()
     from sentence_transformers import SentenceTransformer
 
-    _quiet_transformers()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # "loading" an empty weights file
-    try:
+    # quiet: rebuilding from a folder without float weights makes transformers list every
+    # weight as 'newly initialized' (the soniq file replaces them all right after)
+    with quiet_offline():
         model = SentenceTransformer(path, device="cpu", local_files_only=True)
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-    model = load(os.path.join(path, manifest.get("model_file", MODEL_FILE)), model=model)
+    model = load_file(os.path.join(path, manifest.get("model_file", MODEL_FILE)), model=model)
     return model.to(device) if device != "cpu" else model

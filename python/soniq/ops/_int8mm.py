@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._bitplanes import unpack_block_torch
 from .._native import _C
 
 MAX_KLEN = 131071
@@ -42,7 +43,6 @@ def expand_block(data: Tensor, off: int, bits: int, rows: int, klen: int, kw: in
         stream = torch.cuda.current_stream(data.device).cuda_stream
         _C.cuda_expand_codes(data.data_ptr() + 8 * off, bits, rows, kw, klen, out.data_ptr(), rows_pad, kpad, stream)
     else:  # the torch reference of the kernel
-        from ._library import unpack_block_torch
         codes = unpack_block_torch(data[off:off + bits * rows * kw], bits, rows, klen, kw)
         out.zero_()
         out[:rows, :klen] = (codes.to(torch.int16) - SHIFT).to(torch.int8)

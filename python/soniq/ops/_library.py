@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._bitplanes import pack_block_torch, unpack_block_impl, unpack_block_torch  # noqa: F401 (tests use the references)
 from .._native import _C
 from . import _int8mm
 
@@ -21,28 +22,7 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-# ---- pack / unpack one uniform block --------------------------------------------------
-def pack_block_torch(codes: Tensor, bits: int, kw: int) -> Tensor:
-    """Pure-torch packing (any device); the native kernel is checked against it."""
-    rows, klen = codes.shape
-    padded = torch.zeros(rows, kw * 64, dtype=torch.int64, device=codes.device)
-    padded[:, :klen] = codes.to(torch.int64)
-    padded = padded.view(rows, kw, 64)
-    shifts = torch.arange(64, device=codes.device, dtype=torch.int64)
-    # each word is a sum of distinct powers of two, i.e. their OR (bit 63 wraps to the sign)
-    planes = [(((padded >> p) & 1) << shifts).sum(-1) for p in range(bits)]
-    return torch.stack(planes).reshape(-1)
-
-
-def unpack_block_torch(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
-    shifts = torch.arange(64, device=planes.device, dtype=torch.int64)
-    words = planes.view(bits, rows, kw, 1)
-    bitv = (words >> shifts) & 1  # [bits, rows, kw, 64]
-    weights = (1 << torch.arange(bits, device=planes.device, dtype=torch.int64)).view(bits, 1, 1, 1)
-    codes = (bitv * weights).sum(0).reshape(rows, kw * 64)[:, :klen]
-    return codes.to(torch.uint8).contiguous()
-
-
+# ---- pack / unpack one uniform block (torch references in soniq/_bitplanes.py) --------
 @torch.library.custom_op("soniq::pack_block", mutates_args=())
 def pack_block(codes: Tensor, bits: int, kw: int) -> Tensor:
     """codes: uint8 [rows, klen] (< 2**bits) -> int64 words [bits * rows * kw] (bit planes)."""
@@ -63,12 +43,7 @@ def _(codes, bits, kw):
 @torch.library.custom_op("soniq::unpack_block", mutates_args=())
 def unpack_block(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
     """Inverse of pack_block: int64 words -> uint8 codes [rows, klen]."""
-    if planes.device.type != "cpu":
-        return unpack_block_torch(planes, bits, rows, klen, kw)
-    planes = planes.contiguous()
-    out = torch.empty(rows, klen, dtype=torch.uint8)
-    _C.unpack_block(planes.data_ptr(), rows, klen, bits, kw, out.data_ptr(), klen)
-    return out
+    return unpack_block_impl(planes, bits, rows, klen, kw)
 
 
 @unpack_block.register_fake

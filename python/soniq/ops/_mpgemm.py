@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from .._checks import max_abs_value
+from .._native import _C
 from ..packed import PackedTensor
 from . import _library as L
+from ._pack import pack, unpack
 
 INT32_MAX = 2**31 - 1
 
@@ -21,6 +23,26 @@ def int32_limit(a: PackedTensor, b: PackedTensor) -> int:
                       for n, ba, bb in zip(klens, da[2:], db[2:]))
             worst = max(worst, tot)
     return worst
+
+
+def _common_k_layout(a: PackedTensor, b: PackedTensor) -> tuple:
+    """The kernels multiply K segment by K segment, each of one bit width in both operands,
+    so a and b must permute and cut K alike. An operand with a single K segment has one
+    width along all of K and fits any layout: it is unpacked and repacked in the other's
+    (costs a pack of that operand on every call; pack it with k_layout= to pay it once)."""
+    if len(b.k_layout.seg_lens) == 1:
+        return a, _relayout(b, a)
+    if len(a.k_layout.seg_lens) == 1:
+        return _relayout(a, b), b
+    raise ValueError(
+        "a and b have different K layouts (a: " + a.k_layout.describe() + "; b: " + b.k_layout.describe()
+        + "). The kernels multiply K segment by K segment, each of one bit width in both operands, so "
+        "both must order and cut K the same way; with per-K-column bits on both sides, pack them with "
+        "k_layout=soniq.KLayout.from_bits(a_bits, b_bits).")
+
+
+def _relayout(p: PackedTensor, like: PackedTensor) -> PackedTensor:
+    return pack(unpack(p), p.bits, signed=p.signed, axis=p.axis, scale=p.scale, k_layout=like)
 
 
 def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = None):
@@ -44,11 +66,9 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
     if a.device != b.device:
         raise ValueError(f"a and b must be on the same device, got a on {a.device} and b on {b.device}")
     # operands from a plan checked against the other one (packed layers) share its layout
-    shared = getattr(a, "_k_layout_of", None) is b or getattr(b, "_k_layout_of", None) is a
+    shared = a._k_layout_of is b or b._k_layout_of is a
     if not shared and not a.k_layout.same_as(b.k_layout):
-        raise ValueError(
-            "a and b have different K layouts (a: " + a.k_layout.describe() + "; b: " + b.k_layout.describe()
-            + "). When either operand has per-K-column bits, pack the other with k_layout=<that operand>.")
+        a, b = _common_k_layout(a, b)
 
     scaled = a.scale is not None or b.scale is not None
     if scaled:
@@ -67,7 +87,6 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
     else:
         raise ValueError(f"out_dtype must be None, torch.int32 or torch.int64 (or float32 with scales), got {out_dtype}")
     if a.device.type == "cuda":
-        from .._native import _C
         if not _C.built_with_cuda:
             raise RuntimeError("soniq was built without CUDA kernels; move the operands to the CPU "
                                "or reinstall with nvcc available (SONIQ_CUDA=ON)")

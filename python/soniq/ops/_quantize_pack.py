@@ -83,14 +83,13 @@ class ActPlan:
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
             data, sums, rows = torch.ops.soniq.quantize_pack_raw(*args)
         desc, desc_d, row_perm_d = self._rows_meta(M, x.device)
-        pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data, desc=desc_d,
-                          sums=sums, row_perm=row_perm_d, k_perm=dev["k_perm"], ksegs=dev["ksegs"],
-                          scale=dev["out_scale"], dtype=torch.int64, kind=kind)
-        pt._host = (desc, self.ksegs, self.k_perm)  # the CPU copies: a GPU mpgemm needs no sync
-        pt._seg_scale = dev["out_seg_scale"]  # known already: mpgemm need not gather it
-        pt._k_layout_of = self.layout_of  # mpgemm against it needs no layout comparison
-        pt._nan_rows = rows if nan_rows else None
-        return pt
+        # host_meta: the CPU copies (a GPU mpgemm needs no sync); seg_scale known already (mpgemm
+        # need not gather it); k_layout_of: mpgemm against that operand skips the layout comparison
+        return PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data,
+                            desc=desc_d, sums=sums, row_perm=row_perm_d, k_perm=dev["k_perm"], ksegs=dev["ksegs"],
+                            scale=dev["out_scale"], dtype=torch.int64, kind=kind,
+                            host_meta=(desc, self.ksegs, self.k_perm), seg_scale=dev["out_seg_scale"],
+                            k_layout_of=self.layout_of, nan_rows=rows if nan_rows else None)
 
 
 def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SAME) -> ActPlan:

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _dist
+from .._quantizers import check_smooth_alpha, mix_seed
+from ..nn import QConv2d, QLinear
 from ..ops._quantize import resolve_seed
-from . import _dist
-from ._quantizers import check_smooth_alpha, mix_seed
 
 __all__ = ["QATConfig", "prepare", "bit_penalty", "freeze_precision", "precision_report", "quant_layers",
            "set_uniform_precision"]
@@ -69,15 +70,11 @@ class QATConfig:
 
 
 def quant_layers(model: nn.Module) -> dict:
-    from ..nn import QConv2d, QLinear
-
     return {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QConv2d))}
 
 
 def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
     """Swaps every nn.Linear / nn.Conv2d (not excluded) for QLinear / QConv2d in place."""
-    from ..nn import QConv2d, QLinear
-
     cfg = config or QATConfig()
     if not isinstance(cfg, QATConfig):
         raise TypeError(f"config must be a soniq.qat.QATConfig, got {type(cfg).__name__}")

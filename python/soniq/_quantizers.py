@@ -16,9 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops._quantize import level_bounds, resolve_seed
 from . import _dist
-from ._autograd import NoiseQuant, RoundQuant, grad_scale
+from ._quant_autograd import NoiseQuant, RoundQuant, grad_scale
+from .ops._quantize import level_bounds, resolve_seed
 
 PHASE_NOISE, PHASE_EXACT = 1, 2
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops._quantize import philox_uniform
+from .ops._quantize import philox_uniform
 
 
 def _view(t: Tensor, dim: int, axis: int) -> Tensor:
