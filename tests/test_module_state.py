@@ -143,6 +143,13 @@ def test_incomplete_or_corrupt_packed_weights_refused(models, strict):
         with pytest.raises(RuntimeError, match="packed weight of 'fc.'"):
             c.load_state_dict(sd, strict=strict)
         assert c.fc.w is before, key
+    # a valid weight packed for other activation tiers (K layout) than the a_bits loaded with it
+    sd = dict(a.state_dict())
+    sd["fc.a_bits"] = sd["fc.a_bits"].roll(1)
+    assert not torch.equal(sd["fc.a_bits"], a.fc.a_bits)
+    with pytest.raises(RuntimeError, match="packed weight of 'fc.'.*k_layout"):
+        c.load_state_dict(sd, strict=strict)
+    assert c.fc.w is before
     # a weight of another layer's shape
     sd = dict(a.state_dict())
     for k in [k for k in sd if k.startswith("fc.w.")]:

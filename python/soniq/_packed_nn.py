@@ -99,8 +99,7 @@ class _PackedBase(nn.Module):
             self._build_plans()
         except Exception:
             self.w, self.a_signed = old, old_signed
-            self._weights_changed()
-            self._build_plans()
+            self._weights_changed()  # rebuilt on the next call
             raise
 
     def _build_plans(self) -> None:
@@ -142,8 +141,8 @@ def _layer_from_state(sd: dict) -> tuple:
     missing = [k for k in need if k not in sd]
     if missing:
         raise ValueError(f"state_dict is missing {missing} (not a soniq packed layer's state_dict?)")
-    w = PackedTensor.from_state_dict({k[2:]: v for k, v in sd.items() if k.startswith("w.") and k != "w.meta"},
-                           PackedTensor.metadata_from_tensor(sd["w.meta"]))
+    parts = {k[2:]: v for k, v in sd.items() if k.startswith("w.") and k != "w.meta"}
+    w = PackedTensor.from_state_dict(parts, PackedTensor.metadata_from_tensor(sd["w.meta"]))
     return w, sd["a_bits"], sd["a_scale"], bool(sd["a_signed"]), sd.get("bias")
 
 
