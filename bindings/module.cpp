@@ -50,7 +50,7 @@ void soniq::bindings::register_core(py::module_& m) {
   m.def("supported_isas", &supported_isas);
   m.def("missing_features", &missing_features, py::arg("isa"));
   m.def("active_isa", &active_isa);
-  m.def("set_isa", &set_isa, py::arg("isa"));
+  // set_isa: bound in cpu_kernels.cpp (it checks the forced kernel path)
   m.def("default_num_threads", &default_num_threads);
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"), py::call_guard<py::gil_scoped_release>());

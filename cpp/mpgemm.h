@@ -31,7 +31,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
 
 // Which block kernel the driver uses: Auto picks per block pair from the ISA's measured
 // threshold (KernelTable::bitserial_max_pairs) and the table-lookup kernel for GEMV rows;
-// the others force one (tests, benchmarks); Lut falls back to Bytes where the ISA has none.
+// the others force one (tests, benchmarks); the bindings refuse Lut where the ISA has none.
 enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2, Lut = 3 };
 void set_kernel_path(KernelPath p);
 KernelPath get_kernel_path();

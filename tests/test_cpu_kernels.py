@@ -35,6 +35,7 @@ def kernel_setup():
     """Restores ISA, kernel path and threads after a test that changes them."""
     isa, path, threads = soniq.get_isa(), _C.get_kernel_path(), soniq.get_num_threads()
     yield
+    _C.set_kernel_path("auto")  # a forced path the ISA lacks would refuse the ISA
     soniq.set_isa(isa)
     _C.set_kernel_path(path)
     soniq.set_num_threads(threads)
@@ -68,6 +69,8 @@ def check(a, ba, sa, b, bb, sb, a_axis=0, b_axis=0):
 def test_all_bit_pairs_exact(isa, path, kernel_setup):
     rng = np.random.default_rng(hash((isa, path)) % 2**32)
     soniq.set_isa(isa)
+    if path not in _C.kernel_paths():
+        pytest.skip(f"isa {isa} has no {path} kernels (set_kernel_path refuses it: tested below)")
     _C.set_kernel_path(path)
     for ba, bb in itertools.product(range(1, 9), range(1, 9)):
         M, N, K = int(rng.integers(1, 6)), int(rng.integers(1, 10)), int(rng.choice([1, 63, 65, 200]))
@@ -83,7 +86,7 @@ def test_odd_shapes_and_threads(isa, shape, threads, kernel_setup):
     soniq.set_isa(isa)
     soniq.set_num_threads(threads)
     M, N, K = shape
-    for path in PATHS:
+    for path in _C.kernel_paths():
         _C.set_kernel_path(path)
         for ba, bb in [(1, 1), (2, 2), (8, 1), (8, 4), (4, 8)]:
             check(random_values(rng, M, K, ba, False), ba, False, random_values(rng, N, K, bb, True), bb, True)
@@ -96,7 +99,7 @@ def test_extreme_codes_do_not_saturate(isa, M, kernel_setup):
     saturate for any bit pair (the bound that lets them accumulate in int16 is tight)."""
     soniq.set_isa(isa)
     K, N = 4200, 6
-    for path in PATHS:
+    for path in _C.kernel_paths():
         _C.set_kernel_path(path)
         for ba, bb in [(8, 8), (8, 6), (8, 4), (8, 2), (8, 1), (4, 4), (6, 8), (7, 7)]:
             a = np.full((M, K), (1 << ba) - 1, dtype=np.int64)
@@ -114,7 +117,7 @@ def test_long_k_crosses_kernel_blocks(isa, M, kernel_setup):
     rng = np.random.default_rng(M)
     soniq.set_isa(isa)
     K = 33000
-    for path in PATHS:
+    for path in _C.kernel_paths():
         _C.set_kernel_path(path)
         for ba, bb in [(1, 1), (2, 2), (8, 1), (4, 4), (8, 8)]:
             check(random_values(rng, M, K, ba, False), ba, False, random_values(rng, 5, K, bb, False), bb, False)
@@ -149,11 +152,13 @@ def test_property_every_isa_and_path(ba, bb, M, N, K, sa, sb, seed):
     isa0, path0 = soniq.get_isa(), _C.get_kernel_path()
     try:
         for isa in ISAS:
+            _C.set_kernel_path("auto")
             soniq.set_isa(isa)
-            for path in PATHS:
+            for path in _C.kernel_paths():
                 _C.set_kernel_path(path)
                 check(a, ba, sa, b, bb, sb)
     finally:
+        _C.set_kernel_path("auto")
         soniq.set_isa(isa0)
         _C.set_kernel_path(path0)
 
@@ -177,6 +182,31 @@ def test_pack_planes_matches_torch_reference(isa, bits, kernel_setup):
 def test_kernel_path_rejects_unknown_name():
     with pytest.raises(ValueError, match="path must be"):
         _C.set_kernel_path("fastest")
+
+
+def test_kernel_path_the_isa_lacks_is_refused(kernel_setup):
+    """Forcing the table path on an ISA without table kernels raises (it used to run the byte
+    path silently), and so does switching to such an ISA while the table path is forced."""
+    def has_lut(isa):
+        soniq.set_isa(isa)
+        return "lut" in _C.kernel_paths()
+
+    with_lut = [i for i in ISAS if has_lut(i)]
+    without = [i for i in ISAS if i not in with_lut]
+    assert set(with_lut) <= {"avx2"} and without  # scalar never has table kernels
+    for isa in without:
+        _C.set_kernel_path("auto")
+        soniq.set_isa(isa)
+        with pytest.raises(ValueError, match=f"'lut' needs the table-lookup kernels.*'{isa}' lacks"):
+            _C.set_kernel_path("lut")
+        assert _C.get_kernel_path() == "auto"
+    for isa in with_lut:
+        _C.set_kernel_path("auto")
+        soniq.set_isa(isa)
+        _C.set_kernel_path("lut")
+        with pytest.raises(ValueError, match=f"isa '{without[0]}' has no table-lookup kernels"):
+            soniq.set_isa(without[0])
+        assert soniq.get_isa() == isa and _C.get_kernel_path() == "lut"
 
 
 def _avx2_object():
