@@ -7,7 +7,6 @@ from .._checks import max_abs_value
 from .._native import _C
 from ..packed import PackedTensor
 from . import _library as L
-from ._pack import pack, unpack
 
 INT32_MAX = 2**31 - 1
 
@@ -28,8 +27,9 @@ def int32_limit(a: PackedTensor, b: PackedTensor) -> int:
 def _common_k_layout(a: PackedTensor, b: PackedTensor) -> tuple:
     """The kernels multiply K segment by K segment, each of one bit width in both operands,
     so a and b must permute and cut K alike. An operand with a single K segment has one
-    width along all of K and fits any layout: it is unpacked and repacked in the other's
-    (costs a pack of that operand on every call; pack it with k_layout= to pay it once)."""
+    width along all of K and fits any layout: its codes are unpacked and repacked in the
+    other's (costs about a pack of that operand on every call; pack it with k_layout= to
+    pay it once)."""
     if len(b.k_layout.seg_lens) == 1:
         return a, _relayout(b, a)
     if len(a.k_layout.seg_lens) == 1:
@@ -42,7 +42,34 @@ def _common_k_layout(a: PackedTensor, b: PackedTensor) -> tuple:
 
 
 def _relayout(p: PackedTensor, like: PackedTensor) -> PackedTensor:
-    return pack(unpack(p), p.bits, signed=p.signed, axis=p.axis, scale=p.scale, k_layout=like)
+    """p (one K segment) with like's K permutation and segments, moved at the code level:
+    each row group's codes are unpacked once, their columns reordered, and every target
+    segment packed with the group's width (values, ranges and scales are unchanged)."""
+    _, like_ksegs, like_perm = like.host_meta()
+    desc, ksegs, k_perm = p.host_meta()
+    K, kw = p.shape[1], int(ksegs[0, 1])
+    dev = p.data.device
+    inv = torch.empty_like(k_perm)
+    inv[k_perm] = torch.arange(K)
+    cols = inv[like_perm].to(dev)  # target position -> column of p's codes
+    lens = [int(n) for n in like_ksegs[:, 0].tolist()]
+    kws = [int(w) for w in like_ksegs[:, 1].tolist()]
+    words, new_desc, sums, off = [], [], torch.empty(p.shape[0], len(lens), dtype=torch.int64, device=dev), 0
+    for r0, rows, b in desc[:, :3].tolist():
+        codes = L.unpack_block(p.data[off:off + b * rows * kw], b, rows, K, kw).index_select(1, cols)
+        off += b * rows * kw
+        new_desc.append([r0, rows] + [b] * len(lens))
+        s0 = 0
+        for s, (n, w) in enumerate(zip(lens, kws)):
+            blk = codes[:, s0:s0 + n].contiguous()
+            words.append(L.pack_block(blk, b, w))
+            sums[r0:r0 + rows, s] = blk.sum(1, dtype=torch.int64)
+            s0 += n
+    new_desc = torch.tensor(new_desc, dtype=torch.int64)
+    return PackedTensor(shape=p.shape, axis=p.axis, signed=p.signed, bits=p.bits, data=torch.cat(words),
+                        desc=new_desc.to(dev), sums=sums, row_perm=p.row_perm, k_perm=like.k_perm.to(dev),
+                        ksegs=like_ksegs.to(dev), scale=p.scale, dtype=p.dtype, kind=p.kind,
+                        host_meta=(new_desc, like_ksegs, like_perm), k_layout_of=like)
 
 
 def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = None):
