@@ -19,3 +19,16 @@ def test_demo_digits_quick(tmp_path, capsys):
     for k in ("fp32", "soniq", "uniform_lsq_qat", "ptq"):
         assert 10.0 < m[k]["acc_mean"] <= 100.0
     assert "SONIQ" in capsys.readouterr().out
+
+
+def test_validation_split_comes_from_the_training_split():
+    import torch
+
+    from soniq.demos.digits import load_data
+
+    Xtr, ytr, Xte, yte = load_data()
+    Xt2, yt2, Xva, yva = load_data(val=True)
+    assert (len(Xt2), len(Xva)) == (1010, 337) and len(Xtr) == 1347
+    rows = lambda X: sorted(tuple(r.flatten().tolist()) for r in X)  # noqa: E731
+    assert rows(torch.cat([Xt2, Xva])) == rows(Xtr)  # the two parts are the training split, test unused
+    assert torch.bincount(yva, minlength=10).min() >= 30  # stratified: every class held out

@@ -26,7 +26,7 @@ def _cmd_demo_digits(args) -> int:
         from soniq.demos.digits import main as digits_main
     except ImportError as e:  # pragma: no cover
         raise RuntimeError(f"the digits demo needs the demo extras (pip install 'soniq[demo]'): {e}") from None
-    return digits_main(seeds=args.seeds, quick=args.quick, json_path=args.json, out_dir=args.out)
+    return digits_main(seeds=args.seeds, quick=args.quick, json_path=args.json, out_dir=args.out, val=args.val)
 
 
 def _cmd_demo_minilm(args) -> int:
@@ -83,11 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     pq.set_defaults(func=_cmd_demo_quick)
     # ---- demo digits (issue #8) ----
     pg = dsub.add_parser("digits", help="train a small CNN on sklearn digits: SONIQ vs FP32, uniform QAT, PTQ, Brevitas")
-    pg.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --quick)")
+    pg.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5; 1 with --quick)")
     pg.add_argument("--quick", action="store_true", help="few epochs (about a minute), for tests")
     pg.add_argument("--json", default=None, metavar="PATH", help="where to write the results JSON "
                     "(default OUT/digits_results.json)")
     pg.add_argument("--out", default=".", metavar="DIR", help="folder for the JSON and the PNG plot")
+    pg.add_argument("--val", action="store_true", help="report on a validation split carved from the training "
+                    "split (for tuning), not on the test split")
     pg.set_defaults(func=_cmd_demo_digits)
     # ---- demo minilm (issue #6) ----
     pm = dsub.add_parser("minilm", help="quantize a pretrained MiniLM sentence encoder with SONIQ: fidelity, size "
