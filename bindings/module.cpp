@@ -4,12 +4,21 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <stdexcept>
+#include <thread>
+#include <vector>
 
 #include "../cpp/build_info.h"
 #include "../cpp/cpu_features.h"
 #include "../cpp/dispatch.h"
 #include "../cpp/mpgemm.h"
+#include "../cpp/omp_borrow.h"
 #include "../cpp/pack.h"
 #include "../cpp/threadpool.h"
 #include "registry.h"
@@ -54,6 +63,21 @@ void soniq::bindings::register_core(py::module_& m) {
   m.def("default_num_threads", &default_num_threads);
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"), py::call_guard<py::gil_scoped_release>());
+  m.def("thread_backend", &thread_backend);
+  m.def("set_thread_backend", &set_thread_backend, py::arg("name"));
+  m.def("openmp_library", &omp::library_path);
+  // tests: which OS threads run a parallel job's tasks (each sleeps sleep_us; task throw_at throws)
+  m.def("_parallel_tids",
+        [](int64_t n, int sleep_us, int64_t throw_at) {
+          std::vector<int64_t> tids(size_t(std::max<int64_t>(n, 0)));
+          parallel_for(n, [&](int64_t i) {
+            if (i == throw_at) throw std::runtime_error("task " + std::to_string(i) + " failed");
+            std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+            tids[size_t(i)] = int64_t(syscall(SYS_gettid));
+          });
+          return tids;
+        },
+        py::arg("n"), py::arg("sleep_us") = 0, py::arg("throw_at") = -1, py::call_guard<py::gil_scoped_release>());
 
   m.def("pack_block",
         [](uintptr_t codes, int64_t rows, int64_t klen, int64_t ld, int bits, int64_t kw, uintptr_t out) {

@@ -1,8 +1,11 @@
 #include "threadpool.h"
 
+#include "omp_borrow.h"
+
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -18,23 +21,22 @@
 namespace soniq {
 namespace {
 
-struct Pool {
-  std::mutex job_mutex;  // held by the caller running a parallel job
-  std::mutex m;
-  std::condition_variable cv_work, cv_done;
-  std::vector<std::thread> workers;
-  std::atomic<int> wanted{0};  // total threads including the caller (read without locks)
-  uint64_t generation = 0; // bumped for each job
-  std::atomic<uint64_t> published{0};  // = generation, readable without the lock (spin hint)
-  bool stopping = false;
-  // current job
+// One job's tasks, handed out one index at a time to whichever thread asks next.
+struct Tasks {
   const std::function<void(int64_t)>* fn = nullptr;
   int64_t n = 0;
   std::atomic<int64_t> next{0};
-  std::atomic<int> active{0};  // changed under m; read without it while spinning
+  std::mutex m;
   std::exception_ptr error;
 
-  void run_tasks() {
+  void reset(const std::function<void(int64_t)>* f, int64_t count) {
+    fn = f;
+    n = count;
+    next.store(0);
+    error = nullptr;
+  }
+
+  void run() {
     for (;;) {
       int64_t i = next.fetch_add(1, std::memory_order_relaxed);
       if (i >= n) break;
@@ -47,6 +49,27 @@ struct Pool {
       }
     }
   }
+
+  void rethrow() {
+    if (error) {
+      std::exception_ptr e = error;
+      error = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+};
+
+struct Pool {
+  std::mutex job_mutex;  // held by the caller running a parallel job
+  std::mutex m;
+  std::condition_variable cv_work, cv_done;
+  std::vector<std::thread> workers;
+  int wanted = 1;  // total threads including the caller (changed under job_mutex)
+  uint64_t generation = 0; // bumped for each job
+  std::atomic<uint64_t> published{0};  // = generation, readable without the lock (spin hint)
+  bool stopping = false;
+  Tasks job;  // the current job
+  std::atomic<int> active{0};  // changed under m; read without it while spinning
 
   // `seen` starts at the generation current when the worker is made: a worker made by a
   // resize must not mistake the last finished job for a new one (it would decrement
@@ -63,7 +86,7 @@ struct Pool {
       if (stopping) return;
       seen = generation;
       lk.unlock();
-      run_tasks();
+      job.run();
       lk.lock();
       if (--active == 0) cv_done.notify_all();
     }
@@ -104,12 +127,14 @@ struct Pool {
 
 Pool* g_pool = nullptr;
 std::mutex g_pool_mutex;
-int g_wanted_after_fork = 0;  // the parent's thread count, kept for the child's new pool
+std::atomic<int> g_explicit{0};   // set_num_threads's n; 0 = follow torch
+std::atomic<bool> g_force_pool{false};
+std::mutex g_omp_job;             // held by the caller running a job on the OpenMP team
+Tasks g_omp_tasks;
 
 void after_fork_child() {
   // The child has only the forking thread: abandon the parent's pool objects (their
   // threads do not exist here) and build a fresh pool on first use.
-  if (g_pool) g_wanted_after_fork = g_pool->wanted.load();
   g_pool = nullptr;
   new (&g_pool_mutex) std::mutex();
 }
@@ -123,7 +148,6 @@ Pool& pool() {
       registered = true;
     }
     g_pool = new Pool();  // never freed: workers may outlive static destructors
-    g_pool->wanted = g_wanted_after_fork > 0 ? g_wanted_after_fork : default_num_threads();
   }
   return *g_pool;
 }
@@ -153,46 +177,83 @@ int default_num_threads() {
   return n;
 }
 
-int get_num_threads() { return pool().wanted; }
+int get_num_threads() {
+  int n = g_explicit.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  return omp::loaded() ? std::max(1, omp::max_threads()) : default_num_threads();
+}
+
+namespace {
+
+// torch's team, when usable and of the job's size: a team of another size would make
+// libgomp end or create threads at every switch between soniq's regions and torch's.
+bool use_omp(int threads) {
+  return !g_force_pool.load(std::memory_order_relaxed) && omp::usable() && threads == omp::max_threads();
+}
+
+}  // namespace
 
 void set_num_threads(int n) {
   if (n < 1) throw std::invalid_argument("num_threads must be >= 1 (got " + std::to_string(n) + ")");
-  Pool& p = pool();
-  std::lock_guard<std::mutex> job(p.job_mutex);  // never resize under a running job
-  p.wanted = n;
-  p.ensure_workers();
+  g_explicit.store(n);  // the pool resizes at its next job, under its job lock
 }
 
-void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
-  if (n <= 0) return;
+void set_thread_backend(const std::string& name) {
+  if (name != "auto" && name != "pool")
+    throw std::invalid_argument("thread backend must be 'auto' or 'pool' (got '" + name + "')");
+  g_force_pool.store(name == "pool");
+}
+
+std::string thread_backend() { return use_omp(get_num_threads()) ? "openmp" : "pool"; }
+
+namespace {
+
+void run_inline(int64_t n, const std::function<void(int64_t)>& fn) {
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+// On torch's OpenMP team: the threads torch's own ops just used (and spin between regions).
+void run_on_omp(int64_t n, const std::function<void(int64_t)>& fn, int threads) {
+  std::unique_lock<std::mutex> job(g_omp_job, std::try_to_lock);
+  if (!job.owns_lock() || omp::in_parallel()) return run_inline(n, fn);
+  g_omp_tasks.reset(&fn, n);
+  // the whole team even when n < threads: libgomp ends the threads a smaller team leaves
+  // out, and torch's next region would have to create them again
+  omp::parallel([](void* t) { static_cast<Tasks*>(t)->run(); }, &g_omp_tasks, unsigned(threads));
+  g_omp_tasks.fn = nullptr;
+  g_omp_tasks.rethrow();
+}
+
+void run_on_pool(int64_t n, const std::function<void(int64_t)>& fn, int threads) {
   Pool& p = pool();
   std::unique_lock<std::mutex> job(p.job_mutex, std::try_to_lock);
-  if (!job.owns_lock() || p.wanted <= 1 || n == 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
+  if (!job.owns_lock()) return run_inline(n, fn);
+  p.wanted = threads;
   p.ensure_workers();
   {
     std::lock_guard<std::mutex> g(p.m);
-    p.fn = &fn;
-    p.n = n;
-    p.next.store(0);
-    p.error = nullptr;
+    p.job.reset(&fn, n);
     p.active = int(p.workers.size());
     ++p.generation;
     p.published.store(p.generation, std::memory_order_release);
   }
   p.cv_work.notify_all();
-  p.run_tasks();
+  p.job.run();
   Pool::spin_until([&] { return p.active.load(std::memory_order_acquire) == 0; });
   std::unique_lock<std::mutex> lk(p.m);
   p.cv_done.wait(lk, [&] { return p.active == 0; });
-  p.fn = nullptr;
-  if (p.error) {
-    std::exception_ptr e = p.error;
-    p.error = nullptr;
-    std::rethrow_exception(e);
-  }
+  p.job.fn = nullptr;
+  p.job.rethrow();
+}
+
+}  // namespace
+
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  int threads = n == 1 ? 1 : get_num_threads();
+  if (threads <= 1) return run_inline(n, fn);
+  if (use_omp(threads)) return run_on_omp(n, fn, threads);
+  run_on_pool(n, fn, threads);
 }
 
 }  // namespace soniq

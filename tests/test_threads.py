@@ -4,10 +4,15 @@
   results of serial calls;
 - the ops release the GIL (another Python thread keeps running during a long call);
 - soniq.set_num_threads changes nothing in the results, also when changed between calls;
+- the kernels run on torch's OpenMP threads (issue 13) with results bit-identical to soniq's
+  own pool and one thread; a forked child computes on the pool;
 - no deadlock after fork: a forked child (and a fork-context DataLoader worker) can use
   soniq even when the parent's pool was busy in another thread at the moment of fork.
 """
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -234,3 +239,181 @@ def test_dataloader_fork_workers_use_soniq():
     assert len(got) == 4
     for g in got:
         assert torch.equal(g, want)
+
+
+# ---- the OpenMP route (issue 13): kernels on torch's own OpenMP threads ------------------
+TORCH_OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+needs_torch_openmp = pytest.mark.skipif(not TORCH_OPENMP, reason="this torch does not run on OpenMP")
+_C = soniq._native._C
+
+
+@pytest.fixture
+def restore_backend():
+    n = torch.get_num_threads()
+    yield
+    _C.set_thread_backend("auto")
+    torch.set_num_threads(n)
+
+
+def _libgomps_mapped():
+    with open("/proc/self/maps") as f:
+        return {os.path.realpath(line.split()[-1]) for line in f if "libgomp" in line.split()[-1]}
+
+
+@needs_torch_openmp
+def test_kernels_run_on_torchs_libgomp():
+    """The route is on, and the runtime it found is the one libgomp mapped in this process
+    (torch's: no second OpenMP runtime was loaded)."""
+    assert _C.thread_backend() == "openmp"
+    lib = _C.openmp_library()
+    assert os.path.basename(lib).startswith("libgomp")
+    assert _libgomps_mapped() == {os.path.realpath(lib)}
+
+
+_SAME_THREADS = """
+import os, sys, torch, soniq
+from soniq import _C
+torch.set_num_threads(2)
+torch.randn(1 << 22).exp_()  # torch's OpenMP team of 2 exists now
+_C.set_thread_backend(sys.argv[1])
+before = set(os.listdir("/proc/self/task"))
+tids = set(_C._parallel_tids(64, 2000))
+after = set(os.listdir("/proc/self/task"))
+print(len(tids), len({str(t) for t in tids} - before), len(after - before), _C.thread_backend())
+"""
+
+
+@needs_torch_openmp
+@pytest.mark.skipif(soniq._native._C.default_num_threads() < 2, reason="needs 2 cores")
+def test_openmp_route_uses_torchs_threads_and_makes_none():
+    """A job's tasks run on threads that existed before it (torch's team, made by a torch op),
+    and no thread is created; soniq's own pool, the control, makes one."""
+    def run(backend):
+        r = subprocess.run([sys.executable, "-c", _SAME_THREADS, backend], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()
+    n_tids, foreign, created, backend = run("auto")
+    assert backend == "openmp" and int(n_tids) == 2, "the job did not run on 2 threads"
+    assert int(foreign) == 0 and int(created) == 0
+    n_tids, foreign, created, backend = run("pool")
+    assert backend == "pool" and int(n_tids) == 2 and int(foreign) == 1 and int(created) == 1
+
+
+def _work_fused(x, abits, w, wbits):
+    """_work plus float activations through ops.quantize_pack into a float mpgemm (the
+    packed modules' path), with a NaN row (its output row marked, the others exact)."""
+    from soniq.ops._quantize_pack import make_plan
+
+    out = _work(x, abits, w, wbits)
+    xf = torch.from_numpy(x.astype(np.float32) * 0.37)
+    xf[min(3, len(xf) - 1), 1] = float("nan")
+    pw = ops.pack(w, wbits, signed=True, scale=np.linspace(0.5, 2, len(wbits)),
+                  k_layout=soniq.KLayout.from_bits(torch.from_numpy(abits)))
+    plan = make_plan(torch.from_numpy(abits), 0.25, x.shape[1], signed=False, k_layout=pw)
+    a = plan(xf, nan_rows=True)
+    out["fused"] = ops.mpgemm(a, pw).numpy().copy()
+    out["nan_rows"] = a._nan_rows.numpy().copy()
+    return out
+
+
+@pytest.mark.parametrize("shape", [dict(M=1, N=333, K=1000), dict(M=67, N=130, K=517), dict(M=256, N=512, K=384)])
+def test_openmp_route_matches_pool_and_one_thread(restore_threads, restore_backend, shape):
+    """Bit-identical results whichever threads run the tasks: torch's OpenMP team (when this
+    torch has one), soniq's own pool, one thread, and more threads than cores."""
+    inp = _inputs(11, **shape)
+    soniq.set_num_threads(1)
+    want = _work_fused(*inp)
+    for backend in ("auto", "pool"):
+        _C.set_thread_backend(backend)
+        for n in (2, 3, 5):
+            torch.set_num_threads(n)  # the OpenMP route takes torch's team, so torch's count
+            soniq.set_num_threads(n)
+            if backend == "auto" and TORCH_OPENMP:
+                assert _C.thread_backend() == "openmp"
+            _assert_same(_work_fused(*inp), want)
+
+
+def test_task_errors_propagate_on_every_route(restore_threads, restore_backend):
+    torch.set_num_threads(2)
+    soniq.set_num_threads(2)
+    for backend in ("auto", "pool"):
+        _C.set_thread_backend(backend)
+        with pytest.raises(RuntimeError, match="task 5 failed"):
+            _C._parallel_tids(40, 100, 5)
+        assert all(t > 0 for t in _C._parallel_tids(40, 100))  # the route still works
+
+
+@needs_torch_openmp
+def test_a_count_apart_from_torchs_uses_the_pool(restore_threads, restore_backend):
+    """A team of another size than torch's would make libgomp end and recreate threads at
+    every switch between soniq's regions and torch's: such a count runs on the pool."""
+    torch.set_num_threads(2)
+    soniq.set_num_threads(3)
+    assert _C.thread_backend() == "pool"
+    soniq.set_num_threads(2)
+    assert _C.thread_backend() == "openmp"
+    _C.set_thread_backend("pool")
+    assert _C.thread_backend() == "pool"
+
+
+def test_thread_backend_rejects_unknown_names(restore_backend):
+    with pytest.raises(ValueError, match="'auto' or 'pool'"):
+        _C.set_thread_backend("gomp")
+
+
+_FOLLOW = """
+import torch, soniq
+out = []
+for n in (1, 2, 1):
+    torch.set_num_threads(n)
+    out.append(soniq.get_num_threads())
+soniq.set_num_threads(3)
+torch.set_num_threads(1)
+out.append(soniq.get_num_threads())
+print(*out)
+"""
+
+
+@needs_torch_openmp
+@pytest.mark.skipif(soniq._native._C.default_num_threads() < 2, reason="needs 2 cores")
+def test_default_thread_count_follows_torch():
+    """Until soniq.set_num_threads is called the count is torch's; after it, soniq's own."""
+    r = subprocess.run([sys.executable, "-c", _FOLLOW], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1", "2", "1", "3"]
+
+
+def _child_route(q, inp):
+    torch.set_num_threads(1)
+    try:
+        q.put(("ok", _C.thread_backend(), _work_fused(*inp)))
+    except BaseException as e:  # pragma: no cover - reported by the parent
+        q.put(("error", repr(e), None))
+
+
+@needs_torch_openmp
+def test_forked_child_leaves_the_openmp_route(restore_threads, restore_backend):
+    """libgomp's team does not survive fork: a child (here after the parent's kernels and
+    torch's ops ran on the team) computes on soniq's own pool, with 2 threads, exactly."""
+    torch.set_num_threads(2)
+    soniq.set_num_threads(2)
+    inp = _inputs(12, M=64, N=256, K=300)
+    want = _work_fused(*inp)
+    torch.randn(1 << 20).exp_()
+    assert _C.thread_backend() == "openmp"
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_route, args=(q, inp))
+    p.start()
+    try:
+        status, backend, got = q.get(timeout=120)
+    finally:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    assert status == "ok", backend
+    assert backend == "pool"
+    _assert_same(got, want)
+    assert p.exitcode == 0
+    assert _C.thread_backend() == "openmp"  # the parent keeps it

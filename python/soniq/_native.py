@@ -1,6 +1,10 @@
 """Loads the native core and applies SONIQ_ISA (a clear error instead of SIGILL)."""
 import os
 
+# torch first: its OpenMP runtime (libgomp) must be loaded before soniq's kernels look for it
+# (cpp/omp_borrow.cpp), so that they run on torch's threads instead of a second set
+import torch  # noqa: F401
+
 try:
     from . import _C
 except ImportError as e:  # pragma: no cover - only a broken install gets here

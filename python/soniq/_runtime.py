@@ -13,12 +13,16 @@ from ._version import __version__
 
 
 def get_num_threads() -> int:
-    """Threads soniq's CPU kernels use (default: physical cores available to this process)."""
+    """Threads soniq's CPU kernels use: set_num_threads's n; until it is called, torch's count
+    (torch.get_num_threads() as seen by its OpenMP runtime in this thread) capped at the
+    physical cores available to this process."""
     return _C.get_num_threads()
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the number of threads soniq's CPU kernels use (results do not depend on it)."""
+    """Sets the number of threads soniq's CPU kernels use (results do not depend on it). The
+    kernels run on torch's OpenMP threads: keep n equal to torch.get_num_threads() (or never
+    call this: the default follows torch) so one set of threads serves both."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     _C.set_num_threads(n)
@@ -79,11 +83,18 @@ def info(verbose: bool = True) -> dict:
             "forced_by_env": os.environ.get("SONIQ_ISA") or None,
         },
         "threads": {"soniq": get_num_threads(), "default": _C.default_num_threads(),
-                    "torch": torch.get_num_threads()},
+                    "torch": torch.get_num_threads(), "backend": _C.thread_backend(),
+                    "openmp_library": _C.openmp_library() or None},
     }
     if verbose:
         print(format_info(d))
     return d
+
+
+def _backend_line(t: dict) -> str:
+    if t.get("backend") == "openmp":
+        return f"torch's OpenMP threads, {t['openmp_library']}"
+    return "soniq's own pool"
 
 
 def format_info(d: dict) -> str:
@@ -102,6 +113,7 @@ def format_info(d: dict) -> str:
         f"  features : {' '.join(d['cpu']['features']) or '(none detected)'}",
         f"  isa      : {d['isa']['active']} (supported: {', '.join(d['isa']['supported'])}; "
         f"compiled: {', '.join(d['isa']['compiled'])})",
-        f"  threads  : {d['threads']['soniq']} (default {d['threads']['default']}; torch uses {d['threads']['torch']})",
+        f"  threads  : {d['threads']['soniq']} (default {d['threads']['default']}; torch uses {d['threads']['torch']}; "
+        f"run on {_backend_line(d['threads'])})",
     ]
     return "\n".join(lines)
