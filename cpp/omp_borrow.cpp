@@ -3,7 +3,6 @@
 #include <dlfcn.h>
 #include <pthread.h>
 
-
 namespace soniq {
 namespace omp {
 namespace {
@@ -18,6 +17,10 @@ struct Runtime {
 bool g_forked = false;  // set in a fork()ed child: its copy of the team has no threads
 
 void mark_forked() { g_forked = true; }
+
+// Registered when the library loads, not at the first kernel call: a process may fork
+// after torch's ops used the team and before soniq ran anything.
+const bool g_atfork_registered = pthread_atfork(nullptr, nullptr, mark_forked) == 0;
 
 const Runtime* load() {
   // RTLD_NOLOAD: only a libgomp some other library (torch) already loaded; never a new one
@@ -39,10 +42,7 @@ const Runtime* load() {
 // Looked up once, at the first kernel call: soniq's Python package imports torch (and so
 // its libgomp) before it loads soniq._C. Without torch (the C++ tools) there is none.
 const Runtime* runtime() {
-  static const Runtime* rt = [] {
-    pthread_atfork(nullptr, nullptr, mark_forked);
-    return load();
-  }();
+  static const Runtime* rt = load();
   return rt;
 }
 
@@ -50,7 +50,7 @@ const Runtime* runtime() {
 
 bool loaded() { return runtime() != nullptr; }
 
-bool usable() { return !g_forked && runtime() != nullptr; }
+bool usable() { return g_atfork_registered && !g_forked && runtime() != nullptr; }
 
 std::string library_path() {
   const Runtime* rt = runtime();

@@ -384,6 +384,30 @@ def test_default_thread_count_follows_torch():
     assert r.stdout.split() == ["1", "2", "1", "3"]
 
 
+_FORK_BEFORE_FIRST_CALL = """
+import os, torch, soniq
+from soniq import _C
+torch.set_num_threads(2)
+torch.randn(1 << 22).exp_()  # torch's team of 2 exists; soniq has run nothing yet
+pid = os.fork()
+if pid == 0:  # torch stays at 2 threads, so soniq's default count is torch's: 2. No torch op
+    # runs here (torch's own regions would hang in a child: its team is not fork-safe)
+    ok = _C.thread_backend() == "pool" and len(_C._parallel_tids(16, 1000)) == 16
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@needs_torch_openmp
+def test_fork_before_soniqs_first_call_leaves_the_openmp_route():
+    """The child is recognized even when soniq had not run a kernel before the fork (a region
+    on the child's copy of torch's team would wait forever for threads that do not exist)."""
+    r = subprocess.run([sys.executable, "-c", _FORK_BEFORE_FIRST_CALL], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0"]
+
+
 def _child_route(q, inp):
     torch.set_num_threads(1)
     try:
