@@ -51,7 +51,7 @@ void soniq::bindings::register_cuda(py::module_& m) {
   m.def("cuda_quantize_pack",
         [](uintptr_t x, int64_t M, int64_t ldx, uintptr_t perm, int64_t K, uintptr_t segs, int64_t nsegs,
            uintptr_t seg_scale, bool is_signed, int64_t row_words, uintptr_t data, uintptr_t sums, uintptr_t flags,
-           uintptr_t nan_rows, int noise, uint64_t seed, uintptr_t stream) {
+           uintptr_t nan_rows, int noise, uint64_t seed, uintptr_t stream, uintptr_t row_scale) {
           const auto* segs_h = reinterpret_cast<const int64_t*>(segs);
           soniq::check_row_words(soniq::ActLayout{K, nullptr, nsegs, segs_h, reinterpret_cast<const float*>(seg_scale)},
                                  row_words);
@@ -59,8 +59,8 @@ void soniq::bindings::register_cuda(py::module_& m) {
                                      K, nsegs, segs_h, reinterpret_cast<const float*>(seg_scale), is_signed,
                                      reinterpret_cast<uint64_t*>(data), reinterpret_cast<int64_t*>(sums),
                                      reinterpret_cast<int*>(flags), reinterpret_cast<unsigned char*>(nan_rows),
-                                     soniq::ActNoise{noise, seed},
-                                     reinterpret_cast<void*>(stream));
+                                     soniq::ActNoise{noise, seed}, reinterpret_cast<void*>(stream),
+                                     reinterpret_cast<float*>(row_scale));
         },
         py::call_guard<py::gil_scoped_release>());
 #else

@@ -44,7 +44,8 @@ std::vector<SegPlan> plan(const ActLayout& L, bool is_signed) {
 // them, x * inv + alpha * (u - 1/2) with u Philox's draw for the flat index r * K + column
 // (cpp/quantize.cpp's steps; this unit is built with -ffp-contract=off). Its clamp to
 // [lo, hi] is left to the packer, whose clamps give the same codes.
-void noisy_values(const float* xr, int64_t r, const ActLayout& L, const SegPlan& p, uint64_t seed, float* v) {
+void noisy_values(const float* xr, int64_t r, const ActLayout& L, const SegPlan& p, float inv, uint64_t seed,
+                  float* v) {
   uint32_t words[4];
   uint64_t cached = ~uint64_t(0);
   const float alpha = float(p.alpha);
@@ -53,7 +54,7 @@ void noisy_values(const float* xr, int64_t r, const ActLayout& L, const SegPlan&
     const uint64_t idx = uint64_t(r * L.K + col);
     if ((idx >> 2) != cached) philox::block_words(seed, cached = idx >> 2, words);
     const float u = philox::to_uniform(words[idx & 3]);
-    v[j] = xr[col] * p.inv + alpha * (u - 0.5f);
+    v[j] = xr[col] * inv + alpha * (u - 0.5f);
   }
 }
 
@@ -62,15 +63,21 @@ void noisy_values(const float* xr, int64_t r, const ActLayout& L, const SegPlan&
 // With noise the noisy values are rounded by the same kernel at scale 1 (stochastic rounding).
 void pack_row(const KernelTable& kt, const float* xr, int64_t M, int64_t r, const ActLayout& L,
               const std::vector<SegPlan>& segs, const ActNoise& noise, std::vector<float>& tmp, uint64_t* data,
-              int64_t* sums, bool* nan) {
+              int64_t* sums, bool* nan, float* row_scale) {
+  float a = 1.0f;
+  if (row_scale) {  // per-token dynamic scale (actpack.h)
+    float m = 0.0f;
+    for (int64_t k = 0; k < L.K; ++k) m = absmax_step(m, xr[k]);
+    row_scale[r] = a = settle_row_scale(m, segs.data(), int64_t(segs.size()));
+  }
   for (size_t s = 0; s < segs.size(); ++s) {
     const SegPlan& p = segs[s];
     const float* src = p.contiguous ? xr + L.perm[p.k0] : xr;
     const int64_t* idx = p.contiguous ? nullptr : L.perm + p.k0;
-    float inv = p.inv;
+    float inv = row_scale ? dynamic_inv(p, a) : p.inv;
     if (noise.mode) {
       tmp.resize(size_t(p.klen));
-      noisy_values(xr, r, L, p, noise.seed, tmp.data());
+      noisy_values(xr, r, L, p, inv, noise.seed, tmp.data());
       src = tmp.data(), idx = nullptr, inv = 1.0f;
     }
     uint64_t* out = data + M * p.word_off + r * p.kw;
@@ -117,7 +124,7 @@ std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed) {
     const float s_ = L.seg_scale[s], inv = 1.0f / s_;  // 1/s in float, exactly as quantize.cpp
     if (!(s_ > 0.0f) || !std::isfinite(s_) || !std::isfinite(inv))
       bad("scale " + std::to_string(s_) + " of segment " + std::to_string(s) + " must be finite, > 0 and have a finite float32 inverse");
-    ActSegment p{k0, klen, kw, words, int(bits), 1, inv, 0.0f, float((1 << bits) - 1)};
+    ActSegment p{k0, klen, kw, words, int(bits), 1, inv, 0.0f, float((1 << bits) - 1), s_};
     if (is_signed) {
       if (bits == 1) p.alpha = 2, p.lo = -1.0f, p.hi = 1.0f;
       else p.lo = -float(1 << (bits - 1)), p.hi = float((1 << (bits - 1)) - 1);
@@ -131,7 +138,7 @@ std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed) {
 }
 
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
-                   int64_t* sums, ActNoise noise, uint8_t* nan_rows) {
+                   int64_t* sums, ActNoise noise, uint8_t* nan_rows, float* row_scale) {
   if (M <= 0 || !x || !data || !sums) bad("x must be non-empty");
   if (noise.mode != 0 && noise.mode != 1) bad("noise must be 0 (none) or 1 (uniform)");
   const std::vector<SegPlan> segs = plan(L, is_signed);
@@ -144,7 +151,7 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
     bool nan = false;
     std::vector<float> tmp;
     const int64_t r1 = std::min(M, (t + 1) * chunk);
-    for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, noise, tmp, data, sums, &nan);
+    for (int64_t r = t * chunk; r < r1; ++r) pack_row(kt, x + r * ldx, M, r, L, segs, noise, tmp, data, sums, &nan, row_scale);
     if (nan) any_nan.store(true, std::memory_order_relaxed);
   });
   if (nan_rows) {

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "host_device.h"
+
 namespace soniq {
 
 struct ActLayout {
@@ -27,6 +29,7 @@ struct ActSegment {
   int64_t k0, klen, kw, word_off;  // word_off: where this segment's planes start in data / M
   int bits, alpha;
   float inv, lo, hi;
+  float scale;  // the segment's (static) scale; inv = 1 / scale
 };
 // Checks L's segments and scales (not perm); throws std::invalid_argument naming the problem.
 std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed);
@@ -39,12 +42,35 @@ struct ActNoise {
   uint64_t seed = 0;
 };
 
+// Per-token dynamic scales: a row's scale a is the largest |x| over its finite entries (NaN
+// and +-inf skipped: an exact float32 max, so every order and device agrees), and segment s
+// quantizes the row with the float32 scale scale_s * a (inverse 1 / (scale_s * a), each
+// rounded once). When a is 0, or for some segment scale_s * a is 0 or inf or its inverse is
+// inf, a is 1 (the static scale). Shared by the CPU and CUDA kernels.
+SONIQ_HD float absmax_step(float a, float v) {  // branch-free: NaN fails both compares, inf the second
+  v = v < 0.0f ? -v : v;
+  return (v > a && v <= 3.40282347e38f) ? v : a;
+}
+template <class Seg>
+SONIQ_HD float dynamic_inv(const Seg& seg, float a) { return 1.0f / (seg.scale * a); }
+template <class Seg>
+SONIQ_HD float settle_row_scale(float a, const Seg* segs, int64_t nsegs) {
+  if (a == 0.0f) return 1.0f;
+  for (int64_t s = 0; s < nsegs; ++s) {
+    const float sa = segs[s].scale * a;
+    if (!(sa > 0.0f && sa <= 3.40282347e38f && dynamic_inv(segs[s], a) <= 3.40282347e38f)) return 1.0f;
+  }
+  return a;
+}
+
 // x: row r at x + r*ldx, unit column stride. data: segment s's planes [bits][M][kw] at
 // offset M * (words of segments before s); sums: [M][nsegs]. Throws std::invalid_argument
 // on a malformed layout, or on a NaN in x (naming its position) unless nan_rows is given:
 // then nan_rows[r] = 1 if row r holds a NaN (its codes are then unspecified), else 0 --
-// for callers that make such rows' outputs NaN, as a float layer would.
+// for callers that make such rows' outputs NaN, as a float layer would. row_scale ([M] or
+// null): per-token dynamic mode, row r's scale a (dynamic_row_scale) is written there; the
+// caller multiplies the row's output by it (mpgemm's per-row scale of A).
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, bool is_signed, uint64_t* data,
-                   int64_t* sums, ActNoise noise = {}, uint8_t* nan_rows = nullptr);
+                   int64_t* sums, ActNoise noise = {}, uint8_t* nan_rows = nullptr, float* row_scale = nullptr);
 
 }  // namespace soniq

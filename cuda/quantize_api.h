@@ -18,10 +18,11 @@ void philox_uniform(int dtype_bytes, int64_t n, uint64_t seed, void* out, void* 
 // and *flags must be zero on entry. A NaN in x sets flag bit 0 (its codes are 0) and, when
 // nan_rows ([M], zero on entry) is given, nan_rows[row] = 1; a perm entry outside [0, K)
 // sets bit 1: the caller raises (or, with nan_rows, makes those rows' outputs NaN). noise: as the CPU kernel (the same
-// codes for the same seed). Throws std::invalid_argument for a malformed layout,
+// codes for the same seed). row_scale ([M], device, or null): per-token dynamic scales as
+// the CPU's (cpp/actpack.h), written there. Throws std::invalid_argument for a malformed layout,
 // std::runtime_error with the CUDA text for a failed launch.
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, int64_t K, int64_t nsegs,
                    const int64_t* segs, const float* seg_scale, bool is_signed, uint64_t* data, int64_t* sums,
-                   int* flags, unsigned char* nan_rows, ActNoise noise, void* stream);
+                   int* flags, unsigned char* nan_rows, ActNoise noise, void* stream, float* row_scale = nullptr);
 
 }  // namespace soniq::cuda

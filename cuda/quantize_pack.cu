@@ -4,7 +4,8 @@
 // One warp per (row, K segment, run of kWordsPerWarp words): lane j quantizes elements j and
 // j + 32 of each 64-element word, read in packed order through perm (coalesced perm reads,
 // gathered x), adds Philox noise in noise mode (stochastic rounding, as the CPU); __ballot_sync assembles each plane word; lane 0 adds the word's code sum
-// (popcounts of its planes) to the row's segment sum with one 64-bit atomic.
+// (popcounts of its planes) to the row's segment sum with one 64-bit atomic. Per-token
+// dynamic scales come from a first kernel (one warp per row).
 #include <stdexcept>
 #include <string>
 
@@ -37,6 +38,7 @@ struct ActParams {
   unsigned char* nan_rows;   // [M] or null: 1 where the row holds a NaN
   int noise;                 // 0 none, 1 uniform (Philox keyed by seed, as cpp/actpack.h)
   unsigned long long seed;
+  float* row_scale;          // [M] or null: per-token dynamic scales (row_scale_kernel writes them)
 };
 
 // The unsigned code of t = x * inv (cpp/kernels_ref.inl ref_quant_pack): round half to even
@@ -57,11 +59,28 @@ __device__ __forceinline__ unsigned code_of(float t, const ActSeg& q) {
 // x scaled to its grid: x * inv, or with noise x * inv + alpha * (u - 1/2) for flat index
 // r * K + col (cpp/actpack.cpp noisy_values: ops.quantize's noisy value before its clamp,
 // which code_of's clamps make redundant)
-__device__ __forceinline__ float scaled(float x, const ActSeg& q, const ActParams& P, long long r, long long col) {
-  const float t = __fmul_rn(x, q.inv);
+__device__ __forceinline__ float scaled(float x, const ActSeg& q, float inv, const ActParams& P, long long r,
+                                        long long col) {
+  const float t = __fmul_rn(x, inv);
   if (!P.noise) return t;
   const float u = philox::uniform_f32(P.seed, (unsigned long long)(r * P.K + col));
   return __fadd_rn(t, __fmul_rn(float(q.alpha), __fadd_rn(u, -0.5f)));
+}
+
+// Per-token dynamic mode: one warp per row takes the largest finite |x| (a max: the same in
+// any order), lane 0 settles it as the CPU does (cpp/actpack.h) and stores it.
+__global__ void __launch_bounds__(kThreads) row_scale_kernel(const __grid_constant__ ActParams P) {
+  const long long r = blockIdx.x * (long long)(kThreads / 32) + threadIdx.x / 32;
+  const int lane = int(threadIdx.x % 32);
+  if (r >= P.M) return;  // warp-uniform
+  const float* xr = P.x + r * P.ldx;
+  float a = 0.0f;
+  for (long long k = lane; k < P.K; k += 32) a = absmax_step(a, xr[k]);
+  for (int o = 16; o > 0; o >>= 1) {
+    const float b = __shfl_xor_sync(0xffffffffu, a, o);
+    a = b > a ? b : a;
+  }
+  if (lane == 0) P.row_scale[r] = settle_row_scale(a, P.seg, P.nsegs);
 }
 
 __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_constant__ ActParams P) {
@@ -75,6 +94,7 @@ __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_co
   const long long r = local / runs, w0 = (local % runs) * kWordsPerWarp;
   const long long w1 = w0 + kWordsPerWarp < q.kw ? w0 + kWordsPerWarp : q.kw;
   const float* xr = P.x + r * P.ldx;
+  const float inv = P.row_scale ? dynamic_inv(q, P.row_scale[r]) : q.inv;
   const long long* perm = P.perm + q.k0;
   unsigned long long* out = P.data + P.M * q.word_off + r * q.kw;
   const long long plane_stride = P.M * q.kw;
@@ -93,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_co
         } else {
           const float v = xr[col];
           if (v != v) flags |= 1;  // NaN: no code (the host raises)
-          else c[h] = code_of(scaled(v, q, P, r, col), q);
+          else c[h] = code_of(scaled(v, q, inv, P, r, col), q);
         }
       }
     }
@@ -118,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_co
 
 void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, int64_t K, int64_t nsegs,
                    const int64_t* segs, const float* seg_scale, bool is_signed, uint64_t* data, int64_t* sums,
-                   int* flags, unsigned char* nan_rows, ActNoise noise, void* stream) {
+                   int* flags, unsigned char* nan_rows, ActNoise noise, void* stream, float* row_scale) {
   if (M <= 0 || K <= 0 || !x || !perm || !data || !sums || !flags) bad("x must be non-empty");
   if (noise.mode != 0 && noise.mode != 1) bad("noise must be 0 (none) or 1 (uniform)");
   if (nsegs <= 0 || nsegs > detail::kMaxSegs)
@@ -138,6 +158,7 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, 
   P.nan_rows = nan_rows;
   P.noise = noise.mode;
   P.seed = noise.seed;
+  P.row_scale = row_scale;
   long long warps = 0;
   for (int64_t s = 0; s < nsegs; ++s) {
     P.seg[s] = ActSeg{plan[size_t(s)], warps};
@@ -146,6 +167,11 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const int64_t* perm, 
   P.warps = warps;
   const long long blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
   if (blocks > 2147483647LL) bad("too many rows for one launch");
+  if (row_scale) {  // the scales first (same stream: the pack kernel reads them)
+    SONIQ_LAUNCH(dim3(unsigned((M + kThreads / 32 - 1) / (kThreads / 32))), dim3(kThreads), 0,
+                 static_cast<cudaStream_t>(stream), row_scale_kernel)(P);
+    detail::check_cuda(cudaGetLastError(), "soniq quantize_pack row-scale kernel launch");
+  }
   SONIQ_LAUNCH(dim3(unsigned(blocks)), dim3(kThreads), 0, static_cast<cudaStream_t>(stream), quantize_pack_kernel)(P);
   detail::check_cuda(cudaGetLastError(), "soniq quantize_pack kernel launch");
 }

@@ -19,10 +19,13 @@ import tempfile
 import torch
 from torch import nn
 
+from ._compact import compact, widen
 from ._packed_nn import PackedConv2d, PackedLinear
 from .packed import PackedTensor
 
-FORMAT, VERSION = "soniq-model", 1
+FORMAT, VERSION = "soniq-model", 2
+# version 1: packed metadata as int64; version 2: compact (soniq._compact), activation bits
+# uint8, optional per-layer "a_dynamic"
 
 # leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
 _LEAVES = {
@@ -74,6 +77,22 @@ def _digest(tensors: dict, meta: dict) -> str:
     return h.hexdigest()
 
 
+def layer_tensors(m) -> dict:
+    """The tensors soniq.save writes for one packed layer (CPU, compact dtypes)."""
+    out = {f"w.{k}": t.detach().cpu().contiguous() for k, t in compact(m.w.state_dict()).items()}
+    out["a_bits"], out["a_scale"] = m.a_bits.cpu().to(torch.uint8), m.a_scale.cpu()  # a model may be on a GPU
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().cpu()
+    if getattr(m, "a_inv_smooth", None) is not None:
+        out["a_inv_smooth"] = m.a_inv_smooth.cpu()
+    return out
+
+
+def saved_bytes(m) -> int:
+    """Bytes of one packed layer's tensors in a file written by soniq.save."""
+    return sum(t.numel() * t.element_size() for t in layer_tensors(m).values())
+
+
 def save_file(model: nn.Module, path) -> None:
     """soniq.save for one safetensors file (any model with packed layers)."""
     from safetensors.torch import save_file as st_save_file
@@ -85,16 +104,12 @@ def save_file(model: nn.Module, path) -> None:
         raise ValueError("model has no packed layers: call soniq.convert(model) before soniq.save")
     tensors, records = {}, {}
     for n, m in packed.items():
-        for k, t in m.w.state_dict().items():
-            tensors[f"{n}|w.{k}"] = t.detach().cpu().contiguous()
-        tensors[f"{n}|a_bits"], tensors[f"{n}|a_scale"] = m.a_bits.cpu(), m.a_scale.cpu()  # a model may be on a GPU
-        if m.bias is not None:
-            tensors[f"{n}|bias"] = m.bias.detach().cpu()
-        if getattr(m, "a_inv_smooth", None) is not None:
-            tensors[f"{n}|a_inv_smooth"] = m.a_inv_smooth.cpu()
+        tensors.update({f"{n}|{k}": t for k, t in layer_tensors(m).items()})
         rec = {"type": type(m).__name__, "w_meta": m.w.metadata(), "a_signed": m.a_signed}
         if isinstance(m, PackedConv2d):
             rec["conv"] = m.conv_args()
+        elif m.a_dynamic is not None:  # absent: static scales (files before this field)
+            rec["a_dynamic"] = m.a_dynamic
         records[n] = rec
     for k, t in model.state_dict().items():
         if not any(k == n or k.startswith(n + ".") for n in packed) and t is not None:
@@ -138,8 +153,8 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads version {VERSION}")
+    if meta.get("version") not in (1, VERSION):
+        raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads versions 1 to {VERSION}")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
 
@@ -158,12 +173,15 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     for n, rec in meta["packed"].items():
         pre = f"{n}|"
         wt = {k[len(pre) + 2:]: v for k, v in tensors.items() if k.startswith(pre + "w.")}
+        if meta["version"] >= 2:
+            wt = widen(wt)
         w = PackedTensor.from_state_dict(wt, rec["w_meta"])
-        args = (w, tensors[pre + "a_bits"], tensors[pre + "a_scale"], rec["a_signed"], tensors.get(pre + "bias"), n)
+        args = (w, tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"], rec["a_signed"],
+                tensors.get(pre + "bias"), n)
         if rec["type"] == "PackedConv2d":
             mod = PackedConv2d(*args, **rec["conv"])
         else:
-            mod = PackedLinear(*args, a_inv_smooth=tensors.get(pre + "a_inv_smooth"))
+            mod = PackedLinear(*args, a_inv_smooth=tensors.get(pre + "a_inv_smooth"), a_dynamic=rec.get("a_dynamic"))
         if mod.a_bits.numel() * (1 if rec["type"] == "PackedLinear" else
                                  rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]) != w.shape[1]:
             raise ValueError(f"{path}: layer {n!r}: activation bits do not match the packed weight's K={w.shape[1]}")

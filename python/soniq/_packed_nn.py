@@ -148,10 +148,15 @@ def _layer_from_state(sd: dict) -> tuple:
 
 class PackedLinear(_PackedBase):
     """a_inv_smooth (optional, per input feature): the QLinear's float32 1/s smoothing factors,
-    applied to x before quantizing (the weights were packed from W * s)."""
+    applied to x before quantizing (the weights were packed from W * s). a_dynamic="token":
+    per-token dynamic activation scales (ops.quantize_pack(dynamic="token")): a_scale is then
+    relative to each row's largest |x|, which the epilogue multiplies back in."""
 
-    def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None):
+    def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None, a_dynamic=None):
         super().__init__(w, a_bits, a_scale, a_signed, bias, name)
+        if a_dynamic not in (None, "token"):
+            raise ValueError(f"{name}: a_dynamic must be None or 'token', got {a_dynamic!r}")
+        self.a_dynamic = a_dynamic
         if a_inv_smooth is not None:
             a_inv_smooth = torch.as_tensor(a_inv_smooth).to(torch.float32).cpu().contiguous()
             if a_inv_smooth.shape != self.a_bits.shape or not bool(torch.isfinite(a_inv_smooth).all()) \
@@ -170,7 +175,8 @@ class PackedLinear(_PackedBase):
     def _act_plan(self, integer: bool):
         K = self.a_bits.numel()
         return self._plan(("linear", integer), lambda: make_plan(
-            self.a_bits, self.a_scale, K, signed=self.a_signed, k_layout=self.w, out_scale=None if integer else self.a_scale))
+            self.a_bits, self.a_scale, K, signed=self.a_signed, k_layout=self.w,
+            out_scale=None if integer else self.a_scale, dynamic=self.a_dynamic == "token"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, integer=False)

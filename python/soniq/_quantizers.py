@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _dist
+from ._dynamic_act import dynamic_fake_quant, token_scale
 from ._quant_autograd import NoiseQuant, RoundQuant, grad_scale
 from .ops._quantize import level_bounds, resolve_seed
 
@@ -154,9 +155,24 @@ class WeightQuantizer(ChannelQuantizer):
         return self._fake_quant(w, self.step(), self.bits(), True)
 
 
+A_DYNAMIC = (None, "token")
+
+
+def check_a_dynamic(mode):
+    if mode not in A_DYNAMIC:
+        raise ValueError(f"a_dynamic must be None (one static clip per layer) or 'token' (per-token dynamic "
+                         f"scales), got {mode!r}")
+    return mode
+
+
 class ActQuantizer(ChannelQuantizer):
-    def __init__(self, channels: int, palette: tuple, init_bits: float, axis: int):
+    """dynamic="token" (Linear inputs): each row (token) of x is first scaled by its largest
+    finite |x| (soniq._dynamic_act, bit-identical to ops.quantize_pack(dynamic="token")), so
+    the clip is relative to the row's range (calibrated on x / a_r by rounding MSE)."""
+
+    def __init__(self, channels: int, palette: tuple, init_bits: float, axis: int, dynamic=None):
         super().__init__(channels, palette, init_bits, axis)
+        self.dynamic = check_a_dynamic(dynamic)
         self.clip = nn.Parameter(torch.ones(1))
         self.register_buffer("calibrated", torch.tensor(False))
         self.register_buffer("is_signed", torch.tensor(False))
@@ -173,7 +189,11 @@ class ActQuantizer(ChannelQuantizer):
         signed = bool(x.min() < 0)
         self.is_signed.fill_(signed)
         self.elems_per_channel.fill_(max(1, x[0].numel() // x.shape[axis]) if x.dim() > 1 else 1)
-        xf = x.detach().float().flatten()
+        xf = x.detach().float()
+        if self.dynamic:  # the clip is relative to each row's largest |x|
+            rows = xf.reshape(-1, xf.shape[-1])
+            xf = rows / token_scale(rows, torch.ones(rows.shape[1], device=rows.device))[:, None]
+        xf = xf.flatten()
         if xf.numel() > 200_000:
             xf = xf[torch.randperm(xf.numel(), device=xf.device)[:200_000]]
         amax = float(xf.abs().max().clamp_min(1e-8))
@@ -203,4 +223,16 @@ class ActQuantizer(ChannelQuantizer):
         if not bool(self.calibrated):
             self.calibrate(x)
         axis = self.axis % x.dim()
+        if self.dynamic:
+            return self._dynamic_quant(x, self.step(x.numel() // x.shape[axis]), self.bits())
         return self._fake_quant(x, self.step(x.numel() // x.shape[axis]), self.bits(), self.signed)
+
+    def _dynamic_quant(self, x: Tensor, step: Tensor, bits: Tensor) -> Tensor:
+        if self.axis % x.dim() != x.dim() - 1:
+            raise ValueError(f"{self.name}: per-token dynamic scales need the channels last (Linear inputs)")
+        self._check_step(step.detach())
+        lo, hi, alpha = level_bounds(bits.to(x.dtype), self.signed)
+        exact = int(self.phase) == PHASE_EXACT
+        if exact:
+            lo, hi, alpha = lo.detach(), hi.detach(), alpha.detach()
+        return dynamic_fake_quant(x, step.to(x.dtype), lo, hi, alpha, exact, 0 if exact else resolve_seed(None))

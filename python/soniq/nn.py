@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from . import _dist
 from ._packed_nn import PackedConv2d, PackedLinear
 from ._quantizers import PHASE_EXACT, ActQuantizer, WeightQuantizer, check_smooth_alpha
+from ._dynamic_act import dynamic_codes
 from .ops import quantize
+from .ops._quantize import level_bounds
 
 
 def _bits_summary(bits: Tensor, weights_per_channel: float) -> dict:
@@ -28,9 +30,9 @@ def _bits_summary(bits: Tensor, weights_per_channel: float) -> dict:
 class _QMixin:
     smooth_alpha = None  # per-input-channel activation smoothing (QLinear only), see QLinear
 
-    def _setup_quant(self, w_palette, a_palette, w_bits, a_bits, a_axis):
+    def _setup_quant(self, w_palette, a_palette, w_bits, a_bits, a_axis, a_dynamic=None):
         self.w_quant = WeightQuantizer(self.weight, w_palette, w_bits)
-        self.a_quant = ActQuantizer(self.weight.shape[1], a_palette, a_bits, a_axis)
+        self.a_quant = ActQuantizer(self.weight.shape[1], a_palette, a_bits, a_axis, dynamic=a_dynamic)
 
     def effective_weight(self) -> Tensor:
         """The float weight the quantizer sees (QLinear with smoothing: weight * a_smooth)."""
@@ -62,8 +64,14 @@ class _QMixin:
         if self.phase != PHASE_EXACT:
             raise RuntimeError(f"{self.a_quant.name}: integer operands exist only after freeze_precision")
         ax = self.a_quant.axis % x.dim()
-        va = quantize(self.smoothed_input(x.detach()), self.a_quant.step().detach(), self.a_quant.bits(),
-                      signed=self.a_quant.signed, axis=ax, values_only=True)
+        if self.a_quant.dynamic:  # per-token scales: the codes of ops.quantize_pack(dynamic="token")
+            xs = self.smoothed_input(x.detach()).float()
+            step = self.a_quant.step().detach().float()
+            lo, hi, alpha = level_bounds(self.a_quant.bits().float(), self.a_quant.signed)
+            va = dynamic_codes(xs.reshape(-1, xs.shape[-1]), step, lo, hi, alpha)[0].reshape(xs.shape)
+        else:
+            va = quantize(self.smoothed_input(x.detach()), self.a_quant.step().detach(), self.a_quant.bits(),
+                          signed=self.a_quant.signed, axis=ax, values_only=True)
         vw = quantize(self.effective_weight().detach(), self.w_quant.step().detach(), self.w_quant.bits(),
                       signed=True, axis=0, values_only=True)
         return va.to(torch.int64), vw.to(torch.int64)
@@ -76,12 +84,15 @@ class QLinear(_QMixin, nn.Linear):
     (SmoothQuant: s_k = max|x_k|^alpha / max_n|W_nk|^(1-alpha), geometric mean 1): the layer
     computes (x * (1/s)) @ (W * s).T, the same product in float, with activation outlier
     channels shrunk before the per-layer activation clip. The packed layer applies the same
-    float32 1/s before quantizing, so fake and real stay equal."""
+    float32 1/s before quantizing, so fake and real stay equal.
+
+    a_dynamic="token": per-token dynamic activation scales (see soniq.qat.QATConfig)."""
 
     def __init__(self, in_features, out_features, bias=True, *, w_palette=(2, 4), a_palette=(4, 8),
-                 w_bits=None, a_bits=None, smooth_alpha=None, device=None, dtype=None):
+                 w_bits=None, a_bits=None, smooth_alpha=None, a_dynamic=None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._setup_quant(w_palette, a_palette, w_bits or sum(w_palette) / 2, a_bits or sum(a_palette) / 2, -1)
+        self._setup_quant(w_palette, a_palette, w_bits or sum(w_palette) / 2, a_bits or sum(a_palette) / 2, -1,
+                          a_dynamic)
         self._setup_smoothing(smooth_alpha)
 
     def _setup_smoothing(self, alpha):
@@ -119,7 +130,7 @@ class QLinear(_QMixin, nn.Linear):
             q.weight.copy_(m.weight)
             if m.bias is not None:
                 q.bias.copy_(m.bias)
-        q._setup_quant(kw["w_palette"], kw["a_palette"], kw["w_bits"], kw["a_bits"], -1)
+        q._setup_quant(kw["w_palette"], kw["a_palette"], kw["w_bits"], kw["a_bits"], -1, kw.get("a_dynamic"))
         q._setup_smoothing(kw.get("smooth_alpha"))
         return q
 

@@ -58,7 +58,7 @@ class PackedTensor:
 
     def __init__(self, *, shape, axis, signed, bits, data, desc, sums, row_perm, k_perm, ksegs,
                  scale=None, dtype=torch.int64, kind="torch", layout=LAYOUT,
-                 host_meta=None, seg_scale=None, k_layout_of=None, nan_rows=None):
+                 host_meta=None, seg_scale=None, k_layout_of=None, nan_rows=None, token_scale=None):
         self.shape = tuple(int(s) for s in shape)
         self.axis = int(axis)
         self.signed = bool(signed)
@@ -83,6 +83,9 @@ class PackedTensor:
         self._seg_scale = seg_scale
         self._k_layout_of = k_layout_of  # the operand this one is known to share its K layout with
         self._nan_rows = nan_rows        # bool [M]: rows of the quantized input holding a NaN (ActPlan)
+        # axis=1 operands from quantize_pack(dynamic="token"): float32 [R] per-row (token) scales,
+        # applied by mpgemm as A's row scale; not part of the stored layout
+        self.token_scale = token_scale
 
     # ---- properties -----------------------------------------------------------------
     @property
@@ -106,8 +109,9 @@ class PackedTensor:
 
     @property
     def row_scale(self) -> torch.Tensor | None:
-        """Scale per row (original order) when scales run along rows."""
-        return self.scale if self.axis == 0 else None
+        """Scale per row (original order) when scales run along rows, or the per-token
+        scales of a dynamically quantized activation operand."""
+        return self.scale if self.axis == 0 else self.token_scale
 
     @property
     def seg_scale(self) -> torch.Tensor | None:
@@ -134,7 +138,8 @@ class PackedTensor:
         host = self.host_meta()
         moved = {k: (v.to(device) if v is not None else None) for k, v in self._tensors().items()}
         return PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
-                            kind=self.kind, layout=self.layout, host_meta=host, **moved)
+                            kind=self.kind, layout=self.layout, host_meta=host,
+                            token_scale=None if self.token_scale is None else self.token_scale.to(device), **moved)
 
     def with_scale(self, scale: "torch.Tensor | None") -> "PackedTensor":
         """The same packed data with another scale (None: plain integer operand)."""

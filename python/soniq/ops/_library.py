@@ -91,15 +91,17 @@ def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, 
 
 # ---- fused activation quantize + pack ------------------------------------------------
 def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                       row_words: int, noise: int = 0, seed: int = 0,
-                       nan_rows: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                       row_words: int, noise: int = 0, seed: int = 0, nan_rows: bool = False,
+                       dynamic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: float32 [M, K] on the CPU or a GPU; k_perm int64 [K]; segs int64 [S, 3] (klen, kw, bits);
     seg_scale float32 [S]; row_words = sum of bits * kw; noise 0 (round) or 1 (Philox noise of
     `seed`, then round). Returns (data int64 [M * row_words], sums int64 [M, S], rows): the
     blocks of ops.pack(ops.quantize(x, ...)) with one row group. A NaN in x raises, unless
     nan_rows: then rows (bool [M]) marks the rows holding one, with no check and no sync
-    (the packed layers make those output rows NaN); else rows is empty. soniq.ops.quantize_pack
-    checks the layout; here only what keeps the kernel in bounds."""
+    (the packed layers make those output rows NaN); else rows is empty. dynamic: per-token
+    scales (cpp/actpack.h): row r is quantized with seg_scale * a_r, and the fourth output
+    (float32 [M], else empty) holds a_r. soniq.ops.quantize_pack checks the layout; here only
+    what keeps the kernel in bounds."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"x must be a 2-D float32 CPU or CUDA tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
     M, K = x.shape
@@ -113,19 +115,20 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
     if noise not in (0, 1) or not 0 <= seed < 2**63:
         raise ValueError(f"noise must be 0 or 1 and seed in [0, 2**63), got noise={noise}, seed={seed}")
     if x.device.type == "cuda":
-        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words, noise, seed, nan_rows)
+        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words, noise, seed, nan_rows, dynamic)
     k_perm = k_perm.contiguous()
     data = torch.empty(M * row_words, dtype=torch.int64)
     sums = torch.empty(M, S, dtype=torch.int64)
     rows = torch.empty(M if nan_rows else 0, dtype=torch.bool)
+    rscale = torch.empty(M if dynamic else 0, dtype=torch.float32)
     _C.quantize_pack(x.data_ptr(), M, K, x.stride(0), k_perm.data_ptr(), segs.data_ptr(), S,
                      seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr(), noise, seed,
-                     rows.data_ptr() if nan_rows else 0)
-    return data, sums, rows
+                     rows.data_ptr() if nan_rows else 0, rscale.data_ptr() if dynamic else 0)
+    return data, sums, rows, rscale
 
 
-def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                       row_words: int, noise: int, seed: int, nan_rows: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool, row_words: int,
+                        noise: int, seed: int, nan_rows: bool, dynamic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The CUDA kernel (cuda/quantize_pack.cu) for quantize_pack_impl's checked arguments: x
     and k_perm on the GPU, segs and seg_scale (the layout, read on the host) on the CPU. A NaN
     in x or a k_perm entry outside [0, K) raises after the kernel (one sync; skipped while a
@@ -141,11 +144,13 @@ def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tens
     sums = torch.zeros(M, S, dtype=torch.int64, device=dev)
     flags = torch.zeros(1 + (M + 3) // 4 if nan_rows else 1, dtype=torch.int32, device=dev)  # one memset
     rows = flags[1:].view(torch.bool)[:M] if nan_rows else flags.new_empty(0, dtype=torch.bool)
+    rscale = torch.empty(M if dynamic else 0, dtype=torch.float32, device=dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         _C.cuda_quantize_pack(x.data_ptr(), M, x.stride(0), k_perm.data_ptr(), K, segs.data_ptr(), S,
                               seg_scale.data_ptr(), signed, row_words, data.data_ptr(), sums.data_ptr(),
-                              flags.data_ptr(), rows.data_ptr() if nan_rows else 0, noise, seed, stream)
+                              flags.data_ptr(), rows.data_ptr() if nan_rows else 0, noise, seed, stream,
+                              rscale.data_ptr() if dynamic else 0)
         if not nan_rows and not torch.cuda.is_current_stream_capturing():
             f = int(flags.item())
             if f & 2:
@@ -153,20 +158,22 @@ def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tens
             if f & 1:
                 r, k = (int(i) for i in torch.isnan(x).nonzero()[0].tolist())
                 raise ValueError(f"x[{r}, {k}] is NaN: activations must not be NaN to be quantized")
-    return data, sums, rows
+    return data, sums, rows, rscale
 
 
 @torch.library.custom_op("soniq::quantize_pack_raw", mutates_args=())
 def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                      row_words: int, noise: int = 0, seed: int = 0,
-                      nan_rows: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                      row_words: int, noise: int = 0, seed: int = 0, nan_rows: bool = False,
+                      dynamic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The registered op over quantize_pack_impl (see there)."""
-    data, sums, rows = quantize_pack_impl(x, k_perm, segs, seg_scale, signed, row_words, noise, seed, nan_rows)
-    return data, sums, rows.clone() if rows._base is not None else rows  # outputs must not alias
+    data, sums, rows, rscale = quantize_pack_impl(x, k_perm, segs, seg_scale, signed, row_words, noise, seed,
+                                                  nan_rows, dynamic)
+    return data, sums, rows.clone() if rows._base is not None else rows, rscale  # outputs must not alias
 
 
 @quantize_pack_raw.register_fake
-def _(x, k_perm, segs, seg_scale, signed, row_words, noise=0, seed=0, nan_rows=False):
+def _(x, k_perm, segs, seg_scale, signed, row_words, noise=0, seed=0, nan_rows=False, dynamic=False):
     M = x.shape[0]
     return (x.new_empty((M * row_words,), dtype=torch.int64), x.new_empty((M, segs.shape[0]), dtype=torch.int64),
-            x.new_empty((M if nan_rows else 0,), dtype=torch.bool))
+            x.new_empty((M if nan_rows else 0,), dtype=torch.bool),
+            x.new_empty((M if dynamic else 0,), dtype=torch.float32))

@@ -97,7 +97,7 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
     if not shared and not a.k_layout.same_as(b.k_layout):
         a, b = _common_k_layout(a, b)
 
-    scaled = a.scale is not None or b.scale is not None
+    scaled = any(t is not None for t in (a.scale, b.scale, a.row_scale, b.row_scale))
     if scaled:
         if out_dtype not in (None, torch.float32):
             raise ValueError(f"out_dtype must be None or torch.float32 when scales are set, got {out_dtype}")

@@ -27,8 +27,9 @@ class ActPlan:
     its segments. Calling it with float32 rows [M, K] quantizes and packs them."""
 
     def __init__(self, bits: Tensor, scale: Tensor, signed: bool, kl: KLayout, out_scale: Tensor | None,
-                 layout_of: PackedTensor | None = None):
+                 layout_of: PackedTensor | None = None, dynamic: bool = False):
         self.K, self.signed, self.bits, self.out_scale = int(bits.numel()), signed, bits, out_scale
+        self.dynamic = bool(dynamic)  # per-token scales: row r uses scale * a_r (cpp/actpack.h)
         self.layout_of = layout_of  # the operand whose K layout this plan was checked against
         self.k_perm = kl.perm.contiguous()
         # numpy for the small per-layer vectors: torch's advanced indexing starts an OpenMP
@@ -75,26 +76,35 @@ class ActPlan:
         if x.requires_grad:  # not differentiable (as ops.quantize): the kernel reads the values only
             x = x.detach()
         dev = self._on(x.device)  # the layout tensors on x's device (cached)
-        args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words, noise, seed, nan_rows)
+        args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words, noise, seed, nan_rows,
+                self.dynamic)
         if type(x) is Tensor and not torch.compiler.is_compiling():
-            data, sums, rows = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
+            data, sums, rows, rscale = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
             if nan_rows and x.device.type == "cpu" and not bool(rows.any()):
                 nan_rows = False
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
-            data, sums, rows = torch.ops.soniq.quantize_pack_raw(*args)
+            data, sums, rows, rscale = torch.ops.soniq.quantize_pack_raw(*args)
         desc, desc_d, row_perm_d = self._rows_meta(M, x.device)
         # host_meta: the CPU copies (a GPU mpgemm needs no sync); seg_scale known already (mpgemm
-        # need not gather it); k_layout_of: mpgemm against that operand skips the layout comparison
-        return PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data,
-                            desc=desc_d, sums=sums, row_perm=row_perm_d, k_perm=dev["k_perm"], ksegs=dev["ksegs"],
-                            scale=dev["out_scale"], dtype=torch.int64, kind=kind,
-                            host_meta=(desc, self.ksegs, self.k_perm), seg_scale=dev["out_seg_scale"],
-                            k_layout_of=self.layout_of, nan_rows=rows if nan_rows else None)
+        # need not gather it); k_layout_of: mpgemm against that operand skips the layout comparison;
+        # token_scale: per-token scales (dynamic), mpgemm's row scale of A unless an integer operand
+        pt = PackedTensor(shape=(M, self.K), axis=1, signed=self.signed, bits=dev["bits"], data=data,
+                          desc=desc_d, sums=sums, row_perm=row_perm_d, k_perm=dev["k_perm"], ksegs=dev["ksegs"],
+                          scale=dev["out_scale"], dtype=torch.int64, kind=kind,
+                          host_meta=(desc, self.ksegs, self.k_perm), seg_scale=dev["out_seg_scale"],
+                          k_layout_of=self.layout_of, nan_rows=rows if nan_rows else None,
+                          token_scale=rscale if self.dynamic and self.out_scale is not None else None)
+        if self.dynamic:
+            pt._token_rows = rscale  # also for integer operands (tests compare them)
+        return pt
 
 
-def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SAME) -> ActPlan:
+def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SAME, dynamic: bool = False) -> ActPlan:
     """Checks bits/scale/k_layout for K columns (messages name the argument). out_scale is
-    the scale the PackedTensor carries (default: `scale`; None for integer operands)."""
+    the scale the PackedTensor carries (default: `scale`; None for integer operands).
+    dynamic: per-token scales (see quantize_pack)."""
+    if not isinstance(dynamic, (bool, np.bool_)):
+        raise TypeError(f"dynamic must be a bool, got {type(dynamic).__name__}")
     if not isinstance(signed, (bool, np.bool_)):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
     if scale is None:
@@ -124,7 +134,7 @@ def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SA
             raise ValueError(f"{name} along K must be constant within each K segment (bit width); "
                              "fold per-column scales into the other operand instead")
     return ActPlan(bits_v, scale_v, bool(signed), kl, out_v,
-                   layout_of=k_layout if isinstance(k_layout, PackedTensor) else None)
+                   layout_of=k_layout if isinstance(k_layout, PackedTensor) else None, dynamic=bool(dynamic))
 
 
 def _as_float32_rows(x, name: str = "x") -> tuple[Tensor, str]:
@@ -148,7 +158,8 @@ def _as_float32_rows(x, name: str = "x") -> tuple[Tensor, str]:
     return t, kind
 
 
-def quantize_pack(x, scale, bits, *, signed: bool, k_layout=None, noise: str = "none", seed=None) -> PackedTensor:
+def quantize_pack(x, scale, bits, *, signed: bool, k_layout=None, noise: str = "none", seed=None,
+                  dynamic: str | None = None) -> PackedTensor:
     """Quantizes float32 activations x [M, K] per K column and packs them (axis=1) in one pass.
 
     scale: positive float or one per K column, constant within each bit width (K segment);
@@ -159,11 +170,20 @@ def quantize_pack(x, scale, bits, *, signed: bool, k_layout=None, noise: str = "
     (None: drawn from torch's generator) before rounding, i.e. stochastic rounding, the same
     codes on the CPU and CUDA. Values beyond the range clamp; NaN raises. Returns the
     PackedTensor ops.pack would (with scale attached).
+
+    dynamic="token": per-token scales. Row r's scale a_r is its largest finite |x| (NaN and
+    +-inf skipped), and the row is quantized with the float32 scale `scale * a_r` (float32
+    inverse 1 / (scale * a_r)): `scale` is then relative to the row's range (e.g. 1/127 for
+    signed 8-bit). A row of zeros, or one whose scale or inverse would be 0 or inf, gets
+    a_r = 1. The result's `token_scale` (float32 [M]) holds a_r; mpgemm multiplies row r of
+    its output by it. soniq.qat.dynamic_codes computes the same codes in torch.
     """
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {sorted(NOISE_MODES)}, got {noise!r}")
+    if dynamic not in (None, "token"):
+        raise ValueError(f"dynamic must be None (static scales) or 'token' (one scale per row), got {dynamic!r}")
     mode = NOISE_MODES[noise]
     seed = resolve_seed(seed) if mode else 0
     t, kind = _as_float32_rows(x)
-    plan = make_plan(bits, scale, t.shape[1], signed=signed, k_layout=k_layout)
+    plan = make_plan(bits, scale, t.shape[1], signed=signed, k_layout=k_layout, dynamic=dynamic == "token")
     return plan(t, kind, mode, seed)  # CPU kernel, or the CUDA one (cuda/quantize_pack.cu) for a CUDA x

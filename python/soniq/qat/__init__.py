@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _dist
-from .._quantizers import check_smooth_alpha, mix_seed
+from .._quantizers import check_a_dynamic, check_smooth_alpha, mix_seed
 from ..nn import QConv2d, QLinear
 from ..ops._quantize import resolve_seed
 
@@ -45,6 +45,10 @@ class QATConfig:
     init_a_bits: Optional[float] = None
     smooth_alpha: Optional[float] = None        # Linear layers: SmoothQuant-style input smoothing (QLinear)
     seed: Optional[int] = None                  # phase-1 noise seed (None: torch's generator)
+    # Linear layers: "token" = one dynamic activation scale per row (token), its largest |x|,
+    # times the learned per-tier scale (computed in the fused quantize + pack pass when
+    # packed); None = one static clip per layer. Conv2d layers keep static scales.
+    a_dynamic: Optional[str] = None
 
     def __post_init__(self):
         for name, (lo_rng, hi_rng) in (("w_palette", ((1, 4), (4, 8))), ("a_palette", ((1, 4), (4, 8)))):
@@ -67,6 +71,7 @@ class QATConfig:
             resolve_seed(self.seed)  # the same checks as ops.quantize's seed
         object.__setattr__(self, "smooth_alpha", check_smooth_alpha(self.smooth_alpha))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        check_a_dynamic(self.a_dynamic)
 
 
 def quant_layers(model: nn.Module) -> dict:
@@ -97,7 +102,7 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
         m = getattr(parent, attr)
         try:
             if isinstance(m, nn.Linear):
-                q = QLinear.from_float(m, **kw, smooth_alpha=cfg.smooth_alpha)
+                q = QLinear.from_float(m, **kw, smooth_alpha=cfg.smooth_alpha, a_dynamic=cfg.a_dynamic)
             else:
                 q = QConv2d.from_float(m, **kw)
         except ValueError as e:

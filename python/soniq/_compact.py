@@ -1,0 +1,74 @@
+"""Compact on-disk form of a PackedTensor's metadata (soniq.save format version 2).
+
+In memory the kernels take int64 metadata; on disk that is up to 8x the bytes it needs and,
+for a layer at ~4 bits, several percent of the layer. So the file keeps the bit planes
+(`data`) as they are and stores: permutations as int16 (int32 when a dimension exceeds
+32767), desc/ksegs as int32, bit widths as uint8, and no code sums (they are popcounts of
+the planes: recomputed on load). Loading widens everything back to int64.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int16 if n <= 32767 else torch.int32
+
+
+def compact(state: dict) -> dict:
+    """PackedTensor.state_dict() -> the tensors format version 2 stores."""
+    out = {}
+    for k, t in state.items():
+        if k == "sums":
+            continue
+        if k in ("row_perm", "k_perm"):
+            t = t.to(_index_dtype(t.numel()))
+        elif k in ("desc", "ksegs"):
+            t = t.to(torch.int32)
+        elif k == "bits":
+            t = t.to(torch.uint8)
+        out[k] = t
+    return out
+
+
+def _popcount(t: Tensor) -> Tensor:
+    """Bits set per int64 word (SWAR; the masks drop the sign bits an arithmetic shift brings)."""
+    t = t - ((t >> 1) & _M1)
+    t = (t & _M2) + ((t >> 2) & _M2)
+    t = (t + (t >> 4)) & _M4
+    return ((t * _H01) >> 56) & 0xFF
+
+
+def code_sums(data: Tensor, desc: Tensor, ksegs: Tensor) -> Tensor:
+    """sums [R, S] from the planes: blocks in (group, segment) order, each [bits][rows][kw]."""
+    S = ksegs.shape[0]
+    R = int(desc[:, 1].sum())
+    sums = torch.zeros(R, S, dtype=torch.int64)
+    off = 0
+    kws = ksegs[:, 1].tolist()
+    for g in desc.tolist():
+        r0, n = g[0], g[1]
+        for s in range(S):
+            b, kw = g[2 + s], kws[s]
+            size = b * n * kw
+            if size <= 0 or off + size > data.numel():
+                raise ValueError("packed data is shorter than its layout says")
+            pc = _popcount(data[off:off + size].view(b, n, kw)).sum(-1)  # [bits, rows]
+            sums[r0:r0 + n, s] = (pc << torch.arange(b).view(-1, 1)).sum(0)
+            off += size
+    if off != data.numel():
+        raise ValueError("packed data is longer than its layout says")
+    return sums
+
+
+def widen(stored: dict) -> dict:
+    """The stored tensors of format version 2 -> PackedTensor.state_dict() (int64 metadata,
+    code sums recomputed)."""
+    out = {k: (t if k in ("data", "scale") else t.to(torch.int64)) for k, t in stored.items()}
+    if all(k in out for k in ("data", "desc", "ksegs")) and out["desc"].dim() == 2 and out["ksegs"].dim() == 2:
+        if out["desc"].shape[0] >= 1 and out["desc"].shape[1] == 2 + out["ksegs"].shape[0]:
+            out["sums"] = code_sums(out["data"], out["desc"], out["ksegs"])
+    return out
