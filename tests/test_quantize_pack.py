@@ -262,6 +262,7 @@ def test_opcheck_quantize_pack_raw():
     _, args = _raw_args()
     torch.library.opcheck(torch.ops.soniq.quantize_pack_raw.default, args)
     torch.library.opcheck(torch.ops.soniq.quantize_pack_raw.default, args + (1, 12345))  # noise, seed
+    torch.library.opcheck(torch.ops.soniq.quantize_pack_raw.default, args + (0, 0, False, True))  # per-token scales
 
 
 def test_torch_compile_fullgraph_quantize_pack_then_mpgemm():
@@ -271,7 +272,7 @@ def test_torch_compile_fullgraph_quantize_pack_then_mpgemm():
     desc = torch.tensor([[0, 2] + plan.seg_bits])
 
     def f(x):
-        data, sums, _ = torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words)
+        data, sums, _, _ = torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words)
         out = torch.ops.soniq.mpgemm_packed(data, desc, sums, torch.arange(2), True, pw.data, pw.desc, pw.sums,
                                             pw.row_perm, True, plan.ksegs, None, None, None, None, 1)
         return out * 2
@@ -324,7 +325,7 @@ def test_raw_op_marks_nan_rows_instead_of_raising(isa):
     x[2, 50] = float("nan")
     with pytest.raises(ValueError, match=r"x\[2, 50\] is NaN"):
         torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words)
-    data, sums, rows = torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words, 0, 0, True)
+    data, sums, rows, _ = torch.ops.soniq.quantize_pack_raw(x, perm, segs, seg_scale, signed, words, 0, 0, True)
     assert rows.tolist() == [False, False, True, False]
     assert torch.ops.soniq.quantize_pack_raw(x[[0, 1, 3]], perm, segs, seg_scale, signed, words)[2].numel() == 0
     p = plan(x, nan_rows=True)  # the other rows are packed as without the NaN row
