@@ -168,3 +168,13 @@ def test_fake_equals_packed_and_saves(tmp_path, smooth, isa):
     soniq.save(p, tmp_path / "m.safetensors")
     back = soniq.load(tmp_path / "m.safetensors")
     assert back[0].a_dynamic == "token" and torch.equal(back(x), yp)
+    # the mode is module state: from_state_dict / load_state_dict keep it; absent = static
+    sd = p[0].state_dict()
+    assert bool(sd["a_dynamic"])
+    assert torch.equal(soniq.nn.PackedLinear.from_state_dict(sd)(x), p[0](x))
+    old = {k: v for k, v in sd.items() if k != "a_dynamic"}
+    assert soniq.nn.PackedLinear.from_state_dict(old).a_dynamic is None
+    back[0].load_state_dict(old)
+    assert back[0].a_dynamic is None and not torch.equal(back[0](x), p[0](x))
+    back[0].load_state_dict(sd)
+    assert back[0].a_dynamic == "token" and torch.equal(back[0](x), p[0](x))

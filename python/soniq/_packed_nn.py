@@ -135,6 +135,15 @@ class _PackedBase(nn.Module):
                 "packed_weight_bytes": self.w.nbytes}
 
 
+def _dynamic_mode(flag) -> Optional[str]:
+    """The a_dynamic mode a state dict's "a_dynamic" entry names (None: static)."""
+    if flag is None:
+        return None
+    if not isinstance(flag, Tensor) or flag.numel() != 1 or flag.dtype != torch.bool:
+        raise ValueError(f"a_dynamic must be a bool tensor of one element, got {flag!r}")
+    return "token" if bool(flag) else None
+
+
 def _layer_from_state(sd: dict) -> tuple:
     """(w, a_bits, a_scale, a_signed, bias) from a packed layer's state_dict()."""
     need = ["w.meta", "a_bits", "a_scale", "a_signed"]
@@ -170,7 +179,27 @@ class PackedLinear(_PackedBase):
     def from_state_dict(cls, state_dict: dict, name: str = "?") -> "PackedLinear":
         """A PackedLinear rebuilt from its own state_dict() (no prepared model needed)."""
         w, a_bits, a_scale, a_signed, bias = _layer_from_state(state_dict)
-        return cls(w, a_bits, a_scale, a_signed, bias, name, a_inv_smooth=state_dict.get("a_inv_smooth"))
+        return cls(w, a_bits, a_scale, a_signed, bias, name, a_inv_smooth=state_dict.get("a_inv_smooth"),
+                   a_dynamic=_dynamic_mode(state_dict.get("a_dynamic")))
+
+    # the activation mode is state too: "a_dynamic" (bool tensor, True = per-token scales);
+    # absent (state dicts from before the field) = static scales
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "a_dynamic"] = torch.tensor(self.a_dynamic == "token")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        key = prefix + "a_dynamic"
+        if key in state_dict:
+            flag = state_dict[key]
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        else:
+            flag = None
+        mode = _dynamic_mode(flag)
+        if mode != self.a_dynamic:
+            self.a_dynamic = mode
+            self._weights_changed()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _act_plan(self, integer: bool):
         K = self.a_bits.numel()
