@@ -109,6 +109,12 @@ def test_mpgemm_applies_row_scales(isa):
     acc = ops.unpack(p).to(torch.float64) @ wv.T.to(torch.float64)
     want = (acc * float(sv[0]) * p.token_scale.double()[:, None] * ws.double()[None, :]).float()
     torch.testing.assert_close(ops.mpgemm(p, w), want, rtol=1e-6, atol=0)
+    # b with two K segments: mpgemm re-lays out a (one segment) and keeps its row scales
+    kb = torch.where(torch.arange(96) % 3 == 0, 2, 4)
+    w2 = ops.pack(wv.clamp(-2, 1), 4, signed=True, axis=0, scale=ws, k_layout=KLayout.from_bits(kb))
+    acc2 = ops.unpack(p).to(torch.float64) @ wv.clamp(-2, 1).T.to(torch.float64)
+    want2 = (acc2 * float(sv[0]) * p.token_scale.double()[:, None] * ws.double()[None, :]).float()
+    torch.testing.assert_close(ops.mpgemm(p, w2), want2, rtol=1e-6, atol=0)
 
 
 def test_bad_mode():

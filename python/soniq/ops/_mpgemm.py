@@ -69,7 +69,8 @@ def _relayout(p: PackedTensor, like: PackedTensor) -> PackedTensor:
     return PackedTensor(shape=p.shape, axis=p.axis, signed=p.signed, bits=p.bits, data=torch.cat(words),
                         desc=new_desc.to(dev), sums=sums, row_perm=p.row_perm, k_perm=like.k_perm.to(dev),
                         ksegs=like_ksegs.to(dev), scale=p.scale, dtype=p.dtype, kind=p.kind,
-                        host_meta=(new_desc, like_ksegs, like_perm), k_layout_of=like)
+                        host_meta=(new_desc, like_ksegs, like_perm), k_layout_of=like,
+                        token_scale=p.token_scale)  # per-token scales of a dynamic operand
 
 
 def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = None):
