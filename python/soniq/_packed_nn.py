@@ -183,7 +183,8 @@ class PackedLinear(_PackedBase):
                    a_dynamic=_dynamic_mode(state_dict.get("a_dynamic")))
 
     # the activation mode is state too: "a_dynamic" (bool tensor, True = per-token scales);
-    # absent (state dicts from before the field) = static scales
+    # absent beside a packed weight (state dicts from before the field) = static scales;
+    # absent with the weight (a partial load) = unchanged
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "a_dynamic"] = torch.tensor(self.a_dynamic == "token")
@@ -195,7 +196,7 @@ class PackedLinear(_PackedBase):
             state_dict = {k: v for k, v in state_dict.items() if k != key}
         else:
             flag = None
-        mode = _dynamic_mode(flag)
+        mode = _dynamic_mode(flag) if flag is not None or prefix + "w.meta" in state_dict else self.a_dynamic
         if mode != self.a_dynamic:
             self.a_dynamic = mode
             self._weights_changed()
