@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import soniq
-from soniq import _io
+from soniq import _model_file
 from soniq._compact import code_sums
 from soniq.qat import QATConfig
 
@@ -68,8 +68,8 @@ def write_v1(model, path):
         if isinstance(m, soniq.nn.PackedConv2d):
             rec["conv"] = m.conv_args()
         records[n] = rec
-    meta = {"format": "soniq-model", "version": 1, "packed": records, "tree": _io._tree(model)}
-    meta["sha256"] = _io._digest(tensors, meta)
+    meta = {"format": "soniq-model", "version": 1, "packed": records, "tree": _model_file._tree(model)}
+    meta["sha256"] = _model_file._digest(tensors, meta)
     save_file(tensors, str(path), metadata={"soniq": json.dumps(meta)})
 
 
@@ -88,7 +88,7 @@ def test_future_version_refused(tmp_path):
         meta = json.loads(h.metadata()["soniq"])
         tensors = {k: h.get_tensor(k) for k in h.keys()}
     meta["version"] = 3
-    meta["sha256"] = _io._digest(tensors, meta)
+    meta["sha256"] = _model_file._digest(tensors, meta)
     save_file(tensors, str(f), metadata={"soniq": json.dumps(meta)})
     with pytest.raises(ValueError, match="format version 3"):
         soniq.load(f)

@@ -235,4 +235,4 @@ class ActQuantizer(ChannelQuantizer):
         exact = int(self.phase) == PHASE_EXACT
         if exact:
             lo, hi, alpha = lo.detach(), hi.detach(), alpha.detach()
-        return dynamic_fake_quant(x, step.to(x.dtype), lo, hi, alpha, exact, 0 if exact else resolve_seed(None))
+        return dynamic_fake_quant(x, step.to(x.dtype), lo, hi, alpha, exact, 0 if exact else self._noise_seed())
