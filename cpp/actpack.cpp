@@ -66,9 +66,12 @@ void pack_row(const KernelTable& kt, const float* xr, int64_t M, int64_t r, cons
               int64_t* sums, bool* nan, float* row_scale) {
   float a = 1.0f;
   if (row_scale) {  // per-token dynamic scale (actpack.h)
-    float m = 0.0f;
-    for (int64_t k = 0; k < L.K; ++k) m = absmax_step(m, xr[k]);
-    row_scale[r] = a = settle_row_scale(m, segs.data(), int64_t(segs.size()));
+    int32_t m = 0;
+    for (int64_t k = 0; k < L.K; ++k) {
+      const int32_t v = finite_abs_bits(xr[k]);
+      m = v > m ? v : m;
+    }
+    row_scale[r] = a = settle_row_scale(float_of_bits(m), segs.data(), int64_t(segs.size()));
   }
   for (size_t s = 0; s < segs.size(); ++s) {
     const SegPlan& p = segs[s];

@@ -3,6 +3,7 @@
 // Equal, word for word, to soniq.ops.pack(soniq.ops.quantize(x, ..., values_only=True)).
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "host_device.h"
@@ -47,9 +48,20 @@ struct ActNoise {
 // quantizes the row with the float32 scale scale_s * a (inverse 1 / (scale_s * a), each
 // rounded once). When a is 0, or for some segment scale_s * a is 0 or inf or its inverse is
 // inf, a is 1 (the static scale). Shared by the CPU and CUDA kernels.
-SONIQ_HD float absmax_step(float a, float v) {  // branch-free: NaN fails both compares, inf the second
-  v = v < 0.0f ? -v : v;
-  return (v > a && v <= 3.40282347e38f) ? v : a;
+// |v|'s bit pattern if v is finite, else 0 (NaN, +-inf). Non-negative floats order as their
+// bit patterns (here non-negative int32), so the integer max of these over a row is its
+// largest finite |x|, in a loop the compiler vectorizes with baseline SSE2 (a float max with
+// NaN checks carried a dependency per element: 8 ns per element).
+SONIQ_HD int32_t finite_abs_bits(float v) {
+  int32_t u;
+  memcpy(&u, &v, sizeof u);
+  u &= 0x7fffffff;
+  return u < 0x7f800000 ? u : 0;
+}
+SONIQ_HD float float_of_bits(int32_t u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
 }
 template <class Seg>
 SONIQ_HD float dynamic_inv(const Seg& seg, float a) { return 1.0f / (seg.scale * a); }

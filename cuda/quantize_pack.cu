@@ -74,13 +74,16 @@ __global__ void __launch_bounds__(kThreads) row_scale_kernel(const __grid_consta
   const int lane = int(threadIdx.x % 32);
   if (r >= P.M) return;  // warp-uniform
   const float* xr = P.x + r * P.ldx;
-  float a = 0.0f;
-  for (long long k = lane; k < P.K; k += 32) a = absmax_step(a, xr[k]);
+  int a = 0;  // the bit pattern of the largest finite |x| (cpp/actpack.h)
+  for (long long k = lane; k < P.K; k += 32) {
+    const int v = finite_abs_bits(xr[k]);
+    a = v > a ? v : a;
+  }
   for (int o = 16; o > 0; o >>= 1) {
-    const float b = __shfl_xor_sync(0xffffffffu, a, o);
+    const int b = __shfl_xor_sync(0xffffffffu, a, o);
     a = b > a ? b : a;
   }
-  if (lane == 0) P.row_scale[r] = settle_row_scale(a, P.seg, P.nsegs);
+  if (lane == 0) P.row_scale[r] = settle_row_scale(float_of_bits(a), P.seg, P.nsegs);
 }
 
 __global__ void __launch_bounds__(kThreads) quantize_pack_kernel(const __grid_constant__ ActParams P) {
