@@ -21,6 +21,7 @@
 #include "../cpp/omp_borrow.h"
 #include "../cpp/pack.h"
 #include "../cpp/threadpool.h"
+#include "../cpp/wlayout.h"
 #include "registry.h"
 #ifdef SONIQ_WITH_CUDA
 #include "../cuda/cuda_api.h"
@@ -91,7 +92,7 @@ void soniq::bindings::register_core(py::module_& m) {
         py::call_guard<py::gil_scoped_release>());
 
   auto mp = [](bool cuda, py::tuple A, py::tuple B, uintptr_t ksegs, int64_t nsegs, py::tuple S, int kind,
-               uintptr_t out, uintptr_t stream) {
+               uintptr_t out, uintptr_t stream, uintptr_t b_layout) {
     auto op = [](py::tuple t) {
       return operand(t[0].cast<uintptr_t>(), t[1].cast<int64_t>(), t[2].cast<int64_t>(), t[3].cast<uintptr_t>(),
                      t[4].cast<uintptr_t>(), t[5].cast<uintptr_t>(), t[6].cast<bool>());
@@ -102,7 +103,7 @@ void soniq::bindings::register_core(py::module_& m) {
     if (kind < 0 || kind > 2) throw std::invalid_argument("kind must be 0 (int32), 1 (int64) or 2 (float32)");
     py::gil_scoped_release nogil;
     if (!cuda) {
-      mpgemm(a, b, ptr<const int64_t>(ksegs), nsegs, sc, OutKind(kind), ptr<void>(out));
+      mpgemm(a, b, ptr<const int64_t>(ksegs), nsegs, sc, OutKind(kind), ptr<void>(out), ptr<const int8_t>(b_layout));
       return;
     }
 #ifdef SONIQ_WITH_CUDA
@@ -113,9 +114,31 @@ void soniq::bindings::register_core(py::module_& m) {
 #endif
   };
   m.def("mpgemm", [mp](py::tuple A, py::tuple B, uintptr_t ksegs, int64_t nsegs, py::tuple S, int kind,
-                       uintptr_t out) { mp(false, A, B, ksegs, nsegs, S, kind, out, 0); });
+                       uintptr_t out, uintptr_t b_layout) { mp(false, A, B, ksegs, nsegs, S, kind, out, 0, b_layout); });
   m.def("cuda_mpgemm", [mp](py::tuple A, py::tuple B, uintptr_t ksegs, int64_t nsegs, py::tuple S, int kind,
-                            uintptr_t out, uintptr_t stream) { mp(true, A, B, ksegs, nsegs, S, kind, out, stream); });
+                            uintptr_t out, uintptr_t stream) { mp(true, A, B, ksegs, nsegs, S, kind, out, stream, 0); });
+
+  // weight execution layout (cpp/wlayout.h): size, build from planes, planes back from it
+  m.def("layout_kernels_active", &layout_kernels_active);
+  m.def("bitserial_max_pairs", []() {  // the active ISA's largest bits_a * bits_b run bit-serially (GEMM or GEMV)
+    const KernelTable& kt = active_kernels();
+    return std::max(kt.bitserial_max_pairs, kt.bitserial_max_pairs_gemv);
+  });
+  m.def("layout_nbytes", [](uintptr_t desc, int64_t ngroups, uintptr_t ksegs, int64_t nsegs) {
+    return layout_offsets(ptr<const int64_t>(desc), ngroups, ptr<const int64_t>(ksegs), nsegs).back();
+  });
+  m.def("layout_build",
+        [](uintptr_t data, int64_t rows, int64_t ngroups, uintptr_t desc, uintptr_t ksegs, int64_t nsegs, uintptr_t out) {
+          PackedOperand b{ptr<const uint64_t>(data), rows, ngroups, ptr<const int64_t>(desc), nullptr, nullptr, false};
+          layout_build(b, ptr<const int64_t>(ksegs), nsegs, ptr<int8_t>(out));
+        },
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layout_to_planes",
+        [](uintptr_t layout, uintptr_t desc, int64_t ngroups, uintptr_t ksegs, int64_t nsegs, uintptr_t data) {
+          layout_to_planes(ptr<const int8_t>(layout), ptr<const int64_t>(desc), ngroups, ptr<const int64_t>(ksegs), nsegs,
+                           ptr<uint64_t>(data));
+        },
+        py::call_guard<py::gil_scoped_release>());
 
 #ifdef SONIQ_WITH_CUDA
   m.attr("built_with_cuda") = true;

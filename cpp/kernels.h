@@ -54,6 +54,16 @@ using QuantPackFn = int64_t (*)(const float* x, const int64_t* idx, int64_t klen
 using EpilogueF32Fn = void (*)(const int64_t* acc, int64_t n, double segscale, bool has_ar, double ar,
                                const float* b_row, const int64_t* perm, float* out_row);
 
+// Byte x execution-layout product (cpp/wlayout.h) for one block, added into C: for j < N,
+//   C[i*ldc + j] = base(i, j) + ((sum_{k < kw*64} A[i*lda + k] * s(j, k)) << shift)
+// with base = rowterm[i] + colterm[j] when rowterm is set (C is then only written: the
+// driver's code-sum corrections, fused to spare a pass over C), else C[i*ldc + j]; s is the
+// stored code (u, or u - 128 for 8-bit blocks: the driver adds 128 * the A row's code sum).
+// L points at the tile holding column 0; ceil(N/16) tiles follow.
+using LayoutGemmFn = void (*)(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N,
+                              int64_t kw, int64_t* C, int64_t ldc, int shift, const int64_t* rowterm,
+                              const int64_t* colterm);
+
 struct KernelTable {
   const char* name;
   BitserialFn bitserial;
@@ -68,6 +78,13 @@ struct KernelTable {
   LutPlanesFn lut_planes = nullptr;
   QuantPackFn quant_pack = nullptr;  // every table sets it
   EpilogueF32Fn epilogue_f32 = nullptr;  // optional: the driver's scalar loop otherwise
+  // Optional: kernels over the weight execution layout. A table that has them gets a layout
+  // for every weight operand and runs its byte-path blocks on them: layout_gemv for tiles of
+  // at most layout_gemv_rows A rows (weights streamed once, decoded in registers), else
+  // layout_gemm (each tile decoded once per K block into an L1 buffer, reused by all rows).
+  LayoutGemmFn layout_gemv = nullptr;
+  LayoutGemmFn layout_gemm = nullptr;
+  int layout_gemv_rows = 0;
 };
 
 // Reference table (scalar loops) built in each ISA unit, for tests and benchmarks.

@@ -69,6 +69,36 @@ inline void ref_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uin
     }
 }
 
+// One code of a weight execution layout (cpp/wlayout.h) tile: row j, position k; 8-bit
+// codes come back as stored (u - 128), the value the layout kernels multiply.
+inline int ref_layout_code(const int8_t* tile, int bits, int64_t k, int j) {
+  static const int widths[9][3] = {{0}, {1}, {2}, {2, 1}, {4}, {4, 1}, {4, 2}, {4, 2, 1}, {8}};
+  const uint8_t* ch = reinterpret_cast<const uint8_t*>(tile) + (k / 32) * bits * 64;
+  const int g = int(k % 32) / 4, byte = j * 4 + int(k % 4);
+  if (bits == 8) return int(tile[(k / 32) * 512 + g * 64 + byte]);
+  unsigned u = 0;
+  for (int q = 0, pos = 0; q < 3 && widths[bits][q]; pos += widths[bits][q], ++q) {
+    const int w = widths[bits][q], per = 8 / w;
+    u |= ((unsigned(ch[(pos + g / per) * 64 + byte]) >> ((g % per) * w)) & ((1u << w) - 1u)) << pos;
+  }
+  return int(u);
+}
+
+// Scalar reference of the layout kernels (LayoutGemmFn): one code at a time.
+inline void ref_layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N,
+                            int64_t kw, int64_t* C, int64_t ldc, int shift, const int64_t* rowterm,
+                            const int64_t* colterm) {
+  const int64_t tb = 2 * kw * bits * 64;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < kw * 64; ++k)
+        acc += int64_t(A[i * lda + k]) * ref_layout_code(L + (n / 16) * tb, bits, k, int(n % 16));
+      const int64_t base = rowterm ? rowterm[i] + colterm[n] : C[i * ldc + n];
+      C[i * ldc + n] = base + acc * (int64_t(1) << shift);
+    }
+}
+
 inline float ref_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 // Codes of one word are counted from its planes (popcount << p): exact, and NaN-proof.

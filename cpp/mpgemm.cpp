@@ -7,6 +7,7 @@
 
 #include "dispatch.h"
 #include "threadpool.h"
+#include "wlayout.h"
 
 namespace soniq {
 namespace {
@@ -16,8 +17,32 @@ namespace {
 // GEMV (M=1) still gets N/64 tasks.
 constexpr int64_t kTileM = 128;
 constexpr int64_t kTileN = 64;
+// With layout kernels B's decode is cheap (once per 64 columns and K block): tiles of 48 rows
+// keep a task's int64 totals (48 x 64) in L1 and give threads more tasks.
+constexpr int64_t kTileMLayout = 48;
 
 std::atomic<int> g_path_policy{0};
+
+enum class BlockKernel { Bitserial, BytesPlanes, Lut, LayoutGemv, LayoutGemm };
+bool is_layout(BlockKernel k) { return k == BlockKernel::LayoutGemv || k == BlockKernel::LayoutGemm; }
+
+// The one place that picks a block pair's kernel: from the ISA's table (its kernels and
+// measured thresholds), the pair's bits, the A operand's rows (GEMV or not) and the rows of
+// the tile, and the forced path if any.
+// A weight kept as its layout only (no planes) runs every pair on the layout kernels.
+BlockKernel select_block_kernel(const KernelTable& kt, int policy, bool b_planes, int ba, int bb, int64_t a_rows,
+                                int64_t tile_rows) {
+  const bool bytes = !b_planes                           ? true
+                     : policy == int(KernelPath::Bitserial) ? false
+                     : (policy == int(KernelPath::Bytes) || policy == int(KernelPath::Lut))
+                         ? true
+                         : ba * bb > (a_rows <= 2 ? kt.bitserial_max_pairs_gemv : kt.bitserial_max_pairs);
+  if (!bytes) return BlockKernel::Bitserial;
+  if (kt.layout_gemm) return tile_rows <= kt.layout_gemv_rows ? BlockKernel::LayoutGemv : BlockKernel::LayoutGemm;
+  if (kt.lut_planes && (policy == int(KernelPath::Lut) || (policy == int(KernelPath::Auto) && a_rows <= 2)))
+    return BlockKernel::Lut;
+  return BlockKernel::BytesPlanes;
+}
 
 struct Layout {  // word offset of every (group, segment) block
   std::vector<int64_t> offset;
@@ -38,8 +63,8 @@ Layout block_offsets(const PackedOperand& op, const int64_t* ksegs, int64_t nseg
   return L;
 }
 
-void check_operand(const PackedOperand& op, int64_t nsegs, const char* name) {
-  if (!op.data || !op.desc || !op.sums || !op.perm || op.rows <= 0 || op.ngroups <= 0)
+void check_operand(const PackedOperand& op, int64_t nsegs, const char* name, bool need_data = true) {
+  if ((need_data && !op.data) || !op.desc || !op.sums || !op.perm || op.rows <= 0 || op.ngroups <= 0)
     throw std::invalid_argument(std::string(name) + ": empty or null packed operand");
   int64_t covered = 0;
   for (int64_t g = 0; g < op.ngroups; ++g) {
@@ -63,35 +88,47 @@ void check_operand(const PackedOperand& op, int64_t nsegs, const char* name) {
 
 }  // namespace
 
+bool layout_kernels_active() { return active_kernels().layout_gemm != nullptr; }
+
 void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
-            const Scales& sc, OutKind kind, void* out) {
+            const Scales& sc, OutKind kind, void* out, const int8_t* b_layout) {
   if (nsegs <= 0 || !ksegs) throw std::invalid_argument("ksegs: at least one K segment is required");
   for (int64_t s = 0; s < nsegs; ++s)
     if (ksegs[2 * s] <= 0 || ksegs[2 * s + 1] * 64 < ksegs[2 * s])
       throw std::invalid_argument("ksegs: each segment needs klen > 0 and kw*64 >= klen");
   check_operand(a, nsegs, "a");
-  check_operand(b, nsegs, "b");
+  check_operand(b, nsegs, "b", false);
   const Layout la = block_offsets(a, ksegs, nsegs), lb = block_offsets(b, ksegs, nsegs);
   const KernelTable& kt = active_kernels();
   const int64_t N = b.rows;
   const int policy = g_path_policy.load(std::memory_order_relaxed);
-  auto use_bytes = [&](int ba, int bb) {
-    if (policy == int(KernelPath::Bitserial)) return false;
-    if (policy == int(KernelPath::Bytes) || policy == int(KernelPath::Lut)) return true;
-    return ba * bb > (a.rows <= 2 ? kt.bitserial_max_pairs_gemv : kt.bitserial_max_pairs);
+  auto kernel_of = [&](int ba, int bb, int64_t tile_rows) {
+    return select_block_kernel(kt, policy, b.data != nullptr, ba, bb, a.rows, tile_rows);
   };
-  // byte-path blocks of GEMV rows use table lookup when the ISA has it
-  const bool use_lut = kt.lut_planes && (policy == int(KernelPath::Lut) ||
-                                         (policy == int(KernelPath::Auto) && a.rows <= 2));
+  // the weight execution layout: the caller's, or one built for this call
+  std::vector<int64_t> lofs;
+  std::vector<int8_t> own_layout;
+  if (!b.data && (!kt.layout_gemm || !b_layout))
+    throw std::invalid_argument("b: no bit planes and no execution layout the active ISA's kernels read");
+  if (kt.layout_gemm) {
+    lofs = layout_offsets(b.desc, b.ngroups, ksegs, nsegs);
+    if (!b_layout) {
+      own_layout.resize(size_t(lofs.back()));
+      layout_build(b, ksegs, nsegs, own_layout.data());
+      b_layout = own_layout.data();
+    }
+  }
+  const bool use_lut = kernel_of(8, 8, 1) == BlockKernel::Lut;
 
-  // A blocks that some block pair runs on the byte path are expanded once per call to one
+  // A blocks that some block pair runs on a byte kernel are expanded once per call to one
   // byte per code (rows padded with zero codes to kw*64), shared by all tasks.
   std::vector<std::vector<uint8_t>> abytes(size_t(a.ngroups * nsegs)), luts(size_t(a.ngroups * nsegs));
   for (int64_t ga = 0; ga < a.ngroups; ++ga) {
     const int64_t* da = a.desc + ga * (2 + nsegs);
     for (int64_t s = 0; s < nsegs; ++s) {
       bool need = false;
-      for (int64_t gb = 0; gb < b.ngroups; ++gb) need |= use_bytes(int(da[2 + s]), int(b.desc[gb * (2 + nsegs) + 2 + s]));
+      for (int64_t gb = 0; gb < b.ngroups; ++gb)
+        need |= kernel_of(int(da[2 + s]), int(b.desc[gb * (2 + nsegs) + 2 + s]), 1) != BlockKernel::Bitserial;
       if (!need) continue;
       const int64_t kw = ksegs[2 * s + 1], rows = da[1];
       auto& buf = abytes[size_t(ga * nsegs + s)];
@@ -119,14 +156,15 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   }
 
   struct Task { int64_t ga, gb, m0, m1, n0, n1; };
+  const int64_t tile_m = kt.layout_gemm ? kTileMLayout : kTileM;
   std::vector<Task> tasks;
   for (int64_t ga = 0; ga < a.ngroups; ++ga) {
     const int64_t* da = a.desc + ga * (2 + nsegs);
     for (int64_t gb = 0; gb < b.ngroups; ++gb) {
       const int64_t* db = b.desc + gb * (2 + nsegs);
-      for (int64_t m0 = 0; m0 < da[1]; m0 += kTileM)
+      for (int64_t m0 = 0; m0 < da[1]; m0 += tile_m)
         for (int64_t n0 = 0; n0 < db[1]; n0 += kTileN)
-          tasks.push_back({ga, gb, m0, std::min(da[1], m0 + kTileM), n0, std::min(db[1], n0 + kTileN)});
+          tasks.push_back({ga, gb, m0, std::min(da[1], m0 + tile_m), n0, std::min(db[1], n0 + kTileN)});
     }
   }
 
@@ -135,57 +173,91 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     const int64_t* da = a.desc + T.ga * (2 + nsegs);
     const int64_t* db = b.desc + T.gb * (2 + nsegs);
     const int64_t tm = T.m1 - T.m0, tn = T.n1 - T.n0;
-    thread_local std::vector<int64_t> block_buf, itotal_buf;
+    thread_local std::vector<int64_t> block_buf, itotal_buf, rowterm_buf, colterm_buf;
     thread_local std::vector<double> ftotal_buf;
     block_buf.resize(size_t(kTileM * kTileN));
     itotal_buf.resize(size_t(kTileM * kTileN));
     ftotal_buf.resize(size_t(kTileM * kTileN));
-    // zero only the rows this tile uses: a GEMV tile has 1 of 128. One K segment (the usual
-    // case) needs no float accumulator: its scaled value is formed once, at the end.
+    rowterm_buf.resize(size_t(kTileM));
+    colterm_buf.resize(size_t(kTileN));
+    // One K segment (the usual case) needs no float accumulator: its scaled value is formed
+    // once, at the end; integer totals start from the code-sum corrections of all segments
+    // and the layout kernels add their products straight into them.
     const bool float_acc = kind == OutKind::Float32 && nsegs > 1;
-    std::fill(itotal_buf.begin(), itotal_buf.begin() + tm * kTileN, int64_t(0));
-    if (float_acc) std::fill(ftotal_buf.begin(), ftotal_buf.begin() + tm * kTileN, 0.0);
     int64_t* block = block_buf.data();
     int64_t* itotal = itotal_buf.data();
     double* ftotal = ftotal_buf.data();
-    thread_local std::vector<int64_t> colterm_buf;
-    colterm_buf.resize(size_t(kTileN));
+    int64_t* rowterm = rowterm_buf.data();
     int64_t* colterm = colterm_buf.data();
-    double segscale = 1.0;
-    for (int64_t s = 0; s < nsegs; ++s) {
-      const int64_t klen = ksegs[2 * s], kw = ksegs[2 * s + 1];
+    if (float_acc) std::fill(ftotal, ftotal + tm * kTileN, 0.0);
+    // sum_k (aa*ua + oa)(ab*ub + ob) = aa*ab*sum ua*ub + aa*ob*sum ua + ab*oa*sum ub + klen*oa*ob;
+    // layout kernels give sum ua*(ub - 128) for 8-bit ub: 128 * aa*ab * sum ua is added back.
+    auto terms = [&](int64_t s, bool add) {  // rowterm/colterm of segment s (added to them when add)
       const int ba = int(da[2 + s]), bb = int(db[2 + s]);
-      const uint64_t* B = b.data + lb.at(T.gb, s) + T.n0 * kw;
-      if (use_bytes(ba, bb)) {
-        if (use_lut) {
-          const uint8_t* L = luts[size_t(T.ga * nsegs + s)].data() + T.m0 * lut_bytes(kw);
-          kt.lut_planes(L, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
-        } else {
-          const uint8_t* A = abytes[size_t(T.ga * nsegs + s)].data() + T.m0 * kw * 64;
-          kt.bytes_planes(A, kw * 64, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
-        }
-      } else {
-        const uint64_t* A = a.data + la.at(T.ga, s) + T.m0 * kw;
-        kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
-      }
-      // sum_k (aa*ua + oa)(ab*ub + ob) = aa*ab*sum ua*ub + aa*ob*sum ua + ab*oa*sum ub + klen*oa*ob
       int64_t aa, oa, ab, ob;
       code_affine(ba, a.is_signed, aa, oa);
       code_affine(bb, b.is_signed, ab, ob);
-      const int64_t aab = aa * ab;
-      for (int64_t j = 0; j < tn; ++j) colterm[j] = ab * oa * b.sums[(db[0] + T.n0 + j) * nsegs + s];
-      segscale = double(sc.a_seg ? sc.a_seg[s] : 1.0f) * double(sc.b_seg ? sc.b_seg[s] : 1.0f);
+      const int64_t flip = is_layout(kernel_of(ba, bb, tm)) && bb == 8 ? 128 : 0;
+      const int64_t klen = ksegs[2 * s];
+      for (int64_t j = 0; j < tn; ++j)
+        colterm[j] = (add ? colterm[j] : 0) + ab * oa * b.sums[(db[0] + T.n0 + j) * nsegs + s];
       for (int64_t i = 0; i < tm; ++i) {
-        const int64_t rowterm = aa * ob * a.sums[(da[0] + T.m0 + i) * nsegs + s] + klen * oa * ob;
-        const int64_t* blk = block + i * kTileN;
-        int64_t* it = itotal + i * kTileN;
-        if (float_acc) {
+        const int64_t asum = a.sums[(da[0] + T.m0 + i) * nsegs + s];
+        rowterm[i] = (add ? rowterm[i] : 0) + aa * ob * asum + klen * oa * ob + aa * ab * flip * asum;
+      }
+    };
+    // the first segment's layout kernel writes the totals from the terms (no separate pass)
+    const bool fuse_terms = !float_acc && is_layout(kernel_of(int(da[2]), int(db[2]), tm));
+    if (!float_acc) {
+      for (int64_t s = 0; s < nsegs; ++s) terms(s, s > 0);
+      if (!fuse_terms)
+        for (int64_t i = 0; i < tm; ++i)
+          for (int64_t j = 0; j < tn; ++j) itotal[i * kTileN + j] = rowterm[i] + colterm[j];
+    }
+    double segscale = 1.0;
+    for (int64_t s = 0; s < nsegs; ++s) {
+      const int64_t kw = ksegs[2 * s + 1];
+      const int ba = int(da[2 + s]), bb = int(db[2 + s]);
+      int64_t aa, oa, ab, ob;
+      code_affine(ba, a.is_signed, aa, oa);
+      code_affine(bb, b.is_signed, ab, ob);
+      const int64_t aab = aa * ab;  // 1, 2 or 4
+      const int shift = aab == 4 ? 2 : int(aab >> 1);
+      segscale = double(sc.a_seg ? sc.a_seg[s] : 1.0f) * double(sc.b_seg ? sc.b_seg[s] : 1.0f);
+      const uint64_t* B = b.data + lb.at(T.gb, s) + T.n0 * kw;
+      const BlockKernel bk = kernel_of(ba, bb, tm);
+      const uint8_t* Abytes = bk == BlockKernel::Bitserial ? nullptr
+                                                            : abytes[size_t(T.ga * nsegs + s)].data() + T.m0 * kw * 64;
+      if (is_layout(bk)) {
+        const int8_t* L = b_layout + lofs[size_t(T.gb * nsegs + s)] + (T.n0 / kLayoutTile) * layout_tile_bytes(bb, kw);
+        const LayoutGemmFn fn = bk == BlockKernel::LayoutGemv ? kt.layout_gemv : kt.layout_gemm;
+        if (!float_acc) {  // products added (<< shift) straight into the totals
+          const bool init = fuse_terms && s == 0;
+          fn(Abytes, kw * 64, tm, L, bb, tn, kw, itotal, kTileN, shift, init ? rowterm : nullptr, colterm);
+          continue;
+        }
+        for (int64_t i = 0; i < tm; ++i) std::fill(block + i * kTileN, block + i * kTileN + tn, int64_t(0));
+        fn(Abytes, kw * 64, tm, L, bb, tn, kw, block, kTileN, 0, nullptr, nullptr);
+      } else if (bk == BlockKernel::Bitserial) {
+        kt.bitserial(a.data + la.at(T.ga, s) + T.m0 * kw, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+      } else if (bk == BlockKernel::Lut) {
+        kt.lut_planes(luts[size_t(T.ga * nsegs + s)].data() + T.m0 * lut_bytes(kw), tm, B, bb, db[1] * kw, tn, kw,
+                      block, kTileN);
+      } else {
+        kt.bytes_planes(Abytes, kw * 64, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+      }
+      if (float_acc) {
+        terms(s, false);
+        for (int64_t i = 0; i < tm; ++i) {
+          const int64_t* blk = block + i * kTileN;
           double* ft = ftotal + i * kTileN;
-          for (int64_t j = 0; j < tn; ++j) ft[j] += double(aab * blk[j] + rowterm + colterm[j]) * segscale;
-        } else if (aab == 1) {  // plain adds: vectorizable with baseline flags
-          for (int64_t j = 0; j < tn; ++j) it[j] += blk[j] + rowterm + colterm[j];
-        } else {
-          for (int64_t j = 0; j < tn; ++j) it[j] += aab * blk[j] + rowterm + colterm[j];
+          for (int64_t j = 0; j < tn; ++j) ft[j] += double(aab * blk[j] + rowterm[i] + colterm[j]) * segscale;
+        }
+      } else {
+        for (int64_t i = 0; i < tm; ++i) {
+          const int64_t* blk = block + i * kTileN;
+          int64_t* it = itotal + i * kTileN;
+          for (int64_t j = 0; j < tn; ++j) it[j] += blk[j] << shift;
         }
       }
     }

@@ -26,12 +26,20 @@ struct Scales {  // any may be null (= 1)
 };
 
 // ksegs: [nsegs][2] = (klen, kw). out: [a.rows][b.rows] row-major, original order.
+// b_layout: b's execution layout (cpp/wlayout.h), built once by the caller and kept with
+// the weight; used where the active ISA has layout kernels (built per call when null).
+// b.data may be null when b_layout is given (a weight kept as its layout only): every block
+// pair then runs on the layout kernels (an ISA without them throws std::invalid_argument).
 void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
-            const Scales& scales, OutKind kind, void* out);
+            const Scales& scales, OutKind kind, void* out, const int8_t* b_layout = nullptr);
 
-// Which block kernel the driver uses: Auto picks per block pair from the ISA's measured
-// threshold (KernelTable::bitserial_max_pairs) and the table-lookup kernel for GEMV rows;
-// the others force one (tests, benchmarks); the bindings refuse Lut where the ISA has none.
+// Whether the active ISA's kernels read weight execution layouts (then callers should
+// build one per weight and pass it to mpgemm).
+bool layout_kernels_active();
+
+// Which block kernel the driver uses: Auto picks per block pair (select_block_kernel in
+// mpgemm.cpp, the one place that chooses); the others force one (tests, benchmarks): Bytes
+// is the layout kernels where the ISA has them; the bindings refuse Lut where the ISA has none.
 enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2, Lut = 3 };
 void set_kernel_path(KernelPath p);
 KernelPath get_kernel_path();

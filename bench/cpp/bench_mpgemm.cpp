@@ -15,6 +15,7 @@
 #include "cpp/kernels.h"
 #include "cpp/mpgemm.h"
 #include "cpp/threadpool.h"
+#include "cpp/wlayout.h"
 
 using namespace soniq;
 
@@ -54,6 +55,26 @@ void bm_bytes(benchmark::State& st, const KernelTable* kt, int pa, int pb, int64
   std::vector<int64_t> C(size_t(M * N));
   for (auto _ : st) {
     kt->bytes_planes(A.data(), kw * 64, M, B.data(), pb, N * kw, N, kw, C.data(), N);
+    benchmark::DoNotOptimize(C.data());
+  }
+  set_gops(st, double(M) * N * K);
+}
+
+// A layout kernel (gemv: weights decoded in registers; gemm: per-tile L1 buffer) on one
+// block, the weight execution layout built beforehand (as a packed weight holds it).
+void bm_layout(benchmark::State& st, const KernelTable* kt, bool gemv, int pa, int pb, int64_t M, int64_t N,
+               int64_t K) {
+  const int64_t kw = (K + 63) / 64;
+  auto Ap = random_words(size_t(pa * M * kw), 1), B = random_words(size_t(pb * N * kw), 2);
+  std::vector<uint8_t> A(size_t(M * kw * 64));
+  kt->unpack_planes(Ap.data(), pa, M * kw, M, kw, A.data(), kw * 64);
+  std::vector<int64_t> desc{0, N, pb}, ksegs{K, kw};
+  PackedOperand b{B.data(), N, 1, desc.data(), nullptr, nullptr, false};
+  std::vector<int8_t> L(size_t(layout_offsets(desc.data(), 1, ksegs.data(), 1).back()));
+  layout_build(b, ksegs.data(), 1, L.data());
+  std::vector<int64_t> C(size_t(M * N));
+  for (auto _ : st) {
+    (gemv ? kt->layout_gemv : kt->layout_gemm)(A.data(), kw * 64, M, L.data(), pb, N, kw, C.data(), N, 0, nullptr, nullptr);
     benchmark::DoNotOptimize(C.data());
   }
   set_gops(st, double(M) * N * K);
@@ -156,9 +177,17 @@ void bm_mpgemm(benchmark::State& st, std::string isa, int ba, int bb, int64_t M,
   PackedOperand a{Ad.data(), M, 1, da.data(), sa.data(), pa.data(), false};
   PackedOperand b{Bd.data(), N, 1, db.data(), sb.data(), pb.data(), false};
   int64_t ksegs[2] = {K, kw};
-  std::vector<int32_t> out(size_t(M * N));
+  std::vector<int8_t> lay;  // the weight's execution layout, built once as a packed weight keeps it
+  if (layout_kernels_active()) {
+    lay.resize(size_t(layout_offsets(db.data(), 1, ksegs, 1).back()));
+    layout_build(b, ksegs, 1, lay.data());
+  }
+  // float output with per-row weight scales and a per-segment activation scale, as a packed layer runs it
+  std::vector<float> out(size_t(M * N)), wscale(size_t(N), 0.01f);
+  const float ascale = 0.02f;
+  const Scales sc{nullptr, wscale.data(), &ascale, nullptr};
   for (auto _ : st) {
-    mpgemm(a, b, ksegs, 1, Scales{}, OutKind::Int32, out.data());
+    mpgemm(a, b, ksegs, 1, sc, OutKind::Float32, out.data(), lay.empty() ? nullptr : lay.data());
     benchmark::DoNotOptimize(out.data());
   }
   set_gops(st, double(M) * N * K);
@@ -167,8 +196,8 @@ void bm_mpgemm(benchmark::State& st, std::string isa, int ba, int bb, int64_t M,
 
 void register_all() {
   struct Shape { int64_t M, N, K; };
-  const Shape blocks[] = {{64, 64, 4096}, {1, 64, 8192}, {16, 64, 4096}};
-  const int pairs[][2] = {{1, 1}, {1, 2}, {2, 2}, {4, 4}, {8, 1}, {8, 2}, {8, 4}, {8, 8}};
+  const Shape blocks[] = {{64, 64, 4096}, {1, 64, 8192}, {16, 64, 4096}, {128, 64, 384}};
+  const int pairs[][2] = {{1, 1}, {1, 2}, {2, 2}, {4, 4}, {8, 1}, {8, 2}, {8, 3}, {8, 4}, {8, 8}};
   for (const auto& isa : supported_isas()) {
     const KernelTable* kt = table(isa);
     if (!kt) continue;
@@ -178,11 +207,20 @@ void register_all() {
                                   std::to_string(s.M) + "N" + std::to_string(s.N) + "K" + std::to_string(s.K);
         if (isa != "scalar" || s.M == 1)  // the scalar reference is slow; one shape is enough
           benchmark::RegisterBenchmark(("bitserial/" + isa + shape).c_str(), bm_bitserial, kt, pr[0], pr[1], s.M, s.N, s.K);
-        if (isa != "scalar" || s.M == 1)
+        if ((isa != "scalar" || s.M == 1) && kt->bytes_planes && !kt->layout_gemm)
           benchmark::RegisterBenchmark(("bytes/" + isa + shape).c_str(), bm_bytes, kt, pr[0], pr[1], s.M, s.N, s.K);
+        if ((isa != "scalar" || s.M == 1) && kt->layout_gemm) {
+          const bool gemv = s.M <= kt->layout_gemv_rows;
+          benchmark::RegisterBenchmark(((gemv ? "layout_gemv/" : "layout_gemm/") + isa + shape).c_str(), bm_layout, kt,
+                                       gemv, pr[0], pr[1], s.M, s.N, s.K);
+        }
         if (kt->lut_planes && s.M <= 2)  // table lookup includes building the tables
           benchmark::RegisterBenchmark(("lut/" + isa + shape).c_str(), bm_lut, kt, pr[0], pr[1], s.M, s.N, s.K);
       }
+    if (kt->layout_gemv && isa != "scalar")  // weights streamed from memory (64 MB at 8 bits), one thread
+      for (int bits : {1, 2, 3, 4, 8})
+        benchmark::RegisterBenchmark(("layout_gemv_mem/" + isa + "/A8W" + std::to_string(bits) + "/M1N8192K8192").c_str(),
+                                     bm_layout, kt, true, 8, bits, 1, 8192, 8192);
     for (int bits : {1, 2, 4, 8}) {
       benchmark::RegisterBenchmark(("pack_planes/" + isa + "/b" + std::to_string(bits)).c_str(), bm_pack, kt, bits, 16, 4096);
       benchmark::RegisterBenchmark(("unpack_planes/" + isa + "/b" + std::to_string(bits)).c_str(), bm_unpack, kt, bits, 16, 4096);
@@ -196,7 +234,7 @@ void register_all() {
                                       std::to_string(th)).c_str(), bm_quantize_pack, isa, M, 4096, th)
             ->UseRealTime()->Unit(benchmark::kMicrosecond);
     if (isa == "scalar") continue;
-    const Shape layers[] = {{1, 8192, 8192}, {16, 4096, 4096}, {2048, 2048, 2048}};
+    const Shape layers[] = {{1, 8192, 8192}, {16, 4096, 4096}, {128, 1536, 384}, {2048, 2048, 2048}};
     for (const auto& s : layers)
       for (const auto& pr : pairs) {
         if (s.M == 2048 && !(pr[0] == pr[1] || pr[0] == 8)) continue;

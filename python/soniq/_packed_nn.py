@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._native import _C
 from .ops._quantize import quantizer_params
 from .ops._quantize_pack import make_plan
 from .packed import PackedTensor
@@ -25,6 +26,7 @@ class _PackedBase(nn.Module):
         self.a_signed = bool(a_signed)
         self.register_buffer("bias", None if bias is None else bias.detach().float().cpu().contiguous())
         self.name = name
+        self._keep_one_copy()
 
     def _apply(self, fn, recurse=True):
         """model.to(device) / .cuda() / .cpu() move the packed weights too (they are not a
@@ -33,8 +35,20 @@ class _PackedBase(nn.Module):
         dev = fn(torch.empty(0, device=self.w.device)).device  # where fn sends tensors
         if dev != self.w.device:
             self.w = self.w.to(dev)
+            self._keep_one_copy()
             self._weights_changed()  # plans cache device copies of the layout
         return out
+
+    def _keep_one_copy(self):
+        """On the CPU the weight is kept once: its execution layout, made here (torch.compile
+        traces it as a constant), with the bit planes dropped (rebuilt from it to save or move).
+        Layers whose smallest weight x activation bit pair runs on the bit-serial popcount
+        kernel here keep the planes (that kernel reads them) and build no layout."""
+        if self.w.device.type != "cpu" or not _C.layout_kernels_active():
+            return
+        if int(self.w.bits.min()) * int(self.a_bits.min()) <= _C.bitserial_max_pairs():
+            return
+        self.w.release_planes()
 
     def _weights_changed(self) -> None:
         """Drops everything derived from self.w (activation plans hold its K layout). Any new
@@ -94,6 +108,7 @@ class _PackedBase(nn.Module):
             raise ValueError(f"shape/axis/signed {w.shape}/{w.axis}/{w.signed} do not match this layer's "
                              f"{old.shape}/{old.axis}/{old.signed}")
         self.w, self.a_signed = w, bool(sig)
+        self._keep_one_copy()
         self._weights_changed()
         try:  # the plans check the weights' K layout against a_bits; built now as at construction
             self._build_plans()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._native import _C
 from ._packed_check import validate_packed
 
 LAYOUT = "bitplanes-v1"
@@ -63,7 +64,7 @@ class PackedTensor:
         self.axis = int(axis)
         self.signed = bool(signed)
         self.bits = bits            # int64, one per channel along `axis`, original order
-        self.data = data            # int64 words of all blocks, (group, segment) order
+        self._data = data           # int64 words of all blocks, (group, segment) order (see .data)
         self.desc = desc            # int64 [G, 2 + S]: row_start, row_count, bits per segment
         self.sums = sums            # int64 [R, S]: code sums per packed row and K segment
         self.row_perm = row_perm    # int64 [R]: packed row -> original row
@@ -86,11 +87,41 @@ class PackedTensor:
         # axis=1 operands from quantize_pack(dynamic="token"): float32 [R] per-row (token) scales,
         # applied by mpgemm as A's row scale; not part of the stored layout
         self.token_scale = token_scale
+        self._exec = {}  # execution layouts by device kind (exec_layout), shared with with_scale copies
 
     # ---- properties -----------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.data.device
+        return self.sums.device
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The bit planes (int64 words of all blocks, (group, segment) order). After
+        release_planes() they are rebuilt from the execution layout on each access (saving,
+        moving to another device, unpacking): exact, and not kept."""
+        if self._data is not None:
+            return self._data
+        desc, ksegs, _ = self.host_meta()
+        desc, ksegs = desc.contiguous(), ksegs.contiguous()
+        words = int((desc[:, 1:2] * desc[:, 2:] * ksegs[:, 1]).sum())
+        data = torch.empty(words, dtype=torch.int64)
+        lay = self._exec["cpu"]
+        _C.layout_to_planes(lay.data_ptr(), desc.data_ptr(), desc.shape[0], ksegs.data_ptr(), ksegs.shape[0],
+                            data.data_ptr())
+        return data
+
+    @property
+    def planes_resident(self) -> bool:
+        return self._data is not None
+
+    def release_planes(self) -> None:
+        """Keeps one copy of the weight: its CPU execution layout (built here if needed); the
+        bit planes are dropped and rebuilt from the layout when needed (see .data). Every
+        block pair then runs on the layout kernels. Refused (ValueError) when the active ISA
+        has no layout kernels (the planes are its only kernel format)."""
+        if self.exec_layout() is None:
+            raise ValueError("release_planes: the active ISA's kernels read the bit planes (no execution layout)")
+        self._data = None
 
     def host_meta(self) -> tuple:
         """(desc, ksegs, k_perm) as CPU tensors; copied once from the device, then cached."""
@@ -105,7 +136,9 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors().values() if t is not None)
+        """Resident bytes: planes (if kept), metadata, scales and the execution layouts."""
+        t = self._tensors(resident=True).values()
+        return sum(v.numel() * v.element_size() for v in t if v is not None) + self.exec_nbytes
 
     @property
     def row_scale(self) -> torch.Tensor | None:
@@ -124,14 +157,39 @@ class PackedTensor:
             self._seg_scale = self.scale[k_perm[starts].to(self.scale.device)].contiguous()
         return self._seg_scale
 
+    def exec_layout(self) -> torch.Tensor | None:
+        """The CPU execution layout of this operand as the B side of mpgemm (cpp/wlayout.h:
+        tiles of 16 rows in VNNI group order, codes at their bit width), built once and cached;
+        None when the active ISA's kernels do not read one (they then use the bit planes; a
+        layout built earlier is handed on and ignored there). Packed modules build it when made."""
+        lay = self._exec.get("cpu")
+        if lay is not None or torch.compiler.is_compiling():  # traced: the layout built with the module
+            return lay
+        if self.device.type != "cpu" or not _C.layout_kernels_active():
+            return None
+        desc, ksegs, _ = self.host_meta()
+        desc, ksegs = desc.contiguous(), ksegs.contiguous()
+        lay = torch.empty(_C.layout_nbytes(desc.data_ptr(), desc.shape[0], ksegs.data_ptr(), ksegs.shape[0]),
+                          dtype=torch.int8)
+        data = self._data.contiguous()
+        _C.layout_build(data.data_ptr(), self.shape[0], desc.shape[0], desc.data_ptr(), ksegs.data_ptr(),
+                        ksegs.shape[0], lay.data_ptr())
+        self._exec["cpu"] = lay
+        return lay
+
+    @property
+    def exec_nbytes(self) -> int:
+        """Resident bytes of the cached execution layouts (0 when none is built)."""
+        return sum(t.numel() * t.element_size() for t in self._exec.values())
+
     def bit_histogram(self) -> dict:
         vals, counts = torch.unique(self.bits.cpu(), return_counts=True)
         return {int(v): int(c) for v, c in zip(vals.tolist(), counts.tolist())}
 
     # ---- movement ---------------------------------------------------------------------
-    def _tensors(self) -> dict:
-        return {"data": self.data, "desc": self.desc, "sums": self.sums, "row_perm": self.row_perm,
-                "k_perm": self.k_perm, "ksegs": self.ksegs, "bits": self.bits, "scale": self.scale}
+    def _tensors(self, resident: bool = False) -> dict:
+        return {"data": self._data if resident else self.data, "desc": self.desc, "sums": self.sums,
+                "row_perm": self.row_perm, "k_perm": self.k_perm, "ksegs": self.ksegs, "bits": self.bits, "scale": self.scale}
 
     def to(self, device) -> "PackedTensor":
         """Moves every buffer to `device` (no repacking: the layout is device-independent)."""
@@ -143,9 +201,11 @@ class PackedTensor:
 
     def with_scale(self, scale: "torch.Tensor | None") -> "PackedTensor":
         """The same packed data with another scale (None: plain integer operand)."""
-        return PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
-                            kind=self.kind, layout=self.layout, scale=scale, host_meta=self._host,
-                            **{k: v for k, v in self._tensors().items() if k != "scale"})
+        pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
+                          kind=self.kind, layout=self.layout, scale=scale, host_meta=self._host,
+                          **{k: v for k, v in self._tensors(resident=True).items() if k != "scale"})
+        pt._exec = self._exec  # the same words: the same layouts
+        return pt
 
     def cuda(self, device=None) -> "PackedTensor":
         return self.to(device if device is not None else "cuda")

@@ -52,12 +52,15 @@ def _(planes, bits, rows, klen, kw):
 
 
 # ---- mixed-precision GEMM ---------------------------------------------------------------
-@torch.library.custom_op("soniq::mpgemm_packed", mutates_args=())
-def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor, a_signed: bool,
-                  b_data: Tensor, b_desc: Tensor, b_sums: Tensor, b_perm: Tensor, b_signed: bool,
+def mpgemm_packed_impl(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor, a_signed: bool,
+                  b_data: Optional[Tensor], b_desc: Tensor, b_sums: Tensor, b_perm: Tensor, b_signed: bool,
                   ksegs: Tensor, a_row_scale: Optional[Tensor], b_row_scale: Optional[Tensor],
-                  a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int) -> Tensor:
+                  a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int,
+                  b_layout: Optional[Tensor] = None) -> Tensor:
     """out[M, N] = a_int @ b_int.T over packed operands (int32/int64), or scaled float32.
+    b_layout (CPU): b's execution layout (PackedTensor.exec_layout), read by the kernels of
+    ISAs that have layout kernels; they build one per call when it is None. b_data may be
+    None when b_layout is given (a weight kept as its layout only, CPU).
 
     a_desc, b_desc and ksegs (the small layout metadata) are read on the host: pass CPU
     tensors (PackedTensor.host_meta()) so a CUDA call never syncs; device copies work
@@ -79,13 +82,24 @@ def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
             stream = torch.cuda.current_stream(a_data.device).cuda_stream
             _C.cuda_mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), stream)
     else:
-        _C.mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr())
+        _C.mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), _ptr(b_layout))
     return out
+
+
+@torch.library.custom_op("soniq::mpgemm_packed", mutates_args=())
+def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor, a_signed: bool,
+                  b_data: Optional[Tensor], b_desc: Tensor, b_sums: Tensor, b_perm: Tensor, b_signed: bool,
+                  ksegs: Tensor, a_row_scale: Optional[Tensor], b_row_scale: Optional[Tensor],
+                  a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int,
+                  b_layout: Optional[Tensor] = None) -> Tensor:
+    """The registered op over mpgemm_packed_impl (see there)."""
+    return mpgemm_packed_impl(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
+                              ksegs, a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind, b_layout)
 
 
 @mpgemm_packed.register_fake
 def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed, ksegs,
-      a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind):
+      a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind, b_layout=None):
     return a_data.new_empty((a_perm.shape[0], b_perm.shape[0]), dtype=_KIND_DTYPE[kind])
 
 

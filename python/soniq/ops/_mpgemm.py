@@ -123,11 +123,23 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
     # so no device-to-host copy (and no sync) happens here after the first call.
     a_desc, a_ksegs, _ = a.host_meta()
     b_desc = b.host_meta()[0]
+    b_layout = b.exec_layout() if b.device.type == "cpu" else None
+    # a weight kept as its layout only: the planes are passed (rebuilt) only where the active
+    # ISA's kernels cannot read the layout
+    if b._data is not None or b_layout is None:
+        b_data = b.data
+    elif torch.compiler.is_compiling() or _C.layout_kernels_active():
+        b_data = None
+    else:
+        b_data = b.data
     try:
-        out = torch.ops.soniq.mpgemm_packed(
+        eager = type(a.sums) is torch.Tensor and type(b.sums) is torch.Tensor and not torch.compiler.is_compiling()
+        # eager: skip ~35 us of op dispatch per call; tracing (dynamo, fake tensors): the registered op
+        op = L.mpgemm_packed_impl if eager else torch.ops.soniq.mpgemm_packed
+        out = op(
             a.data, a_desc, a.sums, a.row_perm, a.signed,
-            b.data, b_desc, b.sums, b.row_perm, b.signed,
-            a_ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind)
+            b_data, b_desc, b.sums, b.row_perm, b.signed,
+            a_ksegs, a.row_scale, b.row_scale, a.seg_scale, b.seg_scale, kind, b_layout)
     except RuntimeError as e:  # the [M, N] output did not fit: say so as MemoryError
         if "alloc" not in str(e):
             raise

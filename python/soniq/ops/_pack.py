@@ -151,8 +151,9 @@ def unpack(p: PackedTensor):
         raise TypeError(f"p must be a soniq.PackedTensor, got {type(p).__name__}")
     R, K = p.shape
     codes = torch.empty(R, K, dtype=torch.int64, device=p.device)
+    data = p.data  # once: a weight kept as its layout rebuilds its planes on access
     for _, _, r0, rows, k0, klen, kw, b, off in block_walk(p):
-        blk = L.unpack_block(p.data[off:off + b * rows * kw], b, rows, klen, kw)
+        blk = L.unpack_block(data[off:off + b * rows * kw], b, rows, klen, kw)
         codes[r0:r0 + rows, k0:k0 + klen] = blk.to(torch.int64)
     out = torch.empty_like(codes)
     # undo the permutations: packed (i, j) holds original (row_perm[i], k_perm[j])

@@ -1,0 +1,15 @@
+// AVX-512 VNNI kernels over the weight execution layout (cpp/wlayout.h); defined in
+// kernels_avx512_layout.cpp (AVX-512 flags), called only through kernels_avx512()'s table.
+#pragma once
+#include <cstdint>
+
+namespace soniq::avx512 {
+
+// LayoutGemmFn (cpp/kernels.h): few A rows, weights streamed once and decoded in registers
+void layout_gemv(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
+                 int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm);
+// LayoutGemmFn: many A rows, each 64-column tile decoded once per K block into an L1 buffer
+void layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
+                 int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm);
+
+}  // namespace soniq::avx512
