@@ -123,6 +123,7 @@ def test_output_allocation_failure_is_memory_error(monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(torch.ops.soniq, "mpgemm_packed", fail)
+    monkeypatch.setattr(ops._library, "mpgemm_packed_impl", fail)  # the eager path calls it directly
     p = ops.pack(np.ones((3, 5), dtype=np.int8), 1, signed=False)
     with pytest.raises(MemoryError, match="mpgemm"):
         ops.mpgemm(p, p)
