@@ -26,7 +26,7 @@ def demo(tmp_path_factory):
     from soniq.demos.minilm import main
 
     out = tmp_path_factory.mktemp("minilm")
-    assert main(quick=True, out_dir=str(out), save_dir=str(out / "model"), threads=2) == 0
+    assert main(quick=True, out_dir=str(out), save_dir=str(out / "model"), threads=2, sweep=True) == 0
     return out, json.loads((out / "minilm_results.json").read_text())
 
 
@@ -34,7 +34,7 @@ def test_quick_demo_reports_every_method(demo):
     out, res = demo
     assert (out / "minilm_results.png").stat().st_size > 5000
     m = res["methods"]
-    assert set(m) == {"fp32", "int8", "w4", "w2", "soniq_fake", "soniq"}
+    assert set(m) == {"fp32", "int8", "w4", "w2", "soniq_fake", "soniq", "ptq"}
     assert m["fp32"]["cosine"] == pytest.approx(1.0, abs=1e-6) and m["fp32"]["top1"] == 1.0
     for r in m.values():
         for f in (r, r["other"]):  # held-out docstrings and the language reference (never trained on)
@@ -47,6 +47,21 @@ def test_quick_demo_reports_every_method(demo):
         assert m[k]["latency"]["b1_ms"] > 0 and m[k]["latency"]["b32_seq_per_s"] > 0
     # the packed model computes what the fake-quantized one does (float32 rounding apart)
     assert m["soniq"]["cosine"] == pytest.approx(m["soniq_fake"]["cosine"], abs=2e-3)
+
+
+def test_quick_sweep_and_ptq_row(demo):
+    """The no-training row (soniq.ptq at 4.5 bits, packed) and the low-bit sweep's files."""
+    out, res = demo
+    p = res["methods"]["ptq"]
+    assert "no training" in p["label"] and p["avg_w_bits"] <= 4.5 + 1e-6 and p["ptq_seconds"] > 0
+    assert p["linear_bytes"] < res["methods"]["int8"]["linear_bytes"]
+    assert 0.5 < p["cosine"] <= 1.0 + 1e-6
+    rows = json.loads((out / "minilm_sweep.json").read_text())
+    assert (out / "minilm_sweep.png").stat().st_size > 5000
+    assert {r["method"] for r in rows.values()} >= {"soniq", "rtn", "gptq", "int8"}
+    for r in rows.values():
+        if r["method"] in ("soniq", "rtn", "gptq"):
+            assert r["avg_w_bits"] <= 3.0 + 1e-6 and r["linear_bytes"] > 0 and -1 <= r["cosine"] <= 1 + 1e-6
 
 
 def test_saved_folder_loads_as_sentence_transformer(demo):

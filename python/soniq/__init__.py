@@ -10,9 +10,10 @@ from ._version import __version__
 from .packed import KLayout, PackedTensor
 from . import ops
 from . import nn, qat
+from . import ptq
 from ._convert import convert
 from ._io import load, save
 
 __all__ = ["ops", "PackedTensor", "KLayout", "info", "get_num_threads", "set_num_threads",
            "get_isa", "set_isa", "use_isa", "supported_isas", "__version__",
-           "nn", "qat", "convert", "save", "load"]
+           "nn", "qat", "ptq", "convert", "save", "load"]

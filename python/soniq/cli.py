@@ -33,7 +33,7 @@ def _cmd_demo_minilm(args) -> int:
     from soniq.demos.minilm import main as minilm_main
 
     return minilm_main(quick=args.quick, out_dir=args.out, json_path=args.json, save_dir=args.save,
-                       threads=args.threads)
+                       threads=args.threads, sweep=args.sweep)
 
 
 def _run_bench(module: str, args) -> int:
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--save", default=None, metavar="DIR", help="also write the packed model to this folder "
                     "(soniq.load(DIR) gives a SentenceTransformer back)")
     pm.add_argument("--threads", type=int, default=2, help="CPU threads for torch and soniq (default 2)")
+    pm.add_argument("--sweep", action="store_true", help="also the low-bit curve: SONIQ mixed-precision PTQ vs "
+                    "uniform RTN / GPTQ at 3, 4(.5) and 6 weight bits, and INT8 (table, minilm_sweep.json/.png)")
     pm.set_defaults(func=_cmd_demo_minilm)
     # ---- bench (issues #4, #5): the packaged benchmarks, baselines measured in the same run ----
     pb = sub.add_parser("bench", help="run a benchmark against baselines measured in the same run")

@@ -350,7 +350,8 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, json_stdout=False) -> int:
+def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, json_stdout=False,
+         sweep=False) -> int:
     from tqdm.auto import tqdm
 
     import soniq
@@ -385,6 +386,14 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
                                  dict(method="soniq", packed=packed), rep["avg_w_bits"]),
                   "soniq": (f"SONIQ W{W_PALETTE}/A{A_PALETTE} packed (mpgemm)", lambda: packed,
                             dict(method="soniq", packed=packed), rep["avg_w_bits"])}
+    from . import minilm_ptq
+
+    cal = minilm_ptq.calibration(teacher, train_sents, n=64 if quick else minilm_ptq.N_CALIB)
+    ptq_fake, ptq_packed, ptq_s = minilm_ptq.ptq_model(teacher, cal,
+                                                       minilm_ptq.ptq_config("soniq", teacher, **minilm_ptq.PTQ_ROW))
+    candidates["ptq"] = (f"SONIQ mixed-precision PTQ W{minilm_ptq.PTQ_ROW['w_palette']}/A8 (no training)",
+                         lambda: ptq_packed, dict(method="soniq", packed=ptq_packed),
+                         soniq.qat.precision_report(ptq_fake)["avg_w_bits"])
     methods, built = {}, {}
     ref = None
     for key, (label, make, size_kw, wbits) in tqdm(candidates.items(), desc="evaluate", unit="model"):
@@ -396,6 +405,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     lat = latency({k: built[k] for k in ("fp32", "int8", "soniq")}, teacher.tokenizer.vocab_size, E)
     for k, v in lat.items():
         methods[k]["latency"] = v
+    methods["ptq"]["ptq_seconds"] = ptq_s
     speed = {"b1_vs_fp32": lat["fp32"]["b1_ms"] / lat["soniq"]["b1_ms"],
              "b1_vs_int8": lat["int8"]["b1_ms"] / lat["soniq"]["b1_ms"],
              "b32_vs_fp32": lat["soniq"]["b32_seq_per_s"] / lat["fp32"]["b32_seq_per_s"],
@@ -416,9 +426,21 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     if save_dir:
         soniq.save(packed, save_dir)
         res["saved"] = os.path.abspath(save_dir)
+    sweep_lines = []
+    if sweep:
+        extra = {"int8": dict(methods["int8"], method="int8"), "qat": dict(methods["soniq"], method="qat")}
+        extra["int8"]["avg_w_bits"] = 8.0
+        extra["qat"]["label"] += " (trained)"
+        bar = tqdm(total=len(minilm_ptq.QUICK_SWEEP if quick else minilm_ptq.SWEEP), desc="sweep", unit="config")
+        rows = minilm_ptq.sweep(teacher, cal, hb, ref, quick, extra, bar)
+        bar.close()
+        sj, sp = minilm_ptq.write_sweep(rows, out_dir)
+        res["sweep"] = {"json": sj, "png": sp}
+        sweep_lines = ["", minilm_ptq.format_sweep(rows), f"saved {sj} and {sp}"]
     res["seconds"] = time.time() - t0
     json_path, png = write_results(res, out_dir, "minilm", json_path, plot)
-    lines = [format_table(res), f"\nSONIQ average bits: weights {rep['avg_w_bits']:.2f}, activations {rep['avg_a_bits']:.2f}"]
+    lines = [format_table(res), *sweep_lines,
+             f"\nSONIQ average bits: weights {rep['avg_w_bits']:.2f}, activations {rep['avg_a_bits']:.2f}"]
     if save_dir:
         lines.append(f"saved the packed model to {res['saved']} (soniq.load(path).encode([...]))")
     print_results(res, json_stdout, lines, json_path, png)

@@ -1,0 +1,132 @@
+"""The MiniLM demo's no-training rows (soniq.ptq) and its low-bit sweep (`soniq demo minilm
+--sweep`): cosine / top-1 / size of SONIQ mixed-precision PTQ against uniform round-to-nearest,
+uniform GPTQ-style rounding and FBGEMM INT8 at several average weight bits, as a table, JSON
+and a plot (bits vs cosine). Every soniq row is converted and the packed model is measured.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import numpy as np
+
+N_CALIB, CALIB_BATCH, GAIN_BATCHES = 256, 32, 1   # layer gains measured on 32 sentences
+PTQ_ROW = dict(w_palette=(4, 8), w_bits_target=4.5)      # the demo table's PTQ row
+# (label, method, PTQConfig fields); methods: "soniq" (mixed tiers, GPTQ), "gptq" / "rtn" (uniform)
+SWEEP = [("SONIQ PTQ W(2,4) @3", "soniq", dict(w_palette=(2, 4), w_bits_target=3.0)),
+         ("SONIQ PTQ W(4,8) @4.5", "soniq", dict(w_palette=(4, 8), w_bits_target=4.5)),
+         ("SONIQ PTQ W(4,8) @6", "soniq", dict(w_palette=(4, 8), w_bits_target=6.0)),
+         ("uniform RTN W3", "rtn", dict(w_palette=(3, 3), w_bits_target=3.0)),
+         ("uniform RTN W4", "rtn", dict(w_palette=(4, 4), w_bits_target=4.0)),
+         ("uniform RTN W6", "rtn", dict(w_palette=(6, 6), w_bits_target=6.0)),
+         ("uniform GPTQ W3", "gptq", dict(w_palette=(3, 3), w_bits_target=3.0)),
+         ("uniform GPTQ W4", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0)),
+         ("uniform GPTQ W6", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0))]
+QUICK_SWEEP = [SWEEP[0], SWEEP[3], SWEEP[6]]
+
+
+def calibration(teacher, train_sents, n=N_CALIB, seed=0):
+    """soniq.ptq.calibrate on a few hundred training sentences, sorted by length so batches
+    carry little padding; one float pass, reused by every PTQ configuration."""
+    import soniq
+
+    from .minilm import tokenize
+
+    idx = np.random.default_rng(seed).permutation(len(train_sents))[:n]
+    batches = tokenize(teacher, sorted((train_sents[i] for i in idx), key=len), CALIB_BATCH)
+    return soniq.ptq.calibrate(teacher, batches, forward=lambda m, b: m(dict(b)))
+
+
+def ptq_config(method: str, teacher, **kw):
+    """PTQConfig for the demo: the encoder's Linear layers, activations at 8 bits (per-token
+    dynamic scales when this soniq's QATConfig offers them), the pooler in float."""
+    import dataclasses
+
+    from soniq.ptq import PTQConfig
+    from soniq.qat import QATConfig
+
+    excl = tuple(n for n, _ in teacher.named_modules() if n.endswith("pooler.dense"))
+    opts = (("a_dynamic", "token"),) if "a_dynamic" in {f.name for f in dataclasses.fields(QATConfig)} else ()
+    base = dict(a_palette=(8, 8), a_bits_target=8.0, exclude=excl, qat_options=opts)
+    if method == "soniq":
+        return PTQConfig(**base, rounding="gptq", allocation="measured", gain_batches=GAIN_BATCHES, **kw)
+    return PTQConfig(**base, rounding=method, allocation="hessian", **kw)
+
+
+def ptq_model(teacher, cal, cfg):
+    """(fake-quantized model, packed model, seconds) for one PTQConfig on a Calibration."""
+    import soniq
+
+    t = time.time()
+    fake = soniq.ptq.quantize(copy.deepcopy(teacher), cal, cfg)
+    secs = time.time() - t
+    return fake, soniq.convert(fake), secs
+
+
+def sweep(teacher, cal, hb, ref, quick=False, extra=None, bar=None) -> dict:
+    """{key: row} for the sweep's configurations on one Calibration (+ `extra` rows already
+    measured, e.g. FBGEMM INT8 and the demo's QAT point)."""
+    import soniq
+
+    from .minilm import embed, fidelity, sizes
+
+    rows = dict(extra or {})
+    for label, method, kw in (QUICK_SWEEP if quick else SWEEP):
+        cfg = ptq_config(method, teacher, **kw)
+        fake, packed, secs = ptq_model(teacher, cal, cfg)
+        rep = soniq.qat.precision_report(fake)
+        rows[f"sweep_{method}_{kw['w_bits_target']:g}"] = {
+            "label": label, "method": method, "avg_w_bits": rep["avg_w_bits"], "ptq_seconds": secs,
+            **fidelity(embed(packed, hb), ref), **sizes(teacher, "soniq", packed=packed)}
+        if bar is not None:
+            bar.update()
+    return rows
+
+
+def format_sweep(rows: dict) -> str:
+    out = [f"{'low-bit sweep (no training unless marked)':44s} {'W bits':>6s} {'cosine':>7s} {'top-1':>6s} "
+           f"{'Linear MiB':>10s} {'x FP32':>6s} {'PTQ s':>6s}"]
+    for r in sorted(rows.values(), key=lambda r: (r["avg_w_bits"], r["label"])):
+        secs = f"{r['ptq_seconds']:6.0f}" if "ptq_seconds" in r else f"{'':6s}"
+        out.append(f"{r['label']:44s} {r['avg_w_bits']:6.2f} {r['cosine']:7.4f} {100 * r['top1']:5.1f}% "
+                   f"{r['linear_bytes'] / 2 ** 20:10.2f} {r['linear_compression']:6.2f} {secs}")
+    return "\n".join(out)
+
+
+def plot_sweep(rows: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    styles = {"soniq": ("SONIQ mixed-precision PTQ", "*-", "#08519c"), "gptq": ("uniform GPTQ", "s--", "#31a354"),
+              "rtn": ("uniform RTN", "o:", "#a63603")}
+    for method, (name, fmt, col) in styles.items():
+        pts = sorted((r["avg_w_bits"], r["cosine"]) for r in rows.values() if r.get("method") == method)
+        if pts:
+            ax.plot(*zip(*pts), fmt, color=col, label=name, ms=8)
+    for r in rows.values():
+        if r.get("method") not in styles:
+            ax.scatter(r["avg_w_bits"], r["cosine"], s=60, marker="D", label=r["label"])
+    ax.axhline(0.98, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("average weight bits (activations 8 bits; INT8: 8/8)")
+    ax.set_ylabel("mean cosine to FP32 (held-out)")
+    ax.set_title("all-MiniLM-L6-v2: fidelity vs weight bits", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep(rows: dict, out_dir: str) -> tuple:
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    jp, png = os.path.join(out_dir, "minilm_sweep.json"), os.path.join(out_dir, "minilm_sweep.png")
+    with open(jp, "w") as f:
+        json.dump(rows, f, indent=2)
+    plot_sweep(rows, png)
+    return jp, png

@@ -1,0 +1,533 @@
+"""soniq.ptq: mixed-precision post-training quantization, no training.
+
+    model = soniq.ptq.quantize(model, calib_batches, PTQConfig(w_palette=(4, 8), w_bits_target=4.5))
+    packed = soniq.convert(model)
+
+1. Calibration: one float pass over the batches records each Linear / Conv2d layer's input
+   second moment H = X.T X / T (Conv2d: over unfolded patches), a sample of its inputs for
+   the activation clip, and the order the layers run in.
+2. Sensitivity: per output channel, the output error (w - q) H (w - q).T of rounding it at
+   the low tier minus at the high tier; with allocation="measured" times the layer's gain,
+   the change of the model's output per unit of that layer's output error, measured by
+   quantizing the layer alone at the low tier.
+3. Allocation: the channels with the most sensitivity per weight go to the high tier while
+   the average bits stay within the budget (the greedy soniq.qat.freeze_precision uses,
+   which then freezes those tiers and fits each channel's clip for its tier).
+4. Rounding: "rtn" keeps round-to-nearest; "gptq" re-chooses each layer's integer codes with
+   error feedback, on the inputs the already-rounded layers before it produce (sequential,
+   with the activations quantized as the packed model will quantize them).
+Only the integer codes change (the weight becomes codes x step), so the fake-quantized model
+and soniq.convert's packed model stay exactly equal.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops, qat
+from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
+from .nn import QConv2d, QLinear
+from .qat import QATConfig, _assign_tiers
+
+__all__ = ["PTQConfig", "Calibration", "calibrate", "quantize", "output_distortion"]
+
+_LOGIT = 30.0  # sigmoid(+-30) pins a channel's phase-1 bits at a palette end
+
+
+def _palette(name: str, pal) -> tuple:
+    if not isinstance(pal, (tuple, list)) or len(pal) != 2 or not all(isinstance(b, int) for b in pal):
+        raise ValueError(f"{name} must be two integer bit widths (low tier, high tier), got {pal!r}")
+    lo, hi = pal
+    if not (1 <= lo <= hi <= 8 and (lo == hi or lo <= 4 <= hi)):
+        raise ValueError(f"{name}={tuple(pal)}: one width in 1..8 (uniform), or a low tier in 1..4 and a high "
+                         "tier in 4..8")
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """w_palette / a_palette: two tiers (low in 1..4, high in 4..8) or one width twice (uniform);
+    w_bits_target / a_bits_target: average bits per weight / per activation element.
+    rounding: "gptq" (error feedback) or "rtn" (round to nearest).
+    allocation: "measured" (H-proxy x measured layer gain), "hessian" (H-proxy alone) or
+    "uniform" (every layer meets the budget on its own, its channels ranked by the H-proxy; the
+    room left by rounding down goes to the densest channels anywhere).
+    sequential: GPTQ on the inputs the already-rounded layers produce (else the float inputs).
+    gain_batches: calibration batches used to measure the layer gains ("measured").
+    exclude: module names left in float ("first"/"last" as in soniq.qat.prepare).
+    qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs."""
+
+    w_palette: tuple = (4, 8)
+    w_bits_target: float = 4.5
+    a_palette: tuple = (8, 8)
+    a_bits_target: float = 8.0
+    rounding: str = "gptq"
+    allocation: str = "measured"
+    sequential: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    gain_batches: int = 2
+    exclude: tuple = ()
+    qat_options: tuple = ()
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        for pal, tgt in (("w_palette", "w_bits_target"), ("a_palette", "a_bits_target")):
+            lo, hi = _palette(pal, getattr(self, pal))
+            set_(self, pal, (lo, hi))
+            t = getattr(self, tgt)
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise ValueError(f"{tgt} must be a finite number, got {t!r}")
+            if t < lo:
+                raise ValueError(f"budget cannot be met: {tgt}={t} is below the low tier of {pal}={(lo, hi)}")
+        if self.rounding not in ("gptq", "rtn"):
+            raise ValueError(f"rounding must be 'gptq' or 'rtn', got {self.rounding!r}")
+        if self.allocation not in ("measured", "hessian", "uniform"):
+            raise ValueError(f"allocation must be 'measured', 'hessian' or 'uniform', got {self.allocation!r}")
+        if not isinstance(self.damp, (int, float)) or not (0 < self.damp < 1):
+            raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
+        for name in ("block_size", "gain_batches"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("sequential", "act_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
+            raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
+        set_(self, "exclude", tuple(self.exclude))
+        opts = dict(self.qat_options) if not isinstance(self.qat_options, dict) else self.qat_options
+        taken = {"w_palette", "a_palette", "w_bits_target", "a_bits_target", "exclude", "phase", "init_w_bits",
+                 "init_a_bits"} & set(opts)
+        if taken:
+            raise ValueError(f"qat_options cannot set {sorted(taken)}: they are PTQConfig fields")
+        if opts.get("smooth_alpha") is not None:
+            raise ValueError("qat_options: smooth_alpha is not supported by soniq.ptq")
+        set_(self, "qat_options", tuple(sorted(opts.items())))
+
+    def qat_config(self):
+        """The soniq.qat.QATConfig the model is prepared with (a uniform width b becomes the
+        palette (min(b, 4), max(b, 4)) with every channel at b)."""
+        def pal(p):
+            return (min(p[0], 4), max(p[1], 4)) if p[0] == p[1] else p
+
+        return QATConfig(w_palette=pal(self.w_palette), a_palette=pal(self.a_palette),
+                         w_bits_target=float(self.w_bits_target), a_bits_target=float(self.a_bits_target),
+                         exclude=self.exclude, init_w_bits=float(min(self.w_palette[1], self.w_bits_target)),
+                         init_a_bits=float(min(self.a_palette[1], self.a_bits_target)), **dict(self.qat_options))
+
+
+def _default_forward(model, batch):
+    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+
+
+def _float_tensors(out) -> list:
+    if isinstance(out, Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _float_tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _float_tensors(v)]
+    return []
+
+
+def output_distortion(out, ref) -> float:
+    """Default distortion: sum over the output's float tensors of mean squared error / mean
+    square of the reference."""
+    a, b = _float_tensors(out), _float_tensors(ref)
+    if not a or len(a) != len(b):
+        raise ValueError("the model's output holds no float tensors to compare; pass distortion=")
+    return float(sum(((x.float() - y.float()) ** 2).mean() / (y.float() ** 2).mean().clamp_min(1e-30)
+                     for x, y in zip(a, b)))
+
+
+# ---- calibration -------------------------------------------------------------------------
+
+def _rows(m: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input as [T, K] rows matching weight.reshape(N, K) (Conv2d: patches)."""
+    if isinstance(m, nn.Conv2d):
+        cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # [B, C*kh*kw, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Stats:
+    """H accumulator and activation sample of one layer."""
+
+    def __init__(self, k: int, cap_elems: int):
+        self.h = torch.zeros(k, k, dtype=torch.float64)
+        self.t = 0
+        self.sample, self.cap, self.n = [], cap_elems, 0
+        self.first_shape = None
+
+    def add_h(self, rows: Tensor) -> None:
+        r = rows.detach().float()
+        self.add_xtx(r.T @ r, r.shape[0])  # float32 product per batch, float64 sum over batches
+
+    def add_xtx(self, xtx: Tensor, t: int) -> None:
+        self.h += xtx.double()
+        self.t += t
+
+    def add_sample(self, x: Tensor, gen: torch.Generator) -> None:
+        """Keeps up to cap elements of the input (whole rows / images): the rows holding the
+        largest and the smallest value (range and sign), plus random ones."""
+        if self.first_shape is None:
+            self.first_shape = tuple(x.shape)
+        lead = x.reshape(-1, x.shape[-1]) if x.dim() != 4 else x
+        per = max(1, lead[0].numel())
+        keep = max(1, min(lead.shape[0], self.cap // per // 4))
+        flat = lead.detach().reshape(lead.shape[0], -1)
+        ends = torch.stack([flat.amax(1).argmax(), flat.amin(1).argmin()]).cpu()
+        idx = torch.unique(torch.cat([torch.randperm(lead.shape[0], generator=gen)[:keep], ends]))
+        self.sample.append(lead[idx].detach().float().clone())
+        self.n += idx.numel() * per
+        while self.n > self.cap and len(self.sample) > 1:  # keep the newest; older ones thin out
+            s = self.sample.pop(0)
+            self.n -= s.numel()
+
+    def moment(self) -> Tensor:
+        return self.h / max(1, self.t)
+
+
+def _run(model, batches, forward):
+    with torch.no_grad():
+        return [forward(model, b) for b in batches]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _float_pass(model, layers: dict, batches, forward, cap: int):
+    """One pass over the float model: H and input samples per layer, the order layers run
+    in, and groups of layers that read the same input tensor (Q, K, V)."""
+    stats = {n: _Stats(m.weight[0].numel(), cap) for n, m in layers.items()}
+    order, inputs, groups = [], [], []
+    gen = torch.Generator().manual_seed(0)
+    first = [True]
+    last = [None, None, None]  # (input, conv geometry, X.T X): Q, K and V share one product
+
+    def hook(name):
+        def fn(m, args):
+            x = args[0]
+            geo = (m.kernel_size, m.dilation, m.padding, m.stride) if isinstance(m, nn.Conv2d) else None
+            if last[0] is not x or last[1] != geo:
+                r = _rows(m, x).detach().float()
+                last[:] = [x, geo, (r.T @ r, r.shape[0])]
+            if first[0] and name not in order:
+                order.append(name)
+                # the same tensor object (kept alive here, so never a reused address) = one group
+                i = next((j for j, t in enumerate(inputs) if t is x), None)
+                if i is None:
+                    inputs.append(x)
+                    groups.append([name])
+                else:
+                    groups[i].append(name)
+            stats[name].add_xtx(*last[2])
+            stats[name].add_sample(x, gen)
+        return fn
+
+    hs = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                forward(model, b)
+                first[0] = False
+    finally:
+        for h in hs:
+            h.remove()
+        last[:] = [None, None, None]
+    return stats, order, groups
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one float pass over the calibration batches measured (soniq.ptq.calibrate):
+    reusable for several PTQConfigs on copies of the same float model."""
+
+    batches: tuple
+    forward: Callable
+    stats: dict
+    order: tuple
+    groups: tuple
+    layer_names: tuple
+
+
+def _layers(model: nn.Module, exclude) -> dict:
+    """The layers soniq.qat.prepare will swap (same rule for exclude, "first", "last")."""
+    cand = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    excl, names = set(exclude), list(cand)
+    excl |= {names[0]} if "first" in excl and names else set()
+    excl |= {names[-1]} if "last" in excl and names else set()
+    layers = {n: m for n, m in cand.items() if n not in excl}
+    if not layers:
+        raise ValueError("model has no nn.Linear / nn.Conv2d layer to quantize (after exclude)")
+    for n, m in layers.items():
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            raise ValueError(f"module {n!r} (Conv2d): soniq.ptq handles groups=1 with numeric zero padding only")
+    return layers
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, (QLinear, QConv2d)) for m in model.modules()):
+        raise ValueError("model already holds soniq QLinear/QConv2d layers; pass the float model")
+
+
+def calibrate(model: nn.Module, calib_batches, *, forward: Optional[Callable] = None,
+              sample_elems: int = 400_000) -> Calibration:
+    """One float pass over `calib_batches` (a list of batches; forward(model, batch) runs one,
+    default model(*batch) for a tuple/list, else model(batch)): each Linear / Conv2d layer's
+    input second moment, a sample of its inputs, and the order the layers run in. The model
+    is not changed. Pass the result to quantize() instead of the batches to reuse it."""
+    _check_model(model)
+    if isinstance(calib_batches, (Tensor, dict)) or not hasattr(calib_batches, "__iter__"):
+        raise TypeError("calib_batches must be a list (or other iterable) of batches, "
+                        f"got {type(calib_batches).__name__}")
+    batches = tuple(calib_batches)
+    if not batches:
+        raise ValueError("calib_batches is empty: PTQ needs calibration inputs")
+    forward = forward or _default_forward
+    layers = _layers(model, ())
+    was = model.training
+    model.eval()
+    try:
+        stats, order, groups = _float_pass(model, layers, batches, forward, sample_elems)
+    finally:
+        model.train(was)
+    return Calibration(batches, forward, stats, tuple(order), tuple(tuple(g) for g in groups), tuple(layers))
+
+
+# ---- sensitivity and allocation ----------------------------------------------------------
+
+def _rtn(w2: Tensor, bits: int):
+    step = mse_step(w2, bits)
+    lo, hi, al = grid(torch.full((w2.shape[0],), float(bits)))
+    return round_codes(w2.float(), step, lo.float(), hi.float(), al.float()) * step.unsqueeze(1)
+
+
+def _layer_gains(model, layers, errs_lo, batches, forward, distortion) -> dict:
+    """Change of the model's output per unit of layer output error: each layer rounded alone
+    at the low tier (RTN), the others in float."""
+    ref = _run(model, batches, forward)
+    gains = {}
+    for n, m in layers.items():
+        e = float(errs_lo[n].sum())
+        if e <= 0:
+            gains[n] = 0.0
+            continue
+        keep = m.weight.detach().clone()
+        with torch.no_grad():
+            m.weight.copy_(m._ptq_low.reshape(keep.shape).to(keep))
+            try:
+                d = sum(distortion(o, r) for o, r in zip(_run(model, batches, forward), ref)) / len(batches)
+            finally:
+                m.weight.copy_(keep)
+        gains[n] = float(d) / e
+    return gains
+
+
+def _w_scores(layers, stats, cfg) -> tuple:
+    """Per layer: output-error increase of each channel at the low tier vs the high tier."""
+    lo, hi = cfg.w_palette
+    scores, errs_lo = {}, {}
+    for n, m in layers.items():
+        w2 = m.weight.detach().reshape(m.weight.shape[0], -1).float()
+        h = stats[n].moment()
+        ql = _rtn(w2, lo)
+        m._ptq_low = ql
+        errs_lo[n] = h_error(w2, ql, h)
+        scores[n] = errs_lo[n] - (h_error(w2, _rtn(w2, hi), h) if hi != lo else 0)
+    return scores, errs_lo
+
+
+def _a_scores(layers, qlayers, cfg) -> dict:
+    """Per input channel: output noise of its activation rounding at the low tier vs the high
+    tier, ||W[:, k]||^2 x (step_lo^2 - step_hi^2) / 12 (one clip per layer)."""
+    lo, hi = cfg.a_palette
+    out = {}
+    for n, m in layers.items():
+        q = qlayers[n].a_quant
+        clip = float(q.clip.detach())
+        den = (lambda b: 2 ** (b - 1)) if q.signed else (lambda b: 2 ** b - 1)
+        w = m.weight.detach().double()
+        wk = (w ** 2).sum(0).reshape(w.shape[1], -1).sum(1)  # Conv2d: over outputs and the kernel window
+        out[n] = wk * (clip ** 2) * (1 / den(lo) ** 2 - 1 / den(hi) ** 2) / 12
+    return out
+
+
+def _allocate(scores: dict, counts: dict, palette, target, gains, mode: str, what: str) -> dict:
+    """{layer: bits per channel}: the greedy of soniq.qat.freeze_precision on sensitivity per
+    bit (per layer when mode is "uniform")."""
+    names = list(scores)
+    if palette[0] == palette[1]:
+        return {n: torch.full_like(scores[n], float(palette[0]), dtype=torch.float32) for n in names}
+    dens = [(scores[n] * (gains[n] if mode == "measured" else 1.0) / counts[n]).float() for n in names]
+    if mode != "uniform":
+        return dict(zip(names, _assign_tiers(dens, [counts[n] for n in names], palette, target, what)))
+    out = {n: _assign_tiers([d], [counts[n]], palette, target, what)[0] for n, d in zip(names, dens)}
+    # then the room the layers leave (each rounds down) goes to the densest low channels
+    # anywhere, so the set is maximal: the same greedy over all channels picks exactly it
+    lo, hi = palette
+    total = sum(counts[n] * out[n].numel() for n in names)
+    room = (target - lo) * total - sum(float((out[n] - lo).sum()) * counts[n] for n in names)
+    cand = sorted(((float(d[i]), n, i) for n, d in zip(names, dens) for i in (out[n] == lo).nonzero()[:, 0].tolist()),
+                  key=lambda t: -t[0])
+    for _, n, i in cand:
+        if (hi - lo) * counts[n] <= room + 1e-9 * total:
+            out[n][i] = hi
+            room -= (hi - lo) * counts[n]
+    return out
+
+
+def _freeze(model, qlayers: dict, wbits: dict, abits: dict) -> None:
+    """Freezes the chosen tiers through soniq.qat.freeze_precision (which also fits each
+    weight channel's clip for its tier): phase-1 bits pinned at the palette ends make its
+    greedy pick exactly the channels chosen here (the same greedy, over a maximal set)."""
+    with torch.no_grad():
+        for n, q in qlayers.items():
+            for quant, bits in ((q.w_quant, wbits[n]), (q.a_quant, abits[n])):
+                lo, hi = quant.palette
+                quant.bits_logit.copy_(torch.where(bits.to(quant.bits_logit) >= hi, _LOGIT, -_LOGIT)
+                                       if hi > lo else torch.zeros_like(quant.bits_logit))
+    qat.freeze_precision(model, refit_weight_scales=True)
+    for n, q in qlayers.items():
+        for quant, bits in ((q.w_quant, wbits[n]), (q.a_quant, abits[n])):
+            if not torch.equal(quant.bits().cpu(), bits.to(quant.bits().dtype).cpu()):
+                raise RuntimeError(f"{quant.name}: freeze_precision chose other tiers than soniq.ptq allocated")
+
+
+# ---- rounding ----------------------------------------------------------------------------
+
+def _set_codes(q, codes: Tensor, name: str) -> None:
+    """weight <- codes x step (so the quantizer's rounding gives back exactly these codes)."""
+    step = q.w_quant.step().detach()
+    shape = q.weight.shape
+    with torch.no_grad():
+        q.weight.copy_((codes.to(torch.float32) * step.float().unsqueeze(1)).reshape(shape).to(q.weight))
+        back = ops.quantize(q.effective_weight().detach().float(), step.float(), q.w_quant.bits(), signed=True,
+                            axis=0, values_only=True).reshape(shape[0], -1)
+    if not torch.equal(back.double(), codes.double()):
+        raise RuntimeError(f"{name}: GPTQ codes do not survive the quantizer's rounding")
+
+
+def _same_act(a, b) -> bool:
+    """Same activation quantization and geometry: the quantized rows are the same."""
+    sa, sb = a.a_quant.state_dict(), b.a_quant.state_dict()
+    geo = (lambda m: (m.kernel_size, m.dilation, m.padding, m.stride) if isinstance(m, nn.Conv2d) else None)
+    return (type(a) is type(b) and geo(a) == geo(b) and sa.keys() == sb.keys()
+            and all(torch.equal(sa[k], sb[k]) for k in sa))
+
+
+def _quantized_rows(q, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return _rows(q, q.a_quant(q.smoothed_input(x)))
+
+
+def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg) -> None:
+    for group in groups:
+        hs = {}
+        if cfg.sequential:
+            acc = {n: _Stats(qlayers[n].weight[0].numel(), 1) for n in group}
+            lead = qlayers[group[0]]
+
+            def pre(m, args):
+                done = []  # members whose activation quantizers agree share one product
+                for n in group:
+                    q = qlayers[n]
+                    hit = next((d for d in done if _same_act(d[0], q)), None)
+                    if hit is None:
+                        r = _quantized_rows(q, args[0]).float()
+                        hit = (q, (r.T @ r, r.shape[0]))
+                        done.append(hit)
+                    acc[n].add_xtx(*hit[1])
+                raise _Stop
+
+            h = lead.register_forward_pre_hook(pre)
+            try:
+                for b in batches:
+                    try:
+                        with torch.no_grad():
+                            forward(model, b)
+                    except _Stop:
+                        pass
+            finally:
+                h.remove()
+            hs = {n: acc[n].moment() for n in group}
+        for n in group:
+            q = qlayers[n]
+            w2 = q.effective_weight().detach().reshape(q.weight.shape[0], -1)
+            codes = gptq_codes(w2, hs[n] if cfg.sequential else stats[n].moment(), q.w_quant.step().detach(),
+                               q.w_quant.bits().detach(), damp=cfg.damp, block_size=cfg.block_size,
+                               act_order=cfg.act_order)
+            _set_codes(q, codes, n)
+
+
+# ---- entry point -------------------------------------------------------------------------
+
+def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
+             forward: Optional[Callable] = None, distortion: Optional[Callable] = None) -> nn.Module:
+    """Prepares `model` in place (soniq.qat.prepare), allocates and freezes the tiers, rounds
+    the weights, and returns it in phase 2 (eval mode), ready for soniq.convert.
+
+    calib: a few hundred inputs as a list of batches (see calibrate() for forward=), or a
+    Calibration of a float model with the same layers. distortion(out, ref) -> float
+    compares outputs for the measured layer gains (default: output_distortion)."""
+    _check_model(model)
+    cfg = PTQConfig() if config is None else config
+    if not isinstance(cfg, PTQConfig):
+        raise TypeError(f"config must be a soniq.ptq.PTQConfig, got {type(cfg).__name__}")
+    if isinstance(calib, Calibration):
+        if forward is not None:
+            raise ValueError("forward= belongs to calibrate() when calib is a Calibration")
+        cal = calib
+    else:
+        cal = calibrate(model, calib, forward=forward)
+    layers = _layers(model, cfg.exclude)
+    if not set(layers) <= set(cal.layer_names):
+        raise ValueError(f"the Calibration was made on another model: no statistics for "
+                         f"{sorted(set(layers) - set(cal.layer_names))[:4]}")
+    missing = [n for n in layers if n not in cal.stats or cal.stats[n].t == 0]
+    if missing:
+        raise ValueError(f"the calibration batches never reach layers {missing[:4]} (check forward=)")
+    batches, forward, stats = cal.batches, cal.forward, cal.stats
+    distortion = distortion or output_distortion
+    model.eval()
+
+    w_scores, errs_lo = _w_scores(layers, stats, cfg)
+    gains = {n: 1.0 for n in layers}
+    if cfg.allocation == "measured" and cfg.w_palette[0] != cfg.w_palette[1]:
+        gains = _layer_gains(model, layers, errs_lo, batches[:cfg.gain_batches], forward, distortion)
+    for m in layers.values():
+        m.__dict__.pop("_ptq_low", None)
+
+    qat.prepare(model, cfg.qat_config())
+    qlayers = {n: model.get_submodule(n) for n in layers}
+    for n, q in qlayers.items():  # activation clips from the whole calibration sample
+        s = stats[n]
+        x = torch.cat(s.sample)
+        with torch.no_grad():
+            q.a_quant.calibrate(x.to(q.weight.dtype))
+            per = int(torch.tensor(s.first_shape[1:]).prod()) // s.first_shape[q.a_quant.axis % len(s.first_shape)]
+            q.a_quant.elems_per_channel.fill_(max(1, per))
+    w_counts = {n: float(q.w_quant.per_channel) for n, q in qlayers.items()}
+    a_counts = {n: float(q.a_quant.elems_per_channel) for n, q in qlayers.items()}
+    wbits = _allocate(w_scores, w_counts, cfg.w_palette, cfg.w_bits_target, gains, cfg.allocation, "w_bits_target")
+    a_sc = _a_scores(layers, qlayers, cfg) if cfg.a_palette[0] != cfg.a_palette[1] else \
+        {n: torch.zeros(q.a_quant.channels, dtype=torch.float64) for n, q in qlayers.items()}
+    abits = _allocate(a_sc, a_counts, cfg.a_palette, cfg.a_bits_target, gains, cfg.allocation, "a_bits_target")
+    _freeze(model, qlayers, wbits, abits)
+    if cfg.rounding == "gptq":
+        order = [n for n in cal.order if n in qlayers]
+        groups = [[n for n in g if n in qlayers] for g in cal.groups]
+        _gptq(model, {n: qlayers[n] for n in order}, stats, [g for g in groups if g], batches, forward, cfg)
+    model.eval()
+    model._soniq_ptq = {"config": cfg, "layer_gains": gains}
+    return model

@@ -1,0 +1,260 @@
+"""soniq.ptq: mixed-precision post-training quantization. The tier budget holds (and no further
+channel would fit), GPTQ rounding beats round-to-nearest on the layer output, measured layer
+gains steer the tiers, and the converted packed model computes exactly the fake-quantized
+model's integer accumulators, for Linear and Conv2d."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import soniq
+from soniq._gptq import gptq_codes, grid, h_error, round_codes
+from soniq.nn import PackedConv2d, PackedLinear, QConv2d, QLinear
+from soniq.ptq import PTQConfig, quantize
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 80), nn.GELU(), nn.Linear(80, 12))
+
+
+def _data(seed=1, n=384, k=48):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) @ (torch.randn(k, k, generator=g) * 0.3)  # correlated inputs
+    return x, list(x.split(64))
+
+
+def _convnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(24 * 4 * 4, 10))
+
+
+def _weight_bits(model):
+    tot = n = 0
+    bits = []
+    for m in model.modules():
+        if isinstance(m, (QLinear, QConv2d)):
+            b = m.w_quant.bits().detach()
+            bits.append((b, m.w_quant.per_channel))
+            tot += float((b * m.w_quant.per_channel).sum())
+            n += b.numel() * m.w_quant.per_channel
+    return tot / n, bits, n
+
+
+@pytest.mark.parametrize("palette,target", [((2, 4), 3.0), ((4, 8), 4.5), ((1, 4), 2.2)])
+@pytest.mark.parametrize("allocation", ["measured", "hessian", "uniform"])
+def test_tier_budget_is_met_and_no_further_channel_fits(palette, target, allocation):
+    _, batches = _data()
+    m = quantize(_mlp(), batches, PTQConfig(w_palette=palette, w_bits_target=target, allocation=allocation,
+                                            rounding="rtn"))
+    avg, bits, n = _weight_bits(m)
+    assert avg <= target + 1e-9
+    for b, _ in bits:
+        assert set(b.unique().tolist()) <= set(map(float, palette))
+    # maximal: the room left is smaller than any low channel's upgrade
+    lo, hi = palette
+    left = [per for b, per in bits if bool((b == lo).any())]
+    assert not left or (target - avg) * n < (hi - lo) * min(left)
+    if allocation == "uniform":  # each layer near the budget on its own
+        for b, per in bits:
+            assert abs(float(b.mean()) - target) <= (hi - lo) * len(bits) / b.numel() + 1e-9
+
+
+def test_uniform_palettes_put_every_channel_at_one_width():
+    _, batches = _data()
+    for w in (3, 6):
+        m = quantize(_mlp(), batches, PTQConfig(w_palette=(w, w), w_bits_target=float(w), a_palette=(8, 8)))
+        avg, bits, _ = _weight_bits(m)
+        assert avg == w and all(bool((b == w).all()) for b, _ in bits)
+        assert all(bool((q.a_quant.bits() == 8).all()) for q in m.modules() if isinstance(q, QLinear))
+
+
+def test_gptq_lowers_the_layer_output_error_vs_round_to_nearest():
+    g = torch.Generator().manual_seed(3)
+    n, k = 40, 96
+    w = torch.randn(n, k, generator=g, dtype=torch.float64)
+    x = torch.randn(2000, k, generator=g, dtype=torch.float64) @ torch.randn(k, k, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    bits = torch.tensor([2.0, 4.0]).repeat(n // 2)           # mixed tiers: each row on its own grid
+    step = w.abs().amax(1) / 2 ** (bits - 1)
+    lo, hi, al = grid(bits)
+    rtn = round_codes(w, step, lo, hi, al)
+    for act_order in (False, True):
+        codes = gptq_codes(w, h, step, bits, damp=0.01, block_size=32, act_order=act_order)
+        assert torch.equal(codes, torch.round(codes))
+        assert bool(((codes >= lo[:, None]) & (codes <= hi[:, None])).all())
+        e_g = h_error(w, codes * step[:, None], h).sum()
+        e_r = h_error(w, rtn * step[:, None], h).sum()
+        assert e_g < 0.7 * e_r, (float(e_g), float(e_r))
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    """H diagonal: no error feedback crosses columns, so the codes are the nearest ones."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 33, generator=g, dtype=torch.float64)
+    bits = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    step = w.abs().amax(1) / 2 ** (bits - 1) * 0.9
+    h = torch.diag(torch.rand(33, generator=g, dtype=torch.float64) + 0.5)
+    h[5, 5] = 0.0  # a dead input column gets the code of 0 (1-bit rows: -1)
+    lo, hi, al = grid(bits)
+    want = round_codes(w, step, lo, hi, al)
+    want[:, 5] = round_codes(torch.zeros(8, dtype=torch.float64), step, lo, hi, al)
+    assert want[0, 5] == -1 and bool((want[1:, 5] == 0).all())
+    assert torch.equal(gptq_codes(w, h, step, bits, damp=1e-6, block_size=7), want)
+
+
+def _check_fake_equals_packed(fake, packed, x):
+    """Every layer fed the same input: the packed layer's exact accumulators are the fake
+    layer's integer operands multiplied, and the outputs agree to float32 rounding."""
+    names = [n for n, m in fake.named_modules() if isinstance(m, (QLinear, QConv2d))]
+    inputs = {}
+    hooks = [fake.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: inputs.__setitem__(n, a[0].detach())) for n in names]
+    with torch.no_grad():
+        fake(x)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        f, p, xi = fake.get_submodule(n), packed.get_submodule(n), inputs[n]
+        va, vw = f.integer_operands(xi)
+        if isinstance(f, QLinear):
+            assert isinstance(p, PackedLinear)
+            want = va.reshape(-1, va.shape[-1]) @ vw.T
+        else:
+            assert isinstance(p, PackedConv2d)
+            want = torch.nn.functional.conv2d(va.double(), vw.double(), None, f.stride, f.padding,
+                                              f.dilation).round().to(torch.int64)  # NCHW, as accumulators()
+        acc = p.accumulators(xi)
+        assert acc.shape == want.shape and torch.equal(acc, want), n
+        with torch.no_grad():
+            torch.testing.assert_close(p(xi), f(xi), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "rtn"])
+def test_linear_model_fake_equals_packed_and_weights_sit_on_the_grid(rounding):
+    x, batches = _data()
+    m = quantize(_mlp(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0, a_palette=(4, 8),
+                                            a_bits_target=7.0, rounding=rounding))
+    for q in m.modules():
+        if isinstance(q, QLinear) and rounding == "gptq":
+            step = q.w_quant.step().detach()
+            assert torch.equal(q.weight, torch.round(q.weight / step[:, None]) * step[:, None])
+    _check_fake_equals_packed(m, soniq.convert(m), x[:37])
+
+
+def test_conv_model_gptq_fake_equals_packed():
+    torch.manual_seed(5)
+    x = torch.randn(96, 3, 8, 8)
+    m = quantize(_convnet(), list(x.split(32)), PTQConfig(w_palette=(2, 4), w_bits_target=3.0))
+    assert sum(isinstance(q, QConv2d) for q in m.modules()) == 2
+    _check_fake_equals_packed(m, soniq.convert(m), x[:5])
+
+
+def test_gptq_beats_rtn_on_the_model_output_mixed_and_uniform():
+    x, batches = _data()
+    ref = _mlp()(x).detach()
+
+    def err(**kw):
+        m = quantize(_mlp(), batches, PTQConfig(a_palette=(8, 8), **kw))
+        with torch.no_grad():
+            return float(((m(x) - ref) ** 2).mean())
+
+    for pal, tgt in (((2, 4), 3.0), ((3, 3), 3.0)):
+        assert err(w_palette=pal, w_bits_target=tgt, rounding="gptq") < err(w_palette=pal, w_bits_target=tgt,
+                                                                             rounding="rtn"), pal
+
+
+class _Amplified(nn.Module):
+    """Two identical-looking branches; the model output scales the first by 100."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight)
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        return torch.cat([100 * self.a(x), self.b(x)], 1)
+
+
+def test_measured_gains_give_the_amplified_layer_the_high_tier():
+    _, batches = _data(k=32)
+    hess = quantize(_Amplified(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0, allocation="hessian",
+                                                     rounding="rtn"))
+    meas = quantize(_Amplified(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0, rounding="rtn"))
+    assert abs(float(hess.a.w_quant.bits().mean()) - float(hess.b.w_quant.bits().mean())) <= 0.2
+    assert float(meas.a.w_quant.bits().mean()) == 4.0 and float(meas.b.w_quant.bits().mean()) == 2.0
+    g = meas._soniq_ptq["layer_gains"]
+    assert g["a"] > 1000 * g["b"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(w_palette=(4,)), "w_palette must be two"),
+    (dict(w_palette=(5, 8)), "low tier in 1..4"),
+    (dict(w_palette=(2, 3)), "low tier in 1..4"),
+    (dict(w_palette=(2, 4), w_bits_target=1.5), "budget cannot be met: w_bits_target"),
+    (dict(a_bits_target=float("nan")), "a_bits_target must be a finite number"),
+    (dict(rounding="awq"), "rounding must be"),
+    (dict(allocation="random"), "allocation must be"),
+    (dict(damp=0.0), "damp must be in"),
+    (dict(block_size=0), "block_size must be a positive integer"),
+    (dict(gain_batches=1.5), "gain_batches must be a positive integer"),
+    (dict(sequential="yes"), "sequential must be True or False"),
+    (dict(exclude="fc1"), "exclude must be a tuple"),
+    (dict(qat_options=(("w_palette", (2, 4)),)), "qat_options cannot set"),
+    (dict(qat_options=(("smooth_alpha", 0.5),)), "smooth_alpha is not supported"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PTQConfig(**kw)
+
+
+def test_config_is_a_frozen_value():
+    c = PTQConfig(w_palette=[2, 4], w_bits_target=3)
+    assert c.w_palette == (2, 4) and c == PTQConfig(w_palette=(2, 4), w_bits_target=3)
+    with pytest.raises(Exception):
+        c.rounding = "rtn"
+
+
+def test_quantize_errors():
+    _, batches = _data()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        quantize("model", batches)
+    with pytest.raises(TypeError, match="config must be a soniq.ptq.PTQConfig"):
+        quantize(_mlp(), batches, soniq.qat.QATConfig())
+    with pytest.raises(TypeError, match="calib_batches must be a list"):
+        quantize(_mlp(), batches[0])
+    with pytest.raises(ValueError, match="calib_batches is empty"):
+        quantize(_mlp(), [])
+    with pytest.raises(ValueError, match="no nn.Linear / nn.Conv2d layer"):
+        quantize(nn.Sequential(nn.GELU()), batches)
+    prepared = soniq.qat.prepare(_mlp(), soniq.qat.QATConfig())
+    with pytest.raises(ValueError, match="already holds soniq"):
+        quantize(prepared, batches)
+    with pytest.raises(ValueError, match="never reach layers"):
+        quantize(_mlp(), batches, forward=lambda m, b: m[0](b))
+    with pytest.raises(ValueError, match="groups=1"):
+        quantize(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), [torch.randn(2, 4, 6, 6)])
+
+
+def test_exclude_keeps_layers_in_float_and_convert_packs_the_rest():
+    x, batches = _data()
+    m = quantize(_mlp(), batches, PTQConfig(w_palette=(4, 8), w_bits_target=4.5, exclude=("last",)))
+    assert type(m[4]) is nn.Linear and isinstance(m[0], QLinear)
+    p = soniq.convert(m)
+    assert type(p[4]) is nn.Linear and isinstance(p[0], PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x[:9]), m(x[:9]), rtol=1e-3, atol=1e-3)
+
+
+def test_quantize_does_not_touch_a_copy_and_is_deterministic():
+    x, batches = _data()
+    a = quantize(_mlp(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0))
+    b = quantize(copy.deepcopy(_mlp()), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0))
+    for qa, qb in zip(a.modules(), b.modules()):
+        if isinstance(qa, QLinear):
+            assert torch.equal(qa.weight, qb.weight) and torch.equal(qa.w_quant.bits(), qb.w_quant.bits())
