@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._hf import quiet_offline
-from . import print_results, write_results
+from . import minilm_ptq, print_results, write_results
 
 FULL = dict(p1_steps=80, p2_steps=320, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
 QUICK = dict(p1_steps=3, p2_steps=4, batch=8, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
@@ -386,9 +386,8 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
                                  dict(method="soniq", packed=packed), rep["avg_w_bits"]),
                   "soniq": (f"SONIQ W{W_PALETTE}/A{A_PALETTE} packed (mpgemm)", lambda: packed,
                             dict(method="soniq", packed=packed), rep["avg_w_bits"])}
-    from . import minilm_ptq
-
-    cal = minilm_ptq.calibration(teacher, train_sents, n=64 if quick else minilm_ptq.N_CALIB)
+    cal = minilm_ptq.calibration(teacher, tokenize(teacher, minilm_ptq.calibration_sentences(
+        train_sents, n=64 if quick else minilm_ptq.N_CALIB), minilm_ptq.CALIB_BATCH))
     ptq_fake, ptq_packed, ptq_s = minilm_ptq.ptq_model(teacher, cal,
                                                        minilm_ptq.ptq_config("soniq", teacher, **minilm_ptq.PTQ_ROW))
     candidates["ptq"] = (f"SONIQ mixed-precision PTQ W{minilm_ptq.PTQ_ROW['w_palette']}/A8 (no training)",
@@ -432,7 +431,10 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         extra["int8"]["avg_w_bits"] = 8.0
         extra["qat"]["label"] += " (trained)"
         bar = tqdm(total=len(minilm_ptq.QUICK_SWEEP if quick else minilm_ptq.SWEEP), desc="sweep", unit="config")
-        rows = minilm_ptq.sweep(teacher, cal, hb, ref, quick, extra, bar)
+        def measure(p):
+            return {**fidelity(embed(p, hb), ref), **sizes(teacher, "soniq", packed=p)}
+
+        rows = minilm_ptq.sweep(teacher, cal, measure, quick, extra, bar)
         bar.close()
         sj, sp = minilm_ptq.write_sweep(rows, out_dir)
         res["sweep"] = {"json": sj, "png": sp}

@@ -26,15 +26,16 @@ SWEEP = [("SONIQ PTQ W(2,4) @3", "soniq", dict(w_palette=(2, 4), w_bits_target=3
 QUICK_SWEEP = [SWEEP[0], SWEEP[3], SWEEP[6]]
 
 
-def calibration(teacher, train_sents, n=N_CALIB, seed=0):
-    """soniq.ptq.calibrate on a few hundred training sentences, sorted by length so batches
-    carry little padding; one float pass, reused by every PTQ configuration."""
+def calibration_sentences(train_sents, n=N_CALIB, seed=0) -> list:
+    """A few hundred training sentences, sorted by length so batches carry little padding."""
+    idx = np.random.default_rng(seed).permutation(len(train_sents))[:n]
+    return sorted((train_sents[i] for i in idx), key=len)
+
+
+def calibration(teacher, batches):
+    """soniq.ptq.calibrate over tokenized batches: one float pass, reused by every PTQ config."""
     import soniq
 
-    from .minilm import tokenize
-
-    idx = np.random.default_rng(seed).permutation(len(train_sents))[:n]
-    batches = tokenize(teacher, sorted((train_sents[i] for i in idx), key=len), CALIB_BATCH)
     return soniq.ptq.calibrate(teacher, batches, forward=lambda m, b: m(dict(b)))
 
 
@@ -64,12 +65,11 @@ def ptq_model(teacher, cal, cfg):
     return fake, soniq.convert(fake), secs
 
 
-def sweep(teacher, cal, hb, ref, quick=False, extra=None, bar=None) -> dict:
-    """{key: row} for the sweep's configurations on one Calibration (+ `extra` rows already
-    measured, e.g. FBGEMM INT8 and the demo's QAT point)."""
+def sweep(teacher, cal, measure, quick=False, extra=None, bar=None) -> dict:
+    """{key: row} for the sweep's configurations on one Calibration; measure(packed) gives a
+    row's fidelity and sizes (+ `extra` rows already measured, e.g. FBGEMM INT8 and the
+    demo's QAT point)."""
     import soniq
-
-    from .minilm import embed, fidelity, sizes
 
     rows = dict(extra or {})
     for label, method, kw in (QUICK_SWEEP if quick else SWEEP):
@@ -78,7 +78,7 @@ def sweep(teacher, cal, hb, ref, quick=False, extra=None, bar=None) -> dict:
         rep = soniq.qat.precision_report(fake)
         rows[f"sweep_{method}_{kw['w_bits_target']:g}"] = {
             "label": label, "method": method, "avg_w_bits": rep["avg_w_bits"], "ptq_seconds": secs,
-            **fidelity(embed(packed, hb), ref), **sizes(teacher, "soniq", packed=packed)}
+            **measure(packed)}
         if bar is not None:
             bar.update()
     return rows
