@@ -144,6 +144,14 @@ def test_linear_model_fake_equals_packed_and_weights_sit_on_the_grid(rounding):
     _check_fake_equals_packed(m, soniq.convert(m), x[:37])
 
 
+def test_per_token_dynamic_activations_fake_equals_packed():
+    """With QATConfig(a_dynamic="token") the GPTQ inputs are quantized per token, as packed."""
+    x, batches = _data()
+    m = quantize(_mlp(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0,
+                                            qat_options=(("a_dynamic", "token"),)))
+    _check_fake_equals_packed(m, soniq.convert(m), x[:37])
+
+
 def test_conv_model_gptq_fake_equals_packed():
     torch.manual_seed(5)
     x = torch.randn(96, 3, 8, 8)
