@@ -432,7 +432,8 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         extra["qat"]["label"] += " (trained)"
         bar = tqdm(total=len(minilm_ptq.QUICK_SWEEP if quick else minilm_ptq.SWEEP), desc="sweep", unit="config")
         def measure(p):
-            return {**fidelity(embed(p, hb), ref), **sizes(teacher, "soniq", packed=p)}
+            return {**fidelity(embed(p, hb), ref[0]), "other": fidelity(embed(p, ob), ref[1]),
+                    **sizes(teacher, "soniq", packed=p)}
 
         rows = minilm_ptq.sweep(teacher, cal, measure, quick, extra, bar)
         bar.close()
