@@ -143,3 +143,20 @@ def test_corrupted_state_dict_rejected():
         sd[key] = bad(sd[key])
         with pytest.raises(ValueError, match="invalid packed tensor"):
             soniq.PackedTensor.from_state_dict(sd, p.metadata())
+
+
+def test_k_segment_with_extra_words_rejected():
+    """A K segment stored with more words than ceil(klen / 64) (its extra words zero, so the
+    codes unpack right) is refused: mpgemm walks both operands with one operand's (klen, kw),
+    so it gave wrong products with it as b and read past b's words with it as a."""
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 16, (3, 100)), rng.integers(-8, 8, (20, 100))
+    pa, pb = packed(a, 4), soniq.ops.pack(b, 4, signed=True)
+    for p, rows in ((pa, 3), (pb, 20)):
+        sd = dict(p.state_dict())
+        kw = int(sd["ksegs"][0, 1])
+        words = sd["data"].view(4, rows, kw)
+        sd["data"] = torch.cat([words, torch.zeros(4, rows, 1, dtype=torch.int64)], 2).reshape(-1)
+        sd["ksegs"] = sd["ksegs"] + torch.tensor([[0, 1]])
+        with pytest.raises(ValueError, match=r"ksegs words per segment \[3\] must be ceil\(klen / 64\) = \[2\]"):
+            soniq.PackedTensor.from_state_dict(sd, p.metadata())

@@ -51,6 +51,11 @@ def validate_packed(p, name: str) -> None:
     kl, kw = p.ksegs[:, 0], p.ksegs[:, 1]
     if bool((kl <= 0).any()) or int(kl.sum()) != K or bool((kw * 64 < kl).any()):
         bad("K segments do not cover K")
+    # kw is what pack makes it: mpgemm walks both operands with one operand's (klen, kw), so
+    # a segment of extra (zero) words would shift the other operand's blocks (wrong products,
+    # reads past its data)
+    if not torch.equal(kw, (kl + 63) // 64):
+        bad(f"ksegs words per segment {kw.tolist()} must be ceil(klen / 64) = {((kl + 63) // 64).tolist()}")
     for perm, n, what in ((p.row_perm, R, "row_perm"), (p.k_perm, K, "k_perm")):
         if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n, device=perm.device)):
             bad(f"{what} is not a permutation of range({n})")
