@@ -92,3 +92,39 @@ def test_future_version_refused(tmp_path):
     save_file(tensors, str(f), metadata={"soniq": json.dumps(meta)})
     with pytest.raises(ValueError, match="format version 3"):
         soniq.load(f)
+
+
+def rewrite(f, edit):
+    """f rewritten with edit(meta, tensors) applied and its checksum recomputed: a file another
+    writer got wrong, which only the record checks can refuse."""
+    with safe_open(str(f), framework="pt") as h:
+        meta = json.loads(h.metadata()["soniq"])
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    edit(meta, tensors)
+    meta["sha256"] = _model_file._digest(tensors, meta)
+    save_file(tensors, str(f), metadata={"soniq": json.dumps(meta)})
+
+
+def shift_first_row_start(meta, tensors):
+    d = tensors["3|w.desc"].clone()
+    d[0, 0] -= 5
+    tensors["3|w.desc"] = d
+
+
+@pytest.mark.parametrize("what,edit,match", [
+    ("desc row start", shift_first_row_start, r"packed desc row group 0 is malformed"),
+    ("a_signed", lambda m, t: m["packed"]["3"].__setitem__("a_signed", "no"), r"layer '3': a_signed must be true or false"),
+    ("bias length", lambda m, t: t.__setitem__("3|bias", t["3|bias"][:3]), r"layer '3': bias must be float with 70 entries"),
+    ("tree type", lambda m, t: m["tree"]["children"]["1"].__setitem__("type", "Module"),
+     r"module type 'Module' is not one soniq.save writes"),
+], ids=["desc", "a_signed", "bias", "tree"])
+def test_malformed_records_refused(tmp_path, what, edit, match):
+    """Records that pass the checksum but are malformed raise ValueError at load naming the
+    problem (they raised RuntimeError, or loaded: a_signed "no" as signed, a short bias failing
+    only in forward, a bare nn.Module without forward)."""
+    p, _ = packed_model()
+    f = tmp_path / "m.safetensors"
+    soniq.save(p, f)
+    rewrite(f, edit)
+    with pytest.raises(ValueError, match=match):
+        soniq.load(f)

@@ -45,12 +45,18 @@ def _popcount(t: Tensor) -> Tensor:
 def code_sums(data: Tensor, desc: Tensor, ksegs: Tensor) -> Tensor:
     """sums [R, S] from the planes: blocks in (group, segment) order, each [bits][rows][kw]."""
     S = ksegs.shape[0]
+    if data.dtype != torch.int64 or data.dim() != 1:
+        raise ValueError(f"packed data must be 1-D int64 words, got {data.dtype} {tuple(data.shape)}")
     R = int(desc[:, 1].sum())
     sums = torch.zeros(R, S, dtype=torch.int64)
-    off = 0
+    off, covered = 0, 0
     kws = ksegs[:, 1].tolist()
-    for g in desc.tolist():
+    for gi, g in enumerate(desc.tolist()):
         r0, n = g[0], g[1]
+        # the rows this group's sums go to: a malformed desc would index sums out of range
+        if r0 != covered or n <= 0 or any(not 1 <= b <= 8 for b in g[2:]):
+            raise ValueError(f"packed desc row group {gi} is malformed: {g}")
+        covered += n
         for s in range(S):
             b, kw = g[2 + s], kws[s]
             size = b * n * kw

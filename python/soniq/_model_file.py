@@ -63,6 +63,8 @@ def _build(t: dict):
         return nn.Sequential(collections.OrderedDict((n, _build(c)) for n, c in t["children"].items()))
     if t["type"] in ("PackedLinear", "PackedConv2d"):
         return None  # filled in from the packed records
+    if t["type"] not in _LEAVES:  # only what _tree writes: never another torch.nn attribute
+        raise ValueError(f"module type {t['type']!r} is not one soniq.save writes")
     return getattr(nn, t["type"])(**t["args"])
 
 
@@ -176,8 +178,13 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         if meta["version"] >= 2:
             wt = widen(wt)
         w = PackedTensor.from_state_dict(wt, rec["w_meta"])
-        args = (w, tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"], rec["a_signed"],
-                tensors.get(pre + "bias"), n)
+        if not isinstance(rec["a_signed"], bool):
+            raise ValueError(f"{path}: layer {n!r}: a_signed must be true or false, got {rec['a_signed']!r}")
+        bias = tensors.get(pre + "bias")
+        if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (w.shape[0],)):
+            raise ValueError(f"{path}: layer {n!r}: bias must be float with {w.shape[0]} entries, "
+                             f"got {bias.dtype} {tuple(bias.shape)}")
+        args = (w, tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"], rec["a_signed"], bias, n)
         if rec["type"] == "PackedConv2d":
             mod = PackedConv2d(*args, **rec["conv"])
         else:
