@@ -174,3 +174,29 @@ def test_deepcopy_torch_save_and_to(models):
     f = copy.deepcopy(a).to("cpu").to(torch.float64).float()  # dtype moves leave packed words alone
     with torch.no_grad():
         assert torch.equal(f(x), ref)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_failed_load_changes_nothing(models, assign):
+    """A state dict whose packed weight is refused leaves the layer as it was: its activation
+    bits and scales, bias and activation mode too (they were loaded before the weight was
+    checked, so the old weight ran with the other model's activation scales)."""
+    a, b, x = models
+    c = copy.deepcopy(b)
+    h = torch.randn(4, 6 * 5 * 5)
+    with torch.no_grad():
+        ref = c.fc(h)
+    keep = {k: v.clone() for k, v in c.fc.state_dict().items()}
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    sd["fc.w.data"] = sd["fc.w.data"][:-1].clone()
+    sd["fc.a_dynamic"] = torch.tensor(True)
+    assert not torch.equal(sd["fc.a_scale"], keep["a_scale"])
+    spoiled = sd["fc.a_scale"].clone()
+    with pytest.raises(RuntimeError, match="packed weight of 'fc.'"):
+        c.load_state_dict(sd, assign=assign)
+    assert c.fc.a_dynamic is None
+    for k, v in c.fc.state_dict().items():
+        assert torch.equal(v, keep[k]), k
+    assert torch.equal(sd["fc.a_scale"], spoiled)  # the caller's tensors are not written
+    with torch.no_grad():
+        assert torch.equal(c.fc(h), ref)  # (the other layers did load)

@@ -73,27 +73,34 @@ class _PackedBase(nn.Module):
         a_bits) and replaces self.w. All of its parts absent: reported as missing keys (an
         error under strict=True; strict=False keeps the current weight and lists them). Some
         present, or present but malformed: always an error (torch raises error_msgs even
-        with strict=False), and self.w is left as it was."""
+        with strict=False), and the layer is left as it was (self.w and its buffers)."""
         def own(k):
             return k.startswith(prefix) and (k[len(prefix):] == "a_signed" or k[len(prefix):].startswith("w."))
 
         mine = {k[len(prefix):]: v for k, v in state_dict.items() if own(k)}
         rest = {k: v for k, v in state_dict.items() if not own(k)}
+        errors = len(error_msgs)
+        # the buffers (a_bits, a_scale, bias, ...) belong with the weight: a failed load puts
+        # them back, so the layer never runs its old weight with the new activation scales
+        kept = {k: b.detach().clone() for k, b in self._buffers.items() if b is not None}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         expected = self._state_keys()
         if not mine:
             missing_keys.extend(prefix + k for k in expected)
-            return
-        unexpected_keys.extend(prefix + k for k in mine if k not in expected)
-        absent = [k for k in expected if k not in mine]
-        if absent:
-            error_msgs.append(f"packed weight of {prefix or 'the module'!r} is incomplete: missing {absent} "
-                              "(a state dict of a soniq packed layer holds all of them)")
-            return
-        try:
-            self._replace_weight(mine)
-        except (ValueError, TypeError, RuntimeError) as e:
-            error_msgs.append(f"packed weight of {prefix or 'the module'!r}: {e}")
+        else:
+            unexpected_keys.extend(prefix + k for k in mine if k not in expected)
+            absent = [k for k in expected if k not in mine]
+            if absent:
+                error_msgs.append(f"packed weight of {prefix or 'the module'!r} is incomplete: missing {absent} "
+                                  "(a state dict of a soniq packed layer holds all of them)")
+            elif len(error_msgs) == errors:
+                try:
+                    self._replace_weight(mine)
+                except (ValueError, TypeError, RuntimeError) as e:
+                    error_msgs.append(f"packed weight of {prefix or 'the module'!r}: {e}")
+        if len(error_msgs) > errors:
+            self._buffers.update(kept)  # assigned, not copied: load_state_dict(assign=True) puts the caller's tensors there
+            self._weights_changed()
 
     def _replace_weight(self, parts: dict) -> None:
         old, old_signed = self.w, self.a_signed
@@ -212,10 +219,15 @@ class PackedLinear(_PackedBase):
         else:
             flag = None
         mode = _dynamic_mode(flag) if flag is not None or prefix + "w.meta" in state_dict else self.a_dynamic
-        if mode != self.a_dynamic:
+        old, error_msgs = self.a_dynamic, args[-1]
+        errors = len(error_msgs)
+        if mode != old:
             self.a_dynamic = mode
             self._weights_changed()
         super()._load_from_state_dict(state_dict, prefix, *args)
+        if len(error_msgs) > errors and self.a_dynamic != old:  # a failed load changes nothing
+            self.a_dynamic = old
+            self._weights_changed()
 
     def _act_plan(self, integer: bool):
         K = self.a_bits.numel()
