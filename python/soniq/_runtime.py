@@ -14,8 +14,9 @@ from ._version import __version__
 
 def get_num_threads() -> int:
     """Threads soniq's CPU kernels use: set_num_threads's n; until it is called, torch's count
-    (torch.get_num_threads() as seen by its OpenMP runtime in this thread) capped at the
-    physical cores available to this process."""
+    (torch.get_num_threads() as seen by its OpenMP runtime in this thread; not capped, so the
+    kernels can run on torch's own team), or the physical cores available to this process
+    when no OpenMP runtime is loaded."""
     return _C.get_num_threads()
 
 
