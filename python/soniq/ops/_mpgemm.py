@@ -48,7 +48,8 @@ def _relayout(p: PackedTensor, like: PackedTensor) -> PackedTensor:
     _, like_ksegs, like_perm = like.host_meta()
     desc, ksegs, k_perm = p.host_meta()
     K, kw = p.shape[1], int(ksegs[0, 1])
-    dev = p.data.device
+    data = p.data  # once: a weight kept as its layout rebuilds all its planes on each access
+    dev = data.device
     inv = torch.empty_like(k_perm)
     inv[k_perm] = torch.arange(K)
     cols = inv[like_perm].to(dev)  # target position -> column of p's codes
@@ -56,7 +57,7 @@ def _relayout(p: PackedTensor, like: PackedTensor) -> PackedTensor:
     kws = [int(w) for w in like_ksegs[:, 1].tolist()]
     words, new_desc, sums, off = [], [], torch.empty(p.shape[0], len(lens), dtype=torch.int64, device=dev), 0
     for r0, rows, b in desc[:, :3].tolist():
-        codes = L.unpack_block(p.data[off:off + b * rows * kw], b, rows, K, kw).index_select(1, cols)
+        codes = L.unpack_block(data[off:off + b * rows * kw], b, rows, K, kw).index_select(1, cols)
         off += b * rows * kw
         new_desc.append([r0, rows] + [b] * len(lens))
         s0 = 0
