@@ -200,3 +200,19 @@ def test_failed_load_changes_nothing(models, assign):
     assert torch.equal(sd["fc.a_scale"], spoiled)  # the caller's tensors are not written
     with torch.no_grad():
         assert torch.equal(c.fc(h), ref)  # (the other layers did load)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_conversion_keeps_activation_scales(models, dtype):
+    """model.to(dtype) / .half() leave the packed layers' quantizer state in float32: the
+    activation scales used to be rounded to the new dtype, a different quantization grid
+    (other integer accumulators than the converted model's)."""
+    a, _, x = models
+    c = copy.deepcopy(a).to(dtype)
+    h = torch.randn(4, 6 * 5 * 5) * 3
+    for name in ("conv", "fc", "head"):
+        assert getattr(c, name).a_scale.dtype == torch.float32, name
+        assert torch.equal(getattr(c, name).a_scale, getattr(a, name).a_scale), name
+    with torch.no_grad():
+        assert torch.equal(c.fc.accumulators(h), a.fc.accumulators(h))
+        assert torch.equal(c.conv.accumulators(x), a.conv.accumulators(x))

@@ -28,10 +28,19 @@ class _PackedBase(nn.Module):
         self.name = name
         self._keep_one_copy()
 
+    # the activation quantizer's float32 state: a dtype conversion (model.half()) must not round
+    # it, or the layer would quantize on another grid than the one it was converted with
+    _FLOAT32_STATE = ("a_scale", "a_inv_smooth")
+
     def _apply(self, fn, recurse=True):
         """model.to(device) / .cuda() / .cpu() move the packed weights too (they are not a
-        buffer); dtype conversions leave them alone (integer words, float32 scales)."""
+        buffer); dtype conversions leave them alone (integer words, float32 scales), and the
+        activation scales (a_scale, a_inv_smooth) too."""
+        keep = {k: self._buffers[k] for k in self._FLOAT32_STATE if self._buffers.get(k) is not None}
         out = super()._apply(fn, recurse)
+        for k, t in keep.items():
+            if self._buffers[k].dtype != t.dtype:
+                self._buffers[k] = t.to(self._buffers[k].device)
         dev = fn(torch.empty(0, device=self.w.device)).device  # where fn sends tensors
         if dev != self.w.device:
             self.w = self.w.to(dev)
