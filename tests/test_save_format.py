@@ -128,3 +128,15 @@ def test_malformed_records_refused(tmp_path, what, edit, match):
     rewrite(f, edit)
     with pytest.raises(ValueError, match=match):
         soniq.load(f)
+
+
+@pytest.mark.parametrize("model_file", ["../elsewhere.safetensors", "/tmp/x.safetensors", "", 3])
+def test_folder_manifest_names_a_file_inside(tmp_path, model_file):
+    """A SentenceTransformer folder's manifest must name its model file inside the folder: a
+    path out of it (or no name) is refused before anything is built or read."""
+    d = tmp_path / "st"
+    d.mkdir()
+    (d / "soniq.json").write_text(json.dumps({"format": "soniq-dir", "kind": "sentence-transformers",
+                                              "model_file": model_file}))
+    with pytest.raises(ValueError, match="it must be a file name in the folder"):
+        soniq.load(d)

@@ -97,6 +97,9 @@ def load_dir(path, device: str = "cpu"):
         raise ValueError(f"{path}: {MANIFEST} is not a soniq model manifest")
     if manifest.get("kind") != KIND:
         raise ValueError(f"{path}: model kind {manifest.get('kind')!r} is not supported (expected {KIND!r})")
+    model_file = manifest.get("model_file", MODEL_FILE)
+    if not isinstance(model_file, str) or not model_file or os.path.basename(model_file) != model_file:
+        raise ValueError(f"{path}: {MANIFEST} names model_file {model_file!r}; it must be a file name in the folder")
     _require()
     from sentence_transformers import SentenceTransformer
 
@@ -104,5 +107,5 @@ def load_dir(path, device: str = "cpu"):
     # weight as 'newly initialized' (the soniq file replaces them all right after)
     with quiet_offline():
         model = SentenceTransformer(path, device="cpu", local_files_only=True)
-    model = load_file(os.path.join(path, manifest.get("model_file", MODEL_FILE)), model=model)
+    model = load_file(os.path.join(path, model_file), model=model)
     return model.to(device) if device != "cpu" else model
