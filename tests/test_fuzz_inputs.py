@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import soniq
-from soniq import ops
+from soniq import _op_kernels, ops
 
 CLEAN = (TypeError, ValueError, OverflowError, MemoryError)
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -123,7 +123,8 @@ def test_output_allocation_failure_is_memory_error(monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(torch.ops.soniq, "mpgemm_packed", fail)
-    monkeypatch.setattr(ops._library, "mpgemm_packed_impl", fail)  # the eager path calls it directly
+    # the eager path calls the CPU kernel from the op's kernel table, skipping the dispatcher
+    monkeypatch.setitem(_op_kernels._TABLE[ops._library.mpgemm_packed], "cpu", fail)
     p = ops.pack(np.ones((3, 5), dtype=np.int8), 1, signed=False)
     with pytest.raises(MemoryError, match="mpgemm"):
         ops.mpgemm(p, p)

@@ -1,11 +1,13 @@
-"""Bit-plane packing of one uniform block: the pure-torch reference (any device) the native
-kernels are tested against, and unpacking as the ops run it (native on the CPU). A leaf
-module (torch and soniq._C only), so the ops and the validation of loaded tensors share it."""
+"""Bit-plane packing of one uniform block: the ops soniq::pack_block / soniq::unpack_block
+(native kernels on the CPU; the pure-torch reference, which the native kernels are tested
+against, on every other device). A leaf module (torch, soniq._C and the kernel table), so the
+ops and the validation of loaded tensors share it."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ._op_kernels import register
 from ._native import _C
 
 
@@ -30,12 +32,42 @@ def unpack_block_torch(planes: Tensor, bits: int, rows: int, klen: int, kw: int)
     return codes.to(torch.uint8).contiguous()
 
 
-def unpack_block_impl(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
-    """int64 words -> uint8 codes [rows, klen]: the native kernel on the CPU, the torch
-    reference elsewhere (the body of the soniq::unpack_block op)."""
-    if planes.device.type != "cpu":
-        return unpack_block_torch(planes, bits, rows, klen, kw)
+@torch.library.custom_op("soniq::pack_block", mutates_args=())
+def pack_block(codes: Tensor, bits: int, kw: int) -> Tensor:
+    """codes: uint8 [rows, klen] (< 2**bits) -> int64 words [bits * rows * kw] (bit planes).
+    A device type without a kernel of its own runs the torch reference."""
+    return pack_block_torch(codes, bits, kw)
+
+
+@register(pack_block, "cpu")
+def pack_block_cpu(codes: Tensor, bits: int, kw: int) -> Tensor:
+    rows, klen = codes.shape
+    codes = codes.contiguous()
+    out = torch.empty(bits * rows * kw, dtype=torch.int64)
+    _C.pack_block(codes.data_ptr(), rows, klen, klen, bits, kw, out.data_ptr())
+    return out
+
+
+@pack_block.register_fake
+def _(codes, bits, kw):
+    return codes.new_empty((bits * codes.shape[0] * kw,), dtype=torch.int64)
+
+
+@torch.library.custom_op("soniq::unpack_block", mutates_args=())
+def unpack_block(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
+    """Inverse of pack_block: int64 words -> uint8 codes [rows, klen]. A device type without
+    a kernel of its own runs the torch reference."""
+    return unpack_block_torch(planes, bits, rows, klen, kw)
+
+
+@register(unpack_block, "cpu")
+def unpack_block_cpu(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
     planes = planes.contiguous()
     out = torch.empty(rows, klen, dtype=torch.uint8)
     _C.unpack_block(planes.data_ptr(), rows, klen, bits, kw, out.data_ptr(), klen)
     return out
+
+
+@unpack_block.register_fake
+def _(planes, bits, rows, klen, kw):
+    return planes.new_empty((rows, klen), dtype=torch.uint8)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._bitplanes import unpack_block_impl
+from ._op_kernels import eager_kernel
+from ._bitplanes import unpack_block
 
 
 def block_walk(p):
@@ -102,7 +103,8 @@ def _validate_contents(p, bad) -> None:
         pad = ((pos >= klen).to(torch.int64) << torch.arange(64, device=p.data.device)).sum(-1)
         if bool(((words & pad) != 0).any()):
             bad(f"block ({g}, {s}) has nonzero padding bits beyond K")
-        codes = unpack_block_impl(words.reshape(-1), b, rows, klen, kw)
+        words = words.reshape(-1)
+        codes = eager_kernel(unpack_block, words.device)(words, b, rows, klen, kw)
         if not torch.equal(codes.to(torch.int64).sum(1), p.sums[r0:r0 + rows, s]):
             bad(f"sums of block ({g}, {s}) do not match its codes")
     if p.scale is not None and p.axis == 1:

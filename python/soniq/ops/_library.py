@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._bitplanes import pack_block_torch, unpack_block_impl, unpack_block_torch  # noqa: F401 (tests use the references)
+from .._bitplanes import pack_block, pack_block_torch, unpack_block, unpack_block_torch  # noqa: F401 (block ops; tests use the references)
 from .._native import _C
+from .._op_kernels import no_kernel, register
 from . import _int8mm
 
 KIND_INT32, KIND_INT64, KIND_FLOAT32 = 0, 1, 2
@@ -22,37 +23,9 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-# ---- pack / unpack one uniform block (torch references in soniq/_bitplanes.py) --------
-@torch.library.custom_op("soniq::pack_block", mutates_args=())
-def pack_block(codes: Tensor, bits: int, kw: int) -> Tensor:
-    """codes: uint8 [rows, klen] (< 2**bits) -> int64 words [bits * rows * kw] (bit planes)."""
-    rows, klen = codes.shape
-    if codes.device.type != "cpu":
-        return pack_block_torch(codes, bits, kw)
-    codes = codes.contiguous()
-    out = torch.empty(bits * rows * kw, dtype=torch.int64)
-    _C.pack_block(codes.data_ptr(), rows, klen, klen, bits, kw, out.data_ptr())
-    return out
-
-
-@pack_block.register_fake
-def _(codes, bits, kw):
-    return codes.new_empty((bits * codes.shape[0] * kw,), dtype=torch.int64)
-
-
-@torch.library.custom_op("soniq::unpack_block", mutates_args=())
-def unpack_block(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
-    """Inverse of pack_block: int64 words -> uint8 codes [rows, klen]."""
-    return unpack_block_impl(planes, bits, rows, klen, kw)
-
-
-@unpack_block.register_fake
-def _(planes, bits, rows, klen, kw):
-    return planes.new_empty((rows, klen), dtype=torch.uint8)
-
-
 # ---- mixed-precision GEMM ---------------------------------------------------------------
-def mpgemm_packed_impl(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor, a_signed: bool,
+@torch.library.custom_op("soniq::mpgemm_packed", mutates_args=())
+def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor, a_signed: bool,
                   b_data: Optional[Tensor], b_desc: Tensor, b_sums: Tensor, b_perm: Tensor, b_signed: bool,
                   ksegs: Tensor, a_row_scale: Optional[Tensor], b_row_scale: Optional[Tensor],
                   a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int,
@@ -64,37 +37,48 @@ def mpgemm_packed_impl(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: T
 
     a_desc, b_desc and ksegs (the small layout metadata) are read on the host: pass CPU
     tensors (PackedTensor.host_meta()) so a CUDA call never syncs; device copies work
-    but cost a device-to-host copy. Everything else lives on the data's device."""
+    but cost a device-to-host copy. Everything else lives on the data's device.
+    The body runs only on a device type with no kernel (registered below)."""
+    raise no_kernel(mpgemm_packed, "soniq::mpgemm_packed", a_data.device)
+
+
+def _operands(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
+              a_row_scale, b_row_scale, a_seg_scale, b_seg_scale) -> tuple:
+    """The operand and scale tuples the native drivers take (raw pointers)."""
     M, N = a_perm.numel(), b_perm.numel()
-    out = torch.empty(M, N, dtype=_KIND_DTYPE[kind], device=a_data.device)
-    if a_data.device.type == "cuda":  # host copies of the metadata (a sync only if given on device)
-        a_desc, b_desc, ksegs = a_desc.cpu(), b_desc.cpu(), ksegs.cpu()
     A = (_ptr(a_data), M, a_desc.shape[0], _ptr(a_desc), _ptr(a_sums), _ptr(a_perm), a_signed)
     B = (_ptr(b_data), N, b_desc.shape[0], _ptr(b_desc), _ptr(b_sums), _ptr(b_perm), b_signed)
     S = (_ptr(a_row_scale), _ptr(b_row_scale), _ptr(a_seg_scale), _ptr(b_seg_scale))
-    nsegs = ksegs.shape[0]
-    if a_data.device.type == "cuda":
-        with torch.cuda.device(a_data.device):  # the kernels launch on the current device
-            if _C.cuda_choose_kernel(A, B, _ptr(ksegs), nsegs) == "int8mm" and _int8mm.supported(ksegs):
-                _int8mm.mpgemm_int8mm(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm,
-                                      b_signed, ksegs, a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, out)
-                return out
-            stream = torch.cuda.current_stream(a_data.device).cuda_stream
-            _C.cuda_mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), stream)
-    else:
-        _C.mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), _ptr(b_layout))
+    return A, B, S
+
+
+@register(mpgemm_packed, "cpu")
+def mpgemm_packed_cpu(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed, ksegs,
+                      a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind, b_layout=None):
+    out = torch.empty(a_perm.numel(), b_perm.numel(), dtype=_KIND_DTYPE[kind])
+    A, B, S = _operands(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
+                        a_row_scale, b_row_scale, a_seg_scale, b_seg_scale)
+    _C.mpgemm(A, B, _ptr(ksegs), ksegs.shape[0], S, kind, out.data_ptr(), _ptr(b_layout))
     return out
 
 
-@torch.library.custom_op("soniq::mpgemm_packed", mutates_args=())
-def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor, a_signed: bool,
-                  b_data: Optional[Tensor], b_desc: Tensor, b_sums: Tensor, b_perm: Tensor, b_signed: bool,
-                  ksegs: Tensor, a_row_scale: Optional[Tensor], b_row_scale: Optional[Tensor],
-                  a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int,
-                  b_layout: Optional[Tensor] = None) -> Tensor:
-    """The registered op over mpgemm_packed_impl (see there)."""
-    return mpgemm_packed_impl(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
-                              ksegs, a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind, b_layout)
+@register(mpgemm_packed, "cuda")
+def mpgemm_packed_cuda(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed, ksegs,
+                       a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind, b_layout=None):
+    """b_layout is a CPU execution layout: unused here."""
+    out = torch.empty(a_perm.numel(), b_perm.numel(), dtype=_KIND_DTYPE[kind], device=a_data.device)
+    a_desc, b_desc, ksegs = a_desc.cpu(), b_desc.cpu(), ksegs.cpu()  # a sync only if given on the device
+    A, B, S = _operands(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
+                        a_row_scale, b_row_scale, a_seg_scale, b_seg_scale)
+    nsegs = ksegs.shape[0]
+    with torch.cuda.device(a_data.device):  # the kernels launch on the current device
+        if _C.cuda_choose_kernel(A, B, _ptr(ksegs), nsegs) == "int8mm" and _int8mm.supported(ksegs):
+            _int8mm.mpgemm_int8mm(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm,
+                                  b_signed, ksegs, a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, out)
+            return out
+        stream = torch.cuda.current_stream(a_data.device).cuda_stream
+        _C.cuda_mpgemm(A, B, _ptr(ksegs), nsegs, S, kind, out.data_ptr(), stream)
+    return out
 
 
 @mpgemm_packed.register_fake
@@ -104,9 +88,10 @@ def _(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, 
 
 
 # ---- fused activation quantize + pack ------------------------------------------------
-def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                       row_words: int, noise: int = 0, seed: int = 0, nan_rows: bool = False,
-                       dynamic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("soniq::quantize_pack_raw", mutates_args=())
+def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
+                      row_words: int, noise: int = 0, seed: int = 0, nan_rows: bool = False,
+                      dynamic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x: float32 [M, K] on the CPU or a GPU; k_perm int64 [K]; segs int64 [S, 3] (klen, kw, bits);
     seg_scale float32 [S]; row_words = sum of bits * kw; noise 0 (round) or 1 (Philox noise of
     `seed`, then round). Returns (data int64 [M * row_words], sums int64 [M, S], rows): the
@@ -114,22 +99,36 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
     nan_rows: then rows (bool [M]) marks the rows holding one, with no check and no sync
     (the packed layers make those output rows NaN); else rows is empty. dynamic: per-token
     scales (cpp/actpack.h): row r is quantized with seg_scale * a_r, and the fourth output
-    (float32 [M], else empty) holds a_r. soniq.ops.quantize_pack checks the layout; here only
-    what keeps the kernel in bounds."""
-    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"x must be a 2-D float32 CPU or CUDA tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
-    M, K = x.shape
+    (float32 [M], else empty) holds a_r. soniq.ops.quantize_pack checks the layout; the
+    kernels only what keeps them in bounds. The body runs only on a device type with no
+    kernel (registered below)."""
+    raise no_kernel(quantize_pack_raw, "soniq::quantize_pack_raw", x.device)
+
+
+def _checked_quantize_pack_args(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, noise: int,
+                                seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """What keeps every device's kernel in bounds; returns x, segs, seg_scale laid out for it."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D float32 tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    K = x.shape[1]
     S = segs.shape[0]
     if (k_perm.dtype != torch.int64 or k_perm.shape != (K,) or segs.dtype != torch.int64 or segs.shape != (S, 3)
             or seg_scale.dtype != torch.float32 or seg_scale.shape != (S,)):
         raise ValueError("k_perm, segs, seg_scale must be int64 [K], int64 [S, 3], float32 [S]")
     if x.stride(1) != 1 and K > 1:
         x = x.contiguous()
-    segs, seg_scale = segs.contiguous(), seg_scale.contiguous()
     if noise not in (0, 1) or not 0 <= seed < 2**63:
         raise ValueError(f"noise must be 0 or 1 and seed in [0, 2**63), got noise={noise}, seed={seed}")
-    if x.device.type == "cuda":
-        return _quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words, noise, seed, nan_rows, dynamic)
+    return x, segs.contiguous(), seg_scale.contiguous()
+
+
+@register(quantize_pack_raw, "cpu")
+def quantize_pack_cpu(x, k_perm, segs, seg_scale, signed, row_words, noise=0, seed=0, nan_rows=False,
+                      dynamic=False):
+    """The native pass (cpp/actpack.cpp)."""
+    x, segs, seg_scale = _checked_quantize_pack_args(x, k_perm, segs, seg_scale, noise, seed)
+    M, K = x.shape
+    S = segs.shape[0]
     k_perm = k_perm.contiguous()
     data = torch.empty(M * row_words, dtype=torch.int64)
     sums = torch.empty(M, S, dtype=torch.int64)
@@ -141,13 +140,14 @@ def quantize_pack_impl(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tenso
     return data, sums, rows, rscale
 
 
-def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool, row_words: int,
-                        noise: int, seed: int, nan_rows: bool, dynamic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The CUDA kernel (cuda/quantize_pack.cu) for quantize_pack_impl's checked arguments: x
-    and k_perm on the GPU, segs and seg_scale (the layout, read on the host) on the CPU. A NaN
-    in x or a k_perm entry outside [0, K) raises after the kernel (one sync; skipped while a
-    CUDA graph is being captured), unless nan_rows: then nothing syncs and the NaN rows are
-    returned marked (k_perm comes from a checked ActPlan there)."""
+def quantize_pack_cuda(x, k_perm, segs, seg_scale, signed, row_words, noise=0, seed=0, nan_rows=False,
+                       dynamic=False):
+    """The CUDA kernel (cuda/quantize_pack.cu): x and k_perm on the GPU, segs and seg_scale
+    (the layout, read on the host) on the CPU. A NaN in x or a k_perm entry outside [0, K)
+    raises after the kernel (one sync; skipped while a CUDA graph is being captured), unless
+    nan_rows: then nothing syncs and the NaN rows are returned marked (k_perm comes from a
+    checked ActPlan there), as a view of the kernel's flag buffer."""
+    x, segs, seg_scale = _checked_quantize_pack_args(x, k_perm, segs, seg_scale, noise, seed)
     M, K = x.shape
     S = segs.shape[0]
     if segs.device.type != "cpu" or seg_scale.device.type != "cpu":
@@ -175,14 +175,13 @@ def _quantize_pack_cuda(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tens
     return data, sums, rows, rscale
 
 
-@torch.library.custom_op("soniq::quantize_pack_raw", mutates_args=())
-def quantize_pack_raw(x: Tensor, k_perm: Tensor, segs: Tensor, seg_scale: Tensor, signed: bool,
-                      row_words: int, noise: int = 0, seed: int = 0, nan_rows: bool = False,
-                      dynamic: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The registered op over quantize_pack_impl (see there)."""
-    data, sums, rows, rscale = quantize_pack_impl(x, k_perm, segs, seg_scale, signed, row_words, noise, seed,
-                                                  nan_rows, dynamic)
-    return data, sums, rows.clone() if rows._base is not None else rows, rscale  # outputs must not alias
+def _quantize_pack_cuda_op(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """quantize_pack_cuda as the dispatcher runs it: an op's outputs must not be views."""
+    data, sums, rows, rscale = quantize_pack_cuda(*args, **kwargs)
+    return data, sums, rows.clone() if rows._base is not None else rows, rscale
+
+
+register(quantize_pack_raw, "cuda", quantize_pack_cuda, dispatched=_quantize_pack_cuda_op)
 
 
 @quantize_pack_raw.register_fake

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .._checks import check_scales
 from .._native import _C
+from .._op_kernels import no_kernel, register
 
 NOISE_MODES = {"none": 0, "uniform": 1}
 _M32 = 0xFFFFFFFF
@@ -73,17 +74,35 @@ def quantize_reference(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, alpha: 
 def quantize_raw(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, alpha: Tensor, axis: int, noise: int,
                  seed: int, values_only: bool) -> Tensor:
     """Checked inputs only (soniq.ops.quantize does the checking): x contiguous float32/64,
-    per-channel vectors of x's dtype and device along `axis`."""
+    per-channel vectors of x's dtype and device along `axis`. The body runs only on a device
+    type with no kernel (registered below)."""
+    raise no_kernel(quantize_raw, "soniq::quantize_raw", x.device)
+
+
+def _quantize_native(on_cuda: bool, x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, alpha: Tensor, axis: int,
+                     noise: int, seed: int, values_only: bool) -> Tensor:
+    """cpp/quantize.cpp or cuda/quantize.cu (one binding; the stream is the current one)."""
     x = x.contiguous()
     out = torch.empty_like(x)
     outer = int(np.prod(x.shape[:axis])) if axis > 0 else 1
     inner = int(np.prod(x.shape[axis + 1:])) if axis + 1 < x.dim() else 1
     vecs = [t.contiguous() for t in (scale, lo, hi, alpha)]
-    cuda = x.device.type == "cuda"
-    stream = torch.cuda.current_stream(x.device).cuda_stream if cuda else 0
-    _C.quantize(cuda, x.element_size(), x.data_ptr(), outer, x.shape[axis], inner,
+    stream = torch.cuda.current_stream(x.device).cuda_stream if on_cuda else 0
+    _C.quantize(on_cuda, x.element_size(), x.data_ptr(), outer, x.shape[axis], inner,
                 *(t.data_ptr() for t in vecs), noise, seed, values_only, out.data_ptr(), stream)
     return out
+
+
+@register(quantize_raw, "cpu")
+def quantize_cpu(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, alpha: Tensor, axis: int, noise: int,
+                 seed: int, values_only: bool) -> Tensor:
+    return _quantize_native(False, x, scale, lo, hi, alpha, axis, noise, seed, values_only)
+
+
+@register(quantize_raw, "cuda")
+def quantize_cuda(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, alpha: Tensor, axis: int, noise: int,
+                  seed: int, values_only: bool) -> Tensor:
+    return _quantize_native(True, x, scale, lo, hi, alpha, axis, noise, seed, values_only)
 
 
 @quantize_raw.register_fake

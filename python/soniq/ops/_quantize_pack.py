@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from .. import _checks as C
+from .._op_kernels import eager_kernel
 from ..packed import KLayout, PackedTensor
-from . import _library  # noqa: F401  (registers soniq::quantize_pack_raw)
+from . import _library
 from ._pack import _check_k_layout
 from ._quantize import NOISE_MODES, resolve_seed
 
@@ -79,7 +80,8 @@ class ActPlan:
         args = (x, dev["k_perm"], self.segs, self.seg_scale, self.signed, self.row_words, noise, seed, nan_rows,
                 self.dynamic)
         if type(x) is Tensor and not torch.compiler.is_compiling():
-            data, sums, rows, rscale = _library.quantize_pack_impl(*args)  # eager: skip ~15 us of op dispatch
+            # eager: the device's kernel straight from the op's table (skips ~15 us of op dispatch)
+            data, sums, rows, rscale = eager_kernel(_library.quantize_pack_raw, x.device)(*args)
             if nan_rows and x.device.type == "cpu" and not bool(rows.any()):
                 nan_rows = False
         else:  # tracing (dynamo, fake tensors): the registered op, opaque with its fake kernel
