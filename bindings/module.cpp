@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -79,6 +80,17 @@ void soniq::bindings::register_core(py::module_& m) {
           return tids;
         },
         py::arg("n"), py::arg("sleep_us") = 0, py::arg("throw_at") = -1, py::call_guard<py::gil_scoped_release>());
+
+  // cpp/code_encoding.h, the one definition Python's pack/unpack/range checks read
+  m.def(
+      "code_encoding",
+      [](int bits, bool is_signed) {
+        if (bits < 1 || bits > 8) throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
+        const CodeEncoding e = code_encoding(bits, is_signed);
+        return py::make_tuple(e.alpha, e.offset, e.lo, e.hi);
+      },
+      py::arg("bits"), py::arg("signed"),
+      "(alpha, offset, lo, hi) of the b-bit code encoding: value = alpha * code + offset, values lo..hi");
 
   m.def("pack_block",
         [](uintptr_t codes, int64_t rows, int64_t klen, int64_t ld, int bits, int64_t kw, uintptr_t out) {

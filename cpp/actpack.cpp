@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "code_encoding.h"
 #include "dispatch.h"
 #include "philox.h"
 #include "threadpool.h"
@@ -127,11 +128,8 @@ std::vector<ActSegment> act_segments(const ActLayout& L, bool is_signed) {
     const float s_ = L.seg_scale[s], inv = 1.0f / s_;  // 1/s in float, exactly as quantize.cpp
     if (!(s_ > 0.0f) || !std::isfinite(s_) || !std::isfinite(inv))
       bad("scale " + std::to_string(s_) + " of segment " + std::to_string(s) + " must be finite, > 0 and have a finite float32 inverse");
-    ActSegment p{k0, klen, kw, words, int(bits), 1, inv, 0.0f, float((1 << bits) - 1), s_};
-    if (is_signed) {
-      if (bits == 1) p.alpha = 2, p.lo = -1.0f, p.hi = 1.0f;
-      else p.lo = -float(1 << (bits - 1)), p.hi = float((1 << (bits - 1)) - 1);
-    }
+    const CodeEncoding e = code_encoding(int(bits), is_signed);
+    const ActSegment p{k0, klen, kw, words, int(bits), int(e.alpha), inv, float(e.lo), float(e.hi), s_};
     out.push_back(p);
     k0 += klen;
     words += bits * kw;

@@ -194,9 +194,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     // layout kernels give sum ua*(ub - 128) for 8-bit ub: 128 * aa*ab * sum ua is added back.
     auto terms = [&](int64_t s, bool add) {  // rowterm/colterm of segment s (added to them when add)
       const int ba = int(da[2 + s]), bb = int(db[2 + s]);
-      int64_t aa, oa, ab, ob;
-      code_affine(ba, a.is_signed, aa, oa);
-      code_affine(bb, b.is_signed, ab, ob);
+      const CodeEncoding ea = code_encoding(ba, a.is_signed), eb = code_encoding(bb, b.is_signed);
+      const int64_t aa = ea.alpha, oa = ea.offset, ab = eb.alpha, ob = eb.offset;
       const int64_t flip = is_layout(kernel_of(ba, bb, tm)) && bb == 8 ? 128 : 0;
       const int64_t klen = ksegs[2 * s];
       for (int64_t j = 0; j < tn; ++j)
@@ -218,10 +217,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     for (int64_t s = 0; s < nsegs; ++s) {
       const int64_t kw = ksegs[2 * s + 1];
       const int ba = int(da[2 + s]), bb = int(db[2 + s]);
-      int64_t aa, oa, ab, ob;
-      code_affine(ba, a.is_signed, aa, oa);
-      code_affine(bb, b.is_signed, ab, ob);
-      const int64_t aab = aa * ab;  // 1, 2 or 4
+      const int64_t aab = code_encoding(ba, a.is_signed).alpha * code_encoding(bb, b.is_signed).alpha;  // 1, 2 or 4
       const int shift = aab == 4 ? 2 : int(aab >> 1);
       segscale = double(sc.a_seg ? sc.a_seg[s] : 1.0f) * double(sc.b_seg ? sc.b_seg[s] : 1.0f);
       const uint64_t* B = b.data + lb.at(T.gb, s) + T.n0 * kw;

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "code_encoding.h"  // value = alpha * code + offset of each block
+
 namespace soniq {
 
 struct PackedOperand {
@@ -43,12 +45,5 @@ bool layout_kernels_active();
 enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2, Lut = 3 };
 void set_kernel_path(KernelPath p);
 KernelPath get_kernel_path();
-
-// Encoding of a b-bit value v as an unsigned code u: v = alpha * u + offset.
-inline void code_affine(int bits, bool is_signed, int64_t& alpha, int64_t& offset) {
-  if (!is_signed) { alpha = 1; offset = 0; }
-  else if (bits == 1) { alpha = 2; offset = -1; }
-  else { alpha = 1; offset = -(int64_t(1) << (bits - 1)); }
-}
 
 }  // namespace soniq

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 
+#include "../cpp/code_encoding.h"
 #include "cuda_api.h"
 #include "ptx.cuh"
 
@@ -85,13 +86,6 @@ __device__ __forceinline__ Tile locate_tile(const GemmParams& P, int tile) {
   return t;
 }
 
-// Encoding of a b-bit value as an unsigned code: v = alpha * u + offset (design.md sec. 2).
-__device__ __forceinline__ void code_affine(int bits, int is_signed, long long& alpha, long long& offset) {
-  if (!is_signed) { alpha = 1; offset = 0; }
-  else if (bits == 1) { alpha = 2; offset = -1; }
-  else { alpha = 1; offset = -(1LL << (bits - 1)); }
-}
-
 // Per-output running total over K segments: exact int64, or float64 like the CPU driver.
 template <bool kFloat>
 struct Total;
@@ -111,9 +105,8 @@ struct Total<true> {
 template <bool kFloat>
 __device__ __forceinline__ void add_segment(const GemmParams& P, int s, int pa, int pb, long long i, long long j,
                                             long long dot, Total<kFloat>& t) {
-  long long aa, oa, ab, ob;
-  code_affine(pa, P.a.is_signed, aa, oa);
-  code_affine(pb, P.b.is_signed, ab, ob);
+  const CodeEncoding ea = code_encoding(pa, P.a.is_signed), eb = code_encoding(pb, P.b.is_signed);
+  const long long aa = ea.alpha, oa = ea.offset, ab = eb.alpha, ob = eb.offset;
   const int S = P.nsegs;
   const long long sa = ob ? P.a.sums[i * S + s] : 0;  // skip the loads when unused
   const long long sb = oa ? P.b.sums[j * S + s] : 0;

@@ -214,9 +214,7 @@ __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_cons
   Total<kFloat> total[MI][NJ][4];
   for (int s = 0; s < P.nsegs; ++s) {
     const int pa = P.a.bits[T.ga][s], pb = P.b.bits[T.gb][s];
-    long long aa, oa, ab, ob;
-    code_affine(pa, P.a.is_signed, aa, oa);
-    code_affine(pb, P.b.is_signed, ab, ob);
+    const long long aab = code_encoding(pa, P.a.is_signed).alpha * code_encoding(pb, P.b.is_signed).alpha;
 
     int acc[MI][NJ][4];
     long long dot[MI][NJ][4];  // only the float path keeps the raw dot (one rounding per segment)
@@ -234,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1) mma_gemm_kernel(const __grid_cons
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             if constexpr (kFloat) dot[i][j][e] += acc[i][j][e];
-            else total[i][j][e].v += aa * ab * (long long)acc[i][j][e];
+            else total[i][j][e].v += aab * (long long)acc[i][j][e];
             acc[i][j][e] = 0;
           }
     };

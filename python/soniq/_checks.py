@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from ._native import _C
+
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT_DTYPES = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 
@@ -73,29 +75,43 @@ def bits_vector(bits, length: int, name: str, device) -> torch.Tensor:
     return bits.contiguous()
 
 
+# The b-bit code encoding from its one definition, cpp/code_encoding.h (the C++ and CUDA kernels
+# compile the same function): value = alpha * code + offset, values lo..hi.
+# ENCODING[signed][bits] = (alpha, offset, lo, hi) for bits 1..8.
+ENCODING = {s: {b: tuple(_C.code_encoding(b, s)) for b in range(1, 9)} for s in (False, True)}
+# the same as int64 [4, 9] tables (column = bits; column 0 unused) for per-channel lookups
+_ENCODING_TABLE = {s: torch.tensor([(0, 0, 0, 0)] + [ENCODING[s][b] for b in range(1, 9)], dtype=torch.int64).T
+                   .contiguous() for s in (False, True)}
+_ENCODING_ON = {}  # (signed, device) -> the table there
+
+
+def encoding_of(bits: torch.Tensor, signed: bool) -> torch.Tensor:
+    """int64 [4, C]: (alpha, offset, lo, hi) of each channel's bits (int64 in 1..8)."""
+    signed = bool(signed)
+    table = _ENCODING_TABLE[signed]
+    if bits.device != table.device:
+        key = (signed, bits.device)
+        table = _ENCODING_ON.get(key)
+        if table is None:
+            table = _ENCODING_ON[key] = _ENCODING_TABLE[signed].to(bits.device)
+    return table.index_select(1, bits)
+
+
 def value_range(bits: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Inclusive [lo, hi] of each channel's values (signed 1-bit: {-1, +1})."""
-    if signed:
-        hi = torch.where(bits == 1, torch.ones_like(bits), (1 << (bits - 1)) - 1)
-        lo = torch.where(bits == 1, -torch.ones_like(bits), -(1 << (bits - 1)))
-    else:
-        lo, hi = torch.zeros_like(bits), (1 << bits) - 1
-    return lo, hi
+    enc = encoding_of(bits, signed)
+    return enc[2], enc[3]
 
 
 def code_affine(bits: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha, offset) with value = alpha * code + offset (design.md section 2)."""
-    if not signed:
-        return torch.ones_like(bits), torch.zeros_like(bits)
-    alpha = torch.where(bits == 1, torch.full_like(bits, 2), torch.ones_like(bits))
-    offset = torch.where(bits == 1, -torch.ones_like(bits), -(1 << (bits - 1)))
-    return alpha, offset
+    enc = encoding_of(bits, signed)
+    return enc[0], enc[1]
 
 
 def max_abs_value(bits: int, signed: bool) -> int:
-    if not signed:
-        return (1 << bits) - 1
-    return 1 if bits == 1 else 1 << (bits - 1)
+    _, _, lo, hi = ENCODING[bool(signed)][bits]
+    return max(-lo, hi)
 
 
 def scale_vector(scale, length: int, name: str, device) -> torch.Tensor | None:

@@ -110,8 +110,8 @@ Operand make_operand(const Layout& L, const std::vector<int64_t>& klens, const s
     int64_t k0 = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int b = L.bits[size_t(g)][size_t(s)];
-      int64_t alpha, offset;
-      soniq::code_affine(b, is_signed, alpha, offset);
+      const soniq::CodeEncoding enc = soniq::code_encoding(b, is_signed);
+      const int64_t alpha = enc.alpha, offset = enc.offset;
       const int64_t klen = klens[size_t(s)], kw = kws[size_t(s)];
       std::vector<uint8_t> codes(size_t(R * klen));
       for (int64_t r = 0; r < R; ++r) {
@@ -306,9 +306,10 @@ void test_quantize_t(const char* dtype) {
   for (int64_t c = 0; c < C; ++c) {
     const int bits = int(1 + c);
     scale[size_t(c)] = T(0.05 + 0.1 * double(c));
-    alpha[size_t(c)] = T(bits == 1 ? 2 : 1);
-    lo[size_t(c)] = T(bits == 1 ? -1 : -(1 << (bits - 1)));
-    hi[size_t(c)] = T(bits == 1 ? 1 : (1 << (bits - 1)) - 1);
+    const soniq::CodeEncoding e = soniq::code_encoding(bits, true);
+    alpha[size_t(c)] = T(e.alpha);
+    lo[size_t(c)] = T(e.lo);
+    hi[size_t(c)] = T(e.hi);
   }
   const soniq::QuantParams<T> qp{scale.data(), lo.data(), hi.data(), alpha.data()};
   for (int noise = 0; noise <= 1; ++noise)

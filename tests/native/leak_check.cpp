@@ -48,9 +48,8 @@ Packed pack_codes(const std::vector<uint8_t>& codes, int64_t rows, int64_t K, in
 }
 
 int64_t value(uint8_t code, int bits, bool is_signed) {
-  int64_t alpha, offset;
-  code_affine(bits, is_signed, alpha, offset);
-  return alpha * code + offset;
+  const CodeEncoding e = code_encoding(bits, is_signed);
+  return e.alpha * code + e.offset;
 }
 
 template <class F>

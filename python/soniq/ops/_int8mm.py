@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._bitplanes import unpack_block_torch
+from .._checks import ENCODING
 from .._native import _C
 
 MAX_KLEN = 131071
@@ -27,12 +28,6 @@ SHIFT = 128
 
 def _pad(n: int, m: int) -> int:
     return (n + m - 1) // m * m
-
-
-def _affine(bits: int, signed: bool) -> tuple:
-    if not signed:
-        return 1, 0
-    return (2, -1) if bits == 1 else (1, -(1 << (bits - 1)))
 
 
 def expand_block(data: Tensor, off: int, bits: int, rows: int, klen: int, kw: int, rows_pad: int,
@@ -91,7 +86,7 @@ def mpgemm_int8mm(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
                 sa = a_sums[ra0:ra0 + ra, s].view(-1, 1)
                 sb = b_sums[rb0:rb0 + rb, s].view(1, -1)
                 dot = cc + SHIFT * (sa + sb) - SHIFT * SHIFT * klen
-                (aa, oa), (ab, ob) = _affine(pa, a_signed), _affine(pb, b_signed)
+                (aa, oa), (ab, ob) = ENCODING[a_signed][pa][:2], ENCODING[b_signed][pb][:2]
                 v = aa * ab * dot + aa * ob * sa + ab * oa * sb + klen * oa * ob
                 if is_float:
                     one = torch.ones((), dtype=torch.float64, device=out.device)
