@@ -64,16 +64,18 @@ using LayoutGemmFn = void (*)(const uint8_t* A, int64_t lda, int64_t M, const in
                               int64_t kw, int64_t* C, int64_t ldc, int shift, const int64_t* rowterm,
                               const int64_t* colterm);
 
+// Each ISA's table is filled field by field (by name, in its own translation unit); a field
+// it leaves unset keeps the default below: null for an optional kernel.
 struct KernelTable {
-  const char* name;
-  BitserialFn bitserial;
-  PackPlanesFn pack_planes;
-  UnpackPlanesFn unpack_planes;
-  BytesPlanesFn bytes_planes;
+  const char* name = nullptr;
+  BitserialFn bitserial = nullptr;
+  PackPlanesFn pack_planes = nullptr;
+  UnpackPlanesFn unpack_planes = nullptr;
+  BytesPlanesFn bytes_planes = nullptr;  // optional where the layout kernels run every byte-path block
   // The driver uses bit-serial for a block pair when bits_a * bits_b <= this, else the
   // byte path (measured per ISA: bench/cpp/bench_mpgemm.cpp).
-  int bitserial_max_pairs;
-  int bitserial_max_pairs_gemv;  // the same for tiles of 1-2 A rows (B expansion not amortized)
+  int bitserial_max_pairs = 0;
+  int bitserial_max_pairs_gemv = 0;  // the same for tiles of 1-2 A rows (B expansion not amortized)
   LutBuildFn lut_build = nullptr;  // optional: GEMV rows use the table path when set
   LutPlanesFn lut_planes = nullptr;
   QuantPackFn quant_pack = nullptr;  // every table sets it

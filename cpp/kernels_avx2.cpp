@@ -517,8 +517,20 @@ const KernelTable& kernels_avx2() {
   // Measured (bench/results/bench_cpp_amd-epyc.json, single core): bit-serial wins only for
   // 1x1 bits against vpmaddubsw with int16 runs (M16/M64: 300 vs 190-220 GOP/s; 1x2: 152 vs
   // 170-210), and up to 1x2 against the table lookup for GEMV rows (1x2: 147 vs 83; 2x2: 74 vs 83).
-  static const KernelTable t{"avx2", avx2_bitserial, avx2_pack_planes, avx2_unpack_planes, avx2_bytes_planes, 1, 2,
-                             avx2_lut_build, avx2_lut_planes, avx2_quant_pack};
+  static const KernelTable t = [] {
+    KernelTable k;
+    k.name = "avx2";
+    k.bitserial = avx2_bitserial;
+    k.pack_planes = avx2_pack_planes;
+    k.unpack_planes = avx2_unpack_planes;
+    k.bytes_planes = avx2_bytes_planes;
+    k.bitserial_max_pairs = 1;
+    k.bitserial_max_pairs_gemv = 2;
+    k.lut_build = avx2_lut_build;
+    k.lut_planes = avx2_lut_planes;
+    k.quant_pack = avx2_quant_pack;
+    return k;
+  }();
   return t;
 }
 

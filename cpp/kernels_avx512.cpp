@@ -179,10 +179,22 @@ void avx512_epilogue_f32(const int64_t* acc, int64_t n, double segscale, bool ha
 }  // namespace
 
 const KernelTable& kernels_avx512() {
-  // byte products run on the weight execution layout only (no plane kernel)
-  static const KernelTable t{"avx512", avx512_bitserial, avx512_pack_planes, avx512_unpack_planes,
-                             nullptr, 2, 4, nullptr, nullptr, avx512_quant_pack,
-                             avx512_epilogue_f32, avx512::layout_gemv, avx512::layout_gemm, 4};
+  // byte products run on the weight execution layout only (no plane kernel, no table path)
+  static const KernelTable t = [] {
+    KernelTable k;
+    k.name = "avx512";
+    k.bitserial = avx512_bitserial;
+    k.pack_planes = avx512_pack_planes;
+    k.unpack_planes = avx512_unpack_planes;
+    k.bitserial_max_pairs = 2;
+    k.bitserial_max_pairs_gemv = 4;
+    k.quant_pack = avx512_quant_pack;
+    k.epilogue_f32 = avx512_epilogue_f32;
+    k.layout_gemv = avx512::layout_gemv;
+    k.layout_gemm = avx512::layout_gemm;
+    k.layout_gemv_rows = 4;
+    return k;
+  }();
   return t;
 }
 

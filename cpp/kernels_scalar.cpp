@@ -3,15 +3,36 @@
 
 namespace soniq {
 
+namespace {
+
+KernelTable reference_table(const char* name) {  // plane kernels (the reference of AVX2's byte path)
+  KernelTable k;
+  k.name = name;
+  k.bitserial = ref_bitserial;
+  k.pack_planes = ref_pack_planes;
+  k.unpack_planes = ref_unpack_planes;
+  k.bytes_planes = ref_bytes_planes;
+  k.bitserial_max_pairs = 64;
+  k.bitserial_max_pairs_gemv = 64;
+  k.quant_pack = ref_quant_pack;
+  return k;
+}
+
+}  // namespace
+
 const KernelTable& kernels_scalar() {  // byte products on the weight execution layout, as the fast ISAs
-  static const KernelTable t{"scalar", ref_bitserial, ref_pack_planes, ref_unpack_planes, ref_bytes_planes, 64, 64,
-                             nullptr, nullptr, ref_quant_pack, nullptr, ref_layout_gemm, ref_layout_gemm, 4};
+  static const KernelTable t = [] {
+    KernelTable k = reference_table("scalar");
+    k.layout_gemv = ref_layout_gemm;
+    k.layout_gemm = ref_layout_gemm;
+    k.layout_gemv_rows = 4;
+    return k;
+  }();
   return t;
 }
 
-const KernelTable& kernels_reference() {  // plane kernels (the reference of AVX2's byte path)
-  static const KernelTable t{"reference", ref_bitserial, ref_pack_planes, ref_unpack_planes, ref_bytes_planes, 64, 64,
-                             nullptr, nullptr, ref_quant_pack};
+const KernelTable& kernels_reference() {
+  static const KernelTable t = reference_table("reference");
   return t;
 }
 

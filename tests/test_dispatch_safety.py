@@ -118,6 +118,18 @@ def test_isa_objects_define_no_weak_code_symbols():
     assert not problems, "\n".join(problems)
 
 
+def test_kernel_tables_are_filled_by_field_name():
+    """A positional KernelTable{...} puts a kernel in the wrong slot, silently, when a field is
+    added or moved; each ISA file sets its table's fields by name (unset ones stay null)."""
+    files = sorted((ROOT / "cpp").glob("kernels_*.cpp"))
+    assert len(files) >= 3
+    for f in files:
+        src = f.read_text()
+        assert not re.search(r"KernelTable\s*\w*\s*\{", src), f"{f.name}: a brace-initialized KernelTable"
+        if "KernelTable& kernels_" in src:
+            assert re.search(r"\bk\.name = ", src), f"{f.name}: no table filled by field name"
+
+
 # ---- SONIQ_ISA / set_isa -------------------------------------------------------------------
 def _import_with_isa(value: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, SONIQ_ISA=value)
