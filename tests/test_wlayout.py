@@ -116,3 +116,12 @@ def test_packed_layer_keeps_one_copy(tmp_path):
         with soniq.use_isa(isa):
             assert torch.equal(conv(x), ref), isa
     np.testing.assert_array_equal(ops.unpack(w).numpy(), ops.unpack(loaded[0].w).numpy())
+
+
+def test_release_planes_off_cpu_names_the_device():
+    rng = np.random.default_rng(5)
+    bits = rng.choice((2, 4), 16)
+    p = ops.pack(random_values(rng, (16, 64), bits, True, 0), bits, signed=True, axis=0).to("meta")
+    with pytest.raises(ValueError, match="on meta; only CPU tensors"):
+        p.release_planes()
+    assert p.planes_resident

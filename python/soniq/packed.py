@@ -119,6 +119,9 @@ class PackedTensor:
         bit planes are dropped and rebuilt from the layout when needed (see .data). Every
         block pair then runs on the layout kernels. Refused (ValueError) when the active ISA
         has no layout kernels (the planes are its only kernel format)."""
+        if self.device.type != "cpu":
+            raise ValueError(f"release_planes: the tensor is on {self.device}; only CPU tensors have an "
+                             "execution layout to keep instead of the bit planes")
         if self.exec_layout() is None:
             raise ValueError("release_planes: the active ISA's kernels read the bit planes (no execution layout)")
         self._data = None
