@@ -128,3 +128,26 @@ def test_seeded_noise_is_reproducible_and_rank_dependent():
             assert all(torch.equal(a, b) for a, b in zip(got, outs[rank]))
         outs[rank] = got
     assert not torch.equal(outs[0][0], outs[1][0])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_seeded_noise_survives_activation_checkpointing(reentrant):
+    """A checkpointed segment recomputed in backward draws the same noise as its forward, so
+    the gradients equal the plain run's and the noise counter advances once per forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, y = D.batches(0, 1)[0]
+    grads, calls = [], []
+    for ckpt in (False, True):
+        m = soniq.qat.prepare(D.make_model(), D.config())
+        x_in = x.clone().requires_grad_(reentrant)  # reentrant checkpoint needs an input with grad
+        for _ in range(2):  # two steps: the second draws new noise
+            m.zero_grad()
+            out = checkpoint(m, x_in, use_reentrant=reentrant) if ckpt else m(x_in)
+            F.cross_entropy(out, y).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        calls.append([q.w_quant.noise_calls for q in soniq.qat.quant_layers(m).values()])
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n
+    assert calls[0] == calls[1] == [2] * len(calls[0])

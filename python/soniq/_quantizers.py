@@ -107,7 +107,11 @@ class ChannelQuantizer(nn.Module):
         if self.noise_key is None:
             return resolve_seed(None)
         r = _dist.rank() if self.noise_rank is None else self.noise_rank
-        self.noise_calls += 1
+        # A forward run inside backward is activation checkpointing recomputing a segment: it
+        # must draw the noise of the forward it replays (else the gradient belongs to other
+        # noise than the loss), so it reuses the last call's nonce and does not advance.
+        if torch._C._current_graph_task_id() == -1 or self.noise_calls == 0:
+            self.noise_calls += 1
         return mix_seed(self.noise_key, r, self.noise_calls - 1)
 
 
