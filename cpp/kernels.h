@@ -89,9 +89,6 @@ struct KernelTable {
   int layout_gemv_rows = 0;
 };
 
-// Reference table (scalar loops) built in each ISA unit, for tests and benchmarks.
-const KernelTable& kernels_reference();
-
 // Defined in each ISA's translation unit (only those built for this target).
 const KernelTable& kernels_scalar();
 #if defined(SONIQ_HAVE_X86_ISAS)

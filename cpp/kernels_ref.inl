@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "wlayout.h"
 
 namespace {
 
@@ -72,7 +73,7 @@ inline void ref_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uin
 // One code of a weight execution layout (cpp/wlayout.h) tile: row j, position k; 8-bit
 // codes come back as stored (u - 128), the value the layout kernels multiply.
 inline int ref_layout_code(const int8_t* tile, int bits, int64_t k, int j) {
-  static const int widths[9][3] = {{0}, {1}, {2}, {2, 1}, {4}, {4, 1}, {4, 2}, {4, 2, 1}, {8}};
+  const auto& widths = soniq::kLayoutPartWidths;
   const uint8_t* ch = reinterpret_cast<const uint8_t*>(tile) + (k / 32) * bits * 64;
   const int g = int(k % 32) / 4, byte = j * 4 + int(k % 4);
   if (bits == 8) return int(tile[(k / 32) * 512 + g * 64 + byte]);

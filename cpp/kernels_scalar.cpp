@@ -31,9 +31,4 @@ const KernelTable& kernels_scalar() {  // byte products on the weight execution 
   return t;
 }
 
-const KernelTable& kernels_reference() {
-  static const KernelTable t = reference_table("reference");
-  return t;
-}
-
 }  // namespace soniq

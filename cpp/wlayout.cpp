@@ -11,7 +11,7 @@ namespace {
 struct Part { int width, pos, vec; };  // width, bit position in the code, first vector
 
 int parts_of(int bits, Part* p) {
-  static const int widths[9][3] = {{0}, {1}, {2}, {2, 1}, {4}, {4, 1}, {4, 2}, {4, 2, 1}, {8}};
+  const auto& widths = kLayoutPartWidths;
   int n = 0, pos = 0;
   for (int i = 0; i < 3 && widths[bits][i]; ++i) {
     p[n++] = Part{widths[bits][i], pos, pos};

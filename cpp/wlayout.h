@@ -25,6 +25,9 @@ namespace soniq {
 
 constexpr int64_t kLayoutTile = 16;   // rows (output columns) per tile
 constexpr int64_t kLayoutChunk = 32;  // K codes per chunk
+// A b-bit code is stored as split parts of these widths (low part first; 0 ends the list):
+// 3 = 2+1, 5 = 4+1, 6 = 4+2, 7 = 4+2+1, so every part packs whole codes into a byte.
+constexpr int kLayoutPartWidths[9][3] = {{0}, {1}, {2}, {2, 1}, {4}, {4, 1}, {4, 2}, {4, 2, 1}, {8}};
 
 // Bytes of one tile of a block (all its chunks): kw words = 2*kw chunks of bits*64 bytes.
 inline int64_t layout_tile_bytes(int bits, int64_t kw) { return 2 * kw * int64_t(bits) * 64; }
