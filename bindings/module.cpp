@@ -169,5 +169,6 @@ PYBIND11_MODULE(_C, m) {
   soniq::bindings::register_cpu_kernels(m);
   soniq::bindings::register_quantize(m);
   soniq::bindings::register_actpack(m);
+  soniq::bindings::register_linear(m);
   soniq::bindings::register_cuda(m);
 }

@@ -9,6 +9,7 @@ void register_core(pybind11::module_& m);  // module.cpp: info, dispatch, thread
 void register_cpu_kernels(pybind11::module_& m);  // cpu_kernels.cpp: kernel path choice
 void register_quantize(pybind11::module_& m);  // quantize.cpp: quantizer, Philox noise
 void register_actpack(pybind11::module_& m);  // actpack.cpp: fused activation quantize + pack
+void register_linear(pybind11::module_& m);  // linear.cpp: the packed Linear layer's fused CPU forward
 void register_cuda(pybind11::module_& m);  // cuda.cpp: CUDA kernel choice
 
 }  // namespace soniq::bindings

@@ -48,21 +48,58 @@ inline int64_t lut_bytes(int64_t kw) { return (kw + 3) / 4 * 2048; }  // 2048 by
 using QuantPackFn = int64_t (*)(const float* x, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
                                 float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan);
 
+// Quantize one row of one K segment to one unsigned code byte per position, the A operand
+// the layout kernels read (the packed layers' fused path: no bit planes in between). Same
+// inputs and rounding as QuantPackFn; out[j] = code of xs[j] for j < klen, 0 for
+// klen <= j < kw*64. Returns the code sum; sets *nan when any xs is NaN (its code is then
+// unspecified; the caller makes the row's output NaN).
+using QuantBytesFn = int64_t (*)(const float* x, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                                 float hi, int alpha, uint8_t* out, bool* nan);
+
+// The largest finite_abs_bits (cpp/actpack.h) over x[0..n): a row's largest finite |x| as
+// its bit pattern (per-token dynamic scales).
+using RowAbsMaxFn = int32_t (*)(const float* x, int64_t n);
+
 // Float output of one tile row with one K segment, in exactly the scalar driver's order:
 //   out_row[perm[j]] = float(((0.0 + double(acc[j]) * segscale) [* ar]) [* double(b_row[perm[j]])])
-// for j < n ("[* ar]" when has_ar, "[* b_row]" when b_row is set).
+//                      [+ bias[perm[j]]]  (a float32 add, as torch's out + bias)
+// for j < n ("[* ar]" when has_ar, "[* b_row]" / "[+ bias]" when b_row / bias are set).
 using EpilogueF32Fn = void (*)(const int64_t* acc, int64_t n, double segscale, bool has_ar, double ar,
-                               const float* b_row, const int64_t* perm, float* out_row);
+                               const float* b_row, const int64_t* perm, float* out_row, const float* bias);
+
+// Float epilogue a layout GEMM kernel applies at its store when its block is all of the
+// product (one K segment, float32 output), instead of writing int64 totals for the driver's
+// epilogue pass; the same values, bit for bit, as that pass (EpilogueF32Fn): for A row i < M
+// and column j < N of the call,
+//   out[arow[i] * ldo + ocol[j]] = float(((0.0 + double(rowterm[i] + colterm[j] + (product << shift))
+//       * segscale) [* a_row[arow[i]]]) [* double(b_row[j])]) [+ bias[j]]
+// (b_row and bias in the call's column order; a float32 add for the bias). run[j / 8]: the
+// live columns of group j..j+7 land consecutively (ocol[j + q] = ocol[j] + q): one store.
+struct LayoutEpilogue {
+  float* out;
+  int64_t ldo;
+  const int64_t* arow;  // [M]
+  const int64_t* ocol;  // [N]
+  const uint8_t* run;   // [ceil(N / 8)]
+  double segscale;
+  const float* a_row;   // by output row, or null
+  const float* b_row;   // [N], or null
+  const float* bias;    // [N], or null
+};
+// K (codes) up to which the layout GEMM kernels accept an epilogue (int32 lanes stay exact).
+constexpr int64_t kLayoutEpilogueMaxK = 32768;
 
 // Byte x execution-layout product (cpp/wlayout.h) for one block, added into C: for j < N,
 //   C[i*ldc + j] = base(i, j) + ((sum_{k < kw*64} A[i*lda + k] * s(j, k)) << shift)
 // with base = rowterm[i] + colterm[j] when rowterm is set (C is then only written: the
 // driver's code-sum corrections, fused to spare a pass over C), else C[i*ldc + j]; s is the
 // stored code (u, or u - 128 for 8-bit blocks: the driver adds 128 * the A row's code sum).
-// L points at the tile holding column 0; ceil(N/16) tiles follow.
+// L points at the tile holding column 0; ceil(N/16) tiles follow. ep (layout_gemm only, with
+// rowterm set and kw * 64 <= kLayoutEpilogueMaxK): the float outputs are written through it
+// and C is not touched.
 using LayoutGemmFn = void (*)(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N,
                               int64_t kw, int64_t* C, int64_t ldc, int shift, const int64_t* rowterm,
-                              const int64_t* colterm);
+                              const int64_t* colterm, const LayoutEpilogue* ep);
 
 // Each ISA's table is filled field by field (by name, in its own translation unit); a field
 // it leaves unset keeps the default below: null for an optional kernel.
@@ -83,10 +120,14 @@ struct KernelTable {
   // Optional: kernels over the weight execution layout. A table that has them gets a layout
   // for every weight operand and runs its byte-path blocks on them: layout_gemv for tiles of
   // at most layout_gemv_rows A rows (weights streamed once, decoded in registers), else
-  // layout_gemm (each tile decoded once per K block into an L1 buffer, reused by all rows).
+  // layout_gemm (per 64 columns all of K decoded once into a buffer, reused by all rows).
   LayoutGemmFn layout_gemv = nullptr;
   LayoutGemmFn layout_gemm = nullptr;
   int layout_gemv_rows = 0;
+  // Optional, with the layout kernels: the packed layers' fused forward (cpp/linear.h)
+  // quantizes activations straight to the bytes those kernels read.
+  QuantBytesFn quant_bytes = nullptr;
+  RowAbsMaxFn row_absmax = nullptr;  // optional: a plain loop otherwise
 };
 
 // Defined in each ISA's translation unit (only those built for this target).

@@ -144,12 +144,61 @@ int64_t avx512_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int
   return sum;
 }
 
+// ---- activations straight to the layout kernels' A bytes (packed layers' fused path): the
+// codes of avx512_quant_pack, without planes. Clamping to the integer bounds [lo, hi] before
+// rounding gives the same integers as quant_pack's clamp / round / clamp, and the embedded
+// round-to-nearest-even conversion rounds as its magic constant; NaN (max/min return the
+// bound) gets code 0 and sets *nan.
+int64_t avx512_quant_bytes(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                           float hi, int alpha, uint8_t* out, bool* nan) {
+  const bool a1 = alpha == 1;
+  const __m512 vinv = _mm512_set1_ps(inv), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  const __m512 clo = _mm512_set1_ps(a1 ? lo : 0.0f), chi = _mm512_set1_ps(a1 ? hi : 1.0f);
+  const __m512i off = _mm512_set1_epi32(a1 ? int(lo) : 0);
+  __m512i vsum = _mm512_setzero_si512();
+  __mmask16 nanm = 0;
+  alignas(64) float tmp[64];
+  for (int64_t w = 0; w < kw; ++w) {
+    const float* xs = word_floats(x_, idx, klen, w, tmp);
+    __m128i b[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m512 x = _mm512_loadu_ps(xs + 16 * i);
+      nanm |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+      __m512 t = _mm512_mul_ps(x, vinv);
+      if (!a1) t = _mm512_mul_ps(_mm512_add_ps(t, one), half);
+      t = _mm512_min_ps(_mm512_max_ps(t, clo), chi);
+      const __m512i c = _mm512_sub_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), off);
+      vsum = _mm512_add_epi32(vsum, c);
+      b[i] = _mm512_cvtepi32_epi8(c);  // codes are 0..255
+    }
+    __m512i v = _mm512_castsi128_si512(b[0]);
+    v = _mm512_inserti32x4(v, b[1], 1);
+    v = _mm512_inserti32x4(v, b[2], 2);
+    v = _mm512_inserti32x4(v, b[3], 3);
+    _mm512_storeu_si512(out + w * 64, v);
+  }
+  if (nanm) *nan = true;
+  return _mm512_reduce_add_epi32(vsum);
+}
+
+// ---- a row's largest finite |x| as its bit pattern (actpack.h finite_abs_bits), 16 at a time
+int32_t avx512_row_absmax(const float* x, int64_t n) {
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  __m512i m = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 live = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
+    const __m512i v = _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + j), absmask);
+    m = _mm512_mask_max_epi32(m, _mm512_cmplt_epi32_mask(v, inf), m, v);
+  }
+  return _mm512_reduce_max_epi32(m);
+}
+
 // ---- float epilogue: int64 -> double (vcvtqq2pd), the scalar driver's multiplications in
 // its order, double -> float, to the original column order: plain loads/stores where 8
 // columns are consecutive there (weights of one tier usually are), else gather / scalar
 // stores (vscatterqps is microcoded and slow on Zen 4) ---------------------------------------
 void avx512_epilogue_f32(const int64_t* acc, int64_t n, double segscale, bool has_ar, double ar,
-                         const float* b_row, const int64_t* perm, float* out_row) {
+                         const float* b_row, const int64_t* perm, float* out_row, const float* bias) {
   const __m512d zero = _mm512_setzero_pd(), vs = _mm512_set1_pd(segscale), va = _mm512_set1_pd(ar);
   const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t j = 0; j < n; j += 8) {
@@ -163,7 +212,10 @@ void avx512_epilogue_f32(const int64_t* acc, int64_t n, double segscale, bool ha
       const __m256 br = run ? _mm256_maskz_loadu_ps(m, b_row + p0) : _mm512_mask_i64gather_ps(_mm256_setzero_ps(), m, idx, b_row, 4);
       v = _mm512_mul_pd(v, _mm512_cvtps_pd(br));
     }
-    const __m256 o = _mm512_cvtpd_ps(v);
+    __m256 o = _mm512_cvtpd_ps(v);
+    if (bias)  // float32 add after the rounding, as torch's out + bias
+      o = _mm256_add_ps(o, run ? _mm256_maskz_loadu_ps(m, bias + p0)
+                               : _mm512_mask_i64gather_ps(_mm256_setzero_ps(), m, idx, bias, 4));
     if (run) {
       _mm256_mask_storeu_ps(out_row + p0, m, o);
     } else {
@@ -193,6 +245,8 @@ const KernelTable& kernels_avx512() {
     k.layout_gemv = avx512::layout_gemv;
     k.layout_gemm = avx512::layout_gemm;
     k.layout_gemv_rows = 4;
+    k.quant_bytes = avx512_quant_bytes;
+    k.row_absmax = avx512_row_absmax;
     return k;
   }();
   return t;

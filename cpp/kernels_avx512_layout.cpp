@@ -5,8 +5,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
+#include <stdexcept>
 #include <type_traits>
 
 // GCC 12 headers: _mm512_set1_* / reductions trip a false -Wmaybe-uninitialized
@@ -144,10 +147,48 @@ void gemv_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
   if (i < M) gemv_rows<BITS, 1>(A + i * lda, lda, L, N, kw, C + i * ldc, ldc, shift, rowterm ? rowterm + i : nullptr, colterm);
 }
 
-// ---- GEMM: per 64 columns and K block, the 4 tiles decoded once into an L1 buffer as plain
-// VNNI operands [tile][group][64 bytes], then RM rows x 4 tiles of accumulators per step ------
-constexpr int64_t kBlockChunks = 12;  // 384 codes: 4 tiles x 96 groups x 64 bytes = 24 KiB
-constexpr int64_t kBufGroups = kBlockChunks * 8;
+// ---- GEMM: per 64 columns, the 4 tiles decoded once (all of K up to the int32 limit) into a
+// buffer as plain VNNI operands [tile][group][64 bytes], then RM rows x 4 tiles of
+// accumulators per step over all of that K, stored once: int64 totals, or with an epilogue
+// the float outputs (no int64 pass). The buffer (K/2 bytes per column: 48 KiB at K = 768)
+// sits in L1/L2; per group the step reads 256 bytes of it for 24 vpdpbusd. ----------------
+
+// The float epilogue of 16 columns j0.. of one row (LayoutEpilogue, bit for bit the
+// driver's): int32 lanes and the int64 code-sum terms meet in double, exactly (integers
+// below 2^53), then the driver's multiplications in its order.
+struct EpRow {
+  const LayoutEpilogue* ep;
+  float* out;     // the output row
+  int64_t row;    // rowterm[i]
+  double ar;
+  double scale;   // 2^shift
+};
+
+__attribute__((always_inline)) inline void store_f32(__m512i acc, const EpRow& r, const int64_t* colterm, int64_t j0,
+                                                     int64_t nc) {
+  const LayoutEpilogue& ep = *r.ep;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j = j0 + h * 8;
+    if (j >= nc) return;
+    const __mmask8 m = nc - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (nc - j)) - 1u);
+    const __m256i part = h ? _mm512_extracti64x4_epi64(acc, 1) : _mm512_castsi512_si256(acc);
+    const __m512d p = _mm512_mul_pd(_mm512_cvtepi32_pd(part), _mm512_set1_pd(r.scale));
+    const __m512i base = _mm512_add_epi64(_mm512_maskz_loadu_epi64(m, colterm + j), _mm512_set1_epi64(r.row));
+    const __m512d t = _mm512_add_pd(_mm512_cvtepi64_pd(base), p);
+    __m512d v = _mm512_add_pd(_mm512_setzero_pd(), _mm512_mul_pd(t, _mm512_set1_pd(ep.segscale)));
+    if (ep.a_row) v = _mm512_mul_pd(v, _mm512_set1_pd(r.ar));
+    if (ep.b_row) v = _mm512_mul_pd(v, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, ep.b_row + j)));
+    __m256 o = _mm512_cvtpd_ps(v);
+    if (ep.bias) o = _mm256_add_ps(o, _mm256_maskz_loadu_ps(m, ep.bias + j));
+    if (ep.run[j / 8]) {
+      _mm256_mask_storeu_ps(r.out + ep.ocol[j], m, o);
+    } else {  // scattered columns: scalar stores (vscatterqps is microcoded on Zen 4)
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, o);
+      for (int64_t q = 0; q < 8 && j + q < nc; ++q) r.out[ep.ocol[j + q]] = tmp[q];
+    }
+  }
+}
 
 // Accumulators are named locals, not an array: GCC kept an array of __m512i in memory and
 // stored it every step (4x slower).
@@ -162,23 +203,36 @@ constexpr int64_t kBufGroups = kBlockChunks * 8;
     c##i##2 = _mm512_dpbusd_epi32(c##i##2, a, b2);              \
     c##i##3 = _mm512_dpbusd_epi32(c##i##3, a, b3);              \
   }
-#define SONIQ_ROW_STORE(i)                                      \
-  if constexpr (RM > i) {                                       \
-    add_lanes(c##i##0, out_at(C, ldc, i, 0, nc, shift, rowterm, colterm, first));  \
-    add_lanes(c##i##1, out_at(C, ldc, i, 16, nc, shift, rowterm, colterm, first)); \
-    add_lanes(c##i##2, out_at(C, ldc, i, 32, nc, shift, rowterm, colterm, first)); \
-    add_lanes(c##i##3, out_at(C, ldc, i, 48, nc, shift, rowterm, colterm, first)); \
+#define SONIQ_ROW_STORE(i)                                                                   \
+  if constexpr (RM > i) {                                                                    \
+    if (ep) {                                                                                \
+      const int64_t o = ep->arow[i];                                                         \
+      const EpRow r{ep, ep->out + o * ep->ldo, rowterm[i], ep->a_row ? double(ep->a_row[o]) : 1.0, \
+                    double(int64_t(1) << shift)};                                            \
+      store_f32(c##i##0, r, colterm, 0, nc);                                                 \
+      store_f32(c##i##1, r, colterm, 16, nc);                                                \
+      store_f32(c##i##2, r, colterm, 32, nc);                                                \
+      store_f32(c##i##3, r, colterm, 48, nc);                                                \
+    } else {                                                                                 \
+      add_lanes(c##i##0, out_at(C, ldc, i, 0, nc, shift, rowterm, colterm, first));          \
+      add_lanes(c##i##1, out_at(C, ldc, i, 16, nc, shift, rowterm, colterm, first));         \
+      add_lanes(c##i##2, out_at(C, ldc, i, 32, nc, shift, rowterm, colterm, first));         \
+      add_lanes(c##i##3, out_at(C, ldc, i, 48, nc, shift, rowterm, colterm, first));         \
+    }                                                                                        \
   }
 
-// RM (<= 6) rows x 4 tiles: per group 4 buffer loads, RM broadcasts, 4 * RM vpdpbusd
+// RM (<= 6) rows x 4 tiles: per group 4 buffer loads, RM broadcasts, 4 * RM vpdpbusd.
+// ts: bytes from one tile's groups to the next's in the buffer. ep: rows' float epilogue
+// (arow, rowterm at this strip's first row; colterm / ep's columns at the block's first).
 template <int RM>
-inline void gemm_micro(const uint8_t* A, int64_t lda, const int8_t* buf, int64_t ngroups, int64_t* C, int64_t ldc,
-                       int64_t nc, int shift, const int64_t* rowterm, const int64_t* colterm, bool first) {
+inline void gemm_micro(const uint8_t* A, int64_t lda, const int8_t* buf, int64_t ts, int64_t ngroups, int64_t* C,
+                       int64_t ldc, int64_t nc, int shift, const int64_t* rowterm, const int64_t* colterm, bool first,
+                       const LayoutEpilogue* ep) {
   SONIQ_ROW_ACC(0) SONIQ_ROW_ACC(1) SONIQ_ROW_ACC(2) SONIQ_ROW_ACC(3) SONIQ_ROW_ACC(4) SONIQ_ROW_ACC(5)
   for (int64_t g = 0; g < ngroups; ++g) {
-    const __m512i b0 = _mm512_load_si512(buf + g * 64), b1 = _mm512_load_si512(buf + (kBufGroups + g) * 64),
-                  b2 = _mm512_load_si512(buf + (2 * kBufGroups + g) * 64),
-                  b3 = _mm512_load_si512(buf + (3 * kBufGroups + g) * 64);
+    const int8_t* bg = buf + g * 64;
+    const __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + ts), b2 = _mm512_load_si512(bg + 2 * ts),
+                  b3 = _mm512_load_si512(bg + 3 * ts);
     SONIQ_ROW_STEP(0) SONIQ_ROW_STEP(1) SONIQ_ROW_STEP(2) SONIQ_ROW_STEP(3) SONIQ_ROW_STEP(4) SONIQ_ROW_STEP(5)
   }
   SONIQ_ROW_STORE(0) SONIQ_ROW_STORE(1) SONIQ_ROW_STORE(2) SONIQ_ROW_STORE(3) SONIQ_ROW_STORE(4) SONIQ_ROW_STORE(5)
@@ -187,52 +241,79 @@ inline void gemm_micro(const uint8_t* A, int64_t lda, const int8_t* buf, int64_t
 #undef SONIQ_ROW_STEP
 #undef SONIQ_ROW_STORE
 
-struct alignas(64) GemmBuffer {
-  int8_t b[4 * kBufGroups * 64];
+struct AlignedFree {
+  void operator()(int8_t* p) const { std::free(p); }
 };
+
+// The calling thread's decode buffer, at least `bytes` (64-byte aligned, kept for the next call).
+int8_t* decode_buffer(int64_t bytes) {
+  thread_local std::unique_ptr<int8_t, AlignedFree> buf;  // dynamic: no large static TLS in a dlopen'ed module
+  thread_local int64_t have = 0;
+  if (have < bytes) {
+    buf.reset(static_cast<int8_t*>(std::aligned_alloc(64, size_t(bytes))));
+    if (!buf) throw std::bad_alloc();
+    have = bytes;
+  }
+  return buf.get();
+}
 
 template <int BITS>
 void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_t N, int64_t kw, int64_t* C,
-               int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm) {
-  thread_local std::unique_ptr<GemmBuffer> owned;  // dynamic: no large static TLS in a dlopen'ed module
-  if (!owned) owned.reset(new GemmBuffer);
-  GemmBuffer& buf = *owned;
+               int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm, const LayoutEpilogue* ep) {
   const int64_t tb = 2 * kw * BITS * 64, ntiles = (N + 15) / 16, nchunks = 2 * kw;
+  const int64_t blk = std::min(nchunks, kMaxChunksInt32);  // K block: all of K up to the int32 limit
+  const int64_t ts = blk * 512;                             // one tile's groups in the buffer
+  int8_t* buf = decode_buffer(4 * ts);
   for (int64_t t0 = 0; t0 < ntiles; t0 += 4) {
     const int64_t nt = std::min<int64_t>(4, ntiles - t0), nc = std::min<int64_t>(64, N - t0 * 16);
-    for (int64_t c0 = 0; c0 < nchunks; c0 += kBlockChunks) {
-      const int64_t ncb = std::min(kBlockChunks, nchunks - c0);
-      for (int64_t t = 0; t < 4; ++t)
+    for (int64_t c0 = 0; c0 < nchunks; c0 += blk) {
+      const int64_t ncb = std::min(blk, nchunks - c0);
+      for (int64_t t = 0; t < 4; ++t) {
+        int8_t* dst = buf + t * ts;
+        if (t >= nt) {
+          std::memset(dst, 0, size_t(ncb * 512));
+          continue;
+        }
         for (int64_t c = 0; c < ncb; ++c) {
-          int8_t* dst = buf.b + (t * kBufGroups + c * 8) * 64;
-          if (t >= nt) {
-            std::memset(dst, 0, 512);
-            continue;
-          }
           const int8_t* ch = L + (t0 + t) * tb + (c0 + c) * BITS * 64;
           for_groups([&](auto gc) {
             constexpr int G = decltype(gc)::value;
-            _mm512_store_si512(dst + G * 64, decode<BITS, G>(ch));
+            _mm512_store_si512(dst + (c * 8 + G) * 64, decode<BITS, G>(ch));
           });
         }
+      }
       const uint8_t* a = A + c0 * 32;
-      int64_t* c = C + t0 * 16;
+      int64_t* c = C ? C + t0 * 16 : nullptr;
       const int64_t* rt = rowterm;
       const int64_t* ct = colterm ? colterm + t0 * 16 : nullptr;
+      LayoutEpilogue e;
+      if (ep) {  // this block's columns
+        e = *ep;
+        e.ocol += t0 * 16, e.run += t0 * 2;
+        if (e.b_row) e.b_row += t0 * 16;
+        if (e.bias) e.bias += t0 * 16;
+      }
+      const bool first = c0 == 0;
+      auto strip = [&](auto rm, int64_t i) {
+        constexpr int RM = decltype(rm)::value;
+        LayoutEpilogue es;
+        if (ep) es = e, es.arow += i;
+        gemm_micro<RM>(a + i * lda, lda, buf, ts, ncb * 8, c ? c + i * ldc : nullptr, ldc, nc, shift,
+                       rt ? rt + i : nullptr, ct, first, ep ? &es : nullptr);
+      };
       int64_t i = 0;
-      for (; i + 6 <= M; i += 6) gemm_micro<6>(a + i * lda, lda, buf.b, ncb * 8, c + i * ldc, ldc, nc, shift, rt ? rt + i : nullptr, ct, c0 == 0);
+      for (; i + 6 <= M; i += 6) strip(std::integral_constant<int, 6>{}, i);
       switch (M - i) {
-        case 5: gemm_micro<5>(a + i * lda, lda, buf.b, ncb * 8, c + i * ldc, ldc, nc, shift, rt ? rt + i : nullptr, ct, c0 == 0); break;
-        case 4: gemm_micro<4>(a + i * lda, lda, buf.b, ncb * 8, c + i * ldc, ldc, nc, shift, rt ? rt + i : nullptr, ct, c0 == 0); break;
-        case 3: gemm_micro<3>(a + i * lda, lda, buf.b, ncb * 8, c + i * ldc, ldc, nc, shift, rt ? rt + i : nullptr, ct, c0 == 0); break;
-        case 2: gemm_micro<2>(a + i * lda, lda, buf.b, ncb * 8, c + i * ldc, ldc, nc, shift, rt ? rt + i : nullptr, ct, c0 == 0); break;
-        case 1: gemm_micro<1>(a + i * lda, lda, buf.b, ncb * 8, c + i * ldc, ldc, nc, shift, rt ? rt + i : nullptr, ct, c0 == 0); break;
+        case 5: strip(std::integral_constant<int, 5>{}, i); break;
+        case 4: strip(std::integral_constant<int, 4>{}, i); break;
+        case 3: strip(std::integral_constant<int, 3>{}, i); break;
+        case 2: strip(std::integral_constant<int, 2>{}, i); break;
+        case 1: strip(std::integral_constant<int, 1>{}, i); break;
         default: break;
       }
     }
   }
 }
-
 
 }  // namespace
 
@@ -249,13 +330,18 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
   }
 
 void layout_gemv(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
-                 int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm) {
+                 int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm,
+                 const LayoutEpilogue* ep) {
+  if (ep) throw std::invalid_argument("layout_gemv: no float epilogue (the driver's pass does it)");
   SONIQ_BY_BITS(gemv_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm)
 }
 
 void layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
-                 int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm) {
-  SONIQ_BY_BITS(gemm_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm)
+                 int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm,
+                 const LayoutEpilogue* ep) {
+  if (ep && (!rowterm || kw * 64 > kLayoutEpilogueMaxK))
+    throw std::invalid_argument("layout_gemm: an epilogue needs the code-sum terms and K <= kLayoutEpilogueMaxK");
+  SONIQ_BY_BITS(gemm_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep)
 }
 #undef SONIQ_BY_BITS
 

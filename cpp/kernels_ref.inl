@@ -88,7 +88,7 @@ inline int ref_layout_code(const int8_t* tile, int bits, int64_t k, int j) {
 // Scalar reference of the layout kernels (LayoutGemmFn): one code at a time.
 inline void ref_layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N,
                             int64_t kw, int64_t* C, int64_t ldc, int shift, const int64_t* rowterm,
-                            const int64_t* colterm) {
+                            const int64_t* colterm, const soniq::LayoutEpilogue* ep) {
   const int64_t tb = 2 * kw * bits * 64;
   for (int64_t i = 0; i < M; ++i)
     for (int64_t n = 0; n < N; ++n) {
@@ -96,7 +96,17 @@ inline void ref_layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8
       for (int64_t k = 0; k < kw * 64; ++k)
         acc += int64_t(A[i * lda + k]) * ref_layout_code(L + (n / 16) * tb, bits, k, int(n % 16));
       const int64_t base = rowterm ? rowterm[i] + colterm[n] : C[i * ldc + n];
-      C[i * ldc + n] = base + acc * (int64_t(1) << shift);
+      const int64_t total = base + acc * (int64_t(1) << shift);
+      if (!ep) {
+        C[i * ldc + n] = total;
+        continue;
+      }
+      double v = 0.0 + double(total) * ep->segscale;  // the driver's epilogue, in its order
+      if (ep->a_row) v *= double(ep->a_row[ep->arow[i]]);
+      if (ep->b_row) v *= double(ep->b_row[n]);
+      float o = float(v);
+      if (ep->bias) o = o + ep->bias[n];
+      ep->out[ep->arow[i] * ep->ldo + ep->ocol[n]] = o;
     }
 }
 
@@ -120,6 +130,30 @@ inline const float* word_floats(const float* x, const int64_t* idx, int64_t klen
     for (int64_t j = 0; j < n; ++j) tmp[j] = x[j0 + j];
   for (int64_t j = n; j < 64; ++j) tmp[j] = -__builtin_huge_valf();
   return tmp;
+}
+
+// One code of ref_quant_pack's rounding (x not NaN).
+inline unsigned ref_code(float x, float inv, float lo, float hi, int alpha) {
+  const float M = 12582912.0f;  // 1.5 * 2^23: (t + M) - M rounds half to even, as quantize.cpp
+  if (alpha == 1) return unsigned(ref_clamp((ref_clamp(x * inv, lo - 1.0f, hi + 1.0f) + M) - M, lo, hi) - lo);
+  return unsigned(ref_clamp((ref_clamp((x * inv + 1.0f) * 0.5f, -2.0f, 3.0f) + M) - M, 0.0f, 1.0f));
+}
+
+// QuantBytesFn: the codes of ref_quant_pack as bytes (NaN: code 0, *nan set).
+inline int64_t ref_quant_bytes(const float* x, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                               float hi, int alpha, uint8_t* out, bool* nan) {
+  int64_t sum = 0;
+  bool saw_nan = false;
+  for (int64_t j = 0; j < klen; ++j) {
+    const float v = idx ? x[idx[j]] : x[j];
+    const unsigned c = v != v ? 0u : ref_code(v, inv, lo, hi, alpha);
+    saw_nan |= v != v;
+    out[j] = uint8_t(c);
+    sum += c;
+  }
+  for (int64_t j = klen; j < kw * 64; ++j) out[j] = 0;
+  if (saw_nan) *nan = true;
+  return sum;
 }
 
 inline int64_t ref_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,

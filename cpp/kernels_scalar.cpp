@@ -26,6 +26,7 @@ const KernelTable& kernels_scalar() {  // byte products on the weight execution 
     k.layout_gemv = ref_layout_gemm;
     k.layout_gemm = ref_layout_gemm;
     k.layout_gemv_rows = 4;
+    k.quant_bytes = ref_quant_bytes;
     return k;
   }();
   return t;

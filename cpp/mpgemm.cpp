@@ -17,9 +17,9 @@ namespace {
 // GEMV (M=1) still gets N/64 tasks.
 constexpr int64_t kTileM = 128;
 constexpr int64_t kTileN = 64;
-// With layout kernels B's decode is cheap (once per 64 columns and K block): tiles of 48 rows
-// keep a task's int64 totals (48 x 64) in L1 and give threads more tasks.
-constexpr int64_t kTileMLayout = 48;
+// With layout kernels B is decoded once per task (64 columns, all of K): 128 rows amortize it,
+// and the float epilogue runs in the kernel's store (no int64 totals to keep in L1).
+constexpr int64_t kTileMLayout = kTileM;
 
 std::atomic<int> g_path_policy{0};
 
@@ -91,12 +91,15 @@ void check_operand(const PackedOperand& op, int64_t nsegs, const char* name, boo
 bool layout_kernels_active() { return active_kernels().layout_gemm != nullptr; }
 
 void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
-            const Scales& sc, OutKind kind, void* out, const int8_t* b_layout) {
+            const Scales& sc, OutKind kind, void* out, const int8_t* b_layout, const MpgemmExtras& ex) {
   if (nsegs <= 0 || !ksegs) throw std::invalid_argument("ksegs: at least one K segment is required");
   for (int64_t s = 0; s < nsegs; ++s)
     if (ksegs[2 * s] <= 0 || ksegs[2 * s + 1] * 64 < ksegs[2 * s])
       throw std::invalid_argument("ksegs: each segment needs klen > 0 and kw*64 >= klen");
-  check_operand(a, nsegs, "a");
+  if (ex.a_bytes && (b.data || kind != OutKind::Float32))
+    throw std::invalid_argument("a_bytes: needs a weight without planes and a float32 output");
+  if (ex.bias && kind != OutKind::Float32) throw std::invalid_argument("bias: needs a float32 output");
+  check_operand(a, nsegs, "a", !ex.a_bytes);
   check_operand(b, nsegs, "b", false);
   const Layout la = block_offsets(a, ksegs, nsegs), lb = block_offsets(b, ksegs, nsegs);
   const KernelTable& kt = active_kernels();
@@ -129,7 +132,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       bool need = false;
       for (int64_t gb = 0; gb < b.ngroups; ++gb)
         need |= kernel_of(int(da[2 + s]), int(b.desc[gb * (2 + nsegs) + 2 + s]), 1) != BlockKernel::Bitserial;
-      if (!need) continue;
+      if (!need || ex.a_bytes) continue;  // a_bytes: already bytes
       const int64_t kw = ksegs[2 * s + 1], rows = da[1];
       auto& buf = abytes[size_t(ga * nsegs + s)];
       buf.resize(size_t(rows * kw * 64));
@@ -151,6 +154,31 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
           const int64_t r = t / pieces, w0 = (t % pieces) * kPiece, n = std::min(kPiece, kw - w0);
           kt.lut_build(buf.data() + r * kw * 64 + w0 * 64, n, lut + r * lut_bytes(kw) + w0 / 4 * 2048);
         });
+      }
+    }
+  }
+
+  // Float output of one K segment: layout_gemm applies the epilogue at its store. It reads the
+  // weight row scales and the bias in packed column order, and per 8 columns of each row group
+  // whether they land consecutively in the output (one vector store).
+  const bool kernel_ep = kind == OutKind::Float32 && nsegs == 1 && kt.layout_gemm &&
+                         ksegs[1] * 64 <= kLayoutEpilogueMaxK;
+  std::vector<float> b_row_p, bias_p;
+  std::vector<std::vector<uint8_t>> runs(size_t(b.ngroups));
+  if (kernel_ep) {
+    if (sc.b_row) b_row_p.resize(size_t(N));
+    if (ex.bias) bias_p.resize(size_t(N));
+    for (int64_t j = 0; j < N; ++j) {
+      if (sc.b_row) b_row_p[size_t(j)] = sc.b_row[b.perm[j]];
+      if (ex.bias) bias_p[size_t(j)] = ex.bias[b.perm[j]];
+    }
+    for (int64_t gb = 0; gb < b.ngroups; ++gb) {
+      const int64_t r0 = b.desc[gb * (2 + nsegs)], rows = b.desc[gb * (2 + nsegs) + 1];
+      auto& run = runs[size_t(gb)];
+      for (int64_t j = 0; j < rows; j += 8) {
+        bool ok = true;
+        for (int64_t q = 1; q < 8 && j + q < rows; ++q) ok &= b.perm[r0 + j + q] == b.perm[r0 + j] + q;
+        run.push_back(ok);
       }
     }
   }
@@ -214,6 +242,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
           for (int64_t j = 0; j < tn; ++j) itotal[i * kTileN + j] = rowterm[i] + colterm[j];
     }
     double segscale = 1.0;
+    bool written = false;  // the kernel wrote the float outputs (its epilogue)
     for (int64_t s = 0; s < nsegs; ++s) {
       const int64_t kw = ksegs[2 * s + 1];
       const int ba = int(da[2 + s]), bb = int(db[2 + s]);
@@ -223,17 +252,27 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       const uint64_t* B = b.data + lb.at(T.gb, s) + T.n0 * kw;
       const BlockKernel bk = kernel_of(ba, bb, tm);
       const uint8_t* Abytes = bk == BlockKernel::Bitserial ? nullptr
-                                                            : abytes[size_t(T.ga * nsegs + s)].data() + T.m0 * kw * 64;
+                              : (ex.a_bytes ? ex.a_bytes[T.ga * nsegs + s] : abytes[size_t(T.ga * nsegs + s)].data()) +
+                                    T.m0 * kw * 64;
       if (is_layout(bk)) {
         const int8_t* L = b_layout + lofs[size_t(T.gb * nsegs + s)] + (T.n0 / kLayoutTile) * layout_tile_bytes(bb, kw);
         const LayoutGemmFn fn = bk == BlockKernel::LayoutGemv ? kt.layout_gemv : kt.layout_gemm;
+        if (kernel_ep && bk == BlockKernel::LayoutGemm) {  // the float outputs, written by the kernel
+          const int64_t c0 = db[0] + T.n0;
+          const LayoutEpilogue ep{static_cast<float*>(out), N, a.perm + da[0] + T.m0, b.perm + c0,
+                                  runs[size_t(T.gb)].data() + T.n0 / 8, segscale, sc.a_row,
+                                  sc.b_row ? b_row_p.data() + c0 : nullptr, ex.bias ? bias_p.data() + c0 : nullptr};
+          fn(Abytes, kw * 64, tm, L, bb, tn, kw, nullptr, kTileN, shift, rowterm, colterm, &ep);
+          written = true;
+          continue;
+        }
         if (!float_acc) {  // products added (<< shift) straight into the totals
           const bool init = fuse_terms && s == 0;
-          fn(Abytes, kw * 64, tm, L, bb, tn, kw, itotal, kTileN, shift, init ? rowterm : nullptr, colterm);
+          fn(Abytes, kw * 64, tm, L, bb, tn, kw, itotal, kTileN, shift, init ? rowterm : nullptr, colterm, nullptr);
           continue;
         }
         for (int64_t i = 0; i < tm; ++i) std::fill(block + i * kTileN, block + i * kTileN + tn, int64_t(0));
-        fn(Abytes, kw * 64, tm, L, bb, tn, kw, block, kTileN, 0, nullptr, nullptr);
+        fn(Abytes, kw * 64, tm, L, bb, tn, kw, block, kTileN, 0, nullptr, nullptr, nullptr);
       } else if (bk == BlockKernel::Bitserial) {
         kt.bitserial(a.data + la.at(T.ga, s) + T.m0 * kw, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
       } else if (bk == BlockKernel::Lut) {
@@ -257,6 +296,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         }
       }
     }
+    if (written) return;
     for (int64_t i = 0; i < tm; ++i) {
       const int64_t m = a.perm[da[0] + T.m0 + i];
       const int64_t* bperm = b.perm + db[0] + T.n0;
@@ -270,7 +310,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         float* o = static_cast<float*>(out) + m * N;
         const double ar = sc.a_row ? double(sc.a_row[m]) : 1.0;
         if (!float_acc && kt.epilogue_f32) {
-          kt.epilogue_f32(itotal + i * kTileN, tn, segscale, sc.a_row != nullptr, ar, sc.b_row, bperm, o);
+          kt.epilogue_f32(itotal + i * kTileN, tn, segscale, sc.a_row != nullptr, ar, sc.b_row, bperm, o, ex.bias);
           continue;
         }
         for (int64_t j = 0; j < tn; ++j) {
@@ -279,7 +319,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
           double v = float_acc ? ftotal[i * kTileN + j] : 0.0 + double(itotal[i * kTileN + j]) * segscale;
           if (sc.a_row) v *= ar;
           if (sc.b_row) v *= double(sc.b_row[n]);
-          o[n] = float(v);
+          o[n] = ex.bias ? float(v) + ex.bias[n] : float(v);  // float32 add, as torch's out + bias
         }
       }
     }

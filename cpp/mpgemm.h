@@ -27,13 +27,23 @@ struct Scales {  // any may be null (= 1)
   const float* b_seg = nullptr;  // [nsegs]
 };
 
+// What the packed layers' fused forward (cpp/linear.h) hands the driver besides the operands.
+struct MpgemmExtras {
+  // A as one unsigned code byte per K position, block (g, s) at a_bytes[g * nsegs + s]
+  // (rows x kw*64, zero padded), instead of a.data's bit planes; needs b without planes
+  // (every block pair on the layout kernels).
+  const uint8_t* const* a_bytes = nullptr;
+  const float* bias = nullptr;  // [b rows], original order: added to the float32 output
+};
+
 // ksegs: [nsegs][2] = (klen, kw). out: [a.rows][b.rows] row-major, original order.
 // b_layout: b's execution layout (cpp/wlayout.h), built once by the caller and kept with
 // the weight; used where the active ISA has layout kernels (built per call when null).
 // b.data may be null when b_layout is given (a weight kept as its layout only): every block
 // pair then runs on the layout kernels (an ISA without them throws std::invalid_argument).
 void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
-            const Scales& scales, OutKind kind, void* out, const int8_t* b_layout = nullptr);
+            const Scales& scales, OutKind kind, void* out, const int8_t* b_layout = nullptr,
+            const MpgemmExtras& extras = {});
 
 // Whether the active ISA's kernels read weight execution layouts (then callers should
 // build one per weight and pass it to mpgemm).

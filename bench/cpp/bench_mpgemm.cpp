@@ -74,7 +74,7 @@ void bm_layout(benchmark::State& st, const KernelTable* kt, bool gemv, int pa, i
   layout_build(b, ksegs.data(), 1, L.data());
   std::vector<int64_t> C(size_t(M * N));
   for (auto _ : st) {
-    (gemv ? kt->layout_gemv : kt->layout_gemm)(A.data(), kw * 64, M, L.data(), pb, N, kw, C.data(), N, 0, nullptr, nullptr);
+    (gemv ? kt->layout_gemv : kt->layout_gemm)(A.data(), kw * 64, M, L.data(), pb, N, kw, C.data(), N, 0, nullptr, nullptr, nullptr);
     benchmark::DoNotOptimize(C.data());
   }
   set_gops(st, double(M) * N * K);

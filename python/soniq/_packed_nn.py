@@ -63,6 +63,7 @@ class _PackedBase(nn.Module):
         """Drops everything derived from self.w (activation plans hold its K layout). Any new
         cache of the weights kept on the module must be dropped here too."""
         self.__dict__.pop("_act_plans", None)
+        self.__dict__.pop("_fused", None)
 
     # ---- state dict: the packed weight's parts are module state (see docs/DESIGN_NOTES.md) ----
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -245,11 +246,68 @@ class PackedLinear(_PackedBase):
             out_scale=None if integer else self.a_scale, dynamic=self.a_dynamic == "token"))
 
     def forward(self, x: Tensor) -> Tensor:
+        # eager CPU: the fused native forward (_fused_plan), one call after a few checks
+        if type(x) is Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            lp = self._fused_plan()
+            if lp is not None:
+                K, N = lp.in_features, lp.out_features
+                if x.shape[-1] != K:
+                    raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
+                rows = x.reshape(-1, K)
+                smooth = self._buffers["a_inv_smooth"]
+                if smooth is not None:
+                    rows = rows.float() * smooth
+                elif rows.dtype != torch.float32:
+                    rows = rows.float()
+                if rows.stride(-1) != 1:
+                    rows = rows.contiguous()
+                out = torch.empty(rows.shape[0], N)
+                # False: the active ISA (set_isa since) has no layout kernels; the general path below
+                if lp.forward(rows.data_ptr(), rows.shape[0], rows.stride(0), out.data_ptr()):
+                    return out.view(*x.shape[:-1], N)
         return self._run(x, integer=False)
 
     def accumulators(self, x: Tensor) -> Tensor:
         """Exact a_int @ w_int.T (int64) as the kernels accumulate it."""
         return self._run(x, integer=True)
+
+    def _fused_key(self) -> tuple:
+        """What the fused plan was built from: the weight, the buffers it copied (objects and
+        in-place versions: load_state_dict copies in place) and the activation mode."""
+        b = self._buffers
+        bits, scale, bias = b["a_bits"], b["a_scale"], b["bias"]
+        return (self.w, bits, scale, bias, self.a_dynamic, bits._version, scale._version,
+                None if bias is None else bias._version)
+
+    def _fused_plan(self):
+        """The native fused forward (cpp/linear.h: activations quantized straight to the bytes
+        the weight-layout kernels read, the float epilogue and bias in the GEMM kernel's store;
+        one call, bit-identical to quantize_pack + mpgemm + bias) where it applies: a CPU
+        weight kept as its execution layout only, on an ISA with layout kernels. Built once and
+        kept until _fused_key() changes; else None."""
+        key = self._fused_key()
+        hit = self.__dict__.get("_fused")
+        if hit is not None:
+            k = hit[0]
+            if (k[0] is key[0] and k[1] is key[1] and k[2] is key[2] and k[3] is key[3] and k[4] == key[4]
+                    and k[5:] == key[5:]):
+                return hit[1]
+        w = self.w
+        if w.device.type != "cpu" or w._data is not None or not _C.layout_kernels_active():
+            return None
+        plan = self._act_plan(False)
+        lay = w.exec_layout()
+        desc, ksegs, _ = w.host_meta()
+        desc, ksegs = desc.contiguous(), ksegs.contiguous()
+        sums, perm = w.sums.contiguous(), w.row_perm.contiguous()
+        wscale = None if w.row_scale is None else w.row_scale.float().contiguous()
+        bias = None if self.bias is None else self.bias.float().contiguous()
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        lp = _C.LinearPlan(plan.K, ptr(plan.k_perm), ptr(plan.segs), plan.segs.shape[0], ptr(plan.seg_scale),
+                           plan.signed, ptr(plan.out_seg_scale), plan.dynamic, w.shape[0], desc.shape[0], ptr(desc),
+                           ptr(sums), ptr(perm), w.signed, ptr(ksegs), ptr(lay), ptr(wscale), ptr(bias))
+        self.__dict__["_fused"] = (key, lp, lay)  # lay: the plan reads the layout in place
+        return lp
 
     def _run(self, x, integer):
         K = self.a_bits.numel()

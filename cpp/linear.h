@@ -1,0 +1,45 @@
+// The packed Linear layer's forward on the CPU in one native call (issue 13): float32 rows
+// are quantized per K segment straight to the code bytes the weight-layout kernels read
+// (no bit planes, no per-call expansion), then the layout GEMM runs with the bias added in
+// its float epilogue. Equal, bit for bit, to quantize_pack + mpgemm + (out + bias).
+// Needs an ISA with layout kernels and a weight kept as its execution layout only.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "actpack.h"
+#include "mpgemm.h"
+
+namespace soniq {
+
+class LinearPlan {
+ public:
+  // act: the activations' K layout (perm [K], segs [nsegs][3] = klen, kw, bits) and its
+  // quantization scales per segment; out_seg_scale: the scale the output carries per segment
+  // (null = 1); dynamic: per-token scales (actpack.h). w: the weight operand (data null,
+  // desc/sums/perm), ksegs [nsegs][2], w_row_scale [N] (null = 1), bias [N] (null = none).
+  // Everything is copied except w_layout, which the caller keeps alive.
+  LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg_scale, bool dynamic, const PackedOperand& w,
+             const int64_t* ksegs, const int8_t* w_layout, const float* w_row_scale, const float* bias);
+
+  // out [M, N] (row-major) from x [M, K] (row r at x + r * ldx, unit column stride). A row
+  // holding a NaN gives a NaN output row (as the float layer would). Returns false, touching
+  // nothing, when the active ISA has no layout kernels (set_isa since the plan was made).
+  bool forward(const float* x, int64_t M, int64_t ldx, float* out) const;
+
+  int64_t in_features() const { return K_; }
+  int64_t out_features() const { return N_; }
+
+ private:
+  int64_t K_, N_, nsegs_;
+  bool a_signed_, dynamic_;
+  std::vector<int64_t> perm_, segs_, ksegs_, w_desc_, w_sums_, w_perm_;
+  std::vector<float> seg_scale_, out_seg_scale_, w_row_scale_, bias_;
+  std::vector<ActSegment> act_;
+  std::vector<bool> contiguous_;  // segment s reads one contiguous run of x's columns
+  const int8_t* w_layout_;
+  int64_t w_ngroups_;
+  bool w_signed_;
+};
+
+}  // namespace soniq

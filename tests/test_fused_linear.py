@@ -1,0 +1,159 @@
+"""The packed Linear layer's fused CPU forward (cpp/linear.h) and the float epilogue the
+layout GEMM kernel applies at its store (kernels.h LayoutEpilogue): bit-identical to the
+driver's epilogue formula and to the unfused path (quantize_pack + mpgemm + bias), on every
+ISA path with layout kernels, odd shapes, permuted rows and columns, non-contiguous input."""
+import numpy as np
+import pytest
+import torch
+
+import soniq
+from soniq import KLayout, ops
+from soniq._native import _C
+from soniq._packed_nn import PackedLinear
+from conftest import random_values, ref_matmul
+
+LAYOUT_ISAS = [i for i in soniq.supported_isas() if i != "avx2"]  # the ISAs with layout kernels
+
+
+@pytest.fixture(params=LAYOUT_ISAS)
+def layout_isa(request):
+    with soniq.use_isa(request.param):
+        assert _C.layout_kernels_active()
+        yield request.param
+
+
+def epilogue_ref(acc, segscale, a_row=None, b_row=None, bias=None):
+    """The driver's float epilogue in numpy (IEEE double steps in its order, then float32)."""
+    v = 0.0 + acc.astype(np.float64) * np.float64(segscale)
+    if a_row is not None:
+        v = v * a_row.astype(np.float64)[:, None]
+    if b_row is not None:
+        v = v * b_row.astype(np.float64)[None, :]
+    out = v.astype(np.float32)
+    return out if bias is None else out + bias.astype(np.float32)[None, :]
+
+
+@pytest.mark.parametrize("M,N,K", [(5, 1, 1), (7, 17, 65), (13, 70, 300), (130, 130, 129)])
+@pytest.mark.parametrize("signed", [(False, True), (True, False), (True, True)])
+def test_kernel_epilogue_exact(layout_isa, M, N, K, signed):
+    """Both operands in two row tiers (permuted rows and output columns, scattered stores),
+    row scales on both sides and a K scale: the float output equals the formula bit for bit."""
+    rng = np.random.default_rng(M * 1000 + N + K)
+    a_bits = rng.choice([3, 8], M)
+    b_bits = rng.choice([4, 8], N)
+    a = random_values(rng, (M, K), a_bits, signed[0])
+    b = random_values(rng, (N, K), b_bits, signed[1])
+    sa = rng.uniform(0.01, 2, M).astype(np.float32)
+    sb = rng.uniform(0.01, 2, N).astype(np.float32)
+    pa, pb = ops.pack(a, a_bits, signed=signed[0], scale=sa), ops.pack(b, b_bits, signed=signed[1], scale=sb)
+    out = ops.mpgemm(pa, pb)
+    np.testing.assert_array_equal(out, epilogue_ref(ref_matmul(a, b), 1.0, sa, sb))
+    # a scale along K (one tier): the segment scale, with a row scale of b only
+    ka = np.full(K, 0.0625, np.float32)
+    av = random_values(rng, (M, K), 8, signed[0])
+    pa1 = ops.pack(av, 8, signed=signed[0], axis=1, scale=ka)
+    pb1 = ops.pack(b, b_bits, signed=signed[1], scale=sb, k_layout=pa1)
+    np.testing.assert_array_equal(ops.mpgemm(pa1, pb1), epilogue_ref(ref_matmul(av, b), np.float32(0.0625), None, sb))
+
+
+def tier_scales(bits, rng):
+    s = {b: np.float32(rng.uniform(0.5, 2) / (1 << (b - 1))) for b in np.unique(bits)}
+    return np.array([s[b] for b in bits], dtype=np.float32)
+
+
+def make_linear(rng, K, N, a_tiers, w_tiers, *, signed=True, bias=True, dynamic=None, smooth=False, layout_only=True):
+    a_bits = torch.from_numpy(rng.choice(a_tiers, K))
+    a_scale = torch.from_numpy(tier_scales(a_bits.numpy(), rng))
+    w_bits = rng.choice(w_tiers, N)
+    w = random_values(rng, (N, K), w_bits, True)
+    pw = ops.pack(w, w_bits, signed=True, scale=rng.uniform(0.01, 1, N).astype(np.float32),
+                  k_layout=KLayout.from_bits(a_bits))
+    pw.kind = "torch"
+    lin = PackedLinear(pw, a_bits, a_scale, signed, torch.randn(N) if bias else None, "lin", a_dynamic=dynamic,
+                       a_inv_smooth=torch.rand(K) + 0.5 if smooth else None)
+    if layout_only and lin.w.planes_resident:  # the scalar ISA keeps planes for every pair: test its path too
+        lin.w.release_planes()
+        lin._weights_changed()
+    return lin
+
+
+def unfused(lin, x):
+    """The general path (ops.quantize_pack + ops.mpgemm + the bias add in torch)."""
+    return lin._run(x, integer=False)
+
+
+@pytest.mark.parametrize("a_tiers,w_tiers", [((8,), (4, 8)), ((8,), (4,)), ((4, 8), (4, 8)), ((2, 5), (3, 7))])
+@pytest.mark.parametrize("dynamic", [None, "token"])
+def test_fused_forward_equals_unfused(layout_isa, a_tiers, w_tiers, dynamic):
+    rng = np.random.default_rng(len(a_tiers) * 10 + sum(w_tiers))
+    for K, N in ((1, 3), (70, 17), (384, 130)):
+        for signed in (True, False):
+            lin = make_linear(rng, K, N, a_tiers, w_tiers, signed=signed, dynamic=dynamic, smooth=K == 70)
+            assert lin._fused_plan() is not None  # the weight is kept as its layout only
+            for M in (1, 4, 5, 131):
+                x = torch.randn(M, K) * 3
+                if M > 4:
+                    x[1] = 0.0                      # a zero row (dynamic: scale 1)
+                    x[2, 0] = float("inf")          # clamps; skipped by the row max
+                got = lin(x)
+                assert torch.equal(got, unfused(lin, x)), (K, N, M, signed)
+
+
+def test_fused_forward_input_forms(layout_isa):
+    rng = np.random.default_rng(5)
+    lin = make_linear(rng, 96, 40, (8,), (4, 8), dynamic="token")
+    big = torch.randn(3, 7, 200)
+    for x in (big[:, :, ::2][:, :, :96],           # non-contiguous last dim
+              big[:, :, :96],                       # strided rows
+              big[:, :, :96].transpose(0, 1),       # 3-D, permuted batch
+              torch.randn(96, 5).T,                 # column-major
+              big[:, :, :96].double()):             # another dtype (converted as the float layer's input)
+        got = lin(x)
+        assert got.shape == (*x.shape[:-1], 40)
+        assert torch.equal(got, unfused(lin, x))
+
+
+def test_fused_forward_nan_rows(layout_isa):
+    rng = np.random.default_rng(6)
+    lin = make_linear(rng, 100, 30, (8,), (4, 8), dynamic="token")
+    x = torch.randn(9, 100)
+    x[3, 50] = float("nan")
+    got = lin(x)
+    assert torch.isnan(got[3]).all() and not torch.isnan(got[[0, 1, 2, 4, 5, 6, 7, 8]]).any()
+    assert torch.equal(got[[0, 1, 2, 4]], unfused(lin, x)[[0, 1, 2, 4]])
+
+
+def test_fused_plan_follows_changes(layout_isa):
+    rng = np.random.default_rng(7)
+    lin = make_linear(rng, 64, 20, (8,), (4,))
+    x = torch.randn(6, 64)
+    first = lin._fused_plan()
+    with torch.no_grad():
+        lin.bias.add_(1.0)          # in place (as load_state_dict copies)
+        lin.a_scale.mul_(2.0)
+    assert lin._fused_plan() is not first
+    assert torch.equal(lin(x), unfused(lin, x))
+    lin.load_state_dict(make_linear(rng, 64, 20, (8,), (4,)).state_dict())
+    assert torch.equal(lin(x), unfused(lin, x))
+    lin.bias = None                 # replaced
+    assert torch.equal(lin(x), unfused(lin, x))
+
+
+@pytest.mark.skipif("avx2" not in soniq.supported_isas(), reason="needs an ISA without layout kernels")
+def test_fused_plan_made_on_avx512_falls_back_on_avx2():
+    rng = np.random.default_rng(8)
+    lin = make_linear(rng, 64, 20, (8,), (4, 8))
+    x = torch.randn(6, 64)
+    want = lin(x)
+    with soniq.use_isa("avx2"):
+        assert torch.equal(lin(x), want)  # plan kept, forward refused there: the general path
+    assert torch.equal(lin(x), want)
+
+
+def test_packed_linear_keeping_planes_uses_general_path():
+    """Bit-serial pairs keep the planes (no layout-only weight): no fused plan, same results."""
+    rng = np.random.default_rng(9)
+    lin = make_linear(rng, 64, 20, (1,), (1, 2), layout_only=False)
+    assert lin.w.planes_resident and lin._fused_plan() is None
+    x = torch.randn(6, 64)
+    assert torch.equal(lin(x), unfused(lin, x))
