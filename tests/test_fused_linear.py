@@ -139,6 +139,19 @@ def test_fused_plan_follows_changes(layout_isa):
     assert torch.equal(lin(x), unfused(lin, x))
 
 
+def test_fused_plan_not_pickled(tmp_path):
+    import copy
+    rng = np.random.default_rng(10)
+    lin = make_linear(rng, 64, 20, (8,), (4, 8))
+    x = torch.randn(6, 64)
+    want = lin(x)
+    assert "_fused" in lin.__dict__
+    twin = copy.deepcopy(lin)
+    assert "_fused" not in twin.__dict__ and torch.equal(twin(x), want)
+    torch.save(lin, tmp_path / "lin.pt")
+    assert torch.equal(torch.load(tmp_path / "lin.pt", weights_only=False)(x), want)
+
+
 @pytest.mark.skipif("avx2" not in soniq.supported_isas(), reason="needs an ISA without layout kernels")
 def test_fused_plan_made_on_avx512_falls_back_on_avx2():
     rng = np.random.default_rng(8)

@@ -59,6 +59,13 @@ class _PackedBase(nn.Module):
             return
         self.w.release_planes()
 
+    def __getstate__(self):
+        """copy.deepcopy / pickle (torch.save(model)): the native fused plan is not state (it
+        is rebuilt at the next call from what is)."""
+        state = super().__getstate__()
+        state.pop("_fused", None)
+        return state
+
     def _weights_changed(self) -> None:
         """Drops everything derived from self.w (activation plans hold its K layout). Any new
         cache of the weights kept on the module must be dropped here too."""
