@@ -111,6 +111,13 @@ def test_fused_forward_input_forms(layout_isa):
         got = lin(x)
         assert got.shape == (*x.shape[:-1], 40)
         assert torch.equal(got, unfused(lin, x))
+    want = lin(big[:, :, :96])
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the output is float32 whatever the default
+    try:
+        assert torch.equal(lin(big[:, :, :96].float()), want)
+    finally:
+        torch.set_default_dtype(old)
 
 
 def test_fused_forward_nan_rows(layout_isa):

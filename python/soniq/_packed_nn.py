@@ -268,7 +268,7 @@ class PackedLinear(_PackedBase):
                     rows = rows.float()
                 if rows.stride(-1) != 1:
                     rows = rows.contiguous()
-                out = torch.empty(rows.shape[0], N)
+                out = torch.empty(rows.shape[0], N, dtype=torch.float32)
                 # False: the active ISA (set_isa since) has no layout kernels; the general path below
                 if lp.forward(rows.data_ptr(), rows.shape[0], rows.stride(0), out.data_ptr()):
                     return out.view(*x.shape[:-1], N)
