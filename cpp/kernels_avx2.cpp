@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "bitserial_tiles.inl"
 #include "kernels_ref.inl"
 
 namespace soniq {
@@ -39,24 +40,17 @@ inline void bs_micro(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, i
     for (int j = 0; j < RN; ++j) C[i * ldc + j] += acc[i][j];
 }
 
-template <int RM>
-inline void bs_row_strip(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb,
-                         int64_t N, int64_t kw, int64_t kw_blk, int64_t* C, int64_t ldc) {
-  int64_t j = 0;
-  for (; j + 4 <= N; j += 4) bs_micro<RM, 4>(A, pa, sa, B + j * kw, pb, sb, kw, kw_blk, C + j, ldc);
-  for (; j < N; ++j) bs_micro<RM, 1>(A, pa, sa, B + j * kw, pb, sb, kw, kw_blk, C + j, ldc);
-}
+struct BsMicro {
+  template <int RM, int RN>
+  static void run(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb, int64_t kw,
+                  int64_t kw_blk, int64_t* C, int64_t ldc) {
+    bs_micro<RM, RN>(A, pa, sa, B, pb, sb, kw, kw_blk, C, ldc);
+  }
+};
 
 void avx2_bitserial(const uint64_t* A, int pa, int64_t sa, int64_t M, const uint64_t* B, int pb,
                     int64_t sb, int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
-  for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, int64_t(0));
-  constexpr int64_t kKwBlock = 128;  // 8192 K per pass keeps a 64-row B strip in L2
-  for (int64_t w0 = 0; w0 < kw; w0 += kKwBlock) {
-    const int64_t wb = std::min(kKwBlock, kw - w0);
-    int64_t i = 0;
-    for (; i + 3 <= M; i += 3) bs_row_strip<3>(A + i * kw + w0, pa, sa, B + w0, pb, sb, N, kw, wb, C + i * ldc, ldc);
-    for (; i < M; ++i) bs_row_strip<1>(A + i * kw + w0, pa, sa, B + w0, pb, sb, N, kw, wb, C + i * ldc, ldc);
-  }
+  bitserial_tiles<BsMicro, 3>(A, pa, sa, M, B, pb, sb, N, kw, C, ldc);
 }
 
 // ---- codes -> bit planes: movemask of shifted code bytes gives 32 plane bits at once -----
