@@ -221,6 +221,18 @@ def summarize(e2e: dict) -> dict:
     return out
 
 
+def _e2e_table(doc: dict, times: str, summary: str) -> list:
+    """Markdown rows of the end-to-end table for one timing (wall `ms` or process `cpu_ms`)."""
+    L = ["| batch | " + " | ".join(E2E_LABELS[k] for k in doc["e2e"][0][times]) + " | soniq vs FP32 | "
+         "soniq vs best INT8 |", "|---:|" + "---:|" * (len(doc["e2e"][0][times]) + 2)]
+    for r in doc["e2e"]:
+        s = r[summary]
+        vb = "" if s.get("soniq_vs_best_int8") is None else f"{s['soniq_vs_best_int8']:.2f} ({E2E_LABELS[s['best_int8']]})"
+        L.append(f"| {r['batch']} | " + " | ".join(f"{v:.1f}" for v in r[times].values())
+                 + f" | {s.get('soniq_vs_fp32', 0):.2f} | {vb} |")
+    return L
+
+
 def markdown(doc: dict) -> str:
     m = doc["meta"]
     L = [f"# soniq MiniLM-L6 on the CPU ({m['cpu']})", "",
@@ -241,22 +253,9 @@ def markdown(doc: dict) -> str:
         L.append(f"| {r['batch']} | {r['backend']} | {r['layers']} | {r['inside_ms']:.2f} | {r['alone_ms']:.2f} | "
                  f"{r['ratio']:.2f} | {', '.join(f'{v:.2f}' for v in r['ratio_per_round'])} | "
                  f"{r['inside_best_ms']:.2f} / {r['alone_best_ms']:.2f} = {r['ratio_best']:.2f} |")
-    L += ["", "## End to end (ms per forward)", "",
-          "| batch | " + " | ".join(E2E_LABELS[k] for k in doc["e2e"][0]["ms"]) + " | soniq vs FP32 | "
-          "soniq vs best INT8 |", "|---:|" + "---:|" * (len(doc["e2e"][0]["ms"]) + 2)]
-    for r in doc["e2e"]:
-        s = r["summary"]
-        vb = "" if s.get("soniq_vs_best_int8") is None else f"{s['soniq_vs_best_int8']:.2f} ({E2E_LABELS[s['best_int8']]})"
-        L.append(f"| {r['batch']} | " + " | ".join(f"{v:.1f}" for v in r["ms"].values())
-                 + f" | {s.get('soniq_vs_fp32', 0):.2f} | {vb} |")
-    L += ["", "Process CPU time per forward (ms; all threads, torch's OpenMP workers spin while waiting):", "",
-          "| batch | " + " | ".join(E2E_LABELS[k] for k in doc["e2e"][0]["cpu_ms"]) + " | soniq vs FP32 | "
-          "soniq vs best INT8 |", "|---:|" + "---:|" * (len(doc["e2e"][0]["cpu_ms"]) + 2)]
-    for r in doc["e2e"]:
-        s = r["summary_cpu"]
-        vb = "" if s.get("soniq_vs_best_int8") is None else f"{s['soniq_vs_best_int8']:.2f} ({E2E_LABELS[s['best_int8']]})"
-        L.append(f"| {r['batch']} | " + " | ".join(f"{v:.1f}" for v in r["cpu_ms"].values())
-                 + f" | {s.get('soniq_vs_fp32', 0):.2f} | {vb} |")
+    L += ["", "## End to end (ms per forward)", ""] + _e2e_table(doc, "ms", "summary")
+    L += ["", "Process CPU time per forward (ms; all threads, torch's OpenMP workers spin while waiting):", ""]
+    L += _e2e_table(doc, "cpu_ms", "summary_cpu")
     L += ["", "## Targets (issue 13)", "", "| what | target | got | met | why missed |", "|---|---:|---:|---|---|"]
     for t in doc["targets"]:
         v = "n/a" if t["value"] is None else f"{t['value']:.2f}"
