@@ -12,8 +12,9 @@ from . import ops
 from . import nn, qat
 from . import ptq
 from ._convert import convert
+from ._fuse import fuse_activations, unfuse_activations
 from ._io import load, save
 
 __all__ = ["ops", "PackedTensor", "KLayout", "info", "get_num_threads", "set_num_threads",
            "get_isa", "set_isa", "use_isa", "supported_isas", "__version__",
-           "nn", "qat", "ptq", "convert", "save", "load"]
+           "nn", "qat", "ptq", "convert", "fuse_activations", "unfuse_activations", "save", "load"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._fuse import fuse_activations
 from ._packed_nn import PackedConv2d, PackedLinear
 from .packed import KLayout
 from ._quantizers import PHASE_EXACT
@@ -48,9 +49,11 @@ def convert_module(m, name: str):
     raise ValueError(f"module {name!r}: soniq.convert cannot handle {type(m).__name__}")
 
 
-def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def convert(model: nn.Module, *, inplace: bool = False, fuse: bool = True) -> nn.Module:
     """Returns a copy of `model` (phase 2) where every QLinear / QConv2d is a PackedLinear /
-    PackedConv2d: exact integer accumulators equal to the fake-quantized model's."""
+    PackedConv2d: exact integer accumulators equal to the fake-quantized model's. fuse: a
+    packed Linear followed by an exact GELU applies it in place to its output (the same
+    values, one tensor fewer per call: soniq.fuse_activations); fuse=False keeps the modules."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = model if inplace else copy.deepcopy(model)
@@ -65,4 +68,6 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         for p in parts[:-1]:
             parent = getattr(parent, p)
         setattr(parent, parts[-1], convert_module(getattr(parent, parts[-1]).cpu(), n))
+    if fuse:
+        fuse_activations(out)
     return out.cpu().eval()

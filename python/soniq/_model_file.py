@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._compact import compact, widen
+from ._fuse import FusedActivation, fuse_activations, unfuse_activations
 from ._packed_nn import PackedConv2d, PackedLinear
 from .packed import PackedTensor
 
@@ -47,6 +48,8 @@ _LEAVES = {
 
 
 def _tree(m: nn.Module):
+    if isinstance(m, FusedActivation):  # saved as the activation it stands for (fusion is not state)
+        return _tree(m.original)
     if isinstance(m, (PackedLinear, PackedConv2d)):
         return {"type": type(m).__name__}
     if type(m) is nn.Sequential:
@@ -172,6 +175,8 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
             raise ValueError(f"{path}: the saved model has custom module types; pass its architecture as "
                              "soniq.load(path, model=...)")
         model = _build(meta["tree"])
+    else:
+        unfuse_activations(model)  # its packed layers are replaced below (fused again at the end)
     for n, rec in meta["packed"].items():
         pre = f"{n}|"
         wt = {k[len(pre) + 2:]: v for k, v in tensors.items() if k.startswith(pre + "w.")}
@@ -202,4 +207,5 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     missing = [k for k in missing if not any(k.startswith(n + ".") for n in meta["packed"])]
     if missing or unexpected:
         raise ValueError(f"{path}: the file does not match the model: missing {missing}, unexpected {unexpected}")
+    fuse_activations(model)
     return model.eval()

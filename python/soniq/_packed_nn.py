@@ -212,6 +212,9 @@ class PackedLinear(_PackedBase):
                 raise ValueError(f"{name}: a_inv_smooth must hold {self.a_bits.numel()} finite positive factors, "
                                  f"got shape {tuple(a_inv_smooth.shape)}")
         self.register_buffer("a_inv_smooth", a_inv_smooth)
+        # None, or "gelu": the activation that followed this layer, applied in place to its
+        # output by soniq.fuse_activations (a property of the running model, not state: _fuse.py)
+        self.activation: Optional[str] = None
         self._act_plan(False)  # built now, so torch.compile traces a cached plan (no graph break)
 
     @classmethod
@@ -246,6 +249,17 @@ class PackedLinear(_PackedBase):
             self.a_dynamic = old
             self._weights_changed()
 
+    def __setattr__(self, name, value):
+        if name == "activation":
+            if value not in (None, "gelu"):
+                raise ValueError(f"{self.__dict__.get('name', '?')}: activation must be None or 'gelu', got {value!r}")
+        super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        K, N = self.a_bits.numel(), self.w.shape[0]
+        act = "" if self.activation is None else f", activation={self.activation!r} (fused)"
+        return f"in_features={K}, out_features={N}, bias={self.bias is not None}{act}"
+
     def _act_plan(self, integer: bool):
         K = self.a_bits.numel()
         return self._plan(("linear", integer), lambda: make_plan(
@@ -271,6 +285,8 @@ class PackedLinear(_PackedBase):
                 out = torch.empty(rows.shape[0], N, dtype=torch.float32)
                 # False: the active ISA (set_isa since) has no layout kernels; the general path below
                 if lp.forward(rows.data_ptr(), rows.shape[0], rows.stride(0), out.data_ptr()):
+                    if self.activation is not None:
+                        self._activate(out)
                     return out.view(*x.shape[:-1], N)
         return self._run(x, integer=False)
 
@@ -327,7 +343,15 @@ class PackedLinear(_PackedBase):
         out = self._gemm(rows, plan, integer)
         if not integer and self.bias is not None:
             out = out + self.bias
+        if not integer and self.activation is not None:
+            out = self._activate(out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _activate(out: Tensor) -> Tensor:
+        """torch's own gelu, in place on the fresh output (the same values as the separate
+        module gave; no second tensor: see _fuse.py)."""
+        return torch.ops.aten.gelu_(out)
 
 
 class PackedConv2d(_PackedBase):

@@ -1,0 +1,126 @@
+"""Activation fusion (soniq.fuse_activations, done by soniq.convert and soniq.load): a packed
+Linear followed by an exact GELU applies it in place to its own output. Same bits as the
+unfused model on every path, recognized only where overwriting the output is safe, not
+state (saving writes the original module), undone by unfuse_activations."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import soniq
+from soniq._fuse import FusedActivation
+from soniq.qat import QATConfig
+
+CFG = QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0)
+
+
+def _convert(model, x, **kw):
+    torch.manual_seed(0)
+    soniq.qat.prepare(model, copy.deepcopy(CFG))
+    model(x)
+    soniq.qat.freeze_precision(model)
+    return soniq.convert(model.eval(), **kw)
+
+
+def _mlp(act):
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(37, 70), act, nn.Linear(70, 5))
+
+
+class DenseThenAct(nn.Module):  # Hugging Face's BertIntermediate, as its copies in other models
+    def __init__(self, act):
+        super().__init__()
+        self.dense = nn.Linear(24, 40)
+        self.intermediate_act_fn = act
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dense(hidden_states)
+        hidden_states = self.intermediate_act_fn(hidden_states)
+        return hidden_states
+
+
+class DenseActTwice(DenseThenAct):  # reads the dense output after the activation: never fused
+    def forward(self, hidden_states):
+        hidden_states = self.dense(hidden_states)
+        return self.intermediate_act_fn(hidden_states) + hidden_states
+
+
+def test_sequential_gelu_fused_same_bits():
+    x = torch.randn(9, 37)
+    q = _convert(_mlp(nn.GELU()), x)
+    ref = _convert(_mlp(nn.GELU()), x, fuse=False)
+    assert q[0].activation == "gelu" and isinstance(q[1], FusedActivation)
+    assert ref[0].activation is None and type(ref[1]) is nn.GELU
+    assert "activation='gelu'" in repr(q[0])
+    for inp in (x, torch.randn(3, 4, 37), torch.randn(37, 11).T):  # batch dims, non-contiguous
+        assert torch.equal(q(inp), ref(inp))
+    assert q.state_dict().keys() == ref.state_dict().keys()
+
+
+@pytest.mark.parametrize("isa", soniq.supported_isas())
+def test_fused_same_bits_on_every_isa(isa):
+    """ISAs without layout kernels take the general path (mpgemm + bias): gelu in place there too."""
+    x = torch.randn(6, 37)
+    q = _convert(_mlp(nn.GELU()), x)
+    ref = _convert(_mlp(nn.GELU()), x, fuse=False)
+    with soniq.use_isa(isa):
+        assert torch.equal(q(x), ref(x))
+
+
+@pytest.mark.parametrize("act", [nn.GELU(approximate="tanh"), nn.ReLU(), nn.SiLU()])
+def test_other_activations_not_fused(act):
+    x = torch.randn(5, 37)
+    q = _convert(_mlp(act), x)
+    assert q[0].activation is None and type(q[1]) is type(act)
+
+
+def _block(cls, act):
+    torch.manual_seed(4)
+    return nn.Sequential(cls(act))
+
+
+def test_hf_block_pattern():
+    x = torch.randn(4, 24)
+    q = _convert(_block(DenseThenAct, nn.GELU()), x)
+    ref = _convert(_block(DenseThenAct, nn.GELU()), x, fuse=False)
+    assert q[0].dense.activation == "gelu" and isinstance(q[0].intermediate_act_fn, FusedActivation)
+    assert torch.equal(q(x), ref(x))
+    other = _convert(_block(DenseActTwice, nn.GELU()), x)
+    assert other[0].dense.activation is None and type(other[0].intermediate_act_fn) is nn.GELU
+
+
+def test_hf_gelu_activation_module():
+    acts = pytest.importorskip("transformers.activations")
+    x = torch.randn(4, 24)
+    q = _convert(nn.Sequential(DenseThenAct(acts.GELUActivation())), x)
+    assert q[0].dense.activation == "gelu"
+    py = _convert(nn.Sequential(DenseThenAct(acts.GELUActivation(use_gelu_python=True))), x)
+    assert py[0].dense.activation is None  # its own formula: left to run as written
+
+
+def test_unfuse_and_refuse():
+    x = torch.randn(5, 37)
+    q = _convert(_mlp(nn.GELU()), x)
+    y = q(x)
+    assert soniq.unfuse_activations(q) == 1
+    assert q[0].activation is None and type(q[1]) is nn.GELU
+    assert torch.equal(q(x), y)
+    assert soniq.fuse_activations(q) == 1 and soniq.fuse_activations(q) == 0  # idempotent
+    with pytest.raises(ValueError, match="activation must be None or 'gelu'"):
+        q[0].activation = "relu"
+
+
+def test_save_writes_the_original_and_load_fuses(tmp_path):
+    x = torch.randn(5, 37)
+    q = _convert(_mlp(nn.GELU()), x)
+    y = q(x)
+    path = tmp_path / "m.safetensors"
+    soniq.save(q, path)
+    back = soniq.load(path)
+    assert back[0].activation == "gelu" and isinstance(back[1], FusedActivation)
+    assert type(back[1].original) is nn.GELU
+    assert torch.equal(back(x), y)
+    # loading into a fused architecture: its packed layers are replaced and fused again
+    again = soniq.load(path, model=copy.deepcopy(q))
+    assert again[0].activation == "gelu" and torch.equal(again(x), y)
