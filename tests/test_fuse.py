@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import soniq
-from soniq._fuse import FusedActivation
+from soniq._fuse import FusedActivation, FusedResidual
 from soniq.qat import QATConfig
 
 CFG = QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0, a_bits_target=6.0)
@@ -124,3 +124,65 @@ def test_save_writes_the_original_and_load_fuses(tmp_path):
     # loading into a fused architecture: its packed layers are replaced and fused again
     again = soniq.load(path, model=copy.deepcopy(q))
     assert again[0].activation == "gelu" and torch.equal(again(x), y)
+
+
+class OutputBlock(nn.Module):  # Hugging Face's BertSelfOutput / BertOutput
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(24, 24)
+        self.LayerNorm = nn.LayerNorm(24)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dense(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.LayerNorm(hidden_states + input_tensor)
+        return hidden_states
+
+
+class OutputBlockNoDropout(OutputBlock):  # another forward: left as written
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dense(hidden_states) + input_tensor)
+
+
+class Layer(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.output = block()
+
+    def forward(self, x):
+        return self.output(torch.tanh(x), x)
+
+
+def _layer(block):
+    torch.manual_seed(5)
+    return Layer(block)
+
+
+def test_residual_added_in_place_same_bits(tmp_path):
+    x = torch.randn(7, 24)
+    q = _convert(_layer(OutputBlock), x)
+    ref = _convert(_layer(OutputBlock), x, fuse=False)
+    assert isinstance(q.output, FusedResidual) and type(ref.output) is OutputBlock
+    assert q.state_dict().keys() == ref.state_dict().keys()
+    for inp in (x, torch.randn(2, 3, 24), torch.randn(24, 5).T):
+        assert torch.equal(q(inp), ref(inp))
+    residual = torch.randn(7, 24)
+    kept = residual.clone()
+    q.output(x, residual)
+    assert torch.equal(residual, kept)  # only the block's own output is written in place
+    with torch.no_grad():  # a broadcast residual is added as written
+        assert torch.equal(q.output(x, residual[:1]), ref.output(x, residual[:1]))
+    other = _convert(_layer(OutputBlockNoDropout), x)
+    assert type(other.output) is OutputBlockNoDropout
+    assert soniq.unfuse_activations(q) == 1 and type(q.output) is OutputBlock
+    assert q.output.dense is not None and torch.equal(q(x), ref(x))
+    soniq.fuse_activations(q)
+    again = soniq.load(_saved(q, tmp_path), model=copy.deepcopy(q))  # fused architecture in, fused out
+    assert isinstance(again.output, FusedResidual) and torch.equal(again(x), ref(x))
+
+
+def _saved(model, tmp_path):
+    path = tmp_path / "r.safetensors"
+    soniq.save(model, path)
+    return path

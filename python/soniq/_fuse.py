@@ -11,6 +11,11 @@ it (saving writes the original), and soniq.convert / soniq.load fuse again. Reco
 - Hugging Face feed-forward blocks whose forward is exactly `act(dense(x))` (BertIntermediate
   and its copies: RoBERTa, XLM-R, ELECTRA, MPNet, ...), with an erf GELU as the activation
   (the block's output is used once, so overwriting it is safe).
+The residual add of Hugging Face output blocks (`LayerNorm(dropout(dense(x)) + input)`,
+BertSelfOutput / BertOutput and copies) whose dense is packed goes in place the same way: the
+block is swapped for a FusedResidual holding the same children (state_dict keys unchanged)
+whose forward adds the residual into the dense layer's fresh output (measured on MiniLM at
+batch 32, 1 thread: 508 -> 480 ms per forward, bit-identical).
 """
 from __future__ import annotations
 
@@ -54,6 +59,35 @@ def _same_code(f, g) -> bool:
         (b.co_code, b.co_names, b.co_varnames, b.co_consts[1:])
 
 
+def _dense_dropout_add_norm(self, hidden_states, input_tensor):  # Hugging Face's output blocks (bytecode)
+    hidden_states = self.dense(hidden_states)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.LayerNorm(hidden_states + input_tensor)
+    return hidden_states
+
+
+class FusedResidual(nn.Module):
+    """Stands for a Hugging Face output block (dense -> dropout -> LayerNorm(x + residual)) whose
+    dense is a PackedLinear: the same children under the same names, the residual added in
+    place into the dense layer's fresh output (the same float32 adds: bit-identical). The
+    original block is kept (not as a submodule: its children are these) for unfuse."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        for name, m in original._modules.items():
+            self.add_module(name, m)
+        self.__dict__["original"] = original
+
+    def forward(self, hidden_states, input_tensor):
+        h = self.dropout(self.dense(hidden_states))
+        if h.requires_grad or h.shape != input_tensor.shape or h.dtype != input_tensor.dtype:
+            return self.LayerNorm(h + input_tensor)  # an autograd graph or a broadcast: as written
+        return self.LayerNorm(h.add_(input_tensor))
+
+    def extra_repr(self) -> str:
+        return f"{type(self.original).__name__} with the residual added in place"
+
+
 def _fuse_pair(parent: nn.Module, lin_name: str, act_name: str) -> bool:
     lin, act = getattr(parent, lin_name), getattr(parent, act_name)
     if not isinstance(lin, PackedLinear) or lin.activation is not None or not _is_exact_gelu(act):
@@ -74,6 +108,12 @@ def fuse_activations(model: nn.Module) -> int:
         elif (isinstance(m._modules.get("dense"), PackedLinear) and "intermediate_act_fn" in m._modules
               and _same_code(type(m).forward, _dense_then_act)):
             n += _fuse_pair(m, "dense", "intermediate_act_fn")
+        for name, c in list(m._modules.items()):  # output blocks are swapped in their parent
+            if (c is not None and not isinstance(c, FusedResidual) and isinstance(c._modules.get("dense"), PackedLinear)
+                    and {"dropout", "LayerNorm"} <= set(c._modules)
+                    and _same_code(type(c).forward, _dense_dropout_add_norm)):
+                setattr(m, name, FusedResidual(c))
+                n += 1
     return n
 
 
@@ -85,6 +125,12 @@ def unfuse_activations(model: nn.Module) -> int:
         names = list(m._modules)
         for i, name in enumerate(names):
             f = m._modules[name]
+            if isinstance(f, FusedResidual):  # the original block, with the children as they are now
+                for cname, c in f._modules.items():
+                    setattr(f.original, cname, c)
+                setattr(m, name, f.original)
+                n += 1
+                continue
             if not isinstance(f, FusedActivation):
                 continue
             prev = m._modules.get("dense") if name == "intermediate_act_fn" else \
