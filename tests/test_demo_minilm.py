@@ -1,6 +1,7 @@
 """`soniq demo minilm --quick` end to end on the real pretrained MiniLM, and what it saves:
 a folder that soniq.load turns back into a SentenceTransformer, bit for bit, on any ISA path,
 refusing truncated or tampered files; packed layers under torch.compile with no graph break."""
+import importlib.util
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ def test_quick_demo_reports_every_method(demo):
     out, res = demo
     assert (out / "minilm_results.png").stat().st_size > 5000
     m = res["methods"]
-    assert set(m) == {"fp32", "int8", "w4", "w2", "soniq_fake", "soniq", "ptq"}
+    ort = importlib.util.find_spec("onnxruntime") is not None  # the ONNX Runtime INT8 row needs it
+    assert set(m) == {"fp32", "int8", "w4", "w2", "soniq_fake", "soniq", "ptq"} | ({"ort_int8"} if ort else set())
     assert m["fp32"]["cosine"] == pytest.approx(1.0, abs=1e-6) and m["fp32"]["top1"] == 1.0
     for r in m.values():
         for f in (r, r["other"]):  # held-out docstrings and the language reference (never trained on)
@@ -43,8 +45,14 @@ def test_quick_demo_reports_every_method(demo):
     # sizes: SONIQ stores fewer bytes than INT8, which stores fewer than FP32
     assert m["soniq"]["linear_bytes"] < m["int8"]["linear_bytes"] < m["fp32"]["linear_bytes"]
     assert m["soniq"]["linear_compression"] > 6.0
-    for k in ("fp32", "int8", "soniq"):
+    for k in ("fp32", "int8", "soniq") + (("ort_int8",) if ort else ()):
         assert m[k]["latency"]["b1_ms"] > 0 and m[k]["latency"]["b32_seq_per_s"] > 0
+    s = res["speedup"]
+    for b in ("b1", "b32"):  # the best INT8 runtime of the run is the one compared against
+        assert s[b + "_vs_best_int8"] == min(s[b + "_vs_int8"], s.get(b + "_vs_ort", float("inf")))
+        assert (b + "_vs_ort" in s) == ort
+    if ort:  # the same int8 encoder as FBGEMM's, through another runtime: close to it
+        assert abs(m["ort_int8"]["cosine"] - m["int8"]["cosine"]) < 0.05
     # the packed model computes what the fake-quantized one does (float32 rounding apart)
     assert m["soniq"]["cosine"] == pytest.approx(m["soniq_fake"]["cosine"], abs=2e-3)
 
