@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, qat
+from . import _recon, ops, qat
 from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
 from .nn import QConv2d, QLinear
 from .qat import QATConfig, _assign_tiers
@@ -60,7 +60,12 @@ class PTQConfig:
     sequential: GPTQ on the inputs the already-rounded layers produce (else the float inputs).
     gain_batches: calibration batches used to measure the layer gains ("measured").
     exclude: module names left in float ("first"/"last" as in soniq.qat.prepare).
-    qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs."""
+    qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs.
+    reconstruct_blocks / reconstruct_steps: after rounding, fit each named block (e.g. the
+    transformer layers) to the float model's block output, reconstruct_steps Adam steps per
+    block on the calibration batches (soniq._recon; 0 = off); reconstruct_lr in code levels
+    per step, reconstruct_clip_lr for the weight and activation clips, reconstruct_float_lr
+    for the block's parameters that stay float (biases, norms; 0 = they stay as they are)."""
 
     w_palette: tuple = (4, 8)
     w_bits_target: float = 4.5
@@ -75,6 +80,11 @@ class PTQConfig:
     gain_batches: int = 2
     exclude: tuple = ()
     qat_options: tuple = ()
+    reconstruct_blocks: tuple = ()
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = 1e-2
+    reconstruct_clip_lr: float = 1e-5
+    reconstruct_float_lr: float = 0.0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -92,6 +102,22 @@ class PTQConfig:
             raise ValueError(f"allocation must be 'measured', 'hessian' or 'uniform', got {self.allocation!r}")
         if not isinstance(self.damp, (int, float)) or not (0 < self.damp < 1):
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
+        if isinstance(self.reconstruct_blocks, str) or not all(isinstance(n, str) for n in self.reconstruct_blocks):
+            raise ValueError(f"reconstruct_blocks must be a tuple of module names, got {self.reconstruct_blocks!r}")
+        set_(self, "reconstruct_blocks", tuple(self.reconstruct_blocks))
+        blocks = self.reconstruct_blocks
+        nested = [(a, b) for a in blocks for b in blocks if a != b and b.startswith(a + ".")]
+        if nested or len(set(blocks)) != len(blocks):
+            raise ValueError(f"reconstruct_blocks must name distinct, non-nested modules, got {blocks!r}")
+        rs = self.reconstruct_steps
+        if isinstance(rs, bool) or not isinstance(rs, int) or rs < 0:
+            raise ValueError(f"reconstruct_steps must be a non-negative integer, got {rs!r}")
+        if rs and not blocks:
+            raise ValueError("reconstruct_steps > 0 needs reconstruct_blocks (the modules to fit block by block)")
+        for name in ("reconstruct_lr", "reconstruct_clip_lr", "reconstruct_float_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < math.inf):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         for name in ("block_size", "gain_batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -500,6 +526,13 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     batches, forward, stats = cal.batches, cal.forward, cal.stats
     distortion = distortion or output_distortion
     model.eval()
+    recon = None
+    if cfg.reconstruct_steps:
+        names = dict(model.named_modules())
+        bad = [b for b in cfg.reconstruct_blocks if b not in names]
+        if bad:
+            raise ValueError(f"reconstruct_blocks: the model has no module {bad[0]!r}")
+        recon = _recon.float_targets(model, cfg.reconstruct_blocks, batches, forward)
 
     w_scores, errs_lo = _w_scores(layers, stats, cfg)
     gains = {n: 1.0 for n in layers}
@@ -528,6 +561,10 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         order = [n for n in cal.order if n in qlayers]
         groups = [[n for n in g if n in qlayers] for g in cal.groups]
         _gptq(model, {n: qlayers[n] for n in order}, stats, [g for g in groups if g], batches, forward, cfg)
+    report = {}
+    if recon is not None:
+        report = _recon.reconstruct(model, recon[0], recon[1], batches, forward, cfg.reconstruct_steps,
+                                    cfg.reconstruct_lr, cfg.reconstruct_clip_lr, cfg.reconstruct_float_lr)
     model.eval()
-    model._soniq_ptq = {"config": cfg, "layer_gains": gains}
+    model._soniq_ptq = {"config": cfg, "layer_gains": gains, "reconstruction": report}
     return model
