@@ -2,6 +2,8 @@
 
     soniq bench cpu [--quick] [--out DIR] [--json]   # or: python bench/cpu_gemm.py (saves to bench/results)
 
+soniq is timed through the user's path: a PackedLinear forward (float32 activations in, float32
+out), with the packed kernel alone (activations packed beforehand) as a secondary column.
 Prints the CPU model and ISA, GOP/s (a multiply-add = 2 ops), ratios to the baselines
 measured here (best INT8 = the faster of FBGEMM dynamic-quantized Linear and oneDNN
 torch._int_mm at that shape), and the fraction of the machine's limit (int8 or popcount
@@ -191,12 +193,26 @@ def weight_codes(w, bits_per_row):
     return q.to(torch.int8), s.view(-1)
 
 
-def soniq_methods(M, N, K, x, w) -> dict:
-    """Callables: 'soniq <cfg>' (packed kernel, activations packed beforehand), '... +act'
-    (quantize + pack the float activations in Python, then the kernel), '... +act fused'
-    (float activations in, output out: ops.quantize_pack with the layer's checked layout, as
-    the packed modules run it, then the kernel), and the mixed layer's parts."""
-    res = {}
+def packed_linear(pw, a_bits, a_scale, K):
+    """The user's path: a PackedLinear over the packed weight (float32 x in, float32 out), as
+    soniq.convert makes it: on an ISA with layout kernels the layer keeps the weight as its
+    execution layout and runs the fused native forward (cpp/linear.cpp), unless its smallest
+    bit pair runs bit-serially (then quantize_pack + mpgemm, the general path)."""
+    from soniq._packed_nn import PackedLinear
+
+    return PackedLinear(pw, torch.full((K,), a_bits), torch.full((K,), float(a_scale)), True, None)
+
+
+def layer_path(layer) -> str:
+    return "fused native" if layer._fused_plan() is not None else "quantize_pack + mpgemm"
+
+
+def soniq_methods(M, N, K, x, w) -> tuple[dict, dict]:
+    """(callables, paths): 'soniq <cfg>' is the PackedLinear forward on the float activations
+    (the headline), 'soniq <cfg> kernel' the packed kernel alone (ops.mpgemm on activations
+    packed beforehand), plus the mixed layer's parts (PackedLinear each). paths: which forward
+    each layer runs."""
+    res, paths = {}, {}
     gen = torch.Generator().manual_seed(0)
     mixed_rows = torch.full((N,), 2, dtype=torch.int64)
     mixed_rows[torch.randperm(N, generator=gen)[: N // 4]] = 4
@@ -207,25 +223,24 @@ def soniq_methods(M, N, K, x, w) -> dict:
     for name, wbits, ab in cases:
         rows = wbits.numel()
         wq, ws = weight_codes(w[:rows], wbits)
-        pw = ops.pack(wq, wbits, signed=True, axis=0, scale=ws)
         aq, s = quantize_acts(x, ab)
-        pa = ops.pack(aq, ab, signed=True, scale=s)
-        res["soniq " + name] = (lambda pa_, pw_: lambda: ops.mpgemm(pa_, pw_))(pa, pw)
+        # the layer drops its weight's planes (keeps the layout): its own copy, so the kernel
+        # row below runs the plain mpgemm operand as before
+        layer = packed_linear(ops.pack(wq, wbits, signed=True, axis=0, scale=ws), ab, s, K)
+        res["soniq " + name] = (lambda l_: lambda: l_(x))(layer)
+        paths["soniq " + name] = layer_path(layer)
         if "part" not in name:
-            def e2e(pw_=pw, ab_=ab):
-                q, sc = quantize_acts(x, ab_)
-                return ops.mpgemm(ops.pack(q, ab_, signed=True, scale=sc), pw_)
-            res["soniq " + name + " +act"] = e2e
-            plan = make_plan(ab, s, K, signed=True)  # static (calibrated) scale, checked once per layer
-            res["soniq " + name + " +act fused"] = (lambda p_, pw_: lambda: ops.mpgemm(p_(x), pw_))(plan, pw)
-    return res
+            pw = ops.pack(wq, wbits, signed=True, axis=0, scale=ws)
+            pa = ops.pack(aq, ab, signed=True, scale=s)
+            res["soniq " + name + " kernel"] = (lambda pa_, pw_: lambda: ops.mpgemm(pa_, pw_))(pa, pw)
+    return res, paths
 
 
 MIXED = "mixed 25% W4 / 75% W2, A8"
 
 
 # ---- report ----------------------------------------------------------------------------
-def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
+def summarize(shape_name, M, N, K, times, notes, pk, bw, paths=None) -> dict:
     ops_n = 2.0 * M * N * K
     int8 = {k: v for k, v in times.items() if "INT8" in k}
     best_name = min(int8, key=int8.get) if int8 else None
@@ -242,7 +257,7 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
         return ops_n / t / pk["int8_ops"]
 
     for k, v in times.items():
-        if k.startswith("soniq") and (k.endswith(" +act") or k.endswith(" +act fused") or " part " in k):
+        if k.startswith("soniq") and (k.endswith(" kernel") or " part " in k):
             continue
         if k.startswith("soniq"):
             m = re.match(r"soniq W(\d)A", k)
@@ -254,14 +269,11 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw) -> dict:
         r = {"method": k, "ms": v * 1e3, "gops": ops_n / v / 1e9, "vs_best_int8": best / v if best else None,
              "limit_frac": limit(k, v, wbits)}
         if k.startswith("soniq"):
-            e2e = times.get(k + " +act")
-            if e2e:
-                r["ms_with_act_quant_pack"] = e2e * 1e3
-                r["vs_best_int8_with_act_pack"] = best / e2e if best else None
-            fused = times.get(k + " +act fused")
-            if fused:
-                r["ms_with_fused_act"] = fused * 1e3
-                r["vs_best_int8_with_fused_act"] = best / fused if best else None
+            r["path"] = (paths or {}).get(k)
+            kern = times.get(k + " kernel")
+            if kern:
+                r["ms_kernel"] = kern * 1e3
+                r["vs_best_int8_kernel"] = best / kern if best else None
             for bits in (2, 4, 8):
                 o = times.get(f"ORT MatMulNBits {bits}-bit")
                 if o:
@@ -358,6 +370,24 @@ def targets_table(results, isa: str = "avx2") -> list:
     return out
 
 
+def _soniq_mode(results) -> str:
+    """What the soniq rows time (saved runs from before the PackedLinear rows say so too)."""
+    rows = [r for s in results for r in s["rows"] if r["method"].startswith("soniq")]
+    if rows and not any("path" in r for r in rows):
+        return ("soniq ms = packed kernel (activations already packed; a run saved before the soniq rows timed "
+                "the PackedLinear forward)")
+    bitserial = sorted({r["method"][6:] for r in rows if r.get("path") == "quantize_pack + mpgemm"})
+    return ("soniq ms = the user's path: a PackedLinear forward, float32 activations in, float32 out, built "
+            "from the same packed weight (per-output-channel scales) with one static activation scale; "
+            "'fused native' is its one-call CPU forward (activations quantized straight to the layout kernels' "
+            "bytes, epilogue in the kernel); "
+            + (f"{', '.join(bitserial)} keep their bit planes (their smallest bit pair runs bit-serially here) "
+               "and run quantize_pack + mpgemm. " if bitserial else "")
+            + "'kernel alone' = ops.mpgemm on activations packed beforehand (no quantization, int32 out "
+            "scaled to float). Signed 1-bit activations (W1A1) are +-1 with one scale; the PackedLinear "
+            "quantizer rounds them as the packed modules do.")
+
+
 def markdown(meta, results, targets) -> str:
     L = [f"# soniq CPU GEMM benchmark ({meta['cpu']['model']})", "",
          f"- date {meta['date']}, soniq {meta['soniq']}, torch {meta['torch']}, onnxruntime {meta['onnxruntime']}",
@@ -370,9 +400,7 @@ def markdown(meta, results, targets) -> str:
          f"{meta['load_avg_end']} at end on {meta['cpu']['logical_cpus']} logical CPUs"
          + (" -- the machine was shared with other jobs, so absolute numbers are noisy" if
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
-         f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; soniq ms = packed kernel "
-         "(activations already packed); 'with act pack' adds quantize + pack of the activations in Python; "
-         "'fused act' is float activations in, output out, with ops.quantize_pack (one native pass)",
+         f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; " + _soniq_mode(results),
          "- kernels chosen per block pair (AVX2, measured in bench/results/bench_cpp_*.json): bit-serial popcnt "
          "for 1x1 bits (GEMV rows: up to 1x2); for GEMV rows (M <= 2) the exact table-lookup kernel otherwise; "
          "else the byte path (bit planes expanded to int8 per "
@@ -383,9 +411,9 @@ def markdown(meta, results, targets) -> str:
          "changes hit all alike; a baseline slower than 1 s per call is timed once", ""]
     for s in results:
         L += [f"## {s['shape']}: M={s['M']} N={s['N']} K={s['K']} (best INT8: {s['best_int8']})", "",
-              "| method | ms | GOP/s | vs best INT8 | vs best INT8 (with act pack) | ms (fused act) | "
-              "vs best INT8 (fused act) | vs ORT 2/4/8-bit | limit frac |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+              "| method | ms | GOP/s | vs best INT8 | vs ORT 2/4/8-bit | limit frac | soniq forward | "
+              "ms (kernel alone) | vs best INT8 (kernel alone) |",
+              "|---|---:|---:|---:|---|---:|---|---:|---:|"]
         for r in s["rows"]:
             if "note" in r:
                 L.append(f"| {r['method']} | {r['note']} | | | | | | | |")
@@ -395,8 +423,8 @@ def markdown(meta, results, targets) -> str:
             extra = f" (sum of parts {r['sum_of_parts_ms']:.3f} ms, ratio {r['mixed_over_sum_of_parts']:.2f})" \
                 if "sum_of_parts_ms" in r else ""
             L.append(f"| {r['method']}{extra} | {f(r['ms'], 3)} | {f(r['gops'], 1)} | {f(r['vs_best_int8'])} | "
-                     f"{f(r.get('vs_best_int8_with_act_pack'))} | {f(r.get('ms_with_fused_act'), 3)} | "
-                     f"{f(r.get('vs_best_int8_with_fused_act'))} | {ort} | {f(r['limit_frac'])} |")
+                     f"{ort} | {f(r['limit_frac'])} | {r.get('path') or ''} | {f(r.get('ms_kernel'), 3)} | "
+                     f"{f(r.get('vs_best_int8_kernel'))} |")
         L.append("")
     L += ["## Targets", "", "| shape | soniq | baseline | target | ratio | met | why missed / what would close it |",
           "|---|---|---|---:|---:|---|---|"]
@@ -451,9 +479,10 @@ def main(argv=None, default_out: str = ".") -> dict:
         torch.manual_seed(0)
         x, w = torch.randn(M, K), torch.randn(N, K) / K ** 0.5
         methods, notes = baselines(M, N, K, x, w, args.threads)
-        methods.update(soniq_methods(M, N, K, x, w))
+        soniq_fns, paths = soniq_methods(M, N, K, x, w)
+        methods.update(soniq_fns)
         times = measure(methods, args.quick)
-        s = summarize(name, M, N, K, times, notes, pk, bw)
+        s = summarize(name, M, N, K, times, notes, pk, bw, paths)
         results.append(s)
         print(f"\n{name}: M={M} N={N} K={K}  (best INT8: {s['best_int8']})")
         for r in s["rows"]:
@@ -461,10 +490,9 @@ def main(argv=None, default_out: str = ".") -> dict:
                 print(f"  {r['method']:<34} {r['note']}")
             else:
                 vb = r["vs_best_int8"]
-                e2e = "".join(f"  {lbl} {r[key]:.3f} ms" for lbl, key in
-                              (("+act", "ms_with_act_quant_pack"), ("+act fused", "ms_with_fused_act")) if key in r)
+                kern = f"  kernel alone {r['ms_kernel']:.3f} ms" if "ms_kernel" in r else ""
                 print(f"  {r['method']:<34} {r['ms']:9.3f} ms {r['gops']:8.1f} GOP/s  vs best INT8 "
-                      f"{'' if vb is None else f'{vb:5.2f}x'}  limit {r['limit_frac']:.2f}{e2e}")
+                      f"{'' if vb is None else f'{vb:5.2f}x'}  limit {r['limit_frac']:.2f}{kern}")
     targets = targets_table(results, cpu["isa"])
     try:
         import onnxruntime
