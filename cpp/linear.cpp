@@ -40,6 +40,9 @@ LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg
   w_perm_.assign(w.perm, w.perm + w.rows);
   if (w_row_scale) w_row_scale_.assign(w_row_scale, w_row_scale + N_);
   if (bias) bias_.assign(bias, bias + N_);
+  const PackedOperand wop{nullptr, N_, w_ngroups_, w_desc_.data(), w_sums_.data(), w_perm_.data(), w_signed_};
+  w_prep_ = mpgemm_prepare(wop, nsegs_, w_row_scale_.empty() ? nullptr : w_row_scale_.data(),
+                           bias_.empty() ? nullptr : bias_.data());
 }
 
 bool LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) const {
@@ -109,6 +112,7 @@ bool LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
   MpgemmExtras ex;
   ex.a_bytes = a_bytes.data();
   ex.bias = bias_.empty() ? nullptr : bias_.data();
+  ex.b_prep = &w_prep_;
   mpgemm(a, w, ksegs_.data(), nsegs_, sc, OutKind::Float32, out, w_layout_, ex);
 
   if (any_nan.load())  // the float layer's NaN would spread over the row

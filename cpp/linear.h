@@ -37,6 +37,7 @@ class LinearPlan {
   std::vector<float> seg_scale_, out_seg_scale_, w_row_scale_, bias_;
   std::vector<ActSegment> act_;
   std::vector<bool> contiguous_;  // segment s reads one contiguous run of x's columns
+  WeightPrep w_prep_;  // the driver's per-weight work, done once (mpgemm_prepare)
   const int8_t* w_layout_;
   int64_t w_ngroups_;
   bool w_signed_;

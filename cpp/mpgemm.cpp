@@ -90,6 +90,37 @@ void check_operand(const PackedOperand& op, int64_t nsegs, const char* name, boo
 
 bool layout_kernels_active() { return active_kernels().layout_gemm != nullptr; }
 
+namespace {
+
+WeightPrep prepare_checked(const PackedOperand& b, int64_t nsegs, const float* b_row, const float* bias) {
+  WeightPrep p;
+  const int64_t N = b.rows;
+  if (b_row) p.b_row.resize(size_t(N));
+  if (bias) p.bias.resize(size_t(N));
+  for (int64_t j = 0; j < N; ++j) {
+    if (b_row) p.b_row[size_t(j)] = b_row[b.perm[j]];
+    if (bias) p.bias[size_t(j)] = bias[b.perm[j]];
+  }
+  p.runs.resize(size_t(b.ngroups));
+  for (int64_t gb = 0; gb < b.ngroups; ++gb) {
+    const int64_t r0 = b.desc[gb * (2 + nsegs)], rows = b.desc[gb * (2 + nsegs) + 1];
+    auto& run = p.runs[size_t(gb)];
+    for (int64_t j = 0; j < rows; j += 8) {
+      bool ok = true;
+      for (int64_t q = 1; q < 8 && j + q < rows; ++q) ok &= b.perm[r0 + j + q] == b.perm[r0 + j] + q;
+      run.push_back(ok);
+    }
+  }
+  return p;
+}
+
+}  // namespace
+
+WeightPrep mpgemm_prepare(const PackedOperand& b, int64_t nsegs, const float* b_row, const float* bias) {
+  check_operand(b, nsegs, "b", false);
+  return prepare_checked(b, nsegs, b_row, bias);
+}
+
 void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs, int64_t nsegs,
             const Scales& sc, OutKind kind, void* out, const int8_t* b_layout, const MpgemmExtras& ex) {
   if (nsegs <= 0 || !ksegs) throw std::invalid_argument("ksegs: at least one K segment is required");
@@ -100,7 +131,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     throw std::invalid_argument("a_bytes: needs a weight without planes and a float32 output");
   if (ex.bias && kind != OutKind::Float32) throw std::invalid_argument("bias: needs a float32 output");
   check_operand(a, nsegs, "a", !ex.a_bytes);
-  check_operand(b, nsegs, "b", false);
+  if (!ex.b_prep) check_operand(b, nsegs, "b", false);
   const Layout la = block_offsets(a, ksegs, nsegs), lb = block_offsets(b, ksegs, nsegs);
   const KernelTable& kt = active_kernels();
   const int64_t N = b.rows;
@@ -159,29 +190,12 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   }
 
   // Float output of one K segment: layout_gemm applies the epilogue at its store. It reads the
-  // weight row scales and the bias in packed column order, and per 8 columns of each row group
-  // whether they land consecutively in the output (one vector store).
+  // weight row scales and the bias in packed column order (WeightPrep).
   const bool kernel_ep = kind == OutKind::Float32 && nsegs == 1 && kt.layout_gemm &&
                          ksegs[1] * 64 <= kLayoutEpilogueMaxK;
-  std::vector<float> b_row_p, bias_p;
-  std::vector<std::vector<uint8_t>> runs(size_t(b.ngroups));
-  if (kernel_ep) {
-    if (sc.b_row) b_row_p.resize(size_t(N));
-    if (ex.bias) bias_p.resize(size_t(N));
-    for (int64_t j = 0; j < N; ++j) {
-      if (sc.b_row) b_row_p[size_t(j)] = sc.b_row[b.perm[j]];
-      if (ex.bias) bias_p[size_t(j)] = ex.bias[b.perm[j]];
-    }
-    for (int64_t gb = 0; gb < b.ngroups; ++gb) {
-      const int64_t r0 = b.desc[gb * (2 + nsegs)], rows = b.desc[gb * (2 + nsegs) + 1];
-      auto& run = runs[size_t(gb)];
-      for (int64_t j = 0; j < rows; j += 8) {
-        bool ok = true;
-        for (int64_t q = 1; q < 8 && j + q < rows; ++q) ok &= b.perm[r0 + j + q] == b.perm[r0 + j] + q;
-        run.push_back(ok);
-      }
-    }
-  }
+  WeightPrep own_prep;
+  const WeightPrep* prep = ex.b_prep;
+  if (kernel_ep && !prep) own_prep = prepare_checked(b, nsegs, sc.b_row, ex.bias), prep = &own_prep;
 
   struct Task { int64_t ga, gb, m0, m1, n0, n1; };
   const int64_t tile_m = kt.layout_gemm ? kTileMLayout : kTileM;
@@ -260,8 +274,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         if (kernel_ep && bk == BlockKernel::LayoutGemm) {  // the float outputs, written by the kernel
           const int64_t c0 = db[0] + T.n0;
           const LayoutEpilogue ep{static_cast<float*>(out), N, a.perm + da[0] + T.m0, b.perm + c0,
-                                  runs[size_t(T.gb)].data() + T.n0 / 8, segscale, sc.a_row,
-                                  sc.b_row ? b_row_p.data() + c0 : nullptr, ex.bias ? bias_p.data() + c0 : nullptr};
+                                  prep->runs[size_t(T.gb)].data() + T.n0 / 8, segscale, sc.a_row,
+                                  sc.b_row ? prep->b_row.data() + c0 : nullptr, ex.bias ? prep->bias.data() + c0 : nullptr};
           fn(Abytes, kw * 64, tm, L, bb, tn, kw, nullptr, kTileN, shift, rowterm, colterm, &ep);
           written = true;
           continue;

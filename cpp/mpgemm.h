@@ -3,6 +3,7 @@
 // rows) x K segments (tiers along K). Both operands share the K segmentation.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "code_encoding.h"  // value = alpha * code + offset of each block
 
@@ -27,6 +28,17 @@ struct Scales {  // any may be null (= 1)
   const float* b_seg = nullptr;  // [nsegs]
 };
 
+// What mpgemm derives from the weight alone for a float32 output (the epilogue's row scales and
+// bias in packed column order, and per 8 columns of each row group whether they land
+// consecutively in the output), after checking the weight. O(N) per call (~60 us at
+// N = 14336, as much as a 1-bit GEMV's kernel on 2 threads), so a caller that runs one weight
+// many times (LinearPlan) makes it once with mpgemm_prepare and passes it in MpgemmExtras.
+struct WeightPrep {
+  std::vector<float> b_row, bias;           // [b rows] in packed order; empty when absent
+  std::vector<std::vector<uint8_t>> runs;   // per row group, per 8 columns
+};
+WeightPrep mpgemm_prepare(const PackedOperand& b, int64_t nsegs, const float* b_row, const float* bias);
+
 // What the packed layers' fused forward (cpp/linear.h) hands the driver besides the operands.
 struct MpgemmExtras {
   // A as one unsigned code byte per K position, block (g, s) at a_bytes[g * nsegs + s]
@@ -34,6 +46,9 @@ struct MpgemmExtras {
   // (every block pair on the layout kernels).
   const uint8_t* const* a_bytes = nullptr;
   const float* bias = nullptr;  // [b rows], original order: added to the float32 output
+  // mpgemm_prepare(b, nsegs, scales.b_row, bias) of this b, made beforehand (b then is not
+  // checked again: the caller made it from the same operand and keeps it unchanged)
+  const WeightPrep* b_prep = nullptr;
 };
 
 // ksegs: [nsegs][2] = (klen, kw). out: [a.rows][b.rows] row-major, original order.
