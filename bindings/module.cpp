@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -18,6 +19,7 @@
 #include "../cpp/build_info.h"
 #include "../cpp/cpu_features.h"
 #include "../cpp/dispatch.h"
+#include "../cpp/layout_alloc.h"
 #include "../cpp/mpgemm.h"
 #include "../cpp/omp_borrow.h"
 #include "../cpp/pack.h"
@@ -35,6 +37,15 @@ namespace {
 
 template <class T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+struct LayoutBuffer {
+  explicit LayoutBuffer(size_t bytes) : p(layout_alloc(bytes)), n(bytes) {}
+  ~LayoutBuffer() { layout_free(p, n); }
+  LayoutBuffer(const LayoutBuffer&) = delete;
+  LayoutBuffer& operator=(const LayoutBuffer&) = delete;
+  void* p;
+  size_t n;
+};
 
 PackedOperand operand(uintptr_t data, int64_t rows, int64_t ngroups, uintptr_t desc, uintptr_t sums,
                       uintptr_t perm, bool is_signed) {
@@ -138,6 +149,15 @@ void soniq::bindings::register_core(py::module_& m) {
   });
   m.def("layout_nbytes", [](uintptr_t desc, int64_t ngroups, uintptr_t ksegs, int64_t nsegs) {
     return layout_offsets(ptr<const int64_t>(desc), ngroups, ptr<const int64_t>(ksegs), nsegs).back();
+  });
+  // memory for a large layout (cpp/layout_alloc.h), as a writable buffer torch.frombuffer
+  // wraps (the tensor keeps this object, and so the mapping, alive)
+  py::class_<LayoutBuffer>(m, "LayoutBuffer", py::buffer_protocol()).def_buffer([](LayoutBuffer& b) {
+    return py::buffer_info(b.p, 1, py::format_descriptor<int8_t>::format(), 1, {py::ssize_t(b.n)}, {py::ssize_t(1)});
+  });
+  m.def("layout_alloc", [](int64_t n) {
+    if (n <= 0) throw std::invalid_argument("layout_alloc: n must be positive, got " + std::to_string(n));
+    return std::make_unique<LayoutBuffer>(size_t(n));
   });
   m.def("layout_build",
         [](uintptr_t data, int64_t rows, int64_t ngroups, uintptr_t desc, uintptr_t ksegs, int64_t nsegs, uintptr_t out) {

@@ -240,8 +240,9 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       const int64_t aa = ea.alpha, oa = ea.offset, ab = eb.alpha, ob = eb.offset;
       const int64_t flip = is_layout(kernel_of(ba, bb, tm)) && bb == 8 ? 128 : 0;
       const int64_t klen = ksegs[2 * s];
-      for (int64_t j = 0; j < tn; ++j)
-        colterm[j] = (add ? colterm[j] : 0) + ab * oa * b.sums[(db[0] + T.n0 + j) * nsegs + s];
+      // locals: through the captured references GCC reloaded them per column (colterm may alias)
+      const int64_t ns = nsegs, cf = ab * oa, *bs = b.sums + (db[0] + T.n0) * ns + s;
+      for (int64_t j = 0; j < tn; ++j) colterm[j] = (add ? colterm[j] : 0) + cf * bs[j * ns];
       for (int64_t i = 0; i < tm; ++i) {
         const int64_t asum = a.sums[(da[0] + T.m0 + i) * nsegs + s];
         rowterm[i] = (add ? rowterm[i] : 0) + aa * ob * asum + klen * oa * ob + aa * ab * flip * asum;

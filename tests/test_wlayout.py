@@ -60,6 +60,34 @@ def test_exec_layout_cached_and_used(isa):
         assert pb.exec_layout() is None
 
 
+@pytest.mark.skipif(not _C.layout_kernels_active(), reason="the active ISA reads no execution layout")
+def test_large_layout_on_its_own_mapping(monkeypatch, tmp_path):
+    """Layouts from soniq.packed.HUGE_LAYOUT_BYTES on live in a 2 MiB-aligned mapping advised
+    for huge pages (lowered here so a small weight takes that path): same results as an
+    ordinary tensor, freed with it, and copies/pickles are ordinary tensors again."""
+    import copy
+    import gc
+
+    from soniq import packed
+    rng = np.random.default_rng(11)
+    a, b = random_values(rng, (1, 300), 8, False), random_values(rng, (70, 300), 1, True)
+    want = ref_matmul(a, b)
+    monkeypatch.setattr(packed, "HUGE_LAYOUT_BYTES", 1)
+    pa, pb = ops.pack(a, 8, signed=False), ops.pack(b, 1, signed=True)
+    lay = pb.exec_layout()
+    assert lay.data_ptr() % (2 << 20) == 0 and lay.numel() == 80 * 320 // 8
+    pb.release_planes()  # the layout alone: GEMV on it
+    np.testing.assert_array_equal(ops.mpgemm(pa, pb), want)
+    twin = copy.deepcopy(pb)
+    torch.save(pb, tmp_path / "pb.pt")
+    del pb, lay
+    gc.collect()  # the mapping goes with the tensor; the copies own theirs
+    np.testing.assert_array_equal(ops.mpgemm(pa, twin), want)
+    np.testing.assert_array_equal(ops.mpgemm(pa, torch.load(tmp_path / "pb.pt", weights_only=False)), want)
+    with pytest.raises(ValueError, match="layout_alloc: n must be positive"):
+        _C.layout_alloc(0)
+
+
 def test_saved_model_same_on_every_isa(tmp_path):
     """A converted model saved here loads (bit planes) and gives bit-identical float outputs
     on every ISA path this CPU has, with mixed weight tiers and activation tiers."""

@@ -267,14 +267,16 @@ class PackedLinear(_PackedBase):
             out_scale=None if integer else self.a_scale, dynamic=self.a_dynamic == "token"))
 
     def forward(self, x: Tensor) -> Tensor:
-        # eager CPU: the fused native forward (_fused_plan), one call after a few checks
+        # eager CPU: the fused native forward (_fused_plan), one call after a few checks; kept
+        # lean (a GEMV-sized layer runs in ~10 us, so each torch call here shows)
         if type(x) is Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            lp = self._fused_plan()
-            if lp is not None:
-                K, N = lp.in_features, lp.out_features
+            fused = self._fused_plan()
+            if fused is not None:
+                lp, K, N = fused
                 if x.shape[-1] != K:
                     raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
-                rows = x.reshape(-1, K)
+                flat = x.dim() == 2
+                rows = x if flat else x.reshape(-1, K)
                 smooth = self._buffers["a_inv_smooth"]
                 if smooth is not None:
                     rows = rows.float() * smooth
@@ -282,12 +284,13 @@ class PackedLinear(_PackedBase):
                     rows = rows.float()
                 if rows.stride(-1) != 1:
                     rows = rows.contiguous()
-                out = torch.empty(rows.shape[0], N, dtype=torch.float32)
+                M = rows.shape[0]
+                out = torch.empty(M, N, dtype=torch.float32)
                 # False: the active ISA (set_isa since) has no layout kernels; the general path below
-                if lp.forward(rows.data_ptr(), rows.shape[0], rows.stride(0), out.data_ptr()):
+                if lp.forward(rows.data_ptr(), M, rows.stride(0), out.data_ptr()):
                     if self.activation is not None:
                         self._activate(out)
-                    return out.view(*x.shape[:-1], N)
+                    return out if flat else out.view(*x.shape[:-1], N)
         return self._run(x, integer=False)
 
     def accumulators(self, x: Tensor) -> Tensor:
@@ -303,18 +306,20 @@ class PackedLinear(_PackedBase):
                 None if bias is None else bias._version)
 
     def _fused_plan(self):
-        """The native fused forward (cpp/linear.h: activations quantized straight to the bytes
-        the weight-layout kernels read, the float epilogue and bias in the GEMM kernel's store;
-        one call, bit-identical to quantize_pack + mpgemm + bias) where it applies: a CPU
-        weight kept as its execution layout only, on an ISA with layout kernels. Built once and
-        kept until _fused_key() changes; else None."""
-        key = self._fused_key()
+        """(LinearPlan, in_features, out_features) of the native fused forward (cpp/linear.h:
+        activations quantized straight to the bytes the weight-layout kernels read, the float
+        epilogue and bias in the GEMM kernel's store; one call, bit-identical to quantize_pack +
+        mpgemm + bias) where it applies: a CPU weight kept as its execution layout only, on an
+        ISA with layout kernels. Built once and kept until _fused_key() changes; else None."""
         hit = self.__dict__.get("_fused")
-        if hit is not None:
-            k = hit[0]
-            if (k[0] is key[0] and k[1] is key[1] and k[2] is key[2] and k[3] is key[3] and k[4] == key[4]
-                    and k[5:] == key[5:]):
+        if hit is not None:  # _fused_key() == hit[0], compared without building the tuple
+            k, b = hit[0], self._buffers
+            bits, scale, bias = b["a_bits"], b["a_scale"], b["bias"]
+            if (k[0] is self.w and k[1] is bits and k[2] is scale and k[3] is bias and k[4] == self.a_dynamic
+                    and k[5] == bits._version and k[6] == scale._version
+                    and k[7] == (None if bias is None else bias._version)):
                 return hit[1]
+        key = self._fused_key()
         w = self.w
         if w.device.type != "cpu" or w._data is not None or not _C.layout_kernels_active():
             return None
@@ -329,8 +334,9 @@ class PackedLinear(_PackedBase):
         lp = _C.LinearPlan(plan.K, ptr(plan.k_perm), ptr(plan.segs), plan.segs.shape[0], ptr(plan.seg_scale),
                            plan.signed, ptr(plan.out_seg_scale), plan.dynamic, w.shape[0], desc.shape[0], ptr(desc),
                            ptr(sums), ptr(perm), w.signed, ptr(ksegs), ptr(lay), ptr(wscale), ptr(bias))
-        self.__dict__["_fused"] = (key, lp, lay)  # lay: the plan reads the layout in place
-        return lp
+        fused = (lp, lp.in_features, lp.out_features)
+        self.__dict__["_fused"] = (key, fused, lay)  # lay: the plan reads the layout in place
+        return fused
 
     def _run(self, x, integer):
         K = self.a_bits.numel()
