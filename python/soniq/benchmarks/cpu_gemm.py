@@ -327,9 +327,12 @@ _GEMV_WHY_AVX512 = (
     _LOAD_NOTE + "GEMV on AVX-512 streams the weight execution layout once (codes at b bits, 4 tiles of 16 rows "
     "per pass, decoded in registers: one load + shift + and per 4 codes x 16 rows, vpdpbusd). One thread, CPU "
     "time: W1A8 4.5-5.2x, W2A8 2.9-3.9x, W4A8 1.4-2.0x, W8A8 1.0x FBGEMM INT8; W2A8 1.4-1.6x ORT 2-bit, W4A8 "
-    "1.1-1.2x ORT 4-bit. W1A8 is compute-bound (8 decode steps per 64 bytes: ~0.55 ms for 8192^2 on one core); "
-    "7.3x needs ~2x fewer ops per 1-bit code (per-position accumulators with an and only, or GFNI/vpermb "
-    "decoding on CPUs that have them). W2A8 3.5x INT8 on the 14336x4096 shape needs the same on 2-bit codes.")
+    "1.1-1.2x ORT 4-bit. W1A8 is compute-bound: the 1-bit kernel masks each group's bit in place (one "
+    "accumulator per bit position, 8 and + 8 vpdpbusd per 64 weight bytes; 14336x4096 0.39 -> 0.27 ms on one "
+    "core), so 7.3x of a memory-bound INT8 GEMV needs both cores at that rate and nothing else per call; "
+    "a table-lookup (vpshufb/vpermb over 4 activations) kernel would cut the vpdpbusd count further. Weights "
+    "streamed from DRAM: layouts >= 4 MiB on transparent huge pages and L2 prefetches (10-15% each, "
+    "kernel alone). W2A8 3.5x INT8 on the 14336x4096 shape needs the same on 2-bit codes.")
 _GEMM_WHY_AVX512 = (
     _LOAD_NOTE + "GEMM runs vpdpbusd on B tiles decoded once per 64 columns and K block into L1 (6x64 register "
     "block): ~390-420 GOP/s per core in the kernel, the same one-vpdpbusd-per-cycle limit as oneDNN's "
