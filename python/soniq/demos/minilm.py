@@ -123,7 +123,7 @@ def uniform_weights(teacher, bits: int):
 
 class OrtEncoder:
     """ONNX Runtime INT8 dynamic (the encoder exported, quantize_dynamic, a non-spinning session:
-    soniq.benchmarks.cpu_model.ort_int8) behind the SentenceTransformer call the demo makes."""
+    soniq.benchmarks.ort_int8) behind the SentenceTransformer call the demo makes."""
 
     def __init__(self, run):
         self.run = run
@@ -142,7 +142,7 @@ def ort_int8(teacher, threads: int, workdir: str):
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from soniq.benchmarks.cpu_model import ort_int8 as build
+    from soniq.benchmarks.ort_int8 import ort_int8 as build
 
     return OrtEncoder(build(teacher, threads, workdir))
 
