@@ -264,8 +264,16 @@ def _libgomps_mapped():
 def test_kernels_run_on_torchs_libgomp():
     """The route is on, and the runtime it found is mapped in this process and is torch's own
     (its wheel ships torch/lib/libgomp.so.1). Other libraries may map their own renamed copy
-    (scikit-learn's libgomp-<hash>.so), which is not torch's team and must not be picked."""
-    assert _C.thread_backend() == "openmp"
+    (scikit-learn's libgomp-<hash>.so), which is not torch's team and must not be picked.
+    The route needs soniq's thread count equal to torch's and the automatic backend: set here,
+    as tests that ran before may have left other settings (found in a full CI run)."""
+    before = (soniq.get_num_threads(), _C.thread_backend())
+    _C.set_thread_backend("auto")
+    soniq.set_num_threads(torch.get_num_threads())
+    try:
+        assert _C.thread_backend() == "openmp"
+    finally:
+        soniq.set_num_threads(before[0])
     lib = os.path.realpath(_C.openmp_library())
     assert os.path.basename(lib).startswith("libgomp") and lib in _libgomps_mapped()
     shipped = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
