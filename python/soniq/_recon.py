@@ -29,6 +29,21 @@ class _Stop(Exception):
     pass
 
 
+def run_to_hook(model, batches, forward, module: nn.Module, pre, with_kwargs: bool = False) -> None:
+    """Runs each batch through `model` (no grad) only as far as `module`: its forward pre-hook
+    `pre` sees the inputs, then the rest of the forward is skipped (pre raises _Stop)."""
+    h = module.register_forward_pre_hook(pre, with_kwargs=with_kwargs)
+    try:
+        for b in batches:
+            try:
+                with torch.no_grad():
+                    forward(model, b)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+
+
 def _detach(v):
     if isinstance(v, Tensor):
         return v.detach()
@@ -85,16 +100,7 @@ def _block_inputs(model, block: nn.Module, batches, forward) -> list:
         got.append((_detach(args), _detach(kwargs)))
         raise _Stop
 
-    h = block.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        for b in batches:
-            try:
-                with torch.no_grad():
-                    forward(model, b)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
+    run_to_hook(model, batches, forward, block, pre, with_kwargs=True)
     return got
 
 

@@ -226,8 +226,6 @@ def _run(model, batches, forward):
         return [forward(model, b) for b in batches]
 
 
-class _Stop(Exception):
-    pass
 
 
 def _float_pass(model, layers: dict, batches, forward, cap: int):
@@ -474,18 +472,9 @@ def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg
                         hit = (q, (r.T @ r, r.shape[0]))
                         done.append(hit)
                     acc[n].add_xtx(*hit[1])
-                raise _Stop
+                raise _recon._Stop
 
-            h = lead.register_forward_pre_hook(pre)
-            try:
-                for b in batches:
-                    try:
-                        with torch.no_grad():
-                            forward(model, b)
-                    except _Stop:
-                        pass
-            finally:
-                h.remove()
+            _recon.run_to_hook(model, batches, forward, lead, pre)
             hs = {n: acc[n].moment() for n in group}
         for n in group:
             q = qlayers[n]
