@@ -200,40 +200,70 @@ void gemv_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
 // the float outputs (no int64 pass). The buffer (K/2 bytes per column: 48 KiB at K = 768)
 // sits in L1/L2; per group the step reads 256 bytes of it for 24 vpdpbusd. ----------------
 
-// The float epilogue of 16 columns j0.. of one row (LayoutEpilogue, bit for bit the
-// driver's): int32 lanes and the int64 code-sum terms meet in double, exactly (integers
-// below 2^53), then the driver's multiplications in its order.
-struct EpRow {
-  const LayoutEpilogue* ep;
-  float* out;     // the output row
-  int64_t row;    // rowterm[i]
-  double ar;
-  double scale;   // 2^shift
+// The float epilogue of a strip (LayoutEpilogue, bit for bit the driver's): the int32 lanes
+// and the code-sum terms meet in double, exactly (integers below 2^53, so any order of the
+// additions gives double(total)), then the driver's multiplications in its order. The
+// micro-kernel leaves its accumulators in a small int32 tile first: run inline with 24 live
+// accumulators the epilogue spilled its pointers and re-tested its options at every store
+// (a fifth of a K = 384 layer's time); here the options are template flags, once per strip.
+struct ColBlock {
+  alignas(64) double colterm[64];  // double(colterm[j]) of the block's columns
+  alignas(64) double b_row[64];    // double(b_row[j]) (when the epilogue has b_row)
 };
 
-__attribute__((always_inline)) inline void store_f32(__m512i acc, const EpRow& r, const int64_t* colterm, int64_t j0,
-                                                     int64_t nc) {
-  const LayoutEpilogue& ep = *r.ep;
-  for (int h = 0; h < 2; ++h) {
-    const int64_t j = j0 + h * 8;
-    if (j >= nc) return;
-    const __mmask8 m = nc - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (nc - j)) - 1u);
-    const __m256i part = h ? _mm512_extracti64x4_epi64(acc, 1) : _mm512_castsi512_si256(acc);
-    const __m512d p = _mm512_mul_pd(_mm512_cvtepi32_pd(part), _mm512_set1_pd(r.scale));
-    const __m512i base = _mm512_add_epi64(_mm512_maskz_loadu_epi64(m, colterm + j), _mm512_set1_epi64(r.row));
-    const __m512d t = _mm512_add_pd(_mm512_cvtepi64_pd(base), p);
-    __m512d v = _mm512_add_pd(_mm512_setzero_pd(), _mm512_mul_pd(t, _mm512_set1_pd(ep.segscale)));
-    if (ep.a_row) v = _mm512_mul_pd(v, _mm512_set1_pd(r.ar));
-    if (ep.b_row) v = _mm512_mul_pd(v, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, ep.b_row + j)));
-    __m256 o = _mm512_cvtpd_ps(v);
-    if (ep.bias) o = _mm256_add_ps(o, _mm256_maskz_loadu_ps(m, ep.bias + j));
-    if (ep.run[j / 8]) {
-      _mm256_mask_storeu_ps(r.out + ep.ocol[j], m, o);
-    } else {  // scattered columns: scalar stores (vscatterqps is microcoded on Zen 4)
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, o);
-      for (int64_t q = 0; q < 8 && j + q < nc; ++q) r.out[ep.ocol[j + q]] = tmp[q];
+template <bool AR, bool BR, bool BIAS>
+void store_strip_f32(const int32_t* tile, int rows, const LayoutEpilogue& ep, const int64_t* rowterm,
+                     const ColBlock& cb, int64_t nc, int shift) {
+  const __m512d seg = _mm512_set1_pd(ep.segscale), scale = _mm512_set1_pd(double(int64_t(1) << shift));
+  for (int i = 0; i < rows; ++i) {
+    const int64_t o = ep.arow[i];
+    float* out = ep.out + o * ep.ldo;
+    const __m512d row = _mm512_set1_pd(double(rowterm[i]));
+    const __m512d ar = _mm512_set1_pd(AR ? double(ep.a_row[o]) : 1.0);
+    for (int64_t j = 0; j < nc; j += 8) {
+      const __mmask8 m = nc - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (nc - j)) - 1u);
+      __m512d p = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(tile + i * 64 + j)));
+      if (shift) p = _mm512_mul_pd(p, scale);
+      const __m512d t = _mm512_add_pd(p, _mm512_add_pd(row, _mm512_load_pd(cb.colterm + j)));
+      // 0.0 + t * segscale, rounded once as the driver's mul then add (t != 0 is an integer, so
+      // the product never underflows to a signed zero the add would turn to +0)
+      __m512d v = _mm512_fmadd_pd(t, seg, _mm512_setzero_pd());
+      if constexpr (AR) v = _mm512_mul_pd(v, ar);
+      if constexpr (BR) v = _mm512_mul_pd(v, _mm512_load_pd(cb.b_row + j));
+      __m256 f = _mm512_cvtpd_ps(v);
+      if constexpr (BIAS) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(m, ep.bias + j));
+      if (ep.run[j / 8]) {
+        _mm256_mask_storeu_ps(out + ep.ocol[j], m, f);
+      } else {  // scattered columns: scalar stores (vscatterqps is microcoded on Zen 4)
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, f);
+        for (int64_t q = 0; q < 8 && j + q < nc; ++q) out[ep.ocol[j + q]] = tmp[q];
+      }
     }
+  }
+}
+
+void store_strip(const int32_t* tile, int rows, const LayoutEpilogue& ep, const int64_t* rowterm, const ColBlock& cb,
+                 int64_t nc, int shift) {
+  const int k = (ep.a_row ? 4 : 0) | (ep.b_row ? 2 : 0) | (ep.bias ? 1 : 0);
+  switch (k) {
+    case 0: return store_strip_f32<false, false, false>(tile, rows, ep, rowterm, cb, nc, shift);
+    case 1: return store_strip_f32<false, false, true>(tile, rows, ep, rowterm, cb, nc, shift);
+    case 2: return store_strip_f32<false, true, false>(tile, rows, ep, rowterm, cb, nc, shift);
+    case 3: return store_strip_f32<false, true, true>(tile, rows, ep, rowterm, cb, nc, shift);
+    case 4: return store_strip_f32<true, false, false>(tile, rows, ep, rowterm, cb, nc, shift);
+    case 5: return store_strip_f32<true, false, true>(tile, rows, ep, rowterm, cb, nc, shift);
+    case 6: return store_strip_f32<true, true, false>(tile, rows, ep, rowterm, cb, nc, shift);
+    default: return store_strip_f32<true, true, true>(tile, rows, ep, rowterm, cb, nc, shift);
+  }
+}
+
+// The block's column terms as doubles (zero past nc: those lanes are never stored).
+inline void fill_col_block(ColBlock& cb, const int64_t* colterm, const float* b_row, int64_t nc) {
+  for (int64_t j = 0; j < 64; j += 8) {
+    const __mmask8 m = nc - j >= 8 ? __mmask8(0xFF) : nc > j ? __mmask8((1u << (nc - j)) - 1u) : __mmask8(0);
+    _mm512_store_pd(cb.colterm + j, _mm512_cvtepi64_pd(_mm512_maskz_loadu_epi64(m, colterm + j)));
+    if (b_row) _mm512_store_pd(cb.b_row + j, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, b_row + j)));
   }
 }
 
@@ -253,13 +283,10 @@ __attribute__((always_inline)) inline void store_f32(__m512i acc, const EpRow& r
 #define SONIQ_ROW_STORE(i)                                                                   \
   if constexpr (RM > i) {                                                                    \
     if (ep) {                                                                                \
-      const int64_t o = ep->arow[i];                                                         \
-      const EpRow r{ep, ep->out + o * ep->ldo, rowterm[i], ep->a_row ? double(ep->a_row[o]) : 1.0, \
-                    double(int64_t(1) << shift)};                                            \
-      store_f32(c##i##0, r, colterm, 0, nc);                                                 \
-      store_f32(c##i##1, r, colterm, 16, nc);                                                \
-      store_f32(c##i##2, r, colterm, 32, nc);                                                \
-      store_f32(c##i##3, r, colterm, 48, nc);                                                \
+      _mm512_store_si512(tile + i * 64, c##i##0);                                            \
+      _mm512_store_si512(tile + i * 64 + 16, c##i##1);                                       \
+      _mm512_store_si512(tile + i * 64 + 32, c##i##2);                                       \
+      _mm512_store_si512(tile + i * 64 + 48, c##i##3);                                       \
     } else {                                                                                 \
       add_lanes(c##i##0, out_at(C, ldc, i, 0, nc, shift, rowterm, colterm, first));          \
       add_lanes(c##i##1, out_at(C, ldc, i, 16, nc, shift, rowterm, colterm, first));         \
@@ -270,11 +297,12 @@ __attribute__((always_inline)) inline void store_f32(__m512i acc, const EpRow& r
 
 // RM (<= 6) rows x 4 tiles: per group 4 buffer loads, RM broadcasts, 4 * RM vpdpbusd.
 // ts: bytes from one tile's groups to the next's in the buffer. ep: rows' float epilogue
-// (arow, rowterm at this strip's first row; colterm / ep's columns at the block's first).
+// (arow, rowterm at this strip's first row; ep's columns at the block's first; cb the
+// block's column terms).
 template <int RM>
 inline void gemm_micro(const uint8_t* A, int64_t lda, const int8_t* buf, int64_t ts, int64_t ngroups, int64_t* C,
                        int64_t ldc, int64_t nc, int shift, const int64_t* rowterm, const int64_t* colterm, bool first,
-                       const LayoutEpilogue* ep) {
+                       const LayoutEpilogue* ep, const ColBlock* cb) {
   SONIQ_ROW_ACC(0) SONIQ_ROW_ACC(1) SONIQ_ROW_ACC(2) SONIQ_ROW_ACC(3) SONIQ_ROW_ACC(4) SONIQ_ROW_ACC(5)
   for (int64_t g = 0; g < ngroups; ++g) {
     const int8_t* bg = buf + g * 64;
@@ -282,7 +310,9 @@ inline void gemm_micro(const uint8_t* A, int64_t lda, const int8_t* buf, int64_t
                   b3 = _mm512_load_si512(bg + 3 * ts);
     SONIQ_ROW_STEP(0) SONIQ_ROW_STEP(1) SONIQ_ROW_STEP(2) SONIQ_ROW_STEP(3) SONIQ_ROW_STEP(4) SONIQ_ROW_STEP(5)
   }
+  alignas(64) int32_t tile[6 * 64];
   SONIQ_ROW_STORE(0) SONIQ_ROW_STORE(1) SONIQ_ROW_STORE(2) SONIQ_ROW_STORE(3) SONIQ_ROW_STORE(4) SONIQ_ROW_STORE(5)
+  if (ep) store_strip(tile, RM, *ep, rowterm, *cb, nc, shift);
 }
 #undef SONIQ_ROW_ACC
 #undef SONIQ_ROW_STEP
@@ -311,6 +341,7 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
   const int64_t blk = std::min(nchunks, kMaxChunksInt32);  // K block: all of K up to the int32 limit
   const int64_t ts = blk * 512;                             // one tile's groups in the buffer
   int8_t* buf = decode_buffer(4 * ts);
+  ColBlock cb;
   for (int64_t t0 = 0; t0 < ntiles; t0 += 4) {
     const int64_t nt = std::min<int64_t>(4, ntiles - t0), nc = std::min<int64_t>(64, N - t0 * 16);
     for (int64_t c0 = 0; c0 < nchunks; c0 += blk) {
@@ -339,14 +370,22 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
         e.ocol += t0 * 16, e.run += t0 * 2;
         if (e.b_row) e.b_row += t0 * 16;
         if (e.bias) e.bias += t0 * 16;
+        fill_col_block(cb, ct, e.b_row, nc);
       }
       const bool first = c0 == 0;
       auto strip = [&](auto rm, int64_t i) {
         constexpr int RM = decltype(rm)::value;
         LayoutEpilogue es;
-        if (ep) es = e, es.arow += i;
+        if (ep) {
+          es = e, es.arow += i;
+          // the next strip's output lines, fetched while this strip computes: a large output
+          // (M = 4096, N = 1536: 24 MiB) misses every cache, and each store waited for its line
+          for (int64_t r = i + RM; r < std::min(M, i + 2 * RM); ++r)
+            for (int64_t j = 0; j < nc; j += 16)
+              __builtin_prefetch(e.out + e.arow[r] * e.ldo + e.ocol[j], 1, 3);
+        }
         gemm_micro<RM>(a + i * lda, lda, buf, ts, ncb * 8, c ? c + i * ldc : nullptr, ldc, nc, shift,
-                       rt ? rt + i : nullptr, ct, first, ep ? &es : nullptr);
+                       rt ? rt + i : nullptr, ct, first, ep ? &es : nullptr, &cb);
       };
       int64_t i = 0;
       for (; i + 6 <= M; i += 6) strip(std::integral_constant<int, 6>{}, i);
