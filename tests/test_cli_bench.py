@@ -1,6 +1,7 @@
 """`soniq bench cpu|gpu`: the packaged benchmarks behind the console command (a smoke run;
 speed is never asserted here, only that the run completes and reports what it measured)."""
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -48,6 +49,12 @@ def test_bench_cpu_minilm_quick_json(tmp_path):
     for row in doc["e2e"]:
         assert row["batch"] in (1, 32)
         assert set(row["ms"]) >= {"fp32", "bf16", "fbgemm_int8", "soniq"} and all(v > 0 for v in row["ms"].values())
+        # the target is the median of same-round ratios, recomputable from the saved round times
+        rm, int8 = row["rounds_ms"], [k for k in ("fbgemm_int8", "ort_int8") if k in row["rounds_ms"]]
+        want = [min(rm[k][i] for k in int8) / s for i, s in enumerate(rm["soniq"])]
+        assert row["vs_best_int8_per_round"] == pytest.approx(want) and len(want) == (2 if row["batch"] == 1 else 1)
+        target = next(t for t in doc["targets"] if t["what"] == f"end to end vs best INT8, batch {row['batch']}")
+        assert target["value"] == pytest.approx(statistics.median(want))
     assert "ort_int8" in doc["e2e"][0]["ms"] or "ONNX Runtime INT8" in doc["notes"]
     saved = sorted(os.listdir(tmp_path))
     assert [f.rsplit(".", 1)[1] for f in saved if f.startswith("cpu_model_")] == ["json", "md"]
@@ -68,3 +75,12 @@ def test_bench_gpu_without_gpu_is_a_clear_error(tmp_path):
 def test_bench_help_lists_both(tmp_path):
     r = run(["bench", "--help"], tmp_path)
     assert r.returncode == 0 and "cpu" in r.stdout and "gpu" in r.stdout
+
+
+def test_per_round_ratio_pairs_methods_of_the_same_round():
+    """A slow round slows every method in it: the ratio is taken within each round."""
+    from soniq.benchmarks.cpu_model import per_round_vs_best_int8
+
+    rounds = {"fbgemm_int8": [10.0, 20.0, 12.0], "ort_int8": [11.0, 18.0, 9.0], "soniq": [5.0, 20.0, 12.0]}
+    assert per_round_vs_best_int8(rounds) == pytest.approx([2.0, 0.9, 0.75])
+    assert per_round_vs_best_int8({"soniq": [1.0]}) == []
