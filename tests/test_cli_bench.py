@@ -84,3 +84,19 @@ def test_per_round_ratio_pairs_methods_of_the_same_round():
     rounds = {"fbgemm_int8": [10.0, 20.0, 12.0], "ort_int8": [11.0, 18.0, 9.0], "soniq": [5.0, 20.0, 12.0]}
     assert per_round_vs_best_int8(rounds) == pytest.approx([2.0, 0.9, 0.75])
     assert per_round_vs_best_int8({"soniq": [1.0]}) == []
+
+
+def test_gemv_timed_calls_start_with_cold_caches(monkeypatch):
+    """GEMV rows are timed with the weights out of the caches: the eviction runs before every
+    timed call, never inside it, and not for GEMM shapes."""
+    from soniq.benchmarks import cpu_gemm
+
+    log = []
+    monkeypatch.setattr(cpu_gemm, "evict_caches", lambda: log.append("evict"))
+    cpu_gemm.measure({"m": lambda: log.append("call")}, quick=True, cold=True)
+    # first (untimed) call, then per round (2 in quick mode): a warm-up call, evict, timed call
+    assert log == ["call"] + ["call", "evict", "call"] * 2
+    log.clear()
+    cpu_gemm.measure({"m": lambda: log.append("call")}, quick=True, cold=False)
+    assert "evict" not in log
+    assert cpu_gemm.COLD_MAX_M >= 1 and cpu_gemm.EVICT_BYTES >= 64 * 2**20
