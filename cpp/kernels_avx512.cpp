@@ -95,65 +95,24 @@ void avx512_unpack_planes(const uint64_t* planes, int bits, int64_t plane_stride
       _mm512_storeu_si512(out + r * ldo + w * 64, expand64(planes + r * kw, plane_stride, 0, bits, w));
 }
 
-// ---- fused activation quantize + pack: 64 floats -> 64 byte codes in one zmm, then one
-// vptestmb per bit plane gives that plane's word directly --------------------------------
-inline __m512 clamp_ps(__m512 v, __m512 lo, __m512 hi) { return _mm512_min_ps(_mm512_max_ps(v, lo), hi); }
+// ---- activations -> codes: 64 floats of a word -> 64 byte codes in one zmm -----------------
+// quantize.cpp clamps t = x * inv (alpha 2: (t + 1) / 2) to [lo - 1, hi + 1], rounds half to
+// even by a magic constant and clamps to [lo, hi]. Rounding is monotone and keeps integers, so
+// clamping to the integer bounds [lo, hi] first and rounding with vcvtps2dq's embedded
+// round-to-nearest-even gives the same integers (tests/native/round_order_check.cpp checks
+// every float32 t and encoding). NaN: max/min return the bound, so code 0; the caller
+// reports it from nanm.
+struct WordCodes {
+  const bool a1;
+  const __m512 vinv, one, half, clo, chi;
+  const __m512i off;
+  WordCodes(float inv, float lo, float hi, int alpha)
+      : a1(alpha == 1), vinv(_mm512_set1_ps(inv)), one(_mm512_set1_ps(1.0f)), half(_mm512_set1_ps(0.5f)),
+        clo(_mm512_set1_ps(a1 ? lo : 0.0f)), chi(_mm512_set1_ps(a1 ? hi : 1.0f)),
+        off(_mm512_set1_epi32(a1 ? int(lo) : 0)) {}
 
-int64_t avx512_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
-                          float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan) {
-  const __m512 vinv = _mm512_set1_ps(inv), M = _mm512_set1_ps(12582912.0f);
-  // alpha 1: clamp to [lo-1, hi+1], round, clamp to [lo, hi], minus lo; alpha 2: (t+1)/2,
-  // clamp to [-2, 3], round, clamp to [0, 1] (the order of operations of quantize.cpp)
-  const bool a1 = alpha == 1;
-  const __m512 c1lo = _mm512_set1_ps(a1 ? lo - 1.0f : -2.0f), c1hi = _mm512_set1_ps(a1 ? hi + 1.0f : 3.0f);
-  const __m512 c2lo = _mm512_set1_ps(a1 ? lo : 0.0f), c2hi = _mm512_set1_ps(a1 ? hi : 1.0f);
-  const __m512 off = _mm512_set1_ps(a1 ? lo : 0.0f), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-  __mmask16 nanm = 0;
-  int64_t sum = 0;
-  alignas(64) float tmp[64];
-  for (int64_t w = 0; w < kw; ++w) {
-    const float* xs = word_floats(x_, idx, klen, w, tmp);
-    __m128i b[4];
-    for (int i = 0; i < 4; ++i) {
-      const __m512 x = _mm512_loadu_ps(xs + 16 * i);
-      nanm |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-      __m512 t = _mm512_mul_ps(x, vinv);
-      if (!a1) t = _mm512_mul_ps(_mm512_add_ps(t, one), half);
-      t = _mm512_sub_ps(_mm512_add_ps(clamp_ps(t, c1lo, c1hi), M), M);
-      t = _mm512_sub_ps(clamp_ps(t, c2lo, c2hi), off);
-      b[i] = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t));  // codes are 0..255
-    }
-    __m512i v = _mm512_castsi128_si512(b[0]);
-    v = _mm512_inserti32x4(v, b[1], 1);
-    v = _mm512_inserti32x4(v, b[2], 2);
-    v = _mm512_inserti32x4(v, b[3], 3);
-    uint64_t planes[8];
-    for (int p = 0; p < bits; ++p) {
-      planes[p] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(char(1 << p)));
-      out[p * plane_stride + w] = planes[p];
-    }
-    sum += plane_sum(planes, bits);
-  }
-  if (nanm) *nan = true;
-  return sum;
-}
-
-// ---- activations straight to the layout kernels' A bytes (packed layers' fused path): the
-// codes of avx512_quant_pack, without planes. Clamping to the integer bounds [lo, hi] before
-// rounding gives the same integers as quant_pack's clamp / round / clamp, and the embedded
-// round-to-nearest-even conversion rounds as its magic constant; NaN (max/min return the
-// bound) gets code 0 and sets *nan.
-int64_t avx512_quant_bytes(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
-                           float hi, int alpha, uint8_t* out, bool* nan) {
-  const bool a1 = alpha == 1;
-  const __m512 vinv = _mm512_set1_ps(inv), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
-  const __m512 clo = _mm512_set1_ps(a1 ? lo : 0.0f), chi = _mm512_set1_ps(a1 ? hi : 1.0f);
-  const __m512i off = _mm512_set1_epi32(a1 ? int(lo) : 0);
-  __m512i vsum = _mm512_setzero_si512();
-  __mmask16 nanm = 0;
-  alignas(64) float tmp[64];
-  for (int64_t w = 0; w < kw; ++w) {
-    const float* xs = word_floats(x_, idx, klen, w, tmp);
+  // codes of xs[0..63]; NaN lanes or-ed into nanm, the codes' sum added to sum (8 int64 lanes)
+  __m512i operator()(const float* xs, __mmask16& nanm, __m512i& sum) const {
     __m128i b[4];
     for (int i = 0; i < 4; ++i) {
       const __m512 x = _mm512_loadu_ps(xs + 16 * i);
@@ -161,18 +120,46 @@ int64_t avx512_quant_bytes(const float* x_, const int64_t* idx, int64_t klen, in
       __m512 t = _mm512_mul_ps(x, vinv);
       if (!a1) t = _mm512_mul_ps(_mm512_add_ps(t, one), half);
       t = _mm512_min_ps(_mm512_max_ps(t, clo), chi);
-      const __m512i c = _mm512_sub_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), off);
-      vsum = _mm512_add_epi32(vsum, c);
-      b[i] = _mm512_cvtepi32_epi8(c);  // codes are 0..255
+      const __m512i r = _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      b[i] = _mm512_cvtepi32_epi8(_mm512_sub_epi32(r, off));  // codes are 0..255
     }
     __m512i v = _mm512_castsi128_si512(b[0]);
     v = _mm512_inserti32x4(v, b[1], 1);
     v = _mm512_inserti32x4(v, b[2], 2);
     v = _mm512_inserti32x4(v, b[3], 3);
-    _mm512_storeu_si512(out + w * 64, v);
+    sum = _mm512_add_epi64(sum, _mm512_sad_epu8(v, _mm512_setzero_si512()));  // int64: no overflow
+    return v;
+  }
+};
+
+// Fused activation quantize + pack: one vptestmb per bit plane gives that plane's word.
+int64_t avx512_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                          float hi, int alpha, int bits, uint64_t* out, int64_t plane_stride, bool* nan) {
+  const WordCodes codes(inv, lo, hi, alpha);
+  __m512i sum = _mm512_setzero_si512();
+  __mmask16 nanm = 0;
+  alignas(64) float tmp[64];
+  for (int64_t w = 0; w < kw; ++w) {
+    const __m512i v = codes(word_floats(x_, idx, klen, w, tmp), nanm, sum);
+    for (int p = 0; p < bits; ++p)
+      out[p * plane_stride + w] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(char(1 << p)));
   }
   if (nanm) *nan = true;
-  return _mm512_reduce_add_epi32(vsum);
+  return _mm512_reduce_add_epi64(sum);
+}
+
+// Activations straight to the layout kernels' A bytes (packed layers' fused path): the codes
+// of avx512_quant_pack, without planes.
+int64_t avx512_quant_bytes(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
+                           float hi, int alpha, uint8_t* out, bool* nan) {
+  const WordCodes codes(inv, lo, hi, alpha);
+  __m512i sum = _mm512_setzero_si512();
+  __mmask16 nanm = 0;
+  alignas(64) float tmp[64];
+  for (int64_t w = 0; w < kw; ++w)
+    _mm512_storeu_si512(out + w * 64, codes(word_floats(x_, idx, klen, w, tmp), nanm, sum));
+  if (nanm) *nan = true;
+  return _mm512_reduce_add_epi64(sum);
 }
 
 // ---- a row's largest finite |x| as its bit pattern (actpack.h finite_abs_bits), 16 at a time

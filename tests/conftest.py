@@ -35,3 +35,18 @@ def random_values(rng, shape, bits, signed, axis=0):
 
 def ref_matmul(a, b):
     return np.asarray(a, dtype=np.int64) @ np.asarray(b, dtype=np.int64).T
+
+
+def edge_values(bits, signed):
+    """float32 values t (in units of the scale) at the activation quantizer's rounding edges:
+    every integer and exact half-way tie from lo - 3 to hi + 3 and the floats one ulp either
+    side (the clamp bounds lo, hi, the magic-constant clamp lo - 1, hi + 1, the ties around
+    them), +-0, +-inf, huge and subnormal values. Signed 1-bit (alpha 2) rounds (t + 1) / 2:
+    its ties are the even integers, inside this range too."""
+    lo = -(1 << (bits - 1)) if signed else 0
+    hi = 1 if signed and bits == 1 else ((1 << (bits - 1)) - 1 if signed else (1 << bits) - 1)
+    base = np.arange(2 * (lo - 3), 2 * (hi + 3) + 1, dtype=np.float32) / np.float32(2)
+    t = np.concatenate([base, np.nextafter(base, np.float32(-np.inf)), np.nextafter(base, np.float32(np.inf)),
+                        np.array([0.0, -0.0, np.inf, -np.inf, 1e30, -1e30, 3.4e38, -3.4e38, 1e-45, -1e-45, 1e-40],
+                                 np.float32)])
+    return t.astype(np.float32)

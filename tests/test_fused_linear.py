@@ -10,7 +10,7 @@ import soniq
 from soniq import KLayout, ops
 from soniq._native import _C
 from soniq._packed_nn import PackedLinear
-from conftest import random_values, ref_matmul
+from conftest import edge_values, random_values, ref_matmul
 
 LAYOUT_ISAS = [i for i in soniq.supported_isas() if i != "avx2"]  # the ISAs with layout kernels
 
@@ -97,6 +97,34 @@ def test_fused_forward_equals_unfused(layout_isa, a_tiers, w_tiers, dynamic):
                     x[2, 0] = float("inf")          # clamps; skipped by the row max
                 got = lin(x)
                 assert torch.equal(got, unfused(lin, x)), (K, N, M, signed)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_fused_forward_rounding_edges(layout_isa, bits, signed):
+    """The fused forward's activation codes at the rounding edges (ties, the clamp bounds and
+    one ulp around them, +-inf, +-0, huge and subnormal values; a NaN row): its output equals
+    the scalar path's and the unfused path's exactly."""
+    rng = np.random.default_rng(bits * 2 + signed)
+    t = edge_values(bits, signed)
+    K, N = t.size, 37
+    w_bits = rng.choice([2, 4, 8], N)
+    pw = ops.pack(random_values(rng, (N, K), w_bits, True), w_bits, signed=True,
+                  scale=rng.uniform(0.01, 1, N).astype(np.float32))
+    pw.kind = "torch"
+    for scale in (0.25, 0.3):  # a power of two: x / scale is t exactly; 0.3: inv rounded
+        lin = PackedLinear(pw, torch.full((K,), bits), torch.full((K,), scale), signed, torch.randn(N), "lin")
+        if lin.w.planes_resident:
+            lin.w.release_planes()
+            lin._weights_changed()
+        assert lin._fused_plan() is not None
+        x = torch.from_numpy(np.stack([t, t[::-1], t]) * np.float32(scale))
+        x[2, 7] = float("nan")
+        got = lin(x)
+        with soniq.use_isa("scalar"):
+            want = lin(x)
+        assert torch.equal(got[:2], want[:2]) and torch.isnan(got[2]).all() and torch.isnan(want[2]).all()
+        assert torch.equal(got[:2], unfused(lin, x[:2]))
 
 
 def test_fused_forward_input_forms(layout_isa):

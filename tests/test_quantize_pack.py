@@ -10,6 +10,7 @@ import soniq
 from soniq import KLayout, ops
 from soniq._native import _C
 from soniq._packed_nn import PackedLinear
+from conftest import edge_values
 
 BUFFERS = ("data", "desc", "sums", "row_perm", "k_perm", "ksegs", "bits", "scale")
 
@@ -256,6 +257,32 @@ def _raw_args(M=3, K=100):
     from soniq.ops._quantize_pack import make_plan
     plan = make_plan(p.bits, 0.25, K, signed=True)
     return plan, (torch.randn(M, K), plan.k_perm, plan.segs, plan.seg_scale, True, plan.row_words)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_rounding_edges_equal_scalar_path(isa, bits, signed):
+    """Ties, the clamp bounds and one ulp around them, +-inf, +-0, huge and subnormal values:
+    planes, sums and values equal the scalar path's and the two-step path's; with a NaN (raw
+    op, NaN rows marked) every buffer, the NaN row's included, equals the scalar path's."""
+    from soniq.ops._quantize_pack import make_plan
+    t = edge_values(bits, signed)
+    for scale in (0.25, 2.0, 0.3):  # powers of two: x / scale is t exactly; 0.3: inv rounded
+        with np.errstate(over="ignore"):  # 3.4e38 * 2: inf
+            x = torch.from_numpy(np.stack([t, t[::-1]]) * np.float32(scale))
+        got = ops.quantize_pack(x, scale, bits, signed=signed)
+        with soniq.use_isa("scalar"):
+            want = ops.quantize_pack(x, scale, bits, signed=signed)
+        assert_same(got, want)
+        assert_same(got, *unfused(x, scale, bits, signed))
+        xn = torch.cat([x, x[:1]])
+        xn[2, 5] = float("nan")
+        plan = make_plan(bits, scale, x.shape[1], signed=signed)
+        got = plan(xn, nan_rows=True)
+        with soniq.use_isa("scalar"):
+            want = plan(xn, nan_rows=True)
+        assert_same(got, want)
+        assert got._nan_rows.tolist() == want._nan_rows.tolist() == [False, False, True]
 
 
 def test_opcheck_quantize_pack_raw():
