@@ -92,8 +92,8 @@ def evict_caches(_buf=[]):
     while the timed call streams its weights, halving the bandwidth it sees."""
     if not _buf:
         _buf.append(np.ones(EVICT_BYTES // 4, np.float32))
-    # numpy, one thread: a torch reduction this size ran on torch's OpenMP team, and the
-    # torch-threaded calls timed right after it (FBGEMM, soniq on that team) stalled ~5 ms
+    # numpy, one thread: the thread pools the timed calls use (torch's OpenMP team, soniq's,
+    # ONNX Runtime's) are left as the previous call left them
     float(_buf[0].sum())
 
 
