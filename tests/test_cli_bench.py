@@ -46,6 +46,7 @@ def test_bench_cpu_minilm_quick_json(tmp_path):
     assert set(inside) == {1, 32}
     for x in inside.values():
         assert x["layers"] == 36 and x["inside_ms"] > 0 and x["alone_ms"] > 0 and x["ratio"] > 0
+        assert x["sweep_ms"] > 0 and x["inside_vs_sweep"] * x["sweep_vs_alone"] == pytest.approx(x["ratio"])
     for row in doc["e2e"]:
         assert row["batch"] in (1, 32)
         assert set(row["ms"]) >= {"fp32", "bf16", "fbgemm_int8", "soniq"} and all(v > 0 for v in row["ms"].values())

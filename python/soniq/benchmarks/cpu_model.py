@@ -96,13 +96,18 @@ class LayerTimer:
 @torch.inference_mode()
 def inside_vs_alone(model, feats: dict, rounds: int, calls: int) -> dict:
     """Rounds of (`calls` forwards, then each layer alone `calls` times on its input from
-    the forward); per layer the median over all calls; sums over layers; ratio per round."""
+    the forward, then `calls` sweeps calling every layer once in model order with nothing
+    between); per layer the median over all calls; sums over layers; ratio per round. The
+    sweep sits between the two: like inside, a layer's weights come from L3 (35 other layers
+    ran since), like alone, no torch op runs between, so inside / sweep is what the model's
+    other ops (threads, caches) cost the layers and sweep / alone what cold weights cost."""
     layers = [m for m in model.modules() if isinstance(m, soniq.nn.PackedLinear)]
     timer = LayerTimer(layers)
     try:
         model(dict(feats))  # warm-up, records the inputs
         inside = {m: [] for m in layers}
         alone = {m: [] for m in layers}
+        sweep = {m: [] for m in layers}
         per_round = []
         for _ in range(rounds):
             timer.take()
@@ -119,13 +124,20 @@ def inside_vs_alone(model, feats: dict, rounds: int, calls: int) -> dict:
                 inside[m] += got_in[m]
             per_round.append(sum(statistics.median(got_in[m]) for m in layers)
                              / sum(statistics.median(alone[m][-calls:]) for m in layers))
+            for _ in range(calls):
+                for m in layers:
+                    m(timer.inputs[m])
+            for m, v in timer.take().items():
+                sweep[m] += v
     finally:
         timer.remove()
     s_in = sum(statistics.median(v) for v in inside.values())
     s_al = sum(statistics.median(v) for v in alone.values())
+    s_sw = sum(statistics.median(v) for v in sweep.values())
     # best calls: what is left once other processes' preemptions are filtered out
     b_in, b_al = sum(min(v) for v in inside.values()), sum(min(v) for v in alone.values())
     return {"layers": len(layers), "inside_ms": s_in * 1e3, "alone_ms": s_al * 1e3, "ratio": s_in / s_al,
+            "sweep_ms": s_sw * 1e3, "inside_vs_sweep": s_in / s_sw, "sweep_vs_alone": s_sw / s_al,
             "ratio_per_round": per_round, "inside_best_ms": b_in * 1e3, "alone_best_ms": b_al * 1e3,
             "ratio_best": b_in / b_al}
 
@@ -171,7 +183,9 @@ def per_round_vs_best_int8(rounds_ms: dict) -> list:
 WHY_INSIDE = ("compare the per-round ratios and the best-call ratio (inside_best_ms / alone_best_ms in the "
               "JSON): on a machine shared with other jobs one preempted round moves the median; a ratio that "
               "stays high in every round means soniq's threads wait for torch's (see Threads in "
-              "docs/DESIGN_NOTES.md)")
+              "docs/DESIGN_NOTES.md). The 'in model order' columns split the gap: inside / in order near 1 "
+              "with in order / alone above it means the layers pay for weights that come from L3 inside a "
+              "model (alone keeps a layer's weights in L2), not for torch's threads")
 WHY_E2E = ("on a CPU without AMX the packed layers run at the int8 vpdpbusd rate whatever the weight bits (4-bit codes "
            "are decoded to bytes: no sub-byte dot product), i.e. at most at parity with an INT8 kernel; at M = 128 "
            "(batch 1) the K = 384 layers still run at ~70% of the peak rate (activation quantization, the exact "
@@ -218,11 +232,18 @@ def markdown(doc: dict) -> str:
          "Sums over the packed layers of each layer's median call (and of its best call: what is left once "
          "other processes' preemptions are filtered out).", "",
          "| batch | soniq threads on | layers | sum inside ms | sum alone ms | inside / alone | per round | "
-         "best calls: inside / alone |", "|---:|---|---:|---:|---:|---:|---|---:|"]
+         "best calls: inside / alone | sum in model order ms | inside / in order | in order / alone |",
+         "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in doc["inside_vs_alone"]:
         L.append(f"| {r['batch']} | {r['backend']} | {r['layers']} | {r['inside_ms']:.2f} | {r['alone_ms']:.2f} | "
                  f"{r['ratio']:.2f} | {', '.join(f'{v:.2f}' for v in r['ratio_per_round'])} | "
-                 f"{r['inside_best_ms']:.2f} / {r['alone_best_ms']:.2f} = {r['ratio_best']:.2f} |")
+                 f"{r['inside_best_ms']:.2f} / {r['alone_best_ms']:.2f} = {r['ratio_best']:.2f} | "
+                 f"{r['sweep_ms']:.2f} | {r['inside_vs_sweep']:.2f} | {r['sweep_vs_alone']:.2f} |")
+    L += ["", "'In model order': every packed layer called once per sweep, in the forward's order, on its input "
+          "from the forward, nothing between them: its weights come from L3 as inside the model (the other "
+          "layers ran since), where 'alone' calls one layer back to back with its weights in L2. So inside / "
+          "in order is what the model's other ops cost the layers (threads, caches), in order / alone what "
+          "cold weights cost."]
     L += ["", "## End to end (ms per forward)", ""] + _e2e_table(doc, "ms", "summary")
     L += ["", "soniq vs the faster INT8 runtime of the same round (each round runs every method back to back; "
           "the target uses the median of these):", "",
