@@ -346,14 +346,16 @@ _LOAD_NOTE = ("Measured on a shared 2-core machine (load average in the header):
 _GEMV_WHY_AVX512 = (
     _LOAD_NOTE + "GEMV on AVX-512 streams the weight execution layout once (codes at b bits, 4 tiles of 16 rows "
     "per pass, decoded in registers: one load + shift + and per 4 codes x 16 rows, vpdpbusd), timed with the "
-    "weights coming from DRAM (caches evicted before each call). INT8 GEMV is memory-bound (FBGEMM reads 1 byte "
-    "per weight at ~25 GB/s on 2 cores here), so b-bit weights bound the ratio at 8/b only if soniq reaches the "
-    "same bandwidth; the smaller the weight, the less it does: a cold call pays a fixed ~0.1-0.2 ms (DRAM "
-    "latency before the streams ramp up, waking the worker threads, the activation quantization), and the 1-bit "
-    "kernel is compute-bound besides (8 and + 8 vpdpbusd per 64 weight bytes: ~0.2 ms for 8192^2 on 2 cores "
-    "with the weights in cache), with its memory stalls only partly overlapped. With the weights in the L3 "
-    "(8 MiB at 1 bit fits it) W1A8 reaches 9-10x. Next: a table-lookup 1-bit kernel (vpshufb/vpermb over "
-    "groups of 4 activations, T-MAC style) to halve the compute, and longer prefetch streams.")
+    "weights coming from DRAM (caches evicted before each call). There the limit is the DRAM read of one cold "
+    "call, and the smaller the read the less of the bandwidth it reaches: on this machine (2 threads, quiet) "
+    "a plain torch sum over as many bytes, caches evicted the same way, takes 0.42-0.44 ms for 7.3 MB (17 GB/s), "
+    "0.53-0.55 ms for 14.7 MB, 0.80-0.84 ms for 29 MB and 2.3 ms for 59 MB, against soniq's W1A8 0.50 ms, W2A8 "
+    "0.49-0.53, W4A8 0.86-1.0 and W8A8 1.9-2.0 ms on 14336x4096 (FBGEMM INT8 ~2.4-2.7 ms). So W2A8 and up "
+    "run at the read ceiling, W1A8 within 1.2x of it, and 7.3x over a memory-bound INT8 GEMV would need a "
+    "1-bit weight read in a seventh of INT8's time, where this memory system gives ~6x for a cold 7.3 MB read "
+    "(fixed ramp-up per call). With the weight in L3 (8 MiB at 1 bit fits it) W1A8 reaches 9-10x. What is left "
+    "on the kernel side: the 1-bit kernel is compute-bound when warm (8 and + 8 vpdpbusd per 64 weight bytes; "
+    "a table-lookup kernel over groups of 4 activations, T-MAC style, would halve that).")
 _GEMM_WHY_AVX512 = (
     _LOAD_NOTE + "GEMM runs vpdpbusd on B tiles decoded once per 64 columns and K block into L1 (6x64 register "
     "block): ~390-420 GOP/s per core in the kernel, the same one-vpdpbusd-per-cycle limit as oneDNN's "
