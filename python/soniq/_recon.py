@@ -54,14 +54,20 @@ def _detach(v):
     return v
 
 
-def _floats(out) -> list:
+def float_tensors(out) -> list:
+    """The floating-point tensors of a module's output (nested tuples, lists, dicts)."""
     if isinstance(out, Tensor):
         return [out] if out.is_floating_point() else []
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _floats(v)]
+        return [t for v in out.values() for t in float_tensors(v)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _floats(v)]
+        return [t for v in out for t in float_tensors(v)]
     return []
+
+
+def relative_mse(outs, refs) -> Tensor:
+    """Sum over paired tensors of mean squared error / mean square of the reference."""
+    return sum(((o - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-30) for o, t in zip(outs, refs))
 
 
 def float_targets(model: nn.Module, blocks, batches, forward) -> tuple:
@@ -73,7 +79,7 @@ def float_targets(model: nn.Module, blocks, batches, forward) -> tuple:
         def fn(m, args, out):
             if name not in order:
                 order.append(name)
-            outs[name].append([t.detach().clone() for t in _floats(out)])
+            outs[name].append([t.detach().clone() for t in float_tensors(out)])
         return fn
 
     hs = [model.get_submodule(b).register_forward_hook(hook(b)) for b in blocks]
@@ -105,8 +111,7 @@ def _block_inputs(model, block: nn.Module, batches, forward) -> list:
 
 
 def _loss(out, target) -> Tensor:
-    outs = _floats(out)
-    return sum(((o - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-30) for o, t in zip(outs, target))
+    return relative_mse(float_tensors(out), target)
 
 
 def _codes(q) -> Tensor:

@@ -153,24 +153,13 @@ def _default_forward(model, batch):
     return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
 
 
-def _float_tensors(out) -> list:
-    if isinstance(out, Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _float_tensors(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _float_tensors(v)]
-    return []
-
-
 def output_distortion(out, ref) -> float:
     """Default distortion: sum over the output's float tensors of mean squared error / mean
     square of the reference."""
-    a, b = _float_tensors(out), _float_tensors(ref)
+    a, b = _recon.float_tensors(out), _recon.float_tensors(ref)
     if not a or len(a) != len(b):
         raise ValueError("the model's output holds no float tensors to compare; pass distortion=")
-    return float(sum(((x.float() - y.float()) ** 2).mean() / (y.float() ** 2).mean().clamp_min(1e-30)
-                     for x, y in zip(a, b)))
+    return float(_recon.relative_mse([x.float() for x in a], [y.float() for y in b]))
 
 
 # ---- calibration -------------------------------------------------------------------------
@@ -224,8 +213,6 @@ class _Stats:
 def _run(model, batches, forward):
     with torch.no_grad():
         return [forward(model, b) for b in batches]
-
-
 
 
 def _float_pass(model, layers: dict, batches, forward, cap: int):
