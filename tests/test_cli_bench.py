@@ -42,11 +42,16 @@ def test_bench_cpu_minilm_quick_json(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)["model"]
     assert doc["meta"]["threads"] == 2 and doc["meta"]["thread_backend"] in ("openmp", "pool")
-    inside = {x["batch"]: x for x in doc["inside_vs_alone"]}
-    assert set(inside) == {1, 32}
-    for x in inside.values():
+    # soniq's packed layers, and as controls the FP32 and FBGEMM models' own encoder Linears
+    rows = {(x["batch"], x["layers_of"]): x for x in doc["inside_vs_alone"]}
+    assert set(rows) == {(b, k) for b in (1, 32) for k in ("soniq", "fp32", "fbgemm_int8")}
+    for x in rows.values():
         assert x["layers"] == 36 and x["inside_ms"] > 0 and x["alone_ms"] > 0 and x["ratio"] > 0
         assert x["sweep_ms"] > 0 and x["inside_vs_sweep"] * x["sweep_vs_alone"] == pytest.approx(x["ratio"])
+    for b in (1, 32):
+        target = next(t for t in doc["targets"] if t["what"] == f"packed layers inside / alone, batch {b}")
+        assert target["value"] == rows[(b, "soniq")]["ratio"]
+        assert target["controls"] == {k: rows[(b, k)]["ratio"] for k in ("fp32", "fbgemm_int8")}
     for row in doc["e2e"]:
         assert row["batch"] in (1, 32)
         assert set(row["ms"]) >= {"fp32", "bf16", "fbgemm_int8", "soniq"} and all(v > 0 for v in row["ms"].values())

@@ -135,10 +135,15 @@ def test_fused_forward_input_forms(layout_isa):
               big[:, :, :96],                       # strided rows
               big[:, :, :96].transpose(0, 1),       # 3-D, permuted batch
               torch.randn(96, 5).T,                 # column-major
-              big[:, :, :96].double()):             # another dtype (converted as the float layer's input)
+              big[:, :, :96].double(),              # another dtype (converted as the float layer's input)
+              big[:, :, :96].contiguous(),          # 3-D contiguous (read in place, no reshape)
+              big[1, 2, :96].contiguous()):         # one vector
         got = lin(x)
-        assert got.shape == (*x.shape[:-1], 40)
+        assert got.shape == (*x.shape[:-1], 40) and got.dtype == torch.float32 and got.is_contiguous()
         assert torch.equal(got, unfused(lin, x))
+    for empty in (torch.randn(0, 96), torch.randn(2, 0, 96)):  # no rows: an empty output, as nn.Linear
+        got = lin(empty)
+        assert got.shape == (*empty.shape[:-1], 40) and got.dtype == torch.float32
     want = lin(big[:, :, :96])
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # the output is float32 whatever the default

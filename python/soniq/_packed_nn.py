@@ -267,30 +267,37 @@ class PackedLinear(_PackedBase):
             out_scale=None if integer else self.a_scale, dynamic=self.a_dynamic == "token"))
 
     def forward(self, x: Tensor) -> Tensor:
-        # eager CPU: the fused native forward (_fused_plan), one call after a few checks; kept
-        # lean (a GEMV-sized layer runs in ~10 us, so each torch call here shows)
-        if type(x) is Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # eager CPU: the fused native forward (_fused_plan), one call after a few checks. Kept
+        # lean: a GEMV-sized layer runs in ~10 us, and inside a model this Python runs with
+        # cold caches between the model's other ops, so every torch call here shows (issue 13)
+        if type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling():
             fused = self._fused_plan()
             if fused is not None:
                 lp, K, N = fused
-                if x.shape[-1] != K:
-                    raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
-                flat = x.dim() == 2
-                rows = x if flat else x.reshape(-1, K)
-                smooth = self._buffers["a_inv_smooth"]
-                if smooth is not None:
-                    rows = rows.float() * smooth
-                elif rows.dtype != torch.float32:
-                    rows = rows.float()
-                if rows.stride(-1) != 1:
-                    rows = rows.contiguous()
-                M = rows.shape[0]
-                out = torch.empty(M, N, dtype=torch.float32)
+                shape = x.shape
+                if shape[-1] != K:
+                    raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(shape)}")
+                if x.dtype is torch.float32 and x.is_contiguous() and self._buffers["a_inv_smooth"] is None:
+                    rows, M, ld = x, x.numel() // K, K  # the usual case: no reshape, no view
+                    out = x.new_empty((*shape[:-1], N))  # float32 on the CPU, as x
+                else:
+                    rows = x.reshape(-1, K)
+                    smooth = self._buffers["a_inv_smooth"]
+                    if smooth is not None:
+                        rows = rows.float() * smooth
+                    elif rows.dtype != torch.float32:
+                        rows = rows.float()
+                    if rows.stride(-1) != 1:
+                        rows = rows.contiguous()
+                    M, ld = rows.shape[0], rows.stride(0)
+                    out = torch.empty((*shape[:-1], N), dtype=torch.float32)
+                if M == 0:  # no rows, no output values (as nn.Linear)
+                    return out
                 # False: the active ISA (set_isa since) has no layout kernels; the general path below
-                if lp.forward(rows.data_ptr(), M, rows.stride(0), out.data_ptr()):
+                if lp.forward(rows.data_ptr(), M, ld, out.data_ptr()):
                     if self.activation is not None:
                         self._activate(out)
-                    return out if flat else out.view(*x.shape[:-1], N)
+                    return out
         return self._run(x, integer=False)
 
     def accumulators(self, x: Tensor) -> Tensor:

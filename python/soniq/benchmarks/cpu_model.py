@@ -93,53 +93,87 @@ class LayerTimer:
             h.remove()
 
 
-@torch.inference_mode()
-def inside_vs_alone(model, feats: dict, rounds: int, calls: int) -> dict:
-    """Rounds of (`calls` forwards, then each layer alone `calls` times on its input from
-    the forward, then `calls` sweeps calling every layer once in model order with nothing
-    between); per layer the median over all calls; sums over layers; ratio per round. The
-    sweep sits between the two: like inside, a layer's weights come from L3 (35 other layers
-    ran since), like alone, no torch op runs between, so inside / sweep is what the model's
-    other ops (threads, caches) cost the layers and sweep / alone what cold weights cost."""
-    layers = [m for m in model.modules() if isinstance(m, soniq.nn.PackedLinear)]
-    timer = LayerTimer(layers)
-    try:
-        model(dict(feats))  # warm-up, records the inputs
-        inside = {m: [] for m in layers}
-        alone = {m: [] for m in layers}
-        sweep = {m: [] for m in layers}
-        per_round = []
-        for _ in range(rounds):
+def encoder_linears(model, cls) -> list:
+    """The Linear layers of the encoder (the 36 that soniq packs), of module class cls."""
+    return [m for n, m in model.named_modules() if isinstance(m, cls) and ".encoder." in f".{n}."]
+
+
+# Controls: the same measurement on the float and FBGEMM models' own Linear layers, in the
+# same rounds. Any layer inside a model finds colder caches than one called back to back, so
+# these say how much of soniq's ratio is the model's and how much soniq's own.
+LAYER_LABELS = {"soniq": "soniq PackedLinear", "fp32": "FP32 nn.Linear", "fbgemm_int8": "FBGEMM INT8 dynamic Linear"}
+
+
+def control_layers(fp32, fbgemm) -> dict:
+    """{name: (model, layers)} of the control models (see LAYER_LABELS)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return {"fp32": (fp32, encoder_linears(fp32, nn.Linear)),
+            "fbgemm_int8": (fbgemm, encoder_linears(fbgemm, DynamicLinear))}
+
+
+class _InsideAlone:
+    """One model's side of inside_vs_alone: its timer and per-layer call times."""
+
+    def __init__(self, model, layers):
+        self.model, self.layers, self.timer = model, layers, LayerTimer(layers)
+        self.inside, self.alone, self.sweep = ({m: [] for m in layers} for _ in range(3))
+        self.per_round = []
+
+    def round(self, feats: dict, calls: int) -> None:
+        model, timer = self.model, self.timer
+        timer.take()
+        for _ in range(calls):
+            model(dict(feats))
+        got_in = timer.take()
+        for m in self.layers:
+            x = timer.inputs[m]
+            m(x)  # as a loop does: the previous call was this layer
             timer.take()
             for _ in range(calls):
-                model(dict(feats))
-            got_in = timer.take()
-            for m in layers:
-                x = timer.inputs[m]
-                m(x)  # as a loop does: the previous call was this layer
-                timer.take()
-                for _ in range(calls):
-                    m(x)
-                alone[m] += timer.take()[m]
-                inside[m] += got_in[m]
-            per_round.append(sum(statistics.median(got_in[m]) for m in layers)
-                             / sum(statistics.median(alone[m][-calls:]) for m in layers))
-            for _ in range(calls):
-                for m in layers:
-                    m(timer.inputs[m])
-            for m, v in timer.take().items():
-                sweep[m] += v
+                m(x)
+            self.alone[m] += timer.take()[m]
+            self.inside[m] += got_in[m]
+        self.per_round.append(sum(statistics.median(got_in[m]) for m in self.layers)
+                              / sum(statistics.median(self.alone[m][-calls:]) for m in self.layers))
+        for _ in range(calls):
+            for m in self.layers:
+                m(timer.inputs[m])
+        for m, v in timer.take().items():
+            self.sweep[m] += v
+
+    def result(self) -> dict:
+        med = lambda d: sum(statistics.median(v) for v in d.values())  # noqa: E731
+        s_in, s_al, s_sw = med(self.inside), med(self.alone), med(self.sweep)
+        # best calls: what is left once other processes' preemptions are filtered out
+        b_in, b_al = sum(min(v) for v in self.inside.values()), sum(min(v) for v in self.alone.values())
+        return {"layers": len(self.layers), "inside_ms": s_in * 1e3, "alone_ms": s_al * 1e3, "ratio": s_in / s_al,
+                "sweep_ms": s_sw * 1e3, "inside_vs_sweep": s_in / s_sw, "sweep_vs_alone": s_sw / s_al,
+                "ratio_per_round": self.per_round, "inside_best_ms": b_in * 1e3, "alone_best_ms": b_al * 1e3,
+                "ratio_best": b_in / b_al}
+
+
+@torch.inference_mode()
+def inside_vs_alone(models: dict, feats: dict, rounds: int, calls: int) -> dict:
+    """{name: result} for models {name: (model, layers)}, their rounds interleaved (a slow
+    stretch of a shared machine hits all alike). A round of one model: `calls` forwards, then
+    each layer alone `calls` times on its input from the forward, then `calls` sweeps calling
+    every layer once in model order with nothing between. Per layer the median over all calls;
+    sums over layers; ratio per round. The sweep sits between the two: like inside, a layer's
+    weights come from L3 (35 other layers ran since), like alone, no torch op runs between, so
+    inside / sweep is what the model's other ops (threads, caches) cost the layers and sweep /
+    alone what cold weights cost."""
+    sides = {k: _InsideAlone(model, layers) for k, (model, layers) in models.items()}
+    try:
+        for side in sides.values():
+            side.model(dict(feats))  # warm-up, records the inputs
+        for _ in range(rounds):
+            for side in sides.values():
+                side.round(feats, calls)
     finally:
-        timer.remove()
-    s_in = sum(statistics.median(v) for v in inside.values())
-    s_al = sum(statistics.median(v) for v in alone.values())
-    s_sw = sum(statistics.median(v) for v in sweep.values())
-    # best calls: what is left once other processes' preemptions are filtered out
-    b_in, b_al = sum(min(v) for v in inside.values()), sum(min(v) for v in alone.values())
-    return {"layers": len(layers), "inside_ms": s_in * 1e3, "alone_ms": s_al * 1e3, "ratio": s_in / s_al,
-            "sweep_ms": s_sw * 1e3, "inside_vs_sweep": s_in / s_sw, "sweep_vs_alone": s_sw / s_al,
-            "ratio_per_round": per_round, "inside_best_ms": b_in * 1e3, "alone_best_ms": b_al * 1e3,
-            "ratio_best": b_in / b_al}
+        for side in sides.values():
+            side.timer.remove()
+    return {k: side.result() for k, side in sides.items()}
 
 
 @torch.inference_mode()
@@ -180,12 +214,12 @@ def per_round_vs_best_int8(rounds_ms: dict) -> list:
 
 
 # ---- report -------------------------------------------------------------------------------
-WHY_INSIDE = ("compare the per-round ratios and the best-call ratio (inside_best_ms / alone_best_ms in the "
-              "JSON): on a machine shared with other jobs one preempted round moves the median; a ratio that "
-              "stays high in every round means soniq's threads wait for torch's (see Threads in "
-              "docs/DESIGN_NOTES.md). The 'in model order' columns split the gap: inside / in order near 1 "
-              "with in order / alone above it means the layers pay for weights that come from L3 inside a "
-              "model (alone keeps a layer's weights in L2), not for torch's threads")
+WHY_INSIDE = ("a layer inside a model finds its input, weights and output buffer in L3 (the model's other ops ran "
+              "since), where called back to back it keeps them in L2, and its Python runs cold; the 'in model "
+              "order' columns split the gap (inside / in order: the model's other ops; in order / alone: cold "
+              "weights). The FP32 and FBGEMM rows are the same measurement on those models' own Linear layers: "
+              "a soniq ratio at or below theirs is the model's, not soniq's threads waiting for torch's (see "
+              "Threads in docs/DESIGN_NOTES.md)")
 WHY_E2E = ("on a CPU without AMX the packed layers run at the int8 vpdpbusd rate whatever the weight bits (4-bit codes "
            "are decoded to bytes: no sub-byte dot product), i.e. at most at parity with an INT8 kernel; at M = 128 "
            "(batch 1) the K = 384 layers still run at ~70% of the peak rate (activation quantization, the exact "
@@ -231,11 +265,13 @@ def markdown(doc: dict) -> str:
          f"## Packed layers inside the forward vs alone (target <= {INSIDE_TARGET})", "",
          "Sums over the packed layers of each layer's median call (and of its best call: what is left once "
          "other processes' preemptions are filtered out).", "",
-         "| batch | soniq threads on | layers | sum inside ms | sum alone ms | inside / alone | per round | "
+         "| batch | layers of | soniq threads on | layers | sum inside ms | sum alone ms | inside / alone | per round | "
          "best calls: inside / alone | sum in model order ms | inside / in order | in order / alone |",
-         "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+         "|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in doc["inside_vs_alone"]:
-        L.append(f"| {r['batch']} | {r['backend']} | {r['layers']} | {r['inside_ms']:.2f} | {r['alone_ms']:.2f} | "
+        of = r.get("layers_of", "soniq")
+        L.append(f"| {r['batch']} | {LAYER_LABELS[of]} | {r['backend'] if of == 'soniq' else ''} | {r['layers']} | "
+                 f"{r['inside_ms']:.2f} | {r['alone_ms']:.2f} | "
                  f"{r['ratio']:.2f} | {', '.join(f'{v:.2f}' for v in r['ratio_per_round'])} | "
                  f"{r['inside_best_ms']:.2f} / {r['alone_best_ms']:.2f} = {r['ratio_best']:.2f} | "
                  f"{r['sweep_ms']:.2f} | {r['inside_vs_sweep']:.2f} | {r['sweep_vs_alone']:.2f} |")
@@ -243,7 +279,8 @@ def markdown(doc: dict) -> str:
           "from the forward, nothing between them: its weights come from L3 as inside the model (the other "
           "layers ran since), where 'alone' calls one layer back to back with its weights in L2. So inside / "
           "in order is what the model's other ops cost the layers (threads, caches), in order / alone what "
-          "cold weights cost."]
+          "cold weights cost. The FP32 nn.Linear and FBGEMM rows are the same measurement on those models' own "
+          "Linear layers, in the same rounds: the part of the ratio that any layer inside this model pays."]
     L += ["", "## End to end (ms per forward)", ""] + _e2e_table(doc, "ms", "summary")
     L += ["", "soniq vs the faster INT8 runtime of the same round (each round runs every method back to back; "
           "the target uses the median of these):", "",
@@ -284,19 +321,24 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
     except Exception as e:  # onnxruntime missing or the export failed: say so
         notes["ONNX Runtime INT8"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     methods["soniq"] = packed
+    controls = control_layers(fp32, methods["fbgemm_int8"])
     backend0 = _C.thread_backend()
     inside, e2e = [], []
     try:
         for batch in E["batches"]:
             feats = features(vocab, batch)
-            for be in E["backends"]:
+            for i, be in enumerate(E["backends"]):
                 _C.set_thread_backend(be)
-                r = {"batch": batch, "backend": _C.thread_backend(),
-                     **inside_vs_alone(packed, feats, E["rounds"][batch], E["calls"][batch])}
-                inside.append(r)
-                log(f"batch {batch:2d}: packed layers inside the forward {r['inside_ms']:.2f} ms, alone "
-                    f"{r['alone_ms']:.2f} ms, ratio {r['ratio']:.2f} (best calls {r['ratio_best']:.2f}; "
-                    f"threads on {r['backend']})")
+                models = {"soniq": (packed, encoder_linears(packed, soniq.nn.PackedLinear))}
+                if i == 0:  # the controls once, with soniq's default threads
+                    models.update(controls)
+                got = inside_vs_alone(models, feats, E["rounds"][batch], E["calls"][batch])
+                for k, r in got.items():
+                    r = {"batch": batch, "layers_of": k, "backend": _C.thread_backend(), **r}
+                    inside.append(r)
+                    log(f"batch {batch:2d}: {LAYER_LABELS[k]} layers inside the forward {r['inside_ms']:.2f} ms, "
+                        f"alone {r['alone_ms']:.2f} ms, ratio {r['ratio']:.2f} (best calls {r['ratio_best']:.2f}"
+                        + (f"; threads on {r['backend']})" if k == "soniq" else ")"))
             _C.set_thread_backend("auto")
             ms, cpu_ms, rounds_ms = end_to_end(methods, feats, E["rounds"][batch], E["calls"][batch])
             per_round = per_round_vs_best_int8(rounds_ms)
@@ -321,10 +363,16 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
             "thread_backend": backend0, "openmp_library": _C.openmp_library() or None,
             "logical_cpus": os.cpu_count(), "load_start": load_start,
             "load_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    targets = [{"what": f"packed layers inside / alone, batch {r['batch']}", "target": INSIDE_TARGET,
-                "value": r["ratio"], "met": r["ratio"] <= INSIDE_TARGET,
-                "why_missed": None if r["ratio"] <= INSIDE_TARGET else WHY_INSIDE}
-               for r in inside if r["backend"] == backend0]
+    targets = []
+    for r in inside:
+        if r["layers_of"] != "soniq" or r["backend"] != backend0:
+            continue
+        ctl = {c["layers_of"]: c["ratio"] for c in inside if c["batch"] == r["batch"] and c["layers_of"] != "soniq"}
+        why = None if r["ratio"] <= INSIDE_TARGET else WHY_INSIDE + "".join(
+            f"; {LAYER_LABELS[k]} layers, same run, same measurement: {v:.2f}" for k, v in ctl.items())
+        targets.append({"what": f"packed layers inside / alone, batch {r['batch']}", "target": INSIDE_TARGET,
+                        "value": r["ratio"], "met": r["ratio"] <= INSIDE_TARGET, "controls": ctl,
+                        "why_missed": why})
     for r in e2e:  # the median over rounds of the same-round ratio (see per_round_vs_best_int8)
         v = r["vs_best_int8_round_median"]
         targets.append({"what": f"end to end vs best INT8, batch {r['batch']}", "target": 1.0, "value": v,
