@@ -223,7 +223,7 @@ WHY_INSIDE = ("a layer inside a model finds its input, weights and output buffer
 WHY_E2E = ("on a CPU without AMX the packed layers run at the int8 vpdpbusd rate whatever the weight bits (4-bit codes "
            "are decoded to bytes: no sub-byte dot product), i.e. at most at parity with an INT8 kernel; at M = 128 "
            "(batch 1) the K = 384 layers still run at ~70% of the peak rate (activation quantization, the exact "
-           "float64 epilogue, ~8 us of Python per call), where ONNX Runtime's int8 MatMul nodes come closer; see "
+           "float64 epilogue, ~5 us of Python per call, more inside a model), where ONNX Runtime's int8 MatMul nodes come closer; see "
            "docs/DESIGN_NOTES.md (Packed Linear forward on the CPU)")
 E2E_LABELS = {"fp32": "FP32", "bf16": "bf16", "fbgemm_int8": "FBGEMM INT8 dynamic",
               "ort_int8": "ONNX Runtime INT8 dynamic", "soniq": "soniq packed (W4.25/A8)"}
