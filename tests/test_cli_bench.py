@@ -55,8 +55,9 @@ def test_bench_cpu_minilm_quick_json(tmp_path):
     for row in doc["e2e"]:
         assert row["batch"] in (1, 32)
         assert set(row["ms"]) >= {"fp32", "bf16", "fbgemm_int8", "soniq"} and all(v > 0 for v in row["ms"].values())
+        assert "onednn_int8" in row["ms"] or "oneDNN INT8" in doc["notes"]
         # the target is the median of same-round ratios, recomputable from the saved round times
-        rm, int8 = row["rounds_ms"], [k for k in ("fbgemm_int8", "ort_int8") if k in row["rounds_ms"]]
+        rm, int8 = row["rounds_ms"], [k for k in ("fbgemm_int8", "onednn_int8", "ort_int8") if k in row["rounds_ms"]]
         want = [min(rm[k][i] for k in int8) / s for i, s in enumerate(rm["soniq"])]
         assert row["vs_best_int8_per_round"] == pytest.approx(want) and len(want) == (2 if row["batch"] == 1 else 1)
         target = next(t for t in doc["targets"] if t["what"] == f"end to end vs best INT8, batch {row['batch']}")
@@ -106,3 +107,27 @@ def test_gemv_timed_calls_start_with_cold_caches(monkeypatch):
     cpu_gemm.measure({"m": lambda: log.append("call")}, quick=True, cold=False)
     assert "evict" not in log
     assert cpu_gemm.COLD_MAX_M >= 1 and cpu_gemm.EVICT_BYTES >= 64 * 2**20
+
+
+def test_onednn_int8_linear_matches_its_integer_recipe():
+    """The oneDNN baseline layer computes what it says: per-token int8 activations times
+    per-channel int8 weights, summed exactly in int32, scaled back, plus the bias."""
+    from soniq.benchmarks.onednn_int8 import IntMMLinear
+
+    try:
+        torch._int_mm(torch.zeros(32, 64, dtype=torch.int8), torch.zeros(64, 32, dtype=torch.int8))
+    except (RuntimeError, AttributeError):
+        pytest.skip("torch._int_mm is not available on this CPU")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24)
+    q = IntMMLinear(lin)
+    x = torch.randn(3, 5, 64)
+    rows = x.reshape(-1, 64)
+    sx = rows.abs().amax(1, keepdim=True) / 127
+    sw = lin.weight.abs().amax(1) / 127
+    xi = torch.round(rows / sx).clamp(-127, 127).long()
+    wi = torch.round(lin.weight / sw[:, None]).clamp(-127, 127).long()
+    want = ((xi @ wi.T).float() * sx * sw + lin.bias).reshape(3, 5, 24)
+    got = q(x)
+    assert got.shape == (3, 5, 24) and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), lin(x).flatten(), dim=0) > 0.999

@@ -1,6 +1,7 @@
 """MiniLM-L6 on the CPU, one process: soniq's packed layers inside the model against the
-same layers timed alone, and the model end to end against FP32, bf16, FBGEMM INT8 dynamic
-and ONNX Runtime INT8 dynamic (batch 1 and 32, seq 128).
+same layers timed alone, and the model end to end against FP32, bf16, FBGEMM INT8 dynamic,
+oneDNN INT8 dynamic (torch._int_mm, onednn_int8.py) and ONNX Runtime INT8 dynamic (batch 1
+and 32, seq 128).
 
     soniq bench cpu [--quick] [--shapes minilm]   # or: python -m soniq.benchmarks.cpu_model
 
@@ -28,10 +29,12 @@ from torch import nn
 
 import soniq
 from soniq import _C
+from soniq.benchmarks.onednn_int8 import onednn_int8
 from soniq.benchmarks.ort_int8 import ort_int8
 
 SEQ = 128
 INSIDE_TARGET = 1.15
+INT8_METHODS = ("fbgemm_int8", "onednn_int8", "ort_int8")  # "best INT8" is the fastest of these
 FULL = dict(batches=(1, 32), rounds={1: 7, 32: 5}, calls={1: 5, 32: 2}, backends=("auto", "pool"))
 QUICK = dict(batches=(1, 32), rounds={1: 2, 32: 1}, calls={1: 2, 32: 1}, backends=("auto",))
 
@@ -207,7 +210,7 @@ def per_round_vs_best_int8(rounds_ms: dict) -> list:
     """soniq's speed over the faster INT8 runtime of the same round, per round: the methods of
     a round ran back to back, so a slow stretch of a shared machine (other jobs) moves both
     sides of a ratio alike, where it moves a ratio of medians taken over different rounds."""
-    int8 = [k for k in ("fbgemm_int8", "ort_int8") if k in rounds_ms]
+    int8 = [k for k in INT8_METHODS if k in rounds_ms]
     if "soniq" not in rounds_ms or not int8:
         return []
     return [min(rounds_ms[k][r] for k in int8) / s for r, s in enumerate(rounds_ms["soniq"])]
@@ -226,11 +229,12 @@ WHY_E2E = ("on a CPU without AMX the packed layers run at the int8 vpdpbusd rate
            "float64 epilogue, ~5 us of Python per call, more inside a model), where ONNX Runtime's int8 MatMul nodes come closer; see "
            "docs/DESIGN_NOTES.md (Packed Linear forward on the CPU)")
 E2E_LABELS = {"fp32": "FP32", "bf16": "bf16", "fbgemm_int8": "FBGEMM INT8 dynamic",
-              "ort_int8": "ONNX Runtime INT8 dynamic", "soniq": "soniq packed (W4.25/A8)"}
+              "onednn_int8": "oneDNN INT8 dynamic (torch._int_mm)", "ort_int8": "ONNX Runtime INT8 dynamic",
+              "soniq": "soniq packed (W4.25/A8)"}
 
 
 def summarize(e2e: dict) -> dict:
-    int8 = [k for k in ("fbgemm_int8", "ort_int8") if k in e2e]
+    int8 = [k for k in INT8_METHODS if k in e2e]
     best = min(int8, key=lambda k: e2e[k]) if int8 else None
     out = {"best_int8": best}
     if "soniq" in e2e:
@@ -315,6 +319,10 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
     from soniq.demos.minilm import fbgemm_int8
 
     methods["fbgemm_int8"] = fbgemm_int8(fp32)
+    try:
+        methods["onednn_int8"] = onednn_int8(fp32)
+    except (RuntimeError, AttributeError) as e:  # a torch without torch._int_mm on this CPU: say so
+        notes["oneDNN INT8"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     tmp = tempfile.TemporaryDirectory()
     try:
         methods["ort_int8"] = ort_int8(fp32, threads, tmp.name)
