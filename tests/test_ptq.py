@@ -155,6 +155,55 @@ def test_per_token_dynamic_activations_fake_equals_packed():
     _check_fake_equals_packed(m, soniq.convert(m), x[:37])
 
 
+def _outlier_data(n=384, k=48):
+    """Correlated inputs with a few outlier columns (what smoothing is for)."""
+    x, _ = _data(n=n, k=k)
+    x[:, [3, 17, 40]] *= 25.0
+    return x, list(x.split(64))
+
+
+@pytest.mark.parametrize("dynamic", [None, "token"])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_smoothing_fake_equals_packed_and_factors_come_from_the_calibration(dynamic, sequential):
+    """smooth_alpha: every Linear gets s from the largest |x| per column over all calibration
+    batches (not only the first); the packed layers apply the same 1/s, so the integer
+    accumulators stay equal, also for GPTQ's error-fed codes."""
+    from soniq.nn import smooth_factors
+
+    x, batches = _outlier_data()
+    float_model = _mlp()
+    opts = (("smooth_alpha", 0.5),) + ((("a_dynamic", dynamic),) if dynamic else ())
+    m = quantize(copy.deepcopy(float_model), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0,
+                                                                 qat_options=opts, sequential=sequential))
+    with torch.no_grad():
+        want = smooth_factors(x.abs().amax(0), float_model[0].weight, 0.5)
+        first = smooth_factors(batches[0].abs().amax(0), float_model[0].weight, 0.5)
+    q0 = m[0]
+    assert q0.smooth_alpha == 0.5 and torch.equal(q0.a_smooth, want) and not torch.equal(want, first)
+    assert torch.equal(q0.a_inv_smooth, torch.ones_like(want) / want)
+    assert all(not torch.equal(q.a_smooth, torch.ones_like(q.a_smooth)) for q in m.modules() if isinstance(q, QLinear))
+    _check_fake_equals_packed(m, soniq.convert(m), x[:37])
+
+
+def test_smoothing_gptq_rounds_the_smoothed_weight():
+    """With smoothing GPTQ's codes are those of W * s: the quantizer's rounding of the
+    effective weight gives back codes x step, and the layer error on the calibration inputs
+    is below round-to-nearest of the same smoothed tiers."""
+    x, batches = _outlier_data()
+    cfg = dict(w_palette=(2, 4), w_bits_target=3.0, qat_options=(("smooth_alpha", 0.5),), allocation="hessian")
+    g = quantize(_mlp(), batches, PTQConfig(**cfg))
+    r = quantize(_mlp(), batches, PTQConfig(**cfg, rounding="rtn"))
+    q, qr = g[0], r[0]
+    assert torch.equal(q.w_quant.bits(), qr.w_quant.bits())
+    step = q.w_quant.step().detach()[:, None]
+    w = q.effective_weight().detach()
+    assert torch.allclose(w, torch.round(w / step) * step, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        ref = x @ _mlp()[0].weight.T
+        err = [float((qq.smoothed_input(x) @ qq.quantized_weight().T - ref).pow(2).mean()) for qq in (q, qr)]
+    assert err[0] < err[1]
+
+
 def test_conv_model_gptq_fake_equals_packed():
     torch.manual_seed(5)
     x = torch.randn(96, 3, 8, 8)
@@ -217,7 +266,10 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(sequential="yes"), "sequential must be True or False"),
     (dict(exclude="fc1"), "exclude must be a tuple"),
     (dict(qat_options=(("w_palette", (2, 4)),)), "qat_options cannot set"),
-    (dict(qat_options=(("smooth_alpha", 0.5),)), "smooth_alpha is not supported"),
+    (dict(qat_options=(("smooth_alpha", 1.5),)), "smooth_alpha must be a number in"),
+    (dict(qat_options=(("smooth_alpha", "0.5"),)), "smooth_alpha must be a number in"),
+    (dict(qat_options=(("smooth_alpha", 0.5),), reconstruct_blocks=("0",), reconstruct_steps=1),
+     "smooth_alpha and reconstruct_steps"),
     (dict(reconstruct_steps=10), "needs reconstruct_blocks"),
     (dict(reconstruct_blocks="0"), "reconstruct_blocks must be a tuple"),
     (dict(reconstruct_blocks=("a", "a.b")), "non-nested"),

@@ -77,6 +77,16 @@ class _QMixin:
         return va.to(torch.int64), vw.to(torch.int64)
 
 
+@torch.no_grad()
+def smooth_factors(amax_x: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant factors s_k = max|x_k|^alpha / max_n|W_nk|^(1-alpha) from the per-input
+    largest |x| amax_x [K] of the weight [N, K], scaled to geometric mean 1."""
+    amax_x = amax_x.float().clamp_min(float(amax_x.max()) * 1e-5 + 1e-12)
+    amax_w = weight.detach().float().abs().amax(0).clamp_min(1e-8)
+    s = amax_x.pow(alpha) / amax_w.pow(1.0 - alpha)
+    return (s / s.log().mean().exp()).clamp(1e-4, 1e4)
+
+
 class QLinear(_QMixin, nn.Linear):
     """nn.Linear with quantized weights (per output channel) and inputs (per input feature).
 
@@ -103,11 +113,12 @@ class QLinear(_QMixin, nn.Linear):
 
     @torch.no_grad()
     def _init_smoothing(self, x: Tensor) -> None:
-        amax_x = x.detach().float().abs().reshape(-1, self.in_features).amax(0)
-        amax_x = amax_x.clamp_min(float(amax_x.max()) * 1e-5 + 1e-12)
-        amax_w = self.weight.detach().float().abs().amax(0).clamp_min(1e-8)
-        s = amax_x.pow(self.smooth_alpha) / amax_w.pow(1.0 - self.smooth_alpha)
-        s = (s / s.log().mean().exp()).clamp(1e-4, 1e4)
+        self.set_smoothing(smooth_factors(x.detach().float().abs().reshape(-1, self.in_features).amax(0),
+                                          self.weight, self.smooth_alpha))
+
+    @torch.no_grad()
+    def set_smoothing(self, s: Tensor) -> None:
+        """Sets the factors s (from smooth_factors) and refits the weight clip for W * s."""
         self.a_smooth.copy_(s)
         self.a_inv_smooth.copy_(torch.ones_like(s) / s)
         # the weight clip was fit to the unsmoothed weight

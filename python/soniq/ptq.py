@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from . import _recon, ops, qat
 from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
-from .nn import QConv2d, QLinear
+from .nn import QConv2d, QLinear, smooth_factors
+from ._quantizers import check_smooth_alpha
 from .qat import QATConfig, _assign_tiers
 
 __all__ = ["PTQConfig", "Calibration", "calibrate", "quantize", "output_distortion"]
@@ -60,7 +61,9 @@ class PTQConfig:
     sequential: GPTQ on the inputs the already-rounded layers produce (else the float inputs).
     gain_batches: calibration batches used to measure the layer gains ("measured").
     exclude: module names left in float ("first"/"last" as in soniq.qat.prepare).
-    qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs.
+    qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs. ("smooth_alpha", a):
+    SmoothQuant factors s per Linear input column from the largest |x| over all calibration
+    batches (QLinear: its first batch); allocation and GPTQ then see W * s and x / s.
     reconstruct_blocks / reconstruct_steps: after rounding, fit each named block (e.g. the
     transformer layers) to the float model's block output, reconstruct_steps Adam steps per
     block on the calibration batches (soniq._recon; 0 = off); reconstruct_lr in code levels
@@ -134,7 +137,10 @@ class PTQConfig:
         if taken:
             raise ValueError(f"qat_options cannot set {sorted(taken)}: they are PTQConfig fields")
         if opts.get("smooth_alpha") is not None:
-            raise ValueError("qat_options: smooth_alpha is not supported by soniq.ptq")
+            check_smooth_alpha(opts["smooth_alpha"])
+            if rs:  # _recon re-parametrizes q.weight as codes x step: no room for the factors
+                raise ValueError("qat_options smooth_alpha and reconstruct_steps > 0 cannot be combined (block "
+                                 "reconstruction assumes unsmoothed weights)")
         set_(self, "qat_options", tuple(sorted(opts.items())))
 
     def qat_config(self):
@@ -178,6 +184,7 @@ class _Stats:
     def __init__(self, k: int, cap_elems: int):
         self.h = torch.zeros(k, k, dtype=torch.float64)
         self.t = 0
+        self.amax = torch.zeros(k)  # largest |x| per input column (smoothing factors)
         self.sample, self.cap, self.n = [], cap_elems, 0
         self.first_shape = None
 
@@ -185,9 +192,11 @@ class _Stats:
         r = rows.detach().float()
         self.add_xtx(r.T @ r, r.shape[0])  # float32 product per batch, float64 sum over batches
 
-    def add_xtx(self, xtx: Tensor, t: int) -> None:
+    def add_xtx(self, xtx: Tensor, t: int, amax: Optional[Tensor] = None) -> None:
         self.h += xtx.double()
         self.t += t
+        if amax is not None:
+            torch.maximum(self.amax, amax.cpu(), out=self.amax)
 
     def add_sample(self, x: Tensor, gen: torch.Generator) -> None:
         """Keeps up to cap elements of the input (whole rows / images): the rows holding the
@@ -230,7 +239,7 @@ def _float_pass(model, layers: dict, batches, forward, cap: int):
             geo = (m.kernel_size, m.dilation, m.padding, m.stride) if isinstance(m, nn.Conv2d) else None
             if last[0] is not x or last[1] != geo:
                 r = _rows(m, x).detach().float()
-                last[:] = [x, geo, (r.T @ r, r.shape[0])]
+                last[:] = [x, geo, (r.T @ r, r.shape[0], r.abs().amax(0))]
             if first[0] and name not in order:
                 order.append(name)
                 # the same tensor object (kept alive here, so never a reused address) = one group
@@ -260,7 +269,8 @@ def _float_pass(model, layers: dict, batches, forward, cap: int):
 @dataclass(frozen=True)
 class Calibration:
     """What one float pass over the calibration batches measured (soniq.ptq.calibrate):
-    reusable for several PTQConfigs on copies of the same float model."""
+    reusable for several PTQConfigs on copies of the same float model. stats[name].amax:
+    the largest |input| per column over all batches (smoothing factors)."""
 
     batches: tuple
     forward: Callable
@@ -345,15 +355,27 @@ def _layer_gains(model, layers, errs_lo, batches, forward, distortion) -> dict:
     return gains
 
 
-def _w_scores(layers, stats, cfg) -> tuple:
-    """Per layer: output-error increase of each channel at the low tier vs the high tier."""
+def _moment(stats, n, smooth) -> Tensor:
+    """H of the input the activation quantizer sees: x * (1/s) when layer n is smoothed."""
+    h = stats[n].moment()
+    if n not in smooth:
+        return h
+    inv = 1.0 / smooth[n].double()
+    return h * inv[:, None] * inv[None, :]
+
+
+def _w_scores(layers, stats, cfg, smooth) -> tuple:
+    """Per layer: output-error increase of each channel at the low tier vs the high tier
+    (smoothed layers: of the weight W * s the quantizer rounds, on the inputs x / s)."""
     lo, hi = cfg.w_palette
     scores, errs_lo = {}, {}
     for n, m in layers.items():
         w2 = m.weight.detach().reshape(m.weight.shape[0], -1).float()
-        h = stats[n].moment()
+        s = smooth.get(n)
+        w2 = w2 if s is None else w2 * s.to(w2)
+        h = _moment(stats, n, smooth)
         ql = _rtn(w2, lo)
-        m._ptq_low = ql
+        m._ptq_low = ql if s is None else ql / s.to(ql)  # the float weight whose smoothed rounding this is
         errs_lo[n] = h_error(w2, ql, h)
         scores[n] = errs_lo[n] - (h_error(w2, _rtn(w2, hi), h) if hi != lo else 0)
     return scores, errs_lo
@@ -368,7 +390,7 @@ def _a_scores(layers, qlayers, cfg) -> dict:
         q = qlayers[n].a_quant
         clip = float(q.clip.detach())
         den = (lambda b: 2 ** (b - 1)) if q.signed else (lambda b: 2 ** b - 1)
-        w = m.weight.detach().double()
+        w = qlayers[n].effective_weight().detach().double()
         wk = (w ** 2).sum(0).reshape(w.shape[1], -1).sum(1)  # Conv2d: over outputs and the kernel window
         out[n] = wk * (clip ** 2) * (1 / den(lo) ** 2 - 1 / den(hi) ** 2) / 12
     return out
@@ -418,11 +440,14 @@ def _freeze(model, qlayers: dict, wbits: dict, abits: dict) -> None:
 # ---- rounding ----------------------------------------------------------------------------
 
 def _set_codes(q, codes: Tensor, name: str) -> None:
-    """weight <- codes x step (so the quantizer's rounding gives back exactly these codes)."""
+    """weight <- codes x step (smoothed: / s) so the quantizer's rounding of the weight it sees
+    gives back exactly these codes (checked)."""
     step = q.w_quant.step().detach()
     shape = q.weight.shape
     with torch.no_grad():
-        q.weight.copy_((codes.to(torch.float32) * step.float().unsqueeze(1)).reshape(shape).to(q.weight))
+        w = codes.to(torch.float32) * step.float().unsqueeze(1)
+        w = w if q.smooth_alpha is None else w / q.a_smooth.float()
+        q.weight.copy_(w.reshape(shape).to(q.weight))
         back = ops.quantize(q.effective_weight().detach().float(), step.float(), q.w_quant.bits(), signed=True,
                             axis=0, values_only=True).reshape(shape[0], -1)
     if not torch.equal(back.double(), codes.double()):
@@ -442,7 +467,7 @@ def _quantized_rows(q, x: Tensor) -> Tensor:
         return _rows(q, q.a_quant(q.smoothed_input(x)))
 
 
-def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg) -> None:
+def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg, smooth) -> None:
     for group in groups:
         hs = {}
         if cfg.sequential:
@@ -466,7 +491,7 @@ def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg
         for n in group:
             q = qlayers[n]
             w2 = q.effective_weight().detach().reshape(q.weight.shape[0], -1)
-            codes = gptq_codes(w2, hs[n] if cfg.sequential else stats[n].moment(), q.w_quant.step().detach(),
+            codes = gptq_codes(w2, hs[n] if cfg.sequential else _moment(stats, n, smooth), q.w_quant.step().detach(),
                                q.w_quant.bits().detach(), damp=cfg.damp, block_size=cfg.block_size,
                                act_order=cfg.act_order)
             _set_codes(q, codes, n)
@@ -510,7 +535,10 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
             raise ValueError(f"reconstruct_blocks: the model has no module {bad[0]!r}")
         recon = _recon.float_targets(model, cfg.reconstruct_blocks, batches, forward)
 
-    w_scores, errs_lo = _w_scores(layers, stats, cfg)
+    alpha = dict(cfg.qat_options).get("smooth_alpha")  # Linear layers: factors from the calibration's amax
+    smooth = {} if alpha is None else {n: smooth_factors(stats[n].amax, m.weight, alpha)
+                                       for n, m in layers.items() if type(m) is nn.Linear}
+    w_scores, errs_lo = _w_scores(layers, stats, cfg, smooth)
     gains = {n: 1.0 for n in layers}
     if cfg.allocation == "measured" and cfg.w_palette[0] != cfg.w_palette[1]:
         gains = _layer_gains(model, layers, errs_lo, batches[:cfg.gain_batches], forward, distortion)
@@ -523,7 +551,9 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         s = stats[n]
         x = torch.cat(s.sample)
         with torch.no_grad():
-            q.a_quant.calibrate(x.to(q.weight.dtype))
+            if n in smooth:
+                q.set_smoothing(smooth[n].to(q.weight.device))
+            q.a_quant.calibrate(q.smoothed_input(x.to(q.weight.dtype)))
             per = int(torch.tensor(s.first_shape[1:]).prod()) // s.first_shape[q.a_quant.axis % len(s.first_shape)]
             q.a_quant.elems_per_channel.fill_(max(1, per))
     w_counts = {n: float(q.w_quant.per_channel) for n, q in qlayers.items()}
@@ -536,7 +566,8 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     if cfg.rounding == "gptq":
         order = [n for n in cal.order if n in qlayers]
         groups = [[n for n in g if n in qlayers] for g in cal.groups]
-        _gptq(model, {n: qlayers[n] for n in order}, stats, [g for g in groups if g], batches, forward, cfg)
+        _gptq(model, {n: qlayers[n] for n in order}, stats, [g for g in groups if g], batches, forward, cfg,
+              smooth)
     report = {}
     if recon is not None:
         report = _recon.reconstruct(model, recon[0], recon[1], batches, forward, cfg.reconstruct_steps,
