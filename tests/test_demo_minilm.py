@@ -58,7 +58,7 @@ def test_quick_demo_reports_every_method(demo):
 
 
 def test_quick_sweep_and_ptq_row(demo):
-    """The second no-training row (soniq.ptq at 4.25 bits, packed) and the low-bit sweep's files."""
+    """The second no-training row (soniq.ptq at 4.5 bits with smoothing, packed) and the low-bit sweep's files."""
     out, res = demo
     p = res["methods"]["ptq"]
     assert "no training" in p["label"] and p["avg_w_bits"] <= 4.5 + 1e-6 and p["ptq_seconds"] > 0
