@@ -188,11 +188,8 @@ class _Stats:
         self.sample, self.cap, self.n = [], cap_elems, 0
         self.first_shape = None
 
-    def add_h(self, rows: Tensor) -> None:
-        r = rows.detach().float()
-        self.add_xtx(r.T @ r, r.shape[0])  # float32 product per batch, float64 sum over batches
-
     def add_xtx(self, xtx: Tensor, t: int, amax: Optional[Tensor] = None) -> None:
+        # xtx: the float32 product of one batch, summed over batches in float64
         self.h += xtx.double()
         self.t += t
         if amax is not None:
