@@ -70,6 +70,16 @@ void soniq::bindings::register_core(py::module_& m) {
   m.def("cuda_archs", &cuda_archs);
   m.def("compiled_isas", &compiled_isas);
   m.def("supported_isas", &supported_isas);
+  m.def("emulated_isas", &emulated_isas);
+#if defined(SONIQ_HAVE_X86_ISAS)
+  m.def("layout_gemm_self_check", [](const std::string& isa) {  // for tests: the check AMX passes at dispatch
+    std::string miss = missing_features(isa);
+    const KernelTable* t = kernels_for(isa);
+    if (!t || !miss.empty() || !t->layout_gemm || missing_features("avx512") != "")
+      throw std::invalid_argument("isa '" + isa + "' has no runnable layout GEMM next to AVX-512 on this CPU");
+    return layout_gemm_agrees_with_avx512(*t);
+  }, py::arg("isa"));
+#endif
   m.def("missing_features", &missing_features, py::arg("isa"));
   m.def("active_isa", &active_isa);
   // set_isa: bound in cpu_kernels.cpp (it checks the forced kernel path)

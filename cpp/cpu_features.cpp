@@ -3,6 +3,11 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
 #include <cpuid.h>
 #define SONIQ_X86 1
@@ -116,6 +121,21 @@ std::vector<std::string> cpu_feature_names() {
   add(f.amx_int8, "amx_int8");
   add(f.amx_bf16, "amx_bf16");
   return out;
+}
+
+bool amx_permitted() {
+  static const bool ok = [] {
+    const CpuFeatures& f = cpu_features();
+    if (!(f.amx_tile && f.amx_int8 && f.os_amx)) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    // Linux 5.16+: tile data is enabled per process on request (else TILELOADD faults)
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
 }
 
 }  // namespace soniq

@@ -15,6 +15,9 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& cpu_features();
+// Linux: this process may use the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM, asked once,
+// on first call; false without AMX in CPUID/XCR0, on other systems, or when the kernel refuses).
+bool amx_permitted();
 std::vector<std::string> cpu_feature_names();  // the flags that are set, for info()
 
 }  // namespace soniq

@@ -2,6 +2,11 @@ import numpy as np
 import pytest
 
 import soniq
+from soniq._native import _C
+
+# Every ISA path this machine runs natively, plus the AMX kernel's code on its emulation
+# (cpp/amx_emu.h; 'amx_emu', on CPUs with AVX-512) where the CPU has no AMX.
+TEST_ISAS = soniq.supported_isas() + [i for i in _C.emulated_isas() if "amx" not in soniq.supported_isas()]
 
 def pytest_report_header(config):
     d = soniq.info(verbose=False)
@@ -9,10 +14,10 @@ def pytest_report_header(config):
             f"threads {d['threads']['soniq']}"]
 
 
-@pytest.fixture(params=soniq.supported_isas())
+@pytest.fixture(params=TEST_ISAS)
 def isa(request):
-    """Runs a test once per ISA path this CPU has (the header lists them; unsupported
-    paths are covered by the tests that they raise a clear error)."""
+    """Runs a test once per ISA path this CPU has, and on the AMX emulation (the header lists
+    them; unsupported paths are covered by the tests that they raise a clear error)."""
     name = request.param
     with soniq.use_isa(name):
         yield name

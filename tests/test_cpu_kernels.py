@@ -16,18 +16,19 @@ import soniq
 from soniq import ops
 from soniq._native import _C
 
-ISAS = soniq.supported_isas()
-ALL_X86 = ["scalar", "avx2", "avx512"]
+ISAS = soniq.supported_isas() + list(_C.emulated_isas())  # with the AMX kernel on its emulation
+ALL_X86 = ["scalar", "avx2", "avx512", "amx", "amx_emu"]
 PATHS = ["auto", "bitserial", "bytes", "lut"]
 
 
 def isa_param(name):
-    miss = "" if name in ISAS else (_C.missing_features(name) if name in _C.compiled_isas() else "not compiled")
+    miss = "" if name in ISAS else (_C.missing_features(name) if name in _C.compiled_isas() + ["amx_emu"]
+                                    else "not compiled")
     return pytest.param(name, marks=pytest.mark.skipif(
         name not in ISAS, reason=f"{name} kernels need CPU features this machine lacks: {miss}"))
 
 
-ISA_PARAMS = [isa_param(n) for n in ALL_X86 if n in _C.compiled_isas()]
+ISA_PARAMS = [isa_param(n) for n in ALL_X86 if n in _C.compiled_isas() or n == "amx_emu"]
 
 
 @pytest.fixture

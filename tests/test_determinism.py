@@ -2,7 +2,8 @@
 this CPU supports, every thread count, repeated calls and (where a GPU is available)
 CUDA; the noise quantizer gives the same noise for the same seed everywhere.
 
-New kernels are covered automatically: the ISA loop is soniq.supported_isas().
+New kernels are covered automatically: the ISA loop is conftest.TEST_ISAS (soniq.supported_isas()
+and the AMX emulation).
 """
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import soniq
+from conftest import TEST_ISAS
 from soniq import ops
 
 THREADS = (1, 2, 3)
@@ -25,7 +27,7 @@ def restore_runtime():
 
 
 def configs():
-    for isa in soniq.supported_isas():
+    for isa in TEST_ISAS:
         for n in THREADS:
             yield isa, n
 

@@ -2,7 +2,8 @@
 
 - Object files of the native core are disassembled (objdump): files without an ISA in
   their name hold baseline x86-64 only (no VEX/EVEX: they run before dispatch decides);
-  '*avx2*' files hold no EVEX (AVX-512) instruction; '*avx512*' files may use anything.
+  '*avx2*' files hold no EVEX (AVX-512) instruction; '*avx512*' and '*amx*' files may use
+  anything.
 - ISA files must not define weak (COMDAT) code symbols: the linker could pick such a copy
   (e.g. an inline std:: function compiled with -mavx512f) for baseline callers.
 - SONIQ_ISA naming a path the CPU lacks, or no path at all, is a clear error at import;
@@ -42,7 +43,7 @@ def core_objects() -> list:
 
 def isa_of(obj: Path) -> str:
     name = obj.name.lower()
-    if "avx512" in name:
+    if "avx512" in name or "amx" in name:  # the AMX files are AVX-512 code too
         return "avx512"
     if "avx2" in name:
         return "avx2"

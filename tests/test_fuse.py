@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import soniq
+from conftest import TEST_ISAS
 from soniq._fuse import FusedActivation, FusedResidual
 from soniq.qat import QATConfig
 
@@ -58,7 +59,7 @@ def test_sequential_gelu_fused_same_bits():
     assert q.state_dict().keys() == ref.state_dict().keys()
 
 
-@pytest.mark.parametrize("isa", soniq.supported_isas())
+@pytest.mark.parametrize("isa", TEST_ISAS)
 def test_fused_same_bits_on_every_isa(isa):
     """ISAs without layout kernels take the general path (mpgemm + bias): gelu in place there too."""
     x = torch.randn(6, 37)

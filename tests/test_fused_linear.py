@@ -10,9 +10,9 @@ import soniq
 from soniq import KLayout, ops
 from soniq._native import _C
 from soniq._packed_nn import PackedLinear
-from conftest import edge_values, random_values, ref_matmul
+from conftest import TEST_ISAS, edge_values, random_values, ref_matmul
 
-LAYOUT_ISAS = [i for i in soniq.supported_isas() if i != "avx2"]  # the ISAs with layout kernels
+LAYOUT_ISAS = [i for i in TEST_ISAS if i != "avx2"]  # the ISAs with layout kernels
 
 
 @pytest.fixture(params=LAYOUT_ISAS)

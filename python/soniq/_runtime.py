@@ -30,12 +30,14 @@ def set_num_threads(n: int) -> None:
 
 
 def supported_isas() -> list[str]:
-    """ISA paths this CPU can run, e.g. ['scalar', 'avx2']."""
+    """ISA paths this CPU can run, e.g. ['scalar', 'avx2', 'avx512', 'amx'] (the last is the default).
+    'amx_emu' (the AMX kernel on its emulation, slow: for tests) is not listed but set_isa takes it
+    on CPUs with AVX-512."""
     return list(_C.supported_isas())
 
 
 def get_isa() -> str:
-    """The CPU kernel path in use: 'scalar', 'avx2' or 'avx512'."""
+    """The CPU kernel path in use: 'scalar', 'avx2', 'avx512', 'amx' (or 'amx_emu')."""
     return _C.active_isa()
 
 
@@ -80,6 +82,7 @@ def info(verbose: bool = True) -> dict:
         "isa": {
             "compiled": list(_C.compiled_isas()),
             "supported": supported_isas(),
+            "emulated": list(_C.emulated_isas()),  # set_isa only (tests): the AMX kernel on its emulation
             "active": get_isa(),
             "forced_by_env": os.environ.get("SONIQ_ISA") or None,
         },

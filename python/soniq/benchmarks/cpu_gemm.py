@@ -63,8 +63,9 @@ def cpu_report() -> dict:
 def peaks(cpu: dict, threads: int) -> dict:
     """Instruction-throughput limits (ops/s, a MAC = 2 ops) the kernels are held to."""
     ghz = (cpu["mhz"] or 2000.0) / 1000.0
-    avx512 = cpu["isa"] == "avx512"
-    int8_macs = 128 if avx512 else 64           # vpdpbusd zmm x2 / vpmaddubsw ymm x2 per cycle
+    avx512 = cpu["isa"] in ("avx512", "amx", "amx_emu")
+    # vpdpbusd zmm x2 / vpmaddubsw ymm x2 per cycle; AMX: one TDPBUSD (16x16x64) per 16 cycles
+    int8_macs = 1024 if cpu["isa"] == "amx" else 128 if avx512 else 64
     bit_macs = 512 if avx512 else 85.3          # vpopcntq zmm / (and+popcnt+add on 4 ALUs) x 64 bits
     return {"ghz": ghz, "int8_ops": 2 * int8_macs * ghz * 1e9 * threads,
             "popcount_ops": 2 * bit_macs * ghz * 1e9 * threads}

@@ -1,0 +1,150 @@
+// AMX-INT8 GEMM over the weight execution layout (cpp/wlayout.h), for many A rows. The body of
+// two translation units: kernels_amx.cpp (the tile instructions, AMX flags) and
+// kernels_amx_emu.cpp (the same code on cpp/amx_emu.h, for tests on CPUs without AMX). The
+// includer defines SONIQ_AMX_NS and the SONIQ_TILE_* operations.
+//
+// Per 64 columns the weight codes of all of K (up to the int32 limit) are decoded once into a
+// buffer, exactly as the AVX-512 kernel does: a decoded group (4 K codes x 16 columns, 64
+// bytes) is one row of an AMX B tile, so 16 consecutive groups (K = 64) are a B tile of 1 KiB
+// with a 64-byte stride, and the A bytes (K contiguous per row) are A tiles as they lie. Per
+// 32 rows x 32 columns: 2 A tiles x 2 B tiles into 4 int32 C tiles (tmm0-3), TDPBUSD (u8 x s8,
+// the vpdpbusd product: the same integers as the AVX-512 kernel, so the same outputs), then
+// the C tiles go to a 32 x 64 int32 strip that the shared epilogue or int64 store reads.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <stdexcept>
+#include <type_traits>
+
+namespace soniq::SONIQ_AMX_NS {
+
+#include "layout_avx512_common.inl"
+
+namespace {
+
+// Tiles: tmm0-3 C (rows 0-15 / 16-31 x columns 0-15 / 16-31), tmm4-5 A, tmm6-7 B; all 16 x 64 bytes.
+struct alignas(64) Config {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Loaded at every call: other code on this thread (oneDNN's AMX kernels under torch) may
+// have configured the tiles differently since; released at the end (tiles back to INIT).
+struct TileScope {
+  TileScope() {
+    static const Config cfg;
+    SONIQ_TILE_LOADCONFIG(&cfg);
+  }
+  ~TileScope() { SONIQ_TILE_RELEASE(); }
+};
+
+// The calling thread's copy of a tail strip's A rows (fewer than 32), zero-padded to 32.
+const uint8_t* pad_rows(const uint8_t* a, int64_t lda, int rows, int64_t kb) {
+  uint8_t* buf = reinterpret_cast<uint8_t*>(thread_buffer<1>(32 * kb));
+  for (int r = 0; r < rows; ++r) std::memcpy(buf + r * kb, a + r * lda, size_t(kb));
+  std::memset(buf + rows * kb, 0, size_t((32 - rows) * kb));
+  return buf;
+}
+
+// 32 rows x 32 columns (B tiles b0, b0 + 1 of the buffer) over ksteps of K = 64, into the strip
+// tile (row stride 64 int32) at column c. Rows 16-31 only when hi.
+inline void tile_block(const uint8_t* a, int64_t sa, const int8_t* b0, const int8_t* b1, int64_t ksteps, bool hi,
+                       int32_t* strip, int c) {
+  SONIQ_TILE_ZERO(0);
+  SONIQ_TILE_ZERO(1);
+  if (hi) {
+    SONIQ_TILE_ZERO(2);
+    SONIQ_TILE_ZERO(3);
+  }
+  for (int64_t s = 0; s < ksteps; ++s) {
+    SONIQ_TILE_LOADD(4, a + s * 64, sa);
+    SONIQ_TILE_LOADD(6, b0 + s * 1024, 64);
+    SONIQ_TILE_LOADD(7, b1 + s * 1024, 64);
+    SONIQ_TILE_DPBUSD(0, 4, 6);
+    SONIQ_TILE_DPBUSD(1, 4, 7);
+    if (hi) {
+      SONIQ_TILE_LOADD(5, a + 16 * sa + s * 64, sa);
+      SONIQ_TILE_DPBUSD(2, 5, 6);
+      SONIQ_TILE_DPBUSD(3, 5, 7);
+    }
+  }
+  SONIQ_TILE_STORED(0, strip + c, 256);
+  SONIQ_TILE_STORED(1, strip + c + 16, 256);
+  if (hi) {
+    SONIQ_TILE_STORED(2, strip + 16 * 64 + c, 256);
+    SONIQ_TILE_STORED(3, strip + 16 * 64 + c + 16, 256);
+  }
+}
+
+template <int BITS>
+void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_t N, int64_t kw, int64_t* C,
+               int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm, const LayoutEpilogue* ep) {
+  const int64_t tb = 2 * kw * BITS * 64, ntiles = (N + 15) / 16, nchunks = 2 * kw;
+  const int64_t blk = std::min(nchunks, kMaxChunksInt32);  // K block: all of K up to the int32 limit
+  const int64_t ts = blk * 512;                             // one tile's groups in the buffer
+  int8_t* buf = decode_buffer(4 * ts);
+  alignas(64) int32_t strip[32 * 64];
+  ColBlock cb;
+  TileScope tiles;
+  for (int64_t t0 = 0; t0 < ntiles; t0 += 4) {
+    const int64_t nt = std::min<int64_t>(4, ntiles - t0), nc = std::min<int64_t>(64, N - t0 * 16);
+    for (int64_t c0 = 0; c0 < nchunks; c0 += blk) {
+      const int64_t ncb = std::min(blk, nchunks - c0);  // even: kw * 64 codes are whole K = 64 steps
+      decode_block<BITS>(L, tb, t0, nt, c0, ncb, buf, ts);
+      const uint8_t* a = A + c0 * 32;
+      int64_t* c = C ? C + t0 * 16 : nullptr;
+      const int64_t* ct = colterm ? colterm + t0 * 16 : nullptr;
+      LayoutEpilogue e;
+      if (ep) {  // this block's columns
+        e = *ep;
+        e.ocol += t0 * 16, e.run += t0 * 2;
+        if (e.b_row) e.b_row += t0 * 16;
+        if (e.bias) e.bias += t0 * 16;
+        fill_col_block(cb, ct, e.b_row, nc);
+      }
+      const bool first = c0 == 0;
+      for (int64_t i = 0; i < M; i += 32) {
+        const int rows = int(std::min<int64_t>(32, M - i));
+        const uint8_t* ai = a + i * lda;
+        int64_t sa = lda;
+        if (rows < 32) ai = pad_rows(ai, lda, rows, ncb * 32), sa = ncb * 32;
+        for (int h = 0; h < 2 && h * 32 < nc; ++h)
+          tile_block(ai, sa, buf + 2 * h * ts, buf + (2 * h + 1) * ts, ncb / 2, rows > 16, strip, 32 * h);
+        if (ep) {
+          LayoutEpilogue es = e;
+          es.arow += i;
+          store_strip(strip, rows, es, rowterm + i, cb, nc, shift);
+        } else {
+          for (int r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < nc; j += 16)
+              add_lanes(_mm512_load_si512(strip + r * 64 + j),
+                        out_at(c, ldc, i + r, j, nc, shift, rowterm, ct, first));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
+                 int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm,
+                 const LayoutEpilogue* ep) {
+  if (ep && (!rowterm || kw * 64 > kLayoutEpilogueMaxK))
+    throw std::invalid_argument("layout_gemm: an epilogue needs the code-sum terms and K <= kLayoutEpilogueMaxK");
+  switch (bits) {
+    case 1: return gemm_bits<1>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+    case 2: return gemm_bits<2>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+    case 3: return gemm_bits<3>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+    case 4: return gemm_bits<4>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+    case 5: return gemm_bits<5>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+    case 6: return gemm_bits<6>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+    case 7: return gemm_bits<7>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+    default: return gemm_bits<8>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
+  }
+}
+
+}  // namespace soniq::SONIQ_AMX_NS
