@@ -51,14 +51,18 @@ using QuantPackFn = int64_t (*)(const float* x, const int64_t* idx, int64_t klen
 // Quantize one row of one K segment to one unsigned code byte per position, the A operand
 // the layout kernels read (the packed layers' fused path: no bit planes in between). Same
 // inputs and rounding as QuantPackFn; out[j] = code of xs[j] for j < klen, 0 for
-// klen <= j < kw*64. Returns the code sum; sets *nan when any xs is NaN (its code is then
-// unspecified; the caller makes the row's output NaN).
-using QuantBytesFn = int64_t (*)(const float* x, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
-                                 float hi, int alpha, uint8_t* out, bool* nan);
+// klen <= j < kw*64. mul (or null): per-column factors indexed as x (SmoothQuant's inverse
+// smoothing): xs[j] = x[idx[j]] * mul[idx[j]] (or x[j] * mul[j]), one float32 multiply
+// rounded on its own before the quantization's (as torch's x * mul, then the quantizer).
+// Returns the code sum; sets *nan when any xs is NaN (its code is then unspecified; the
+// caller makes the row's output NaN).
+using QuantBytesFn = int64_t (*)(const float* x, const float* mul, const int64_t* idx, int64_t klen, int64_t kw,
+                                 float inv, float lo, float hi, int alpha, uint8_t* out, bool* nan);
 
-// The largest finite_abs_bits (cpp/actpack.h) over x[0..n): a row's largest finite |x| as
-// its bit pattern (per-token dynamic scales).
-using RowAbsMaxFn = int32_t (*)(const float* x, int64_t n);
+// The largest finite_abs_bits (cpp/actpack.h) over x[0..n) (times mul[0..n), each product
+// rounded to float32, when mul is set): a row's largest finite |x| as its bit pattern
+// (per-token dynamic scales).
+using RowAbsMaxFn = int32_t (*)(const float* x, const float* mul, int64_t n);
 
 // Float output of one tile row with one K segment, in exactly the scalar driver's order:
 //   out_row[perm[j]] = float(((0.0 + double(acc[j]) * segscale) [* ar]) [* double(b_row[perm[j]])])

@@ -111,11 +111,14 @@ struct WordCodes {
         clo(_mm512_set1_ps(a1 ? lo : 0.0f)), chi(_mm512_set1_ps(a1 ? hi : 1.0f)),
         off(_mm512_set1_epi32(a1 ? int(lo) : 0)) {}
 
-  // codes of xs[0..63]; NaN lanes or-ed into nanm, the codes' sum added to sum (8 int64 lanes)
-  __m512i operator()(const float* xs, __mmask16& nanm, __m512i& sum) const {
+  // codes of xs[0..63] (times ms[0..63] when Mul: one vmulps of its own, rounded before the
+  // quantization's); NaN lanes or-ed into nanm, the codes' sum added to sum (8 int64 lanes)
+  template <bool Mul = false>
+  __m512i operator()(const float* xs, __mmask16& nanm, __m512i& sum, const float* ms = nullptr) const {
     __m128i b[4];
     for (int i = 0; i < 4; ++i) {
-      const __m512 x = _mm512_loadu_ps(xs + 16 * i);
+      __m512 x = _mm512_loadu_ps(xs + 16 * i);
+      if (Mul) x = _mm512_mul_ps(x, _mm512_loadu_ps(ms + 16 * i));
       nanm |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
       __m512 t = _mm512_mul_ps(x, vinv);
       if (!a1) t = _mm512_mul_ps(_mm512_add_ps(t, one), half);
@@ -150,25 +153,39 @@ int64_t avx512_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int
 
 // Activations straight to the layout kernels' A bytes (packed layers' fused path): the codes
 // of avx512_quant_pack, without planes.
-int64_t avx512_quant_bytes(const float* x_, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
-                           float hi, int alpha, uint8_t* out, bool* nan) {
+// mul (smoothing factors): whole words read in place are multiplied in registers; gathered
+// or partial ones get their products here (word_products), one float32 multiply each.
+int64_t avx512_quant_bytes(const float* x_, const float* mul, const int64_t* idx, int64_t klen, int64_t kw,
+                           float inv, float lo, float hi, int alpha, uint8_t* out, bool* nan) {
   const WordCodes codes(inv, lo, hi, alpha);
   __m512i sum = _mm512_setzero_si512();
   __mmask16 nanm = 0;
   alignas(64) float tmp[64];
-  for (int64_t w = 0; w < kw; ++w)
-    _mm512_storeu_si512(out + w * 64, codes(word_floats(x_, idx, klen, w, tmp), nanm, sum));
+  if (!mul) {
+    for (int64_t w = 0; w < kw; ++w)
+      _mm512_storeu_si512(out + w * 64, codes(word_floats(x_, idx, klen, w, tmp), nanm, sum));
+  } else {
+    for (int64_t w = 0; w < kw; ++w) {
+      const int64_t j0 = w * 64;
+      const __m512i v = !idx && klen - j0 >= 64 ? codes.operator()<true>(x_ + j0, nanm, sum, mul + j0)
+                                                : codes(word_products(x_, mul, idx, klen, w, tmp), nanm, sum);
+      _mm512_storeu_si512(out + j0, v);
+    }
+  }
   if (nanm) *nan = true;
   return _mm512_reduce_add_epi64(sum);
 }
 
-// ---- a row's largest finite |x| as its bit pattern (actpack.h finite_abs_bits), 16 at a time
-int32_t avx512_row_absmax(const float* x, int64_t n) {
+// ---- a row's largest finite |x| (|x * mul| when mul is set) as its bit pattern (actpack.h
+// finite_abs_bits), 16 at a time. Masked-off lanes load 0 (x and mul): |0| never wins.
+int32_t avx512_row_absmax(const float* x, const float* mul, int64_t n) {
   const __m512i absmask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
   __m512i m = _mm512_setzero_si512();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 live = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1u);
-    const __m512i v = _mm512_and_si512(_mm512_maskz_loadu_epi32(live, x + j), absmask);
+    __m512 xv = _mm512_maskz_loadu_ps(live, x + j);
+    if (mul) xv = _mm512_mul_ps(xv, _mm512_maskz_loadu_ps(live, mul + j));
+    const __m512i v = _mm512_and_si512(_mm512_castps_si512(xv), absmask);
     m = _mm512_mask_max_epi32(m, _mm512_cmplt_epi32_mask(v, inf), m, v);
   }
   return _mm512_reduce_max_epi32(m);

@@ -132,6 +132,18 @@ inline const float* word_floats(const float* x, const int64_t* idx, int64_t klen
   return tmp;
 }
 
+// word_floats of x * mul (one float32 product each, indexed as x), always in tmp.
+inline const float* word_products(const float* x, const float* mul, const int64_t* idx, int64_t klen, int64_t w,
+                                  float* tmp) {
+  const int64_t j0 = w * 64, n = klen - j0 < 64 ? klen - j0 : 64;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t k = idx ? idx[j0 + j] : j0 + j;
+    tmp[j] = x[k] * mul[k];
+  }
+  for (int64_t j = n; j < 64; ++j) tmp[j] = -__builtin_huge_valf();
+  return tmp;
+}
+
 // One code of ref_quant_pack's rounding (x not NaN).
 inline unsigned ref_code(float x, float inv, float lo, float hi, int alpha) {
   const float M = 12582912.0f;  // 1.5 * 2^23: (t + M) - M rounds half to even, as quantize.cpp
@@ -139,13 +151,16 @@ inline unsigned ref_code(float x, float inv, float lo, float hi, int alpha) {
   return unsigned(ref_clamp((ref_clamp((x * inv + 1.0f) * 0.5f, -2.0f, 3.0f) + M) - M, 0.0f, 1.0f));
 }
 
-// QuantBytesFn: the codes of ref_quant_pack as bytes (NaN: code 0, *nan set).
-inline int64_t ref_quant_bytes(const float* x, const int64_t* idx, int64_t klen, int64_t kw, float inv, float lo,
-                               float hi, int alpha, uint8_t* out, bool* nan) {
+// QuantBytesFn: the codes of ref_quant_pack as bytes (NaN: code 0, *nan set), of x * mul
+// (a float32 product of its own) when mul is set.
+inline int64_t ref_quant_bytes(const float* x, const float* mul, const int64_t* idx, int64_t klen, int64_t kw,
+                               float inv, float lo, float hi, int alpha, uint8_t* out, bool* nan) {
   int64_t sum = 0;
   bool saw_nan = false;
   for (int64_t j = 0; j < klen; ++j) {
-    const float v = idx ? x[idx[j]] : x[j];
+    const int64_t k = idx ? idx[j] : j;
+    float v = x[k];
+    if (mul) v = v * mul[k];
     const unsigned c = v != v ? 0u : ref_code(v, inv, lo, hi, alpha);
     saw_nan |= v != v;
     out[j] = uint8_t(c);

@@ -13,7 +13,7 @@ namespace soniq {
 
 LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg_scale, bool dynamic,
                        const PackedOperand& w, const int64_t* ksegs, const int8_t* w_layout,
-                       const float* w_row_scale, const float* bias)
+                       const float* w_row_scale, const float* bias, const float* inv_smooth)
     : K_(act.K), N_(w.rows), nsegs_(act.nsegs), a_signed_(a_signed), dynamic_(dynamic), w_layout_(w_layout),
       w_ngroups_(w.ngroups), w_signed_(w.is_signed) {
   if (!act.perm || !act.segs || !act.seg_scale || act.K <= 0 || act.nsegs <= 0 || !w.desc || !w.sums || !w.perm ||
@@ -40,6 +40,7 @@ LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg
   w_perm_.assign(w.perm, w.perm + w.rows);
   if (w_row_scale) w_row_scale_.assign(w_row_scale, w_row_scale + N_);
   if (bias) bias_.assign(bias, bias + N_);
+  if (inv_smooth) inv_smooth_.assign(inv_smooth, inv_smooth + K_);
   const PackedOperand wop{nullptr, N_, w_ngroups_, w_desc_.data(), w_sums_.data(), w_perm_.data(), w_signed_};
   w_prep_ = mpgemm_prepare(wop, nsegs_, w_row_scale_.empty() ? nullptr : w_row_scale_.data(),
                            bias_.empty() ? nullptr : bias_.data());
@@ -71,14 +72,16 @@ bool LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
   // 1. quantize rows: segment s of row r at B + M * byte_off[s] + r * kw * 64 (block layout)
   const int64_t chunk = std::max<int64_t>(1, (16384 + K_ - 1) / K_);  // ~16K elements per task
   std::atomic<bool> any_nan{false};
+  const float* sm = inv_smooth_.empty() ? nullptr : inv_smooth_.data();  // indexed as a row of x
   parallel_for((M + chunk - 1) / chunk, [&](int64_t t) {
-    std::vector<float> tmp;
     for (int64_t r = t * chunk, r1 = std::min(M, (t + 1) * chunk); r < r1; ++r) {
       const float* xr = x + r * ldx;
       float a = 1.0f;
-      if (dynamic_) {
+      if (dynamic_) {  // the scale of the smoothed row, x * inv_smooth
         int32_t m = 0;
-        if (kt.row_absmax) m = kt.row_absmax(xr, K_);
+        if (kt.row_absmax) m = kt.row_absmax(xr, sm, K_);
+        else if (sm)
+          for (int64_t k = 0; k < K_; ++k) m = std::max(m, finite_abs_bits(xr[k] * sm[k]));
         else
           for (int64_t k = 0; k < K_; ++k) m = std::max(m, finite_abs_bits(xr[k]));
         R[r] = a = settle_row_scale(float_of_bits(m), act_.data(), nsegs_);
@@ -87,11 +90,11 @@ bool LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
       for (int64_t s = 0; s < nsegs_; ++s) {
         const ActSegment& p = act_[size_t(s)];
         const bool run = contiguous_[size_t(s)];
-        const float* src = run ? xr + perm_[size_t(p.k0)] : xr;
+        const int64_t off = run ? perm_[size_t(p.k0)] : 0;
         const int64_t* idx = run ? nullptr : perm_.data() + p.k0;
         const float inv = dynamic_ ? dynamic_inv(p, a) : p.inv;
-        S[r * nsegs_ + s] = kt.quant_bytes(src, idx, p.klen, p.kw, inv, p.lo, p.hi, p.alpha,
-                                           B + M * byte_off[size_t(s)] + r * p.kw * 64, &nan);
+        S[r * nsegs_ + s] = kt.quant_bytes(xr + off, sm ? sm + off : nullptr, idx, p.klen, p.kw, inv, p.lo, p.hi,
+                                           p.alpha, B + M * byte_off[size_t(s)] + r * p.kw * 64, &nan);
       }
       NR[r] = nan;
       if (nan) any_nan.store(true, std::memory_order_relaxed);

@@ -18,9 +18,14 @@ class LinearPlan {
   // quantization scales per segment; out_seg_scale: the scale the output carries per segment
   // (null = 1); dynamic: per-token scales (actpack.h). w: the weight operand (data null,
   // desc/sums/perm), ksegs [nsegs][2], w_row_scale [N] (null = 1), bias [N] (null = none).
+  // inv_smooth [K] (null = none): SmoothQuant's per-input-column factors 1/s in x's column
+  // order; the quantize pass reads x * inv_smooth (each product a float32 multiply of its own,
+  // as torch's x * inv_smooth before it; per-token scales are those of the product), so a
+  // smoothed layer costs no extra pass over x and no temporary.
   // Everything is copied except w_layout, which the caller keeps alive.
   LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg_scale, bool dynamic, const PackedOperand& w,
-             const int64_t* ksegs, const int8_t* w_layout, const float* w_row_scale, const float* bias);
+             const int64_t* ksegs, const int8_t* w_layout, const float* w_row_scale, const float* bias,
+             const float* inv_smooth = nullptr);
 
   // out [M, N] (row-major) from x [M, K] (row r at x + r * ldx, unit column stride). A row
   // holding a NaN gives a NaN output row (as the float layer would). Returns false, touching
@@ -29,12 +34,13 @@ class LinearPlan {
 
   int64_t in_features() const { return K_; }
   int64_t out_features() const { return N_; }
+  bool smoothed() const { return !inv_smooth_.empty(); }
 
  private:
   int64_t K_, N_, nsegs_;
   bool a_signed_, dynamic_;
   std::vector<int64_t> perm_, segs_, ksegs_, w_desc_, w_sums_, w_perm_;
-  std::vector<float> seg_scale_, out_seg_scale_, w_row_scale_, bias_;
+  std::vector<float> seg_scale_, out_seg_scale_, w_row_scale_, bias_, inv_smooth_;
   std::vector<ActSegment> act_;
   std::vector<bool> contiguous_;  // segment s reads one contiguous run of x's columns
   WeightPrep w_prep_;  // the driver's per-weight work, done once (mpgemm_prepare)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import soniq
+from soniq._native import _C
 from soniq._gptq import gptq_codes, grid, h_error, round_codes
 from soniq.nn import PackedConv2d, PackedLinear, QConv2d, QLinear
 from soniq.ptq import PTQConfig, quantize
@@ -182,7 +183,32 @@ def test_smoothing_fake_equals_packed_and_factors_come_from_the_calibration(dyna
     assert q0.smooth_alpha == 0.5 and torch.equal(q0.a_smooth, want) and not torch.equal(want, first)
     assert torch.equal(q0.a_inv_smooth, torch.ones_like(want) / want)
     assert all(not torch.equal(q.a_smooth, torch.ones_like(q.a_smooth)) for q in m.modules() if isinstance(q, QLinear))
-    _check_fake_equals_packed(m, soniq.convert(m), x[:37])
+    packed = soniq.convert(m)
+    _check_fake_equals_packed(m, packed, x[:37])
+    _check_native_smoothing(packed, x[:37])
+
+
+def _check_native_smoothing(packed, x):
+    """Each smoothed packed Linear's forward (the native plan multiplies by a_inv_smooth in its
+    quantize pass where the ISA has layout kernels) equals, bit for bit, x * a_inv_smooth in
+    torch fed to the same layer without smoothing, on every ISA path this CPU has."""
+    inputs = {}
+    layers = {n: p for n, p in packed.named_modules() if isinstance(p, PackedLinear)}
+    hooks = [p.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
+             for n, p in layers.items()]
+    with torch.no_grad():
+        packed(x)
+    for h in hooks:
+        h.remove()
+    for n, p in layers.items():
+        assert p.a_inv_smooth is not None, n
+        twin = copy.deepcopy(p)
+        twin.a_inv_smooth = None
+        for isa in soniq.supported_isas():
+            with soniq.use_isa(isa), torch.no_grad():
+                if _C.layout_kernels_active():  # the native plan runs (else the general path)
+                    assert p._fused_plan()[0].smoothed, (n, isa)
+                assert torch.equal(p(inputs[n]), twin(inputs[n] * p.a_inv_smooth)), (n, isa)
 
 
 def test_smoothing_gptq_rounds_the_smoothed_weight():

@@ -277,15 +277,13 @@ class PackedLinear(_PackedBase):
                 shape = x.shape
                 if shape[-1] != K:
                     raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(shape)}")
-                if x.dtype is torch.float32 and x.is_contiguous() and self._buffers["a_inv_smooth"] is None:
+                # (smoothing, a_inv_smooth, is applied by the plan in its quantize pass)
+                if x.dtype is torch.float32 and x.is_contiguous():
                     rows, M, ld = x, x.numel() // K, K  # the usual case: no reshape, no view
                     out = x.new_empty((*shape[:-1], N))  # float32 on the CPU, as x
                 else:
                     rows = x.reshape(-1, K)
-                    smooth = self._buffers["a_inv_smooth"]
-                    if smooth is not None:
-                        rows = rows.float() * smooth
-                    elif rows.dtype != torch.float32:
+                    if rows.dtype != torch.float32:
                         rows = rows.float()
                     if rows.stride(-1) != 1:
                         rows = rows.contiguous()
@@ -308,23 +306,24 @@ class PackedLinear(_PackedBase):
         """What the fused plan was built from: the weight, the buffers it copied (objects and
         in-place versions: load_state_dict copies in place) and the activation mode."""
         b = self._buffers
-        bits, scale, bias = b["a_bits"], b["a_scale"], b["bias"]
+        bits, scale, bias, smooth = b["a_bits"], b["a_scale"], b["bias"], b["a_inv_smooth"]
         return (self.w, bits, scale, bias, self.a_dynamic, bits._version, scale._version,
-                None if bias is None else bias._version)
+                None if bias is None else bias._version, smooth, None if smooth is None else smooth._version)
 
     def _fused_plan(self):
         """(LinearPlan, in_features, out_features) of the native fused forward (cpp/linear.h:
         activations quantized straight to the bytes the weight-layout kernels read, the float
-        epilogue and bias in the GEMM kernel's store; one call, bit-identical to quantize_pack +
-        mpgemm + bias) where it applies: a CPU weight kept as its execution layout only, on an
+        epilogue and bias in the GEMM kernel's store, a_inv_smooth applied in its quantize pass;
+        one call, bit-identical to (x * a_inv_smooth) + quantize_pack + mpgemm + bias) where it applies: a CPU weight kept as its execution layout only, on an
         ISA with layout kernels. Built once and kept until _fused_key() changes; else None."""
         hit = self.__dict__.get("_fused")
         if hit is not None:  # _fused_key() == hit[0], compared without building the tuple
             k, b = hit[0], self._buffers
-            bits, scale, bias = b["a_bits"], b["a_scale"], b["bias"]
+            bits, scale, bias, smooth = b["a_bits"], b["a_scale"], b["bias"], b["a_inv_smooth"]
             if (k[0] is self.w and k[1] is bits and k[2] is scale and k[3] is bias and k[4] == self.a_dynamic
                     and k[5] == bits._version and k[6] == scale._version
-                    and k[7] == (None if bias is None else bias._version)):
+                    and k[7] == (None if bias is None else bias._version)
+                    and k[8] is smooth and k[9] == (None if smooth is None else smooth._version)):
                 return hit[1]
         key = self._fused_key()
         w = self.w
@@ -337,10 +336,13 @@ class PackedLinear(_PackedBase):
         sums, perm = w.sums.contiguous(), w.row_perm.contiguous()
         wscale = None if w.row_scale is None else w.row_scale.float().contiguous()
         bias = None if self.bias is None else self.bias.float().contiguous()
+        smooth = self.a_inv_smooth
+        smooth = None if smooth is None else smooth.float().contiguous()  # [K], x's column order
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         lp = _C.LinearPlan(plan.K, ptr(plan.k_perm), ptr(plan.segs), plan.segs.shape[0], ptr(plan.seg_scale),
                            plan.signed, ptr(plan.out_seg_scale), plan.dynamic, w.shape[0], desc.shape[0], ptr(desc),
-                           ptr(sums), ptr(perm), w.signed, ptr(ksegs), ptr(lay), ptr(wscale), ptr(bias))
+                           ptr(sums), ptr(perm), w.signed, ptr(ksegs), ptr(lay), ptr(wscale), ptr(bias),
+                           ptr(smooth))
         fused = (lp, lp.in_features, lp.out_features)
         self.__dict__["_fused"] = (key, fused, lay)  # lay: the plan reads the layout in place
         return fused
