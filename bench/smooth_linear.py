@@ -54,7 +54,8 @@ def main():
     torch.set_num_threads(args.threads)
     soniq.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    print(f"{soniq.info(verbose=False)['cpu']['model']}, isa {soniq.get_isa()}, threads {args.threads} K {args.K} N {args.N}")
+    cpu = soniq.info(verbose=False)["cpu"]["model"]
+    print(f"{cpu}, isa {soniq.get_isa()}, threads {args.threads}, K {args.K}, N {args.N}")
     for dynamic in (True, False):
         lin = layer(args.K, args.N, dynamic, rng)
         twin = copy.deepcopy(lin)

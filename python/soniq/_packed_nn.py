@@ -314,8 +314,9 @@ class PackedLinear(_PackedBase):
         """(LinearPlan, in_features, out_features) of the native fused forward (cpp/linear.h:
         activations quantized straight to the bytes the weight-layout kernels read, the float
         epilogue and bias in the GEMM kernel's store, a_inv_smooth applied in its quantize pass;
-        one call, bit-identical to (x * a_inv_smooth) + quantize_pack + mpgemm + bias) where it applies: a CPU weight kept as its execution layout only, on an
-        ISA with layout kernels. Built once and kept until _fused_key() changes; else None."""
+        one call, bit-identical to (x * a_inv_smooth) + quantize_pack + mpgemm + bias) where it
+        applies: a CPU weight kept as its execution layout only, on an ISA with layout kernels.
+        Built once and kept until _fused_key() changes; else None."""
         hit = self.__dict__.get("_fused")
         if hit is not None:  # _fused_key() == hit[0], compared without building the tuple
             k, b = hit[0], self._buffers
