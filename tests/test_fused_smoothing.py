@@ -1,8 +1,9 @@
 """SmoothQuant smoothing inside the packed Linear layer's fused CPU forward (cpp/linear.h): the
 plan multiplies x by a_inv_smooth in its quantize pass. Its output equals, bit for bit, the
 path smoothed layers took before (x * a_inv_smooth in torch, then the unsmoothed plan) and
-the general path, for static and per-token scales, on every ISA path this CPU has (AVX2 has
-no layout kernels: the general path), odd shapes, 3-D, non-contiguous and float64 input."""
+the general path, for static and per-token scales, on every ISA path this CPU has and the
+AMX emulation (AVX2 has no layout kernels: the general path), odd shapes, 3-D,
+non-contiguous and float64 input."""
 import copy
 
 import numpy as np

@@ -13,6 +13,7 @@ from soniq._native import _C
 from soniq._gptq import gptq_codes, grid, h_error, round_codes
 from soniq.nn import PackedConv2d, PackedLinear, QConv2d, QLinear
 from soniq.ptq import PTQConfig, quantize
+from conftest import TEST_ISAS
 
 
 def _mlp(seed=0):
@@ -204,7 +205,7 @@ def _check_native_smoothing(packed, x):
         assert p.a_inv_smooth is not None, n
         twin = copy.deepcopy(p)
         twin.a_inv_smooth = None
-        for isa in soniq.supported_isas():
+        for isa in TEST_ISAS:
             with soniq.use_isa(isa), torch.no_grad():
                 if _C.layout_kernels_active():  # the native plan runs (else the general path)
                     assert p._fused_plan()[0].smoothed, (n, isa)
