@@ -208,13 +208,7 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
       const int64_t* rt = rowterm;
       const int64_t* ct = colterm ? colterm + t0 * 16 : nullptr;
       LayoutEpilogue e;
-      if (ep) {  // this block's columns
-        e = *ep;
-        e.ocol += t0 * 16, e.run += t0 * 2;
-        if (e.b_row) e.b_row += t0 * 16;
-        if (e.bias) e.bias += t0 * 16;
-        fill_col_block(cb, ct, e.b_row, nc);
-      }
+      if (ep) e = block_epilogue(*ep, t0, ct, nc, cb);
       const bool first = c0 == 0;
       auto strip = [&](auto rm, int64_t i) {
         constexpr int RM = decltype(rm)::value;

@@ -139,6 +139,18 @@ struct AlignedFree {
   void operator()(int8_t* p) const { std::free(p); }
 };
 
+// The epilogue of the 64-column block at tile t0: ep's column arrays moved on to the block,
+// and its column terms (ct: colterm at the block) and B row scales in cb as doubles.
+inline LayoutEpilogue block_epilogue(const LayoutEpilogue& ep, int64_t t0, const int64_t* ct, int64_t nc,
+                                     ColBlock& cb) {
+  LayoutEpilogue e = ep;
+  e.ocol += t0 * 16, e.run += t0 * 2;
+  if (e.b_row) e.b_row += t0 * 16;
+  if (e.bias) e.bias += t0 * 16;
+  fill_col_block(cb, ct, e.b_row, nc);
+  return e;
+}
+
 // A per-thread buffer of at least `bytes` (64-byte aligned, kept for the next call); one per
 // Slot. Its types are local to this file (no shared template instances with baseline code).
 template <int Slot>
