@@ -22,22 +22,6 @@ using PackPlanesFn = void (*)(const uint8_t* codes, int64_t rows, int64_t klen, 
 using UnpackPlanesFn = void (*)(const uint64_t* planes, int bits, int64_t plane_stride, int64_t rows,
                                 int64_t kw, uint8_t* out, int64_t ldo);
 
-// Byte x plane block product for high-bit operands (int8 dot products):
-//   C[i*ldc + j] = sum_{k < kw*64} A[i*lda + k] * codeB(j, k)
-// A: unsigned codes, one byte each (rows padded with zeros to kw*64); B: bit planes as in
-// BitserialFn. Overwrites C.
-using BytesPlanesFn = void (*)(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb,
-                               int64_t b_plane_stride, int64_t N, int64_t kw, int64_t* C, int64_t ldc);
-
-// Table lookup (T-MAC style) for 1-2 rows of byte codes against bit-plane B.
-// lut_build: for each group of 4 codes of one A row, the sums of their low and high
-// nibbles over all 16 subsets, laid out for lut_planes (lut_bytes(kw) bytes per row).
-// lut_planes: C[i*ldc + j] = sum_k A[i][k] * codeB(j, k), same contract as BytesPlanesFn.
-using LutBuildFn = void (*)(const uint8_t* A, int64_t kw, uint8_t* tables);
-using LutPlanesFn = void (*)(const uint8_t* tables, int64_t M, const uint64_t* B, int pb, int64_t b_plane_stride,
-                             int64_t N, int64_t kw, int64_t* C, int64_t ldc);
-inline int64_t lut_bytes(int64_t kw) { return (kw + 3) / 4 * 2048; }  // 2048 bytes per 256 codes
-
 // Quantize one row of one K segment straight to bit planes (fused activation path,
 // cpp/actpack.h). The segment's floats in packed order are xs[j] = x[idx[j]] (gathered), or
 // x[j] when idx is null, for j < klen; positions klen..kw*64 get code 0.
@@ -112,24 +96,21 @@ struct KernelTable {
   BitserialFn bitserial = nullptr;
   PackPlanesFn pack_planes = nullptr;
   UnpackPlanesFn unpack_planes = nullptr;
-  BytesPlanesFn bytes_planes = nullptr;  // optional where the layout kernels run every byte-path block
   // The driver uses bit-serial for a block pair when bits_a * bits_b <= this, else the
   // byte path (measured per ISA: bench/cpp/bench_mpgemm.cpp).
   int bitserial_max_pairs = 0;
-  int bitserial_max_pairs_gemv = 0;  // the same for tiles of 1-2 A rows (B expansion not amortized)
-  LutBuildFn lut_build = nullptr;  // optional: GEMV rows use the table path when set
-  LutPlanesFn lut_planes = nullptr;
+  int bitserial_max_pairs_gemv = 0;  // the same for tiles of 1-2 A rows (B decode not amortized)
   QuantPackFn quant_pack = nullptr;  // every table sets it
   EpilogueF32Fn epilogue_f32 = nullptr;  // optional: the driver's scalar loop otherwise
-  // Optional: kernels over the weight execution layout. A table that has them gets a layout
-  // for every weight operand and runs its byte-path blocks on them: layout_gemv for tiles of
-  // at most layout_gemv_rows A rows (weights streamed once, decoded in registers), else
-  // layout_gemm (per 64 columns all of K decoded once into a buffer, reused by all rows).
+  // Every table sets these: the kernels over the weight execution layout, which run every
+  // block pair that is not bit-serial: layout_gemv for tiles of at most layout_gemv_rows A
+  // rows (weights streamed once, decoded in registers), else layout_gemm (per 64 columns all
+  // of K decoded once into a buffer, reused by all rows).
   LayoutGemmFn layout_gemv = nullptr;
   LayoutGemmFn layout_gemm = nullptr;
   int layout_gemv_rows = 0;
-  // Optional, with the layout kernels: the packed layers' fused forward (cpp/linear.h)
-  // quantizes activations straight to the bytes those kernels read.
+  // Every table sets it: the packed layers' fused forward (cpp/linear.h) quantizes
+  // activations straight to the bytes the layout kernels read.
   QuantBytesFn quant_bytes = nullptr;
   RowAbsMaxFn row_absmax = nullptr;  // optional: a plain loop otherwise
 };

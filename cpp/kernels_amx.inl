@@ -127,18 +127,8 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
 void layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
                  int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm,
                  const LayoutEpilogue* ep) {
-  if (ep && (!rowterm || kw * 64 > kLayoutEpilogueMaxK))
-    throw std::invalid_argument("layout_gemm: an epilogue needs the code-sum terms and K <= kLayoutEpilogueMaxK");
-  switch (bits) {
-    case 1: return gemm_bits<1>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-    case 2: return gemm_bits<2>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-    case 3: return gemm_bits<3>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-    case 4: return gemm_bits<4>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-    case 5: return gemm_bits<5>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-    case 6: return gemm_bits<6>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-    case 7: return gemm_bits<7>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-    default: return gemm_bits<8>(A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep);
-  }
+  check_layout_epilogue(ep, rowterm, kw);
+  SONIQ_LAYOUT_BY_BITS(gemm_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep)
 }
 
 }  // namespace soniq::SONIQ_AMX_NS

@@ -154,7 +154,7 @@ int64_t avx512_quant_pack(const float* x_, const int64_t* idx, int64_t klen, int
 // Activations straight to the layout kernels' A bytes (packed layers' fused path): the codes
 // of avx512_quant_pack, without planes.
 // mul (smoothing factors): whole words read in place are multiplied in registers; gathered
-// or partial ones get their products here (word_products), one float32 multiply each.
+// or partial ones get their products here (word_floats), one float32 multiply each.
 int64_t avx512_quant_bytes(const float* x_, const float* mul, const int64_t* idx, int64_t klen, int64_t kw,
                            float inv, float lo, float hi, int alpha, uint8_t* out, bool* nan) {
   const WordCodes codes(inv, lo, hi, alpha);
@@ -168,7 +168,7 @@ int64_t avx512_quant_bytes(const float* x_, const float* mul, const int64_t* idx
     for (int64_t w = 0; w < kw; ++w) {
       const int64_t j0 = w * 64;
       const __m512i v = !idx && klen - j0 >= 64 ? codes.operator()<true>(x_ + j0, nanm, sum, mul + j0)
-                                                : codes(word_products(x_, mul, idx, klen, w, tmp), nanm, sum);
+                                                : codes(word_floats(x_, idx, klen, w, tmp, mul), nanm, sum);
       _mm512_storeu_si512(out + j0, v);
     }
   }

@@ -240,32 +240,19 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
 
 }  // namespace
 
-#define SONIQ_BY_BITS(fn, ...)                 \
-  switch (bits) {                              \
-    case 1: return fn<1>(__VA_ARGS__);         \
-    case 2: return fn<2>(__VA_ARGS__);         \
-    case 3: return fn<3>(__VA_ARGS__);         \
-    case 4: return fn<4>(__VA_ARGS__);         \
-    case 5: return fn<5>(__VA_ARGS__);         \
-    case 6: return fn<6>(__VA_ARGS__);         \
-    case 7: return fn<7>(__VA_ARGS__);         \
-    default: return fn<8>(__VA_ARGS__);        \
-  }
 
 void layout_gemv(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
                  int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm,
                  const LayoutEpilogue* ep) {
   if (ep) throw std::invalid_argument("layout_gemv: no float epilogue (the driver's pass does it)");
-  SONIQ_BY_BITS(gemv_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm)
+  SONIQ_LAYOUT_BY_BITS(gemv_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm)
 }
 
 void layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
                  int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm,
                  const LayoutEpilogue* ep) {
-  if (ep && (!rowterm || kw * 64 > kLayoutEpilogueMaxK))
-    throw std::invalid_argument("layout_gemm: an epilogue needs the code-sum terms and K <= kLayoutEpilogueMaxK");
-  SONIQ_BY_BITS(gemm_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep)
+  check_layout_epilogue(ep, rowterm, kw);
+  SONIQ_LAYOUT_BY_BITS(gemm_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep)
 }
-#undef SONIQ_BY_BITS
 
 }  // namespace soniq::avx512

@@ -56,20 +56,6 @@ inline void ref_unpack_planes(const uint64_t* planes, int bits, int64_t plane_st
     }
 }
 
-inline void ref_bytes_planes(const uint8_t* A, int64_t lda, int64_t M, const uint64_t* B, int pb,
-                      int64_t b_plane_stride, int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < N; ++j) {
-      int64_t acc = 0;
-      for (int64_t k = 0; k < kw * 64; ++k) {
-        int64_t c = 0;
-        for (int p = 0; p < pb; ++p) c |= int64_t((B[p * b_plane_stride + j * kw + (k >> 6)] >> (k & 63)) & 1u) << p;
-        acc += int64_t(A[i * lda + k]) * c;
-      }
-      C[i * ldc + j] = acc;
-    }
-}
-
 // One code of a weight execution layout (cpp/wlayout.h) tile: row j, position k; 8-bit
 // codes come back as stored (u - 128), the value the layout kernels multiply.
 inline int ref_layout_code(const int8_t* tile, int bits, int64_t k, int j) {
@@ -119,26 +105,16 @@ inline int64_t plane_sum(const uint64_t* planes, int bits) {
   return s;
 }
 
-// The 64 floats of word w in packed order: read in place when the word is whole and not
-// gathered, else gathered / copied into tmp and padded with -inf (code 0 in every encoding).
-inline const float* word_floats(const float* x, const int64_t* idx, int64_t klen, int64_t w, float* tmp) {
+// The 64 floats of word w in packed order (times mul, each product one float32 multiply,
+// indexed as x, when mul is set): read in place when the word is whole, not gathered and not
+// multiplied, else gathered / copied into tmp and padded with -inf (code 0 in every encoding).
+inline const float* word_floats(const float* x, const int64_t* idx, int64_t klen, int64_t w, float* tmp,
+                                const float* mul = nullptr) {
   const int64_t j0 = w * 64, n = klen - j0 < 64 ? klen - j0 : 64;
-  if (!idx && n == 64) return x + j0;
-  if (idx)
-    for (int64_t j = 0; j < n; ++j) tmp[j] = x[idx[j0 + j]];
-  else
-    for (int64_t j = 0; j < n; ++j) tmp[j] = x[j0 + j];
-  for (int64_t j = n; j < 64; ++j) tmp[j] = -__builtin_huge_valf();
-  return tmp;
-}
-
-// word_floats of x * mul (one float32 product each, indexed as x), always in tmp.
-inline const float* word_products(const float* x, const float* mul, const int64_t* idx, int64_t klen, int64_t w,
-                                  float* tmp) {
-  const int64_t j0 = w * 64, n = klen - j0 < 64 ? klen - j0 : 64;
+  if (!idx && !mul && n == 64) return x + j0;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t k = idx ? idx[j0 + j] : j0 + j;
-    tmp[j] = x[k] * mul[k];
+    tmp[j] = mul ? x[k] * mul[k] : x[k];
   }
   for (int64_t j = n; j < 64; ++j) tmp[j] = -__builtin_huge_valf();
   return tmp;

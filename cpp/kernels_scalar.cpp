@@ -5,13 +5,12 @@ namespace soniq {
 
 namespace {
 
-KernelTable reference_table(const char* name) {  // plane kernels (the reference of AVX2's byte path)
+KernelTable reference_table(const char* name) {  // plane kernels
   KernelTable k;
   k.name = name;
   k.bitserial = ref_bitserial;
   k.pack_planes = ref_pack_planes;
   k.unpack_planes = ref_unpack_planes;
-  k.bytes_planes = ref_bytes_planes;
   k.bitserial_max_pairs = 64;
   k.bitserial_max_pairs_gemv = 64;
   k.quant_pack = ref_quant_pack;

@@ -3,6 +3,8 @@
 // lanes, the exact float epilogue of a strip and the per-thread decode buffer. Included inside
 // each file's own namespace, in translation units built with the AVX-512 flags only.
 // (No include guard: each including file gets its own copy, in an anonymous namespace.)
+#include "layout_common.inl"
+
 namespace {
 
 // One group (4 K codes x 16 columns) of a chunk of bits*64 bytes, as the vpdpbusd s8 operand.
@@ -26,14 +28,6 @@ inline __m512i decode(const int8_t* ch) {
   else if constexpr (BITS == 5) return _mm512_or_si512(part<4, 0, 0, G>(ch), part<1, 4, 4, G>(ch));
   else if constexpr (BITS == 6) return _mm512_or_si512(part<4, 0, 0, G>(ch), part<2, 4, 4, G>(ch));
   else return _mm512_or_si512(_mm512_or_si512(part<4, 0, 0, G>(ch), part<2, 4, 4, G>(ch)), part<1, 6, 6, G>(ch));
-}
-
-template <class F>
-inline void for_groups(F&& f) {  // f(integral_constant<int, G>) for G = 0..7, unrolled
-  f(std::integral_constant<int, 0>{}); f(std::integral_constant<int, 1>{});
-  f(std::integral_constant<int, 2>{}); f(std::integral_constant<int, 3>{});
-  f(std::integral_constant<int, 4>{}); f(std::integral_constant<int, 5>{});
-  f(std::integral_constant<int, 6>{}); f(std::integral_constant<int, 7>{});
 }
 
 // Where the int32 lanes go: C row (int64), its columns' count, and the base the first K
@@ -65,20 +59,7 @@ __attribute__((always_inline)) inline void add_lanes(__m512i acc, const Out& o) 
   }
 }
 
-// int32 lanes stay exact for this many chunks: 8 vpdpbusd of at most 4 * 255 * 128 each per chunk
-constexpr int64_t kMaxChunksInt32 = 1024;
-
-// The float epilogue of a strip (LayoutEpilogue, bit for bit the driver's): the int32 lanes
-// and the code-sum terms meet in double, exactly (integers below 2^53, so any order of the
-// additions gives double(total)), then the driver's multiplications in its order. The
-// micro-kernel leaves its accumulators in a small int32 tile first: run inline with 24 live
-// accumulators the epilogue spilled its pointers and re-tested its options at every store
-// (a fifth of a K = 384 layer's time); here the options are template flags, once per strip.
-struct ColBlock {
-  alignas(64) double colterm[64];  // double(colterm[j]) of the block's columns
-  alignas(64) double b_row[64];    // double(b_row[j]) (when the epilogue has b_row)
-};
-
+// A strip's float epilogue (layout_common.inl, ColBlock), 8 columns per step.
 template <bool AR, bool BR, bool BIAS>
 void store_strip_f32(const int32_t* tile, int rows, const LayoutEpilogue& ep, const int64_t* rowterm,
                      const ColBlock& cb, int64_t nc, int shift) {
@@ -125,48 +106,6 @@ void store_strip(const int32_t* tile, int rows, const LayoutEpilogue& ep, const 
     default: return store_strip_f32<true, true, true>(tile, rows, ep, rowterm, cb, nc, shift);
   }
 }
-
-// The block's column terms as doubles (zero past nc: those lanes are never stored).
-inline void fill_col_block(ColBlock& cb, const int64_t* colterm, const float* b_row, int64_t nc) {
-  for (int64_t j = 0; j < 64; j += 8) {
-    const __mmask8 m = nc - j >= 8 ? __mmask8(0xFF) : nc > j ? __mmask8((1u << (nc - j)) - 1u) : __mmask8(0);
-    _mm512_store_pd(cb.colterm + j, _mm512_cvtepi64_pd(_mm512_maskz_loadu_epi64(m, colterm + j)));
-    if (b_row) _mm512_store_pd(cb.b_row + j, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, b_row + j)));
-  }
-}
-
-struct AlignedFree {
-  void operator()(int8_t* p) const { std::free(p); }
-};
-
-// The epilogue of the 64-column block at tile t0: ep's column arrays moved on to the block,
-// and its column terms (ct: colterm at the block) and B row scales in cb as doubles.
-inline LayoutEpilogue block_epilogue(const LayoutEpilogue& ep, int64_t t0, const int64_t* ct, int64_t nc,
-                                     ColBlock& cb) {
-  LayoutEpilogue e = ep;
-  e.ocol += t0 * 16, e.run += t0 * 2;
-  if (e.b_row) e.b_row += t0 * 16;
-  if (e.bias) e.bias += t0 * 16;
-  fill_col_block(cb, ct, e.b_row, nc);
-  return e;
-}
-
-// A per-thread buffer of at least `bytes` (64-byte aligned, kept for the next call); one per
-// Slot. Its types are local to this file (no shared template instances with baseline code).
-template <int Slot>
-int8_t* thread_buffer(int64_t bytes) {
-  thread_local std::unique_ptr<int8_t, AlignedFree> buf;  // dynamic: no large static TLS in a dlopen'ed module
-  thread_local int64_t have = 0;
-  if (have < bytes) {
-    buf.reset(static_cast<int8_t*>(std::aligned_alloc(64, size_t((bytes + 63) / 64 * 64))));
-    if (!buf) throw std::bad_alloc();
-    have = bytes;
-  }
-  return buf.get();
-}
-
-// The calling thread's decode buffer (slot 0).
-inline int8_t* decode_buffer(int64_t bytes) { return thread_buffer<0>(bytes); }
 
 // Decodes tiles [t0, t0 + nt) of a 64-column block, chunks [c0, c0 + ncb) of each, into buf as
 // plain VNNI operands [tile][group][64 bytes] (ts bytes per tile); tiles nt..3 are zeroed. A

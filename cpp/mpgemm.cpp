@@ -23,8 +23,8 @@ constexpr int64_t kTileMLayout = kTileM;
 
 std::atomic<int> g_path_policy{0};
 
-enum class BlockKernel { Bitserial, BytesPlanes, Lut, LayoutGemv, LayoutGemm };
-bool is_layout(BlockKernel k) { return k == BlockKernel::LayoutGemv || k == BlockKernel::LayoutGemm; }
+enum class BlockKernel { Bitserial, LayoutGemv, LayoutGemm };
+bool is_layout(BlockKernel k) { return k != BlockKernel::Bitserial; }
 
 // The one place that picks a block pair's kernel: from the ISA's table (its kernels and
 // measured thresholds), the pair's bits, the A operand's rows (GEMV or not) and the rows of
@@ -34,14 +34,11 @@ BlockKernel select_block_kernel(const KernelTable& kt, int policy, bool b_planes
                                 int64_t tile_rows) {
   const bool bytes = !b_planes                           ? true
                      : policy == int(KernelPath::Bitserial) ? false
-                     : (policy == int(KernelPath::Bytes) || policy == int(KernelPath::Lut))
+                     : policy == int(KernelPath::Bytes)
                          ? true
                          : ba * bb > (a_rows <= 2 ? kt.bitserial_max_pairs_gemv : kt.bitserial_max_pairs);
   if (!bytes) return BlockKernel::Bitserial;
-  if (kt.layout_gemm) return tile_rows <= kt.layout_gemv_rows ? BlockKernel::LayoutGemv : BlockKernel::LayoutGemm;
-  if (kt.lut_planes && (policy == int(KernelPath::Lut) || (policy == int(KernelPath::Auto) && a_rows <= 2)))
-    return BlockKernel::Lut;
-  return BlockKernel::BytesPlanes;
+  return tile_rows <= kt.layout_gemv_rows ? BlockKernel::LayoutGemv : BlockKernel::LayoutGemm;
 }
 
 struct Layout {  // word offset of every (group, segment) block
@@ -142,21 +139,18 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   // the weight execution layout: the caller's, or one built for this call
   std::vector<int64_t> lofs;
   std::vector<int8_t> own_layout;
-  if (!b.data && (!kt.layout_gemm || !b_layout))
-    throw std::invalid_argument("b: no bit planes and no execution layout the active ISA's kernels read");
-  if (kt.layout_gemm) {
-    lofs = layout_offsets(b.desc, b.ngroups, ksegs, nsegs);
-    if (!b_layout) {
-      own_layout.resize(size_t(lofs.back()));
-      layout_build(b, ksegs, nsegs, own_layout.data());
-      b_layout = own_layout.data();
-    }
+  if (!kt.layout_gemm) throw std::logic_error("kernel table without layout kernels");  // every table has them
+  if (!b.data && !b_layout) throw std::invalid_argument("b: no bit planes and no execution layout");
+  lofs = layout_offsets(b.desc, b.ngroups, ksegs, nsegs);
+  if (!b_layout) {
+    own_layout.resize(size_t(lofs.back()));
+    layout_build(b, ksegs, nsegs, own_layout.data());
+    b_layout = own_layout.data();
   }
-  const bool use_lut = kernel_of(8, 8, 1) == BlockKernel::Lut;
 
   // A blocks that some block pair runs on a byte kernel are expanded once per call to one
   // byte per code (rows padded with zero codes to kw*64), shared by all tasks.
-  std::vector<std::vector<uint8_t>> abytes(size_t(a.ngroups * nsegs)), luts(size_t(a.ngroups * nsegs));
+  std::vector<std::vector<uint8_t>> abytes(size_t(a.ngroups * nsegs));
   for (int64_t ga = 0; ga < a.ngroups; ++ga) {
     const int64_t* da = a.desc + ga * (2 + nsegs);
     for (int64_t s = 0; s < nsegs; ++s) {
@@ -167,7 +161,6 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       const int64_t kw = ksegs[2 * s + 1], rows = da[1];
       auto& buf = abytes[size_t(ga * nsegs + s)];
       buf.resize(size_t(rows * kw * 64));
-      if (use_lut) luts[size_t(ga * nsegs + s)].resize(size_t(rows * lut_bytes(kw)));
       const uint64_t* src = a.data + la.at(ga, s);
       // chunks of at least 64 rows and 16K codes: a pool round trip costs more than a small expansion
       const int64_t chunk = std::max<int64_t>(64, 256 / kw), nchunks = (rows + chunk - 1) / chunk;
@@ -177,28 +170,19 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       };
       if (nchunks == 1) unpack_chunk(0);
       else parallel_for(nchunks, unpack_chunk);
-      if (use_lut) {  // tables per row, built in pieces of 32 words (whole 4-word chunks) over threads
-        constexpr int64_t kPiece = 32;
-        const int64_t pieces = (kw + kPiece - 1) / kPiece;
-        uint8_t* lut = luts[size_t(ga * nsegs + s)].data();
-        parallel_for(rows * pieces, [&](int64_t t) {
-          const int64_t r = t / pieces, w0 = (t % pieces) * kPiece, n = std::min(kPiece, kw - w0);
-          kt.lut_build(buf.data() + r * kw * 64 + w0 * 64, n, lut + r * lut_bytes(kw) + w0 / 4 * 2048);
-        });
-      }
     }
   }
 
   // Float output of one K segment: layout_gemm applies the epilogue at its store. It reads the
   // weight row scales and the bias in packed column order (WeightPrep).
-  const bool kernel_ep = kind == OutKind::Float32 && nsegs == 1 && kt.layout_gemm &&
+  const bool kernel_ep = kind == OutKind::Float32 && nsegs == 1 &&
                          ksegs[1] * 64 <= kLayoutEpilogueMaxK;
   WeightPrep own_prep;
   const WeightPrep* prep = ex.b_prep;
   if (kernel_ep && !prep) own_prep = prepare_checked(b, nsegs, sc.b_row, ex.bias), prep = &own_prep;
 
   struct Task { int64_t ga, gb, m0, m1, n0, n1; };
-  const int64_t tile_m = kt.layout_gemm ? kTileMLayout : kTileM;
+  const int64_t tile_m = kTileMLayout;
   std::vector<Task> tasks;
   for (int64_t ga = 0; ga < a.ngroups; ++ga) {
     const int64_t* da = a.desc + ga * (2 + nsegs);
@@ -288,13 +272,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         }
         for (int64_t i = 0; i < tm; ++i) std::fill(block + i * kTileN, block + i * kTileN + tn, int64_t(0));
         fn(Abytes, kw * 64, tm, L, bb, tn, kw, block, kTileN, 0, nullptr, nullptr, nullptr);
-      } else if (bk == BlockKernel::Bitserial) {
-        kt.bitserial(a.data + la.at(T.ga, s) + T.m0 * kw, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
-      } else if (bk == BlockKernel::Lut) {
-        kt.lut_planes(luts[size_t(T.ga * nsegs + s)].data() + T.m0 * lut_bytes(kw), tm, B, bb, db[1] * kw, tn, kw,
-                      block, kTileN);
       } else {
-        kt.bytes_planes(Abytes, kw * 64, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+        kt.bitserial(a.data + la.at(T.ga, s) + T.m0 * kw, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
       }
       if (float_acc) {
         terms(s, false);

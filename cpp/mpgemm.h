@@ -66,8 +66,8 @@ bool layout_kernels_active();
 
 // Which block kernel the driver uses: Auto picks per block pair (select_block_kernel in
 // mpgemm.cpp, the one place that chooses); the others force one (tests, benchmarks): Bytes
-// is the layout kernels where the ISA has them; the bindings refuse Lut where the ISA has none.
-enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2, Lut = 3 };
+// is the byte-code kernels over the weight execution layout, which every ISA has.
+enum class KernelPath { Auto = 0, Bitserial = 1, Bytes = 2 };
 void set_kernel_path(KernelPath p);
 KernelPath get_kernel_path();
 

@@ -47,19 +47,6 @@ void bm_bitserial(benchmark::State& st, const KernelTable* kt, int pa, int pb, i
   set_gops(st, double(M) * N * K);
 }
 
-void bm_bytes(benchmark::State& st, const KernelTable* kt, int pa, int pb, int64_t M, int64_t N, int64_t K) {
-  const int64_t kw = (K + 63) / 64;
-  auto Ap = random_words(size_t(pa * M * kw), 1), B = random_words(size_t(pb * N * kw), 2);
-  std::vector<uint8_t> A(size_t(M * kw * 64));
-  kt->unpack_planes(Ap.data(), pa, M * kw, M, kw, A.data(), kw * 64);
-  std::vector<int64_t> C(size_t(M * N));
-  for (auto _ : st) {
-    kt->bytes_planes(A.data(), kw * 64, M, B.data(), pb, N * kw, N, kw, C.data(), N);
-    benchmark::DoNotOptimize(C.data());
-  }
-  set_gops(st, double(M) * N * K);
-}
-
 // A layout kernel (gemv: weights decoded in registers; gemm: per-tile L1 buffer) on one
 // block, the weight execution layout built beforehand (as a packed weight holds it).
 void bm_layout(benchmark::State& st, const KernelTable* kt, bool gemv, int pa, int pb, int64_t M, int64_t N,
@@ -75,20 +62,6 @@ void bm_layout(benchmark::State& st, const KernelTable* kt, bool gemv, int pa, i
   std::vector<int64_t> C(size_t(M * N));
   for (auto _ : st) {
     (gemv ? kt->layout_gemv : kt->layout_gemm)(A.data(), kw * 64, M, L.data(), pb, N, kw, C.data(), N, 0, nullptr, nullptr, nullptr);
-    benchmark::DoNotOptimize(C.data());
-  }
-  set_gops(st, double(M) * N * K);
-}
-
-void bm_lut(benchmark::State& st, const KernelTable* kt, int pa, int pb, int64_t M, int64_t N, int64_t K) {
-  const int64_t kw = (K + 63) / 64;
-  auto Ap = random_words(size_t(pa * M * kw), 1), B = random_words(size_t(pb * N * kw), 2);
-  std::vector<uint8_t> A(size_t(M * kw * 64)), T(size_t(M * lut_bytes(kw)));
-  kt->unpack_planes(Ap.data(), pa, M * kw, M, kw, A.data(), kw * 64);
-  std::vector<int64_t> C(size_t(M * N));
-  for (int64_t i = 0; i < M; ++i) kt->lut_build(A.data() + i * kw * 64, kw, T.data() + i * lut_bytes(kw));
-  for (auto _ : st) {  // tables are built once per call and shared by all N tiles: not timed here
-    kt->lut_planes(T.data(), M, B.data(), pb, N * kw, N, kw, C.data(), N);
     benchmark::DoNotOptimize(C.data());
   }
   set_gops(st, double(M) * N * K);
@@ -207,15 +180,11 @@ void register_all() {
                                   std::to_string(s.M) + "N" + std::to_string(s.N) + "K" + std::to_string(s.K);
         if (isa != "scalar" || s.M == 1)  // the scalar reference is slow; one shape is enough
           benchmark::RegisterBenchmark(("bitserial/" + isa + shape).c_str(), bm_bitserial, kt, pr[0], pr[1], s.M, s.N, s.K);
-        if ((isa != "scalar" || s.M == 1) && kt->bytes_planes && !kt->layout_gemm)
-          benchmark::RegisterBenchmark(("bytes/" + isa + shape).c_str(), bm_bytes, kt, pr[0], pr[1], s.M, s.N, s.K);
         if ((isa != "scalar" || s.M == 1) && kt->layout_gemm) {
           const bool gemv = s.M <= kt->layout_gemv_rows;
           benchmark::RegisterBenchmark(((gemv ? "layout_gemv/" : "layout_gemm/") + isa + shape).c_str(), bm_layout, kt,
                                        gemv, pr[0], pr[1], s.M, s.N, s.K);
         }
-        if (kt->lut_planes && s.M <= 2)  // table lookup includes building the tables
-          benchmark::RegisterBenchmark(("lut/" + isa + shape).c_str(), bm_lut, kt, pr[0], pr[1], s.M, s.N, s.K);
       }
     if (kt->layout_gemv && isa != "scalar")  // weights streamed from memory (64 MB at 8 bits), one thread
       for (int bits : {1, 2, 3, 4, 8})

@@ -309,34 +309,34 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw, paths=None) -> dict:
     return {"shape": shape_name, "M": M, "N": N, "K": K, "best_int8": best_name, "rows": rows}
 
 
-_GEMV_WHY = ("GEMV here is compute-bound, not memory-bound: FBGEMM INT8 streams its 64 MB (8192x8192) at "
-             "18-29 GB/s, while soniq's exact table-lookup kernel (vpshufb over nibble-split subset sums of 4 "
-             "activations) costs one pass per weight bit plane at ~150 GOP/s per core from cache (bench/cpp lut/), "
-             "so W1/W2/W4 need ~0.9/1.8/3.3 ms at 2 threads for 8192^2 and measure 1.6/2.8/5.0 ms (16 strided "
-             "row streams per plane, in-register 16x16 transposes). What would close it: a GEMV weight layout "
-             "with the 16 rows of a block interleaved per plane (one contiguous stream, no transpose: ~20% of "
-             "the ops), one table pass per 2-bit code pair / a nibble layout with vpmaddubsw for 4-bit weights "
-             "instead of one pass per plane, and vpermb (AVX-512 VBMI, 64-entry tables) on Intel.")
-MISS_REASONS = {  # AVX2 (kernel rates from bench/cpp/soniq_bench, single thread, AMD EPYC); per ISA below
+# AVX2 (no vpdpbusd): the same weight execution layout as AVX-512, decoded 32 bytes at a time;
+# vpmaddubsw + vpmaddwd per 32 products (exact: weight codes <= 63 per operand, so 7- and 8-bit
+# codes are two operands), with exact int16 runs of n vpmaddubsw per vpmaddwd in the GEMM where
+# the codes allow. Runs saved before these kernels (the table-lookup and plane-expansion paths)
+# carry their own reasons in their files.
+_GEMV_WHY = ("GEMV on AVX2 streams the weight execution layout once (codes at b bits, 16-row tiles, decoded in "
+             "registers by a load + shift + and per 32 codes), 2 multiply-port operations per 32 products "
+             "(vpmaddubsw + vpmaddwd; 7- and 8-bit codes as two operands). Weights come from DRAM (caches "
+             "evicted before each call): W2A8 and up are bounded by that read; W1A8 also by the multiply ports "
+             "(32 products per 2 operations against 64 per vpdpbusd on AVX-512), and 7.3x over a memory-bound "
+             "INT8 GEMV needs the 1-bit read in a seventh of INT8's time, which a cold call does not reach.")
+MISS_REASONS = {  # AVX2; per ISA below
     "W1A8": _GEMV_WHY,
-    "W2A8": _GEMV_WHY + " Against ORT 2-bit: ORT reads the same bytes in one contiguous stream per row and decodes "
-            "2-bit codes in a few ops; soniq makes 2 table passes (one per plane).",
-    "W4A8": _GEMV_WHY + " Against ORT 4-bit: 4 table passes per weight vs ORT's 2-op nibble decode; a nibble "
-            "layout for 4-bit weights with vpmaddubsw (exact int16 runs) would match it.",
-    "W8A8": "8-bit weights are stored as 8 bit planes and expanded on every call (8 table passes in GEMV); an "
-            "int8 byte layout for 8-bit tiers (design.md section 3 allows it) would make this the plain INT8 kernel.",
-    "mixed": "one call runs both tiers (its time is the sum of its W4A8 and W2A8 parts, see sum_of_parts), which "
-             "are limited as above.",
+    "W2A8": _GEMV_WHY,
+    "W4A8": _GEMV_WHY + " GEMM: vpmaddubsw with exact int16 runs (4 groups per vpmaddwd for 4-bit weights and "
+            "8-bit activations): 1.25 multiply-port operations per 32 products, the rate of FBGEMM's AVX2 int8 "
+            "kernel; on an AVX2 CPU a 4-bit layer can at best match INT8 in the kernel.",
+    "W8A8": _GEMV_WHY + " GEMM: 8-bit codes are two operands (their nibbles, for exactness), so the kernel does "
+            "twice the vpmaddubsw work of FBGEMM's AVX2 kernel (which keeps pairs in int16 with 7-bit activations).",
+    "mixed": "one call runs both tiers (its time is about the sum of its W4A8 and W2A8 parts, see "
+             "sum_of_parts), which are limited as above.",
     "W1A1": "bit-serial with scalar popcnt runs at ~290 GOP/s per core (3x4 register block, ~60 binary MACs/cycle "
             "against ~85 for and+popcnt+add on 4 integer ALUs), while FBGEMM INT8 reaches ~150 GOP/s per core. "
-            "8x INT8 is above the AVX2 popcount limit (~1.7x at best); only VPOPCNTDQ (AVX-512, written and "
-            "built here, untested on this CPU) or a vpshufb popcount on the vector pipes beside the scalar one "
-            "could raise it.",
-    "W2A2": "byte path: bit planes expanded to int8 per 128-row tile, vpmaddubsw with exact int16 runs; the "
-            "expansion (~5 ops per plane per 32 codes) is the gap to FBGEMM's prepacked int8 weights.",
-    "W4A4": "byte path: bit planes expanded to int8 per 128-row tile, vpmaddubsw with exact int16 runs; the "
-            "expansion (~20 ops per 32 codes of a 4-bit row) is the gap to FBGEMM's prepacked int8 weights. "
-            "A prepacked byte/nibble layout for weights >= 4 bits would remove it.",
+            "8x INT8 is above the AVX2 popcount limit (~1.7x at best).",
+    "W2A2": "layout GEMM with exact int16 runs (8 groups per vpmaddwd for 2-bit codes): the vpmaddubsw rate is "
+            "the limit, the same for any weight width up to 6 bits.",
+    "W4A4": "layout GEMM with exact int16 runs: the vpmaddubsw rate is the limit, the same for any weight width "
+            "up to 6 bits.",
 }
 
 
@@ -428,12 +428,11 @@ def markdown(meta, results, targets) -> str:
          + (" -- the machine was shared with other jobs, so absolute numbers are noisy" if
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
          f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; " + _soniq_mode(results),
-         "- kernels chosen per block pair (AVX2, measured in bench/results/bench_cpp_*.json): bit-serial popcnt "
-         "for 1x1 bits (GEMV rows: up to 1x2); for GEMV rows (M <= 2) the exact table-lookup kernel otherwise; "
-         "else the byte path (bit planes expanded to int8 per "
-         "tile, vpmaddubsw, exact int16 accumulation). AVX-512: vpopcntq bit-serial for 1x1/1x2 bits, else "
-         "vpdpbusd kernels over the weight execution layout built once per weight (VNNI 4x16 tiles, codes at "
-         "their bit width; GEMV decodes in registers, GEMM decodes each 64-column K block once into L1).",
+         "- kernels chosen per block pair: bit-serial popcount for the smallest bit pairs (AVX2: 1x1, GEMV rows "
+         "up to 1x2; AVX-512: 1x1/1x2), else kernels over the weight execution layout built once per weight "
+         "(VNNI 4x16 tiles, codes at their bit width; GEMV decodes in registers, GEMM decodes each 64-column "
+         "K block once into L1): vpdpbusd on AVX-512, TDPBUSD tiles on AMX, vpmaddubsw with exact int16 runs "
+         "on AVX2.",
          "- methods are measured in interleaved rounds (median of rounds, best of 2 calls per round), so load "
          "changes hit all alike; a baseline slower than 1 s per call is timed once; GEMV shapes (M <= "
          f"{COLD_MAX_M}) with the caches evicted before every timed call (weights from DRAM, as in LLM "
