@@ -131,3 +131,14 @@ def test_onednn_int8_linear_matches_its_integer_recipe():
     got = q(x)
     assert got.shape == (3, 5, 24) and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
     assert torch.nn.functional.cosine_similarity(got.flatten(), lin(x).flatten(), dim=0) > 0.999
+
+
+def test_result_name_says_when_a_lower_isa_was_forced():
+    """Results are named by the CPU's best ISA; a run with a lower path forced says so, and never
+    takes the name a CPU with only that ISA would give its own run."""
+    from soniq.benchmarks.cpu_model import result_slug
+
+    best = soniq.supported_isas()[-1]
+    assert result_slug("AMD EPYC 9B14", best, 2, False) == f"amd-epyc-9b14-{best}"
+    if best != "scalar":
+        assert result_slug("AMD EPYC", "scalar", 1, True) == f"amd-epyc-{best}-as-scalar-quick-1t"

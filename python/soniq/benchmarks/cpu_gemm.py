@@ -7,9 +7,9 @@ out), with the packed kernel alone (activations packed beforehand) as a secondar
 Prints the CPU model and ISA, GOP/s (a multiply-add = 2 ops), ratios to the baselines
 measured here (best INT8 = the faster of FBGEMM dynamic-quantized Linear and oneDNN
 torch._int_mm at that shape), and the fraction of the machine's limit (int8 or popcount
-peak for GEMM, memory bandwidth for GEMV). Saves cpu_gemm_<cpu>-<isa>.json/.md under --out.
+peak for GEMM, memory bandwidth for GEMV). Saves cpu_gemm_<cpu>-<best isa>[-as-<forced isa>].json/.md under --out.
 Then the MiniLM model (shape name "minilm", soniq/benchmarks/cpu_model.py): packed layers
-inside the forward vs alone, end to end vs FP32, bf16 and INT8: cpu_model_<cpu>-<isa>.json/.md.
+inside the forward vs alone, end to end vs FP32, bf16 and INT8: cpu_model_<cpu>-<best isa>[-as-<forced isa>].json/.md.
 Timings are medians over repeats after warm-up; nothing here is a test.
 """
 from __future__ import annotations
@@ -532,11 +532,9 @@ def main(argv=None, default_out: str = ".") -> dict:
             "threads": args.threads, "quick": args.quick, "cpu": cpu, "peaks": pk, "bandwidth_gbs": bw / 1e9,
             "load_avg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     os.makedirs(args.out, exist_ok=True)
-    # one file per CPU model and ISA path: machines of one model name differ in ISA
-    slug = re.sub(r"[^a-z0-9]+", "-", (cpu["model"] or "cpu").lower()).strip("-") + f"-{cpu['isa']}"
-    slug += "-quick" if args.quick else ""
-    if args.threads != 2:
-        slug += f"-{args.threads}t"
+    from soniq.benchmarks.cpu_model import result_slug
+
+    slug = result_slug(cpu["model"], cpu["isa"], args.threads, args.quick)
     with open(os.path.join(args.out, f"cpu_gemm_{slug}.json"), "w") as f:
         json.dump({"meta": meta, "results": results, "targets": targets}, f, indent=1)
     md = markdown(meta, results, targets)

@@ -11,7 +11,7 @@ per-layer medians inside over the sum alone (issue 13: <= 1.15). The packed mode
 demo's configuration (weights 4/8-bit tiers averaging 4.25 bits, 8-bit activations)
 converted without training (per-token dynamic activation scales, as the demo): timing
 depends on the tiers, not on the trained values.
-Saves cpu_model_<cpu>-<isa>.json/.md. Nothing here is a test.
+Saves cpu_model_<cpu>-<best isa>[-as-<forced isa>].json/.md (result_slug). Nothing here is a test.
 """
 from __future__ import annotations
 
@@ -400,11 +400,20 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
     return doc
 
 
-def default_slug(meta: dict, threads: int, quick: bool) -> str:
+def result_slug(cpu_model: str | None, active_isa: str, threads: int, quick: bool) -> str:
+    """The saved results' name: the CPU model and its best ISA (machines of one model name differ
+    in ISA), '-as-<isa>' when a lower path was forced (SONIQ_ISA / set_isa): such a run keeps the
+    machine's baselines, so it never takes the name of a run on a CPU that has only that ISA."""
     import re
 
-    slug = re.sub(r"[^a-z0-9]+", "-", (meta["cpu"] or "cpu").lower()).strip("-") + f"-{meta['isa']}"
+    best = soniq.supported_isas()[-1]
+    slug = re.sub(r"[^a-z0-9]+", "-", (cpu_model or "cpu").lower()).strip("-") + f"-{best}"
+    slug += "" if active_isa == best else f"-as-{active_isa}"
     return slug + ("-quick" if quick else "") + ("" if threads == 2 else f"-{threads}t")
+
+
+def default_slug(meta: dict, threads: int, quick: bool) -> str:
+    return result_slug(meta["cpu"], meta["isa"], threads, quick)
 
 
 def main(argv=None, default_out: str = ".") -> dict:
