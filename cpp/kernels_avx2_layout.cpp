@@ -84,7 +84,8 @@ inline __m256i dot_hi(__m256i acc, __m256i a, __m256i b) {
 // C[0..nc) of one row = base + (lanes << shift), as int64 (base: rowterm + colterm[j] in the
 // first K block when rowterm is set, else C itself). Once per row and K block of 32768 codes.
 inline void store_lanes(const int32_t* lanes, int64_t nc, int64_t* c, int shift, const int64_t* col, int64_t row) {
-  for (int64_t j = 0; j < nc; ++j) c[j] = (col ? col[j] + row : c[j]) + (int64_t(lanes[j]) << shift);
+  const int64_t scale = int64_t(1) << shift;  // (a multiply: << of a negative value is undefined)
+  for (int64_t j = 0; j < nc; ++j) c[j] = (col ? col[j] + row : c[j]) + int64_t(lanes[j]) * scale;
 }
 
 // ---- GEMV: RM rows x NT tiles, all of K; one pass over the weight bytes --------------------
