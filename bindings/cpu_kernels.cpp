@@ -1,9 +1,9 @@
 // Bindings for CPU kernel selection (tests and benchmarks force one block kernel).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // kernel_paths returns a std::vector<std::string>
 
 #include <stdexcept>
 #include <string>
-
 #include <vector>
 
 #include "../cpp/dispatch.h"
