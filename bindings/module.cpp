@@ -152,7 +152,6 @@ void soniq::bindings::register_core(py::module_& m) {
                             uintptr_t out, uintptr_t stream) { mp(true, A, B, ksegs, nsegs, S, kind, out, stream, 0); });
 
   // weight execution layout (cpp/wlayout.h): size, build from planes, planes back from it
-  m.def("layout_kernels_active", &layout_kernels_active);
   m.def("bitserial_max_pairs", []() {  // the active ISA's largest bits_a * bits_b run bit-serially (GEMM or GEMV)
     const KernelTable& kt = active_kernels();
     return std::max(kt.bitserial_max_pairs, kt.bitserial_max_pairs_gemv);

@@ -46,9 +46,8 @@ LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg
                            bias_.empty() ? nullptr : bias_.data());
 }
 
-bool LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) const {
+void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) const {
   const KernelTable& kt = active_kernels();
-  if (!kt.layout_gemm || !kt.quant_bytes) return false;
   if (M <= 0 || !x || !out) throw std::invalid_argument("LinearPlan.forward: x must be non-empty");
   // per calling thread, reused across calls and layers (no allocation after the first call)
   thread_local std::vector<uint8_t> bytes;
@@ -121,7 +120,6 @@ bool LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
   if (any_nan.load())  // the float layer's NaN would spread over the row
     for (int64_t r = 0; r < M; ++r)
       if (NR[r]) std::fill(out + r * N_, out + (r + 1) * N_, std::numeric_limits<float>::quiet_NaN());
-  return true;
 }
 
 }  // namespace soniq

@@ -2,7 +2,7 @@
 // are quantized per K segment straight to the code bytes the weight-layout kernels read
 // (no bit planes, no per-call expansion), then the layout GEMM runs with the bias added in
 // its float epilogue. Equal, bit for bit, to quantize_pack + mpgemm + (out + bias).
-// Needs an ISA with layout kernels and a weight kept as its execution layout only.
+// Needs a weight kept as its execution layout only (every ISA's kernels read it).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -28,9 +28,9 @@ class LinearPlan {
              const float* inv_smooth = nullptr);
 
   // out [M, N] (row-major) from x [M, K] (row r at x + r * ldx, unit column stride). A row
-  // holding a NaN gives a NaN output row (as the float layer would). Returns false, touching
-  // nothing, when the active ISA has no layout kernels (set_isa since the plan was made).
-  bool forward(const float* x, int64_t M, int64_t ldx, float* out) const;
+  // holding a NaN gives a NaN output row (as the float layer would). Runs on the active ISA's
+  // kernels (every kernel table has layout kernels), whichever was active when it was made.
+  void forward(const float* x, int64_t M, int64_t ldx, float* out) const;
 
   int64_t in_features() const { return K_; }
   int64_t out_features() const { return N_; }

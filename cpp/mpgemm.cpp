@@ -85,7 +85,6 @@ void check_operand(const PackedOperand& op, int64_t nsegs, const char* name, boo
 
 }  // namespace
 
-bool layout_kernels_active() { return active_kernels().layout_gemm != nullptr; }
 
 namespace {
 
@@ -136,16 +135,29 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   auto kernel_of = [&](int ba, int bb, int64_t tile_rows) {
     return select_block_kernel(kt, policy, b.data != nullptr, ba, bb, a.rows, tile_rows);
   };
-  // the weight execution layout: the caller's, or one built for this call
-  std::vector<int64_t> lofs;
-  std::vector<int8_t> own_layout;
+  // which A blocks some block pair runs on the layout kernels with (the rest: bit-serial)
   if (!kt.layout_gemm) throw std::logic_error("kernel table without layout kernels");  // every table has them
   if (!b.data && !b_layout) throw std::invalid_argument("b: no bit planes and no execution layout");
-  lofs = layout_offsets(b.desc, b.ngroups, ksegs, nsegs);
-  if (!b_layout) {
-    own_layout.resize(size_t(lofs.back()));
-    layout_build(b, ksegs, nsegs, own_layout.data());
-    b_layout = own_layout.data();
+  std::vector<char> on_layout(size_t(a.ngroups * nsegs), 0);
+  bool any_layout = false;
+  for (int64_t ga = 0; ga < a.ngroups; ++ga)
+    for (int64_t s = 0; s < nsegs; ++s) {
+      const int ba = int(a.desc[ga * (2 + nsegs) + 2 + s]);
+      for (int64_t gb = 0; gb < b.ngroups && !on_layout[size_t(ga * nsegs + s)]; ++gb)
+        on_layout[size_t(ga * nsegs + s)] = kernel_of(ba, int(b.desc[gb * (2 + nsegs) + 2 + s]), 1) != BlockKernel::Bitserial;
+      any_layout |= bool(on_layout[size_t(ga * nsegs + s)]);
+    }
+  // the weight execution layout: the caller's, or one built for this call (none when every
+  // block pair runs bit-serially: the planes are all it reads)
+  std::vector<int64_t> lofs;
+  std::vector<int8_t> own_layout;
+  if (any_layout) {
+    lofs = layout_offsets(b.desc, b.ngroups, ksegs, nsegs);
+    if (!b_layout) {
+      own_layout.resize(size_t(lofs.back()));
+      layout_build(b, ksegs, nsegs, own_layout.data());
+      b_layout = own_layout.data();
+    }
   }
 
   // A blocks that some block pair runs on a byte kernel are expanded once per call to one
@@ -154,10 +166,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   for (int64_t ga = 0; ga < a.ngroups; ++ga) {
     const int64_t* da = a.desc + ga * (2 + nsegs);
     for (int64_t s = 0; s < nsegs; ++s) {
-      bool need = false;
-      for (int64_t gb = 0; gb < b.ngroups; ++gb)
-        need |= kernel_of(int(da[2 + s]), int(b.desc[gb * (2 + nsegs) + 2 + s]), 1) != BlockKernel::Bitserial;
-      if (!need || ex.a_bytes) continue;  // a_bytes: already bytes
+      if (!on_layout[size_t(ga * nsegs + s)] || ex.a_bytes) continue;  // a_bytes: already bytes
       const int64_t kw = ksegs[2 * s + 1], rows = da[1];
       auto& buf = abytes[size_t(ga * nsegs + s)];
       buf.resize(size_t(rows * kw * 64));

@@ -60,10 +60,6 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
             const Scales& scales, OutKind kind, void* out, const int8_t* b_layout = nullptr,
             const MpgemmExtras& extras = {});
 
-// Whether the active ISA's kernels read weight execution layouts (then callers should
-// build one per weight and pass it to mpgemm).
-bool layout_kernels_active();
-
 // Which block kernel the driver uses: Auto picks per block pair (select_block_kernel in
 // mpgemm.cpp, the one place that chooses); the others force one (tests, benchmarks): Bytes
 // is the byte-code kernels over the weight execution layout, which every ISA has.

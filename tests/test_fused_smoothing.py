@@ -2,7 +2,7 @@
 plan multiplies x by a_inv_smooth in its quantize pass. Its output equals, bit for bit, the
 path smoothed layers took before (x * a_inv_smooth in torch, then the unsmoothed plan) and
 the general path, for static and per-token scales, on every ISA path this CPU has and the
-AMX emulation (AVX2 has no layout kernels: the general path), odd shapes, 3-D,
+AMX emulation, odd shapes, 3-D,
 non-contiguous and float64 input."""
 import copy
 
@@ -12,7 +12,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import soniq
-from soniq._native import _C
 from soniq._packed_nn import PackedLinear
 from conftest import edge_values, random_values
 from test_fused_linear import make_linear
@@ -21,7 +20,7 @@ from test_fused_linear import make_linear
 def smoothed_linear(rng, K, N, a_tiers, w_tiers, **kw):
     """make_linear's layer (kept as its layout only where the ISA has layout kernels) with
     wide-ranging factors 2^[-4, 4] (so the product's rounding shows in the codes)."""
-    lin = make_linear(rng, K, N, a_tiers, w_tiers, smooth=True, layout_only=_C.layout_kernels_active(), **kw)
+    lin = make_linear(rng, K, N, a_tiers, w_tiers, smooth=True, layout_only=True, **kw)
     return smoothed(lin, rng)
 
 
@@ -56,8 +55,8 @@ def test_smoothed_forward_equals_torch_multiply(isa, a_tiers, w_tiers, dynamic):
     rng = np.random.default_rng(len(a_tiers) * 100 + sum(w_tiers) + (dynamic is None))
     for K, N in ((1, 3), (65, 17), (129, 37), (300, 130)):
         lin = smoothed_linear(rng, K, N, a_tiers, w_tiers, signed=K != 65, dynamic=dynamic)
-        fused = lin._fused_plan()  # built here (avx2: none, the general path)
-        assert (fused is not None and fused[0].smoothed) == _C.layout_kernels_active()
+        fused = lin._fused_plan()  # built here
+        assert fused is not None and fused[0].smoothed
         inv = lin.a_inv_smooth
         for M in (1, 3, 130):
             x = torch.randn(M, K) * 3
@@ -101,7 +100,7 @@ def test_smoothed_forward_rounding_edges(isa, bits, signed):
     for scale, dyn in ((0.25, None), (0.3, None), (0.3, "token")):
         lin = PackedLinear(pw, torch.full((K,), bits), torch.full((K,), scale), signed, torch.randn(N), "lin",
                            a_inv_smooth=torch.from_numpy(inv), a_dynamic=dyn)
-        if lin.w.planes_resident and _C.layout_kernels_active():
+        if lin.w.planes_resident:
             lin.w.release_planes()
             lin._weights_changed()
         with np.errstate(over="ignore"):
@@ -127,10 +126,7 @@ def test_smoothed_forward_runs_no_torch_op(isa):
         with Ops():
             got = lin(x)
         assert torch.equal(got, want)
-        if _C.layout_kernels_active():
-            assert seen == ["new_empty"], seen
-        else:
-            assert "mul" in seen  # avx2: the general path multiplies in torch
+        assert seen == ["new_empty"], seen
 
 
 def test_smoothed_plan_follows_factor_changes(isa):

@@ -9,13 +9,7 @@ import pytest
 
 import soniq
 from soniq import ops
-from soniq._native import _C
 from conftest import random_values, ref_matmul
-
-
-@pytest.fixture(autouse=True)
-def has_layout(isa):
-    assert _C.layout_kernels_active(), f"isa {isa} has no layout kernels"
 
 
 @pytest.mark.parametrize("wb", range(1, 9))

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import soniq
-from soniq._native import _C
 from soniq._gptq import gptq_codes, grid, h_error, round_codes
 from soniq.nn import PackedConv2d, PackedLinear, QConv2d, QLinear
 from soniq.ptq import PTQConfig, quantize
@@ -207,8 +206,7 @@ def _check_native_smoothing(packed, x):
         twin.a_inv_smooth = None
         for isa in TEST_ISAS:
             with soniq.use_isa(isa), torch.no_grad():
-                if _C.layout_kernels_active():  # the native plan runs (else the general path)
-                    assert p._fused_plan()[0].smoothed, (n, isa)
+                assert p._fused_plan()[0].smoothed, (n, isa)
                 assert torch.equal(p(inputs[n]), twin(inputs[n] * p.a_inv_smooth)), (n, isa)
 
 

@@ -53,14 +53,10 @@ def test_exec_layout_cached_and_used(isa):
     pa, pb = ops.pack(a, 8, signed=False), ops.pack(b, 4, signed=True)
     out = ops.mpgemm(pa, pb)
     np.testing.assert_array_equal(out, ref_matmul(a, b))
-    if _C.layout_kernels_active():
-        assert pb.exec_layout() is pb.exec_layout() and pb.exec_nbytes == 80 * 320 * 4 // 8
-        assert pb.with_scale(None).exec_layout() is pb.exec_layout()
-    else:
-        assert pb.exec_layout() is None
+    assert pb.exec_layout() is pb.exec_layout() and pb.exec_nbytes == 80 * 320 * 4 // 8
+    assert pb.with_scale(None).exec_layout() is pb.exec_layout()
 
 
-@pytest.mark.skipif(not _C.layout_kernels_active(), reason="the active ISA reads no execution layout")
 def test_large_layout_on_its_own_mapping(monkeypatch, tmp_path):
     """Layouts from soniq.packed.HUGE_LAYOUT_BYTES on live in a 2 MiB-aligned mapping advised
     for huge pages (lowered here so a small weight takes that path): same results as an
@@ -128,9 +124,6 @@ def test_packed_layer_keeps_one_copy(tmp_path):
     conv = soniq.convert(model.eval())
     w = conv[0].w
     ref = conv(x)
-    if not _C.layout_kernels_active():
-        assert w.planes_resident
-        return
     assert not w.planes_resident
     bits = w.bits.double()
     meta = sum(t.numel() * t.element_size() for k, t in w._tensors(resident=True).items() if t is not None and k != "data")
@@ -153,3 +146,32 @@ def test_release_planes_off_cpu_names_the_device():
     with pytest.raises(ValueError, match="on meta; only CPU tensors"):
         p.release_planes()
     assert p.planes_resident
+
+
+@pytest.mark.parametrize("a_tiers,b_tiers", [((1,), (1,)), ((1, 8), (1, 4)), ((4,), (8,))])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_mpgemm_without_a_layout_builds_one_where_needed(isa, a_tiers, b_tiers, rows):
+    """A caller that passes no execution layout (C++ callers; the op's b_layout=None): mpgemm
+    builds one for the call where some block pair runs on the layout kernels and reads only the
+    planes where every pair runs bit-serially (1x1 bits); exact either way, with and without a
+    layout passed, under every kernel path."""
+    from soniq.ops._library import mpgemm_packed_cpu
+
+    rng = np.random.default_rng(len(a_tiers) * 10 + len(b_tiers) + rows)
+    K, N = 150, 40
+    ab, bb = rng.choice(a_tiers, K), rng.choice(b_tiers, N)  # activations per K column, weights per row
+    a = random_values(rng, (rows, K), ab, False, 1)
+    b = random_values(rng, (N, K), bb, True, 0)
+    pa = ops.pack(a, ab, signed=False, axis=1)
+    pb = ops.pack(b, bb, signed=True, axis=0, k_layout=pa)
+    want = ref_matmul(a, b)
+    path = _C.get_kernel_path()
+    try:
+        for kp in _C.kernel_paths():
+            _C.set_kernel_path(kp)
+            for lay in (None, pb.exec_layout()):
+                out = mpgemm_packed_cpu(pa.data, pa.desc, pa.sums, pa.row_perm, pa.signed, pb.data, pb.desc, pb.sums,
+                                        pb.row_perm, pb.signed, pa.ksegs, None, None, None, None, 1, lay)
+                np.testing.assert_array_equal(out.numpy(), want, err_msg=f"{kp} layout={lay is not None}")
+    finally:
+        _C.set_kernel_path(path)

@@ -150,17 +150,15 @@ void bm_mpgemm(benchmark::State& st, std::string isa, int ba, int bb, int64_t M,
   PackedOperand a{Ad.data(), M, 1, da.data(), sa.data(), pa.data(), false};
   PackedOperand b{Bd.data(), N, 1, db.data(), sb.data(), pb.data(), false};
   int64_t ksegs[2] = {K, kw};
-  std::vector<int8_t> lay;  // the weight's execution layout, built once as a packed weight keeps it
-  if (layout_kernels_active()) {
-    lay.resize(size_t(layout_offsets(db.data(), 1, ksegs, 1).back()));
-    layout_build(b, ksegs, 1, lay.data());
-  }
+  // the weight's execution layout, built once as a packed weight keeps it
+  std::vector<int8_t> lay(size_t(layout_offsets(db.data(), 1, ksegs, 1).back()));
+  layout_build(b, ksegs, 1, lay.data());
   // float output with per-row weight scales and a per-segment activation scale, as a packed layer runs it
   std::vector<float> out(size_t(M * N)), wscale(size_t(N), 0.01f);
   const float ascale = 0.02f;
   const Scales sc{nullptr, wscale.data(), &ascale, nullptr};
   for (auto _ : st) {
-    mpgemm(a, b, ksegs, 1, sc, OutKind::Float32, out.data(), lay.empty() ? nullptr : lay.data());
+    mpgemm(a, b, ksegs, 1, sc, OutKind::Float32, out.data(), lay.data());
     benchmark::DoNotOptimize(out.data());
   }
   set_gops(st, double(M) * N * K);

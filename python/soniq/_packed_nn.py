@@ -53,7 +53,7 @@ class _PackedBase(nn.Module):
         traces it as a constant), with the bit planes dropped (rebuilt from it to save or move).
         Layers whose smallest weight x activation bit pair runs on the bit-serial popcount
         kernel here keep the planes (that kernel reads them) and build no layout."""
-        if self.w.device.type != "cpu" or not _C.layout_kernels_active():
+        if self.w.device.type != "cpu":
             return
         if int(self.w.bits.min()) * int(self.a_bits.min()) <= _C.bitserial_max_pairs():
             return
@@ -291,11 +291,10 @@ class PackedLinear(_PackedBase):
                     out = torch.empty((*shape[:-1], N), dtype=torch.float32)
                 if M == 0:  # no rows, no output values (as nn.Linear)
                     return out
-                # False: the active ISA (set_isa since) has no layout kernels; the general path below
-                if lp.forward(rows.data_ptr(), M, ld, out.data_ptr()):
-                    if self.activation is not None:
-                        self._activate(out)
-                    return out
+                lp.forward(rows.data_ptr(), M, ld, out.data_ptr())
+                if self.activation is not None:
+                    self._activate(out)
+                return out
         return self._run(x, integer=False)
 
     def accumulators(self, x: Tensor) -> Tensor:
@@ -315,7 +314,7 @@ class PackedLinear(_PackedBase):
         activations quantized straight to the bytes the weight-layout kernels read, the float
         epilogue and bias in the GEMM kernel's store, a_inv_smooth applied in its quantize pass;
         one call, bit-identical to (x * a_inv_smooth) + quantize_pack + mpgemm + bias) where it
-        applies: a CPU weight kept as its execution layout only, on an ISA with layout kernels.
+        applies: a CPU weight kept as its execution layout only.
         Built once and kept until _fused_key() changes; else None."""
         hit = self.__dict__.get("_fused")
         if hit is not None:  # _fused_key() == hit[0], compared without building the tuple
@@ -328,7 +327,7 @@ class PackedLinear(_PackedBase):
                 return hit[1]
         key = self._fused_key()
         w = self.w
-        if w.device.type != "cpu" or w._data is not None or not _C.layout_kernels_active():
+        if w.device.type != "cpu" or w._data is not None:
             return None
         plan = self._act_plan(False)
         lay = w.exec_layout()

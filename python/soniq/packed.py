@@ -130,13 +130,12 @@ class PackedTensor:
     def release_planes(self) -> None:
         """Keeps one copy of the weight: its CPU execution layout (built here if needed); the
         bit planes are dropped and rebuilt from the layout when needed (see .data). Every
-        block pair then runs on the layout kernels. Refused (ValueError) when the active ISA
-        has no layout kernels (the planes are its only kernel format)."""
+        block pair then runs on the layout kernels (every ISA has them). Refused (ValueError)
+        off the CPU."""
         if self.device.type != "cpu":
             raise ValueError(f"release_planes: the tensor is on {self.device}; only CPU tensors have an "
                              "execution layout to keep instead of the bit planes")
-        if self.exec_layout() is None:
-            raise ValueError("release_planes: the active ISA's kernels read the bit planes (no execution layout)")
+        self.exec_layout()  # built from the planes before they go
         self._data = None
 
     def host_meta(self) -> tuple:
@@ -175,13 +174,12 @@ class PackedTensor:
 
     def exec_layout(self) -> torch.Tensor | None:
         """The CPU execution layout of this operand as the B side of mpgemm (cpp/wlayout.h:
-        tiles of 16 rows in VNNI group order, codes at their bit width), built once and cached;
-        None when the active ISA's kernels do not read one (they then use the bit planes; a
-        layout built earlier is handed on and ignored there). Packed modules build it when made."""
+        tiles of 16 rows in VNNI group order, codes at their bit width; the same on every ISA),
+        built once and cached; None off the CPU. Packed modules build it when made."""
         lay = self._exec.get("cpu")
         if lay is not None or torch.compiler.is_compiling():  # traced: the layout built with the module
             return lay
-        if self.device.type != "cpu" or not _C.layout_kernels_active():
+        if self.device.type != "cpu":
             return None
         desc, ksegs, _ = self.host_meta()
         desc, ksegs = desc.contiguous(), ksegs.contiguous()

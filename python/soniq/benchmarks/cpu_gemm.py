@@ -216,7 +216,7 @@ def weight_codes(w, bits_per_row):
 
 def packed_linear(pw, a_bits, a_scale, K):
     """The user's path: a PackedLinear over the packed weight (float32 x in, float32 out), as
-    soniq.convert makes it: on an ISA with layout kernels the layer keeps the weight as its
+    soniq.convert makes it: on the CPU the layer keeps the weight as its
     execution layout and runs the fused native forward (cpp/linear.cpp), unless its smallest
     bit pair runs bit-serially (then quantize_pack + mpgemm, the general path)."""
     from soniq._packed_nn import PackedLinear

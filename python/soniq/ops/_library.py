@@ -31,9 +31,10 @@ def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
                   a_seg_scale: Optional[Tensor], b_seg_scale: Optional[Tensor], kind: int,
                   b_layout: Optional[Tensor] = None) -> Tensor:
     """out[M, N] = a_int @ b_int.T over packed operands (int32/int64), or scaled float32.
-    b_layout (CPU): b's execution layout (PackedTensor.exec_layout), read by the kernels of
-    ISAs that have layout kernels; they build one per call when it is None. b_data may be
-    None when b_layout is given (a weight kept as its layout only, CPU).
+    b_layout (CPU): b's execution layout (PackedTensor.exec_layout), read by the layout
+    kernels; when it is None the call builds one, unless every block pair runs bit-serially
+    (the planes are then all it reads). b_data may be None when b_layout is given (a weight
+    kept as its layout only, CPU).
 
     a_desc, b_desc and ksegs (the small layout metadata) are read on the host: pass CPU
     tensors (PackedTensor.host_meta()) so a CUDA call never syncs; device copies work

@@ -126,14 +126,8 @@ def mpgemm(a: PackedTensor, b: PackedTensor, *, out_dtype: torch.dtype | None = 
     a_desc, a_ksegs, _ = a.host_meta()
     b_desc = b.host_meta()[0]
     b_layout = b.exec_layout() if b.device.type == "cpu" else None
-    # a weight kept as its layout only: the planes are passed (rebuilt) only where the active
-    # ISA's kernels cannot read the layout
-    if b._data is not None or b_layout is None:
-        b_data = b.data
-    elif torch.compiler.is_compiling() or _C.layout_kernels_active():
-        b_data = None
-    else:
-        b_data = b.data
+    # a weight kept as its layout only passes no planes (every ISA's kernels read the layout)
+    b_data = b.data if b._data is not None or b_layout is None else None
     try:
         eager = type(a.sums) is torch.Tensor and type(b.sums) is torch.Tensor and not torch.compiler.is_compiling()
         # eager: the device's kernel straight from the op's table (skips ~35 us of op dispatch per
