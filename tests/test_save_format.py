@@ -1,5 +1,7 @@
-"""soniq.save format version 2 (compact metadata: int16/int32 permutations, no code sums,
-uint8 bit widths) round-trips exactly, and files of version 1 (int64 metadata) still load."""
+"""soniq.save format version 3 (compact metadata: int16/int32 permutations, no code sums, no
+weight bit widths, no identity permutations, per-channel activation bits / scales stored once
+when they are one value) round-trips exactly, and files of versions 1 (int64 metadata) and 2
+(uint8 widths, every permutation, activation bits / scales per channel) still load."""
 import json
 
 import pytest
@@ -9,7 +11,7 @@ from safetensors.torch import save_file
 
 import soniq
 from soniq import _model_file
-from soniq._compact import code_sums
+from soniq._compact import channel_bits, code_sums, compact, widen
 from soniq.qat import QATConfig
 
 
@@ -25,24 +27,80 @@ def packed_model(dynamic=None):
     return soniq.convert(m), x
 
 
-def test_v2_compact_roundtrip(tmp_path):
+def assert_same_layers(p, back):
+    for n, m in p.named_modules():
+        if isinstance(m, (soniq.nn.PackedLinear, soniq.nn.PackedConv2d)):
+            for k, t in m.w.state_dict().items():
+                u = back.get_submodule(n).w.state_dict()[k]
+                assert u.dtype == t.dtype and torch.equal(u, t), (n, k)
+            for k in ("a_bits", "a_scale"):
+                assert torch.equal(getattr(back.get_submodule(n), k), getattr(m, k)), (n, k)
+
+
+def saved(f):
+    with safe_open(str(f), framework="pt") as h:
+        return json.loads(h.metadata()["soniq"]), {k: h.get_tensor(k) for k in h.keys()}
+
+
+def test_v3_compact_roundtrip(tmp_path):
     p, x = packed_model("token")
     f = tmp_path / "m.safetensors"
     soniq.save(p, f)
-    with safe_open(str(f), framework="pt") as h:
-        meta = json.loads(h.metadata()["soniq"])
-        dtypes = {k: h.get_tensor(k).dtype for k in h.keys()}
-    assert meta["version"] == 2 and meta["packed"]["3"]["a_dynamic"] == "token"
+    meta, t = saved(f)
+    assert meta["version"] == 3 and meta["packed"]["3"]["a_dynamic"] == "token"
     assert "a_dynamic" not in meta["packed"]["0"]  # conv layers keep static scales
-    assert not any(k.endswith("w.sums") for k in dtypes)
-    assert dtypes["3|w.row_perm"] == torch.int16 and dtypes["3|w.desc"] == torch.int32
-    assert dtypes["3|w.bits"] == torch.uint8 and dtypes["3|a_bits"] == torch.uint8
+    assert not any(k.endswith(("w.sums", "w.bits")) for k in t)
+    assert t["3|w.row_perm"].dtype == torch.int16 and t["3|w.desc"].dtype == torch.int32
+    assert t["3|a_bits"].dtype == torch.uint8 and t["3|a_bits"].numel() == 200  # two activation tiers
     back = soniq.load(f)
-    for n in ("0", "3", "5"):
-        for k, t in p.get_submodule(n).w.state_dict().items():
-            u = back.get_submodule(n).w.state_dict()[k]
-            assert u.dtype == t.dtype and torch.equal(u, t), (n, k)
+    assert_same_layers(p, back)
     assert torch.equal(back(x), p(x))
+
+
+def test_v3_stores_uniform_channels_once(tmp_path):
+    """One activation tier and per-token scales (the MiniLM demo's layers): activation bits and
+    scales are one value, stored once; the K permutation is the identity and not stored."""
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 6))
+    soniq.qat.prepare(m, QATConfig(w_palette=(4, 8), a_palette=(4, 8), w_bits_target=5, a_bits_target=8,
+                                   a_dynamic="token"))
+    x = torch.randn(9, 40)
+    m(x)
+    soniq.qat.freeze_precision(m)
+    p = soniq.convert(m)
+    f = tmp_path / "m.safetensors"
+    soniq.save(p, f)
+    _, t = saved(f)
+    for n, K in (("0", 40), ("2", 30)):
+        assert t[f"{n}|a_bits"].shape == (1,) and t[f"{n}|a_scale"].shape == (1,), n
+        assert f"{n}|w.k_perm" not in t and f"{n}|w.bits" not in t
+        assert p.get_submodule(n).a_bits.shape == (K,)
+    back = soniq.load(f)
+    assert_same_layers(p, back)
+    assert torch.equal(back(x), p(x))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("signed", [False, True])
+def test_compact_widen_rebuild_widths_and_permutations(axis, signed):
+    """widen(compact(state)) gives back every tensor of the state (the widths from desc, ksegs
+    and the permutations), for weights along rows and along K, tiers in any order."""
+    g = torch.Generator().manual_seed(axis * 2 + int(signed))
+    R, K = 13, 150
+    n = (R, K)[axis]
+    palette = [2, 3, 8, 4, 5] if signed else [1, 3, 8, 2, 5]  # (signed 1-bit codes are +-1)
+    bits = torch.tensor(palette)[torch.randint(0, 5, (n,), generator=g)]
+    lo = -(2 ** (bits - 1)) if signed else torch.zeros_like(bits)
+    u = torch.rand(R, K, generator=g)
+    span = (2.0 ** bits).view(-1, 1) if axis == 0 else (2.0 ** bits).view(1, -1)
+    v = (u * span).to(torch.int64) + (lo.view(-1, 1) if axis == 0 else lo.view(1, -1))
+    pt = soniq.ops.pack(v, bits, signed=signed, axis=axis)
+    state = pt.state_dict()
+    back = widen(compact(state), pt.metadata())
+    assert sorted(back) == sorted(state)
+    for k, t in state.items():
+        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+    assert torch.equal(channel_bits(pt.desc, pt.ksegs, pt.row_perm, pt.k_perm, axis), pt.bits)
 
 
 def test_code_sums_from_planes():
@@ -73,6 +131,42 @@ def write_v1(model, path):
     save_file(tensors, str(path), metadata={"soniq": json.dumps(meta)})
 
 
+def write_v2(model, path):
+    """What soniq.save wrote in version 2: uint8 widths, every permutation, per-channel
+    activation bits and scales."""
+    from soniq._compact import _index_dtype
+
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, (soniq.nn.PackedLinear, soniq.nn.PackedConv2d))}
+    tensors, records = {}, {}
+    for n, m in packed.items():
+        for k, t in m.w.state_dict().items():
+            if k != "sums":
+                t = {"row_perm": t.to(_index_dtype(t.numel())), "k_perm": t.to(_index_dtype(t.numel())),
+                     "desc": t.to(torch.int32), "ksegs": t.to(torch.int32), "bits": t.to(torch.uint8)}.get(k, t)
+                tensors[f"{n}|w.{k}"] = t.contiguous()
+        tensors[f"{n}|a_bits"], tensors[f"{n}|a_scale"] = m.a_bits.to(torch.uint8), m.a_scale
+        if m.bias is not None:
+            tensors[f"{n}|bias"] = m.bias
+        rec = {"type": type(m).__name__, "w_meta": m.w.metadata(), "a_signed": m.a_signed}
+        if isinstance(m, soniq.nn.PackedConv2d):
+            rec["conv"] = m.conv_args()
+        elif m.a_dynamic is not None:
+            rec["a_dynamic"] = m.a_dynamic
+        records[n] = rec
+    meta = {"format": "soniq-model", "version": 2, "packed": records, "tree": _model_file._tree(model)}
+    meta["sha256"] = _model_file._digest(tensors, meta)
+    save_file(tensors, str(path), metadata={"soniq": json.dumps(meta)})
+
+
+def test_version_2_still_loads(tmp_path):
+    p, x = packed_model("token")
+    write_v2(p, tmp_path / "v2.safetensors")
+    back = soniq.load(tmp_path / "v2.safetensors")
+    assert back[3].a_dynamic == "token"
+    assert_same_layers(p, back)
+    assert torch.equal(back(x), p(x))
+
+
 def test_version_1_still_loads(tmp_path):
     p, x = packed_model()
     write_v1(p, tmp_path / "old.safetensors")
@@ -87,10 +181,10 @@ def test_future_version_refused(tmp_path):
     with safe_open(str(f), framework="pt") as h:
         meta = json.loads(h.metadata()["soniq"])
         tensors = {k: h.get_tensor(k) for k in h.keys()}
-    meta["version"] = 3
+    meta["version"] = 4
     meta["sha256"] = _model_file._digest(tensors, meta)
     save_file(tensors, str(f), metadata={"soniq": json.dumps(meta)})
-    with pytest.raises(ValueError, match="format version 3"):
+    with pytest.raises(ValueError, match="format version 4"):
         soniq.load(f)
 
 
@@ -117,7 +211,9 @@ def shift_first_row_start(meta, tensors):
     ("bias length", lambda m, t: t.__setitem__("3|bias", t["3|bias"][:3]), r"layer '3': bias must be float with 70 entries"),
     ("tree type", lambda m, t: m["tree"]["children"]["1"].__setitem__("type", "Module"),
      r"module type 'Module' is not one soniq.save writes"),
-], ids=["desc", "a_signed", "bias", "tree"])
+    ("a_bits length", lambda m, t: t.__setitem__("3|a_bits", t["3|a_bits"][:3]), r"layer '3': a_bits must hold 200 entries"),
+    ("k_perm dropped", lambda m, t: t.pop("3|w.k_perm"), r"layer '3': k_layout does not match bits"),
+], ids=["desc", "a_signed", "bias", "tree", "a_bits", "k_perm"])
 def test_malformed_records_refused(tmp_path, what, edit, match):
     """Records that pass the checksum but are malformed raise ValueError at load naming the
     problem (they raised RuntimeError, or loaded: a_signed "no" as signed, a short bias failing

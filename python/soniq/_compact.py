@@ -1,10 +1,13 @@
-"""Compact on-disk form of a PackedTensor's metadata (soniq.save format version 2).
+"""Compact on-disk form of a PackedTensor's metadata (soniq.save format versions 2 and 3).
 
 In memory the kernels take int64 metadata; on disk that is up to 8x the bytes it needs and,
 for a layer at ~4 bits, several percent of the layer. So the file keeps the bit planes
 (`data`) as they are and stores: permutations as int16 (int32 when a dimension exceeds
-32767), desc/ksegs as int32, bit widths as uint8, and no code sums (they are popcounts of
-the planes: recomputed on load). Loading widens everything back to int64.
+32767), desc/ksegs as int32, and no code sums (they are popcounts of the planes: recomputed
+on load). Version 2 also stores the bit widths (uint8 per channel); version 3 drops them
+(each block's width is in `desc`, so the widths follow from desc, ksegs and the
+permutations) and drops a permutation that is the identity. Loading widens everything back
+to int64.
 """
 from __future__ import annotations
 
@@ -19,10 +22,12 @@ def _index_dtype(n: int) -> torch.dtype:
 
 
 def compact(state: dict) -> dict:
-    """PackedTensor.state_dict() -> the tensors format version 2 stores."""
+    """PackedTensor.state_dict() -> the tensors format version 3 stores."""
     out = {}
     for k, t in state.items():
-        if k == "sums":
+        if k in ("sums", "bits"):
+            continue
+        if k in ("row_perm", "k_perm") and torch.equal(t, torch.arange(t.numel(), dtype=t.dtype, device=t.device)):
             continue
         if k in ("row_perm", "k_perm"):
             t = t.to(_index_dtype(t.numel()))
@@ -70,11 +75,38 @@ def code_sums(data: Tensor, desc: Tensor, ksegs: Tensor) -> Tensor:
     return sums
 
 
-def widen(stored: dict) -> dict:
-    """The stored tensors of format version 2 -> PackedTensor.state_dict() (int64 metadata,
-    code sums recomputed)."""
+def channel_bits(desc: Tensor, ksegs: Tensor, row_perm: Tensor, k_perm: Tensor, axis: int) -> Tensor:
+    """The per-channel bit widths (`bits`) a packed tensor's blocks hold: along rows (axis 0)
+    group g's rows have its width; along K (axis 1) segment s's columns have its width. A
+    channel no block covers stays 0, so validation refuses a malformed layout."""
+    if axis == 0:
+        bits = torch.zeros(row_perm.numel(), dtype=torch.int64)
+        for g in desc.tolist():
+            bits[row_perm[g[0]:g[0] + g[1]]] = g[2]
+        return bits
+    bits = torch.zeros(k_perm.numel(), dtype=torch.int64)
+    k0 = 0
+    for s, klen in enumerate(ksegs[:, 0].tolist()):
+        bits[k_perm[k0:k0 + klen]] = int(desc[0, 2 + s])
+        k0 += klen
+    return bits
+
+
+def widen(stored: dict, meta: dict) -> dict:
+    """The stored tensors of format version 2 or 3 -> PackedTensor.state_dict() (int64
+    metadata, code sums recomputed; version 3's identity permutations and bit widths rebuilt
+    from `meta` (the PackedTensor's metadata: shape, axis) and the blocks)."""
     out = {k: (t if k in ("data", "scale") else t.to(torch.int64)) for k, t in stored.items()}
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    if isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(n, int) and n >= 0 for n in shape):
+        for k, n in (("row_perm", shape[0]), ("k_perm", shape[1])):
+            out.setdefault(k, torch.arange(n, dtype=torch.int64))
     if all(k in out for k in ("data", "desc", "ksegs")) and out["desc"].dim() == 2 and out["ksegs"].dim() == 2:
         if out["desc"].shape[0] >= 1 and out["desc"].shape[1] == 2 + out["ksegs"].shape[0]:
             out["sums"] = code_sums(out["data"], out["desc"], out["ksegs"])
+            if "bits" not in out and all(k in out for k in ("row_perm", "k_perm")) and meta.get("axis") in (0, 1):
+                try:
+                    out["bits"] = channel_bits(out["desc"], out["ksegs"], out["row_perm"], out["k_perm"], meta["axis"])
+                except (IndexError, RuntimeError) as e:  # a permutation shorter than desc says
+                    raise ValueError(f"packed desc/ksegs do not fit the permutations: {e}") from None
     return out

@@ -24,9 +24,12 @@ from ._fuse import FusedActivation, fuse_activations, unfuse_activations
 from ._packed_nn import PackedConv2d, PackedLinear
 from .packed import PackedTensor
 
-FORMAT, VERSION = "soniq-model", 2
+FORMAT, VERSION = "soniq-model", 3
 # version 1: packed metadata as int64; version 2: compact (soniq._compact), activation bits
-# uint8, optional per-layer "a_dynamic"
+# uint8, optional per-layer "a_dynamic"; version 3: no weight bit widths and no identity
+# permutations (rebuilt from the blocks), activation bits / scales that are one value for every
+# input channel stored once (a 1-element tensor: per-token dynamic scales and one activation
+# tier make them so)
 
 # leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
 _LEAVES = {
@@ -86,6 +89,9 @@ def layer_tensors(m) -> dict:
     """The tensors soniq.save writes for one packed layer (CPU, compact dtypes)."""
     out = {f"w.{k}": t.detach().cpu().contiguous() for k, t in compact(m.w.state_dict()).items()}
     out["a_bits"], out["a_scale"] = m.a_bits.cpu().to(torch.uint8), m.a_scale.cpu()  # a model may be on a GPU
+    for k in ("a_bits", "a_scale"):
+        if out[k].numel() > 1 and bool((out[k] == out[k][0]).all()):
+            out[k] = out[k][:1].clone()  # one value per input channel: stored once
     if m.bias is not None:
         out["bias"] = m.bias.detach().cpu()
     if getattr(m, "a_inv_smooth", None) is not None:
@@ -158,7 +164,7 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") not in (1, VERSION):
+    if meta.get("version") not in (1, 2, VERSION):
         raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads versions 1 to {VERSION}")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
@@ -181,7 +187,7 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         pre = f"{n}|"
         wt = {k[len(pre) + 2:]: v for k, v in tensors.items() if k.startswith(pre + "w.")}
         if meta["version"] >= 2:
-            wt = widen(wt)
+            wt = widen(wt, rec["w_meta"])
         w = PackedTensor.from_state_dict(wt, rec["w_meta"])
         if not isinstance(rec["a_signed"], bool):
             raise ValueError(f"{path}: layer {n!r}: a_signed must be true or false, got {rec['a_signed']!r}")
@@ -189,11 +195,24 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (w.shape[0],)):
             raise ValueError(f"{path}: layer {n!r}: bias must be float with {w.shape[0]} entries, "
                              f"got {bias.dtype} {tuple(bias.shape)}")
-        args = (w, tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"], rec["a_signed"], bias, n)
-        if rec["type"] == "PackedConv2d":
-            mod = PackedConv2d(*args, **rec["conv"])
-        else:
-            mod = PackedLinear(*args, a_inv_smooth=tensors.get(pre + "a_inv_smooth"), a_dynamic=rec.get("a_dynamic"))
+        n_in = w.shape[1] // max(1, 1 if rec["type"] == "PackedLinear" else
+                                 rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1])
+        a_bits, a_scale = tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"]
+        if meta["version"] >= 3:  # one value for every input channel: stored once
+            a_bits, a_scale = (t.expand(n_in).clone() if t.shape == (1,) else t for t in (a_bits, a_scale))
+        for k, t in (("a_bits", a_bits), ("a_scale", a_scale)):
+            if tuple(t.shape) != (n_in,):
+                raise ValueError(f"{path}: layer {n!r}: {k} must hold {n_in} entries (one per input channel), "
+                                 f"got shape {tuple(t.shape)}")
+        args = (w, a_bits, a_scale, rec["a_signed"], bias, n)
+        try:  # the layer's own checks (its weight's K layout against a_bits, ...), named with the layer
+            if rec["type"] == "PackedConv2d":
+                mod = PackedConv2d(*args, **rec["conv"])
+            else:
+                mod = PackedLinear(*args, a_inv_smooth=tensors.get(pre + "a_inv_smooth"),
+                                   a_dynamic=rec.get("a_dynamic"))
+        except ValueError as e:
+            raise ValueError(f"{path}: layer {n!r}: {e}") from None
         if mod.a_bits.numel() * (1 if rec["type"] == "PackedLinear" else
                                  rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]) != w.shape[1]:
             raise ValueError(f"{path}: layer {n!r}: activation bits do not match the packed weight's K={w.shape[1]}")
