@@ -8,7 +8,7 @@ and 32, seq 128).
 Inside / alone: forward hooks time every packed layer during the forward; then each layer
 runs alone, back to back, on the input it saw in the forward. The ratio is the sum of the
 per-layer medians inside over the sum alone (issue 13: <= 1.15). The packed model is the
-demo's configuration (weights 4/8-bit tiers averaging 4.25 bits, 8-bit activations)
+demo's configuration (weights 4/6-bit tiers averaging 4.4 bits, 8-bit activations)
 converted without training (per-token dynamic activation scales, as the demo): timing
 depends on the tiers, not on the trained values.
 Saves cpu_model_<cpu>-<best isa>[-as-<forced isa>].json/.md (result_slug). Nothing here is a test.
@@ -228,9 +228,15 @@ WHY_E2E = ("on a CPU without AMX the packed layers run at the int8 vpdpbusd rate
            "(batch 1) the K = 384 layers still run at ~70% of the peak rate (activation quantization, the exact "
            "float64 epilogue, ~5 us of Python per call, more inside a model), where ONNX Runtime's int8 MatMul nodes come closer; see "
            "docs/DESIGN_NOTES.md (Packed Linear forward on the CPU)")
+def _demo_bits() -> str:
+    from soniq.demos import minilm as demo
+
+    return f"{demo.W_TARGET:g}"
+
+
 E2E_LABELS = {"fp32": "FP32", "bf16": "bf16", "fbgemm_int8": "FBGEMM INT8 dynamic",
               "onednn_int8": "oneDNN INT8 dynamic (torch._int_mm)", "ort_int8": "ONNX Runtime INT8 dynamic",
-              "soniq": "soniq packed (W4.25/A8)"}
+              "soniq": f"soniq packed (W{_demo_bits()}/A8)"}
 
 
 def summarize(e2e: dict) -> dict:
