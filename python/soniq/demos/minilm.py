@@ -263,7 +263,8 @@ def format_table(res) -> str:
     for b in ("b1", "b32"):
         rows.append(f"SONIQ speed at batch {b[1:]}: {s[b + '_vs_fp32']:.2f}x FP32, {s[b + '_vs_int8']:.2f}x FBGEMM INT8"
                     + (f", {s[b + '_vs_ort']:.2f}x ONNX Runtime INT8" if b + "_vs_ort" in s else ort))
-    rows.append("goals: " + "; ".join(f"{g['what']} {g['value']:.3g} ({'met' if g['met'] else 'MISSED'})"
+    # 5 significant digits: a cosine of 0.98996 must not print as 0.99 beside "MISSED"
+    rows.append("goals: " + "; ".join(f"{g['what']} {g['value']:.5g} ({'met' if g['met'] else 'MISSED'})"
                                       for g in res["goals"]))
     return "\n".join(rows)
 
