@@ -195,8 +195,9 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (w.shape[0],)):
             raise ValueError(f"{path}: layer {n!r}: bias must be float with {w.shape[0]} entries, "
                              f"got {bias.dtype} {tuple(bias.shape)}")
-        n_in = w.shape[1] // max(1, 1 if rec["type"] == "PackedLinear" else
-                                 rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1])
+        # input channels: K per kernel position (a conv weight's K is channels x kh x kw)
+        kk = 1 if rec["type"] == "PackedLinear" else rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]
+        n_in = w.shape[1] // max(1, kk)
         a_bits, a_scale = tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"]
         if meta["version"] >= 3:  # one value for every input channel: stored once
             a_bits, a_scale = (t.expand(n_in).clone() if t.shape == (1,) else t for t in (a_bits, a_scale))
@@ -213,8 +214,7 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
                                    a_dynamic=rec.get("a_dynamic"))
         except ValueError as e:
             raise ValueError(f"{path}: layer {n!r}: {e}") from None
-        if mod.a_bits.numel() * (1 if rec["type"] == "PackedLinear" else
-                                 rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]) != w.shape[1]:
+        if mod.a_bits.numel() * kk != w.shape[1]:
             raise ValueError(f"{path}: layer {n!r}: activation bits do not match the packed weight's K={w.shape[1]}")
         parent = model
         parts = n.split(".")
