@@ -3,6 +3,7 @@ speed is never asserted here, only that the run completes and reports what it me
 import json
 import statistics
 import os
+import re
 import subprocess
 import sys
 
@@ -142,3 +143,31 @@ def test_result_name_says_when_a_lower_isa_was_forced():
     assert result_slug("AMD EPYC 9B14", best, 2, False) == f"amd-epyc-9b14-{best}"
     if best != "scalar":
         assert result_slug("AMD EPYC", "scalar", 1, True) == f"amd-epyc-{best}-as-scalar-quick-1t"
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_missed_targets_give_the_reason_of_their_shape_kind(isa):
+    """A missed GEMV target carries the GEMV reason and a missed GEMM target the GEMM one (the
+    same bit pair has a target of each kind: W4A8, W8A8)."""
+    from soniq.benchmarks.cpu_gemm import targets_table
+
+    def shape(name, m):
+        rows = [{"method": f"soniq {meth}", "vs_best_int8": 0.5, "vs_ort_2bit": 0.5, "vs_ort_4bit": 0.5}
+                for meth in ("W1A8", "W2A8", "W4A8", "W8A8", "W1A1", "W2A2", "W4A4", "mixed 25% W4 / 75% W2, A8")]
+        return {"shape": name, "M": m, "N": 64, "K": 64, "rows": rows}
+
+    targets = targets_table([shape("gemv_8k", 1), shape("gemm_minilm_m128", 128)], isa)
+    assert targets and not any(t["met"] for t in targets)
+    for t in targets:
+        why = t["why_missed"]
+        assert why, t
+        if t["method"].startswith("mixed"):
+            assert "sum_of_parts" in why
+        elif t["shape"].startswith("gemv"):
+            assert "GEMV" in why and not re.search(r"\bGEMM\b", why), t  # (FBGEMM may be named)
+        else:
+            assert "GEMV" not in why, t
+    for meth in ("W4A8", "W8A8"):  # one text per kind, not both
+        gemv, gemm = (next(t["why_missed"] for t in targets if t["shape"] == s and t["method"] == meth)
+                      for s in ("gemv_8k", "gemm_minilm_m128"))
+        assert gemv != gemm

@@ -28,7 +28,6 @@ import torch
 
 import soniq
 from soniq import ops
-from soniq.ops._quantize_pack import make_plan
 
 FULL_SHAPES = {"gemm": (2048, 2048, 2048), "gemm_minilm_m16": (16, 1536, 384), "gemm_minilm_m128": (128, 1536, 384),
                "gemm_minilm_m128_ffn2": (128, 384, 1536), "gemm_minilm_m2048": (2048, 1536, 384),
@@ -320,24 +319,25 @@ _GEMV_WHY = ("GEMV on AVX2 streams the weight execution layout once (codes at b 
              "evicted before each call): W2A8 and up are bounded by that read; W1A8 also by the multiply ports "
              "(32 products per 2 operations against 64 per vpdpbusd on AVX-512), and 7.3x over a memory-bound "
              "INT8 GEMV needs the 1-bit read in a seventh of INT8's time, which a cold call does not reach.")
-MISS_REASONS = {  # AVX2; per ISA below
-    "W1A8": _GEMV_WHY,
-    "W2A8": _GEMV_WHY,
-    "W4A8": _GEMV_WHY + " GEMM: vpmaddubsw with exact int16 runs (4 groups per vpmaddwd for 4-bit weights and "
-            "8-bit activations): 1.25 multiply-port operations per 32 products, the rate of FBGEMM's AVX2 int8 "
-            "kernel; on an AVX2 CPU a 4-bit layer can at best match INT8 in the kernel.",
-    "W8A8": _GEMV_WHY + " GEMM: 8-bit codes are two operands (their nibbles, for exactness), so the kernel does "
-            "twice the vpmaddubsw work of FBGEMM's AVX2 kernel (which keeps pairs in int16 with 7-bit activations).",
-    "mixed": "one call runs both tiers (its time is about the sum of its W4A8 and W2A8 parts, see "
-             "sum_of_parts), which are limited as above.",
-    "W1A1": "bit-serial with scalar popcnt runs at ~290 GOP/s per core (3x4 register block, ~60 binary MACs/cycle "
-            "against ~85 for and+popcnt+add on 4 integer ALUs), while FBGEMM INT8 reaches ~150 GOP/s per core. "
-            "8x INT8 is above the AVX2 popcount limit (~1.7x at best).",
-    "W2A2": "layout GEMM with exact int16 runs (8 groups per vpmaddwd for 2-bit codes): the vpmaddubsw rate is "
-            "the limit, the same for any weight width up to 6 bits.",
-    "W4A4": "layout GEMM with exact int16 runs: the vpmaddubsw rate is the limit, the same for any weight width "
-            "up to 6 bits.",
-}
+_MIXED_WHY = ("one call runs both tiers (its time is about the sum of its W4A8 and W2A8 parts, see "
+              "sum_of_parts), each limited as in its own row.")
+# Reasons by shape kind (GEMV rows: M <= 4; GEMM rows) and method: AVX2 here, per ISA below.
+MISS_REASONS = {
+    "gemv": {"W1A8": _GEMV_WHY, "W2A8": _GEMV_WHY, "W4A8": _GEMV_WHY, "W8A8": _GEMV_WHY, "mixed": _MIXED_WHY},
+    "gemm": {
+        "W4A8": "vpmaddubsw with exact int16 runs (4 groups per vpmaddwd for 4-bit weights and 8-bit activations): "
+                "1.25 multiply-port operations per 32 products, the rate of FBGEMM's AVX2 int8 kernel; on an AVX2 "
+                "CPU a 4-bit layer can at best match INT8 in the kernel.",
+        "W8A8": "8-bit codes are two operands (their nibbles, for exactness), so the kernel does twice the "
+                "vpmaddubsw work of FBGEMM's AVX2 kernel (which keeps pairs in int16 with 7-bit activations).",
+        "W1A1": "bit-serial with scalar popcnt runs at ~290 GOP/s per core (3x4 register block, ~60 binary MACs/cycle "
+                "against ~85 for and+popcnt+add on 4 integer ALUs), while FBGEMM INT8 reaches ~150 GOP/s per core. "
+                "8x INT8 is above the AVX2 popcount limit (~1.7x at best).",
+        "W2A2": "layout GEMM with exact int16 runs (8 groups per vpmaddwd for 2-bit codes): the vpmaddubsw rate is "
+                "the limit, the same for any weight width up to 6 bits.",
+        "W4A4": "layout GEMM with exact int16 runs: the vpmaddubsw rate is the limit, the same for any weight width "
+                "up to 6 bits.",
+    }}
 
 
 _LOAD_NOTE = ("Measured on a shared 2-core machine (load average in the header): 2-thread wall times of every "
@@ -358,28 +358,29 @@ _GEMV_WHY_AVX512 = (
     "on the kernel side: the 1-bit kernel is compute-bound when warm (8 and + 8 vpdpbusd per 64 weight bytes; "
     "a table-lookup kernel over groups of 4 activations, T-MAC style, would halve that).")
 _GEMM_WHY_AVX512 = (
-    _LOAD_NOTE + "GEMM runs vpdpbusd on B tiles decoded once per 64 columns and K block into L1 (6x64 register "
-    "block): ~390-420 GOP/s per core in the kernel, the same one-vpdpbusd-per-cycle limit as oneDNN's "
-    "torch._int_mm (which takes int8 inputs here, no activation quantization or float epilogue). soniq's int8 "
-    "products cost the same for 2, 4 or 8-bit weights, so these targets are bounded by the int8 peak; the gap "
-    "to it (one thread: W4A8 0.57-0.67x _int_mm, 0.7-0.8x FBGEMM dynamic at the MiniLM shapes) is the "
-    "activation quantize + pack, its expansion to bytes, the float epilogue and ~30 us of Python per call. "
-    "AMX (not on this CPU) or fusing the activation bytes and epilogue into the kernel would close it.")
+    _LOAD_NOTE + "GEMM runs vpdpbusd on B tiles decoded once per 64 columns into a per-thread buffer (6x64 "
+    "register block, about one vpdpbusd per cycle), the instruction oneDNN's torch._int_mm uses on this CPU "
+    "(it takes int8 inputs here: no activation quantization, no float epilogue). soniq's int8 products cost "
+    "the same for 2, 4 or 8-bit weights, so these targets are bounded by the int8 rate. On the quiet machine "
+    "(same process, interleaved, PackedLinear forward vs _int_mm): 2048^3 0.88x (1 thread) / 0.86-0.90x "
+    "(2 threads), 128x384x1536 0.96-0.97x, 128x1536x384 0.81-0.85x. The rest of the gap: at K = 384 the "
+    "exact double-precision epilogue (~80 vector operations per row of a 64-column block, against its 384 "
+    "vpdpbusd at K = 384) and the activation quantization; at 2048^3 oneDNN's microkernel runs ~12% "
+    "closer to the vpdpbusd peak than soniq's on one thread. AMX (not on this CPU) would lift the int8 rate.")
 MISS_REASONS_BY_ISA = {"avx512": {
-    "W1A8": _GEMV_WHY_AVX512, "W2A8": _GEMV_WHY_AVX512, "W4A8": _GEMV_WHY_AVX512 + " GEMM: " + _GEMM_WHY_AVX512,
-    "W8A8": _GEMV_WHY_AVX512 + " GEMM: " + _GEMM_WHY_AVX512,
-    "mixed": "one call runs both tiers (its time is about the sum of its W4A8 and W2A8 parts, see "
-             "sum_of_parts), which are limited as above.",
-    "W1A1": _LOAD_NOTE + "vpopcntq bit-serial; the popcount/int8 peak ratio of this CPU is 4x, so 8x of a VNNI "
-            "INT8 baseline is out of reach (the 8x target is for AVX2-only machines); small M (16) pays the "
-            "per-call overhead.",
-    "W2A2": _GEMM_WHY_AVX512, "W4A4": _GEMM_WHY_AVX512}}
+    "gemv": {"W1A8": _GEMV_WHY_AVX512, "W2A8": _GEMV_WHY_AVX512, "W4A8": _GEMV_WHY_AVX512,
+             "W8A8": _GEMV_WHY_AVX512, "mixed": _MIXED_WHY},
+    "gemm": {"W4A8": _GEMM_WHY_AVX512, "W8A8": _GEMM_WHY_AVX512, "W2A2": _GEMM_WHY_AVX512,
+             "W4A4": _GEMM_WHY_AVX512,
+             "W1A1": _LOAD_NOTE + "vpopcntq bit-serial; the popcount/int8 peak ratio of this CPU is 4x, so 8x of a "
+                     "VNNI INT8 baseline is out of reach (the 8x target is for AVX2-only machines); small M (16) "
+                     "pays the per-call overhead."}}}
 
 
 def targets_table(results, isa: str = "avx2") -> list:
-    reasons = {**MISS_REASONS, **MISS_REASONS_BY_ISA.get(isa, {})}
     out = []
     for kind, method, base, need in TARGETS:
+        reasons = {**MISS_REASONS[kind], **MISS_REASONS_BY_ISA.get(isa, {}).get(kind, {})}
         for s in results:
             if not s["shape"].startswith(kind):
                 continue
