@@ -301,6 +301,9 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(reconstruct_blocks=("a",), reconstruct_steps=-1), "reconstruct_steps must be"),
     (dict(reconstruct_lr=float("inf")), "reconstruct_lr must be"),
     (dict(reconstruct_float_lr=-1.0), "reconstruct_float_lr must be"),
+    (dict(bias_correction=1), "bias_correction must be True or False"),
+    (dict(bias_correction_batches=-1), "bias_correction_batches must be an integer >= 0"),
+    (dict(bias_correction_batches=2.0), "bias_correction_batches must be an integer >= 0"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -394,3 +397,106 @@ def test_block_reconstruction_lowers_block_error_and_fake_equals_packed(float_lr
     before, after = rec._soniq_ptq["reconstruction"]["2"]
     assert after < before
     _check_fake_equals_packed(rec, soniq.convert(rec), x[:37])
+
+
+def _mean_outputs(model, names, batches):
+    got = {n: [] for n in names}
+    hs = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: got[n].append(out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
+                                             if out.dim() == 4 else out.detach().double().reshape(-1, out.shape[-1]).T))
+        for n in names]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hs:
+        h.remove()
+    return {n: torch.cat(v, 1).mean(1) for n, v in got.items()}
+
+
+@pytest.mark.parametrize("net,shape", [(_mlp, (384, 48)), (_convnet, (96, 3, 8, 8))])
+@pytest.mark.parametrize("nb", [0, 2])
+def test_bias_correction_gives_every_layer_the_float_mean_output(net, shape, nb):
+    """After bias correction each quantized layer's mean output over the batches that measured
+    it is the float layer's (the first layer's exactly, the later ones measured on the
+    corrected layers before them), where plain GPTQ leaves a shift; only biases change, and
+    fake == packed holds."""
+    torch.manual_seed(3)
+    x = torch.randn(*shape) + 0.5  # a mean input: rounding shifts the outputs' means
+    batches = list(x.split(32))
+    kw = dict(w_palette=(2, 4), w_bits_target=2.5)
+    plain = quantize(net(), batches, PTQConfig(**kw))
+    fixed = quantize(net(), batches, PTQConfig(**kw, bias_correction=True, bias_correction_batches=nb))
+    names = [n for n, m in fixed.named_modules() if isinstance(m, (QLinear, QConv2d))]
+    used = batches[:nb] if nb else batches
+    ref = _mean_outputs(net(), names, used)
+    got, before = _mean_outputs(fixed, names, used), _mean_outputs(plain, names, used)
+    for n in names:
+        scale = float(ref[n].abs().max())
+        assert float((got[n] - ref[n]).abs().max()) <= 1e-5 * scale, n
+        assert float((before[n] - ref[n]).abs().max()) > 1e-3 * scale, n
+        qf, qp = fixed.get_submodule(n), plain.get_submodule(n)
+        assert torch.equal(qf.weight, qp.weight) and not torch.equal(qf.bias, qp.bias)
+    assert set(fixed._soniq_ptq["bias_shift"]) == set(names)
+    _check_fake_equals_packed(fixed, soniq.convert(fixed), x[:5])
+
+
+def test_bias_correction_skips_layers_without_a_bias():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(48, 64, bias=False), nn.GELU(), nn.Linear(64, 12))
+    x, batches = _data()
+    m = quantize(net, batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0, bias_correction=True))
+    assert list(m._soniq_ptq["bias_shift"]) == ["2"] and m[0].bias is None
+
+
+def test_reconstruction_starts_from_the_rounded_codes_on_the_float_weights_side():
+    """The two codes a weight chooses between are its rounded code and the grid neighbour on
+    its float weight's side (1-bit codes: -1 and +1), both on the grid; the soft start rounds
+    to the rounded code."""
+    from soniq import _recon
+
+    x, batches = _data()
+    float_net = _mlp()
+    m = quantize(_mlp(), batches, PTQConfig(w_palette=(1, 4), w_bits_target=2.2))
+    seen = set()
+    for name, q in m.named_modules():
+        if not isinstance(q, QLinear):
+            continue
+        w = float_net.get_submodule(name).weight.detach()
+        base, gap, v, step = _recon._soft_start(q, w)
+        c = _recon._codes(q).float()
+        bits = q.w_quant.bits().detach().float()[:, None].expand_as(c)
+        seen |= set(bits.unique().tolist())
+        assert torch.equal(base + gap * (v >= 0).float(), c)
+        lo = torch.where(bits == 1, -1.0, -(2 ** (bits - 1)))
+        hi = torch.where(bits == 1, 1.0, 2 ** (bits - 1) - 1)
+        assert bool((base >= lo).all() and (base + gap <= hi).all())
+        other = torch.where(v >= 0, base, base + gap)  # the code not taken at the start
+        side = w / step - c
+        inner = (c > lo) & (c < hi) & (side.abs() > 1e-3)
+        assert bool(((other - c).sign() == side.sign())[inner].all())
+    assert seen == {1.0, 4.0}
+
+
+def test_reconstruction_leaves_the_weight_quantizers_as_they_were():
+    from soniq import _recon
+
+    _, batches = _data()
+    m = quantize(_mlp(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0))
+    qs = {n: q for n, q in m.named_modules() if isinstance(q, QLinear)}
+    with pytest.raises(RuntimeError, match="inside"):
+        with _recon._weights_as_given(qs):
+            assert all(q.w_quant(torch.full((2, 2), 0.3)).eq(0.3).all() for q in qs.values())
+            raise RuntimeError("inside")
+    assert all("forward" not in vars(q.w_quant) for q in qs.values())
+
+
+def test_conv_block_reconstruction_fake_equals_packed():
+    torch.manual_seed(5)
+    x = torch.randn(96, 3, 8, 8)
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    m = quantize(net, list(x.split(32)), PTQConfig(w_palette=(2, 4), w_bits_target=3.0, reconstruct_blocks=("0",),
+                                                   reconstruct_steps=30, reconstruct_lr=5e-2))
+    before, after = m._soniq_ptq["reconstruction"]["0"]
+    assert after < before
+    _check_fake_equals_packed(m, soniq.convert(m), x[:5])

@@ -4,19 +4,25 @@ After the tiers are frozen and the codes rounded (GPTQ), each block (a module ho
 quantized layers, e.g. one transformer layer) is taken in the order the blocks run. Its
 inputs come from the model with every earlier block already quantized and reconstructed;
 its target is the float model's output of the same block on the same calibration batch.
-Per quantized layer, the weight is re-parametrized in code units,
-    w = (codes + delta) * step(clip),
-and delta (init 0), the weight clips and the activation clips (optionally also the block's
-float parameters: biases, norms) are fitted by Adam to the block-output MSE, straight
-through the rounding. delta is in units of each channel's step,
-so one learning rate moves a 4-bit and an 8-bit channel by the same number of levels.
-Afterwards the weight is snapped to its new codes x step: only integer codes and scales
-change, so soniq.convert packs exactly what the fake-quantized model computes. A block
-whose calibration error did not go down keeps its previous codes and clips.
+Each weight picks, per element, one of two neighbouring codes on its frozen grid (AdaRound):
+    w = (base + gap * h(V)) * step,   h = clamp(1.2 * sigmoid(V) - 0.1, 0, 1),
+base and the starting h put the two choices around the rounded code, on the side of the
+float weight, so the hard start is exactly the rounded codes. V (and optionally the
+activation clips and the block's float parameters: biases, norms) is fitted by Adam to the
+block-output error, with the soft h in the forward (the weight quantizer is bypassed while
+fitting) and a regularizer that pushes h to 0 or 1 as its exponent anneals; then each
+weight takes the code h rounds to. The error is the mean over tokens of 1 - cosine of the
+output features plus 0.1 x its relative MSE: relative MSE alone is dominated by a few
+large features (a transformer's outlier dimensions) and lowered it without moving the
+model's cosine on MiniLM. Only integer codes change, so soniq.convert packs exactly what the
+fake-quantized model computes. A block whose calibration error did not go down keeps its
+previous codes and clips.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -110,8 +116,18 @@ def _block_inputs(model, block: nn.Module, batches, forward) -> list:
     return got
 
 
+def _token_cosine_error(o: Tensor, t: Tensor) -> Tensor:
+    """Mean over positions of 1 - cosine of the feature vectors (features: dim 1 of NCHW
+    maps, else the last dim)."""
+    dim = 1 if o.dim() == 4 else -1
+    if o.dim() == 1:
+        o, t = o.unsqueeze(0), t.unsqueeze(0)
+    return (1 - torch.nn.functional.cosine_similarity(o.float(), t.float(), dim=dim, eps=1e-12)).mean()
+
+
 def _loss(out, target) -> Tensor:
-    return relative_mse(float_tensors(out), target)
+    outs = float_tensors(out)
+    return sum(_token_cosine_error(o, t) for o, t in zip(outs, target)) + 0.1 * relative_mse(outs, target)
 
 
 def _codes(q) -> Tensor:
@@ -127,82 +143,137 @@ def _float_params(block: nn.Module, qs: dict) -> list:
     return [p for p in block.parameters() if id(p) not in skip and p.is_floating_point()]
 
 
+_ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid: h reaches 0 and 1 exactly
+_REG = 1.0                 # rounding regularizer, relative to the block's starting error
+_WARMUP = 0.2              # share of the steps before the regularizer starts
+
+
+def _soft(v: Tensor) -> Tensor:
+    return torch.clamp(torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+
+def _soft_start(q, w_float: Tensor) -> tuple:
+    """(base, gap, V, step): the two codes around q's rounded code on the float weight's side
+    (base and base + gap), V so the soft start lies about halfway between the code and the
+    float weight, yet rounds to the code. 1-bit codes are -1 and +1 (gap 2)."""
+    shape = (-1,) + (1,) * (q.weight.dim() - 1)
+    step = q.w_quant.step().detach().float().reshape(shape)
+    bits = q.w_quant.bits().detach().float().reshape(shape)
+    c = _codes(q).float()
+    gap = torch.where(bits == 1, 2.0, 1.0).expand_as(c)
+    lo = torch.where(bits == 1, -1.0, -(2 ** (bits - 1))).expand_as(c)
+    hi = torch.where(bits == 1, 1.0, 2 ** (bits - 1) - 1).expand_as(c)
+    # up to 0.49 of a step toward the float weight: strictly inside the code's rounding interval
+    x = c + 0.49 * gap * torch.clamp((w_float.float() / step - c) / gap, -1, 1)
+    base = torch.clamp(torch.floor((x - lo) / gap) * gap + lo, lo, hi - gap)
+    frac = torch.clamp((x - base) / gap, 0.01, 0.99)
+    v = -torch.log((_ZETA - _GAMMA) / (frac - _GAMMA) - 1)
+    return base, gap, v, step
+
+
+@contextmanager
+def _weights_as_given(qs: dict):
+    """While fitting, the quantized layers use the soft weights as they are (their weight
+    quantizer would round them: the relaxation needs the soft values in the forward)."""
+    for q in qs.values():
+        q.w_quant.forward = _identity
+    try:
+        yield
+    finally:
+        for q in qs.values():
+            del q.w_quant.forward
+
+
+def _identity(w: Tensor) -> Tensor:
+    return w
+
+
 def reconstruct_block(block: nn.Module, inputs: list, targets: list, steps: int, lr: float, clip_lr: float,
-                      float_lr: float = 0.0) -> tuple:
-    """Fits the block's quantized layers (codes via delta, weight and activation clips) and,
-    with float_lr > 0, its float parameters (biases, norms) to the targets. Returns
+                      float_lr: float = 0.0, float_weights: Optional[dict] = None) -> tuple:
+    """Fits the block's rounding choices (and its activation clips; with float_lr > 0 its float
+    parameters: biases, norms) to the targets. float_weights: {layer name in the block: its
+    float weight} (default: the current weights, i.e. no side preferred). Returns
     (calibration error before, after); the block keeps the better state."""
     qs = {n: m for n, m in block.named_modules() if isinstance(m, (QLinear, QConv2d))}
     floats = _float_params(block, qs) if float_lr > 0 else []
 
-    def total(over=None):
-        with torch.no_grad():
-            return sum(float(_loss(_call(a, k, over), t)) for (a, k), t in zip(inputs, targets)) / len(inputs)
-
-    def _call(args, kwargs, over):
+    def call(args, kwargs, over=None):
         if over is None:
             return block(*args, **kwargs)
-        return torch.func.functional_call(block, over(), args, kwargs, strict=False)
+        return torch.func.functional_call(block, over, args, kwargs, strict=False)
+
+    def total():
+        with torch.no_grad():
+            return sum(float(_loss(call(a, k), t)) for (a, k), t in zip(inputs, targets)) / len(inputs)
 
     before = total()
-    keep = {n: (q.weight.detach().clone(), q.w_quant.clip.detach().clone(), q.a_quant.clip.detach().clone())
-            for n, q in qs.items()}
+    keep = {n: (q.weight.detach().clone(), q.a_quant.clip.detach().clone()) for n, q in qs.items()}
     keep_f = [p.detach().clone() for p in floats]
-    codes = {n: _codes(q) for n, q in qs.items()}
-    delta = {n: torch.zeros_like(c, requires_grad=True) for n, c in codes.items()}
+    start = {n: _soft_start(q, (float_weights or {}).get(n, q.weight).detach()) for n, q in qs.items()}
+    v = {n: s[2].requires_grad_(True) for n, s in start.items()}
 
-    def weights():
-        # step() keeps the clip's gradient: changing a clip scales the grid with the codes on it
-        return {f"{n}.weight" if n else "weight": ((codes[n] + delta[n]) * q.w_quant.step().reshape(
-            (-1,) + (1,) * (codes[n].dim() - 1))).to(q.weight.dtype) for n, q in qs.items()}
+    def weights(hard: bool = False):
+        out = {}
+        for n, q in qs.items():
+            base, gap, _, step = start[n]
+            h = (v[n] >= 0).float() if hard else _soft(v[n])
+            out[f"{n}.weight" if n else "weight"] = ((base + gap * h) * step).to(q.weight.dtype)
+        return out
 
-    clips = [q.w_quant.clip for q in qs.values()] + [q.a_quant.clip for q in qs.values()]
+    clips = [q.a_quant.clip for q in qs.values()]
     grads = [p.requires_grad for p in clips + floats]
     for p in clips + floats:
         p.requires_grad_(True)
-    groups = [{"params": list(delta.values()), "lr": lr}, {"params": clips, "lr": clip_lr}]
+    groups = [{"params": list(v.values()), "lr": lr}, {"params": clips, "lr": clip_lr}]
     opt = torch.optim.Adam(groups + ([{"params": floats, "lr": float_lr}] if floats else []))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    warm, nv = int(_WARMUP * steps), sum(t.numel() for t in v.values())
     try:
-        for s in range(steps):
-            a, k = inputs[s % len(inputs)]
-            loss = _loss(_call(a, k, weights), targets[s % len(inputs)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        with _weights_as_given(qs):
+            for s in range(steps):
+                a, k = inputs[s % len(inputs)]
+                loss = _loss(call(a, k, weights()), targets[s % len(inputs)])
+                if s >= warm:  # exponent 20 -> 2: first only the undecided h are pushed
+                    beta = 2 + 18 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+                    reg = sum((1 - (2 * _soft(t) - 1).abs().pow(beta)).sum() for t in v.values()) / nv
+                    loss = loss + _REG * before * reg
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     finally:
         for p, g in zip(clips + floats, grads):
             p.requires_grad_(g)
     with torch.no_grad():
-        w = weights()
+        w = weights(hard=True)
         for n, q in qs.items():
-            q.weight.copy_(w[f"{n}.weight" if n else "weight"])
-            c = _codes(q)  # snap to codes x step: the quantizer gives these codes back exactly
-            q.weight.copy_((c * q.w_quant.step().reshape((-1,) + (1,) * (c.dim() - 1))).to(q.weight))
-            if not torch.equal(_codes(q), c):
+            c = w[f"{n}.weight" if n else "weight"]
+            q.weight.copy_(c)
+            want = (start[n][0] + start[n][1] * (v[n] >= 0).float())
+            if not torch.equal(_codes(q).float(), want):  # codes x step: the quantizer gives these codes back
                 raise RuntimeError(f"{n}: reconstructed codes do not survive the quantizer's rounding")
     after = total()
     if not after < before:
         with torch.no_grad():
             for n, q in qs.items():
-                for p, v in zip((q.weight, q.w_quant.clip, q.a_quant.clip), keep[n]):
-                    p.copy_(v)
-            for p, v in zip(floats, keep_f):
-                p.copy_(v)
+                for p, val in zip((q.weight, q.a_quant.clip), keep[n]):
+                    p.copy_(val)
+            for p, val in zip(floats, keep_f):
+                p.copy_(val)
         after = before
     return before, after
 
 
 def reconstruct(model: nn.Module, order, targets: dict, batches, forward, steps: int, lr: float,
-                clip_lr: float, float_lr: float = 0.0) -> dict:
+                clip_lr: float, float_lr: float = 0.0, float_weights: Optional[dict] = None) -> dict:
     """Every block in run order, each on the inputs the already-reconstructed blocks produce.
-    Returns {block: (calibration error before, after)}."""
+    float_weights: {layer name in the model: its float weight}, the side each rounding choice
+    starts toward. Returns {block: (calibration error before, after)}."""
     report = {}
     for name in order:
         block = model.get_submodule(name)
         if not any(isinstance(m, (QLinear, QConv2d)) for m in block.modules()):
             continue
         inputs = _block_inputs(model, block, batches, forward)
-        report[name] = reconstruct_block(block, inputs, targets[name], steps, lr, clip_lr, float_lr)
+        fw = {("" if n == name else n[len(name) + 1:]): w for n, w in (float_weights or {}).items()
+              if n == name or n.startswith(name + ".")}
+        report[name] = reconstruct_block(block, inputs, targets[name], steps, lr, clip_lr, float_lr, fw)
     return report

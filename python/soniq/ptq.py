@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _recon, ops, qat
+from . import _bias_correction, _recon, ops, qat
 from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
 from .nn import QConv2d, QLinear, smooth_factors
 from ._quantizers import check_smooth_alpha
@@ -66,9 +66,15 @@ class PTQConfig:
     batches (QLinear: its first batch); allocation and GPTQ then see W * s and x / s.
     reconstruct_blocks / reconstruct_steps: after rounding, fit each named block (e.g. the
     transformer layers) to the float model's block output, reconstruct_steps Adam steps per
-    block on the calibration batches (soniq._recon; 0 = off); reconstruct_lr in code levels
-    per step, reconstruct_clip_lr for the weight and activation clips, reconstruct_float_lr
-    for the block's parameters that stay float (biases, norms; 0 = they stay as they are)."""
+    block on the calibration batches (soniq._recon: each weight chooses between the two grid
+    codes around its rounded code, AdaRound-style; 0 = off); reconstruct_lr for those choices'
+    logits, reconstruct_clip_lr for the activation clips (the weight grids stay as they are),
+    reconstruct_float_lr for the block's parameters that stay float (biases, norms; 0 = they
+    stay as they are).
+    bias_correction: last, each quantized layer with a bias gets its output's mean shift
+    against the float model (over the calibration batches, layers in run order) taken out of
+    its bias (soniq._bias_correction); bias_correction_batches: how many calibration batches
+    measure the means (0 = all)."""
 
     w_palette: tuple = (4, 8)
     w_bits_target: float = 4.5
@@ -88,6 +94,8 @@ class PTQConfig:
     reconstruct_lr: float = 1e-2
     reconstruct_clip_lr: float = 1e-5
     reconstruct_float_lr: float = 0.0
+    bias_correction: bool = False
+    bias_correction_batches: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -125,7 +133,10 @@ class PTQConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("sequential", "act_order"):
+        bb = self.bias_correction_batches
+        if isinstance(bb, bool) or not isinstance(bb, int) or bb < 0:
+            raise ValueError(f"bias_correction_batches must be an integer >= 0 (0 = all), got {bb!r}")
+        for name in ("sequential", "act_order", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
@@ -531,6 +542,11 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         if bad:
             raise ValueError(f"reconstruct_blocks: the model has no module {bad[0]!r}")
         recon = _recon.float_targets(model, cfg.reconstruct_blocks, batches, forward)
+    bc_batches = batches[:cfg.bias_correction_batches or None]
+    bc_means = None
+    if cfg.bias_correction:  # the float model's output means, before prepare swaps the layers
+        with_bias = {n: m for n, m in layers.items() if m.bias is not None}
+        bc_means = _bias_correction.output_means(model, with_bias, bc_batches, forward) if with_bias else {}
 
     alpha = dict(cfg.qat_options).get("smooth_alpha")  # Linear layers: factors from the calibration's amax
     smooth = {} if alpha is None else {n: smooth_factors(stats[n].amax, m.weight, alpha)
@@ -560,6 +576,8 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         {n: torch.zeros(q.a_quant.channels, dtype=torch.float64) for n, q in qlayers.items()}
     abits = _allocate(a_sc, a_counts, cfg.a_palette, cfg.a_bits_target, gains, cfg.allocation, "a_bits_target")
     _freeze(model, qlayers, wbits, abits)
+    # the float weights, the side each rounding choice of the reconstruction starts toward
+    float_w = {n: q.weight.detach().clone() for n, q in qlayers.items()} if recon is not None else None
     if cfg.rounding == "gptq":
         order = [n for n in cal.order if n in qlayers]
         groups = [[n for n in g if n in qlayers] for g in cal.groups]
@@ -568,7 +586,11 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     report = {}
     if recon is not None:
         report = _recon.reconstruct(model, recon[0], recon[1], batches, forward, cfg.reconstruct_steps,
-                                    cfg.reconstruct_lr, cfg.reconstruct_clip_lr, cfg.reconstruct_float_lr)
+                                    cfg.reconstruct_lr, cfg.reconstruct_clip_lr, cfg.reconstruct_float_lr, float_w)
+    shifts = {}
+    if bc_means is not None:
+        groups = [[n for n in g if n in qlayers] for g in cal.groups]
+        shifts = _bias_correction.correct_biases(model, [g for g in groups if g], bc_means, bc_batches, forward)
     model.eval()
-    model._soniq_ptq = {"config": cfg, "layer_gains": gains, "reconstruction": report}
+    model._soniq_ptq = {"config": cfg, "layer_gains": gains, "reconstruction": report, "bias_shift": shifts}
     return model
