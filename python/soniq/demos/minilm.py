@@ -37,8 +37,7 @@ QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 # format 3) are then >= 7x smaller than FP32; no smoothing (its factors cost 4 bytes per
 # input channel, ~0.06 bits at this size, more than they bought here). Palette (4, 6): at
 # 4.4 bits 0.9897 cosine against (4, 8) 0.9887 and (4, 7) 0.9891 (512 calibration sentences,
-# docs/DESIGN_NOTES.md). The fidelity point, (4, 6) at 4.5 bits with smoothing 0.5, is the
-# second PTQ row (minilm_ptq.PTQ_ROW)
+# docs/DESIGN_NOTES.md); GPTQ, then bias correction (minilm_ptq.REFINE)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 6), (4, 8), 4.4, 8.0
 SMOOTH_ALPHA = None
 A_DYNAMIC = "token"  # per-token activation scales (see docs/DESIGN_NOTES.md, MiniLM ablation)
@@ -318,17 +317,14 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         train_sents, n=E["calib"]), minilm_ptq.CALIB_BATCH))
     student, packed, soniq_s = minilm_ptq.ptq_model(
         teacher, cal, minilm_ptq.ptq_config("soniq", teacher, smooth_alpha=SMOOTH_ALPHA, w_palette=W_PALETTE,
-                                            w_bits_target=W_TARGET))
-    # the fidelity point, (4, 6) at 4.5 bits with smoothing (Linear layers < 7x smaller): a second PTQ row
-    ptq_fake, ptq_packed, ptq_s = minilm_ptq.ptq_model(teacher, cal,
-                                                       minilm_ptq.ptq_config("soniq", teacher, **minilm_ptq.PTQ_ROW))
+                                            w_bits_target=W_TARGET, **minilm_ptq.REFINE))
     rep = soniq.qat.precision_report(student)
 
     other = reference_sentences(exclude=set(train_sents) | set(held))  # never calibrated or tuned on
     other = other[:E["heldout"]] if E["heldout"] else other
     hb, ob = tokenize(teacher, held, 64), tokenize(teacher, other, 64)
     name = f"SONIQ W{W_PALETTE}/A8 per-token, " + ("" if SMOOTH_ALPHA is None else f"smoothing {SMOOTH_ALPHA:g}, ") \
-        + "PTQ (no training)"
+        + "PTQ (GPTQ + bias correction, no training)"
     candidates = {"fp32": ("FP32", lambda: teacher, dict(method="fp32"), 32.0),
                   "int8": ("FBGEMM INT8 dynamic (torch.ao)", lambda: fbgemm_int8(teacher), dict(method="int8"), 8.0),
                   "w4": ("uniform 4-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 4),
@@ -338,11 +334,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
                   "soniq_fake": (f"{name}, fake-quant", lambda: student, dict(method="soniq", packed=packed),
                                  rep["avg_w_bits"]),
                   "soniq": (f"{name}, packed (mpgemm)", lambda: packed, dict(method="soniq", packed=packed),
-                            rep["avg_w_bits"]),
-                  "ptq": (f"SONIQ mixed-precision PTQ W{minilm_ptq.PTQ_ROW['w_palette']}/A8 per-token, smoothing "
-                          f"{minilm_ptq.PTQ_ROW['smooth_alpha']:g}, packed, no training",
-                          lambda: ptq_packed, dict(method="soniq", packed=ptq_packed),
-                          soniq.qat.precision_report(ptq_fake)["avg_w_bits"])}
+                            rep["avg_w_bits"])}
     ort_dir = tempfile.TemporaryDirectory(prefix="soniq-minilm-ort-")
     candidates["ort_int8"] = ("ONNX Runtime INT8 dynamic", lambda: ort_int8(teacher, threads, ort_dir.name),
                               dict(method="int8"), 8.0)
@@ -362,7 +354,6 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     ort_dir.cleanup()
     for k, v in lat.items():
         methods[k]["latency"] = v
-    methods["ptq"]["ptq_seconds"] = ptq_s
     methods["soniq"]["ptq_seconds"] = soniq_s
     speed = {}
     for k, name in (("fp32", "fp32"), ("int8", "int8"), ("ort_int8", "ort")):
@@ -377,7 +368,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
            "soniq_config": {"w_palette": W_PALETTE, "a_palette": (8, 8), "w_bits_target": W_TARGET,
                             "a_bits_target": A_TARGET, "a_dynamic": A_DYNAMIC, "smooth_alpha": SMOOTH_ALPHA,
                             "calibration_sentences": E["calib"],
-                            "method": "soniq.ptq: measured tiers, GPTQ rounding"},
+                            "method": "soniq.ptq: measured tiers, GPTQ rounding, bias correction"},
            "avg_w_bits": rep["avg_w_bits"], "avg_a_bits": rep["avg_a_bits"],
            "n_train": len(train_sents), "n_calib": E["calib"], "n_heldout": len(held), "n_other": len(other),
            "other_text": "Python language reference (pydoc_data.topics), sentences not in the docstring corpus",
