@@ -245,9 +245,8 @@ def reconstruct_block(block: nn.Module, inputs: list, targets: list, steps: int,
     with torch.no_grad():
         w = weights(hard=True)
         for n, q in qs.items():
-            c = w[f"{n}.weight" if n else "weight"]
-            q.weight.copy_(c)
-            want = (start[n][0] + start[n][1] * (v[n] >= 0).float())
+            q.weight.copy_(w[f"{n}.weight" if n else "weight"])
+            want = start[n][0] + start[n][1] * (v[n] >= 0).float()
             if not torch.equal(_codes(q).float(), want):  # codes x step: the quantizer gives these codes back
                 raise RuntimeError(f"{n}: reconstructed codes do not survive the quantizer's rounding")
     after = total()
