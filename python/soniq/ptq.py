@@ -16,8 +16,13 @@
 4. Rounding: "rtn" keeps round-to-nearest; "gptq" re-chooses each layer's integer codes with
    error feedback, on the inputs the already-rounded layers before it produce (sequential,
    with the activations quantized as the packed model will quantize them).
-Only the integer codes change (the weight becomes codes x step), so the fake-quantized model
-and soniq.convert's packed model stay exactly equal.
+5. Optional: block reconstruction (reconstruct_blocks / reconstruct_steps: each block's codes
+   re-chosen against the float block's output, soniq._recon) and bias correction
+   (bias_correction: each layer's output mean shift against the float model taken out of its
+   bias, soniq._bias_correction).
+Only the integer codes change (the weight becomes codes x step; step 5 also moves biases and
+activation clips, which the packed layers keep as they are), so the fake-quantized model and
+soniq.convert's packed model stay exactly equal.
 """
 from __future__ import annotations
 
