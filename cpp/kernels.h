@@ -77,6 +77,27 @@ struct LayoutEpilogue {
 // K (codes) up to which the layout GEMM kernels accept an epilogue (int32 lanes stay exact).
 constexpr int64_t kLayoutEpilogueMaxK = 32768;
 
+// A weight's output columns back in their original order. The packed weight sorts its
+// output channels by tier, so where tiers interleave the kernel's float epilogue would store
+// each output alone (and at large M each output line would be read from DRAM once per
+// tier). The driver instead has the kernel write rows in packed column order and merges
+// them: out[r * ldo + c] = src[r * lds + inv[c]] for c < n, r < rows. Where each group's
+// columns ascend in the original order (the packer's stable tier sort), masks[q * ngroups + g]
+// marks which of the original columns 16q..16q+15 come from group g, whose columns start at
+// src[start[g]]: a row is a merge of ascending streams (16 outputs from one expand per
+// group). src rows hold 16 readable floats past their n.
+struct ColumnMerge {
+  int64_t n = 0, ngroups = 0;
+  const int64_t* inv = nullptr;     // [n]: packed column of original column c
+  const uint16_t* masks = nullptr;  // [ceil(n / 16)][ngroups], or null (some group not ascending)
+  const int64_t* start = nullptr;   // [ngroups]: packed column of each group's first
+  // two groups, ascending: per original column c its lane in the 32 floats of group 0's next
+  // 16 then group 1's next 16 (the window of its 16-column chunk); [ceil(n / 16) * 16]
+  const uint8_t* lanes2 = nullptr;
+};
+using MergeColumnsFn = void (*)(const float* src, int64_t lds, int64_t rows, const ColumnMerge& cm, float* out,
+                                int64_t ldo);
+
 // Byte x execution-layout product (cpp/wlayout.h) for one block, added into C: for j < N,
 //   C[i*ldc + j] = base(i, j) + ((sum_{k < kw*64} A[i*lda + k] * s(j, k)) << shift)
 // with base = rowterm[i] + colterm[j] when rowterm is set (C is then only written: the
@@ -113,6 +134,7 @@ struct KernelTable {
   // activations straight to the bytes the layout kernels read.
   QuantBytesFn quant_bytes = nullptr;
   RowAbsMaxFn row_absmax = nullptr;  // optional: a plain loop otherwise
+  MergeColumnsFn merge_columns = nullptr;  // optional: a plain gather through inv otherwise
 };
 
 // Defined in each ISA's translation unit (only those built for this target).

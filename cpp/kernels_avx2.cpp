@@ -216,6 +216,40 @@ int32_t avx2_row_absmax(const float* x, const float* mul, int64_t n) {
   return r;
 }
 
+// ---- column merge (kernels.h ColumnMerge): two tiers (the usual case) as two 8-lane
+// permutes and a blend per 8 outputs, the lanes of each from a table of the ranks of an
+// 8-bit mask's set bits; more tiers, or a tier not ascending: the plain gather through inv --
+struct ExpandLanes {
+  alignas(32) int32_t rank[256][8];  // rank[m][l]: set bits of m below bit l
+  ExpandLanes() {
+    for (int m = 0; m < 256; ++m)
+      for (int l = 0; l < 8; ++l) rank[m][l] = __builtin_popcount(unsigned(m) & ((1u << l) - 1u));
+  }
+};
+
+void avx2_merge_columns(const float* src, int64_t lds, int64_t rows, const ColumnMerge& cm, float* out, int64_t ldo) {
+  static const ExpandLanes lut;
+  const int64_t n = cm.n;
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    float* o = out + r * ldo;
+    int64_t c = 0;
+    if (cm.masks && cm.ngroups == 2) {
+      int64_t p0 = cm.start[0], p1 = cm.start[1];
+      for (; c + 8 <= n; c += 8) {
+        const unsigned m0 = (cm.masks[c / 16 * 2] >> (c % 16)) & 0xFFu, m1 = (~m0) & 0xFFu;
+        const __m256 v0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + p0), _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.rank[m0])));
+        const __m256 v1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(s + p1), _mm256_load_si256(reinterpret_cast<const __m256i*>(lut.rank[m1])));
+        const __m256 sel = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(m0)), bit), bit));
+        _mm256_storeu_ps(o + c, _mm256_blendv_ps(v1, v0, sel));
+        p0 += __builtin_popcount(m0), p1 += __builtin_popcount(m1);
+      }
+    }
+    for (; c < n; ++c) o[c] = s[cm.inv[c]];  // (vgatherqps: slower than this on Zen 4)
+  }
+}
+
 }  // namespace
 
 const KernelTable& kernels_avx2() {
@@ -238,6 +272,7 @@ const KernelTable& kernels_avx2() {
     k.layout_gemv_rows = 4;
     k.quant_bytes = avx2_quant_bytes;
     k.row_absmax = avx2_row_absmax;
+    k.merge_columns = avx2_merge_columns;
     return k;
   }();
   return t;

@@ -226,6 +226,57 @@ void avx512_epilogue_f32(const int64_t* acc, int64_t n, double segscale, bool ha
   }
 }
 
+// ---- column merge (kernels.h ColumnMerge): per 16 output columns one expand of each
+// group's next floats into its lanes, one store ----------------------------------------------
+// a load the compiler may not fold into vexpandps: its memory form is microcoded on Zen 4
+// (a 128x1536 merge 3x slower)
+inline __m512 loadu_reg(const float* p) {
+  __m512 v = _mm512_loadu_ps(p);
+  asm("" : "+v"(v));
+  return v;
+}
+
+void avx512_merge_columns(const float* src, int64_t lds, int64_t rows, const ColumnMerge& cm, float* out,
+                          int64_t ldo) {
+  const int64_t n = cm.n, G = cm.ngroups;
+  if (!cm.masks || G > 16) {  // rare: the plain gather
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < n; ++c) out[r * ldo + c] = src[r * lds + cm.inv[c]];
+    return;
+  }
+  if (G == 2 && cm.lanes2) {  // two tiers, the usual case: one two-source permute per 16
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s = src + r * lds;
+      int64_t p0 = cm.start[0], p1 = cm.start[1];
+      for (int64_t c = 0, q = 0; c < n; c += 16, ++q) {
+        const __mmask16 m0 = cm.masks[2 * q], m1 = cm.masks[2 * q + 1];
+        const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cm.lanes2 + c)));
+        const __m512 v = _mm512_permutex2var_ps(_mm512_loadu_ps(s + p0), lanes, _mm512_loadu_ps(s + p1));
+        p0 += __builtin_popcount(m0), p1 += __builtin_popcount(m1);
+        _mm512_mask_storeu_ps(out + r * ldo + c, __mmask16(m0 | m1), v);
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = src + r * lds;
+    int64_t pos[16];
+    for (int64_t g = 0; g < G; ++g) pos[g] = cm.start[g];
+    for (int64_t c = 0, q = 0; c < n; c += 16, ++q) {
+      const uint16_t* mk = cm.masks + q * G;
+      __m512 v = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        const __mmask16 m = mk[g];
+        if (!m) continue;
+        v = _mm512_mask_expand_ps(v, m, loadu_reg(s + pos[g]));  // 16 readable past each row
+        pos[g] += __builtin_popcount(m);
+      }
+      const __mmask16 live = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1u);
+      _mm512_mask_storeu_ps(out + r * ldo + c, live, v);
+    }
+  }
+}
+
 }  // namespace
 
 const KernelTable& kernels_avx512() {
@@ -245,6 +296,7 @@ const KernelTable& kernels_avx512() {
     k.layout_gemv_rows = 4;
     k.quant_bytes = avx512_quant_bytes;
     k.row_absmax = avx512_row_absmax;
+    k.merge_columns = avx512_merge_columns;
     return k;
   }();
   return t;

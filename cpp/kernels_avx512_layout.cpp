@@ -140,17 +140,23 @@ void gemv_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
 // the float outputs (no int64 pass). The buffer (K/2 bytes per column: 48 KiB at K = 768)
 // sits in L1/L2; per group the step reads 256 bytes of it for 24 vpdpbusd. ----------------
 
-// stored it every step (4x slower).
-#define SONIQ_ROW_ACC(i)                                      \
-  __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, \
-          c##i##2 = c##i##0, c##i##3 = c##i##0;
+// Named accumulators (as an array GCC stored them every step: 4x slower); NT live tiles.
+#define SONIQ_ROW_ACC(i)                                                             \
+  __m512i c##i##0 = _mm512_setzero_si512(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0; \
+  if (RM > i && fold) {                                                              \
+    const __m512i r = _mm512_set1_epi32(int32_t(rowterm[i]));                        \
+    c##i##0 = _mm512_add_epi32(r, _mm512_load_si512(cb->colterm32));                \
+    c##i##1 = _mm512_add_epi32(r, _mm512_load_si512(cb->colterm32 + 16));           \
+    c##i##2 = _mm512_add_epi32(r, _mm512_load_si512(cb->colterm32 + 32));           \
+    c##i##3 = _mm512_add_epi32(r, _mm512_load_si512(cb->colterm32 + 48));           \
+  }
 #define SONIQ_ROW_STEP(i)                                       \
   if constexpr (RM > i) {                                       \
     const __m512i a = bcast4(A + i * lda + g * 4);              \
     c##i##0 = _mm512_dpbusd_epi32(c##i##0, a, b0);              \
-    c##i##1 = _mm512_dpbusd_epi32(c##i##1, a, b1);              \
-    c##i##2 = _mm512_dpbusd_epi32(c##i##2, a, b2);              \
-    c##i##3 = _mm512_dpbusd_epi32(c##i##3, a, b3);              \
+    if constexpr (NT > 1) c##i##1 = _mm512_dpbusd_epi32(c##i##1, a, b1); \
+    if constexpr (NT > 2) c##i##2 = _mm512_dpbusd_epi32(c##i##2, a, b2); \
+    if constexpr (NT > 3) c##i##3 = _mm512_dpbusd_epi32(c##i##3, a, b3); \
   }
 #define SONIQ_ROW_STORE(i)                                                                   \
   if constexpr (RM > i) {                                                                    \
@@ -167,24 +173,51 @@ void gemv_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
     }                                                                                        \
   }
 
-// RM (<= 6) rows x 4 tiles: per group 4 buffer loads, RM broadcasts, 4 * RM vpdpbusd.
-// ts: bytes from one tile's groups to the next's in the buffer. ep: rows' float epilogue
+// RM (<= 6) rows x 4 tiles: per group 4 operand loads, RM broadcasts, 4 * RM vpdpbusd.
+// DEC = 0: the operands come decoded, ts bytes from one tile's groups to the next's (the
+// per-thread buffer, or an 8-bit layout read in place). DEC = bits: the strip decodes the 4
+// tiles itself from the layout (L, tb bytes per tile) and leaves them in buf for the strips
+// after it: the stores ride in the shadow of its vpdpbusd, where a separate pass over the
+// buffer (larger than L1 at K > 512) cost 4-7% of a 2048^3 GEMM. ep: rows' float epilogue
 // (arow, rowterm at this strip's first row; ep's columns at the block's first; cb the
 // block's column terms).
-template <int RM>
+template <int RM, int DEC, int NT = 4>
 inline void gemm_micro(const uint8_t* A, int64_t lda, const int8_t* buf, int64_t ts, int64_t ngroups, int64_t* C,
                        int64_t ldc, int64_t nc, int shift, const int64_t* rowterm, const int64_t* colterm, bool first,
-                       const LayoutEpilogue* ep, const ColBlock* cb) {
+                       const LayoutEpilogue* ep, const ColBlock* cb, bool fold, const int8_t* L = nullptr,
+                       int64_t tb = 0) {
   SONIQ_ROW_ACC(0) SONIQ_ROW_ACC(1) SONIQ_ROW_ACC(2) SONIQ_ROW_ACC(3) SONIQ_ROW_ACC(4) SONIQ_ROW_ACC(5)
-  for (int64_t g = 0; g < ngroups; ++g) {
-    const int8_t* bg = buf + g * 64;
-    const __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + ts), b2 = _mm512_load_si512(bg + 2 * ts),
-                  b3 = _mm512_load_si512(bg + 3 * ts);
-    SONIQ_ROW_STEP(0) SONIQ_ROW_STEP(1) SONIQ_ROW_STEP(2) SONIQ_ROW_STEP(3) SONIQ_ROW_STEP(4) SONIQ_ROW_STEP(5)
+  if constexpr (DEC == 0) {
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int8_t* bg = buf + g * 64;
+      const __m512i z = _mm512_setzero_si512(), b0 = _mm512_loadu_si512(bg),
+                    b1 = NT > 1 ? _mm512_loadu_si512(bg + ts) : z, b2 = NT > 2 ? _mm512_loadu_si512(bg + 2 * ts) : z,
+                    b3 = NT > 3 ? _mm512_loadu_si512(bg + 3 * ts) : z;
+      SONIQ_ROW_STEP(0) SONIQ_ROW_STEP(1) SONIQ_ROW_STEP(2) SONIQ_ROW_STEP(3) SONIQ_ROW_STEP(4) SONIQ_ROW_STEP(5)
+    }
+  } else {
+    int8_t* out = const_cast<int8_t*>(buf);
+    for (int64_t c = 0; c < ngroups / 8; ++c) {
+      const int8_t* ch = L + c * DEC * 64;
+      int8_t* d = out + c * 512;
+      for (int t = 0; t < 4; ++t)
+        for (int v = 0; v < DEC; ++v) _mm_prefetch(reinterpret_cast<const char*>(ch + t * tb + kGemvAhead + v * 64), kGemvHint);
+      for_groups([&](auto gc) {
+        constexpr int G = decltype(gc)::value;
+        const int64_t g = c * 8 + G;
+        const __m512i b0 = decode<DEC, G>(ch), b1 = decode<DEC, G>(ch + tb), b2 = decode<DEC, G>(ch + 2 * tb),
+                      b3 = decode<DEC, G>(ch + 3 * tb);
+        _mm512_store_si512(d + G * 64, b0);
+        _mm512_store_si512(d + ts + G * 64, b1);
+        _mm512_store_si512(d + 2 * ts + G * 64, b2);
+        _mm512_store_si512(d + 3 * ts + G * 64, b3);
+        SONIQ_ROW_STEP(0) SONIQ_ROW_STEP(1) SONIQ_ROW_STEP(2) SONIQ_ROW_STEP(3) SONIQ_ROW_STEP(4) SONIQ_ROW_STEP(5)
+      });
+    }
   }
   alignas(64) int32_t tile[6 * 64];
   SONIQ_ROW_STORE(0) SONIQ_ROW_STORE(1) SONIQ_ROW_STORE(2) SONIQ_ROW_STORE(3) SONIQ_ROW_STORE(4) SONIQ_ROW_STORE(5)
-  if (ep) store_strip(tile, RM, *ep, rowterm, *cb, nc, shift);
+  if (ep) store_strip(tile, RM, *ep, rowterm, *cb, nc, shift, fold);
 }
 #undef SONIQ_ROW_ACC
 #undef SONIQ_ROW_STEP
@@ -197,12 +230,19 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
   const int64_t blk = std::min(nchunks, kMaxChunksInt32);  // K block: all of K up to the int32 limit
   const int64_t ts = blk * 512;                             // one tile's groups in the buffer
   int8_t* buf = decode_buffer(4 * ts);
+  // with an epilogue: accumulators started at the code-sum terms where int32 holds the totals
+  const bool fold = ep && fold_terms(rowterm, colterm, shift);
   ColBlock cb;
   for (int64_t t0 = 0; t0 < ntiles; t0 += 4) {
     const int64_t nt = std::min<int64_t>(4, ntiles - t0), nc = std::min<int64_t>(64, N - t0 * 16);
     for (int64_t c0 = 0; c0 < nchunks; c0 += blk) {
       const int64_t ncb = std::min(blk, nchunks - c0);
-      decode_block<BITS>(L, tb, t0, nt, c0, ncb, buf, ts);
+      // where the strips find the operands: an 8-bit layout in place; else the buffer, filled
+      // by the first strip (whole 64-column blocks of 6 rows or more) or by a pass before
+      const bool in_place = BITS == 8 && nt == 4, fused = !in_place && nt == 4 && M >= 6;
+      const int8_t* ops = in_place ? L + t0 * tb + c0 * BITS * 64 : buf;
+      const int64_t ots = in_place ? tb : ts;
+      if (!in_place && !fused) decode_block<BITS>(L, tb, t0, nt, c0, ncb, buf, ts);
       const uint8_t* a = A + c0 * 32;
       int64_t* c = C ? C + t0 * 16 : nullptr;
       const int64_t* rt = rowterm;
@@ -221,10 +261,28 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
             for (int64_t j = 0; j < nc; j += 16)
               __builtin_prefetch(e.out + e.arow[r] * e.ldo + e.ocol[j], 1, 3);
         }
-        gemm_micro<RM>(a + i * lda, lda, buf, ts, ncb * 8, c ? c + i * ldc : nullptr, ldc, nc, shift,
-                       rt ? rt + i : nullptr, ct, first, ep ? &es : nullptr, &cb);
+        auto run = [&](auto ntc) {  // only the block's live tiles (a tier's last block: 1-3)
+          gemm_micro<RM, 0, decltype(ntc)::value>(a + i * lda, lda, ops, ots, ncb * 8, c ? c + i * ldc : nullptr,
+                                                  ldc, nc, shift, rt ? rt + i : nullptr, ct, first,
+                                                  ep ? &es : nullptr, &cb, fold);
+        };
+        switch (nt) {
+          case 1: run(std::integral_constant<int, 1>{}); break;
+          case 2: run(std::integral_constant<int, 2>{}); break;
+          case 3: run(std::integral_constant<int, 3>{}); break;
+          default: run(std::integral_constant<int, 4>{}); break;
+        }
       };
       int64_t i = 0;
+      if constexpr (BITS < 8) {
+        if (fused) {
+          LayoutEpilogue es;
+          if (ep) es = e;
+          gemm_micro<6, BITS>(a, lda, buf, ts, ncb * 8, c, ldc, nc, shift, rt, ct, first, ep ? &es : nullptr, &cb,
+                              fold, L + t0 * tb + c0 * BITS * 64, tb);
+          i = 6;
+        }
+      }
       for (; i + 6 <= M; i += 6) strip(std::integral_constant<int, 6>{}, i);
       switch (M - i) {
         case 5: strip(std::integral_constant<int, 5>{}, i); break;

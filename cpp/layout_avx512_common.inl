@@ -60,10 +60,16 @@ __attribute__((always_inline)) inline void add_lanes(__m512i acc, const Out& o) 
 }
 
 // A strip's float epilogue (layout_common.inl, ColBlock), 8 columns per step.
-template <bool AR, bool BR, bool BIAS>
+// FOLDED: the lanes already hold the whole integer total (the kernel started its accumulators
+// at rowterm[i] + colterm[j], see fold_terms), so no shift and no term additions.
+template <bool AR, bool BR, bool BIAS, bool FOLDED>
 void store_strip_f32(const int32_t* tile, int rows, const LayoutEpilogue& ep, const int64_t* rowterm,
                      const ColBlock& cb, int64_t nc, int shift) {
   const __m512d seg = _mm512_set1_pd(ep.segscale), scale = _mm512_set1_pd(double(int64_t(1) << shift));
+  // ep's arrays as locals: the stores (may_alias vector types) would make GCC reload them
+  const int64_t* const ocol = ep.ocol;
+  const uint8_t* const run = ep.run;
+  const float* const bias = ep.bias;
   for (int i = 0; i < rows; ++i) {
     const int64_t o = ep.arow[i];
     float* out = ep.out + o * ep.ldo;
@@ -72,39 +78,56 @@ void store_strip_f32(const int32_t* tile, int rows, const LayoutEpilogue& ep, co
     for (int64_t j = 0; j < nc; j += 8) {
       const __mmask8 m = nc - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (nc - j)) - 1u);
       __m512d p = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(tile + i * 64 + j)));
-      if (shift) p = _mm512_mul_pd(p, scale);
-      const __m512d t = _mm512_add_pd(p, _mm512_add_pd(row, _mm512_load_pd(cb.colterm + j)));
+      __m512d t = p;
+      if constexpr (!FOLDED) {
+        if (shift) p = _mm512_mul_pd(p, scale);
+        t = _mm512_add_pd(p, _mm512_add_pd(row, _mm512_load_pd(cb.colterm + j)));
+      }
       // 0.0 + t * segscale, rounded once as the driver's mul then add (t != 0 is an integer, so
       // the product never underflows to a signed zero the add would turn to +0)
       __m512d v = _mm512_fmadd_pd(t, seg, _mm512_setzero_pd());
       if constexpr (AR) v = _mm512_mul_pd(v, ar);
       if constexpr (BR) v = _mm512_mul_pd(v, _mm512_load_pd(cb.b_row + j));
       __m256 f = _mm512_cvtpd_ps(v);
-      if constexpr (BIAS) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(m, ep.bias + j));
-      if (ep.run[j / 8]) {
-        _mm256_mask_storeu_ps(out + ep.ocol[j], m, f);
+      if constexpr (BIAS) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(m, bias + j));
+      if (run[j / 8]) {
+        _mm256_mask_storeu_ps(out + ocol[j], m, f);
       } else {  // scattered columns: scalar stores (vscatterqps is microcoded on Zen 4)
         alignas(32) float tmp[8];
         _mm256_store_ps(tmp, f);
-        for (int64_t q = 0; q < 8 && j + q < nc; ++q) out[ep.ocol[j + q]] = tmp[q];
+        for (int64_t q = 0; q < 8 && j + q < nc; ++q) out[ocol[j + q]] = tmp[q];
       }
     }
   }
 }
 
 void store_strip(const int32_t* tile, int rows, const LayoutEpilogue& ep, const int64_t* rowterm, const ColBlock& cb,
-                 int64_t nc, int shift) {
+                 int64_t nc, int shift, bool folded = false) {
   const int k = (ep.a_row ? 4 : 0) | (ep.b_row ? 2 : 0) | (ep.bias ? 1 : 0);
-  switch (k) {
-    case 0: return store_strip_f32<false, false, false>(tile, rows, ep, rowterm, cb, nc, shift);
-    case 1: return store_strip_f32<false, false, true>(tile, rows, ep, rowterm, cb, nc, shift);
-    case 2: return store_strip_f32<false, true, false>(tile, rows, ep, rowterm, cb, nc, shift);
-    case 3: return store_strip_f32<false, true, true>(tile, rows, ep, rowterm, cb, nc, shift);
-    case 4: return store_strip_f32<true, false, false>(tile, rows, ep, rowterm, cb, nc, shift);
-    case 5: return store_strip_f32<true, false, true>(tile, rows, ep, rowterm, cb, nc, shift);
-    case 6: return store_strip_f32<true, true, false>(tile, rows, ep, rowterm, cb, nc, shift);
-    default: return store_strip_f32<true, true, true>(tile, rows, ep, rowterm, cb, nc, shift);
-  }
+  auto go = [&](auto fold) {
+    constexpr bool F = decltype(fold)::value;
+    switch (k) {
+      case 0: return store_strip_f32<false, false, false, F>(tile, rows, ep, rowterm, cb, nc, shift);
+      case 1: return store_strip_f32<false, false, true, F>(tile, rows, ep, rowterm, cb, nc, shift);
+      case 2: return store_strip_f32<false, true, false, F>(tile, rows, ep, rowterm, cb, nc, shift);
+      case 3: return store_strip_f32<false, true, true, F>(tile, rows, ep, rowterm, cb, nc, shift);
+      case 4: return store_strip_f32<true, false, false, F>(tile, rows, ep, rowterm, cb, nc, shift);
+      case 5: return store_strip_f32<true, false, true, F>(tile, rows, ep, rowterm, cb, nc, shift);
+      case 6: return store_strip_f32<true, true, false, F>(tile, rows, ep, rowterm, cb, nc, shift);
+      default: return store_strip_f32<true, true, true, F>(tile, rows, ep, rowterm, cb, nc, shift);
+    }
+  };
+  if (folded) go(std::true_type{});
+  else go(std::false_type{});
+}
+
+// Whether a kernel may start its int32 accumulators at rowterm[i] + colterm[j] (each cut to
+// int32), so that the epilogue adds nothing: without a shift. The sums then run modulo 2^32
+// and end at the exact total, which int32 holds: it is the sum of K value products of at
+// most 255 * 255 each, and an epilogue needs K <= kLayoutEpilogueMaxK (2^15).
+inline bool fold_terms(const int64_t* rowterm, const int64_t* colterm, int shift) {
+  static_assert(int64_t(255) * 255 * kLayoutEpilogueMaxK < (int64_t(1) << 31), "totals past int32");
+  return !shift && rowterm && colterm;
 }
 
 // Decodes tiles [t0, t0 + nt) of a 64-column block, chunks [c0, c0 + ncb) of each, into buf as

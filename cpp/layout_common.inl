@@ -47,6 +47,7 @@ constexpr int64_t kMaxChunksInt32 = 1024;
 struct ColBlock {
   alignas(64) double colterm[64];  // double(colterm[j]) of the block's columns (0 past nc)
   alignas(64) double b_row[64];    // double(b_row[j]) (when the epilogue has b_row)
+  alignas(64) int32_t colterm32[64];  // int32(colterm[j]) (0 past nc): accumulators' start
 };
 
 struct AlignedFree {
@@ -63,6 +64,7 @@ inline LayoutEpilogue block_epilogue(const LayoutEpilogue& ep, int64_t t0, const
   if (e.bias) e.bias += t0 * 16;
   for (int64_t j = 0; j < 64; ++j) {
     cb.colterm[j] = j < nc ? double(ct[j]) : 0.0;
+    cb.colterm32[j] = j < nc ? int32_t(ct[j]) : 0;
     cb.b_row[j] = e.b_row && j < nc ? double(e.b_row[j]) : 0.0;
   }
   return e;

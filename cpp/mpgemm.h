@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "code_encoding.h"  // value = alpha * code + offset of each block
+#include "kernels.h"        // ColumnMerge
 
 namespace soniq {
 
@@ -36,6 +37,18 @@ struct Scales {  // any may be null (= 1)
 struct WeightPrep {
   std::vector<float> b_row, bias;           // [b rows] in packed order; empty when absent
   std::vector<std::vector<uint8_t>> runs;   // per row group, per 8 columns
+  // Where some run is broken (tiers interleave in the output): the column merge (kernels.h
+  // ColumnMerge) and, for the kernel's stores in packed order, the identity column map and
+  // all-consecutive runs.
+  bool scattered = false;
+  std::vector<int64_t> merge_inv, merge_start, iota;
+  std::vector<uint16_t> merge_masks;
+  std::vector<uint8_t> merge_lanes2, all_runs;
+  ColumnMerge column_merge() const {
+    return ColumnMerge{int64_t(merge_inv.size()), int64_t(merge_start.size()), merge_inv.data(),
+                       merge_masks.empty() ? nullptr : merge_masks.data(), merge_start.data(),
+                       merge_lanes2.empty() ? nullptr : merge_lanes2.data()};
+  }
 };
 WeightPrep mpgemm_prepare(const PackedOperand& b, int64_t nsegs, const float* b_row, const float* bias);
 

@@ -54,6 +54,42 @@ def test_kernel_epilogue_exact(layout_isa, M, N, K, signed):
     np.testing.assert_array_equal(ops.mpgemm(pa1, pb1), epilogue_ref(ref_matmul(av, b), np.float32(0.0625), None, sb))
 
 
+def check_scaled_product_on_threads(seed, M, N, K, tiers, threads):
+    """8-bit A x weights drawn per row from `tiers`, row scales on both sides, on `threads`
+    threads: the float output against the formula, bit for bit."""
+    rng = np.random.default_rng(seed)
+    a = random_values(rng, (M, K), 8, True)
+    b_bits = rng.choice(tiers, N)
+    b = random_values(rng, (N, K), b_bits, True)
+    sa = rng.uniform(0.01, 2, M).astype(np.float32)
+    sb = rng.uniform(0.01, 2, N).astype(np.float32)
+    before = soniq.get_num_threads()
+    soniq.set_num_threads(threads)
+    try:
+        out = ops.mpgemm(ops.pack(a, 8, signed=True, scale=sa), ops.pack(b, b_bits, signed=True, scale=sb))
+    finally:
+        soniq.set_num_threads(before)
+    np.testing.assert_array_equal(out, epilogue_ref(ref_matmul(a, b), 1.0, sa, sb))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_epilogue_large_m(layout_isa, threads):
+    """Many rows: the driver gives a task up to 512 of them when that leaves 4 tasks per
+    thread (600 rows, 3 column blocks: 512 + 88 on 1 thread, 256-row tasks on 2)."""
+    check_scaled_product_on_threads(threads, 600, 130, 129, [4, 8], threads)
+
+
+@pytest.mark.parametrize("tiers", [(4, 8), (2, 4, 8)])
+@pytest.mark.parametrize("M,N", [(130, 200), (1100, 2100)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_interleaved_tiers_merge_exact(layout_isa, tiers, M, N, threads):
+    """Weight tiers interleaved in the output columns: the kernels write rows in packed column
+    order and the driver merges them back (two tiers: one two-source permute per 16 columns,
+    more: an expand per tier), by slabs of rows (1100 x 2100: three slabs), tasks of a few
+    rows (130 = 128 + 2) included."""
+    check_scaled_product_on_threads(len(tiers) * 10 + M + threads, M, N, 40, list(tiers), threads)
+
+
 def tier_scales(bits, rng):
     s = {b: np.float32(rng.uniform(0.5, 2) / (1 << (b - 1))) for b in np.unique(bits)}
     return np.array([s[b] for b in bits], dtype=np.float32)

@@ -57,10 +57,13 @@ def test_block_tiles(isa, N):
 
 @pytest.mark.parametrize("wb", [4, 8])
 @pytest.mark.parametrize("M", [2, 20])
-def test_k_past_one_int32_block(isa, wb, M):
-    """K > 32768 codes: two K blocks, the second added into the int64 totals of the first."""
-    rng = np.random.default_rng(wb + M)
-    N, K = 17, 33000
+@pytest.mark.parametrize("N", [17, 81])
+def test_k_past_one_int32_block(isa, wb, M, N):
+    """K > 32768 codes: two K blocks, the second added into the int64 totals of the first (a
+    whole first 64-column block too: AVX-512 decodes it in its first strip, per K block, or
+    reads 8-bit weights in place)."""
+    rng = np.random.default_rng(wb + M + N)
+    K = 33000
     a = np.full((M, K), 255, np.int64)
     a[1] = random_values(rng, (1, K), 8, False)
     lo, hi = -(1 << (wb - 1)), (1 << (wb - 1)) - 1
@@ -82,4 +85,22 @@ def test_float_epilogue_same_bits_as_reference(isa, wb):
     got = ops.mpgemm(ops.pack(a, 8, signed=False, scale=sa), ops.pack(b, wb, signed=True, scale=sb))
     with soniq.use_isa("scalar"):
         want = ops.mpgemm(ops.pack(a, 8, signed=False, scale=sa), ops.pack(b, wb, signed=True, scale=sb))
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("signed_a", [False, True])
+def test_float_epilogue_shifted_products(isa, signed_a):
+    """Signed 1-bit weights (values 2u - 1: products shifted left by one, by two with signed
+    1-bit activations): AVX-512 adds the code-sum terms at the store instead of starting its
+    accumulators at them; the floats equal the scalar reference bit for bit."""
+    rng = np.random.default_rng(int(signed_a))
+    M, N, K = 13, 70, 300
+    wa = 1 if signed_a else 8
+    a = random_values(rng, (M, K), wa, signed_a)
+    b = random_values(rng, (N, K), 1, True)
+    sa = rng.uniform(0.01, 2, M).astype(np.float32)
+    sb = rng.uniform(0.01, 2, N).astype(np.float32)
+    got = ops.mpgemm(ops.pack(a, wa, signed=signed_a, scale=sa), ops.pack(b, 1, signed=True, scale=sb))
+    with soniq.use_isa("scalar"):
+        want = ops.mpgemm(ops.pack(a, wa, signed=signed_a, scale=sa), ops.pack(b, 1, signed=True, scale=sb))
     assert got.dtype == np.float32 and np.array_equal(got, want)

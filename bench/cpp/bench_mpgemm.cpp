@@ -165,6 +165,37 @@ void bm_mpgemm(benchmark::State& st, std::string isa, int ba, int bb, int64_t M,
   set_num_threads(default_num_threads());
 }
 
+// The column merge (kernels.h ColumnMerge) of a float output whose weight tiers interleave:
+// G tiers drawn per column, rows x N floats in packed order back to the original order (the
+// ISA's kernel, or the driver's plain gather where the table has none).
+void bm_merge(benchmark::State& st, const KernelTable* kt, int G, int64_t rows, int64_t N) {
+  std::mt19937_64 g(7);
+  std::vector<int64_t> tier(static_cast<size_t>(N)), perm, desc;
+  for (auto& t : tier) t = int64_t(g() % uint64_t(G));
+  for (int64_t t = 0; t < G; ++t) {
+    desc.insert(desc.end(), {int64_t(perm.size()), 0, 4});
+    for (int64_t c = 0; c < N; ++c)
+      if (tier[size_t(c)] == t) perm.push_back(c);
+    desc[size_t(3 * t + 1)] = int64_t(perm.size()) - desc[size_t(3 * t)];
+  }
+  std::vector<int64_t> sums(size_t(N), 0);
+  const PackedOperand b{nullptr, N, G, desc.data(), sums.data(), perm.data(), true};
+  const WeightPrep prep = mpgemm_prepare(b, 1, nullptr, nullptr);
+  const ColumnMerge cm = prep.column_merge();
+  const int64_t lds = N + 16;
+  std::vector<float> src(size_t(rows * lds), 1.0f), out(size_t(rows * N));
+  for (auto _ : st) {
+    if (kt->merge_columns) {
+      kt->merge_columns(src.data(), lds, rows, cm, out.data(), N);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < N; ++c) out[size_t(r * N + c)] = src[size_t(r * lds + cm.inv[c])];
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  st.SetItemsProcessed(int64_t(st.iterations()) * rows * N);
+}
+
 void register_all() {
   struct Shape { int64_t M, N, K; };
   const Shape blocks[] = {{64, 64, 4096}, {1, 64, 8192}, {16, 64, 4096}, {128, 64, 384}};
@@ -200,6 +231,9 @@ void register_all() {
         benchmark::RegisterBenchmark(("quantize_pack/" + isa + "/M" + std::to_string(M) + "K4096/threads:" +
                                       std::to_string(th)).c_str(), bm_quantize_pack, isa, M, 4096, th)
             ->UseRealTime()->Unit(benchmark::kMicrosecond);
+    for (int G : {2, 3})
+      benchmark::RegisterBenchmark(("merge_columns/" + isa + "/tiers" + std::to_string(G) + "/M128N1536").c_str(),
+                                   bm_merge, kt, G, 128, 1536);
     if (isa == "scalar") continue;
     const Shape layers[] = {{1, 8192, 8192}, {16, 4096, 4096}, {128, 1536, 384}, {2048, 2048, 2048}};
     for (const auto& s : layers)

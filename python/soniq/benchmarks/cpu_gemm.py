@@ -358,15 +358,19 @@ _GEMV_WHY_AVX512 = (
     "on the kernel side: the 1-bit kernel is compute-bound when warm (8 and + 8 vpdpbusd per 64 weight bytes; "
     "a table-lookup kernel over groups of 4 activations, T-MAC style, would halve that).")
 _GEMM_WHY_AVX512 = (
-    _LOAD_NOTE + "GEMM runs vpdpbusd on B tiles decoded once per 64 columns into a per-thread buffer (6x64 "
-    "register block, about one vpdpbusd per cycle), the instruction oneDNN's torch._int_mm uses on this CPU "
-    "(it takes int8 inputs here: no activation quantization, no float epilogue). soniq's int8 products cost "
-    "the same for 2, 4 or 8-bit weights, so these targets are bounded by the int8 rate. On the quiet machine "
-    "(same process, interleaved, PackedLinear forward vs _int_mm): 2048^3 0.88x (1 thread) / 0.86-0.90x "
-    "(2 threads), 128x384x1536 0.96-0.97x, 128x1536x384 0.81-0.85x. The rest of the gap: at K = 384 the "
-    "exact double-precision epilogue (~80 vector operations per row of a 64-column block, against its 384 "
-    "vpdpbusd at K = 384) and the activation quantization; at 2048^3 oneDNN's microkernel runs ~12% "
-    "closer to the vpdpbusd peak than soniq's on one thread. AMX (not on this CPU) would lift the int8 rate.")
+    _LOAD_NOTE + "GEMM runs vpdpbusd on B tiles decoded once per 64 columns (by the first 6-row strip, in "
+    "the shadow of its vpdpbusd; 8-bit weights read in place) through a 6x64 register block that runs "
+    "within a few % of this CPU's measured vpdpbusd peak (467 GOP/s per core), the instruction oneDNN's "
+    "torch._int_mm uses here (it takes int8 inputs: no activation quantization, no float epilogue). soniq's "
+    "int8 products cost the same for 2, 4 or 8-bit weights, so these targets are bounded by the int8 rate. "
+    "On the quiet machine (same process, interleaved, PackedLinear forward vs _int_mm; uniform W4 / W4-W2 "
+    "tiers per channel at random): 2048^3 0.96x / 0.92x (1 thread), 0.95x / 0.89x (2 threads); "
+    "128x384x1536 ~1.0x / 0.98x, 0.91x / 0.89x; 128x1536x384 0.90x / 0.83x, 0.92x / 0.87x; 4096x1536x384 "
+    "0.80x / 0.73x, 0.72x / 0.61x. The rest of the gap: at K = 384 the exact double-precision epilogue "
+    "(~8% of the layer's profile, its accumulators already started at the code-sum terms) and the "
+    "activation quantization (~2.5%); at large M on 2 threads the float output and the quantization "
+    "scale worse than _int_mm's int32 stores; interleaved tiers add the column merge (~5% at M = 128). "
+    "AMX (not on this CPU) would lift the int8 rate.")
 MISS_REASONS_BY_ISA = {"avx512": {
     "gemv": {"W1A8": _GEMV_WHY_AVX512, "W2A8": _GEMV_WHY_AVX512, "W4A8": _GEMV_WHY_AVX512,
              "W8A8": _GEMV_WHY_AVX512, "mixed": _MIXED_WHY},
