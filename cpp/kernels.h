@@ -88,7 +88,7 @@ constexpr int64_t kLayoutEpilogueMaxK = 32768;
 // group). src rows hold 16 readable floats past their n.
 struct ColumnMerge {
   int64_t n = 0, ngroups = 0;
-  const int64_t* inv = nullptr;     // [n]: packed column of original column c
+  const int32_t* inv = nullptr;     // [n]: packed column of original column c
   const uint16_t* masks = nullptr;  // [ceil(n / 16)][ngroups], or null (some group not ascending)
   const int64_t* start = nullptr;   // [ngroups]: packed column of each group's first
   // two groups, ascending: per original column c its lane in the 32 floats of group 0's next

@@ -115,17 +115,16 @@ WeightPrep prepare_checked(const PackedOperand& b, int64_t nsegs, const float* b
       p.scattered |= !ok;
     }
   }
-  if (p.scattered) {  // the column merge (ColumnMerge), and the packed-order stores it reads
+  p.scattered &= N < (int64_t(1) << 31);  // (the merge indexes columns as int32)
+  if (p.scattered) {  // the column merge (ColumnMerge)
     p.merge_inv.resize(size_t(N));
-    p.iota.resize(size_t(N));
-    p.all_runs.assign(size_t((N + 7) / 8), 1);
     bool ascending = true;
     for (int64_t gb = 0; gb < b.ngroups; ++gb) {
       const int64_t r0 = b.desc[gb * (2 + nsegs)], rows = b.desc[gb * (2 + nsegs) + 1];
       p.merge_start.push_back(r0);
       for (int64_t j = 1; j < rows; ++j) ascending &= b.perm[r0 + j] > b.perm[r0 + j - 1];
     }
-    for (int64_t j = 0; j < N; ++j) p.merge_inv[size_t(b.perm[j])] = j, p.iota[size_t(j)] = j;
+    for (int64_t j = 0; j < N; ++j) p.merge_inv[size_t(b.perm[j])] = int32_t(j);
     if (ascending) {
       const int64_t G = b.ngroups;
       p.merge_masks.assign(size_t((N + 15) / 16 * G), 0);
@@ -279,10 +278,21 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     }
     slab_end.push_back(int64_t(tasks.size()));
   }
-  thread_local std::vector<float> merge_buf;  // the calling thread's, kept for its next call
-  if (merge) merge_buf.resize(size_t(std::min(slab, M) * lds));
+  // the calling thread's, kept for its next call: the merge buffer, and for the kernels'
+  // stores in packed order the identity column map and all-consecutive runs
+  thread_local std::vector<float> merge_buf;
+  thread_local std::vector<int64_t> iota;
+  thread_local std::vector<uint8_t> all_runs;
+  if (merge) {
+    merge_buf.resize(size_t(std::min(slab, M) * lds));
+    for (int64_t j = int64_t(iota.size()); j < N; ++j) iota.push_back(j);
+    if (int64_t(all_runs.size()) < (N + 7) / 8) all_runs.assign(size_t((N + 7) / 8), 1);
+  }
   int64_t slab0 = 0;  // the slab being run (its first row)
+  // (pointers: in the tasks, on other threads, the names would be those threads' own)
   float* const mbuf = merge ? merge_buf.data() : nullptr;
+  const int64_t* const iota_cols = iota.data();
+  const uint8_t* const runs_all = all_runs.data();
 
   auto run_task = [&](int64_t t) {
     const Task& T = tasks[size_t(t)];
@@ -350,8 +360,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
           const int64_t c0 = db[0] + T.n0;
           // merging: rows of the buffer (row m at (m - slab0) * lds) in packed column order
           const LayoutEpilogue ep{merge ? mbuf - slab0 * lds : static_cast<float*>(out), merge ? lds : N,
-                                  a.perm + da[0] + T.m0, (merge ? prep->iota.data() : b.perm) + c0,
-                                  (merge ? prep->all_runs.data() : prep->runs[size_t(T.gb)].data()) + T.n0 / 8,
+                                  a.perm + da[0] + T.m0, (merge ? iota_cols : b.perm) + c0,
+                                  (merge ? runs_all : prep->runs[size_t(T.gb)].data()) + T.n0 / 8,
                                   segscale, sc.a_row, sc.b_row ? prep->b_row.data() + c0 : nullptr,
                                   ex.bias ? prep->bias.data() + c0 : nullptr};
           fn(Abytes, kw * 64, tm, L, bb, tn, kw, nullptr, kTileN, shift, rowterm, colterm, &ep);

@@ -38,12 +38,12 @@ struct WeightPrep {
   std::vector<float> b_row, bias;           // [b rows] in packed order; empty when absent
   std::vector<std::vector<uint8_t>> runs;   // per row group, per 8 columns
   // Where some run is broken (tiers interleave in the output): the column merge (kernels.h
-  // ColumnMerge) and, for the kernel's stores in packed order, the identity column map and
-  // all-consecutive runs.
+  // ColumnMerge), ~5 bytes per column (two tiers).
   bool scattered = false;
-  std::vector<int64_t> merge_inv, merge_start, iota;
+  std::vector<int32_t> merge_inv;
+  std::vector<int64_t> merge_start;
   std::vector<uint16_t> merge_masks;
-  std::vector<uint8_t> merge_lanes2, all_runs;
+  std::vector<uint8_t> merge_lanes2;
   ColumnMerge column_merge() const {
     return ColumnMerge{int64_t(merge_inv.size()), int64_t(merge_start.size()), merge_inv.data(),
                        merge_masks.empty() ? nullptr : merge_masks.data(), merge_start.data(),
