@@ -134,7 +134,7 @@ struct KernelTable {
   // activations straight to the bytes the layout kernels read.
   QuantBytesFn quant_bytes = nullptr;
   RowAbsMaxFn row_absmax = nullptr;  // optional: a plain loop otherwise
-  MergeColumnsFn merge_columns = nullptr;  // optional: a plain gather through inv otherwise
+  MergeColumnsFn merge_columns = nullptr;  // every table sets it
 };
 
 // Defined in each ISA's translation unit (only those built for this target).

@@ -246,7 +246,7 @@ void avx2_merge_columns(const float* src, int64_t lds, int64_t rows, const Colum
         p0 += __builtin_popcount(m0), p1 += __builtin_popcount(m1);
       }
     }
-    for (; c < n; ++c) o[c] = s[cm.inv[c]];  // (vgatherqps: slower than this on Zen 4)
+    for (; c < n; ++c) o[c] = s[cm.inv[c]];  // the rest as ref_merge_columns (vgatherqps: slower on Zen 4)
   }
 }
 

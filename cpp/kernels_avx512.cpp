@@ -239,11 +239,7 @@ inline __m512 loadu_reg(const float* p) {
 void avx512_merge_columns(const float* src, int64_t lds, int64_t rows, const ColumnMerge& cm, float* out,
                           int64_t ldo) {
   const int64_t n = cm.n, G = cm.ngroups;
-  if (!cm.masks || G > 16) {  // rare: the plain gather
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < n; ++c) out[r * ldo + c] = src[r * lds + cm.inv[c]];
-    return;
-  }
+  if (!cm.masks || G > 16) return ref_merge_columns(src, lds, rows, cm, out, ldo);  // rare
   if (G == 2 && cm.lanes2) {  // two tiers, the usual case: one two-source permute per 16
     for (int64_t r = 0; r < rows; ++r) {
       const float* s = src + r * lds;

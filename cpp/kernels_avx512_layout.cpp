@@ -261,6 +261,13 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
             for (int64_t j = 0; j < nc; j += 16)
               __builtin_prefetch(e.out + e.arow[r] * e.ldo + e.ocol[j], 1, 3);
         }
+        if constexpr (BITS < 8 && RM == 6) {
+          if (fused && i == 0) {  // the block's first strip decodes its tiles into buf itself
+            gemm_micro<6, BITS>(a, lda, buf, ts, ncb * 8, c, ldc, nc, shift, rt, ct, first, ep ? &es : nullptr,
+                                &cb, fold, L + t0 * tb + c0 * BITS * 64, tb);
+            return;
+          }
+        }
         auto run = [&](auto ntc) {  // only the block's live tiles (a tier's last block: 1-3)
           gemm_micro<RM, 0, decltype(ntc)::value>(a + i * lda, lda, ops, ots, ncb * 8, c ? c + i * ldc : nullptr,
                                                   ldc, nc, shift, rt ? rt + i : nullptr, ct, first,
@@ -274,15 +281,6 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
         }
       };
       int64_t i = 0;
-      if constexpr (BITS < 8) {
-        if (fused) {
-          LayoutEpilogue es;
-          if (ep) es = e;
-          gemm_micro<6, BITS>(a, lda, buf, ts, ncb * 8, c, ldc, nc, shift, rt, ct, first, ep ? &es : nullptr, &cb,
-                              fold, L + t0 * tb + c0 * BITS * 64, tb);
-          i = 6;
-        }
-      }
       for (; i + 6 <= M; i += 6) strip(std::integral_constant<int, 6>{}, i);
       switch (M - i) {
         case 5: strip(std::integral_constant<int, 5>{}, i); break;

@@ -178,4 +178,12 @@ inline int64_t ref_quant_pack(const float* x_, const int64_t* idx, int64_t klen,
   return sum;
 }
 
+// The column merge (kernels.h ColumnMerge) as the plain gather through inv: the scalar table's
+// kernel, and the fast ones' path where the masks do not apply.
+inline void ref_merge_columns(const float* src, int64_t lds, int64_t rows, const soniq::ColumnMerge& cm, float* out,
+                              int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cm.n; ++c) out[r * ldo + c] = src[r * lds + cm.inv[c]];
+}
+
 }  // namespace

@@ -434,12 +434,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       const int64_t r0 = c * per, nr = std::min(per, rows - r0);
       float* o = static_cast<float*>(out) + (slab0 + r0) * N;
       const float* src = mbuf + r0 * lds;
-      if (kt.merge_columns) {
-        kt.merge_columns(src, lds, nr, cm, o, N);
-      } else {
-        for (int64_t r = 0; r < nr; ++r)
-          for (int64_t c2 = 0; c2 < N; ++c2) o[r * N + c2] = src[r * lds + cm.inv[c2]];
-      }
+      kt.merge_columns(src, lds, nr, cm, o, N);
     };
     if (nchunks == 1) merge_rows(0);
     else parallel_for(nchunks, merge_rows);

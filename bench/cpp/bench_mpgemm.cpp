@@ -166,8 +166,7 @@ void bm_mpgemm(benchmark::State& st, std::string isa, int ba, int bb, int64_t M,
 }
 
 // The column merge (kernels.h ColumnMerge) of a float output whose weight tiers interleave:
-// G tiers drawn per column, rows x N floats in packed order back to the original order (the
-// ISA's kernel, or the driver's plain gather where the table has none).
+// G tiers drawn per column, rows x N floats in packed order back to the original order.
 void bm_merge(benchmark::State& st, const KernelTable* kt, int G, int64_t rows, int64_t N) {
   std::mt19937_64 g(7);
   std::vector<int64_t> tier(static_cast<size_t>(N)), perm, desc;
@@ -185,12 +184,7 @@ void bm_merge(benchmark::State& st, const KernelTable* kt, int G, int64_t rows, 
   const int64_t lds = N + 16;
   std::vector<float> src(size_t(rows * lds), 1.0f), out(size_t(rows * N));
   for (auto _ : st) {
-    if (kt->merge_columns) {
-      kt->merge_columns(src.data(), lds, rows, cm, out.data(), N);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < N; ++c) out[size_t(r * N + c)] = src[size_t(r * lds + cm.inv[c])];
-    }
+    kt->merge_columns(src.data(), lds, rows, cm, out.data(), N);
     benchmark::DoNotOptimize(out.data());
   }
   st.SetItemsProcessed(int64_t(st.iterations()) * rows * N);
