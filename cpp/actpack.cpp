@@ -145,7 +145,7 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
   const std::vector<SegPlan> segs = plan(L, is_signed);
   const KernelTable& kt = active_kernels();
   // ~16K elements per task: below that the pool's wake-up costs more than it saves
-  const int64_t chunk = std::max<int64_t>(1, (16384 + L.K - 1) / L.K);
+  const int64_t chunk = rows_per_task(M, L.K);
   const int64_t ntasks = (M + chunk - 1) / chunk;
   std::atomic<bool> any_nan{false};
   parallel_for(ntasks, [&](int64_t t) {

@@ -70,26 +70,39 @@ void store_strip_f32(const int32_t* tile, int rows, const LayoutEpilogue& ep, co
   const int64_t* const ocol = ep.ocol;
   const uint8_t* const run = ep.run;
   const float* const bias = ep.bias;
+  // 8 outputs of row i from column j: the float values (m: the live lanes)
+  auto values = [&](int i, int64_t j, __mmask8 m, __m512d row, __m512d ar) {
+    __m512d p = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(tile + i * 64 + j)));
+    __m512d t = p;
+    if constexpr (!FOLDED) {
+      if (shift) p = _mm512_mul_pd(p, scale);
+      t = _mm512_add_pd(p, _mm512_add_pd(row, _mm512_load_pd(cb.colterm + j)));
+    }
+    // 0.0 + t * segscale, rounded once as the driver's mul then add (t != 0 is an integer, so
+    // the product never underflows to a signed zero the add would turn to +0)
+    __m512d v = _mm512_fmadd_pd(t, seg, _mm512_setzero_pd());
+    if constexpr (AR) v = _mm512_mul_pd(v, ar);
+    if constexpr (BR) v = _mm512_mul_pd(v, _mm512_load_pd(cb.b_row + j));
+    __m256 f = _mm512_cvtpd_ps(v);
+    if constexpr (BIAS) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(m, bias + j));
+    return f;
+  };
+  const int64_t whole = nc / 8 * 8;
+  const __mmask8 tail = __mmask8((1u << (nc - whole)) - 1u);
   for (int i = 0; i < rows; ++i) {
     const int64_t o = ep.arow[i];
     float* out = ep.out + o * ep.ldo;
     const __m512d row = _mm512_set1_pd(double(rowterm[i]));
     const __m512d ar = _mm512_set1_pd(AR ? double(ep.a_row[o]) : 1.0);
+    if (cb.contiguous) {  // one run of columns: plain stores, no per-step column lookups
+      float* dst = out + ocol[0];
+      for (int64_t j = 0; j < whole; j += 8) _mm256_storeu_ps(dst + j, values(i, j, 0xFF, row, ar));
+      if (tail) _mm256_mask_storeu_ps(dst + whole, tail, values(i, whole, tail, row, ar));
+      continue;
+    }
     for (int64_t j = 0; j < nc; j += 8) {
-      const __mmask8 m = nc - j >= 8 ? __mmask8(0xFF) : __mmask8((1u << (nc - j)) - 1u);
-      __m512d p = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(tile + i * 64 + j)));
-      __m512d t = p;
-      if constexpr (!FOLDED) {
-        if (shift) p = _mm512_mul_pd(p, scale);
-        t = _mm512_add_pd(p, _mm512_add_pd(row, _mm512_load_pd(cb.colterm + j)));
-      }
-      // 0.0 + t * segscale, rounded once as the driver's mul then add (t != 0 is an integer, so
-      // the product never underflows to a signed zero the add would turn to +0)
-      __m512d v = _mm512_fmadd_pd(t, seg, _mm512_setzero_pd());
-      if constexpr (AR) v = _mm512_mul_pd(v, ar);
-      if constexpr (BR) v = _mm512_mul_pd(v, _mm512_load_pd(cb.b_row + j));
-      __m256 f = _mm512_cvtpd_ps(v);
-      if constexpr (BIAS) f = _mm256_add_ps(f, _mm256_maskz_loadu_ps(m, bias + j));
+      const __mmask8 m = j < whole ? __mmask8(0xFF) : tail;
+      const __m256 f = values(i, j, m, row, ar);
       if (run[j / 8]) {
         _mm256_mask_storeu_ps(out + ocol[j], m, f);
       } else {  // scattered columns: scalar stores (vscatterqps is microcoded on Zen 4)

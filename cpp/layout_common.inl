@@ -48,6 +48,7 @@ struct ColBlock {
   alignas(64) double colterm[64];  // double(colterm[j]) of the block's columns (0 past nc)
   alignas(64) double b_row[64];    // double(b_row[j]) (when the epilogue has b_row)
   alignas(64) int32_t colterm32[64];  // int32(colterm[j]) (0 past nc): accumulators' start
+  bool contiguous;  // the block's output columns are ocol[0] + j (uniform tiers, or merging)
 };
 
 struct AlignedFree {
@@ -67,6 +68,8 @@ inline LayoutEpilogue block_epilogue(const LayoutEpilogue& ep, int64_t t0, const
     cb.colterm32[j] = j < nc ? int32_t(ct[j]) : 0;
     cb.b_row[j] = e.b_row && j < nc ? double(e.b_row[j]) : 0.0;
   }
+  cb.contiguous = true;
+  for (int64_t j = 1; j < nc; ++j) cb.contiguous &= e.ocol[j] == e.ocol[0] + j;
   return e;
 }
 

@@ -69,7 +69,7 @@ void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
   uint8_t* NR = nan_rows.data();
 
   // 1. quantize rows: segment s of row r at B + M * byte_off[s] + r * kw * 64 (block layout)
-  const int64_t chunk = std::max<int64_t>(1, (16384 + K_ - 1) / K_);  // ~16K elements per task
+  const int64_t chunk = rows_per_task(M, K_);
   std::atomic<bool> any_nan{false};
   const float* sm = inv_smooth_.empty() ? nullptr : inv_smooth_.data();  // indexed as a row of x
   parallel_for((M + chunk - 1) / chunk, [&](int64_t t) {

@@ -27,6 +27,10 @@ constexpr int64_t kTileMLayoutMax = 512;
 // The column merge's buffer per slab of rows (WeightPrep::scattered): within the L3, so the
 // merge reads what the kernels just wrote.
 constexpr int64_t kMergeSlabBytes = 4 << 20;
+// Fewest rows of a merging row tile: each tile decodes every column block of B again (in the
+// shadow of its first strip). M = 128, 2 threads, MiniLM's mixed-tier layers: 64 rows 6-12%
+// faster than 128-row tasks and a merge pass; 32 rows slower than 64 (B decoded 4 times).
+constexpr int64_t kMergeTileMinRows = 64;
 
 std::atomic<int> g_path_policy{0};
 
@@ -260,22 +264,46 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   const int64_t M = a.rows, lds = N + 16;  // 16 readable floats past each buffer row
 
   struct Task { int64_t ga, gb, m0, m1, n0, n1; };
-  const int64_t tile_m = layout_tile_m(a, b, nsegs, kernel_ep);
-  // a slab: rows whose merge buffer stays within kMergeSlabBytes (at least one task's rows)
-  const int64_t slab = merge ? std::max(tile_m, kMergeSlabBytes / (lds * 4) / tile_m * tile_m) : std::max<int64_t>(M, 1);
+  // Merging on more than one thread, with at least kMergeTileMinRows rows per thread: a unit of
+  // work is one row tile across every column (all tiers), then the merge of its rows, read back
+  // from the L2 of the core that wrote them (a merge pass after all tasks read half of them from
+  // the other cores' caches, and waited for the slowest task). Row tiles are halved down to
+  // kMergeTileMinRows while a slab holds fewer than two per thread, and a slab holds a whole
+  // number of tiles per thread (no thread idles at a slab's end; the buffer may then pass
+  // kMergeSlabBytes, never the output's size). Fewer rows (GEMV, M = 16): column tasks, then
+  // a merge pass.
+  int64_t tile_m = layout_tile_m(a, b, nsegs, kernel_ep);
+  const int64_t threads = get_num_threads();
+  const int64_t slab_rows = std::max<int64_t>(1, kMergeSlabBytes / (lds * 4));
+  const bool units = merge && threads > 1 && std::min(M, slab_rows) >= threads * kMergeTileMinRows;
+  if (units)
+    while (tile_m / 2 >= kMergeTileMinRows && (std::min(M, slab_rows) + tile_m - 1) / tile_m < 2 * threads) tile_m /= 2;
+  const int64_t round = units ? tile_m * threads : tile_m;
+  // a slab: rows whose merge buffer stays within kMergeSlabBytes (at least `round` rows)
+  const int64_t slab = merge ? std::max(round, slab_rows / round * round) : std::max<int64_t>(M, 1);
   std::vector<Task> tasks;
   std::vector<int64_t> slab_end;  // tasks [slab_end[s - 1], slab_end[s]) cover slab s
   for (int64_t s0 = 0; s0 < std::max<int64_t>(M, 1); s0 += slab) {
+    const auto first = int64_t(tasks.size());
     for (int64_t ga = 0; ga < a.ngroups; ++ga) {
       const int64_t* da = a.desc + ga * (2 + nsegs);
       const int64_t r0 = std::max<int64_t>(0, s0 - da[0]), r1 = std::min(da[1], s0 + slab - da[0]);
-      for (int64_t gb = 0; gb < b.ngroups; ++gb) {
-        const int64_t* db = b.desc + gb * (2 + nsegs);
-        for (int64_t m0 = r0; m0 < r1; m0 += tile_m)
-          for (int64_t n0 = 0; n0 < db[1]; n0 += kTileN)
-            tasks.push_back({ga, gb, m0, std::min(r1, m0 + tile_m), n0, std::min(db[1], n0 + kTileN)});
-      }
+      // units: by row tile (see tile_m), every B group's columns in each
+      for (int64_t u0 = r0; u0 < r1; u0 += units ? tile_m : r1 - r0)
+        for (int64_t gb = 0; gb < b.ngroups; ++gb) {
+          const int64_t* db = b.desc + gb * (2 + nsegs);
+          for (int64_t m0 = u0; m0 < (units ? u0 + 1 : r1); m0 += tile_m)
+            for (int64_t n0 = 0; n0 < db[1]; n0 += kTileN)
+              tasks.push_back({ga, gb, m0, std::min(r1, m0 + tile_m), n0, std::min(db[1], n0 + kTileN)});
+        }
     }
+    // else largest first (tiles of 16 columns x rows): a tier's tail task (1-3 tiles) then
+    // fills the gap at the end instead of leaving a thread idle while another runs a whole one
+    auto larger = [](const Task& x, const Task& y) {
+      return (x.m1 - x.m0) * ((x.n1 - x.n0 + 15) / 16) > (y.m1 - y.m0) * ((y.n1 - y.n0 + 15) / 16);
+    };
+    if (!units && !std::is_sorted(tasks.begin() + first, tasks.end(), larger))
+      std::stable_sort(tasks.begin() + first, tasks.end(), larger);
     slab_end.push_back(int64_t(tasks.size()));
   }
   // the calling thread's, kept for its next call: the merge buffer, and for the kernels'
@@ -424,20 +452,31 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   };
 
   const ColumnMerge cm = merge ? prep->column_merge() : ColumnMerge{};
+  std::vector<int64_t> unit_end;  // merging: tasks [unit_end[u - 1], unit_end[u]) share a row tile
   for (size_t sl = 0; sl < slab_end.size(); ++sl) {
     const int64_t t0 = sl ? slab_end[sl - 1] : 0, nt = slab_end[sl] - t0;
     slab0 = int64_t(sl) * slab;
-    parallel_for(nt, [&](int64_t t) { run_task(t0 + t); });
-    if (!merge) continue;
-    const int64_t rows = std::min(slab, M - slab0), per = 8, nchunks = (rows + per - 1) / per;
-    auto merge_rows = [&](int64_t c) {
-      const int64_t r0 = c * per, nr = std::min(per, rows - r0);
-      float* o = static_cast<float*>(out) + (slab0 + r0) * N;
-      const float* src = mbuf + r0 * lds;
-      kt.merge_columns(src, lds, nr, cm, o, N);
-    };
-    if (nchunks == 1) merge_rows(0);
-    else parallel_for(nchunks, merge_rows);
+    if (!units) {
+      parallel_for(nt, [&](int64_t t) { run_task(t0 + t); });
+      if (!merge) continue;
+      const int64_t rows = std::min(slab, M - slab0), per = 8, nchunks = (rows + per - 1) / per;
+      auto merge_rows = [&](int64_t c) {
+        const int64_t r0 = c * per, nr = std::min(per, rows - r0);
+        kt.merge_columns(mbuf + r0 * lds, lds, nr, cm, static_cast<float*>(out) + (slab0 + r0) * N, N);
+      };
+      if (nchunks == 1) merge_rows(0);
+      else parallel_for(nchunks, merge_rows);
+      continue;
+    }
+    unit_end.clear();
+    for (int64_t t = t0; t < t0 + nt; ++t)
+      if (t + 1 == t0 + nt || tasks[size_t(t + 1)].m0 != tasks[size_t(t)].m0) unit_end.push_back(t + 1);
+    parallel_for(int64_t(unit_end.size()), [&](int64_t u) {
+      const int64_t u0 = u ? unit_end[size_t(u - 1)] : t0, u1 = unit_end[size_t(u)];
+      for (int64_t t = u0; t < u1; ++t) run_task(t);
+      const int64_t m0 = tasks[size_t(u0)].m0, m1 = tasks[size_t(u0)].m1;  // rows of A group 0: output rows
+      kt.merge_columns(mbuf + (m0 - slab0) * lds, lds, m1 - m0, cm, static_cast<float*>(out) + m0 * N, N);
+    });
   }
 }
 

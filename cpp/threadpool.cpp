@@ -248,6 +248,14 @@ void run_on_pool(int64_t n, const std::function<void(int64_t)>& fn, int threads)
 
 }  // namespace
 
+int64_t rows_per_task(int64_t M, int64_t row_elems) {
+  const int64_t e = std::max<int64_t>(1, row_elems);
+  if (M * e <= 16384) return std::max<int64_t>(1, M);  // one task, run inline: no pool round trip
+  const int64_t lo = (4096 + e - 1) / e, hi = (16384 + e - 1) / e;
+  const int64_t want = (M + 4 * get_num_threads() - 1) / (4 * get_num_threads());
+  return std::max<int64_t>(1, std::clamp(want, lo, hi));
+}
+
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
   if (n <= 0) return;
   int threads = n == 1 ? 1 : get_num_threads();

@@ -25,6 +25,12 @@ void set_num_threads(int n);  // n >= 1
 // Which thread runs which i never changes a result (each i writes its own outputs).
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
 
+// Rows per task of a row-wise pass over M rows of row_elems values each (activation
+// quantization): all rows in one task up to 16K values (run inline), else tasks of 4K-16K
+// values, at least 4 per thread while they stay >= 4K. At M = 128, K = 384 on 2 threads that is
+// 8 tasks of 16 rows, where a fixed 16K made 3 (2 + 1: one thread idle for a third).
+int64_t rows_per_task(int64_t M, int64_t row_elems);
+
 // "auto" (torch's OpenMP team where it can be used, else the pool) or "pool" (always
 // soniq's own); for tests and benchmarks that compare the two.
 void set_thread_backend(const std::string& name);

@@ -80,13 +80,15 @@ def test_kernel_epilogue_large_m(layout_isa, threads):
 
 
 @pytest.mark.parametrize("tiers", [(4, 8), (2, 4, 8)])
-@pytest.mark.parametrize("M,N", [(130, 200), (1100, 2100)])
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M,N", [(70, 33), (130, 200), (1100, 2100)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_interleaved_tiers_merge_exact(layout_isa, tiers, M, N, threads):
     """Weight tiers interleaved in the output columns: the kernels write rows in packed column
     order and the driver merges them back (two tiers: one two-source permute per 16 columns,
-    more: an expand per tier), by slabs of rows (1100 x 2100: three slabs), tasks of a few
-    rows (130 = 128 + 2) included."""
+    more: an expand per tier), by slabs of rows (1100 x 2100: several). With 64 rows or more
+    per thread a unit of work is a row tile across all tiers, then its rows' merge (130 on 2
+    threads: 64 + 64 + 2 rows; 1100 on 2 and 3 threads: slabs of whole tiles per thread);
+    fewer (70 rows, 130 on 3 threads): column tasks, then a merge pass."""
     check_scaled_product_on_threads(len(tiers) * 10 + M + threads, M, N, 40, list(tiers), threads)
 
 
