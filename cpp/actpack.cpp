@@ -144,8 +144,7 @@ void quantize_pack(const float* x, int64_t M, int64_t ldx, const ActLayout& L, b
   if (noise.mode != 0 && noise.mode != 1) bad("noise must be 0 (none) or 1 (uniform)");
   const std::vector<SegPlan> segs = plan(L, is_signed);
   const KernelTable& kt = active_kernels();
-  // ~16K elements per task: below that the pool's wake-up costs more than it saves
-  const int64_t chunk = rows_per_task(M, L.K);
+  const int64_t chunk = rows_per_task(M, L.K);  // (threadpool.h: 4K-16K values per task)
   const int64_t ntasks = (M + chunk - 1) / chunk;
   std::atomic<bool> any_nan{false};
   parallel_for(ntasks, [&](int64_t t) {

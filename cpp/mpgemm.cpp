@@ -274,10 +274,10 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   // a merge pass.
   int64_t tile_m = layout_tile_m(a, b, nsegs, kernel_ep);
   const int64_t threads = get_num_threads();
-  const int64_t slab_rows = std::max<int64_t>(1, kMergeSlabBytes / (lds * 4));
-  const bool units = merge && threads > 1 && std::min(M, slab_rows) >= threads * kMergeTileMinRows;
+  const int64_t slab_rows = std::max<int64_t>(1, kMergeSlabBytes / (lds * 4)), slab_fill = std::min(M, slab_rows);
+  const bool units = merge && threads > 1 && slab_fill >= threads * kMergeTileMinRows;
   if (units)
-    while (tile_m / 2 >= kMergeTileMinRows && (std::min(M, slab_rows) + tile_m - 1) / tile_m < 2 * threads) tile_m /= 2;
+    while (tile_m / 2 >= kMergeTileMinRows && (slab_fill + tile_m - 1) / tile_m < 2 * threads) tile_m /= 2;
   const int64_t round = units ? tile_m * threads : tile_m;
   // a slab: rows whose merge buffer stays within kMergeSlabBytes (at least `round` rows)
   const int64_t slab = merge ? std::max(round, slab_rows / round * round) : std::max<int64_t>(M, 1);
@@ -288,11 +288,12 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     for (int64_t ga = 0; ga < a.ngroups; ++ga) {
       const int64_t* da = a.desc + ga * (2 + nsegs);
       const int64_t r0 = std::max<int64_t>(0, s0 - da[0]), r1 = std::min(da[1], s0 + slab - da[0]);
-      // units: by row tile (see tile_m), every B group's columns in each
-      for (int64_t u0 = r0; u0 < r1; u0 += units ? tile_m : r1 - r0)
+      // units: by row tile (see tile_m), every B group's columns in each; else by B group
+      const int64_t span = units ? tile_m : r1 - r0;
+      for (int64_t u0 = r0; u0 < r1; u0 += span)
         for (int64_t gb = 0; gb < b.ngroups; ++gb) {
           const int64_t* db = b.desc + gb * (2 + nsegs);
-          for (int64_t m0 = u0; m0 < (units ? u0 + 1 : r1); m0 += tile_m)
+          for (int64_t m0 = u0; m0 < std::min(r1, u0 + span); m0 += tile_m)
             for (int64_t n0 = 0; n0 < db[1]; n0 += kTileN)
               tasks.push_back({ga, gb, m0, std::min(r1, m0 + tile_m), n0, std::min(db[1], n0 + kTileN)});
         }
