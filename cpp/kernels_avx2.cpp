@@ -18,7 +18,7 @@ namespace {
 // word RM times. Counts of one plane pair fit in 32 bits for kw < 2^26.
 template <int RM, int RN>
 inline void bs_micro(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb,
-                     int64_t kw, int64_t kw_blk, int64_t* C, int64_t ldc) {
+                     int64_t kw, int64_t kw_blk, int64_t* C, int64_t ldc, int shift) {
   int64_t acc[RM][RN] = {};
   for (int p = 0; p < pa; ++p) {
     for (int q = 0; q < pb; ++q) {
@@ -38,20 +38,20 @@ inline void bs_micro(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, i
     }
   }
   for (int i = 0; i < RM; ++i)
-    for (int j = 0; j < RN; ++j) C[i * ldc + j] += acc[i][j];
+    for (int j = 0; j < RN; ++j) C[i * ldc + j] += acc[i][j] << shift;
 }
 
 struct BsMicro {
   template <int RM, int RN>
   static void run(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb, int64_t kw,
-                  int64_t kw_blk, int64_t* C, int64_t ldc) {
-    bs_micro<RM, RN>(A, pa, sa, B, pb, sb, kw, kw_blk, C, ldc);
+                  int64_t kw_blk, int64_t* C, int64_t ldc, int shift) {
+    bs_micro<RM, RN>(A, pa, sa, B, pb, sb, kw, kw_blk, C, ldc, shift);
   }
 };
 
 void avx2_bitserial(const uint64_t* A, int pa, int64_t sa, int64_t M, const uint64_t* B, int pb,
-                    int64_t sb, int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
-  bitserial_tiles<BsMicro, 3>(A, pa, sa, M, B, pb, sb, N, kw, C, ldc);
+                    int64_t sb, int64_t N, int64_t kw, int64_t* C, int64_t ldc, int shift) {
+  bitserial_tiles<BsMicro, 3>(A, pa, sa, M, B, pb, sb, N, kw, C, ldc, shift);
 }
 
 // ---- codes -> bit planes: movemask of shifted code bytes gives 32 plane bits at once -----

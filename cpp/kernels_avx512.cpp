@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <cstdlib>
 #include <memory>
+#include <new>
 
 #include "kernels_avx512_layout.h"
 #include "bitserial_tiles.inl"
@@ -20,7 +22,7 @@ namespace {
 // ---- bit-serial: vpopcntq on 8 words at once, 4x4 rows per inner loop (16 zmm accs) ------
 template <int RM, int RN>
 inline void bs_micro(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb,
-                     int64_t kw, int64_t kw_blk, int64_t* C, int64_t ldc) {
+                     int64_t kw, int64_t kw_blk, int64_t* C, int64_t ldc, int shift) {
   int64_t acc[RM][RN] = {};
   const __mmask8 tail = __mmask8((1u << (kw_blk & 7)) - 1u);
   for (int p = 0; p < pa; ++p) {
@@ -47,20 +49,124 @@ inline void bs_micro(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, i
     }
   }
   for (int i = 0; i < RM; ++i)
-    for (int j = 0; j < RN; ++j) C[i * ldc + j] += acc[i][j];
+    for (int j = 0; j < RN; ++j) C[i * ldc + j] += acc[i][j] << shift;
 }
 
 struct BsMicro {
   template <int RM, int RN>
   static void run(const uint64_t* A, int pa, int64_t sa, const uint64_t* B, int pb, int64_t sb, int64_t kw,
-                  int64_t kw_blk, int64_t* C, int64_t ldc) {
-    bs_micro<RM, RN>(A, pa, sa, B, pb, sb, kw, kw_blk, C, ldc);
+                  int64_t kw_blk, int64_t* C, int64_t ldc, int shift) {
+    bs_micro<RM, RN>(A, pa, sa, B, pb, sb, kw, kw_blk, C, ldc, shift);
   }
 };
 
+// ---- bit-serial for 4+ rows: B words interleaved, 8 columns per vector ---------------------
+// The kernel above sums 8 K words of one output per vector, so every output ends in a
+// horizontal reduction (~7 ops): at K = 384 (6 words) that is most of its work. Here a vector
+// holds one K word of 8 columns, so a lane is one output's accumulator: per word RM
+// broadcasts of A, then per 8 outputs one and + popcount + add, and no reduction. A block's
+// B (at most kBsiBlockWords words of each column, every plane) is interleaved first into a
+// per-thread buffer, Bi[q][w][j] for j < N rounded up to 8 (zero words past N): its cost is
+// amortized over the rows.
+constexpr int64_t kBsiBlockWords = 128;  // 64 KiB per plane at 64 columns: the block stays in L2
+constexpr int64_t kBsiMinRows = 4;       // fewer rows: the interleave would not pay (GEMV)
+
+// RM rows x NV vectors (8 columns each) of C (int64, ldc) += the block's product over wb words
+// << shift;
+// nc: live columns of the NV vectors (masked stores).
+template <int RM, int NV>
+inline void bsi_micro(const uint64_t* A, int pa, int64_t sa, int64_t kw, const uint64_t* Bi, int pb, int64_t qs,
+                      int64_t npad, int64_t wb, int64_t* C, int64_t ldc, int64_t nc, int shift) {
+  for (int p = 0; p < pa; ++p) {
+    for (int q = 0; q < pb; ++q) {
+      __m512i s[RM][NV];
+      for (int i = 0; i < RM; ++i)
+        for (int v = 0; v < NV; ++v) s[i][v] = _mm512_setzero_si512();
+      const uint64_t* a = A + p * sa;
+      const uint64_t* b = Bi + q * qs;
+      for (int64_t w = 0; w < wb; ++w) {
+        __m512i av[RM];
+        for (int i = 0; i < RM; ++i) av[i] = _mm512_set1_epi64(int64_t(a[i * kw + w]));
+        for (int v = 0; v < NV; ++v) {
+          const __m512i bv = _mm512_load_si512(b + w * npad + v * 8);
+          for (int i = 0; i < RM; ++i)
+            s[i][v] = _mm512_add_epi64(s[i][v], _mm512_popcnt_epi64(_mm512_and_si512(av[i], bv)));
+        }
+      }
+      for (int v = 0; v < NV; ++v) {
+        const int64_t live = std::min<int64_t>(8, nc - v * 8);
+        const __mmask8 m = __mmask8((1u << live) - 1u);
+        for (int i = 0; i < RM; ++i) {
+          int64_t* c = C + i * ldc + v * 8;
+          const __m512i sum = _mm512_add_epi64(_mm512_maskz_loadu_epi64(m, c), _mm512_slli_epi64(s[i][v], unsigned(p + q + shift)));
+          _mm512_mask_storeu_epi64(c, m, sum);
+        }
+      }
+    }
+  }
+}
+
+// RM rows, every column of the block: vectors 4 at a time, then the 1-3 left.
+template <int RM>
+inline void bsi_rows(const uint64_t* A, int pa, int64_t sa, int64_t kw, const uint64_t* Bi, int pb, int64_t qs,
+                     int64_t npad, int64_t wb, int64_t N, int64_t* C, int64_t ldc, int shift) {
+  int64_t v = 0;
+  const int64_t nv = npad / 8;
+  for (; v + 4 <= nv; v += 4) bsi_micro<RM, 4>(A, pa, sa, kw, Bi + v * 8, pb, qs, npad, wb, C + v * 8, ldc, N - v * 8, shift);
+  switch (nv - v) {
+    case 3: bsi_micro<RM, 3>(A, pa, sa, kw, Bi + v * 8, pb, qs, npad, wb, C + v * 8, ldc, N - v * 8, shift); break;
+    case 2: bsi_micro<RM, 2>(A, pa, sa, kw, Bi + v * 8, pb, qs, npad, wb, C + v * 8, ldc, N - v * 8, shift); break;
+    case 1: bsi_micro<RM, 1>(A, pa, sa, kw, Bi + v * 8, pb, qs, npad, wb, C + v * 8, ldc, N - v * 8, shift); break;
+    default: break;
+  }
+}
+
+// The calling thread's interleave buffer, 64-byte aligned. Not a std::vector: its members
+// would be weak symbols compiled with AVX-512 flags, which the linker may pick for baseline
+// code (tests/test_dispatch_safety.py); a deleter of this file's own keeps them internal.
+struct FreeWords {
+  void operator()(uint64_t* p) const { std::free(p); }
+};
+uint64_t* interleave_buffer(int64_t words) {
+  thread_local std::unique_ptr<uint64_t, FreeWords> buf;  // dynamic: no large static TLS in a dlopen'ed module
+  thread_local int64_t have = 0;
+  if (have < words) {
+    buf.reset(static_cast<uint64_t*>(std::aligned_alloc(64, size_t((words * 8 + 63) / 64 * 64))));
+    if (!buf) throw std::bad_alloc();
+    have = words;
+  }
+  return buf.get();
+}
+
+void bitserial_interleaved(const uint64_t* A, int pa, int64_t sa, int64_t M, const uint64_t* B, int pb, int64_t sb,
+                           int64_t N, int64_t kw, int64_t* C, int64_t ldc, int shift) {
+  const int64_t npad = (N + 7) / 8 * 8;
+  for (int64_t w0 = 0; w0 < kw; w0 += kBsiBlockWords) {
+    const int64_t wb = std::min(kBsiBlockWords, kw - w0), qs = wb * npad;
+    uint64_t* Bi = interleave_buffer(pb * qs);
+    for (int q = 0; q < pb; ++q)
+      for (int64_t w = 0; w < wb; ++w) {
+        uint64_t* d = Bi + q * qs + w * npad;
+        const uint64_t* s = B + q * sb + w0 + w;
+        for (int64_t j = 0; j < N; ++j) d[j] = s[j * kw];
+        for (int64_t j = N; j < npad; ++j) d[j] = 0;
+      }
+    const uint64_t* a = A + w0;
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) bsi_rows<4>(a + i * kw, pa, sa, kw, Bi, pb, qs, npad, wb, N, C + i * ldc, ldc, shift);
+    switch (M - i) {
+      case 3: bsi_rows<3>(a + i * kw, pa, sa, kw, Bi, pb, qs, npad, wb, N, C + i * ldc, ldc, shift); break;
+      case 2: bsi_rows<2>(a + i * kw, pa, sa, kw, Bi, pb, qs, npad, wb, N, C + i * ldc, ldc, shift); break;
+      case 1: bsi_rows<1>(a + i * kw, pa, sa, kw, Bi, pb, qs, npad, wb, N, C + i * ldc, ldc, shift); break;
+      default: break;
+    }
+  }
+}
+
 void avx512_bitserial(const uint64_t* A, int pa, int64_t sa, int64_t M, const uint64_t* B, int pb,
-                    int64_t sb, int64_t N, int64_t kw, int64_t* C, int64_t ldc) {
-  bitserial_tiles<BsMicro, 4>(A, pa, sa, M, B, pb, sb, N, kw, C, ldc);
+                    int64_t sb, int64_t N, int64_t kw, int64_t* C, int64_t ldc, int shift) {
+  if (M >= kBsiMinRows) return bitserial_interleaved(A, pa, sa, M, B, pb, sb, N, kw, C, ldc, shift);
+  bitserial_tiles<BsMicro, 4>(A, pa, sa, M, B, pb, sb, N, kw, C, ldc, shift);
 }
 
 // ---- codes -> planes: vptestmb gives a whole 64-bit plane word -----------------------------
@@ -283,7 +389,7 @@ const KernelTable& kernels_avx512() {
     k.bitserial = avx512_bitserial;
     k.pack_planes = avx512_pack_planes;
     k.unpack_planes = avx512_unpack_planes;
-    k.bitserial_max_pairs = 2;
+    k.bitserial_max_pairs = 3;  // 1x3 too since the interleaved kernel (bench/cpp, DESIGN_NOTES)
     k.bitserial_max_pairs_gemv = 4;
     k.quant_pack = avx512_quant_pack;
     k.epilogue_f32 = avx512_epilogue_f32;

@@ -13,7 +13,7 @@ inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
 
 inline void ref_bitserial(const uint64_t* A, int pa, int64_t a_plane_stride, int64_t M,
                    const uint64_t* B, int pb, int64_t b_plane_stride, int64_t N, int64_t kw,
-                   int64_t* C, int64_t ldc) {
+                   int64_t* C, int64_t ldc, int shift) {
   for (int64_t i = 0; i < M; ++i) {
     for (int64_t j = 0; j < N; ++j) {
       int64_t acc = 0;
@@ -26,7 +26,7 @@ inline void ref_bitserial(const uint64_t* A, int pa, int64_t a_plane_stride, int
           acc += s << (p + q);
         }
       }
-      C[i * ldc + j] = acc;
+      C[i * ldc + j] += acc << shift;
     }
   }
 }

@@ -405,21 +405,20 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         for (int64_t i = 0; i < tm; ++i) std::fill(block + i * kTileN, block + i * kTileN + tn, int64_t(0));
         fn(Abytes, kw * 64, tm, L, bb, tn, kw, block, kTileN, 0, nullptr, nullptr, nullptr);
       } else {
-        kt.bitserial(a.data + la.at(T.ga, s) + T.m0 * kw, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN);
+        const uint64_t* A = a.data + la.at(T.ga, s) + T.m0 * kw;
+        if (!float_acc) {  // products added (<< shift) straight into the totals
+          kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, itotal, kTileN, shift);
+          continue;
+        }
+        for (int64_t i = 0; i < tm; ++i) std::fill(block + i * kTileN, block + i * kTileN + tn, int64_t(0));
+        kt.bitserial(A, ba, da[1] * kw, tm, B, bb, db[1] * kw, tn, kw, block, kTileN, 0);
       }
-      if (float_acc) {
-        terms(s, false);
-        for (int64_t i = 0; i < tm; ++i) {
-          const int64_t* blk = block + i * kTileN;
-          double* ft = ftotal + i * kTileN;
-          for (int64_t j = 0; j < tn; ++j) ft[j] += double(aab * blk[j] + rowterm[i] + colterm[j]) * segscale;
-        }
-      } else {
-        for (int64_t i = 0; i < tm; ++i) {
-          const int64_t* blk = block + i * kTileN;
-          int64_t* it = itotal + i * kTileN;
-          for (int64_t j = 0; j < tn; ++j) it[j] += blk[j] << shift;
-        }
+      // several K segments, float output: each segment's scaled value summed in double
+      terms(s, false);
+      for (int64_t i = 0; i < tm; ++i) {
+        const int64_t* blk = block + i * kTileN;
+        double* ft = ftotal + i * kTileN;
+        for (int64_t j = 0; j < tn; ++j) ft[j] += double(aab * blk[j] + rowterm[i] + colterm[j]) * segscale;
       }
     }
     if (written) return;

@@ -142,6 +142,22 @@ def test_two_tier_operands_both_axes(isa, threads, kernel_setup):
         check(a, a_bits, False, random_values(rng, N, K, w_cols, True, axis=1), w_cols, True, 1, 1)
 
 
+@pytest.mark.parametrize("isa", [i for i in ISA_PARAMS if i.values[0] in ("scalar", "avx2", "avx512", "amx")])
+def test_bitserial_kernel_adds_shifted_product_in_place(isa):
+    """The bit-serial kernel's contract on its own (kernels.h): C += product << shift, no
+    cell outside the M x N block touched (a guard column and row), for row counts on both
+    sides of the AVX-512 interleaved kernel's minimum (4), every column tail of its 8-column
+    vectors, K across its 128-word blocks and several planes."""
+    bad = {}
+    for M, N, kw in [(1, 1, 1), (3, 9, 6), (4, 1, 1), (4, 8, 6), (5, 17, 7), (7, 63, 3), (9, 64, 130),
+                     (13, 30, 257), (130, 70, 6)]:
+        for pa, pb, shift in [(1, 1, 0), (2, 1, 1), (1, 2, 2), (3, 2, 0), (8, 8, 1)]:
+            n = _C.bitserial_mismatches(isa, M, N, kw, pa, pb, shift, M * 1000 + N * 10 + pa)
+            if n:
+                bad[(M, N, kw, pa, pb, shift)] = n
+    assert not bad
+
+
 @settings(max_examples=25, deadline=None)
 @given(ba=st.integers(1, 8), bb=st.integers(1, 8), M=st.integers(1, 9), N=st.integers(1, 70),
        K=st.integers(1, 300), sa=st.booleans(), sb=st.booleans(), seed=st.integers(0, 2**31))

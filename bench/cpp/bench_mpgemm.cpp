@@ -41,7 +41,7 @@ void bm_bitserial(benchmark::State& st, const KernelTable* kt, int pa, int pb, i
   auto A = random_words(size_t(pa * M * kw), 1), B = random_words(size_t(pb * N * kw), 2);
   std::vector<int64_t> C(size_t(M * N));
   for (auto _ : st) {
-    kt->bitserial(A.data(), pa, M * kw, M, B.data(), pb, N * kw, N, kw, C.data(), N);
+    kt->bitserial(A.data(), pa, M * kw, M, B.data(), pb, N * kw, N, kw, C.data(), N, 0);
     benchmark::DoNotOptimize(C.data());
   }
   set_gops(st, double(M) * N * K);

@@ -437,7 +437,7 @@ def markdown(meta, results, targets) -> str:
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
          f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; " + _soniq_mode(results),
          "- kernels chosen per block pair: bit-serial popcount for the smallest bit pairs (AVX2: 1x1, GEMV rows "
-         "up to 1x2; AVX-512: 1x1/1x2), else kernels over the weight execution layout built once per weight "
+         "up to 1x2; AVX-512: products up to 3, B words interleaved 8 columns per vector from 4 rows), else kernels over the weight execution layout built once per weight "
          "(VNNI 4x16 tiles, codes at their bit width; GEMV decodes in registers, GEMM decodes each 64-column "
          "K block once into L1): vpdpbusd on AVX-512, TDPBUSD tiles on AMX, vpmaddubsw with exact int16 runs "
          "on AVX2.",
