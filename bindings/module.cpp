@@ -152,9 +152,8 @@ void soniq::bindings::register_core(py::module_& m) {
                             uintptr_t out, uintptr_t stream) { mp(true, A, B, ksegs, nsegs, S, kind, out, stream, 0); });
 
   // weight execution layout (cpp/wlayout.h): size, build from planes, planes back from it
-  m.def("bitserial_max_pairs", []() {  // the active ISA's largest bits_a * bits_b run bit-serially (GEMM or GEMV)
-    const KernelTable& kt = active_kernels();
-    return std::max(kt.bitserial_max_pairs, kt.bitserial_max_pairs_gemv);
+  m.def("keep_planes_max_pairs", []() {  // the active ISA's: a packed layer keeps its weight's planes up to it
+    return active_kernels().keep_planes_max_pairs;
   });
   m.def("layout_nbytes", [](uintptr_t desc, int64_t ngroups, uintptr_t ksegs, int64_t nsegs) {
     return layout_offsets(ptr<const int64_t>(desc), ngroups, ptr<const int64_t>(ksegs), nsegs).back();

@@ -121,6 +121,12 @@ struct KernelTable {
   // byte path (measured per ISA: bench/cpp/bench_mpgemm.cpp).
   int bitserial_max_pairs = 0;
   int bitserial_max_pairs_gemv = 0;  // the same for tiles of 1-2 A rows (B decode not amortized)
+  // A packed layer keeps its weight's bit planes (the bit-serial kernel's operand) when its
+  // smallest bits_a * bits_b is at most this; else its execution layout alone, which runs the
+  // fused native forward (cpp/linear.h) at every M. Measured through PackedLinear, where the
+  // planes' path pays quantize_pack + mpgemm (2-4x at GEMV and M = 16: docs/DESIGN_NOTES.md),
+  // so it can be below the kernel thresholds above. Every table sets it.
+  int keep_planes_max_pairs = 0;
   QuantPackFn quant_pack = nullptr;  // every table sets it
   EpilogueF32Fn epilogue_f32 = nullptr;  // optional: the driver's scalar loop otherwise
   // Every table sets these: the kernels over the weight execution layout, which run every

@@ -266,6 +266,7 @@ const KernelTable& kernels_avx2() {
     k.unpack_planes = avx2_unpack_planes;
     k.bitserial_max_pairs = 1;
     k.bitserial_max_pairs_gemv = 2;
+    k.keep_planes_max_pairs = 1;
     k.quant_pack = avx2_quant_pack;
     k.layout_gemv = avx2::layout_gemv;
     k.layout_gemm = avx2::layout_gemm;

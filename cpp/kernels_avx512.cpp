@@ -391,6 +391,7 @@ const KernelTable& kernels_avx512() {
     k.unpack_planes = avx512_unpack_planes;
     k.bitserial_max_pairs = 3;  // 1x3 too since the interleaved kernel (bench/cpp, DESIGN_NOTES)
     k.bitserial_max_pairs_gemv = 4;
+    k.keep_planes_max_pairs = 1;
     k.quant_pack = avx512_quant_pack;
     k.epilogue_f32 = avx512_epilogue_f32;
     k.layout_gemv = avx512::layout_gemv;

@@ -13,6 +13,7 @@ KernelTable reference_table(const char* name) {  // plane kernels
   k.unpack_planes = ref_unpack_planes;
   k.bitserial_max_pairs = 64;
   k.bitserial_max_pairs_gemv = 64;
+  k.keep_planes_max_pairs = 64;
   k.quant_pack = ref_quant_pack;
   k.merge_columns = ref_merge_columns;
   return k;

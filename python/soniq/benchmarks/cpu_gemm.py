@@ -416,7 +416,7 @@ def _soniq_mode(results) -> str:
             "from the same packed weight (per-output-channel scales) with one static activation scale; "
             "'fused native' is its one-call CPU forward (activations quantized straight to the layout kernels' "
             "bytes, epilogue in the kernel); "
-            + (f"{', '.join(bitserial)} keep their bit planes (their smallest bit pair runs bit-serially here) "
+            + (f"{', '.join(bitserial)} keep their bit planes (their smallest bit pair runs bit-serially here: keep_planes_max_pairs) "
                "and run quantize_pack + mpgemm. " if bitserial else "")
             + "'kernel alone' = ops.mpgemm on activations packed beforehand (no quantization, int32 out "
             "scaled to float). Signed 1-bit activations (W1A1) are +-1 with one scale; the PackedLinear "
