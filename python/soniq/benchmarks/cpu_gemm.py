@@ -379,9 +379,14 @@ MISS_REASONS_BY_ISA = {"avx512": {
              "W8A8": _GEMV_WHY_AVX512, "mixed": _MIXED_WHY},
     "gemm": {"W4A8": _GEMM_WHY_AVX512, "W8A8": _GEMM_WHY_AVX512, "W2A2": _GEMM_WHY_AVX512,
              "W4A4": _GEMM_WHY_AVX512,
-             "W1A1": _LOAD_NOTE + "vpopcntq bit-serial; the popcount/int8 peak ratio of this CPU is 4x, so 8x of a "
-                     "VNNI INT8 baseline is out of reach (the 8x target is for AVX2-only machines); small M (16) "
-                     "pays the per-call overhead."}}}
+             "W1A1": _LOAD_NOTE + "vpopcntq bit-serial (from 4 rows: weight words interleaved 8 columns per "
+                     "vector, one and + popcount + add per 8 outputs and K word, no horizontal sums); the "
+                     "popcount/int8 peak ratio of this CPU is 4x, so 8x of a VNNI INT8 baseline is out of reach (the "
+                     "8x target is for AVX2-only machines). At K = 384 a call is short (6 K words per output): the "
+                     "layer's Python path (quantize_pack to planes, then mpgemm; 1x1 layers keep their planes, so "
+                     "no fused forward) and the driver's per-tile passes (totals started at the code-sum terms, the "
+                     "float epilogue) weigh as much as the popcounts; a fused forward that quantizes straight to "
+                     "planes would close part of it."}}}
 
 
 def targets_table(results, isa: str = "avx2") -> list:
