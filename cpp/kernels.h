@@ -8,7 +8,8 @@ namespace soniq {
 
 // Bit-serial block product over bit planes (layout: plane-major [bits][rows][kw]).
 //   C[i*ldc + j] += (sum_p sum_q 2^(p+q) * sum_w popcount(A[p][i][w] & B[q][j][w])) << shift
-// Adds into C (the driver's totals, started at its code-sum terms: no pass of its own). A plane stride is rows*kw words; a row stride is kw words.
+// Adds into C (the driver's totals, started at its code-sum terms: no pass of its own).
+// A plane stride is rows*kw words; a row stride is kw words.
 using BitserialFn = void (*)(const uint64_t* A, int pa, int64_t a_plane_stride, int64_t M,
                              const uint64_t* B, int pb, int64_t b_plane_stride, int64_t N,
                              int64_t kw, int64_t* C, int64_t ldc, int shift);

@@ -17,6 +17,9 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace soniq {
+
+#include "thread_buffer.inl"
+
 namespace {
 
 // ---- bit-serial: vpopcntq on 8 words at once, 4x4 rows per inner loop (16 zmm accs) ------
@@ -121,29 +124,12 @@ inline void bsi_rows(const uint64_t* A, int pa, int64_t sa, int64_t kw, const ui
   }
 }
 
-// The calling thread's interleave buffer, 64-byte aligned. Not a std::vector: its members
-// would be weak symbols compiled with AVX-512 flags, which the linker may pick for baseline
-// code (tests/test_dispatch_safety.py); a deleter of this file's own keeps them internal.
-struct FreeWords {
-  void operator()(uint64_t* p) const { std::free(p); }
-};
-uint64_t* interleave_buffer(int64_t words) {
-  thread_local std::unique_ptr<uint64_t, FreeWords> buf;  // dynamic: no large static TLS in a dlopen'ed module
-  thread_local int64_t have = 0;
-  if (have < words) {
-    buf.reset(static_cast<uint64_t*>(std::aligned_alloc(64, size_t((words * 8 + 63) / 64 * 64))));
-    if (!buf) throw std::bad_alloc();
-    have = words;
-  }
-  return buf.get();
-}
-
 void bitserial_interleaved(const uint64_t* A, int pa, int64_t sa, int64_t M, const uint64_t* B, int pb, int64_t sb,
                            int64_t N, int64_t kw, int64_t* C, int64_t ldc, int shift) {
   const int64_t npad = (N + 7) / 8 * 8;
   for (int64_t w0 = 0; w0 < kw; w0 += kBsiBlockWords) {
     const int64_t wb = std::min(kBsiBlockWords, kw - w0), qs = wb * npad;
-    uint64_t* Bi = interleave_buffer(pb * qs);
+    uint64_t* Bi = reinterpret_cast<uint64_t*>(thread_buffer<0>(pb * qs * 8));  // 64-byte aligned
     for (int q = 0; q < pb; ++q)
       for (int64_t w = 0; w < wb; ++w) {
         uint64_t* d = Bi + q * qs + w * npad;

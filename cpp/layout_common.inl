@@ -18,6 +18,8 @@
   }
 #endif
 
+#include "thread_buffer.inl"
+
 namespace {
 
 template <class F>
@@ -51,10 +53,6 @@ struct ColBlock {
   bool contiguous;  // the block's output columns are ocol[0] + j (uniform tiers, or merging)
 };
 
-struct AlignedFree {
-  void operator()(int8_t* p) const { std::free(p); }
-};
-
 // The epilogue of the 64-column block at tile t0: ep's column arrays moved on to the block,
 // and its column terms (ct: colterm at the block) and B row scales in cb as doubles.
 inline LayoutEpilogue block_epilogue(const LayoutEpilogue& ep, int64_t t0, const int64_t* ct, int64_t nc,
@@ -71,20 +69,6 @@ inline LayoutEpilogue block_epilogue(const LayoutEpilogue& ep, int64_t t0, const
   cb.contiguous = true;
   for (int64_t j = 1; j < nc; ++j) cb.contiguous &= e.ocol[j] == e.ocol[0] + j;
   return e;
-}
-
-// A per-thread buffer of at least `bytes` (64-byte aligned, kept for the next call); one per
-// Slot. Its types are local to this file (no shared template instances with baseline code).
-template <int Slot>
-int8_t* thread_buffer(int64_t bytes) {
-  thread_local std::unique_ptr<int8_t, AlignedFree> buf;  // dynamic: no large static TLS in a dlopen'ed module
-  thread_local int64_t have = 0;
-  if (have < bytes) {
-    buf.reset(static_cast<int8_t*>(std::aligned_alloc(64, size_t((bytes + 63) / 64 * 64))));
-    if (!buf) throw std::bad_alloc();
-    have = bytes;
-  }
-  return buf.get();
 }
 
 // The calling thread's decode buffer (slot 0).
