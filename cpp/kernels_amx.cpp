@@ -27,6 +27,7 @@ const KernelTable& kernels_amx() {
     KernelTable k = kernels_avx512();  // GEMV, quantization and the rest stay AVX-512
     k.name = "amx";
     k.layout_gemm = amx::layout_gemm;
+    amx_pair_thresholds(k);
     return k;
   }();
   return t;

@@ -4,12 +4,15 @@
 // includer defines SONIQ_AMX_NS and the SONIQ_TILE_* operations.
 //
 // Per 64 columns the weight codes of all of K (up to the int32 limit) are decoded once into a
-// buffer, exactly as the AVX-512 kernel does: a decoded group (4 K codes x 16 columns, 64
+// buffer (an 8-bit layout is read in place: its groups are the decoded bytes), exactly as the
+// AVX-512 kernel does: a decoded group (4 K codes x 16 columns, 64
 // bytes) is one row of an AMX B tile, so 16 consecutive groups (K = 64) are a B tile of 1 KiB
 // with a 64-byte stride, and the A bytes (K contiguous per row) are A tiles as they lie. Per
 // 32 rows x 32 columns: 2 A tiles x 2 B tiles into 4 int32 C tiles (tmm0-3), TDPBUSD (u8 x s8,
 // the vpdpbusd product: the same integers as the AVX-512 kernel, so the same outputs), then
 // the C tiles go to a 32 x 64 int32 strip that the shared epilogue or int64 store reads.
+// A tail strip of 16 rows loads its A tile in place; other tails read a zero-padded copy.
+// Calls of fewer than 16 rows run the AVX-512 kernel (kMinTileRows).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -18,7 +21,14 @@
 #include <stdexcept>
 #include <type_traits>
 
+#include "kernels_avx512_layout.h"
+
 namespace soniq::SONIQ_AMX_NS {
+
+// Tiles of fewer A rows than one A tile (16) run the AVX-512 kernel: a zero-padded tile pays
+// for 16 rows, and 6-12 rows ran 1.0-1.45x slower on the tiles (PackedLinear, N x K 1536 x 384
+// and 384 x 1536, 4- and 8-bit weights, 2 threads; from 16 rows on the tiles win, 0.73-0.95x).
+constexpr int64_t kMinTileRows = 16;
 
 #include "layout_avx512_common.inl"
 
@@ -41,7 +51,7 @@ struct TileScope {
   ~TileScope() { SONIQ_TILE_RELEASE(); }
 };
 
-// The calling thread's copy of a tail strip's A rows (fewer than 32), zero-padded to 32.
+// The calling thread's copy of a tail strip's A rows (fewer than 32), kb bytes each, zero-padded to 32.
 const uint8_t* pad_rows(const uint8_t* a, int64_t lda, int rows, int64_t kb) {
   uint8_t* buf = reinterpret_cast<uint8_t*>(thread_buffer<1>(32 * kb));
   for (int r = 0; r < rows; ++r) std::memcpy(buf + r * kb, a + r * lda, size_t(kb));
@@ -49,8 +59,10 @@ const uint8_t* pad_rows(const uint8_t* a, int64_t lda, int rows, int64_t kb) {
   return buf;
 }
 
-// 32 rows x 32 columns (B tiles b0, b0 + 1 of the buffer) over ksteps of K = 64, into the strip
-// tile (row stride 64 int32) at column c. Rows 16-31 only when hi.
+// 32 rows x 32 columns (B tiles b0, b1: 16 groups of 64 bytes per K step of 64, 1 KiB) over
+// ksteps of K = 64, into the strip tile (row stride 64 int32) at column c. Rows 16-31 only
+// when hi. The C tiles start at 0: started at the code-sum terms (written to the strip, then
+// loaded), a 2048 x 1536 x 384 layer ran 1.2-1.4x slower (the tile loads wait on the stores).
 inline void tile_block(const uint8_t* a, int64_t sa, const int8_t* b0, const int8_t* b1, int64_t ksteps, bool hi,
                        int32_t* strip, int c) {
   SONIQ_TILE_ZERO(0);
@@ -88,12 +100,21 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
   int8_t* buf = decode_buffer(4 * ts);
   alignas(64) int32_t strip[32 * 64];
   ColBlock cb;
+  // a tail strip of rows other than 16 (those load as one A tile in place) is read from a
+  // zero-padded copy of its rows over all of K, made once for every column block
+  const int64_t tail0 = M / 32 * 32, kb = nchunks * 32;
+  const int tail_rows = int(M - tail0);
+  const uint8_t* tail = tail_rows % 16 ? pad_rows(A + tail0 * lda, lda, tail_rows, kb) : nullptr;
   TileScope tiles;
   for (int64_t t0 = 0; t0 < ntiles; t0 += 4) {
     const int64_t nt = std::min<int64_t>(4, ntiles - t0), nc = std::min<int64_t>(64, N - t0 * 16);
     for (int64_t c0 = 0; c0 < nchunks; c0 += blk) {
       const int64_t ncb = std::min(blk, nchunks - c0);  // even: kw * 64 codes are whole K = 64 steps
-      decode_block<BITS>(L, tb, t0, nt, c0, ncb, buf, ts);
+      // an 8-bit layout is its own B tiles (groups of 64 bytes, tb bytes from tile to tile)
+      const bool in_place = BITS == 8 && nt == 4;
+      const int8_t* ops = in_place ? L + t0 * tb + c0 * BITS * 64 : buf;
+      const int64_t ots = in_place ? tb : ts;
+      if (!in_place) decode_block<BITS>(L, tb, t0, nt, c0, ncb, buf, ts);
       const uint8_t* a = A + c0 * 32;
       int64_t* c = C ? C + t0 * 16 : nullptr;
       const int64_t* ct = colterm ? colterm + t0 * 16 : nullptr;
@@ -104,9 +125,9 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
         const int rows = int(std::min<int64_t>(32, M - i));
         const uint8_t* ai = a + i * lda;
         int64_t sa = lda;
-        if (rows < 32) ai = pad_rows(ai, lda, rows, ncb * 32), sa = ncb * 32;
+        if (rows % 16) ai = tail + c0 * 32, sa = kb;
         for (int h = 0; h < 2 && h * 32 < nc; ++h)
-          tile_block(ai, sa, buf + 2 * h * ts, buf + (2 * h + 1) * ts, ncb / 2, rows > 16, strip, 32 * h);
+          tile_block(ai, sa, ops + 2 * h * ots, ops + (2 * h + 1) * ots, ncb / 2, rows > 16, strip, 32 * h);
         if (ep) {
           LayoutEpilogue es = e;
           es.arow += i;
@@ -127,6 +148,7 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
 void layout_gemm(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int bits, int64_t N, int64_t kw,
                  int64_t* C, int64_t ldc, int shift, const int64_t* rowterm, const int64_t* colterm,
                  const LayoutEpilogue* ep) {
+  if (M < kMinTileRows) return avx512::layout_gemm(A, lda, M, L, bits, N, kw, C, ldc, shift, rowterm, colterm, ep);
   check_layout_epilogue(ep, rowterm, kw);
   SONIQ_LAYOUT_BY_BITS(gemm_bits, A, lda, M, L, N, kw, C, ldc, shift, rowterm, colterm, ep)
 }

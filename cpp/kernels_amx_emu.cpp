@@ -26,6 +26,7 @@ const KernelTable& kernels_amx_emu() {
     KernelTable k = kernels_avx512();
     k.name = "amx_emu";
     k.layout_gemm = amx_emulated::layout_gemm;
+    amx_pair_thresholds(k);
     return k;
   }();
   return t;

@@ -53,10 +53,13 @@ def test_strip_and_block_edges(amx, M, N):
                                   ref_matmul(a, b))
 
 
-def test_k_past_one_int32_block(amx):
-    """K > 32768 codes: two K blocks, the second added into the int64 totals of the first."""
+@pytest.mark.parametrize("M,N", [(20, 17), (37, 70), (48, 64)])
+def test_k_past_one_int32_block(amx, M, N):
+    """K > 32768 codes: two K blocks, the second added into the int64 totals of the first;
+    with a tail strip read from its padded copy at the second block's offset (M = 20, 37) or
+    in place (16 rows: M = 48), and 8-bit B tiles read in place from the layout (N >= 64)."""
     rng = np.random.default_rng(7)
-    M, N, K = 20, 17, 33000
+    K = 33000
     a = np.full((M, K), 255, np.int64)  # the largest products: any int32 overflow would show
     a[1] = random_values(rng, (1, K), 8, False)
     b = np.where(rng.random((N, K)) < 0.5, -128, 127)

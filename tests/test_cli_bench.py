@@ -63,6 +63,13 @@ def test_bench_cpu_minilm_quick_json(tmp_path):
         assert row["vs_best_int8_per_round"] == pytest.approx(want) and len(want) == (2 if row["batch"] == 1 else 1)
         target = next(t for t in doc["targets"] if t["what"] == f"end to end vs best INT8, batch {row['batch']}")
         assert target["value"] == pytest.approx(statistics.median(want))
+        amx = [t for t in doc["targets"] if "(AMX)" in t["what"] and t["what"].endswith(f"batch {row['batch']}")]
+        if doc["meta"]["isa"] == "amx":  # issue 13's AMX targets: 1.3x the best INT8, 2x FP32
+            assert [(t["target"], t["value"]) for t in amx] == [
+                (1.3, target["value"]), (2.0, pytest.approx(row["ms"]["fp32"] / row["ms"]["soniq"]))]
+            assert all(t["met"] == (t["value"] >= t["target"]) and (t["met"] or t["why_missed"]) for t in amx)
+        else:
+            assert not amx
     assert "ort_int8" in doc["e2e"][0]["ms"] or "ONNX Runtime INT8" in doc["notes"]
     saved = sorted(os.listdir(tmp_path))
     assert [f.rsplit(".", 1)[1] for f in saved if f.startswith("cpu_model_")] == ["json", "md"]
@@ -145,7 +152,23 @@ def test_result_name_says_when_a_lower_isa_was_forced():
         assert result_slug("AMD EPYC", "scalar", 1, True) == f"amd-epyc-{best}-as-scalar-quick-1t"
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_w1a1_target_is_the_isas():
+    """Issue 13: W1A1 >= 1.0x the best INT8 where the CPU has AMX (its tiles run INT8 ~8x
+    faster), 8x elsewhere; every other target is the same on every ISA."""
+    from soniq.benchmarks.cpu_gemm import TARGETS, targets_table
+
+    rows = [{"method": f"soniq {m}", "vs_best_int8": 1.5, "vs_ort_2bit": 1.5, "vs_ort_4bit": 1.5}
+            for m in ("W1A1", "W4A8")]
+    shapes = [{"shape": "gemm_minilm_m128", "M": 128, "N": 64, "K": 64, "rows": rows}]
+    by_isa = {isa: {t["method"]: t for t in targets_table(shapes, isa)} for isa in ("avx2", "avx512", "amx")}
+    assert by_isa["amx"]["W1A1"]["target"] == 1.0 and by_isa["amx"]["W1A1"]["met"]
+    for isa in ("avx2", "avx512"):
+        assert by_isa[isa]["W1A1"]["target"] == 8.0 and not by_isa[isa]["W1A1"]["met"]
+    want = next(need for kind, meth, base, need in TARGETS if (kind, meth) == ("gemm", "W4A8"))
+    assert {by_isa[isa]["W4A8"]["target"] for isa in by_isa} == {want}
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "amx"])
 def test_missed_targets_give_the_reason_of_their_shape_kind(isa):
     """A missed GEMV target carries the GEMV reason and a missed GEMM target the GEMM one (the
     same bit pair has a target of each kind: W4A8, W8A8)."""

@@ -53,8 +53,8 @@ class _PackedBase(nn.Module):
         traces it as a constant), with the bit planes dropped (rebuilt from it to save or move).
         Layers whose smallest weight x activation bit pair is at most the ISA's
         keep_planes_max_pairs (cpp/kernels.h: 1x1 on AVX2 / AVX-512, where the bit-serial
-        popcount kernel beats the fused forward from M = 128 up) keep the planes (that kernel
-        reads them) and build no layout."""
+        popcount kernel beats the fused forward from M = 128 up; none on AMX) keep the planes
+        (that kernel reads them) and build no layout."""
         if self.w.device.type != "cpu":
             return
         if int(self.w.bits.min()) * int(self.a_bits.min()) <= _C.keep_planes_max_pairs():

@@ -41,6 +41,9 @@ TARGETS = [  # (shape kind, method, baseline, minimum ratio)
     ("gemm", "W4A8", "best INT8", 1.0), ("gemm", "W8A8", "best INT8", 1.0),
     ("gemv", "mixed 25% W4 / 75% W2, A8", "best INT8", 2.8), ("gemm", "W1A1", "best INT8", 8.0),
     ("gemm", "W2A2", "best INT8", 0.8), ("gemm", "W4A4", "best INT8", 0.8)]
+# Where issue 13 sets another minimum for an ISA: W1A1 >= 1.0x the best INT8 on AMX machines
+# (8x is the AVX2-only target, where INT8 runs at the vpmaddubsw rate and popcounts win)
+TARGET_BY_ISA = {"amx": {("gemm", "W1A1", "best INT8"): 1.0}}
 
 
 # ---- machine ---------------------------------------------------------------------------
@@ -67,7 +70,9 @@ def peaks(cpu: dict, threads: int) -> dict:
     int8_macs = 1024 if cpu["isa"] == "amx" else 128 if avx512 else 64
     bit_macs = 512 if avx512 else 85.3          # vpopcntq zmm / (and+popcnt+add on 4 ALUs) x 64 bits
     return {"ghz": ghz, "int8_ops": 2 * int8_macs * ghz * 1e9 * threads,
-            "popcount_ops": 2 * bit_macs * ghz * 1e9 * threads}
+            "popcount_ops": 2 * bit_macs * ghz * 1e9 * threads,
+            # AMX runs W1A1 GEMM on the tiles (cpp/kernels_amx.h amx_pair_thresholds), not popcounts
+            "w1a1_on_tiles": cpu["isa"] == "amx"}
 
 
 def memory_bandwidth(threads: int) -> float:
@@ -272,7 +277,7 @@ def summarize(shape_name, M, N, K, times, notes, pk, bw, paths=None) -> dict:
         if is_gemv:  # weight bytes streamed per call against memory bandwidth
             return (N * K * wbits / 8 / t) / bw
         m = re.match(r"soniq W(\d)A(\d)$", method)
-        if m and int(m.group(1)) * int(m.group(2)) == 1:
+        if m and int(m.group(1)) * int(m.group(2)) == 1 and not pk.get("w1a1_on_tiles"):
             return ops_n / t / (pk["popcount_ops"] / (int(m.group(1)) * int(m.group(2))))
         return ops_n / t / pk["int8_ops"]
 
@@ -389,9 +394,40 @@ MISS_REASONS_BY_ISA = {"avx512": {
                      "planes would close part of it."}}}
 
 
+_GEMV_WHY_AMX = (
+    _LOAD_NOTE + "GEMV (<= 4 rows) on an AMX CPU runs the AVX-512 kernel: the weight execution layout streamed "
+    "once (codes at b bits, 4 tiles of 16 rows per pass, decoded in registers, vpdpbusd), timed with the "
+    "weights coming from DRAM (caches evicted before each call), so the limit is the DRAM read of one cold "
+    "call ('limit' column: the fraction of the bandwidth measured in the header). W2A8 and up read at "
+    "0.7-1.2x of that bandwidth figure; W1A8 reads 7.3 MB (14336x4096) or 8.4 MB (8192^2) per call, where a "
+    "short cold read reaches less of the bandwidth than INT8's 59-67 MB, so 7.3x over the memory-bound INT8 "
+    "GEMV would need the 1-bit weight read in a seventh of INT8's time. On the kernel side the 1-bit GEMV is "
+    "compute-bound when warm (8 and + 8 vpdpbusd per 64 weight bytes); a table-lookup kernel over groups of 4 "
+    "activations (T-MAC style) would halve that.")
+_GEMM_WHY_AMX = (
+    _LOAD_NOTE + "GEMM runs TDPBUSD on the tiles (2 A x 2 B tiles into 4 C tiles per 32 x 32, B decoded once "
+    "per 64 columns, 8-bit weights read in place; calls of fewer than 16 rows on AVX-512), at the same "
+    "fraction of the tile peak as oneDNN's torch._int_mm (2048^3, 2 threads: soniq 2.4-2.5 TOP/s, _int_mm "
+    "2.3; both ~22% of the nominal 1024 MACs/cycle per core on this VM). _int_mm takes int8 inputs and "
+    "returns int32: no activation quantization, no float output. soniq's float work around the products "
+    "is what it loses by at K = 384-1536, where the products are short: one thread, 2048 x 1536 x 384 8-bit, "
+    "products and decode 58% of the profile, the exact double epilogue 28%, the per-row activation "
+    "quantization 6.5%; at M = 128 the epilogue, the quantization and ~5 us of Python per call are each "
+    "about as costly as the tile products; at M = 16 (one A tile) the weight decode is paid for 16 rows. "
+    "Every weight width runs at the int8 tile rate (1-bit included: popcounts are slower than the tiles "
+    "here), so W1A1 equals W4A8 and W8A8. What would close it: a float32 epilogue (about half the "
+    "epilogue's cost, but a change of every path's rounding), and fewer passes over the activations.")
+MISS_REASONS_BY_ISA["amx"] = {
+    "gemv": {"W1A8": _GEMV_WHY_AMX, "W2A8": _GEMV_WHY_AMX, "W4A8": _GEMV_WHY_AMX, "W8A8": _GEMV_WHY_AMX,
+             "mixed": _MIXED_WHY},
+    "gemm": {"W4A8": _GEMM_WHY_AMX, "W8A8": _GEMM_WHY_AMX, "W1A1": _GEMM_WHY_AMX, "W2A2": _GEMM_WHY_AMX,
+             "W4A4": _GEMM_WHY_AMX}}
+
+
 def targets_table(results, isa: str = "avx2") -> list:
     out = []
     for kind, method, base, need in TARGETS:
+        need = TARGET_BY_ISA.get(isa, {}).get((kind, method, base), need)
         reasons = {**MISS_REASONS[kind], **MISS_REASONS_BY_ISA.get(isa, {}).get(kind, {})}
         for s in results:
             if not s["shape"].startswith(kind):
