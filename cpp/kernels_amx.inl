@@ -29,6 +29,14 @@ namespace soniq::SONIQ_AMX_NS {
 // for 16 rows, and 6-12 rows ran 1.0-1.45x slower on the tiles (PackedLinear, N x K 1536 x 384
 // and 384 x 1536, 4- and 8-bit weights, 2 threads; from 16 rows on the tiles win, 0.73-0.95x).
 constexpr int64_t kMinTileRows = 16;
+// K steps (of 64) per sub-block where a block's K is long (see gemm_bits): 4 B tiles x 8 steps
+// = 32 KiB of decoded weights, within L1 with the strip's 16 KiB of A
+constexpr int64_t kSubSteps = 8;
+// ... for calls of at most this many rows. PackedLinear, 2 threads, K = 1536 and 2048, against
+// whole-K strips: calls of 128-256 rows 0.79-0.96x the time (128 x 384 x 1536, 256 x 2048^2,
+// 512 x 384 x 1536), of 512 rows 1.10-1.29x (2048^3, 4096 x 384 x 1536: the sub-blocks re-read
+// the task's 1 MiB of A and move its C tiles through L2)
+constexpr int64_t kSubBlockMaxRows = 256;
 
 #include "layout_avx512_common.inl"
 
@@ -61,15 +69,26 @@ const uint8_t* pad_rows(const uint8_t* a, int64_t lda, int rows, int64_t kb) {
 
 // 32 rows x 32 columns (B tiles b0, b1: 16 groups of 64 bytes per K step of 64, 1 KiB) over
 // ksteps of K = 64, into the strip tile (row stride 64 int32) at column c. Rows 16-31 only
-// when hi. The C tiles start at 0: started at the code-sum terms (written to the strip, then
-// loaded), a 2048 x 1536 x 384 layer ran 1.2-1.4x slower (the tile loads wait on the stores).
+// when hi. The C tiles start at 0, or (more) at what the strip holds from the K sub-blocks
+// before, stored there by these tiles. (Started at the code-sum terms instead, written to the
+// strip by vector stores, a 2048 x 1536 x 384 layer ran 1.2-1.4x slower: the tile loads wait
+// on the stores.)
 inline void tile_block(const uint8_t* a, int64_t sa, const int8_t* b0, const int8_t* b1, int64_t ksteps, bool hi,
-                       int32_t* strip, int c) {
-  SONIQ_TILE_ZERO(0);
-  SONIQ_TILE_ZERO(1);
-  if (hi) {
-    SONIQ_TILE_ZERO(2);
-    SONIQ_TILE_ZERO(3);
+                       int32_t* strip, int c, bool more) {
+  if (more) {
+    SONIQ_TILE_LOADD(0, strip + c, 256);
+    SONIQ_TILE_LOADD(1, strip + c + 16, 256);
+    if (hi) {
+      SONIQ_TILE_LOADD(2, strip + 16 * 64 + c, 256);
+      SONIQ_TILE_LOADD(3, strip + 16 * 64 + c + 16, 256);
+    }
+  } else {
+    SONIQ_TILE_ZERO(0);
+    SONIQ_TILE_ZERO(1);
+    if (hi) {
+      SONIQ_TILE_ZERO(2);
+      SONIQ_TILE_ZERO(3);
+    }
   }
   for (int64_t s = 0; s < ksteps; ++s) {
     SONIQ_TILE_LOADD(4, a + s * 64, sa);
@@ -121,22 +140,33 @@ void gemm_bits(const uint8_t* A, int64_t lda, int64_t M, const int8_t* L, int64_
       LayoutEpilogue e;
       if (ep) e = block_epilogue(*ep, t0, ct, nc, cb);
       const bool first = c0 == 0;
-      for (int64_t i = 0; i < M; i += 32) {
-        const int rows = int(std::min<int64_t>(32, M - i));
-        const uint8_t* ai = a + i * lda;
-        int64_t sa = lda;
-        if (rows % 16) ai = tail + c0 * 32, sa = kb;
-        for (int h = 0; h < 2 && h * 32 < nc; ++h)
-          tile_block(ai, sa, ops + 2 * h * ots, ops + (2 * h + 1) * ots, ncb / 2, rows > 16, strip, 32 * h);
-        if (ep) {
-          LayoutEpilogue es = e;
-          es.arow += i;
-          store_strip(strip, rows, es, rowterm + i, cb, nc, shift);
-        } else {
-          for (int r = 0; r < rows; ++r)
-            for (int64_t j = 0; j < nc; j += 16)
-              add_lanes(_mm512_load_si512(strip + r * 64 + j),
-                        out_at(c, ldc, i + r, j, nc, shift, rowterm, ct, first));
+      // K sub-blocks of kSubSteps steps when the block's B is larger than L1 and a few strips
+      // share it: each sub-block's B (32 KiB) stays in L1 across all the strips, whose C tiles
+      // wait in acc (row stride 64 int32) between sub-blocks (see kSubBlockMaxRows)
+      const int64_t steps = ncb / 2;
+      const int64_t sub = steps > 2 * kSubSteps && M > 32 && M <= kSubBlockMaxRows ? kSubSteps : steps;
+      int32_t* acc = sub < steps ? reinterpret_cast<int32_t*>(thread_buffer<2>((M + 31) / 32 * 32 * 64 * 4)) : nullptr;
+      for (int64_t k0 = 0; k0 < steps; k0 += sub) {
+        const int64_t nk = std::min(sub, steps - k0);
+        for (int64_t i = 0; i < M; i += 32) {
+          const int rows = int(std::min<int64_t>(32, M - i));
+          const uint8_t* ai = a + i * lda;
+          int64_t sa = lda;
+          if (rows % 16) ai = tail + c0 * 32, sa = kb;
+          int32_t* st = acc ? acc + i * 64 : strip;
+          for (int h = 0; h < 2 && h * 32 < nc; ++h)
+            tile_block(ai + k0 * 64, sa, ops + 2 * h * ots + k0 * 1024, ops + (2 * h + 1) * ots + k0 * 1024, nk,
+                       rows > 16, st, 32 * h, k0 > 0);
+          if (k0 + nk < steps) continue;
+          if (ep) {
+            LayoutEpilogue es = e;
+            es.arow += i;
+            store_strip(st, rows, es, rowterm + i, cb, nc, shift);
+          } else {
+            for (int r = 0; r < rows; ++r)
+              for (int64_t j = 0; j < nc; j += 16)
+                add_lanes(_mm512_load_si512(st + r * 64 + j), out_at(c, ldc, i + r, j, nc, shift, rowterm, ct, first));
+          }
         }
       }
     }

@@ -70,16 +70,18 @@ def test_k_past_one_int32_block(amx, M, N):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dynamic", [None, "token"])
 def test_packed_linear_same_bits_as_avx512(amx, threads, dynamic):
-    """The packed layer's fused forward (two activation and two weight tiers, per-token or
-    static activation scales, bias): the AMX path gives the AVX-512 path's floats bit for bit."""
+    """The packed layer's fused forward (one or two activation tiers, two weight tiers, per-token
+    or static activation scales, bias): the AMX path gives the AVX-512 path's floats bit for bit."""
     from test_fused_linear import make_linear
 
     rng = np.random.default_rng(3)
     n0 = soniq.get_num_threads()
     soniq.set_num_threads(threads)
     try:
-        for K, N in ((70, 17), (384, 130)):
-            lin = make_linear(rng, K, N, (4, 8), (4, 8), dynamic=dynamic)
+        # K 1500 (one activation tier: the float epilogue) and 3000 (two K segments of ~1500:
+        # int64 totals): K sub-blocks whose C tiles wait in the thread's buffer between them
+        for K, N, a_tiers in ((70, 17, (4, 8)), (384, 130, (4, 8)), (1500, 70, (8,)), (3000, 70, (4, 8))):
+            lin = make_linear(rng, K, N, a_tiers, (4, 8), dynamic=dynamic)
             for M in (5, 16, 33, 131):
                 x = torch.randn(M, K) * 3
                 got = lin(x)

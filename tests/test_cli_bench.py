@@ -101,6 +101,22 @@ def test_per_round_ratio_pairs_methods_of_the_same_round():
     assert per_round_vs_best_int8({"soniq": [1.0]}) == []
 
 
+def test_rounds_shuffle_the_methods_order():
+    """Each round runs every method (warm-up + timed calls) in its own seeded order, so no
+    method always follows the same one (ONNX Runtime's heap trims slowed whatever came next)."""
+    from soniq.benchmarks import cpu_gemm
+
+    log = []
+    methods = {k: (lambda k_: lambda: log.append(k_))(k) for k in "abcdefgh"}
+    cpu_gemm.measure(methods, quick=False)
+    rounds = [log[8 + 3 * 8 * r: 8 + 3 * 8 * (r + 1)] for r in range(5)]  # after the first calls
+    orders = [tuple(r[::3]) for r in rounds]
+    assert all(sorted(o) == list("abcdefgh") and r == [x for x in o for _ in range(3)] for o, r in zip(orders, rounds))
+    assert len(set(orders)) > 1
+    cpu_gemm.measure(methods, quick=False)
+    assert log[len(log) // 2 + 8:] == log[8: len(log) // 2]  # seeded: the same orders every run
+
+
 def test_gemv_timed_calls_start_with_cold_caches(monkeypatch):
     """GEMV rows are timed with the weights out of the caches: the eviction runs before every
     timed call, never inside it, and not for GEMM shapes."""

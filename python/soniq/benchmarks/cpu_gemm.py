@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import time
@@ -105,7 +106,10 @@ def evict_caches(_buf=[]):
 def measure(methods: dict, quick: bool, cold: bool = False) -> dict:
     """Median seconds per call of each method. Methods are measured in interleaved rounds
     (each round: one warm-up call, then the best of two timed calls per method), so a load
-    change on a shared machine hits every method alike and the ratios stay fair. cold: the
+    change on a shared machine hits every method alike and the ratios stay fair. The order
+    is shuffled per round (seeded): a method that always ran right after ONNX Runtime took
+    up to 2x longer there (its arena frees and trims the heap, so the next method's fresh
+    outputs page-fault back in), which a fixed order pinned on one row. cold: the
     caches are evicted before every timed call (GEMV: otherwise a weight that fits the L3 --
     8192^2 at 1-2 bits, and its 4-bit ONNX Runtime twin -- would be read from it, not DRAM)."""
     first = {}
@@ -116,7 +120,9 @@ def measure(methods: dict, quick: bool, cold: bool = False) -> dict:
     rounds, calls = (2, 1) if quick else (5, 2)
     times = {k: [] for k in methods}
     for rnd in range(rounds):
-        for k, fn in methods.items():
+        order = list(methods.items())
+        random.Random(rnd).shuffle(order)
+        for k, fn in order:
             if first[k] > 1.0 and rnd > 0:  # a pathologically slow baseline: one timed call is enough
                 continue
             fn()
@@ -478,7 +484,8 @@ def markdown(meta, results, targets) -> str:
             (meta['load_avg_end'] or 0) > 0.5 * meta['threads'] else ""),
          f"- mode: {'quick (small shapes)' if meta['quick'] else 'full'}; " + _soniq_mode(results),
          "- kernels chosen per block pair: bit-serial popcount for the smallest bit pairs (AVX2: 1x1, GEMV rows "
-         "up to 1x2; AVX-512: products up to 3, B words interleaved 8 columns per vector from 4 rows), else kernels over the weight execution layout built once per weight "
+         "up to 1x2; AVX-512: products up to 3, B words interleaved 8 columns per vector from 4 rows; AMX: GEMV rows "
+         "only, the tiles outrun popcounts), else kernels over the weight execution layout built once per weight "
          "(VNNI 4x16 tiles, codes at their bit width; GEMV decodes in registers, GEMM decodes each 64-column "
          "K block once into L1): vpdpbusd on AVX-512, TDPBUSD tiles on AMX, vpmaddubsw with exact int16 runs "
          "on AVX2.",
