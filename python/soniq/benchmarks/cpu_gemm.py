@@ -489,7 +489,7 @@ def markdown(meta, results, targets) -> str:
          "(VNNI 4x16 tiles, codes at their bit width; GEMV decodes in registers, GEMM decodes each 64-column "
          "K block once into L1): vpdpbusd on AVX-512, TDPBUSD tiles on AMX, vpmaddubsw with exact int16 runs "
          "on AVX2.",
-         "- methods are measured in interleaved rounds (median of rounds, best of 2 calls per round), so load "
+         "- methods are measured in interleaved rounds (median of rounds, best of 2 calls per round, a seeded shuffled order per round), so load "
          "changes hit all alike; a baseline slower than 1 s per call is timed once; GEMV shapes (M <= "
          f"{COLD_MAX_M}) with the caches evicted before every timed call (weights from DRAM, as in LLM "
          "decoding: a weight that fits the L3 would otherwise be read from it)", ""]
