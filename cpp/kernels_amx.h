@@ -19,7 +19,7 @@ const KernelTable& kernels_amx();
 
 // What AMX changes in the AVX-512 table's thresholds (both tables, so the emulation picks as
 // the hardware does): the tiles' int8 rate is ~8x vpdpbusd's and above vpopcntq's, so tiles of
-// 5+ rows run every bit pair on the layout (W1A1 PackedLinear on a Xeon with AMX, 2 threads:
+// more than 2 A rows run every bit pair on the layout (W1A1 PackedLinear on a Xeon with AMX, 2 threads:
 // 0.46-0.77x the time of the bit-serial path at M = 16-2048 and 2048^3), and no layer keeps
 // its planes (every layer runs the fused forward). GEMV keeps the AVX-512 choice.
 inline void amx_pair_thresholds(KernelTable& k) {

@@ -219,7 +219,8 @@ struct WordCodes {
     }
     // codes are 0..255, so the saturating packs keep them: per 128-bit lane L the bytes of
     // r0..r3's dwords 4L..4L+3, put back in order by one dword permute (4 shuffles where four
-    // vpmovdb and three inserts took 11: the quantization of a K = 1536 row ~20% faster)
+    // vpmovdb and three inserts took 11: a 4096 x 384 x 1536 PackedLinear 0.88-0.92x the time
+    // on one thread, Intel Xeon)
     const __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(r[0], r[1]), _mm512_packs_epi32(r[2], r[3]));
     const __m512i v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), b);
     sum = _mm512_add_epi64(sum, _mm512_sad_epu8(v, _mm512_setzero_si512()));  // int64: no overflow

@@ -413,8 +413,8 @@ _GEMV_WHY_AMX = (
 _GEMM_WHY_AMX = (
     _LOAD_NOTE + "GEMM runs TDPBUSD on the tiles (2 A x 2 B tiles into 4 C tiles per 32 x 32, B decoded once "
     "per 64 columns, 8-bit weights read in place; calls of fewer than 16 rows on AVX-512), at the same "
-    "fraction of the tile peak as oneDNN's torch._int_mm (2048^3, 2 threads: soniq 2.4-2.5 TOP/s, _int_mm "
-    "2.3; both ~22% of the nominal 1024 MACs/cycle per core on this VM). _int_mm takes int8 inputs and "
+    "fraction of the tile peak as oneDNN's torch._int_mm (2048^3, 2 threads, this session's runs: soniq "
+    "2.4-2.8 TOP/s, _int_mm 2.3-2.5; both 22-27% of the nominal 1024 MACs/cycle per core on this VM). _int_mm takes int8 inputs and "
     "returns int32: no activation quantization, no float output. soniq's float work around the products "
     "is what it loses by at K = 384-1536, where the products are short: one thread, 2048 x 1536 x 384 8-bit, "
     "products and decode 58% of the profile, the exact double epilogue 28%, the per-row activation "
