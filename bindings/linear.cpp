@@ -4,7 +4,10 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
 
+#include "../cpp/dispatch.h"
+#include "../cpp/hadamard.h"
 #include "../cpp/linear.h"
 #include "registry.h"
 
@@ -16,11 +19,20 @@ T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 }  // namespace
 
 void soniq::bindings::register_linear(py::module_& m) {
+  // rows [M, K] (float32, contiguous) -> out: each row rotated by the active ISA's kernel (the
+  // fused forward's quantize pass), for the tests against python/soniq/_hadamard.py
+  m.def("hadamard_rows", [](uintptr_t x, int64_t M, int64_t K, int block, uintptr_t out) {
+    if (M < 0 || K <= 0 || block < 2 || (block & (block - 1)) || K % block)
+      throw std::invalid_argument("hadamard_rows: block must be a power of two >= 2 dividing K");
+    const soniq::KernelTable& kt = soniq::active_kernels();
+    const soniq::HadamardRowFn f = kt.hadamard_row ? kt.hadamard_row : soniq::hadamard_row_ref;
+    for (int64_t r = 0; r < M; ++r) f(ptr<const float>(x) + r * K, K, block, ptr<float>(out) + r * K);
+  });
   py::class_<soniq::LinearPlan>(m, "LinearPlan")
       .def(py::init([](int64_t K, uintptr_t perm, uintptr_t segs, int64_t nsegs, uintptr_t seg_scale, bool a_signed,
                        uintptr_t out_seg_scale, bool dynamic, int64_t N, int64_t ngroups, uintptr_t w_desc,
                        uintptr_t w_sums, uintptr_t w_perm, bool w_signed, uintptr_t ksegs, uintptr_t w_layout,
-                       uintptr_t w_row_scale, uintptr_t bias, uintptr_t inv_smooth) {
+                       uintptr_t w_row_scale, uintptr_t bias, uintptr_t inv_smooth, int hadamard_block) {
         const soniq::ActLayout act{K, ptr<const int64_t>(perm), nsegs, ptr<const int64_t>(segs),
                                    ptr<const float>(seg_scale)};
         const soniq::PackedOperand w{nullptr, N, ngroups, ptr<const int64_t>(w_desc), ptr<const int64_t>(w_sums),
@@ -28,7 +40,7 @@ void soniq::bindings::register_linear(py::module_& m) {
         return new soniq::LinearPlan(act, a_signed, ptr<const float>(out_seg_scale), dynamic, w,
                                      ptr<const int64_t>(ksegs), ptr<const int8_t>(w_layout),
                                      ptr<const float>(w_row_scale), ptr<const float>(bias),
-                                     ptr<const float>(inv_smooth));
+                                     ptr<const float>(inv_smooth), hadamard_block);
       }))
       .def("forward",
            [](const soniq::LinearPlan& p, uintptr_t x, int64_t M, int64_t ldx, uintptr_t out) {
@@ -37,5 +49,6 @@ void soniq::bindings::register_linear(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("in_features", &soniq::LinearPlan::in_features)
       .def_property_readonly("out_features", &soniq::LinearPlan::out_features)
-      .def_property_readonly("smoothed", &soniq::LinearPlan::smoothed);
+      .def_property_readonly("smoothed", &soniq::LinearPlan::smoothed)
+      .def_property_readonly("hadamard_block", &soniq::LinearPlan::hadamard_block);
 }

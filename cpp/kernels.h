@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "hadamard.h"
+
 namespace soniq {
 
 // Bit-serial block product over bit planes (layout: plane-major [bits][rows][kw]).
@@ -141,6 +143,7 @@ struct KernelTable {
   // activations straight to the bytes the layout kernels read.
   QuantBytesFn quant_bytes = nullptr;
   RowAbsMaxFn row_absmax = nullptr;  // optional: a plain loop otherwise
+  HadamardRowFn hadamard_row = nullptr;  // optional: hadamard_row_ref otherwise
   MergeColumnsFn merge_columns = nullptr;  // every table sets it
 };
 

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "bitserial_tiles.inl"
+#include "hadamard.h"
 #include "kernels_avx2_layout.h"
 #include "kernels_ref.inl"
 
@@ -191,6 +192,54 @@ int64_t avx2_quant_bytes(const float* x_, const float* mul, const int64_t* idx, 
   return s[0] + s[1] + s[2] + s[3];
 }
 
+// ---- block Hadamard rotation of a row (cpp/hadamard.h), blocks of 8+: stages h < 8 within
+// each vector (partner lane i ^ h by a permute; the lower lane keeps a + b, the upper one
+// takes a - b), then h >= 8 across vectors: blocks of up to 64 columns in registers, larger
+// ones stage by stage through `out`; the reference's operations in its order.
+static inline __m256 avx2_hadamard8(__m256 v) {
+  __m256 p = _mm256_permute_ps(v, 0xB1);  // h = 1
+  v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xAA);
+  p = _mm256_permute_ps(v, 0x4E);  // h = 2
+  v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xCC);
+  p = _mm256_permute2f128_ps(v, v, 0x01);  // h = 4
+  return _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xF0);
+}
+
+template <int NV>  // one block of NV * 8 columns, in registers
+static void avx2_hadamard_blocks(const float* x, int64_t k, float* out) {
+  for (int64_t b = 0; b < k; b += NV * 8) {
+    __m256 v[NV];
+    for (int i = 0; i < NV; ++i) v[i] = avx2_hadamard8(_mm256_loadu_ps(x + b + 8 * i));
+    for (int h = 1; h < NV; h *= 2)  // h vectors = 8 h columns
+      for (int g = 0; g < NV; g += 2 * h)
+        for (int i = g; i < g + h; ++i) {
+          const __m256 a = v[i], c = v[i + h];
+          v[i] = _mm256_add_ps(a, c);
+          v[i + h] = _mm256_sub_ps(a, c);
+        }
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + b + 8 * i, v[i]);
+  }
+}
+
+void avx2_hadamard_row(const float* x, int64_t k, int block, float* out) {
+  switch (block) {
+    case 8: return avx2_hadamard_blocks<1>(x, k, out);
+    case 16: return avx2_hadamard_blocks<2>(x, k, out);
+    case 32: return avx2_hadamard_blocks<4>(x, k, out);
+    case 64: return avx2_hadamard_blocks<8>(x, k, out);
+    default: break;
+  }
+  if (block < 8) return hadamard_row_ref(x, k, block, out);
+  avx2_hadamard_blocks<8>(x, k, out);  // stages up to h = 32, then the rest through memory
+  for (int64_t h = 64; h < block; h *= 2)
+    for (int64_t g = 0; g < k; g += 2 * h)
+      for (int64_t j = g; j < g + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(out + j), b = _mm256_loadu_ps(out + j + h);
+        _mm256_storeu_ps(out + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(out + j + h, _mm256_sub_ps(a, b));
+      }
+}
+
 // ---- a row's largest finite |x| (|x * mul| when mul is set) as its bit pattern (actpack.h
 // finite_abs_bits), 8 at a time: non-negative int32 patterns, NaN and inf (>= inf) dropped.
 int32_t avx2_row_absmax(const float* x, const float* mul, int64_t n) {
@@ -273,6 +322,7 @@ const KernelTable& kernels_avx2() {
     k.layout_gemv_rows = 4;
     k.quant_bytes = avx2_quant_bytes;
     k.row_absmax = avx2_row_absmax;
+    k.hadamard_row = avx2_hadamard_row;
     k.merge_columns = avx2_merge_columns;
     return k;
   }();

@@ -8,6 +8,7 @@
 #include <memory>
 #include <new>
 
+#include "hadamard.h"
 #include "kernels_avx512_layout.h"
 #include "bitserial_tiles.inl"
 #include "kernels_ref.inl"
@@ -284,6 +285,58 @@ int32_t avx512_row_absmax(const float* x, const float* mul, int64_t n) {
   return _mm512_reduce_max_epi32(m);
 }
 
+// ---- block Hadamard rotation of a row (cpp/hadamard.h), blocks of 16+: stages h < 16 within
+// each vector (partner lane i ^ h by a permute; the lower lane keeps a + b, the upper one
+// takes a - b), then h >= 16 across vectors: blocks of up to 128 columns in registers (one
+// load and one store per vector), larger ones stage by stage through `out`. Each element gets
+// the reference's operations in its order, so the bits are the reference's. Smaller blocks:
+// the portable loop.
+static inline __m512 avx512_hadamard16(__m512 v) {
+  __m512 p = _mm512_permute_ps(v, 0xB1);  // h = 1
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, p), 0xAAAA, p, v);
+  p = _mm512_permute_ps(v, 0x4E);  // h = 2
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, p), 0xCCCC, p, v);
+  p = _mm512_shuffle_f32x4(v, v, 0xB1);  // h = 4: 128-bit lanes 1 0 3 2
+  v = _mm512_mask_sub_ps(_mm512_add_ps(v, p), 0xF0F0, p, v);
+  p = _mm512_shuffle_f32x4(v, v, 0x4E);  // h = 8: 2 3 0 1
+  return _mm512_mask_sub_ps(_mm512_add_ps(v, p), 0xFF00, p, v);
+}
+
+template <int NV>  // one block of NV * 16 columns, in registers
+static void avx512_hadamard_blocks(const float* x, int64_t k, float* out) {
+  for (int64_t b = 0; b < k; b += NV * 16) {
+    __m512 v[NV];
+    for (int i = 0; i < NV; ++i) v[i] = avx512_hadamard16(_mm512_loadu_ps(x + b + 16 * i));
+    for (int h = 1; h < NV; h *= 2)  // h vectors = 16 h columns
+      for (int g = 0; g < NV; g += 2 * h)
+        for (int i = g; i < g + h; ++i) {
+          const __m512 a = v[i], c = v[i + h];
+          v[i] = _mm512_add_ps(a, c);
+          v[i + h] = _mm512_sub_ps(a, c);
+        }
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(out + b + 16 * i, v[i]);
+  }
+}
+
+void avx512_hadamard_row(const float* x, int64_t k, int block, float* out) {
+  switch (block) {
+    case 16: return avx512_hadamard_blocks<1>(x, k, out);
+    case 32: return avx512_hadamard_blocks<2>(x, k, out);
+    case 64: return avx512_hadamard_blocks<4>(x, k, out);
+    case 128: return avx512_hadamard_blocks<8>(x, k, out);
+    default: break;
+  }
+  if (block < 16) return hadamard_row_ref(x, k, block, out);
+  avx512_hadamard_blocks<8>(x, k, out);  // stages up to h = 64, then the rest through memory
+  for (int64_t h = 128; h < block; h *= 2)
+    for (int64_t g = 0; g < k; g += 2 * h)
+      for (int64_t j = g; j < g + h; j += 16) {
+        const __m512 a = _mm512_loadu_ps(out + j), b = _mm512_loadu_ps(out + j + h);
+        _mm512_storeu_ps(out + j, _mm512_add_ps(a, b));
+        _mm512_storeu_ps(out + j + h, _mm512_sub_ps(a, b));
+      }
+}
+
 // ---- float epilogue: int64 -> double (vcvtqq2pd), the scalar driver's multiplications in
 // its order, double -> float, to the original column order: plain loads/stores where 8
 // columns are consecutive there (weights of one tier usually are), else gather / scalar
@@ -386,6 +439,7 @@ const KernelTable& kernels_avx512() {
     k.layout_gemv_rows = 4;
     k.quant_bytes = avx512_quant_bytes;
     k.row_absmax = avx512_row_absmax;
+    k.hadamard_row = avx512_hadamard_row;
     k.merge_columns = avx512_merge_columns;
     return k;
   }();

@@ -13,8 +13,9 @@ namespace soniq {
 
 LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg_scale, bool dynamic,
                        const PackedOperand& w, const int64_t* ksegs, const int8_t* w_layout,
-                       const float* w_row_scale, const float* bias, const float* inv_smooth)
-    : K_(act.K), N_(w.rows), nsegs_(act.nsegs), a_signed_(a_signed), dynamic_(dynamic), w_layout_(w_layout),
+                       const float* w_row_scale, const float* bias, const float* inv_smooth, int hadamard_block)
+    : K_(act.K), N_(w.rows), nsegs_(act.nsegs), a_signed_(a_signed), dynamic_(dynamic),
+      hadamard_block_(hadamard_block), w_layout_(w_layout),
       w_ngroups_(w.ngroups), w_signed_(w.is_signed) {
   if (!act.perm || !act.segs || !act.seg_scale || act.K <= 0 || act.nsegs <= 0 || !w.desc || !w.sums || !w.perm ||
       w.rows <= 0 || w.ngroups <= 0 || !ksegs || !w_layout)
@@ -41,6 +42,11 @@ LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg
   if (w_row_scale) w_row_scale_.assign(w_row_scale, w_row_scale + N_);
   if (bias) bias_.assign(bias, bias + N_);
   if (inv_smooth) inv_smooth_.assign(inv_smooth, inv_smooth + K_);
+  if (hadamard_block < 0 || hadamard_block == 1 || (hadamard_block & (hadamard_block - 1)) ||
+      (hadamard_block && K_ % hadamard_block))
+    throw std::invalid_argument("LinearPlan: hadamard_block must be 0 or a power of two >= 2 dividing K");
+  if (hadamard_block && inv_smooth)
+    throw std::invalid_argument("LinearPlan: a rotated input cannot also be smoothed");
   const PackedOperand wop{nullptr, N_, w_ngroups_, w_desc_.data(), w_sums_.data(), w_perm_.data(), w_signed_};
   w_prep_ = mpgemm_prepare(wop, nsegs_, w_row_scale_.empty() ? nullptr : w_row_scale_.data(),
                            bias_.empty() ? nullptr : bias_.data());
@@ -54,6 +60,7 @@ void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
   thread_local std::vector<int64_t> sums, iota;
   thread_local std::vector<float> rscale;
   thread_local std::vector<uint8_t> nan_rows;
+  thread_local std::vector<float> rotated;  // one rotated row per quantizing thread
   int64_t row_bytes = 0;
   std::vector<int64_t> byte_off;
   for (const ActSegment& s : act_) byte_off.push_back(row_bytes), row_bytes += s.kw * 64;
@@ -72,9 +79,19 @@ void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
   const int64_t chunk = rows_per_task(M, K_);
   std::atomic<bool> any_nan{false};
   const float* sm = inv_smooth_.empty() ? nullptr : inv_smooth_.data();  // indexed as a row of x
+  const HadamardRowFn rotate = kt.hadamard_row ? kt.hadamard_row : hadamard_row_ref;
   parallel_for((M + chunk - 1) / chunk, [&](int64_t t) {
+    float* rot = nullptr;
+    if (hadamard_block_) {
+      if (rotated.size() < size_t(K_)) rotated.resize(size_t(K_));
+      rot = rotated.data();
+    }
     for (int64_t r = t * chunk, r1 = std::min(M, (t + 1) * chunk); r < r1; ++r) {
       const float* xr = x + r * ldx;
+      if (rot) {
+        rotate(xr, K_, hadamard_block_, rot);
+        xr = rot;
+      }
       float a = 1.0f;
       if (dynamic_) {  // the scale of the smoothed row, x * inv_smooth
         int32_t m = 0;

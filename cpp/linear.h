@@ -22,10 +22,13 @@ class LinearPlan {
   // order; the quantize pass reads x * inv_smooth (each product a float32 multiply of its own,
   // as torch's x * inv_smooth before it; per-token scales are those of the product), so a
   // smoothed layer costs no extra pass over x and no temporary.
+  // hadamard_block (0 = none; else a power of two >= 2 dividing K): the quantize pass reads
+  // each row rotated (cpp/hadamard.h) into a per-thread row buffer, as
+  // python/soniq/_hadamard.py rotates it; not with inv_smooth.
   // Everything is copied except w_layout, which the caller keeps alive.
   LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg_scale, bool dynamic, const PackedOperand& w,
              const int64_t* ksegs, const int8_t* w_layout, const float* w_row_scale, const float* bias,
-             const float* inv_smooth = nullptr);
+             const float* inv_smooth = nullptr, int hadamard_block = 0);
 
   // out [M, N] (row-major) from x [M, K] (row r at x + r * ldx, unit column stride). A row
   // holding a NaN gives a NaN output row (as the float layer would). Runs on the active ISA's
@@ -35,10 +38,12 @@ class LinearPlan {
   int64_t in_features() const { return K_; }
   int64_t out_features() const { return N_; }
   bool smoothed() const { return !inv_smooth_.empty(); }
+  int hadamard_block() const { return hadamard_block_; }
 
  private:
   int64_t K_, N_, nsegs_;
   bool a_signed_, dynamic_;
+  int hadamard_block_;
   std::vector<int64_t> perm_, segs_, ksegs_, w_desc_, w_sums_, w_perm_;
   std::vector<float> seg_scale_, out_seg_scale_, w_row_scale_, bias_, inv_smooth_;
   std::vector<ActSegment> act_;

@@ -225,7 +225,7 @@ def test_smoothing_gptq_rounds_the_smoothed_weight():
     assert torch.allclose(w, torch.round(w / step) * step, rtol=1e-6, atol=0)
     with torch.no_grad():
         ref = x @ _mlp()[0].weight.T
-        err = [float((qq.smoothed_input(x) @ qq.quantized_weight().T - ref).pow(2).mean()) for qq in (q, qr)]
+        err = [float((qq.quantizer_input(x) @ qq.quantized_weight().T - ref).pow(2).mean()) for qq in (q, qr)]
     assert err[0] < err[1]
 
 

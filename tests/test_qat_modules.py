@@ -135,7 +135,7 @@ def test_smoothing_keeps_the_float_product_and_shrinks_outlier_channels():
     q = m[0]
     q(x)
     assert float(q.a_smooth[3]) > 5 * float(q.a_smooth.median())
-    xs, ws = q.smoothed_input(x), q.effective_weight()
+    xs, ws = q.quantizer_input(x), q.effective_weight()
     torch.testing.assert_close(xs @ ws.T, x @ lin.weight.T, rtol=1e-4, atol=1e-4)
     assert float(xs.abs().amax(0).max() / xs.abs().amax(0).median()) < float(x.abs().amax(0).max() /
                                                                               x.abs().amax(0).median())

@@ -12,6 +12,7 @@
 #include "cpp/actpack.h"
 #include "cpp/cpu_features.h"
 #include "cpp/dispatch.h"
+#include "cpp/hadamard.h"
 #include "cpp/kernels.h"
 #include "cpp/mpgemm.h"
 #include "cpp/threadpool.h"
@@ -104,6 +105,21 @@ void bm_quant_pack(benchmark::State& st, const KernelTable* kt, int bits, int64_
   for (auto _ : st) {
     benchmark::DoNotOptimize(kt->quant_pack(x.data(), nullptr, K, kw, 0.5f, bits == 1 ? -1.0f : lo, bits == 1 ? 1.0f : hi,
                                             bits == 1 ? 2 : 1, bits, out.data(), kw, &nan));
+  }
+  st.SetItemsProcessed(int64_t(st.iterations()) * K);
+}
+
+// Block Hadamard rotation of one activation row (the fused forward's quantize pass, cpp/hadamard.h).
+void bm_hadamard(benchmark::State& st, const KernelTable* kt, int block, int64_t K) {
+  std::mt19937 g(11);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::vector<float> x(static_cast<size_t>(K)), out(static_cast<size_t>(K));
+  for (auto& v : x) v = nd(g);
+  const HadamardRowFn f = kt->hadamard_row ? kt->hadamard_row : hadamard_row_ref;
+  for (auto _ : st) {
+    f(x.data(), K, block, out.data());
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
   }
   st.SetItemsProcessed(int64_t(st.iterations()) * K);
 }
@@ -225,6 +241,11 @@ void register_all() {
         benchmark::RegisterBenchmark(("quantize_pack/" + isa + "/M" + std::to_string(M) + "K4096/threads:" +
                                       std::to_string(th)).c_str(), bm_quantize_pack, isa, M, 4096, th)
             ->UseRealTime()->Unit(benchmark::kMicrosecond);
+    for (int block : {16, 32, 128, 512})
+      for (int64_t K : {384, 1536})
+        if (K % block == 0)  // (a block must divide K)
+          benchmark::RegisterBenchmark(("hadamard_row/" + isa + "/B" + std::to_string(block) + "K" +
+                                        std::to_string(K)).c_str(), bm_hadamard, kt, block, K);
     for (int G : {2, 3})
       benchmark::RegisterBenchmark(("merge_columns/" + isa + "/tiers" + std::to_string(G) + "/M128N1536").c_str(),
                                    bm_merge, kt, G, 128, 1536);

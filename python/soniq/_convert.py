@@ -36,7 +36,7 @@ def convert_module(m, name: str):
     if isinstance(m, QLinear):
         inv = None if m.smooth_alpha is None else m.a_inv_smooth.detach().float().cpu()
         return PackedLinear(_pack_weight(m, a_bits, name), a_bits, a_scale, signed, bias, name, a_inv_smooth=inv,
-                            a_dynamic=m.a_quant.dynamic)
+                            a_dynamic=m.a_quant.dynamic, hadamard_block=m.hadamard_block)
     if isinstance(m, QConv2d):
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise ValueError(f"module {name!r} (QConv2d): the converter handles groups=1 with numeric zero padding only")

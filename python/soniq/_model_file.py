@@ -24,12 +24,13 @@ from ._fuse import FusedActivation, fuse_activations, unfuse_activations
 from ._packed_nn import PackedConv2d, PackedLinear
 from .packed import PackedTensor
 
-FORMAT, VERSION = "soniq-model", 3
+FORMAT, VERSION = "soniq-model", 4
 # version 1: packed metadata as int64; version 2: compact (soniq._compact), activation bits
 # uint8, optional per-layer "a_dynamic"; version 3: no weight bit widths and no identity
 # permutations (rebuilt from the blocks), activation bits / scales that are one value for every
 # input channel stored once (a 1-element tensor: per-token dynamic scales and one activation
-# tier make them so)
+# tier make them so); version 4: optional per-layer "hadamard_block" (input rotation), written only
+# by models that use it (others are written as version 3, which older soniq reads)
 
 # leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
 _LEAVES = {
@@ -119,13 +120,17 @@ def save_file(model: nn.Module, path) -> None:
         rec = {"type": type(m).__name__, "w_meta": m.w.metadata(), "a_signed": m.a_signed}
         if isinstance(m, PackedConv2d):
             rec["conv"] = m.conv_args()
-        elif m.a_dynamic is not None:  # absent: static scales (files before this field)
-            rec["a_dynamic"] = m.a_dynamic
+        else:
+            if m.a_dynamic is not None:  # absent: static scales (files before this field)
+                rec["a_dynamic"] = m.a_dynamic
+            if m.hadamard_block:  # absent: no rotation (version 3 and before)
+                rec["hadamard_block"] = m.hadamard_block
         records[n] = rec
     for k, t in model.state_dict().items():
         if not any(k == n or k.startswith(n + ".") for n in packed) and t is not None:
             tensors[f"state|{k}"] = t.detach().cpu().contiguous()
-    meta = {"format": FORMAT, "version": VERSION, "packed": records, "tree": _tree(model)}
+    version = VERSION if any("hadamard_block" in r for r in records.values()) else 3
+    meta = {"format": FORMAT, "version": version, "packed": records, "tree": _tree(model)}
     meta["sha256"] = _digest(tensors, meta)
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
@@ -164,7 +169,7 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") not in (1, 2, VERSION):
+    if meta.get("version") not in (1, 2, 3, VERSION):
         raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads versions 1 to {VERSION}")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
@@ -210,8 +215,11 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
             if rec["type"] == "PackedConv2d":
                 mod = PackedConv2d(*args, **rec["conv"])
             else:
+                rot = rec.get("hadamard_block", 0) if meta["version"] >= 4 else 0
+                if isinstance(rot, bool) or not isinstance(rot, int):
+                    raise ValueError(f"hadamard_block must be an integer, got {rot!r}")
                 mod = PackedLinear(*args, a_inv_smooth=tensors.get(pre + "a_inv_smooth"),
-                                   a_dynamic=rec.get("a_dynamic"))
+                                   a_dynamic=rec.get("a_dynamic"), hadamard_block=rot)
         except ValueError as e:
             raise ValueError(f"{path}: layer {n!r}: {e}") from None
         if mod.a_bits.numel() * kk != w.shape[1]:

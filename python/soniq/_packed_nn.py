@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._hadamard import check_block, rotate
 from ._native import _C
 from .ops._quantize import quantizer_params
 from .ops._quantize_pack import make_plan
@@ -185,6 +186,21 @@ def _dynamic_mode(flag) -> Optional[str]:
     return "token" if bool(flag) else None
 
 
+def _block_of(t, name: str) -> int:
+    """The block a state dict's "hadamard_block" entry holds (an integer tensor of one element)."""
+    if not isinstance(t, Tensor) or t.numel() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name}: hadamard_block must be an integer tensor of one element, got {t!r}")
+    return int(t)
+
+
+def _check_layer_block(block, k: int, name: str) -> int:
+    """0, or a power of two >= 2 dividing the layer's k input features."""
+    block = check_block(block)
+    if block and k % block:
+        raise ValueError(f"{name}: hadamard_block={block} must divide in_features={k}")
+    return block
+
+
 def _layer_from_state(sd: dict) -> tuple:
     """(w, a_bits, a_scale, a_signed, bias) from a packed layer's state_dict()."""
     need = ["w.meta", "a_bits", "a_scale", "a_signed"]
@@ -200,13 +216,19 @@ class PackedLinear(_PackedBase):
     """a_inv_smooth (optional, per input feature): the QLinear's float32 1/s smoothing factors,
     applied to x before quantizing (the weights were packed from W * s). a_dynamic="token":
     per-token dynamic activation scales (ops.quantize_pack(dynamic="token")): a_scale is then
-    relative to each row's largest |x|, which the epilogue multiplies back in."""
+    relative to each row's largest |x|, which the epilogue multiplies back in.
+    hadamard_block (0 = none): the QLinear's block Hadamard rotation of the input, applied
+    before quantizing (soniq._hadamard; the weights were packed in the rotated basis)."""
 
-    def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None, a_dynamic=None):
+    def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None, a_dynamic=None,
+                 hadamard_block=0):
         super().__init__(w, a_bits, a_scale, a_signed, bias, name)
         if a_dynamic not in (None, "token"):
             raise ValueError(f"{name}: a_dynamic must be None or 'token', got {a_dynamic!r}")
         self.a_dynamic = a_dynamic
+        self.hadamard_block = _check_layer_block(hadamard_block, self.a_bits.numel(), name)
+        if self.hadamard_block and a_inv_smooth is not None:
+            raise ValueError(f"{name}: hadamard_block and a_inv_smooth cannot be combined (one input transform)")
         if a_inv_smooth is not None:
             a_inv_smooth = torch.as_tensor(a_inv_smooth).to(torch.float32).cpu().contiguous()
             if a_inv_smooth.shape != self.a_bits.shape or not bool(torch.isfinite(a_inv_smooth).all()) \
@@ -223,32 +245,44 @@ class PackedLinear(_PackedBase):
     def from_state_dict(cls, state_dict: dict, name: str = "?") -> "PackedLinear":
         """A PackedLinear rebuilt from its own state_dict() (no prepared model needed)."""
         w, a_bits, a_scale, a_signed, bias = _layer_from_state(state_dict)
+        rot = state_dict.get("hadamard_block")
         return cls(w, a_bits, a_scale, a_signed, bias, name, a_inv_smooth=state_dict.get("a_inv_smooth"),
-                   a_dynamic=_dynamic_mode(state_dict.get("a_dynamic")))
+                   a_dynamic=_dynamic_mode(state_dict.get("a_dynamic")),
+                   hadamard_block=0 if rot is None else _block_of(rot, name))
 
-    # the activation mode is state too: "a_dynamic" (bool tensor, True = per-token scales);
-    # absent beside a packed weight (state dicts from before the field) = static scales;
-    # absent with the weight (a partial load) = unchanged
+    # the activation mode and the input rotation are state too: "a_dynamic" (bool tensor, True =
+    # per-token scales) and "hadamard_block" (int64 scalar, 0 = none); absent beside a packed
+    # weight (state dicts from before the field) = static scales / no rotation; absent with
+    # the weight (a partial load) = unchanged
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "a_dynamic"] = torch.tensor(self.a_dynamic == "token")
+        destination[prefix + "hadamard_block"] = torch.tensor(self.hadamard_block, dtype=torch.int64)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
-        key = prefix + "a_dynamic"
-        if key in state_dict:
-            flag = state_dict[key]
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
-        else:
-            flag = None
-        mode = _dynamic_mode(flag) if flag is not None or prefix + "w.meta" in state_dict else self.a_dynamic
-        old, error_msgs = self.a_dynamic, args[-1]
+        mine = {k: state_dict[prefix + k] for k in ("a_dynamic", "hadamard_block") if prefix + k in state_dict}
+        if mine:
+            drop = {prefix + k for k in mine}
+            state_dict = {k: v for k, v in state_dict.items() if k not in drop}
+        whole = prefix + "w.meta" in state_dict
+        old, error_msgs = (self.a_dynamic, self.hadamard_block), args[-1]
         errors = len(error_msgs)
-        if mode != old:
-            self.a_dynamic = mode
+        mode = _dynamic_mode(mine["a_dynamic"]) if "a_dynamic" in mine else (None if whole else old[0])
+        try:
+            rot = _block_of(mine["hadamard_block"], self.name) if "hadamard_block" in mine else (0 if whole else old[1])
+            rot = _check_layer_block(rot, self.a_bits.numel(), self.name)
+        except ValueError as e:
+            error_msgs.append(str(e))
+            return
+        if rot and self.a_inv_smooth is not None:
+            error_msgs.append(f"{self.name}: hadamard_block and a_inv_smooth cannot be combined")
+            return
+        if (mode, rot) != old:
+            self.a_dynamic, self.hadamard_block = mode, rot
             self._weights_changed()
         super()._load_from_state_dict(state_dict, prefix, *args)
-        if len(error_msgs) > errors and self.a_dynamic != old:  # a failed load changes nothing
-            self.a_dynamic = old
+        if len(error_msgs) > errors and (self.a_dynamic, self.hadamard_block) != old:  # a failed load changes nothing
+            self.a_dynamic, self.hadamard_block = old
             self._weights_changed()
 
     def __setattr__(self, name, value):
@@ -260,7 +294,8 @@ class PackedLinear(_PackedBase):
     def extra_repr(self) -> str:
         K, N = self.a_bits.numel(), self.w.shape[0]
         act = "" if self.activation is None else f", activation={self.activation!r} (fused)"
-        return f"in_features={K}, out_features={N}, bias={self.bias is not None}{act}"
+        rot = f", hadamard_block={self.hadamard_block}" if self.hadamard_block else ""
+        return f"in_features={K}, out_features={N}, bias={self.bias is not None}{rot}{act}"
 
     def _act_plan(self, integer: bool):
         K = self.a_bits.numel()
@@ -309,7 +344,8 @@ class PackedLinear(_PackedBase):
         b = self._buffers
         bits, scale, bias, smooth = b["a_bits"], b["a_scale"], b["bias"], b["a_inv_smooth"]
         return (self.w, bits, scale, bias, self.a_dynamic, bits._version, scale._version,
-                None if bias is None else bias._version, smooth, None if smooth is None else smooth._version)
+                None if bias is None else bias._version, smooth, None if smooth is None else smooth._version,
+                self.hadamard_block)
 
     def _fused_plan(self):
         """(LinearPlan, in_features, out_features) of the native fused forward (cpp/linear.h:
@@ -325,7 +361,8 @@ class PackedLinear(_PackedBase):
             if (k[0] is self.w and k[1] is bits and k[2] is scale and k[3] is bias and k[4] == self.a_dynamic
                     and k[5] == bits._version and k[6] == scale._version
                     and k[7] == (None if bias is None else bias._version)
-                    and k[8] is smooth and k[9] == (None if smooth is None else smooth._version)):
+                    and k[8] is smooth and k[9] == (None if smooth is None else smooth._version)
+                    and k[10] == self.hadamard_block):
                 return hit[1]
         key = self._fused_key()
         w = self.w
@@ -344,7 +381,7 @@ class PackedLinear(_PackedBase):
         lp = _C.LinearPlan(plan.K, ptr(plan.k_perm), ptr(plan.segs), plan.segs.shape[0], ptr(plan.seg_scale),
                            plan.signed, ptr(plan.out_seg_scale), plan.dynamic, w.shape[0], desc.shape[0], ptr(desc),
                            ptr(sums), ptr(perm), w.signed, ptr(ksegs), ptr(lay), ptr(wscale), ptr(bias),
-                           ptr(smooth))
+                           ptr(smooth), self.hadamard_block)
         fused = (lp, lp.in_features, lp.out_features)
         self.__dict__["_fused"] = (key, fused, lay)  # lay: the plan reads the layout in place
         return fused
@@ -357,6 +394,8 @@ class PackedLinear(_PackedBase):
         rows = x.reshape(-1, K)
         if self.a_inv_smooth is not None:
             rows = rows.float() * self.a_inv_smooth
+        if self.hadamard_block:
+            rows = rotate(rows.float(), self.hadamard_block)
         out = self._gemm(rows, plan, integer)
         if not integer and self.bias is not None:
             out = out + self.bias

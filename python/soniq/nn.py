@@ -14,6 +14,7 @@ from . import _dist
 from ._packed_nn import PackedConv2d, PackedLinear
 from ._quantizers import PHASE_EXACT, ActQuantizer, WeightQuantizer, check_smooth_alpha
 from ._dynamic_act import dynamic_codes
+from ._hadamard import check_block, layer_block, rotate, rotate_weight
 from .ops import quantize
 from .ops._quantize import level_bounds
 
@@ -29,6 +30,7 @@ def _bits_summary(bits: Tensor, weights_per_channel: float) -> dict:
 
 class _QMixin:
     smooth_alpha = None  # per-input-channel activation smoothing (QLinear only), see QLinear
+    hadamard_block = 0  # block Hadamard rotation of the input (QLinear only), see QLinear
 
     def _setup_quant(self, w_palette, a_palette, w_bits, a_bits, a_axis, a_dynamic=None):
         self.w_quant = WeightQuantizer(self.weight, w_palette, w_bits)
@@ -38,8 +40,9 @@ class _QMixin:
         """The float weight the quantizer sees (QLinear with smoothing: weight * a_smooth)."""
         return self.weight
 
-    def smoothed_input(self, x: Tensor) -> Tensor:
-        """The float input the activation quantizer sees (QLinear with smoothing: x * a_inv_smooth)."""
+    def quantizer_input(self, x: Tensor) -> Tensor:
+        """The float input the activation quantizer sees (QLinear: x * a_inv_smooth with
+        smoothing, x rotated with hadamard_block)."""
         return x
 
     @property
@@ -65,12 +68,12 @@ class _QMixin:
             raise RuntimeError(f"{self.a_quant.name}: integer operands exist only after freeze_precision")
         ax = self.a_quant.axis % x.dim()
         if self.a_quant.dynamic:  # per-token scales: the codes of ops.quantize_pack(dynamic="token")
-            xs = self.smoothed_input(x.detach()).float()
+            xs = self.quantizer_input(x.detach()).float()
             step = self.a_quant.step().detach().float()
             lo, hi, alpha = level_bounds(self.a_quant.bits().float(), self.a_quant.signed)
             va = dynamic_codes(xs.reshape(-1, xs.shape[-1]), step, lo, hi, alpha)[0].reshape(xs.shape)
         else:
-            va = quantize(self.smoothed_input(x.detach()), self.a_quant.step().detach(), self.a_quant.bits(),
+            va = quantize(self.quantizer_input(x.detach()), self.a_quant.step().detach(), self.a_quant.bits(),
                           signed=self.a_quant.signed, axis=ax, values_only=True)
         vw = quantize(self.effective_weight().detach(), self.w_quant.step().detach(), self.w_quant.bits(),
                       signed=True, axis=0, values_only=True)
@@ -96,14 +99,29 @@ class QLinear(_QMixin, nn.Linear):
     channels shrunk before the per-layer activation clip. The packed layer applies the same
     float32 1/s before quantizing, so fake and real stay equal.
 
-    a_dynamic="token": per-token dynamic activation scales (see soniq.qat.QATConfig)."""
+    a_dynamic="token": per-token dynamic activation scales (see soniq.qat.QATConfig).
+
+    hadamard_block (a power of two; 0 = off): the input is rotated by a block Hadamard
+    transform H before it is quantized (soniq._hadamard) and the weight is kept in that basis
+    (from_float stores W H / b), so the layer computes (x H) @ (W H / b).T = x @ W.T in float
+    with activation outliers spread over their block. A layer whose in_features the block
+    does not divide takes the largest power of two that does (none: no rotation). The packed
+    layer rotates its input the same way, bit for bit. Not combined with smoothing."""
 
     def __init__(self, in_features, out_features, bias=True, *, w_palette=(2, 4), a_palette=(4, 8),
-                 w_bits=None, a_bits=None, smooth_alpha=None, a_dynamic=None, device=None, dtype=None):
+                 w_bits=None, a_bits=None, smooth_alpha=None, a_dynamic=None, hadamard_block=0, device=None,
+                 dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup_hadamard(hadamard_block, smooth_alpha)
         self._setup_quant(w_palette, a_palette, w_bits or sum(w_palette) / 2, a_bits or sum(a_palette) / 2, -1,
                           a_dynamic)
         self._setup_smoothing(smooth_alpha)
+
+    def _setup_hadamard(self, block, smooth_alpha) -> None:
+        block = check_block(block)
+        if block and smooth_alpha is not None:
+            raise ValueError("hadamard_block and smooth_alpha cannot be combined (one input transform per layer)")
+        self.hadamard_block = layer_block(block, self.in_features) if block else 0
 
     def _setup_smoothing(self, alpha):
         self.smooth_alpha = check_smooth_alpha(alpha)
@@ -129,7 +147,9 @@ class QLinear(_QMixin, nn.Linear):
     def effective_weight(self) -> Tensor:
         return self.weight if self.smooth_alpha is None else self.weight * self.a_smooth
 
-    def smoothed_input(self, x: Tensor) -> Tensor:
+    def quantizer_input(self, x: Tensor) -> Tensor:
+        if self.hadamard_block:
+            return rotate(x, self.hadamard_block)
         return x if self.smooth_alpha is None else x * self.a_inv_smooth.to(x.dtype)
 
     @classmethod
@@ -137,8 +157,9 @@ class QLinear(_QMixin, nn.Linear):
         q = cls.__new__(cls)
         nn.Linear.__init__(q, m.in_features, m.out_features, m.bias is not None,
                            device=m.weight.device, dtype=m.weight.dtype)
+        q._setup_hadamard(kw.get("hadamard_block", 0), kw.get("smooth_alpha"))
         with torch.no_grad():
-            q.weight.copy_(m.weight)
+            q.weight.copy_(rotate_weight(m.weight.detach(), q.hadamard_block))  # the basis of the rotated input
             if m.bias is not None:
                 q.bias.copy_(m.bias)
         q._setup_quant(kw["w_palette"], kw["a_palette"], kw["w_bits"], kw["a_bits"], -1, kw.get("a_dynamic"))
@@ -148,7 +169,11 @@ class QLinear(_QMixin, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.smooth_alpha is not None and not bool(self.a_quant.calibrated):
             self._init_smoothing(x)
-        return F.linear(self.a_quant(self.smoothed_input(x)), self.w_quant(self.effective_weight()), self.bias)
+        return F.linear(self.a_quant(self.quantizer_input(x)), self.w_quant(self.effective_weight()), self.bias)
+
+    def extra_repr(self) -> str:
+        rot = f", hadamard_block={self.hadamard_block}" if self.hadamard_block else ""
+        return super().extra_repr() + rot
 
 
 class QConv2d(_QMixin, nn.Conv2d):

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 from . import _bias_correction, _recon, ops, qat
 from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
+from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
+from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
 from .nn import QConv2d, QLinear, smooth_factors
 from ._quantizers import check_smooth_alpha
 from .qat import QATConfig, _assign_tiers
@@ -69,6 +71,8 @@ class PTQConfig:
     qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs. ("smooth_alpha", a):
     SmoothQuant factors s per Linear input column from the largest |x| over all calibration
     batches (QLinear: its first batch); allocation and GPTQ then see W * s and x / s.
+    ("hadamard_block", b): Linear inputs rotated by a block Hadamard transform H
+    (soniq._hadamard); allocation and GPTQ then see W H / b and x H.
     reconstruct_blocks / reconstruct_steps: after rounding, fit each named block (e.g. the
     transformer layers) to the float model's block output, reconstruct_steps Adam steps per
     block on the calibration batches (soniq._recon: each weight chooses between the two grid
@@ -157,6 +161,11 @@ class PTQConfig:
             if rs:  # _recon re-parametrizes q.weight as codes x step: no room for the factors
                 raise ValueError("qat_options smooth_alpha and reconstruct_steps > 0 cannot be combined (block "
                                  "reconstruction assumes unsmoothed weights)")
+        if opts.get("hadamard_block"):
+            check_block(opts["hadamard_block"], "qat_options hadamard_block")
+            if opts.get("smooth_alpha") is not None:
+                raise ValueError("qat_options hadamard_block and smooth_alpha cannot be combined (one input "
+                                 "transform per layer)")
         set_(self, "qat_options", tuple(sorted(opts.items())))
 
     def qat_config(self):
@@ -368,27 +377,32 @@ def _layer_gains(model, layers, errs_lo, batches, forward, distortion) -> dict:
     return gains
 
 
-def _moment(stats, n, smooth) -> Tensor:
-    """H of the input the activation quantizer sees: x * (1/s) when layer n is smoothed."""
+def _moment(stats, n, smooth, rot) -> Tensor:
+    """H of the input the activation quantizer sees: x * (1/s) when layer n is smoothed, x H
+    when it is rotated (rot[n]: its Hadamard block)."""
     h = stats[n].moment()
+    if rot.get(n):
+        return rotate_moment(h, rot[n])
     if n not in smooth:
         return h
     inv = 1.0 / smooth[n].double()
     return h * inv[:, None] * inv[None, :]
 
 
-def _w_scores(layers, stats, cfg, smooth) -> tuple:
+def _w_scores(layers, stats, cfg, smooth, rot) -> tuple:
     """Per layer: output-error increase of each channel at the low tier vs the high tier
-    (smoothed layers: of the weight W * s the quantizer rounds, on the inputs x / s)."""
+    (smoothed layers: of the weight W * s the quantizer rounds, on the inputs x / s; rotated
+    ones: of W H / b on x H)."""
     lo, hi = cfg.w_palette
     scores, errs_lo = {}, {}
     for n, m in layers.items():
         w2 = m.weight.detach().reshape(m.weight.shape[0], -1).float()
-        s = smooth.get(n)
-        w2 = w2 if s is None else w2 * s.to(w2)
-        h = _moment(stats, n, smooth)
+        s, b = smooth.get(n), rot.get(n, 0)
+        w2 = rotate_weight(w2, b) if s is None else w2 * s.to(w2)
+        h = _moment(stats, n, smooth, rot)
         ql = _rtn(w2, lo)
-        m._ptq_low = ql if s is None else ql / s.to(ql)  # the float weight whose smoothed rounding this is
+        # the float weight whose smoothed / rotated rounding this is
+        m._ptq_low = unrotate_weight(ql, b) if s is None else ql / s.to(ql)
         errs_lo[n] = h_error(w2, ql, h)
         scores[n] = errs_lo[n] - (h_error(w2, _rtn(w2, hi), h) if hi != lo else 0)
     return scores, errs_lo
@@ -477,10 +491,10 @@ def _same_act(a, b) -> bool:
 
 def _quantized_rows(q, x: Tensor) -> Tensor:
     with torch.no_grad():
-        return _rows(q, q.a_quant(q.smoothed_input(x)))
+        return _rows(q, q.a_quant(q.quantizer_input(x)))
 
 
-def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg, smooth) -> None:
+def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg, smooth, rot) -> None:
     for group in groups:
         hs = {}
         if cfg.sequential:
@@ -504,7 +518,7 @@ def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg
         for n in group:
             q = qlayers[n]
             w2 = q.effective_weight().detach().reshape(q.weight.shape[0], -1)
-            codes = gptq_codes(w2, hs[n] if cfg.sequential else _moment(stats, n, smooth), q.w_quant.step().detach(),
+            codes = gptq_codes(w2, hs[n] if cfg.sequential else _moment(stats, n, smooth, rot), q.w_quant.step().detach(),
                                q.w_quant.bits().detach(), damp=cfg.damp, block_size=cfg.block_size,
                                act_order=cfg.act_order)
             _set_codes(q, codes, n)
@@ -556,7 +570,9 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     alpha = dict(cfg.qat_options).get("smooth_alpha")  # Linear layers: factors from the calibration's amax
     smooth = {} if alpha is None else {n: smooth_factors(stats[n].amax, m.weight, alpha)
                                        for n, m in layers.items() if type(m) is nn.Linear}
-    w_scores, errs_lo = _w_scores(layers, stats, cfg, smooth)
+    block = dict(cfg.qat_options).get("hadamard_block") or 0  # Linear layers: as QLinear picks its block
+    rot = {n: layer_block(block, m.in_features) for n, m in layers.items() if type(m) is nn.Linear and block}
+    w_scores, errs_lo = _w_scores(layers, stats, cfg, smooth, rot)
     gains = {n: 1.0 for n in layers}
     if cfg.allocation == "measured" and cfg.w_palette[0] != cfg.w_palette[1]:
         gains = _layer_gains(model, layers, errs_lo, batches[:cfg.gain_batches], forward, distortion)
@@ -571,7 +587,7 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         with torch.no_grad():
             if n in smooth:
                 q.set_smoothing(smooth[n].to(q.weight.device))
-            q.a_quant.calibrate(q.smoothed_input(x.to(q.weight.dtype)))
+            q.a_quant.calibrate(q.quantizer_input(x.to(q.weight.dtype)))
             per = int(torch.tensor(s.first_shape[1:]).prod()) // s.first_shape[q.a_quant.axis % len(s.first_shape)]
             q.a_quant.elems_per_channel.fill_(max(1, per))
     w_counts = {n: float(q.w_quant.per_channel) for n, q in qlayers.items()}
@@ -587,7 +603,7 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         order = [n for n in cal.order if n in qlayers]
         groups = [[n for n in g if n in qlayers] for g in cal.groups]
         _gptq(model, {n: qlayers[n] for n in order}, stats, [g for g in groups if g], batches, forward, cfg,
-              smooth)
+              smooth, rot)
     report = {}
     if recon is not None:
         report = _recon.reconstruct(model, recon[0], recon[1], batches, forward, cfg.reconstruct_steps,

@@ -62,7 +62,8 @@ CALIB_SENTENCES, CALIB_BATCH = 64, 32
 def packed_minilm(teacher):
     """The demo's saved configuration as its PTQ makes it: each channel's tier allocated from
     measured sensitivity on real sentences, so the tiers interleave within every layer as in
-    the demo's model (the kernels' column merge, tier tails), with round-to-nearest codes in
+    the demo's model (the kernels' column merge, tier tails), its inputs rotated as the
+    demo's (the quantize pass's Hadamard butterflies), with round-to-nearest codes in
     place of GPTQ + bias correction (the code values do not change the speed; ~10 s instead
     of ~6 min). A uniform per-layer allocation would skip the merge and run faster than any
     model the demo saves."""
@@ -74,7 +75,8 @@ def packed_minilm(teacher):
     train, _ = train_heldout_split()
     cal = minilm_ptq.calibration(teacher, demo.tokenize(
         teacher, minilm_ptq.calibration_sentences(train, n=CALIB_SENTENCES), CALIB_BATCH))
-    cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=demo.W_PALETTE, w_bits_target=demo.W_TARGET)
+    cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=demo.W_PALETTE, w_bits_target=demo.W_TARGET,
+                                hadamard_block=demo.HADAMARD_BLOCK)
     _, packed, _ = minilm_ptq.ptq_model(teacher, cal, dataclasses.replace(cfg, rounding="rtn"))
     return packed.eval()
 

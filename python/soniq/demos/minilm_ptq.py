@@ -46,11 +46,11 @@ def calibration(teacher, batches):
     return soniq.ptq.calibrate(teacher, batches, forward=lambda m, b: m(dict(b)))
 
 
-def ptq_config(method: str, teacher, smooth_alpha=None, **kw):
+def ptq_config(method: str, teacher, smooth_alpha=None, hadamard_block=0, **kw):
     """PTQConfig for the demo: the encoder's Linear layers, activations at 8 bits (per-token
     dynamic scales when this soniq's QATConfig offers them), the pooler in float;
-    smooth_alpha: SmoothQuant factors on the Linear inputs (None: off); kw: more PTQConfig
-    fields (e.g. REFINE)."""
+    smooth_alpha: SmoothQuant factors on the Linear inputs (None: off); hadamard_block: block
+    Hadamard rotation of the Linear inputs (0: off); kw: more PTQConfig fields (e.g. REFINE)."""
     import dataclasses
 
     from soniq.ptq import PTQConfig
@@ -59,6 +59,7 @@ def ptq_config(method: str, teacher, smooth_alpha=None, **kw):
     excl = tuple(n for n, _ in teacher.named_modules() if n.endswith("pooler.dense"))
     opts = (("a_dynamic", "token"),) if "a_dynamic" in {f.name for f in dataclasses.fields(QATConfig)} else ()
     opts += (("smooth_alpha", smooth_alpha),) if smooth_alpha is not None else ()
+    opts += (("hadamard_block", hadamard_block),) if hadamard_block else ()
     base = dict(a_palette=(8, 8), a_bits_target=8.0, exclude=excl, qat_options=opts)
     if method == "soniq":
         return PTQConfig(**base, rounding="gptq", allocation="measured", gain_batches=GAIN_BATCHES, **kw)

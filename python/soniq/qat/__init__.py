@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _dist
+from .._hadamard import check_block
 from .._quantizers import check_a_dynamic, check_smooth_alpha, mix_seed
 from ..nn import QConv2d, QLinear
 from ..ops._quantize import resolve_seed
@@ -49,6 +50,10 @@ class QATConfig:
     # times the learned per-tier scale (computed in the fused quantize + pack pass when
     # packed); None = one static clip per layer. Conv2d layers keep static scales.
     a_dynamic: Optional[str] = None
+    # Linear layers: inputs rotated by a block Hadamard transform of this many features (a
+    # power of two; a layer takes the largest power of two <= it dividing its in_features),
+    # weights kept in the rotated basis (QLinear); 0 = off. Not with smooth_alpha.
+    hadamard_block: int = 0
 
     def __post_init__(self):
         for name, (lo_rng, hi_rng) in (("w_palette", ((1, 4), (4, 8))), ("a_palette", ((1, 4), (4, 8)))):
@@ -72,6 +77,9 @@ class QATConfig:
         object.__setattr__(self, "smooth_alpha", check_smooth_alpha(self.smooth_alpha))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         check_a_dynamic(self.a_dynamic)
+        check_block(self.hadamard_block)
+        if self.hadamard_block and self.smooth_alpha is not None:
+            raise ValueError("hadamard_block and smooth_alpha cannot be combined (one input transform per layer)")
 
 
 def quant_layers(model: nn.Module) -> dict:
@@ -102,7 +110,8 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
         m = getattr(parent, attr)
         try:
             if isinstance(m, nn.Linear):
-                q = QLinear.from_float(m, **kw, smooth_alpha=cfg.smooth_alpha, a_dynamic=cfg.a_dynamic)
+                q = QLinear.from_float(m, **kw, smooth_alpha=cfg.smooth_alpha, a_dynamic=cfg.a_dynamic,
+                                       hadamard_block=cfg.hadamard_block)
             else:
                 q = QConv2d.from_float(m, **kw)
         except ValueError as e:
