@@ -41,11 +41,7 @@ QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 # docs/DESIGN_NOTES.md); GPTQ, then bias correction (minilm_ptq.REFINE)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 6), (4, 8), 4.4, 8.0
 SMOOTH_ALPHA = None
-# inputs rotated by blocks of 32 features (weights stored rotated): (4, 6) @ 4.4, 512
-# calibration sentences, GPTQ: cosine 0.9897 -> 0.9940, top-1 86.7% -> 90.6%; blocks of 128
-# or 512 gave the same (0.9939-0.9943) at a higher cost in the quantize pass
-# (docs/DESIGN_NOTES.md, "Hadamard rotation of Linear inputs")
-HADAMARD_BLOCK = 32
+HADAMARD_BLOCK = minilm_ptq.HADAMARD_BLOCK  # Linear inputs rotated (why: minilm_ptq)
 A_DYNAMIC = "token"  # per-token activation scales (see docs/DESIGN_NOTES.md, MiniLM ablation)
 SEQ = 128            # sequence length of the latency measurements
 EXCLUDE = ("pooler.dense",)
