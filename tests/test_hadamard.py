@@ -214,3 +214,23 @@ def test_bad_saved_rotation_refused(tmp_path, bad, match):
     rewrite(f, lambda meta, t: meta["packed"]["2"].__setitem__("hadamard_block", bad))
     with pytest.raises(ValueError, match=f"layer '2': .*{match}"):
         soniq.load(f)
+
+
+def test_block_reconstruction_keeps_rotated_layers_exact():
+    """_recon writes codes x step into the (rotated) weight, which is the basis the layer's
+    quantizer rounds: the packed model still has the fake model's accumulators."""
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)))
+    batches = [torch.randn(16, 64) for _ in range(3)]
+    cfg = soniq.ptq.PTQConfig(w_palette=(2, 4), w_bits_target=3.0, a_palette=(8, 8), a_bits_target=8.0,
+                              qat_options=(("a_dynamic", "token"), ("hadamard_block", 16)), gain_batches=1,
+                              reconstruct_blocks=("0",), reconstruct_steps=4)
+    fake = soniq.ptq.quantize(copy.deepcopy(m), batches, cfg)
+    packed = soniq.convert(fake, fuse=False)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        for i, xi in ((0, x), (2, torch.nn.functional.gelu(fake[0][0](x)))):
+            q, p = fake[0][i], packed[0][i]
+            assert q.hadamard_block == 16 and p.hadamard_block == 16
+            va, vw = q.integer_operands(xi)
+            assert torch.equal(p.accumulators(xi), va @ vw.T)

@@ -81,6 +81,12 @@ def packed_minilm(teacher):
     return packed.eval()
 
 
+def _demo_hadamard_block() -> int:
+    from soniq.demos import minilm as demo
+
+    return demo.HADAMARD_BLOCK
+
+
 def bf16_model(teacher):
     return copy.deepcopy(teacher).to(torch.bfloat16).eval()
 
@@ -246,7 +252,9 @@ WHY_E2E_AMX = ("with AMX the packed layers' tile products are a small part of a 
                "the 4 tile products of a 32 x 64 strip take ~800 cycles, its exact float64 epilogue about as long); "
                "what remains per layer is the activation quantization, that epilogue, the column merge of "
                "interleaved tiers and the Python call, each about as costly as the products, and the model's "
-               "float ops (attention, GELU, LayerNorm) are half of the forward at every precision; see "
+               "float ops (attention, GELU, LayerNorm) are half of the forward at every precision; the demo's "
+               "input rotation (Hadamard blocks of 32, for fidelity) costs 1.1% at batch 1 and ~4-7% at batch 32 "
+               "(same-process A/B with and without it, docs/DESIGN_NOTES.md, Hadamard rotation); see "
                "docs/DESIGN_NOTES.md (AMX)")
 
 
@@ -294,7 +302,8 @@ def markdown(doc: dict) -> str:
                                                 if (m["load_end"] or 0) > 0.5 * m["threads"] else ""),
          f"- seq {SEQ}; mode {'quick' if m['quick'] else 'full'}; methods interleaved per round (median of rounds, "
          "best call per round); the packed model is the demo's configuration as its PTQ allocates the tiers "
-         "(per channel, interleaved in every layer), with round-to-nearest codes", "",
+         "(per channel, interleaved in every layer), with round-to-nearest codes"
+         + (f", inputs rotated by Hadamard blocks of {m['hadamard_block']}" if m.get("hadamard_block") else ""), "",
          f"## Packed layers inside the forward vs alone (target <= {INSIDE_TARGET})", "",
          "Sums over the packed layers of each layer's median call (and of its best call: what is left once "
          "other processes' preemptions are filtered out).", "",
@@ -398,7 +407,7 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
             "torch": torch.__version__, "onnxruntime": ort_v, "python": platform.python_version(),
             "cpu": info["cpu"]["model"], "isa": info["isa"]["active"], "threads": threads, "quick": quick,
             "thread_backend": backend0, "openmp_library": _C.openmp_library() or None,
-            "logical_cpus": os.cpu_count(), "load_start": load_start,
+            "hadamard_block": _demo_hadamard_block(), "logical_cpus": os.cpu_count(), "load_start": load_start,
             "load_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     targets = []
     for r in inside:
