@@ -234,3 +234,14 @@ def test_block_reconstruction_keeps_rotated_layers_exact():
             assert q.hadamard_block == 16 and p.hadamard_block == 16
             va, vw = q.integer_operands(xi)
             assert torch.equal(p.accumulators(xi), va @ vw.T)
+
+
+def test_rotation_changes_only_with_the_weight():
+    lin = soniq.convert(frozen_model((4, 8), (4, 8), "token", 64, a_target=8.0), fuse=False)[0]
+    with pytest.raises(RuntimeError, match=r"hadamard_block changes only with the packed weight"):
+        lin.load_state_dict({"hadamard_block": torch.tensor(32)}, strict=False)
+    assert lin.hadamard_block == 64
+    with pytest.raises(ValueError, match="lin: hadamard_block must be 0 .off. or a power of two"):
+        PackedLinear.from_state_dict(dict(lin.state_dict(), hadamard_block=torch.tensor(3)), name="lin")
+    with pytest.raises(ValueError, match="qat_options hadamard_block"):
+        soniq.ptq.PTQConfig(qat_options=(("hadamard_block", None),))

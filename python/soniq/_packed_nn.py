@@ -195,7 +195,7 @@ def _block_of(t, name: str) -> int:
 
 def _check_layer_block(block, k: int, name: str) -> int:
     """0, or a power of two >= 2 dividing the layer's k input features."""
-    block = check_block(block)
+    block = check_block(block, f"{name}: hadamard_block")
     if block and k % block:
         raise ValueError(f"{name}: hadamard_block={block} must divide in_features={k}")
     return block
@@ -219,6 +219,8 @@ class PackedLinear(_PackedBase):
     relative to each row's largest |x|, which the epilogue multiplies back in.
     hadamard_block (0 = none): the QLinear's block Hadamard rotation of the input, applied
     before quantizing (soniq._hadamard; the weights were packed in the rotated basis)."""
+
+    hadamard_block = 0  # class default: modules pickled (torch.save(model)) before the field
 
     def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None, a_dynamic=None,
                  hadamard_block=0):
@@ -271,6 +273,8 @@ class PackedLinear(_PackedBase):
         try:
             rot = _block_of(mine["hadamard_block"], self.name) if "hadamard_block" in mine else (0 if whole else old[1])
             rot = _check_layer_block(rot, self.a_bits.numel(), self.name)
+            if rot != old[1] and not whole:  # the rotation is the basis the weight was packed in
+                raise ValueError(f"{self.name}: hadamard_block changes only with the packed weight (w.*)")
         except ValueError as e:
             error_msgs.append(str(e))
             return

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 from . import _bias_correction, _recon, ops, qat
 from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
 from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
-from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
 from .nn import QConv2d, QLinear, smooth_factors
 from ._quantizers import check_smooth_alpha
 from .qat import QATConfig, _assign_tiers
@@ -161,7 +160,7 @@ class PTQConfig:
             if rs:  # _recon re-parametrizes q.weight as codes x step: no room for the factors
                 raise ValueError("qat_options smooth_alpha and reconstruct_steps > 0 cannot be combined (block "
                                  "reconstruction assumes unsmoothed weights)")
-        if opts.get("hadamard_block"):
+        if "hadamard_block" in opts:
             check_block(opts["hadamard_block"], "qat_options hadamard_block")
             if opts.get("smooth_alpha") is not None:
                 raise ValueError("qat_options hadamard_block and smooth_alpha cannot be combined (one input "
