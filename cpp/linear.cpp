@@ -93,7 +93,7 @@ void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
         xr = rot;
       }
       float a = 1.0f;
-      if (dynamic_) {  // the scale of the smoothed row, x * inv_smooth
+      if (dynamic_) {  // the scale of the row quantized: x * inv_smooth, or the rotated row
         int32_t m = 0;
         if (kt.row_absmax) m = kt.row_absmax(xr, sm, K_);
         else if (sm)
