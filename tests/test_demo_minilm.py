@@ -171,3 +171,24 @@ def test_cli_demo_minilm_help():
     with pytest.raises(SystemExit) as e:
         main(["demo", "minilm", "--help"])
     assert e.value.code == 0
+
+
+def test_sweep_configs_rotate_and_name_the_reconstructed_blocks():
+    """The sweep's SONIQ rows rotate as the saved model does; its reconstruction row fits the six
+    transformer layers, found by name in the model."""
+    from soniq.demos import minilm, minilm_ptq
+
+    teacher = minilm.load_teacher()
+    layers = {n for n, _ in teacher.named_modules() if n.endswith(tuple(f"encoder.layer.{i}" for i in range(6)))}
+    assert len(layers) == 6
+    recon = 0
+    for label, method, kw in minilm_ptq.SWEEP:
+        cfg = minilm_ptq.ptq_config(method, teacher, **kw)
+        rot = dict(cfg.qat_options).get("hadamard_block", 0)
+        assert rot == (minilm_ptq.HADAMARD_BLOCK if method == "soniq" else 0), label
+        if cfg.reconstruct_steps:
+            recon += 1
+            assert set(cfg.reconstruct_blocks) == layers and "reconstruction" in label
+        else:
+            assert cfg.reconstruct_blocks == ()
+    assert recon == 1
