@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._hadamard import check_block, rotate
+from ._packed_cat import cat_linear
 from ._native import _C
 from .ops._quantize import quantizer_params
 from .ops._quantize_pack import make_plan
@@ -251,6 +252,15 @@ class PackedLinear(_PackedBase):
         return cls(w, a_bits, a_scale, a_signed, bias, name, a_inv_smooth=state_dict.get("a_inv_smooth"),
                    a_dynamic=_dynamic_mode(state_dict.get("a_dynamic")),
                    hadamard_block=0 if rot is None else _block_of(rot, name))
+
+    @classmethod
+    def cat(cls, layers, name: str = "?") -> "PackedLinear":
+        """One PackedLinear whose output is torch.cat([layer(x) for layer in layers], -1) bit
+        for bit, for layers that read one input with the same activation quantizer (bits,
+        scales, mode, rotation or smoothing): e.g. an attention block's query, key and value as
+        one quantize pass and one GEMM (soniq/_packed_cat.py). ValueError names the first field
+        that differs."""
+        return cat_linear(cls, layers, name)
 
     # the activation mode and the input rotation are state too: "a_dynamic" (bool tensor, True =
     # per-token scales) and "hadamard_block" (int64 scalar, 0 = none); absent beside a packed
