@@ -12,9 +12,23 @@ from . import ops
 
 
 def _same(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b))
+    return a == b
+
+
+def _shared(m) -> dict:
+    """What the one quantize pass and the repacked weight need every layer to share, by name."""
+    return {"in_features": m.a_bits.numel(), "a_bits": m.a_bits, "a_scale": m.a_scale, "a_signed": m.a_signed,
+            "a_dynamic": m.a_dynamic, "hadamard_block": m.hadamard_block, "a_inv_smooth": m.a_inv_smooth,
+            "activation": m.activation, "bias": "no bias" if m.bias is None else "a bias",
+            "w.axis": m.w.axis, "w.signed": m.w.signed,
+            "w.row_scale": "no scales" if m.w.row_scale is None else "scales", "w.device": m.w.device}
+
+
+def _shown(v, whose: str):
+    return f"{whose} values" if isinstance(v, torch.Tensor) else v
 
 
 def cat_linear(cls, layers, name: str):
@@ -25,32 +39,14 @@ def cat_linear(cls, layers, name: str):
         if not isinstance(m, cls):
             raise TypeError(f"layers[{i}] must be a soniq.nn.PackedLinear, got {type(m).__name__}")
     first = layers[0]
-    K = first.a_bits.numel()
+    want = _shared(first)
     for i, m in enumerate(layers[1:], 1):
-        # the one quantize pass must be every layer's own: same input width, bits, scales, mode
-        checks = (("in_features", m.a_bits.numel() == K, K, m.a_bits.numel()),
-                  ("a_bits", _same(m.a_bits, first.a_bits), "layers[0]'s", "other bits"),
-                  ("a_scale", _same(m.a_scale, first.a_scale), "layers[0]'s", "other scales"),
-                  ("a_signed", m.a_signed == first.a_signed, first.a_signed, m.a_signed),
-                  ("a_dynamic", m.a_dynamic == first.a_dynamic, first.a_dynamic, m.a_dynamic),
-                  ("hadamard_block", m.hadamard_block == first.hadamard_block, first.hadamard_block,
-                   m.hadamard_block),
-                  ("a_inv_smooth", _same(m.a_inv_smooth, first.a_inv_smooth), "layers[0]'s", "other factors"),
-                  ("activation", m.activation == first.activation, first.activation, m.activation),
-                  ("bias", (m.bias is None) == (first.bias is None),
-                   "a bias" if first.bias is not None else "no bias", "a bias" if m.bias is not None else "none"),
-                  ("w.signed", m.w.signed == first.w.signed, first.w.signed, m.w.signed),
-                  ("w.row_scale", (m.w.row_scale is None) == (first.w.row_scale is None),
-                   "scales" if first.w.row_scale is not None else "none",
-                   "scales" if m.w.row_scale is not None else "none"),
-                  ("w.device", m.w.device == first.w.device, first.w.device, m.w.device))
-        for what, ok, want, got in checks:
-            if not ok:
+        for what, got in _shared(m).items():
+            if not _same(want[what], got):
                 raise ValueError(f"layers[{i}] ({m.name}).{what} must equal layers[0]'s ({first.name}) for one "
-                                 f"quantize pass: expected {want}, got {got}")
-    for i, m in enumerate(layers):
-        if m.w.axis != 0:
-            raise ValueError(f"layers[{i}] ({m.name}).w must have its bits and scales along rows (axis 0)")
+                                 f"quantize pass: expected {_shown(want[what], 'their')}, got {_shown(got, 'other')}")
+    if first.w.axis != 0:
+        raise ValueError(f"layers[0] ({first.name}).w must have its bits and scales along rows (axis 0)")
     # built as ordinary tensors even under torch.inference_mode() (the module tracks its
     # buffers' versions, which inference tensors do not have)
     with torch.inference_mode(False), torch.no_grad():
