@@ -22,7 +22,7 @@ void soniq::bindings::register_linear(py::module_& m) {
   // rows [M, K] (float32, contiguous) -> out: each row rotated by the active ISA's kernel (the
   // fused forward's quantize pass), for the tests against python/soniq/_hadamard.py
   m.def("hadamard_rows", [](uintptr_t x, int64_t M, int64_t K, int block, uintptr_t out) {
-    if (M < 0 || K <= 0 || block < 2 || (block & (block - 1)) || K % block)
+    if (M < 0 || !soniq::hadamard_block_fits(block, K))
       throw std::invalid_argument("hadamard_rows: block must be a power of two >= 2 dividing K");
     const soniq::KernelTable& kt = soniq::active_kernels();
     const soniq::HadamardRowFn f = kt.hadamard_row ? kt.hadamard_row : soniq::hadamard_row_ref;

@@ -2,6 +2,10 @@
 
 namespace soniq {
 
+bool hadamard_block_fits(int64_t block, int64_t k) {
+  return block >= 2 && (block & (block - 1)) == 0 && k > 0 && k % block == 0;
+}
+
 void hadamard_row_ref(const float* x, int64_t k, int block, float* out) {
   for (int64_t j = 0; j < k; ++j) out[j] = x[j];
   for (int64_t h = 1; h < block; h *= 2)

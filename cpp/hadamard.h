@@ -11,6 +11,9 @@ namespace soniq {
 
 using HadamardRowFn = void (*)(const float* x, int64_t k, int block, float* out);
 
+// A block these kernels take for rows of k: a power of two >= 2 dividing k.
+bool hadamard_block_fits(int64_t block, int64_t k);
+
 // The portable loop: the reference every ISA version is tested against.
 void hadamard_row_ref(const float* x, int64_t k, int block, float* out);
 

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "dispatch.h"
+#include "hadamard.h"
 #include "threadpool.h"
 #include "wlayout.h"
 
@@ -42,8 +43,7 @@ LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg
   if (w_row_scale) w_row_scale_.assign(w_row_scale, w_row_scale + N_);
   if (bias) bias_.assign(bias, bias + N_);
   if (inv_smooth) inv_smooth_.assign(inv_smooth, inv_smooth + K_);
-  if (hadamard_block < 0 || hadamard_block == 1 || (hadamard_block & (hadamard_block - 1)) ||
-      (hadamard_block && K_ % hadamard_block))
+  if (hadamard_block != 0 && !hadamard_block_fits(hadamard_block, K_))
     throw std::invalid_argument("LinearPlan: hadamard_block must be 0 or a power of two >= 2 dividing K");
   if (hadamard_block && inv_smooth)
     throw std::invalid_argument("LinearPlan: a rotated input cannot also be smoothed");
