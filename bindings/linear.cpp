@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "../cpp/dispatch.h"
+#include "../cpp/gelu.h"
 #include "../cpp/hadamard.h"
 #include "../cpp/linear.h"
 #include "registry.h"
@@ -28,6 +29,13 @@ void soniq::bindings::register_linear(py::module_& m) {
     const soniq::HadamardRowFn f = kt.hadamard_row ? kt.hadamard_row : soniq::hadamard_row_ref;
     for (int64_t r = 0; r < M; ++r) f(ptr<const float>(x) + r * K, K, block, ptr<float>(out) + r * K);
   });
+  // x [n] (float32, contiguous) in place: the exact GELU of cpp/gelu.h on the active ISA's
+  // kernel (PackedLinear's fused activation where the fused forward does not run; the tests)
+  m.def("gelu_", [](uintptr_t x, int64_t n) {
+    if (n < 0) throw std::invalid_argument("gelu_: n must be >= 0");
+    const soniq::KernelTable& kt = soniq::active_kernels();
+    (kt.gelu_row ? kt.gelu_row : soniq::gelu_row_ref)(ptr<float>(x), n);
+  }, py::call_guard<py::gil_scoped_release>());
   py::class_<soniq::LinearPlan>(m, "LinearPlan")
       .def(py::init([](int64_t K, uintptr_t perm, uintptr_t segs, int64_t nsegs, uintptr_t seg_scale, bool a_signed,
                        uintptr_t out_seg_scale, bool dynamic, int64_t N, int64_t ngroups, uintptr_t w_desc,
@@ -43,9 +51,10 @@ void soniq::bindings::register_linear(py::module_& m) {
                                      ptr<const float>(inv_smooth), hadamard_block);
       }))
       .def("forward",
-           [](const soniq::LinearPlan& p, uintptr_t x, int64_t M, int64_t ldx, uintptr_t out) {
-             return p.forward(ptr<const float>(x), M, ldx, ptr<float>(out));
+           [](const soniq::LinearPlan& p, uintptr_t x, int64_t M, int64_t ldx, uintptr_t out, bool gelu) {
+             return p.forward(ptr<const float>(x), M, ldx, ptr<float>(out), gelu);
            },
+           py::arg("x"), py::arg("M"), py::arg("ldx"), py::arg("out"), py::arg("gelu") = false,
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("in_features", &soniq::LinearPlan::in_features)
       .def_property_readonly("out_features", &soniq::LinearPlan::out_features)

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "gelu.h"
 #include "hadamard.h"
 
 namespace soniq {
@@ -144,6 +145,7 @@ struct KernelTable {
   QuantBytesFn quant_bytes = nullptr;
   RowAbsMaxFn row_absmax = nullptr;  // optional: a plain loop otherwise
   HadamardRowFn hadamard_row = nullptr;  // optional: hadamard_row_ref otherwise
+  GeluRowFn gelu_row = nullptr;  // optional: gelu_row_ref otherwise
   MergeColumnsFn merge_columns = nullptr;  // every table sets it
 };
 

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "bitserial_tiles.inl"
+#include "gelu.h"
 #include "hadamard.h"
 #include "kernels_avx2_layout.h"
 #include "kernels_ref.inl"
@@ -240,6 +241,58 @@ void avx2_hadamard_row(const float* x, int64_t k, int block, float* out) {
       }
 }
 
+// ---- exact GELU in place (cpp/gelu.h): both erf branches on all 8 lanes (the exp one only
+// when some lane needs it), blended by |a| > kSplit; the reference's operations in its order
+static inline __m256 avx2_exp_neg(__m256 r) {
+  using namespace gelu_coef;
+  r = _mm256_max_ps(r, _mm256_set1_ps(kExpMin));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(r, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), r);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), f);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(e0), f, _mm256_set1_ps(e1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(e2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(e3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(e4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(e5));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+static inline __m256 avx2_gelu8(__m256 x) {
+  using namespace gelu_coef;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_mul_ps(x, _mm256_set1_ps(kRsqrt2));
+  const __m256 t = _mm256_andnot_ps(sign, a), s = _mm256_mul_ps(a, a);
+  __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(s0), s, _mm256_set1_ps(s1));
+  r = _mm256_fmadd_ps(r, s, _mm256_set1_ps(s2));
+  r = _mm256_fmadd_ps(r, s, _mm256_set1_ps(s3));
+  r = _mm256_fmadd_ps(r, s, _mm256_set1_ps(s4));
+  r = _mm256_fmadd_ps(r, s, _mm256_set1_ps(s5));
+  r = _mm256_fmadd_ps(r, a, a);
+  const __m256 big = _mm256_cmp_ps(t, _mm256_set1_ps(kSplit), _CMP_GT_OQ);
+  if (_mm256_movemask_ps(big)) {
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(b0), t, _mm256_set1_ps(b1));
+    const __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(b2), t, _mm256_set1_ps(b3));
+    q = _mm256_fmadd_ps(q, s, u);
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(b4));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(b5));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(b6));
+    q = _mm256_fmadd_ps(q, t, _mm256_sub_ps(_mm256_setzero_ps(), t));
+    q = _mm256_sub_ps(_mm256_set1_ps(1.0f), avx2_exp_neg(q));
+    q = _mm256_or_ps(_mm256_andnot_ps(sign, q), _mm256_and_ps(sign, a));  // copysign(q, a)
+    r = _mm256_blendv_ps(r, q, big);
+  }
+  const __m256 h = _mm256_mul_ps(x, _mm256_set1_ps(kHalf));
+  return _mm256_fmadd_ps(h, r, h);
+}
+
+void avx2_gelu_row(float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, avx2_gelu8(_mm256_loadu_ps(x + j)));
+  if (j < n) gelu_row_ref(x + j, n - j);  // the same bits
+}
+
 // ---- a row's largest finite |x| (|x * mul| when mul is set) as its bit pattern (actpack.h
 // finite_abs_bits), 8 at a time: non-negative int32 patterns, NaN and inf (>= inf) dropped.
 int32_t avx2_row_absmax(const float* x, const float* mul, int64_t n) {
@@ -323,6 +376,7 @@ const KernelTable& kernels_avx2() {
     k.quant_bytes = avx2_quant_bytes;
     k.row_absmax = avx2_row_absmax;
     k.hadamard_row = avx2_hadamard_row;
+    k.gelu_row = avx2_gelu_row;
     k.merge_columns = avx2_merge_columns;
     return k;
   }();

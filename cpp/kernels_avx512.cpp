@@ -8,6 +8,7 @@
 #include <memory>
 #include <new>
 
+#include "gelu.h"
 #include "hadamard.h"
 #include "kernels_avx512_layout.h"
 #include "bitserial_tiles.inl"
@@ -337,6 +338,62 @@ void avx512_hadamard_row(const float* x, int64_t k, int block, float* out) {
       }
 }
 
+// ---- exact GELU in place (cpp/gelu.h): both erf branches on all 16 lanes (the exp one only
+// when some lane needs it), blended by |a| > kSplit; the reference's operations in its order
+static inline __m512 avx512_exp_neg(__m512 r) {
+  using namespace gelu_coef;
+  r = _mm512_max_ps(r, _mm512_set1_ps(kExpMin));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(r, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), r);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), f);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(e0), f, _mm512_set1_ps(e1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(e2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(e3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(e4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(e5));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+static inline __m512 avx512_gelu16(__m512 x) {
+  using namespace gelu_coef;
+  const __m512 a = _mm512_mul_ps(x, _mm512_set1_ps(kRsqrt2));
+  const __m512 t = _mm512_abs_ps(a), s = _mm512_mul_ps(a, a);
+  __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(s0), s, _mm512_set1_ps(s1));
+  r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(s2));
+  r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(s3));
+  r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(s4));
+  r = _mm512_fmadd_ps(r, s, _mm512_set1_ps(s5));
+  r = _mm512_fmadd_ps(r, a, a);
+  const __mmask16 big = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kSplit), _CMP_GT_OQ);
+  if (big) {
+    __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(b0), t, _mm512_set1_ps(b1));
+    const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(b2), t, _mm512_set1_ps(b3));
+    q = _mm512_fmadd_ps(q, s, u);
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(b4));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(b5));
+    q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(b6));
+    q = _mm512_fmadd_ps(q, t, _mm512_sub_ps(_mm512_setzero_ps(), t));
+    q = _mm512_sub_ps(_mm512_set1_ps(1.0f), avx512_exp_neg(q));
+    // copysign(q, a): a's sign bit, q's other bits
+    q = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_set1_epi32(0x7FFFFFFF), _mm512_castps_si512(q),
+                                                      _mm512_castps_si512(a), 0xCA));
+    r = _mm512_mask_mov_ps(r, big, q);
+  }
+  const __m512 h = _mm512_mul_ps(x, _mm512_set1_ps(kHalf));
+  return _mm512_fmadd_ps(h, r, h);
+}
+
+void avx512_gelu_row(float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, avx512_gelu16(_mm512_loadu_ps(x + j)));
+  if (j < n) {
+    const __mmask16 m = __mmask16((1u << (n - j)) - 1u);
+    _mm512_mask_storeu_ps(x + j, m, avx512_gelu16(_mm512_maskz_loadu_ps(m, x + j)));
+  }
+}
+
 // ---- float epilogue: int64 -> double (vcvtqq2pd), the scalar driver's multiplications in
 // its order, double -> float, to the original column order: plain loads/stores where 8
 // columns are consecutive there (weights of one tier usually are), else gather / scalar
@@ -440,6 +497,7 @@ const KernelTable& kernels_avx512() {
     k.quant_bytes = avx512_quant_bytes;
     k.row_absmax = avx512_row_absmax;
     k.hadamard_row = avx512_hadamard_row;
+    k.gelu_row = avx512_gelu_row;
     k.merge_columns = avx512_merge_columns;
     return k;
   }();

@@ -52,7 +52,7 @@ LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg
                            bias_.empty() ? nullptr : bias_.data());
 }
 
-void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) const {
+void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out, bool gelu) const {
   const KernelTable& kt = active_kernels();
   if (M <= 0 || !x || !out) throw std::invalid_argument("LinearPlan.forward: x must be non-empty");
   // per calling thread, reused across calls and layers (no allocation after the first call)
@@ -132,6 +132,7 @@ void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out) con
   ex.a_bytes = a_bytes.data();
   ex.bias = bias_.empty() ? nullptr : bias_.data();
   ex.b_prep = &w_prep_;
+  ex.gelu = gelu;
   mpgemm(a, w, ksegs_.data(), nsegs_, sc, OutKind::Float32, out, w_layout_, ex);
 
   if (any_nan.load())  // the float layer's NaN would spread over the row

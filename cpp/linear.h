@@ -33,7 +33,9 @@ class LinearPlan {
   // out [M, N] (row-major) from x [M, K] (row r at x + r * ldx, unit column stride). A row
   // holding a NaN gives a NaN output row (as the float layer would). Runs on the active ISA's
   // kernels (every kernel table has layout kernels), whichever was active when it was made.
-  void forward(const float* x, int64_t M, int64_t ldx, float* out) const;
+  // gelu: the exact GELU (cpp/gelu.h) applied to each output row as soon as it is final (the
+  // fused Linear + GELU of feed-forward blocks).
+  void forward(const float* x, int64_t M, int64_t ldx, float* out, bool gelu = false) const;
 
   int64_t in_features() const { return K_; }
   int64_t out_features() const { return N_; }

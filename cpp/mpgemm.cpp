@@ -192,6 +192,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   if (ex.a_bytes && (b.data || kind != OutKind::Float32))
     throw std::invalid_argument("a_bytes: needs a weight without planes and a float32 output");
   if (ex.bias && kind != OutKind::Float32) throw std::invalid_argument("bias: needs a float32 output");
+  if (ex.gelu && kind != OutKind::Float32) throw std::invalid_argument("gelu: needs a float32 output");
   check_operand(a, nsegs, "a", !ex.a_bytes);
   if (!ex.b_prep) check_operand(b, nsegs, "b", false);
   const Layout la = block_offsets(a, ksegs, nsegs), lb = block_offsets(b, ksegs, nsegs);
@@ -451,6 +452,11 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     }
   };
 
+  // the activation on output rows [r0, r1), once final (ex.gelu)
+  const GeluRowFn gelu = !ex.gelu ? nullptr : kt.gelu_row ? kt.gelu_row : gelu_row_ref;
+  auto activate = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; gelu && r < r1; ++r) gelu(static_cast<float*>(out) + r * N, N);
+  };
   const ColumnMerge cm = merge ? prep->column_merge() : ColumnMerge{};
   std::vector<int64_t> unit_end;  // merging: tasks [unit_end[u - 1], unit_end[u]) share a row tile
   for (size_t sl = 0; sl < slab_end.size(); ++sl) {
@@ -458,11 +464,12 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     slab0 = int64_t(sl) * slab;
     if (!units) {
       parallel_for(nt, [&](int64_t t) { run_task(t0 + t); });
-      if (!merge) continue;
+      if (!merge && !gelu) continue;
       const int64_t rows = std::min(slab, M - slab0), per = 8, nchunks = (rows + per - 1) / per;
       auto merge_rows = [&](int64_t c) {
         const int64_t r0 = c * per, nr = std::min(per, rows - r0);
-        kt.merge_columns(mbuf + r0 * lds, lds, nr, cm, static_cast<float*>(out) + (slab0 + r0) * N, N);
+        if (merge) kt.merge_columns(mbuf + r0 * lds, lds, nr, cm, static_cast<float*>(out) + (slab0 + r0) * N, N);
+        activate(slab0 + r0, slab0 + r0 + nr);
       };
       if (nchunks == 1) merge_rows(0);
       else parallel_for(nchunks, merge_rows);
@@ -476,6 +483,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       for (int64_t t = u0; t < u1; ++t) run_task(t);
       const int64_t m0 = tasks[size_t(u0)].m0, m1 = tasks[size_t(u0)].m1;  // rows of A group 0: output rows
       kt.merge_columns(mbuf + (m0 - slab0) * lds, lds, m1 - m0, cm, static_cast<float*>(out) + m0 * N, N);
+      activate(m0, m1);
     });
   }
 }

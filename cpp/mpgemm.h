@@ -62,6 +62,9 @@ struct MpgemmExtras {
   // mpgemm_prepare(b, nsegs, scales.b_row, bias) of this b, made beforehand (b then is not
   // checked again: the caller made it from the same operand and keeps it unchanged)
   const WeightPrep* b_prep = nullptr;
+  // float32 output only: the exact GELU (cpp/gelu.h) applied in place to each output row once
+  // it is final, by the thread that wrote it (merged rows right after their merge)
+  bool gelu = false;
 };
 
 // ksegs: [nsegs][2] = (klen, kw). out: [a.rows][b.rows] row-major, original order.

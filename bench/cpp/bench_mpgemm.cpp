@@ -12,6 +12,7 @@
 #include "cpp/actpack.h"
 #include "cpp/cpu_features.h"
 #include "cpp/dispatch.h"
+#include "cpp/gelu.h"
 #include "cpp/hadamard.h"
 #include "cpp/kernels.h"
 #include "cpp/mpgemm.h"
@@ -122,6 +123,24 @@ void bm_hadamard(benchmark::State& st, const KernelTable* kt, int block, int64_t
     benchmark::ClobberMemory();
   }
   st.SetItemsProcessed(int64_t(st.iterations()) * K);
+}
+
+// The exact GELU in place over one output row of the 384 -> 1536 feed-forward layer
+// (PackedLinear's fused activation, cpp/gelu.h); a fresh copy of the row each time (repeated
+// GELU would walk negative values into subnormals).
+void bm_gelu(benchmark::State& st, const KernelTable* kt, int64_t n) {
+  std::mt19937 g(12);
+  std::normal_distribution<float> nd(0.0f, 1.5f);
+  std::vector<float> x(static_cast<size_t>(n)), y(static_cast<size_t>(n));
+  for (auto& v : x) v = nd(g);
+  const GeluRowFn f = kt->gelu_row ? kt->gelu_row : gelu_row_ref;
+  for (auto _ : st) {
+    std::copy(x.begin(), x.end(), y.begin());
+    f(y.data(), n);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  st.SetItemsProcessed(int64_t(st.iterations()) * n);
 }
 
 // The whole fused driver (gather through a two-tier K permutation, threads) on [M, K]
@@ -246,6 +265,7 @@ void register_all() {
         if (K % block == 0)  // (a block must divide K)
           benchmark::RegisterBenchmark(("hadamard_row/" + isa + "/B" + std::to_string(block) + "K" +
                                         std::to_string(K)).c_str(), bm_hadamard, kt, block, K);
+    benchmark::RegisterBenchmark(("gelu_row/" + isa + "/N1536").c_str(), bm_gelu, kt, int64_t(1536));
     for (int G : {2, 3})
       benchmark::RegisterBenchmark(("merge_columns/" + isa + "/tiers" + std::to_string(G) + "/M128N1536").c_str(),
                                    bm_merge, kt, G, 128, 1536);

@@ -1,9 +1,14 @@
 """Activation fusion for converted models: a PackedLinear followed by an exact (erf) GELU
-applies torch's gelu in place to its own fresh output, instead of the activation module
-allocating a second tensor of the same size. The values are torch's, bit for bit; what goes
-is a large allocation per call (fresh pages: measured on MiniLM at batch 32, 1 thread, the
-6 GELUs after the 384 -> 1536 layers cost ~110 ms of a ~670 ms forward unfused, in place
-the whole forward took ~565 ms; see docs/DESIGN_NOTES.md).
+applies it to its own output. On the CPU the fused forward applies soniq's native GELU
+(soniq.ops.gelu_, cpp/gelu.h) inside its one native call, to each output row as soon as it
+is final, on the thread that wrote it: no second tensor, no separate pass over the output
+from the other core's cache, no torch op. Measured on the demo's MiniLM at batch 1 (AMX
+CPU, 2 threads, same process): 7.86 -> 7.05 ms per forward against torch's gelu_ in place
+after the call (docs/DESIGN_NOTES.md, "Fused GELU"). Its values are soniq's GELU, the same
+bits on every CPU ISA path; they differ from torch's gelu in the last bits (soniq's erf is
+faithfully rounded, torch's CPU erf is off by up to 1.5e-7), so the fused model equals the
+unfused one with soniq.ops.gelu_ in the activation's place, not with torch's (fuse=False in
+soniq.convert keeps torch's). On other devices the activation is torch's gelu in place.
 
 Fusion changes no state: the activation module is swapped for a FusedActivation that keeps
 it (saving writes the original), and soniq.convert / soniq.load fuse again. Recognized:

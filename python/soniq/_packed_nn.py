@@ -13,6 +13,8 @@ from . import ops
 from ._hadamard import check_block, rotate
 from ._packed_cat import cat_linear
 from ._native import _C
+from ._op_kernels import eager_kernel
+from .ops._gelu import gelu_
 from .ops._quantize import quantizer_params
 from .ops._quantize_pack import make_plan
 from .packed import PackedTensor
@@ -342,9 +344,8 @@ class PackedLinear(_PackedBase):
                     out = torch.empty((*shape[:-1], N), dtype=torch.float32)
                 if M == 0:  # no rows, no output values (as nn.Linear)
                     return out
-                lp.forward(rows.data_ptr(), M, ld, out.data_ptr())
-                if self.activation is not None:
-                    self._activate(out)
+                # a fused GELU runs in the native call, on each output row once it is final
+                lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), self.activation is not None)
                 return out
         return self._run(x, integer=False)
 
@@ -419,9 +420,13 @@ class PackedLinear(_PackedBase):
 
     @staticmethod
     def _activate(out: Tensor) -> Tensor:
-        """torch's own gelu, in place on the fresh output (the same values as the separate
-        module gave; no second tensor: see _fuse.py)."""
-        return torch.ops.aten.gelu_(out)
+        """soniq.ops.gelu_ in place on the fresh output (no second tensor: see _fuse.py): on
+        the CPU the native GELU the fused forward applies, on other devices torch's."""
+        if torch.compiler.is_compiling():
+            gelu_(out)
+        else:
+            eager_kernel(gelu_, out.device)(out)
+        return out
 
 
 class PackedConv2d(_PackedBase):
