@@ -278,7 +278,7 @@ static inline __m256 avx2_gelu8(__m256 x) {
     q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(b4));
     q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(b5));
     q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(b6));
-    q = _mm256_fmadd_ps(q, t, _mm256_sub_ps(_mm256_setzero_ps(), t));
+    q = _mm256_fmsub_ps(q, t, t);  // fma(q, t, -t)
     q = _mm256_sub_ps(_mm256_set1_ps(1.0f), avx2_exp_neg(q));
     q = _mm256_or_ps(_mm256_andnot_ps(sign, q), _mm256_and_ps(sign, a));  // copysign(q, a)
     r = _mm256_blendv_ps(r, q, big);

@@ -352,8 +352,7 @@ static inline __m512 avx512_exp_neg(__m512 r) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(e4));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(e5));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  return _mm512_scalef_ps(p, n);  // p * 2^n, rounded once: the reference's multiply by 2^n
 }
 
 static inline __m512 avx512_gelu16(__m512 x) {
@@ -374,7 +373,7 @@ static inline __m512 avx512_gelu16(__m512 x) {
     q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(b4));
     q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(b5));
     q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(b6));
-    q = _mm512_fmadd_ps(q, t, _mm512_sub_ps(_mm512_setzero_ps(), t));
+    q = _mm512_fmsub_ps(q, t, t);  // fma(q, t, -t)
     q = _mm512_sub_ps(_mm512_set1_ps(1.0f), avx512_exp_neg(q));
     // copysign(q, a): a's sign bit, q's other bits
     q = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_set1_epi32(0x7FFFFFFF), _mm512_castps_si512(q),
