@@ -183,9 +183,9 @@ def inside_vs_alone(models: dict, feats: dict, rounds: int, calls: int) -> dict:
     each layer alone `calls` times on its input from the forward, then `calls` sweeps calling
     every layer once in model order with nothing between. Per layer the median over all calls;
     sums over layers; ratio per round. The sweep sits between the two: like inside, a layer's
-    weights come from L3 (35 other layers ran since), like alone, no torch op runs between, so
-    inside / sweep is what the model's other ops (threads, caches) cost the layers and sweep /
-    alone what cold weights cost."""
+    working set comes from L3 (35 other layers ran since), like alone, no torch op runs between,
+    so inside / sweep is what the model's other ops (threads, caches) cost the layers and sweep /
+    alone what a cold call costs."""
     sides = {k: _InsideAlone(model, layers) for k, (model, layers) in models.items()}
     try:
         for side in sides.values():
@@ -237,10 +237,12 @@ def per_round_vs_best_int8(rounds_ms: dict) -> list:
 
 
 # ---- report -------------------------------------------------------------------------------
-WHY_INSIDE = ("a layer inside a model finds its input, weights and output buffer in L3 (the model's other ops ran "
-              "since), where called back to back it keeps them in L2, and its Python runs cold; the 'in model "
-              "order' columns split the gap (inside / in order: the model's other ops; in order / alone: cold "
-              "weights). The FP32 and FBGEMM rows are the same measurement on those models' own Linear layers: "
+WHY_INSIDE = ("a layer inside a model finds its working set in L3 (the model's other ops ran since), where "
+              "called back to back it keeps it in L2, and its Python runs cold; the 'in model order' columns split "
+              "the gap (inside / in order: the model's other ops; in order / alone: a cold call). On the AMX Xeon "
+              "reading each layer's weights just before its call did not lower either: what a cold call pays for "
+              "is the rest of its working set (fresh output, plan arrays, per-thread buffers, code). The FP32 and "
+              "FBGEMM rows are the same measurement on those models' own Linear layers: "
               "a soniq ratio at or below theirs is the model's, not soniq's threads waiting for torch's (see "
               "Threads in docs/DESIGN_NOTES.md)")
 WHY_E2E = ("on a CPU without AMX the packed layers run at the int8 vpdpbusd rate whatever the weight bits (4-bit codes "
@@ -318,10 +320,10 @@ def markdown(doc: dict) -> str:
                  f"{r['inside_best_ms']:.2f} / {r['alone_best_ms']:.2f} = {r['ratio_best']:.2f} | "
                  f"{r['sweep_ms']:.2f} | {r['inside_vs_sweep']:.2f} | {r['sweep_vs_alone']:.2f} |")
     L += ["", "'In model order': every packed layer called once per sweep, in the forward's order, on its input "
-          "from the forward, nothing between them: its weights come from L3 as inside the model (the other "
-          "layers ran since), where 'alone' calls one layer back to back with its weights in L2. So inside / "
+          "from the forward, nothing between them: its working set comes from L3 as inside the model (the "
+          "other layers ran since), where 'alone' calls one layer back to back with it in L2. So inside / "
           "in order is what the model's other ops cost the layers (threads, caches), in order / alone what "
-          "cold weights cost. The FP32 nn.Linear and FBGEMM rows are the same measurement on those models' own "
+          "a cold call costs. The FP32 nn.Linear and FBGEMM rows are the same measurement on those models' own "
           "Linear layers, in the same rounds: the part of the ratio that any layer inside this model pays."]
     L += ["", "## End to end (ms per forward)", ""] + _e2e_table(doc, "ms", "summary")
     L += ["", "soniq vs the faster INT8 runtime of the same round (each round runs every method back to back; "
