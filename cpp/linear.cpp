@@ -12,6 +12,10 @@
 
 namespace soniq {
 
+namespace {
+constexpr int64_t kPrefetchRows = 2;  // how far ahead the quantize pass prefetches its input rows
+}  // namespace
+
 LinearPlan::LinearPlan(const ActLayout& act, bool a_signed, const float* out_seg_scale, bool dynamic,
                        const PackedOperand& w, const int64_t* ksegs, const int8_t* w_layout,
                        const float* w_row_scale, const float* bias, const float* inv_smooth, int hadamard_block)
@@ -88,6 +92,10 @@ void LinearPlan::forward(const float* x, int64_t M, int64_t ldx, float* out, boo
     }
     for (int64_t r = t * chunk, r1 = std::min(M, (t + 1) * chunk); r < r1; ++r) {
       const float* xr = x + r * ldx;
+      // the row kPrefetchRows ahead, one touch per cache line: at batch 32 the rows come from
+      // memory (MiniLM 0.95-0.97x the forward's time, same-process A/B on AMX; batch 1 unchanged)
+      if (r + kPrefetchRows < r1)
+        for (int64_t k = 0; k < K_; k += 16) __builtin_prefetch(x + (r + kPrefetchRows) * ldx + k, 0, 3);
       if (rot) {
         rotate(xr, K_, hadamard_block_, rot);
         xr = rot;
