@@ -4,7 +4,8 @@
 //   gelu(x) = h + h * erf(a),  h = 0.5f * x,  a = x * 0.70710678f  (each a float32 multiply)
 // erf(a): N. Juffa's faithfully rounded single-precision erff (max error < 1 ulp; two
 // branches split at |a| = 0.927734375), its exp(r <= 0) a Cephes-style polynomial with
-// r clamped at -87 (so 2^n stays normal) and 2^n built from its exponent bits.
+// r clamped at -87 (so 2^n stays normal) and 2^n built from its exponent bits (AVX-512
+// scales by 2^n with vscalefps: the same value, p * 2^n rounded once).
 // Every ISA version (gelu_row_ref here, AVX2, AVX-512) runs these float operations on every
 // element in this order, with the same fused multiply-adds and no other contraction, so all
 // give the same bits. Within ~2e-7 * |x| of the float64 GELU: closer than torch's CPU gelu,

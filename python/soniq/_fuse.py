@@ -4,7 +4,7 @@ applies it to its own output. On the CPU the fused forward applies soniq's nativ
 is final, on the thread that wrote it: no second tensor, no separate pass over the output
 from the other core's cache, no torch op. Measured on the demo's MiniLM at batch 1 (AMX
 CPU, 2 threads, same process): 7.86 -> 7.05 ms per forward against torch's gelu_ in place
-after the call (docs/DESIGN_NOTES.md, "Fused GELU"). Its values are soniq's GELU, the same
+after the call (docs/DESIGN_NOTES.md, "Activation fusion"). Its values are soniq's GELU, the same
 bits on every CPU ISA path; they differ from torch's gelu in the last bits (soniq's erf is
 faithfully rounded, torch's CPU erf is off by up to 1.5e-7), so the fused model equals the
 unfused one with soniq.ops.gelu_ in the activation's place, not with torch's (fuse=False in
