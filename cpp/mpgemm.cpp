@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -24,9 +25,17 @@ constexpr int64_t kTileN = 64;
 // (2048^3: 2-3% faster at 512 rows).
 constexpr int64_t kTileMLayout = kTileM;
 constexpr int64_t kTileMLayoutMax = 512;
-// The column merge's buffer per slab of rows (WeightPrep::scattered): within the L3, so the
-// merge reads what the kernels just wrote.
+// Where tiers interleave in the output (WeightPrep::scattered) the kernels write rows in packed
+// column order and a merge puts them in order. An output of at most kMergeSlabBytes is written
+// in packed order in place and merged back a few rows at a time through a per-thread buffer
+// of about kMergeCopyBytes (in L1): a second buffer the size of the output would add that much
+// to the call's working set, which inside a model comes from L3 (MiniLM batch 1-4, AMX:
+// 0.92-0.96x the forward's time). A larger output is written a slab of rows at a time to the
+// calling thread's buffer of kMergeSlabBytes, which stays in cache from slab to slab, and
+// merged from it into the output as one stream (batch 32: in place, the kernels' stores of
+// 256-byte row pieces going to memory made the forward 1.06-1.07x slower).
 constexpr int64_t kMergeSlabBytes = 4 << 20;
+constexpr int64_t kMergeCopyBytes = 12 << 10;
 // Fewest rows of a merging row tile: each tile decodes every column block of B again (in the
 // shadow of its first strip). M = 128, 2 threads, MiniLM's mixed-tier layers: 64 rows 6-12%
 // faster than 128-row tasks and a merge pass; 32 rows slower than 64 (B decoded 4 times).
@@ -262,7 +271,9 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   // the A rows in their own order (one A group, identity permutation).
   bool merge = kernel_ep && prep->scattered && a.ngroups == 1;
   for (int64_t i = 0; merge && i < a.rows; ++i) merge = a.perm[i] == i;
-  const int64_t M = a.rows, lds = N + 16;  // 16 readable floats past each buffer row
+  const int64_t M = a.rows;
+  const bool in_place = merge && M * N <= kMergeSlabBytes / 4;
+  const int64_t lds = in_place ? N : N + 16;  // buffer rows: 16 readable floats past each (the merge's reads)
 
   struct Task { int64_t ga, gb, m0, m1, n0, n1; };
   // Merging on more than one thread, with at least kMergeTileMinRows rows per thread: a unit of
@@ -308,19 +319,20 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       std::stable_sort(tasks.begin() + first, tasks.end(), larger);
     slab_end.push_back(int64_t(tasks.size()));
   }
-  // the calling thread's, kept for its next call: the merge buffer, and for the kernels'
-  // stores in packed order the identity column map and all-consecutive runs
+  // the calling thread's, kept for its next call: the merge buffer (a large output), and for
+  // the kernels' stores in packed order the identity column map and all-consecutive runs
   thread_local std::vector<float> merge_buf;
   thread_local std::vector<int64_t> iota;
   thread_local std::vector<uint8_t> all_runs;
   if (merge) {
-    merge_buf.resize(size_t(std::min(slab, M) * lds));
+    if (!in_place) merge_buf.resize(size_t(std::min(slab, M) * lds));
     for (int64_t j = int64_t(iota.size()); j < N; ++j) iota.push_back(j);
     if (int64_t(all_runs.size()) < (N + 7) / 8) all_runs.assign(size_t((N + 7) / 8), 1);
   }
   int64_t slab0 = 0;  // the slab being run (its first row)
+  // where the kernels write rows in packed order: row m at packed + (m - slab0) * lds
   // (pointers: in the tasks, on other threads, the names would be those threads' own)
-  float* const mbuf = merge ? merge_buf.data() : nullptr;
+  float* const packed = !merge ? nullptr : in_place ? static_cast<float*>(out) : merge_buf.data();
   const int64_t* const iota_cols = iota.data();
   const uint8_t* const runs_all = all_runs.data();
 
@@ -388,8 +400,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         const LayoutGemmFn fn = bk == BlockKernel::LayoutGemv ? kt.layout_gemv : kt.layout_gemm;
         if (kernel_ep && bk == BlockKernel::LayoutGemm) {  // the float outputs, written by the kernel
           const int64_t c0 = db[0] + T.n0;
-          // merging: rows of the buffer (row m at (m - slab0) * lds) in packed column order
-          const LayoutEpilogue ep{merge ? mbuf - slab0 * lds : static_cast<float*>(out), merge ? lds : N,
+          // merging: rows in packed column order (the merge puts them in order)
+          const LayoutEpilogue ep{merge ? packed - (in_place ? 0 : slab0 * lds) : static_cast<float*>(out), merge ? lds : N,
                                   a.perm + da[0] + T.m0, (merge ? iota_cols : b.perm) + c0,
                                   (merge ? runs_all : prep->runs[size_t(T.gb)].data()) + T.n0 / 8,
                                   segscale, sc.a_row, sc.b_row ? prep->b_row.data() + c0 : nullptr,
@@ -434,7 +446,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         for (int64_t j = 0; j < tn; ++j) o[bperm[j]] = itotal[i * kTileN + j];
       } else {
         // merging: a task the kernel epilogue did not take (few rows) writes packed order too
-        float* o = merge ? mbuf + (m - slab0) * lds + db[0] + T.n0 : static_cast<float*>(out) + m * N;
+        float* o = merge ? packed + (m - (in_place ? 0 : slab0)) * lds + db[0] + T.n0 : static_cast<float*>(out) + m * N;
         const double ar = sc.a_row ? double(sc.a_row[m]) : 1.0;
         if (!merge && !float_acc && kt.epilogue_f32) {
           kt.epilogue_f32(itotal + i * kTileN, tn, segscale, sc.a_row != nullptr, ar, sc.b_row, bperm, o, ex.bias);
@@ -458,6 +470,26 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     for (int64_t r = r0; gelu && r < r1; ++r) gelu(static_cast<float*>(out) + r * N, N);
   };
   const ColumnMerge cm = merge ? prep->column_merge() : ColumnMerge{};
+  // output rows [r0, r1) of the slab at slab0, written in packed column order, merged into the
+  // original order (in place: a few rows at a time copied to a buffer in L1, as the merge
+  // reads 16 floats past each row), then activated
+  auto finish_rows = [&](int64_t r0, int64_t r1) {
+    if (!merge) return activate(r0, r1);
+    if (!in_place) {
+      kt.merge_columns(packed + (r0 - slab0) * lds, lds, r1 - r0, cm, static_cast<float*>(out) + r0 * N, N);
+      return activate(r0, r1);
+    }
+    thread_local std::vector<float> rows_buf;
+    const int64_t ldt = N + 16, per = std::max<int64_t>(1, kMergeCopyBytes / (ldt * 4));
+    if (rows_buf.size() < size_t(per * ldt)) rows_buf.resize(size_t(per * ldt));
+    float* const o = static_cast<float*>(out);
+    for (int64_t r = r0; r < r1; r += per) {
+      const int64_t nr = std::min(per, r1 - r);
+      for (int64_t i = 0; i < nr; ++i) std::memcpy(rows_buf.data() + i * ldt, o + (r + i) * N, size_t(N) * 4);
+      kt.merge_columns(rows_buf.data(), ldt, nr, cm, o + r * N, N);
+      activate(r, r + nr);
+    }
+  };
   std::vector<int64_t> unit_end;  // merging: tasks [unit_end[u - 1], unit_end[u]) share a row tile
   for (size_t sl = 0; sl < slab_end.size(); ++sl) {
     const int64_t t0 = sl ? slab_end[sl - 1] : 0, nt = slab_end[sl] - t0;
@@ -467,9 +499,8 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       if (!merge && !gelu) continue;
       const int64_t rows = std::min(slab, M - slab0), per = 8, nchunks = (rows + per - 1) / per;
       auto merge_rows = [&](int64_t c) {
-        const int64_t r0 = c * per, nr = std::min(per, rows - r0);
-        if (merge) kt.merge_columns(mbuf + r0 * lds, lds, nr, cm, static_cast<float*>(out) + (slab0 + r0) * N, N);
-        activate(slab0 + r0, slab0 + r0 + nr);
+        const int64_t r0 = slab0 + c * per;
+        finish_rows(r0, std::min(r0 + per, slab0 + rows));
       };
       if (nchunks == 1) merge_rows(0);
       else parallel_for(nchunks, merge_rows);
@@ -482,8 +513,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       const int64_t u0 = u ? unit_end[size_t(u - 1)] : t0, u1 = unit_end[size_t(u)];
       for (int64_t t = u0; t < u1; ++t) run_task(t);
       const int64_t m0 = tasks[size_t(u0)].m0, m1 = tasks[size_t(u0)].m1;  // rows of A group 0: output rows
-      kt.merge_columns(mbuf + (m0 - slab0) * lds, lds, m1 - m0, cm, static_cast<float*>(out) + m0 * N, N);
-      activate(m0, m1);
+      finish_rows(m0, m1);
     });
   }
 }
