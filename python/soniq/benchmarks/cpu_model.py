@@ -249,9 +249,10 @@ def per_round_vs_best_int8(rounds_ms: dict) -> list:
 # ---- report -------------------------------------------------------------------------------
 WHY_INSIDE = ("a layer inside a model finds its working set in L3 (the model's other ops ran since), where "
               "called back to back it keeps it in L2, and its Python runs cold; the 'in model order' columns split "
-              "the gap (inside / in order: the model's other ops; in order / alone: a cold call). On the AMX Xeon "
-              "reading each layer's weights just before its call did not lower either: what a cold call pays for "
-              "is the rest of its working set (fresh output, plan arrays, per-thread buffers, code). The FP32 and "
+              "the gap (inside / in order: the model's other ops; in order / alone: a cold call, here reading its "
+              "recorded input from L3 too). On the AMX Xeon neither reading each layer's weights just before its "
+              "call nor a hot output lowered it, and a layer called after another of its own shape takes "
+              "1.05-1.09x its time alone: what is left is spread over the call's working set. The FP32 and "
               "FBGEMM rows are the same measurement on those models' own Linear layers: "
               "a soniq ratio at or below theirs is the model's, not soniq's threads waiting for torch's (see "
               "Threads in docs/DESIGN_NOTES.md)")
