@@ -30,10 +30,13 @@ constexpr int64_t kTileMLayoutMax = 512;
 // in packed order in place and merged back a few rows at a time through a per-thread buffer
 // of about kMergeCopyBytes (in L1): a second buffer the size of the output would add that much
 // to the call's working set, which inside a model comes from L3 (MiniLM batch 1-4, AMX:
-// 0.92-0.96x the forward's time). A larger output is written a slab of rows at a time to the
-// calling thread's buffer of kMergeSlabBytes, which stays in cache from slab to slab, and
+// 0.92-0.96x the forward's time). A larger output is written a row tile at a time to a buffer
+// of the tile's rows owned by the thread running it, reused by its next tile (in L2), and
 // merged from it into the output as one stream (batch 32: in place, the kernels' stores of
-// 256-byte row pieces going to memory made the forward 1.06-1.07x slower).
+// 256-byte row pieces going to memory made the forward 1.06-1.07x slower; one buffer of a
+// slab of rows for all threads, in L3, 1.02-1.05x). Column tasks (one thread, or too few rows
+// per thread) write a slab of rows at a time to the calling thread's buffer of
+// kMergeSlabBytes and merge it in a pass of its own.
 constexpr int64_t kMergeSlabBytes = 4 << 20;
 constexpr int64_t kMergeCopyBytes = 12 << 10;
 // Fewest rows of a merging row tile: each tile decodes every column block of B again (in the
@@ -325,18 +328,17 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   thread_local std::vector<int64_t> iota;
   thread_local std::vector<uint8_t> all_runs;
   if (merge) {
-    if (!in_place) merge_buf.resize(size_t(std::min(slab, M) * lds));
+    if (!in_place && !units) merge_buf.resize(size_t(std::min(slab, M) * lds));
     for (int64_t j = int64_t(iota.size()); j < N; ++j) iota.push_back(j);
     if (int64_t(all_runs.size()) < (N + 7) / 8) all_runs.assign(size_t((N + 7) / 8), 1);
   }
-  int64_t slab0 = 0;  // the slab being run (its first row)
-  // where the kernels write rows in packed order: row m at packed + (m - slab0) * lds
   // (pointers: in the tasks, on other threads, the names would be those threads' own)
-  float* const packed = !merge ? nullptr : in_place ? static_cast<float*>(out) : merge_buf.data();
+  float* const slab_buf = merge_buf.data();
   const int64_t* const iota_cols = iota.data();
   const uint8_t* const runs_all = all_runs.data();
 
-  auto run_task = [&](int64_t t) {
+  // merging: the kernels write row m in packed column order at pk + m * lds
+  auto run_task = [&](int64_t t, float* pk) {
     const Task& T = tasks[size_t(t)];
     const int64_t* da = a.desc + T.ga * (2 + nsegs);
     const int64_t* db = b.desc + T.gb * (2 + nsegs);
@@ -401,7 +403,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         if (kernel_ep && bk == BlockKernel::LayoutGemm) {  // the float outputs, written by the kernel
           const int64_t c0 = db[0] + T.n0;
           // merging: rows in packed column order (the merge puts them in order)
-          const LayoutEpilogue ep{merge ? packed - (in_place ? 0 : slab0 * lds) : static_cast<float*>(out), merge ? lds : N,
+          const LayoutEpilogue ep{merge ? pk : static_cast<float*>(out), merge ? lds : N,
                                   a.perm + da[0] + T.m0, (merge ? iota_cols : b.perm) + c0,
                                   (merge ? runs_all : prep->runs[size_t(T.gb)].data()) + T.n0 / 8,
                                   segscale, sc.a_row, sc.b_row ? prep->b_row.data() + c0 : nullptr,
@@ -446,7 +448,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
         for (int64_t j = 0; j < tn; ++j) o[bperm[j]] = itotal[i * kTileN + j];
       } else {
         // merging: a task the kernel epilogue did not take (few rows) writes packed order too
-        float* o = merge ? packed + (m - (in_place ? 0 : slab0)) * lds + db[0] + T.n0 : static_cast<float*>(out) + m * N;
+        float* o = merge ? pk + m * lds + db[0] + T.n0 : static_cast<float*>(out) + m * N;
         const double ar = sc.a_row ? double(sc.a_row[m]) : 1.0;
         if (!merge && !float_acc && kt.epilogue_f32) {
           kt.epilogue_f32(itotal + i * kTileN, tn, segscale, sc.a_row != nullptr, ar, sc.b_row, bperm, o, ex.bias);
@@ -470,13 +472,13 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     for (int64_t r = r0; gelu && r < r1; ++r) gelu(static_cast<float*>(out) + r * N, N);
   };
   const ColumnMerge cm = merge ? prep->column_merge() : ColumnMerge{};
-  // output rows [r0, r1) of the slab at slab0, written in packed column order, merged into the
-  // original order (in place: a few rows at a time copied to a buffer in L1, as the merge
+  // output rows [r0, r1), written in packed column order (row m at pk + m * lds), merged into
+  // the original order (in place: a few rows at a time copied to a buffer in L1, as the merge
   // reads 16 floats past each row), then activated
-  auto finish_rows = [&](int64_t r0, int64_t r1) {
+  auto finish_rows = [&](int64_t r0, int64_t r1, const float* pk) {
     if (!merge) return activate(r0, r1);
     if (!in_place) {
-      kt.merge_columns(packed + (r0 - slab0) * lds, lds, r1 - r0, cm, static_cast<float*>(out) + r0 * N, N);
+      kt.merge_columns(pk + r0 * lds, lds, r1 - r0, cm, static_cast<float*>(out) + r0 * N, N);
       return activate(r0, r1);
     }
     thread_local std::vector<float> rows_buf;
@@ -493,14 +495,16 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
   std::vector<int64_t> unit_end;  // merging: tasks [unit_end[u - 1], unit_end[u]) share a row tile
   for (size_t sl = 0; sl < slab_end.size(); ++sl) {
     const int64_t t0 = sl ? slab_end[sl - 1] : 0, nt = slab_end[sl] - t0;
-    slab0 = int64_t(sl) * slab;
+    const int64_t slab0 = int64_t(sl) * slab;
+    // in place, or the slab buffer of column tasks (a row tile's thread has its own: below)
+    float* const pk = !merge || (units && !in_place) ? nullptr : in_place ? static_cast<float*>(out) : slab_buf - slab0 * lds;
     if (!units) {
-      parallel_for(nt, [&](int64_t t) { run_task(t0 + t); });
+      parallel_for(nt, [&](int64_t t) { run_task(t0 + t, pk); });
       if (!merge && !gelu) continue;
       const int64_t rows = std::min(slab, M - slab0), per = 8, nchunks = (rows + per - 1) / per;
       auto merge_rows = [&](int64_t c) {
         const int64_t r0 = slab0 + c * per;
-        finish_rows(r0, std::min(r0 + per, slab0 + rows));
+        finish_rows(r0, std::min(r0 + per, slab0 + rows), pk);
       };
       if (nchunks == 1) merge_rows(0);
       else parallel_for(nchunks, merge_rows);
@@ -511,9 +515,15 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
       if (t + 1 == t0 + nt || tasks[size_t(t + 1)].m0 != tasks[size_t(t)].m0) unit_end.push_back(t + 1);
     parallel_for(int64_t(unit_end.size()), [&](int64_t u) {
       const int64_t u0 = u ? unit_end[size_t(u - 1)] : t0, u1 = unit_end[size_t(u)];
-      for (int64_t t = u0; t < u1; ++t) run_task(t);
       const int64_t m0 = tasks[size_t(u0)].m0, m1 = tasks[size_t(u0)].m1;  // rows of A group 0: output rows
-      finish_rows(m0, m1);
+      float* upk = pk;
+      if (!in_place) {  // this thread's buffer, reused by its next unit
+        thread_local std::vector<float> unit_buf;
+        if (unit_buf.size() < size_t(tile_m * lds)) unit_buf.resize(size_t(tile_m * lds));
+        upk = unit_buf.data() - m0 * lds;
+      }
+      for (int64_t t = u0; t < u1; ++t) run_task(t, upk);
+      finish_rows(m0, m1, upk);
     });
   }
 }
