@@ -333,7 +333,6 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     if (int64_t(all_runs.size()) < (N + 7) / 8) all_runs.assign(size_t((N + 7) / 8), 1);
   }
   // (pointers: in the tasks, on other threads, the names would be those threads' own)
-  float* const slab_buf = merge_buf.data();
   const int64_t* const iota_cols = iota.data();
   const uint8_t* const runs_all = all_runs.data();
 
@@ -497,7 +496,7 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     const int64_t t0 = sl ? slab_end[sl - 1] : 0, nt = slab_end[sl] - t0;
     const int64_t slab0 = int64_t(sl) * slab;
     // in place, or the slab buffer of column tasks (a row tile's thread has its own: below)
-    float* const pk = !merge || (units && !in_place) ? nullptr : in_place ? static_cast<float*>(out) : slab_buf - slab0 * lds;
+    float* const pk = in_place ? static_cast<float*>(out) : merge && !units ? merge_buf.data() - slab0 * lds : nullptr;
     if (!units) {
       parallel_for(nt, [&](int64_t t) { run_task(t0 + t, pk); });
       if (!merge && !gelu) continue;
