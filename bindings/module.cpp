@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <cstdint>
@@ -101,6 +102,16 @@ void soniq::bindings::register_core(py::module_& m) {
           return tids;
         },
         py::arg("n"), py::arg("sleep_us") = 0, py::arg("throw_at") = -1, py::call_guard<py::gil_scoped_release>());
+  // tests: how many times each task of a parallel job ran (once each, whatever the route and counts)
+  m.def("_parallel_runs",
+        [](int64_t n) {
+          std::vector<std::atomic<int>> runs(size_t(std::max<int64_t>(n, 0)));
+          parallel_for(n, [&](int64_t i) { runs[size_t(i)].fetch_add(1, std::memory_order_relaxed); });
+          std::vector<int> out;
+          for (const auto& r : runs) out.push_back(r.load());
+          return out;
+        },
+        py::arg("n"), py::call_guard<py::gil_scoped_release>());
 
   // cpp/code_encoding.h, the one definition Python's pack/unpack/range checks read
   m.def(

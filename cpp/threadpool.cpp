@@ -21,31 +21,53 @@
 namespace soniq {
 namespace {
 
-// One job's tasks, handed out one index at a time to whichever thread asks next.
+// One job's tasks, handed out one index at a time. Each joining thread takes a slot, tasks
+// slot, slot + slots, slot + 2 slots, ... (the job's order, interleaved, as one shared counter
+// would hand them out), claimed from the slot's own counter on its own cache line; a thread
+// whose slot is empty claims from the others'. One shared counter made every claim a cache
+// line transfer between cores (~160 ns here), 7.5% of a 16 x 1536 x 384 layer's samples.
 struct Tasks {
+  static constexpr int kMaxSlots = 64;
+  struct alignas(64) Slot {
+    std::atomic<int64_t> next{0};  // the slot's next local index j (task slot + j * slots)
+    int64_t count = 0;             // its tasks
+  };
   const std::function<void(int64_t)>* fn = nullptr;
   int64_t n = 0;
-  std::atomic<int64_t> next{0};
+  int slots = 1;
+  alignas(64) std::atomic<int> joined{0};
   std::mutex m;
   std::exception_ptr error;
+  Slot slot[kMaxSlots];
 
-  void reset(const std::function<void(int64_t)>* f, int64_t count) {
+  // threads: how many will call run() (more is allowed: they share the slots)
+  void reset(const std::function<void(int64_t)>* f, int64_t count, int threads) {
     fn = f;
     n = count;
-    next.store(0);
+    slots = int(std::clamp<int64_t>(std::min<int64_t>(threads, count), 1, kMaxSlots));
+    for (int s = 0; s < slots; ++s) {
+      slot[s].count = (count - s + slots - 1) / slots;
+      slot[s].next.store(0, std::memory_order_relaxed);
+    }
+    joined.store(0, std::memory_order_relaxed);
     error = nullptr;
   }
 
   void run() {
-    for (;;) {
-      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= n) break;
-      try {
-        (*fn)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> g(m);
-        if (!error) error = std::current_exception();
-        next.store(n, std::memory_order_relaxed);
+    const int first = joined.fetch_add(1, std::memory_order_relaxed) % slots;
+    for (int k = 0; k < slots; ++k) {
+      const int s = (first + k) % slots;
+      Slot& sl = slot[s];
+      for (;;) {
+        const int64_t j = sl.next.fetch_add(1, std::memory_order_relaxed);
+        if (j >= sl.count) break;
+        try {
+          (*fn)(s + j * slots);
+        } catch (...) {
+          std::lock_guard<std::mutex> g(m);
+          if (!error) error = std::current_exception();
+          for (int o = 0; o < slots; ++o) slot[o].next.store(slot[o].count, std::memory_order_relaxed);
+        }
       }
     }
   }
@@ -216,7 +238,7 @@ void run_inline(int64_t n, const std::function<void(int64_t)>& fn) {
 void run_on_omp(int64_t n, const std::function<void(int64_t)>& fn, int threads) {
   std::unique_lock<std::mutex> job(g_omp_job, std::try_to_lock);
   if (!job.owns_lock() || omp::in_parallel()) return run_inline(n, fn);
-  g_omp_tasks.reset(&fn, n);
+  g_omp_tasks.reset(&fn, n, threads);
   // the whole team even when n < threads: libgomp ends the threads a smaller team leaves
   // out, and torch's next region would have to create them again
   omp::parallel([](void* t) { static_cast<Tasks*>(t)->run(); }, &g_omp_tasks, unsigned(threads));
@@ -232,7 +254,7 @@ void run_on_pool(int64_t n, const std::function<void(int64_t)>& fn, int threads)
   p.ensure_workers();
   {
     std::lock_guard<std::mutex> g(p.m);
-    p.job.reset(&fn, n);
+    p.job.reset(&fn, n, threads);
     p.active = int(p.workers.size());
     ++p.generation;
     p.published.store(p.generation, std::memory_order_release);

@@ -345,6 +345,19 @@ def test_openmp_route_matches_pool_and_one_thread(restore_threads, restore_backe
             _assert_same(_work_fused(*inp), want)
 
 
+def test_every_task_runs_exactly_once_on_every_route(restore_threads, restore_backend):
+    """Tasks are claimed from per-thread slots (interleaved) and taken over by threads whose
+    slot ran dry: whatever the counts, each index runs once."""
+    for backend in ("auto", "pool"):
+        _C.set_thread_backend(backend)
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            soniq.set_num_threads(threads)
+            for n in (1, 2, 3, 4, 5, 7, 64, 65, 1000):
+                runs = _C._parallel_runs(n)
+                assert runs == [1] * n, (backend, threads, n)
+
+
 def test_task_errors_propagate_on_every_route(restore_threads, restore_backend):
     torch.set_num_threads(2)
     soniq.set_num_threads(2)
