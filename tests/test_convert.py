@@ -216,3 +216,36 @@ def test_converted_conv_model_compiles_fullgraph():
     q, x = converted_conv_net()
     torch._dynamo.reset()
     assert torch.equal(torch.compile(q, fullgraph=True, backend="eager")(x), q(x))
+
+
+def test_packed_layers_take_empty_batches_and_refuse_scalars():
+    """As nn.Conv2d / nn.Linear: a batch of 0 gives an empty output of the right shape (float
+    forward, int64 accumulators); a 0-d input is a ValueError naming the layer."""
+    q, x = converted_conv_net()
+    conv, lin = q[0], q[3]
+    assert (conv.in_channels, conv.out_channels) == (3, 8) and "kernel_size=(3, 3)" in repr(conv)
+    for layer, empty, want in ((conv, x[:0], (0, 8, 6, 6)), (lin, torch.rand(0, 8 * 36), (0, 10))):
+        out, acc = layer(empty), layer.accumulators(empty)
+        assert out.shape == want and out.dtype == torch.float32
+        assert acc.shape == want and acc.dtype == torch.int64
+    with pytest.raises(ValueError, match="'?3'?: expected 288 input features, got input of shape \\(\\)"):
+        lin(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="expected input \\[B, 3, H, W\\]"):
+        conv(torch.tensor(1.0))
+
+
+def test_model_with_batchnorm_saves_and_loads(tmp_path):
+    """Float state beside the packed layers, BatchNorm's 0-d num_batches_tracked included, is
+    checksummed, saved and restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 36, 10))
+    x = torch.rand(4, 3, 6, 6) - 0.3
+    model.train()(x)  # running statistics and num_batches_tracked move off their defaults
+    q = soniq.convert(_frozen(model, x, QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3.0,
+                                                  a_bits_target=6.0)))
+    soniq.save(q, tmp_path / "bn.safetensors")
+    back = soniq.load(tmp_path / "bn.safetensors")
+    assert torch.equal(back(x), q(x))
+    assert int(back[1].num_batches_tracked) == int(q[1].num_batches_tracked) == 3
+    assert torch.equal(back[1].running_var, q[1].running_var)

@@ -147,3 +147,65 @@ def test_smoothing_alpha_is_checked(alpha):
 
     with pytest.raises(ValueError, match="smooth_alpha"):
         QATConfig(smooth_alpha=alpha)
+
+
+@pytest.mark.parametrize("dynamic", [None, "token"])
+def test_calibration_skips_non_finite_values_and_refuses_none(dynamic):
+    """The first batch sets the activation clips from its finite values only (a NaN or inf
+    there used to make a clip NaN for good); a batch with none (empty, all NaN) is refused and
+    leaves the layer uncalibrated, so a later batch still calibrates it."""
+    cfg = QATConfig(w_palette=(2, 4), a_palette=(4, 8), a_dynamic=dynamic)
+    torch.manual_seed(0)
+    x = torch.randn(8, 32)
+    clean = soniq.qat.prepare(nn.Sequential(nn.Linear(32, 16)), cfg)
+    clean(x)
+    bad = x.clone()
+    bad[0, 0], bad[1, 1], bad[2, 2] = float("nan"), float("inf"), -float("inf")
+    m = soniq.qat.prepare(nn.Sequential(nn.Linear(32, 16)), cfg)
+    m[0].load_state_dict(clean[0].state_dict())
+    m[0].a_quant.calibrated.fill_(False)
+    m(bad)
+    clip = float(m[0].a_quant.clip.detach())
+    assert 0 < clip < float("inf") and bool(m[0].a_quant.calibrated)
+    assert torch.isfinite(m(x)).all()
+    for none in (torch.empty(0, 32), torch.full((4, 32), float("nan"))):
+        u = soniq.qat.prepare(nn.Sequential(nn.Linear(32, 16)), cfg)
+        with pytest.raises(ValueError, match="0.input: cannot calibrate .* no finite values"):
+            u(none)
+        assert not bool(u[0].a_quant.calibrated)
+        u(x)
+        assert torch.equal(u[0].a_quant.clip.detach(), clean[0].a_quant.clip.detach())
+
+
+def test_half_precision_inputs_fake_quantize_in_float32():
+    """float16 / bfloat16 inputs (torch.autocast, model.half()) are quantized in float32 and
+    handed back in their dtype: the float32 result rounded to it; training under autocast runs."""
+    for dynamic in (None, "token"):
+        m = soniq.qat.prepare(nn.Sequential(nn.Linear(32, 16)), QATConfig(w_palette=(2, 4), a_palette=(4, 8),
+                                                                          a_dynamic=dynamic))
+        layer = m[0]
+        x = torch.randn(8, 32)
+        layer(x)  # calibrated
+        soniq.qat.freeze_precision(m)
+        for dt in (torch.float16, torch.bfloat16):
+            xh = x.to(dt)
+            got = layer.a_quant(xh)
+            assert got.dtype == dt and torch.equal(got, layer.a_quant(xh.float()).to(dt))
+    m = _prepared()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and m[5].weight.grad is not None and torch.isfinite(m[5].weight.grad).all()
+
+
+def test_a_layer_used_at_several_places_is_refused():
+    """One module object at two places would be swapped at its first only (a float copy left at
+    the other): refused before anything changes, unless excluded (then float at both)."""
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    with pytest.raises(ValueError, match="'0' is one layer used at several places \\(\\['0', '2'\\]\\)"):
+        soniq.qat.prepare(model, QATConfig())
+    assert model[0] is lin and model[2] is lin
+    soniq.qat.prepare(model, QATConfig(exclude=("0",)))
+    assert model[0] is lin and model[2] is lin

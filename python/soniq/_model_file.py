@@ -82,7 +82,7 @@ def _digest(tensors: dict, meta: dict) -> str:
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(k.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return h.hexdigest()
 
 

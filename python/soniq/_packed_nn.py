@@ -328,7 +328,7 @@ class PackedLinear(_PackedBase):
             if fused is not None:
                 lp, K, N = fused
                 shape = x.shape
-                if shape[-1] != K:
+                if not shape or shape[-1] != K:
                     raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(shape)}")
                 # (smoothing, a_inv_smooth, is applied by the plan in its quantize pass)
                 if x.dtype is torch.float32 and x.is_contiguous():
@@ -403,8 +403,11 @@ class PackedLinear(_PackedBase):
 
     def _run(self, x, integer):
         K = self.a_bits.numel()
-        if x.shape[-1] != K:
+        if x.dim() == 0 or x.shape[-1] != K:
             raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
+        if x.numel() == 0:  # no rows, no output values (as nn.Linear)
+            return torch.empty((*x.shape[:-1], self.w.shape[0]), dtype=torch.int64 if integer else torch.float32,
+                               device=x.device)
         plan = self._act_plan(integer)
         rows = x.reshape(-1, K)
         if self.a_inv_smooth is not None:
@@ -467,6 +470,18 @@ class PackedConv2d(_PackedBase):
                              out_scale=None if integer else ks)
         return self._plan(("conv", integer), make)
 
+    @property
+    def in_channels(self) -> int:
+        return self.a_bits.numel()
+
+    @property
+    def out_channels(self) -> int:
+        return self.w.shape[0]
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}")
+
     def conv_args(self) -> dict:
         return {"kernel_size": list(self.kernel_size), "stride": list(self.stride),
                 "padding": list(self.padding), "dilation": list(self.dilation)}
@@ -484,11 +499,14 @@ class PackedConv2d(_PackedBase):
             raise ValueError(f"{self.name}: expected input [B, {C}, H, W], got shape {tuple(x.shape)}")
         B, _, H, W = x.shape
         kh, kw = self.kernel_size
+        Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if B == 0:  # no samples, no output values (as nn.Conv2d)
+            return torch.empty((0, self.out_channels, max(Ho, 0), max(Wo, 0)),
+                               dtype=torch.int64 if integer else torch.float32)
         # quantize per channel first (zero padding is the integer 0), then unfold exact integers
         v = torch.ops.soniq.quantize_raw(x.float().contiguous(), *self._quant_params(), 1, 0, 0, True)
         cols = F.unfold(v, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C*kh*kw, L]
-        Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
         out = self._gemm(rows, self._act_plan(integer), integer)
         if not integer and self.bias is not None:

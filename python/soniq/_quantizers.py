@@ -52,6 +52,10 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+# float16 / bfloat16 inputs (torch.autocast, model.half()) are fake-quantized in float32, the
+# native quantizer's type, and handed back in their own dtype (the codes x step rounded to it)
+_HALF = (torch.float16, torch.bfloat16)
+
 class ChannelQuantizer(nn.Module):
     """Shared state: palette, learnable bits, frozen bits, phase."""
 
@@ -95,6 +99,8 @@ class ChannelQuantizer(nn.Module):
                              f"({step.detach().flatten()[:4].tolist()}...); lower the learning rate")
 
     def _fake_quant(self, x: Tensor, step: Tensor, bits: Tensor, signed: bool) -> Tensor:
+        if x.dtype in _HALF:
+            return self._fake_quant(x.float(), step, bits, signed).to(x.dtype)
         axis = self.axis % x.dim()
         self._check_step(step.detach())
         lo, hi, alpha = level_bounds(bits.to(x.dtype), signed)
@@ -190,14 +196,19 @@ class ActQuantizer(ChannelQuantizer):
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
         axis = self.axis % x.dim()
-        signed = bool(x.min() < 0)
-        self.is_signed.fill_(signed)
-        self.elems_per_channel.fill_(max(1, x[0].numel() // x.shape[axis]) if x.dim() > 1 else 1)
         xf = x.detach().float()
         if self.dynamic:  # the clip is relative to each row's largest |x|
             rows = xf.reshape(-1, xf.shape[-1])
             xf = rows / token_scale(rows, torch.ones(rows.shape[1], device=rows.device))[:, None]
         xf = xf.flatten()
+        xf = xf[torch.isfinite(xf)]  # a NaN or inf would make the clip NaN or inf for good
+        if xf.numel() == 0:  # checked before any state changes: a later batch can still calibrate
+            raise ValueError(f"{self.name}: cannot calibrate the activation clip on an input of shape "
+                             f"{tuple(x.shape)} with no finite values (the first batch a prepared model "
+                             f"sees sets its activation clips: pass real, finite data first)")
+        signed = bool(xf.min() < 0)
+        self.is_signed.fill_(signed)
+        self.elems_per_channel.fill_(max(1, x[0].numel() // x.shape[axis]) if x.dim() > 1 else 1)
         if xf.numel() > 200_000:
             xf = xf[torch.randperm(xf.numel(), device=xf.device)[:200_000]]
         amax = float(xf.abs().max().clamp_min(1e-8))
@@ -224,6 +235,8 @@ class ActQuantizer(ChannelQuantizer):
         return grad_scale(self.clip, g).clamp_min(1e-12) / _den(b, self.signed)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 0:
+            raise ValueError(f"{self.name}: expected an input with a channel axis, got a 0-d tensor")
         if not bool(self.calibrated):
             self.calibrate(x)
         axis = self.axis % x.dim()
@@ -234,6 +247,8 @@ class ActQuantizer(ChannelQuantizer):
     def _dynamic_quant(self, x: Tensor, step: Tensor, bits: Tensor) -> Tensor:
         if self.axis % x.dim() != x.dim() - 1:
             raise ValueError(f"{self.name}: per-token dynamic scales need the channels last (Linear inputs)")
+        if x.dtype in _HALF:
+            return self._dynamic_quant(x.float(), step, bits).to(x.dtype)
         self._check_step(step.detach())
         lo, hi, alpha = level_bounds(bits.to(x.dtype), self.signed)
         exact = int(self.phase) == PHASE_EXACT

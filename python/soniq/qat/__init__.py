@@ -100,6 +100,17 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
     unknown = excl - set(cand) - {"first", "last"}
     if unknown:
         raise ValueError(f"exclude names modules that are not Linear/Conv2d layers of the model: {sorted(unknown)}")
+    # a layer reached under several names (one module object used twice) would be swapped at
+    # its first place only, leaving float copies of it elsewhere: refused before anything changes
+    places = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(m), []).append(n)
+    for name in cand:
+        more = places[id(model.get_submodule(name))]
+        if name not in excl and len(more) > 1:
+            raise ValueError(f"module {name!r} is one layer used at several places ({more}): soniq.qat.prepare "
+                             f"quantizes a layer at one place; give each place its own copy "
+                             f"(copy.deepcopy) or keep it in float with QATConfig(exclude=({name!r},))")
     kw = dict(w_palette=cfg.w_palette, a_palette=cfg.a_palette,
               w_bits=cfg.init_w_bits or sum(cfg.w_palette) / 2, a_bits=cfg.init_a_bits or sum(cfg.a_palette) / 2)
     keyed = []
