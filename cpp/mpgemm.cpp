@@ -318,8 +318,19 @@ void mpgemm(const PackedOperand& a, const PackedOperand& b, const int64_t* ksegs
     auto larger = [](const Task& x, const Task& y) {
       return (x.m1 - x.m0) * ((x.n1 - x.n0 + 15) / 16) > (y.m1 - y.m0) * ((y.n1 - y.n0 + 15) / 16);
     };
-    if (!units && !std::is_sorted(tasks.begin() + first, tasks.end(), larger))
+    if (!units && !std::is_sorted(tasks.begin() + first, tasks.end(), larger)) {
       std::stable_sort(tasks.begin() + first, tasks.end(), larger);
+      // parallel_for gives thread t a contiguous run of the tasks (the first n % T runs one
+      // longer): dealt round-robin into those runs, each thread still goes largest first
+      const int64_t n = int64_t(tasks.size()) - first, T = std::min(threads, n);
+      if (T > 1) {
+        std::vector<Task> dealt;
+        dealt.reserve(size_t(n));
+        for (int64_t s = 0; s < T; ++s)
+          for (int64_t i = s; i < n; i += T) dealt.push_back(tasks[size_t(first + i)]);
+        std::copy(dealt.begin(), dealt.end(), tasks.begin() + first);
+      }
+    }
     slab_end.push_back(int64_t(tasks.size()));
   }
   // the calling thread's, kept for its next call: the merge buffer (a large output), and for

@@ -11,6 +11,7 @@ struct Runtime {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;  // GOMP_parallel (GCC >= 4.9 ABI)
   int (*max_threads)() = nullptr;
   int (*in_parallel)() = nullptr;
+  int (*thread_num)() = nullptr;
   std::string path;
 };
 
@@ -30,7 +31,8 @@ const Runtime* load() {
   rt->parallel = reinterpret_cast<decltype(rt->parallel)>(dlsym(h, "GOMP_parallel"));
   rt->max_threads = reinterpret_cast<decltype(rt->max_threads)>(dlsym(h, "omp_get_max_threads"));
   rt->in_parallel = reinterpret_cast<decltype(rt->in_parallel)>(dlsym(h, "omp_in_parallel"));
-  if (!rt->parallel || !rt->max_threads || !rt->in_parallel) {
+  rt->thread_num = reinterpret_cast<decltype(rt->thread_num)>(dlsym(h, "omp_get_thread_num"));
+  if (!rt->parallel || !rt->max_threads || !rt->in_parallel || !rt->thread_num) {
     delete rt;
     return nullptr;
   }
@@ -58,6 +60,8 @@ std::string library_path() {
 }
 
 int max_threads() { return runtime()->max_threads(); }
+
+int thread_num() { return runtime()->thread_num(); }
 
 bool in_parallel() {
   const Runtime* rt = runtime();

@@ -21,52 +21,49 @@
 namespace soniq {
 namespace {
 
-// One job's tasks, handed out one index at a time. Each joining thread takes a slot, tasks
-// slot, slot + slots, slot + 2 slots, ... (the job's order, interleaved, as one shared counter
-// would hand them out), claimed from the slot's own counter on its own cache line; a thread
-// whose slot is empty claims from the others'. One shared counter made every claim a cache
-// line transfer between cores (~160 ns here), 7.5% of a 16 x 1536 x 384 layer's samples.
+// One job's tasks, handed out one index at a time. Thread number t (0 = the caller) takes slot t:
+// a contiguous run of the tasks, as torch's static OpenMP schedule gives thread t a contiguous
+// run of the rows, so a row task mostly reads what the same core's torch op just wrote
+// (and writes what it will read next). Claims come from the slot's own counter on its own cache
+// line; a thread whose slot is empty claims from the others'.
 struct Tasks {
   static constexpr int kMaxSlots = 64;
   struct alignas(64) Slot {
-    std::atomic<int64_t> next{0};  // the slot's next local index j (task slot + j * slots)
-    int64_t count = 0;             // its tasks
+    std::atomic<int64_t> next{0};  // the slot's next task
+    int64_t end = 0;               // one past its last
   };
   const std::function<void(int64_t)>* fn = nullptr;
   int64_t n = 0;
   int slots = 1;
-  alignas(64) std::atomic<int> joined{0};
   std::mutex m;
   std::exception_ptr error;
   Slot slot[kMaxSlots];
 
-  // threads: how many will call run() (more is allowed: they share the slots)
+  // threads: how many will call run() (thread numbers past it share the slots)
   void reset(const std::function<void(int64_t)>* f, int64_t count, int threads) {
     fn = f;
     n = count;
     slots = int(std::clamp<int64_t>(std::min<int64_t>(threads, count), 1, kMaxSlots));
+    const int64_t base = count / slots, extra = count % slots;  // the first `extra` slots take one more
     for (int s = 0; s < slots; ++s) {
-      slot[s].count = (count - s + slots - 1) / slots;
-      slot[s].next.store(0, std::memory_order_relaxed);
+      slot[s].next.store(s * base + std::min<int64_t>(s, extra), std::memory_order_relaxed);
+      slot[s].end = (s + 1) * base + std::min<int64_t>(s + 1, extra);
     }
-    joined.store(0, std::memory_order_relaxed);
     error = nullptr;
   }
 
-  void run() {
-    const int first = joined.fetch_add(1, std::memory_order_relaxed) % slots;
+  void run(int who) {
     for (int k = 0; k < slots; ++k) {
-      const int s = (first + k) % slots;
-      Slot& sl = slot[s];
+      Slot& sl = slot[(who + k) % slots];
       for (;;) {
-        const int64_t j = sl.next.fetch_add(1, std::memory_order_relaxed);
-        if (j >= sl.count) break;
+        const int64_t i = sl.next.fetch_add(1, std::memory_order_relaxed);
+        if (i >= sl.end) break;
         try {
-          (*fn)(s + j * slots);
+          (*fn)(i);
         } catch (...) {
           std::lock_guard<std::mutex> g(m);
           if (!error) error = std::current_exception();
-          for (int o = 0; o < slots; ++o) slot[o].next.store(slot[o].count, std::memory_order_relaxed);
+          for (int o = 0; o < slots; ++o) slot[o].next.store(slot[o].end, std::memory_order_relaxed);
         }
       }
     }
@@ -96,7 +93,7 @@ struct Pool {
   // `seen` starts at the generation current when the worker is made: a worker made by a
   // resize must not mistake the last finished job for a new one (it would decrement
   // `active` twice and let a later job return while it still runs that job's tasks).
-  void worker_loop(uint64_t seen) {
+  void worker_loop(uint64_t seen, int who) {  // who: the worker's thread number (1, 2, ...)
     std::unique_lock<std::mutex> lk(m);
     for (;;) {
       if (!stopping && generation == seen) {  // jobs come in bursts (one per layer): wait awake a little
@@ -108,7 +105,7 @@ struct Pool {
       if (stopping) return;
       seen = generation;
       lk.unlock();
-      job.run();
+      job.run(who);
       lk.lock();
       if (--active == 0) cv_done.notify_all();
     }
@@ -143,7 +140,7 @@ struct Pool {
       std::lock_guard<std::mutex> g(m);
       gen = generation;
     }
-    for (int i = 0; i < need; ++i) workers.emplace_back([this, gen] { worker_loop(gen); });
+    for (int i = 0; i < need; ++i) workers.emplace_back([this, gen, i] { worker_loop(gen, i + 1); });
   }
 };
 
@@ -241,7 +238,7 @@ void run_on_omp(int64_t n, const std::function<void(int64_t)>& fn, int threads) 
   g_omp_tasks.reset(&fn, n, threads);
   // the whole team even when n < threads: libgomp ends the threads a smaller team leaves
   // out, and torch's next region would have to create them again
-  omp::parallel([](void* t) { static_cast<Tasks*>(t)->run(); }, &g_omp_tasks, unsigned(threads));
+  omp::parallel([](void* t) { static_cast<Tasks*>(t)->run(omp::thread_num()); }, &g_omp_tasks, unsigned(threads));
   g_omp_tasks.fn = nullptr;
   g_omp_tasks.rethrow();
 }
@@ -260,7 +257,7 @@ void run_on_pool(int64_t n, const std::function<void(int64_t)>& fn, int threads)
     p.published.store(p.generation, std::memory_order_release);
   }
   p.cv_work.notify_all();
-  p.job.run();
+  p.job.run(0);
   Pool::spin_until([&] { return p.active.load(std::memory_order_acquire) == 0; });
   std::unique_lock<std::mutex> lk(p.m);
   p.cv_done.wait(lk, [&] { return p.active == 0; });
