@@ -210,3 +210,10 @@ def test_missed_targets_give_the_reason_of_their_shape_kind(isa):
         gemv, gemm = (next(t["why_missed"] for t in targets if t["shape"] == s and t["method"] == meth)
                       for s in ("gemv_8k", "gemm_minilm_m128"))
         assert gemv != gemm
+
+
+def test_bench_threads_zero_is_refused(tmp_path):
+    """`--threads 0` reaches the benchmark's own check (0 == False once dropped it, running the
+    whole benchmark at the default count)."""
+    r = run(["bench", "cpu", "--quick", "--threads", "0", "--out", str(tmp_path)], tmp_path, timeout=120)
+    assert r.returncode == 2 and "--threads must be >= 1, got 0" in r.stderr

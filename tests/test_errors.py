@@ -160,3 +160,86 @@ def test_k_segment_with_extra_words_rejected():
         sd["ksegs"] = sd["ksegs"] + torch.tensor([[0, 1]])
         with pytest.raises(ValueError, match=r"ksegs words per segment \[3\] must be ceil\(klen / 64\) = \[2\]"):
             soniq.PackedTensor.from_state_dict(sd, p.metadata())
+
+
+def _packed(rows, k, bits, signed=False):
+    return ops.pack(torch.ones(rows, k, dtype=torch.int64), bits, signed=signed)
+
+
+def test_raw_ops_refuse_what_would_read_past_their_buffers():
+    """torch.ops.soniq.* called directly (soniq.ops checks everything before calling them): the
+    sizes and dtypes the kernels rely on are checked against the layout metadata, so a bad call
+    raises instead of reading or writing out of bounds (these segfaulted or returned garbage)."""
+    raw = torch.ops.soniq
+    with pytest.raises(ValueError, match="unpack_block: planes must be int64 with 8 x 20000 x 1 words"):
+        raw.unpack_block(torch.zeros(1, dtype=torch.int64), 8, 20000, 64, 1)
+    with pytest.raises(ValueError, match="pack_block: codes must be uint8"):
+        raw.pack_block(torch.zeros(2, 8, dtype=torch.int64), 4, 1)
+    x, s = torch.randn(1000, 3), torch.ones(1)
+    with pytest.raises(ValueError, match="quantize_raw: scale must be torch.float32 with 1000 entries"):
+        raw.quantize_raw(x, s, s, s, s, 0, 0, 0, False)
+    s3 = torch.ones(3)
+    with pytest.raises(ValueError, match="quantize_raw: x must be float32/float64"):
+        raw.quantize_raw(torch.zeros(3, 4, dtype=torch.int32), s3, s3, s3, s3, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="quantize_raw: scale must be torch.float64"):
+        raw.quantize_raw(torch.zeros(3, 4, dtype=torch.float64), s3, s3, s3, s3, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="noise must be 0"):
+        raw.quantize_raw(torch.zeros(3, 4), s3, s3, s3, s3, 0, 7, 0, True)
+    a, b = _packed(2000, 8, 4), _packed(4, 8, 4)
+    args = [a.data, a.desc, a.sums, a.row_perm, False, b.data, b.desc, b.sums, b.row_perm, False, a.ksegs,
+            None, None, None, None, 0]
+
+    def call(**change):
+        names = ["a_data", "a_desc", "a_sums", "a_perm", "a_signed", "b_data", "b_desc", "b_sums", "b_perm",
+                 "b_signed", "ksegs", "a_row_scale", "b_row_scale", "a_seg_scale", "b_seg_scale", "kind"]
+        v = dict(zip(names, args))
+        v.update(change)
+        layout = v.pop("b_layout", None)
+        return raw.mpgemm_packed(*v.values(), layout)
+
+    assert torch.equal(call(), ops.mpgemm(a, b))  # the checks pass what soniq.ops hands over
+    with pytest.raises(ValueError, match="a_data has 1 words, its desc and ksegs need 8000"):
+        call(a_data=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="a_data must be a contiguous int64 tensor"):
+        call(a_data=a.data.float())
+    with pytest.raises(ValueError, match="a_sums has 1 entries, expected 2000 x 1"):
+        call(a_sums=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="a_row_scale must be float32 with 2000 entries"):
+        call(a_row_scale=torch.ones(1), kind=2)
+    with pytest.raises(ValueError, match="b_layout holds 8 bytes"):
+        call(b_data=None, b_layout=torch.zeros(8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="b_data is None without an execution layout"):
+        call(b_data=None)
+    with pytest.raises(ValueError, match="a_desc row groups must cover"):
+        call(a_desc=torch.tensor([[0, 2000, 9]]))
+
+
+def test_packed_tensor_scale_and_device_moves_are_checked():
+    """with_scale takes what pack(scale=) takes (and keeps per-token scales); to() moves devices
+    only: a dtype would turn the integer words into floats."""
+    a, b = _packed(3, 300, 8), ops.pack(torch.randint(-2, 2, (40, 300)), 2, signed=True)
+    with pytest.raises(ValueError, match="scale must be a scalar or 1-D with 40 entries"):
+        b.with_scale(torch.ones(1))
+    with pytest.raises(ValueError, match="scale\\[0\\] = -1.0"):
+        b.with_scale(-torch.ones(40))
+    want = ops.mpgemm(a, b).float() * 2
+    assert torch.equal(ops.mpgemm(a, b.with_scale(2.0)), want)
+    assert torch.equal(ops.mpgemm(a, b.with_scale(torch.full((40,), 2.0, dtype=torch.float64))), want)
+    x = torch.randn(4, 300)
+    p = ops.quantize_pack(x, 1 / 100, 8, signed=True, dynamic="token")
+    w = b.with_scale(1.0)
+    assert torch.equal(ops.mpgemm(p.with_scale(p.scale), w), ops.mpgemm(p, w))
+    with pytest.raises(TypeError, match="moves to a device"):
+        b.to(torch.float32)
+    assert torch.equal(b.to("cpu").data, b.data)
+
+
+def test_small_api_errors_name_the_argument():
+    with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
+        ops.philox_uniform(10, 0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="scale\\[0\\] = .* is too small: its float32 inverse overflows"):
+        ops.quantize(torch.tensor([[0.0, -1.0]]), 1e-45, 4, signed=True)
+    with pytest.raises(ValueError, match="axis must be 0 .* got 1.0"):
+        ops.pack(torch.ones(2, 4, dtype=torch.int64), 4, signed=True, axis=1.0)
+    with pytest.raises(ValueError, match="bits_along_k\\[0\\] must hold widths in 1..8"):
+        soniq.KLayout.from_bits([0, 4])

@@ -4,6 +4,7 @@ gains steer the tiers, and the converted packed model computes exactly the fake-
 model's integer accumulators, for Linear and Conv2d."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -304,6 +305,9 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(bias_correction=1), "bias_correction must be True or False"),
     (dict(bias_correction_batches=-1), "bias_correction_batches must be an integer >= 0"),
     (dict(bias_correction_batches=2.0), "bias_correction_batches must be an integer >= 0"),
+    (dict(w_palette=(True, 4)), "w_palette must be two integer bit widths"),
+    (dict(qat_options=(("foo", 1),)), "qat_options: .*unexpected keyword argument 'foo'"),
+    (dict(qat_options=(("a_dynamic", "row"),)), "a_dynamic must be None"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -313,6 +317,8 @@ def test_config_errors(kw, match):
 def test_config_is_a_frozen_value():
     c = PTQConfig(w_palette=[2, 4], w_bits_target=3)
     assert c.w_palette == (2, 4) and c == PTQConfig(w_palette=(2, 4), w_bits_target=3)
+    n = PTQConfig(w_palette=(np.int64(2), np.int32(4)), w_bits_target=np.float32(3.0))  # numpy numbers too
+    assert n == c and type(n.w_palette[0]) is int and type(n.w_bits_target) is float
     with pytest.raises(Exception):
         c.rounding = "rtn"
 
@@ -336,8 +342,20 @@ def test_quantize_errors():
         quantize(_mlp(), batches, forward=lambda m, b: m[0](b))
     with pytest.raises(ValueError, match="reconstruct_blocks: the model has no module 'blk'"):
         quantize(_mlp(), batches, PTQConfig(reconstruct_blocks=("blk",), reconstruct_steps=1))
-    with pytest.raises(ValueError, match="groups=1"):
+    with pytest.raises(ValueError, match="groups=1 .*exclude it to keep it in float"):
         quantize(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), [torch.randn(2, 4, 6, 6)])
+    bad = [b.clone() for b in batches[:2]]
+    bad[1][3, 5] = float("nan")
+    with pytest.raises(ValueError, match="calibration batch 1: the input of layer '0' holds NaN or inf"):
+        quantize(_mlp(), bad)
+
+
+def test_a_layer_ptq_cannot_pack_stays_float_when_excluded():
+    """A grouped Conv2d is refused unless excluded; excluded, the model quantizes around it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(36, 2))
+    q = quantize(m, [torch.randn(8, 4, 5, 5) for _ in range(2)], PTQConfig(exclude=("0",)))
+    assert type(q[0]) is nn.Conv2d and isinstance(q[2], QLinear)
 
 
 def test_exclude_keeps_layers_in_float_and_convert_packs_the_rest():

@@ -32,6 +32,12 @@ def unpack_block_torch(planes: Tensor, bits: int, rows: int, klen: int, kw: int)
     return codes.to(torch.uint8).contiguous()
 
 
+def _check_block(op: str, ok: bool, msg: str) -> None:
+    """What keeps the native kernels in bounds when the op is called directly."""
+    if not ok:
+        raise ValueError(f"soniq::{op}: {msg}")
+
+
 @torch.library.custom_op("soniq::pack_block", mutates_args=())
 def pack_block(codes: Tensor, bits: int, kw: int) -> Tensor:
     """codes: uint8 [rows, klen] (< 2**bits) -> int64 words [bits * rows * kw] (bit planes).
@@ -41,7 +47,9 @@ def pack_block(codes: Tensor, bits: int, kw: int) -> Tensor:
 
 @register(pack_block, "cpu")
 def pack_block_cpu(codes: Tensor, bits: int, kw: int) -> Tensor:
+    _check_block("pack_block", codes.dtype == torch.uint8 and codes.dim() == 2, "codes must be uint8 [rows, klen]")
     rows, klen = codes.shape
+    _check_block("pack_block", 1 <= bits <= 8 and 0 <= klen <= kw * 64, f"bits {bits} / kw {kw} for klen {klen}")
     codes = codes.contiguous()
     out = torch.empty(bits * rows * kw, dtype=torch.int64)
     _C.pack_block(codes.data_ptr(), rows, klen, klen, bits, kw, out.data_ptr())
@@ -62,6 +70,10 @@ def unpack_block(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Te
 
 @register(unpack_block, "cpu")
 def unpack_block_cpu(planes: Tensor, bits: int, rows: int, klen: int, kw: int) -> Tensor:
+    _check_block("unpack_block", 1 <= bits <= 8 and rows >= 0 and 0 <= klen <= kw * 64,
+                 f"bits {bits} / rows {rows} / klen {klen} / kw {kw}")
+    _check_block("unpack_block", planes.dtype == torch.int64 and planes.numel() >= bits * rows * kw,
+                 f"planes must be int64 with {bits} x {rows} x {kw} words, got {planes.dtype} with {planes.numel()}")
     planes = planes.contiguous()
     out = torch.empty(rows, klen, dtype=torch.uint8)
     _C.unpack_block(planes.data_ptr(), rows, klen, bits, kw, out.data_ptr(), klen)

@@ -128,7 +128,7 @@ def _bench_args(args) -> list:
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
         if v is True:
             out.append(flag)
-        elif v not in (None, False):
+        elif v is not None and v is not False:  # 0 == False: `--threads 0` must reach the check
             out += [flag, str(v)]
     return out
 

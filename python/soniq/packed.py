@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _checks
 from ._native import _C
 from ._packed_check import validate_packed
 
@@ -30,6 +31,9 @@ class KLayout:
         cols = [torch.as_tensor(b, dtype=torch.int64).reshape(-1) for b in bits_along_k]
         if not cols or any(c.numel() != cols[0].numel() for c in cols):
             raise ValueError("bits_along_k must be one or more 1-D arrays of the same length K")
+        for i, c in enumerate(cols):
+            if c.numel() == 0 or bool(((c < 1) | (c > 8)).any()):
+                raise ValueError(f"bits_along_k[{i}] must hold widths in 1..8, got {c.tolist()[:8]}")
         key = torch.zeros_like(cols[0])
         for c in cols:  # lexicographic key over the widths (each in 1..8, so base 16)
             key = key * 16 + c
@@ -207,6 +211,9 @@ class PackedTensor:
 
     def to(self, device) -> "PackedTensor":
         """Moves every buffer to `device` (no repacking: the layout is device-independent)."""
+        if isinstance(device, torch.dtype) or not isinstance(device, (str, int, torch.device)):
+            raise TypeError(f"PackedTensor.to moves to a device (a str, int or torch.device); its integer words have "
+                            f"no other dtype, got {device!r}")
         host = self.host_meta()
         moved = {k: (v.to(device) if v is not None else None) for k, v in self._tensors().items()}
         return PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
@@ -214,9 +221,12 @@ class PackedTensor:
                             token_scale=None if self.token_scale is None else self.token_scale.to(device), **moved)
 
     def with_scale(self, scale: "torch.Tensor | None") -> "PackedTensor":
-        """The same packed data with another scale (None: plain integer operand)."""
+        """The same packed data with another scale (None: plain integer operand): a positive
+        float or one per channel, checked as pack(scale=) checks it."""
+        scale = _checks.scale_vector(scale, (self.shape[0], self.shape[1])[self.axis], "scale", self.device)
         pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
                           kind=self.kind, layout=self.layout, scale=scale, host_meta=self._host,
+                          token_scale=None if scale is None else self.token_scale,  # per-token scales stay
                           **{k: v for k, v in self._tensors(resident=True).items() if k != "scale"})
         pt._exec = self._exec  # the same words: the same layouts
         return pt

@@ -27,9 +27,11 @@ soniq.convert's packed model stay exactly equal.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,9 +49,11 @@ _LOGIT = 30.0  # sigmoid(+-30) pins a channel's phase-1 bits at a palette end
 
 
 def _palette(name: str, pal) -> tuple:
-    if not isinstance(pal, (tuple, list)) or len(pal) != 2 or not all(isinstance(b, int) for b in pal):
+    # numbers.Integral takes numpy's integers; a bool is not a bit width
+    if (not isinstance(pal, (tuple, list)) or len(pal) != 2
+            or not all(isinstance(b, numbers.Integral) and not isinstance(b, (bool, np.bool_)) for b in pal)):
         raise ValueError(f"{name} must be two integer bit widths (low tier, high tier), got {pal!r}")
-    lo, hi = pal
+    lo, hi = int(pal[0]), int(pal[1])
     if not (1 <= lo <= hi <= 8 and (lo == hi or lo <= 4 <= hi)):
         raise ValueError(f"{name}={tuple(pal)}: one width in 1..8 (uniform), or a low tier in 1..4 and a high "
                          "tier in 4..8")
@@ -111,8 +115,9 @@ class PTQConfig:
             lo, hi = _palette(pal, getattr(self, pal))
             set_(self, pal, (lo, hi))
             t = getattr(self, tgt)
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Real) or not math.isfinite(t):
                 raise ValueError(f"{tgt} must be a finite number, got {t!r}")
+            set_(self, tgt, float(t))
             if t < lo:
                 raise ValueError(f"budget cannot be met: {tgt}={t} is below the low tier of {pal}={(lo, hi)}")
         if self.rounding not in ("gptq", "rtn"):
@@ -166,6 +171,10 @@ class PTQConfig:
                 raise ValueError("qat_options hadamard_block and smooth_alpha cannot be combined (one input "
                                  "transform per layer)")
         set_(self, "qat_options", tuple(sorted(opts.items())))
+        try:  # an unknown option or a bad value fails here, not after the calibration pass
+            self.qat_config()
+        except TypeError as e:
+            raise ValueError(f"qat_options: {e}") from None
 
     def qat_config(self):
         """The soniq.qat.QATConfig the model is prepared with (a uniform width b becomes the
@@ -251,7 +260,7 @@ def _float_pass(model, layers: dict, batches, forward, cap: int):
     stats = {n: _Stats(m.weight[0].numel(), cap) for n, m in layers.items()}
     order, inputs, groups = [], [], []
     gen = torch.Generator().manual_seed(0)
-    first = [True]
+    first, batch = [True], [0]
     last = [None, None, None]  # (input, conv geometry, X.T X): Q, K and V share one product
 
     def hook(name):
@@ -260,6 +269,9 @@ def _float_pass(model, layers: dict, batches, forward, cap: int):
             geo = (m.kernel_size, m.dilation, m.padding, m.stride) if isinstance(m, nn.Conv2d) else None
             if last[0] is not x or last[1] != geo:
                 r = _rows(m, x).detach().float()
+                if not bool(torch.isfinite(r).all()):  # H and the clips would be NaN (damping cannot help)
+                    raise ValueError(f"calibration batch {batch[0]}: the input of layer {name!r} holds NaN or inf; "
+                                     "PTQ needs finite calibration data")
                 last[:] = [x, geo, (r.T @ r, r.shape[0], r.abs().amax(0))]
             if first[0] and name not in order:
                 order.append(name)
@@ -278,6 +290,7 @@ def _float_pass(model, layers: dict, batches, forward, cap: int):
     try:
         with torch.no_grad():
             for i, b in enumerate(batches):
+                batch[0] = i
                 forward(model, b)
                 first[0] = False
     finally:
@@ -301,18 +314,25 @@ class Calibration:
     layer_names: tuple
 
 
-def _layers(model: nn.Module, exclude) -> dict:
-    """The layers soniq.qat.prepare will swap (same rule for exclude, "first", "last")."""
+def _unsupported(m) -> bool:
+    return isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str))
+
+
+def _layers(model: nn.Module, exclude, skip_unsupported: bool = False) -> dict:
+    """The layers soniq.qat.prepare will swap (same rule for exclude, "first", "last"); a
+    Conv2d it cannot pack raises unless excluded (skip_unsupported: left out, for calibrate,
+    which gathers statistics before any exclude is known)."""
     cand = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
     excl, names = set(exclude), list(cand)
     excl |= {names[0]} if "first" in excl and names else set()
     excl |= {names[-1]} if "last" in excl and names else set()
-    layers = {n: m for n, m in cand.items() if n not in excl}
+    layers = {n: m for n, m in cand.items() if n not in excl and not (skip_unsupported and _unsupported(m))}
     if not layers:
         raise ValueError("model has no nn.Linear / nn.Conv2d layer to quantize (after exclude)")
     for n, m in layers.items():
-        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
-            raise ValueError(f"module {n!r} (Conv2d): soniq.ptq handles groups=1 with numeric zero padding only")
+        if _unsupported(m):
+            raise ValueError(f"module {n!r} (Conv2d): soniq.ptq handles groups=1 with numeric zero padding only "
+                             f"(exclude it to keep it in float)")
     return layers
 
 
@@ -337,7 +357,7 @@ def calibrate(model: nn.Module, calib_batches, *, forward: Optional[Callable] = 
     if not batches:
         raise ValueError("calib_batches is empty: PTQ needs calibration inputs")
     forward = forward or _default_forward
-    layers = _layers(model, ())
+    layers = _layers(model, (), skip_unsupported=True)
     was = model.training
     model.eval()
     try:
@@ -537,13 +557,13 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     cfg = PTQConfig() if config is None else config
     if not isinstance(cfg, PTQConfig):
         raise TypeError(f"config must be a soniq.ptq.PTQConfig, got {type(cfg).__name__}")
+    layers = _layers(model, cfg.exclude)  # before the float pass: a layer it cannot pack fails fast
     if isinstance(calib, Calibration):
         if forward is not None:
             raise ValueError("forward= belongs to calibrate() when calib is a Calibration")
         cal = calib
     else:
         cal = calibrate(model, calib, forward=forward)
-    layers = _layers(model, cfg.exclude)
     if not set(layers) <= set(cal.layer_names):
         raise ValueError(f"the Calibration was made on another model: no statistics for "
                          f"{sorted(set(layers) - set(cal.layer_names))[:4]}")

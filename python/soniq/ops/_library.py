@@ -43,6 +43,45 @@ def mpgemm_packed(a_data: Tensor, a_desc: Tensor, a_sums: Tensor, a_perm: Tensor
     raise no_kernel(mpgemm_packed, "soniq::mpgemm_packed", a_data.device)
 
 
+def _check_bounds(a_data, a_desc, a_sums, a_perm, b_data, b_desc, b_sums, b_perm, ksegs,
+                  a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, b_layout) -> None:
+    """What keeps the kernels within the buffers when the op is called directly (soniq.ops.mpgemm
+    has checked the operands already): dtypes and sizes against desc and ksegs, on the host."""
+    def bad(msg):
+        raise ValueError(f"soniq::mpgemm_packed: {msg}")
+
+    if ksegs.dtype != torch.int64 or ksegs.dim() != 2 or ksegs.shape[1] != 2 or ksegs.shape[0] < 1:
+        bad("ksegs must be int64 [S, 2]")
+    S = ksegs.shape[0]
+    kw = [k[1] for k in ksegs.tolist()]
+    for side, data, desc, sums, perm, row_scale, layout in (("a", a_data, a_desc, a_sums, a_perm, a_row_scale, None),
+                                                            ("b", b_data, b_desc, b_sums, b_perm, b_row_scale, b_layout)):
+        for what, t in (("data", data), ("desc", desc), ("sums", sums), ("perm", perm)):
+            if t is not None and (t.dtype != torch.int64 or not t.is_contiguous()):
+                bad(f"{side}_{what} must be a contiguous int64 tensor, got {t.dtype}")
+        if desc.dim() != 2 or desc.shape[1] != 2 + S:
+            bad(f"{side}_desc must be [G, {2 + S}] for {S} K segments, got {tuple(desc.shape)}")
+        groups, rows = desc.tolist(), perm.numel()
+        if any(g[1] < 0 or any(not 1 <= b <= 8 for b in g[2:]) for g in groups) or sum(g[1] for g in groups) != rows:
+            bad(f"{side}_desc row groups must cover the {rows} rows of {side}_perm with widths in 1..8")
+        words = sum(g[2 + s] * g[1] * kw[s] for g in groups for s in range(S))
+        if data is not None and data.numel() < words:
+            bad(f"{side}_data has {data.numel()} words, its desc and ksegs need {words}")
+        if data is None and layout is None:
+            bad(f"{side}_data is None without an execution layout")
+        if sums.numel() < rows * S:
+            bad(f"{side}_sums has {sums.numel()} entries, expected {rows} x {S}")
+        if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.numel() != rows):
+            bad(f"{side}_row_scale must be float32 with {rows} entries")
+        if layout is not None:
+            need = sum(g[2 + s] * ((g[1] + 15) // 16 * 16) * kw[s] * 8 for g in groups for s in range(S))
+            if layout.numel() * layout.element_size() < need or not layout.is_contiguous():
+                bad(f"{side}_layout holds {layout.numel() * layout.element_size()} bytes, the layout needs {need}")
+    for name, t in (("a_seg_scale", a_seg_scale), ("b_seg_scale", b_seg_scale)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != S):
+            bad(f"{name} must be float32 with {S} entries")
+
+
 def _operands(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
               a_row_scale, b_row_scale, a_seg_scale, b_seg_scale) -> tuple:
     """The operand and scale tuples the native drivers take (raw pointers)."""
@@ -56,6 +95,8 @@ def _operands(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, 
 @register(mpgemm_packed, "cpu")
 def mpgemm_packed_cpu(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed, ksegs,
                       a_row_scale, b_row_scale, a_seg_scale, b_seg_scale, kind, b_layout=None):
+    _check_bounds(a_data, a_desc, a_sums, a_perm, b_data, b_desc, b_sums, b_perm, ksegs, a_row_scale, b_row_scale,
+                  a_seg_scale, b_seg_scale, b_layout)
     out = torch.empty(a_perm.numel(), b_perm.numel(), dtype=_KIND_DTYPE[kind])
     A, B, S = _operands(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
                         a_row_scale, b_row_scale, a_seg_scale, b_seg_scale)
@@ -69,6 +110,8 @@ def mpgemm_packed_cuda(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc,
     """b_layout is a CPU execution layout: unused here."""
     out = torch.empty(a_perm.numel(), b_perm.numel(), dtype=_KIND_DTYPE[kind], device=a_data.device)
     a_desc, b_desc, ksegs = a_desc.cpu(), b_desc.cpu(), ksegs.cpu()  # a sync only if given on the device
+    _check_bounds(a_data, a_desc, a_sums, a_perm, b_data, b_desc, b_sums, b_perm, ksegs, a_row_scale, b_row_scale,
+                  a_seg_scale, b_seg_scale, None)
     A, B, S = _operands(a_data, a_desc, a_sums, a_perm, a_signed, b_data, b_desc, b_sums, b_perm, b_signed,
                         a_row_scale, b_row_scale, a_seg_scale, b_seg_scale)
     nsegs = ksegs.shape[0]

@@ -68,7 +68,7 @@ def pack(values, bits, *, signed: bool, axis: int = 0, scale=None, k_layout=None
     if not isinstance(signed, (bool, np.bool_)):
         raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
     signed = bool(signed)
-    if axis not in (0, 1) or isinstance(axis, bool):
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or axis not in (0, 1):
         raise ValueError(f"axis must be 0 (per row) or 1 (per K column), got {axis!r}")
     v, kind = C.as_int_tensor(values, "values")
     C.check_2d_nonempty(v, "values")

@@ -82,6 +82,16 @@ def quantize_raw(x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, alpha: Tensor
 def _quantize_native(on_cuda: bool, x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, alpha: Tensor, axis: int,
                      noise: int, seed: int, values_only: bool) -> Tensor:
     """cpp/quantize.cpp or cuda/quantize.cu (one binding; the stream is the current one)."""
+    # what keeps the kernel in bounds when the op is called directly (ops.quantize checks the rest)
+    if x.dtype not in (torch.float32, torch.float64) or x.dim() == 0 or not 0 <= axis < x.dim():
+        raise ValueError(f"soniq::quantize_raw: x must be float32/float64 with an axis in range, got {x.dtype}, "
+                         f"shape {tuple(x.shape)}, axis {axis}")
+    for name, t in (("scale", scale), ("lo", lo), ("hi", hi), ("alpha", alpha)):
+        if t.dtype != x.dtype or t.numel() != x.shape[axis] or t.device != x.device:
+            raise ValueError(f"soniq::quantize_raw: {name} must be {x.dtype} with {x.shape[axis]} entries on "
+                             f"{x.device}, got {t.dtype} with {t.numel()} on {t.device}")
+    if noise not in (0, 1):
+        raise ValueError(f"soniq::quantize_raw: noise must be 0 (round) or 1 (uniform), got {noise}")
     x = x.contiguous()
     out = torch.empty_like(x)
     outer = int(np.prod(x.shape[:axis])) if axis > 0 else 1
@@ -112,6 +122,8 @@ def _(x, scale, lo, hi, alpha, axis, noise, seed, values_only):
 
 def philox_uniform(n: int, seed: int, *, dtype=torch.float32, device="cpu") -> Tensor:
     """The noise stream u[0..n) of `seed` (u in [0, 1)), as the quantizer draws it."""
+    if dtype not in (torch.float32, torch.float64):  # the native streams write 4- or 8-byte floats
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     out = torch.empty(n, dtype=dtype, device=device)
     cuda = out.device.type == "cuda"
     stream = torch.cuda.current_stream(out.device).cuda_stream if cuda else 0
@@ -153,6 +165,10 @@ def quantizer_params(s: Tensor, b: Tensor, signed: bool, *, exact: bool, names=(
     """(scale, lo, hi, alpha) in s's dtype for soniq::quantize_raw, from per-channel scales s
     and bits b (float64), checked (the messages name them as `names`)."""
     check_scales(s, names[0])
+    inv = torch.ones_like(s) / s  # the inverse the kernels multiply by, in s's dtype
+    if not bool(torch.isfinite(inv).all()):
+        i = int((~torch.isfinite(inv)).nonzero()[0, 0])
+        raise ValueError(f"{names[0]}[{i}] = {float(s[i])!r} is too small: its {str(s.dtype)[6:]} inverse overflows")
     check_bits(b, exact=exact, name=names[1])
     return (s, *(t.to(s.dtype) for t in level_bounds(b, bool(signed))))
 
