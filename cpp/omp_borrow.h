@@ -16,8 +16,8 @@ bool loaded();                // libgomp is loaded in this process
 bool usable();
 std::string library_path();  // the libgomp file found ("" when none)
 int max_threads();           // omp_get_max_threads() of the calling thread (torch's count); only when loaded()
-bool in_parallel();
-int thread_num();              // omp_get_thread_num() (inside a region of parallel(): 0 = the caller)          // the caller is inside an OpenMP parallel region
+bool in_parallel();          // the caller is inside an OpenMP parallel region
+int thread_num();            // omp_get_thread_num(): inside a region of parallel(), 0 = the caller
 
 // Runs body(ctx) once on each of `threads` team threads (the caller included) and returns
 // when all are done. body must not throw. Only when usable().

@@ -33,7 +33,6 @@ struct Tasks {
     int64_t end = 0;               // one past its last
   };
   const std::function<void(int64_t)>* fn = nullptr;
-  int64_t n = 0;
   int slots = 1;
   std::mutex m;
   std::exception_ptr error;
@@ -42,7 +41,6 @@ struct Tasks {
   // threads: how many will call run() (thread numbers past it share the slots)
   void reset(const std::function<void(int64_t)>* f, int64_t count, int threads) {
     fn = f;
-    n = count;
     slots = int(std::clamp<int64_t>(std::min<int64_t>(threads, count), 1, kMaxSlots));
     const int64_t base = count / slots, extra = count % slots;  // the first `extra` slots take one more
     for (int s = 0; s < slots; ++s) {
