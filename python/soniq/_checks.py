@@ -141,6 +141,14 @@ def scale_vector(scale, length: int, name: str, device) -> torch.Tensor | None:
     return s
 
 
+def check_inverse(s: torch.Tensor, name: str) -> None:
+    """The inverse the kernels multiply by (1 / s, in s's dtype) must be finite."""
+    inv = torch.ones_like(s) / s
+    if not bool(torch.isfinite(inv).all()):
+        i = int((~torch.isfinite(inv)).nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {float(s[i])!r} is too small: its {str(s.dtype)[6:]} inverse overflows")
+
+
 def check_scales(s: torch.Tensor, name: str) -> None:
     """Every entry of a scale vector must be finite and > 0."""
     bad = ~torch.isfinite(s) | (s <= 0)

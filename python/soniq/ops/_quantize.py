@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_scales
+from .._checks import check_inverse, check_scales
 from .._native import _C
 from .._op_kernels import no_kernel, register
 
@@ -165,10 +165,7 @@ def quantizer_params(s: Tensor, b: Tensor, signed: bool, *, exact: bool, names=(
     """(scale, lo, hi, alpha) in s's dtype for soniq::quantize_raw, from per-channel scales s
     and bits b (float64), checked (the messages name them as `names`)."""
     check_scales(s, names[0])
-    inv = torch.ones_like(s) / s  # the inverse the kernels multiply by, in s's dtype
-    if not bool(torch.isfinite(inv).all()):
-        i = int((~torch.isfinite(inv)).nonzero()[0, 0])
-        raise ValueError(f"{names[0]}[{i}] = {float(s[i])!r} is too small: its {str(s.dtype)[6:]} inverse overflows")
+    check_inverse(s, names[0])
     check_bits(b, exact=exact, name=names[1])
     return (s, *(t.to(s.dtype) for t in level_bounds(b, bool(signed))))
 

@@ -111,10 +111,7 @@ def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SA
         raise TypeError("scale must be a positive float or one per K column (quantize_pack quantizes with it), got None")
     bits_v = C.bits_vector(bits, K, "bits", "cpu")
     scale_v = C.scale_vector(scale, K, "scale", "cpu")
-    inv = torch.ones_like(scale_v) / scale_v  # the float32 inverse the kernels multiply by
-    if not bool(torch.isfinite(inv).all()):
-        i = int((~torch.isfinite(inv)).nonzero()[0, 0])
-        raise ValueError(f"scale[{i}] = {float(scale_v[i])!r} is too small: its float32 inverse overflows")
+    C.check_inverse(scale_v, "scale")  # float32: the inverse the kernels multiply by
     out_v = scale_v if out_scale is _SAME else C.scale_vector(out_scale, K, "out_scale", "cpu")
     if k_layout is not None:
         kl = _check_k_layout(k_layout, K, "cpu")
