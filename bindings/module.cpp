@@ -113,6 +113,9 @@ void soniq::bindings::register_core(py::module_& m) {
         },
         py::arg("n"), py::call_guard<py::gil_scoped_release>());
 
+  // tests: the task order mpgemm gives parallel_for when its tasks differ in size
+  m.def("_balanced_runs", &balanced_runs, py::arg("work"), py::arg("threads"));
+
   // cpp/code_encoding.h, the one definition Python's pack/unpack/range checks read
   m.def(
       "code_encoding",

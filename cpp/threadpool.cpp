@@ -6,6 +6,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -264,6 +265,35 @@ void run_on_pool(int64_t n, const std::function<void(int64_t)>& fn, int threads)
 }
 
 }  // namespace
+
+std::vector<int64_t> balanced_runs(const std::vector<int64_t>& work, int64_t threads) {
+  const auto n = int64_t(work.size());
+  const int64_t T = std::clamp<int64_t>(threads, 1, std::max<int64_t>(n, 1));
+  std::vector<int64_t> prefix(size_t(n + 1), 0);
+  for (int64_t i = 0; i < n; ++i) prefix[size_t(i + 1)] = prefix[size_t(i)] + std::max<int64_t>(work[size_t(i)], 0);
+  const int64_t total = prefix[size_t(n)];
+  // bound[t]: the first task of segment t, where the work before it is nearest t / T of the total
+  std::vector<int64_t> bound(size_t(T + 1), n);
+  bound[0] = 0;
+  for (int64_t t = 1; t < T; ++t) {
+    int64_t c = bound[size_t(t - 1)];
+    auto off = [&](int64_t k) { return std::abs(prefix[size_t(k)] * T - total * t); };
+    while (c < n && off(c + 1) <= off(c)) ++c;
+    bound[size_t(t)] = c;
+  }
+  int64_t len = 0;
+  for (int64_t t = 0; t < T; ++t) len = std::max(len, bound[size_t(t + 1)] - bound[size_t(t)]);
+  std::vector<int64_t> order;
+  order.reserve(size_t(len * T));
+  for (int64_t t = 0; t < T; ++t) {
+    const auto first = order.size();
+    for (int64_t i = bound[size_t(t)]; i < bound[size_t(t + 1)]; ++i) order.push_back(i);
+    std::stable_sort(order.begin() + std::ptrdiff_t(first), order.end(),
+                     [&](int64_t x, int64_t y) { return work[size_t(x)] > work[size_t(y)]; });
+    order.resize(first + size_t(len), -1);
+  }
+  return order;
+}
 
 int64_t rows_per_task(int64_t M, int64_t row_elems) {
   const int64_t e = std::max<int64_t>(1, row_elems);

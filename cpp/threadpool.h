@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace soniq {
 
@@ -24,6 +25,14 @@ void set_num_threads(int n);  // n >= 1
 // Calls fn(i) for i in [0, n), spread over the threads; rethrows the first exception.
 // Which thread runs which i never changes a result (each i writes its own outputs).
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
+
+// An order of tasks for parallel_for on `threads` threads, given each task's work in an order
+// where neighbours write neighbouring outputs: cut into `threads` contiguous segments of about
+// equal work, each segment largest first, each padded with -1 (no task) to one length, so that
+// parallel_for's equal runs are the segments. Thread t then writes one range of the output (its
+// L2 keeps it; interleaved tasks made the cores' prefetchers and stores fight over the lines
+// at each task's edges) and ends on its smallest tasks (which an idle thread claims first).
+std::vector<int64_t> balanced_runs(const std::vector<int64_t>& work, int64_t threads);
 
 // Rows per task of a row-wise pass over M rows of row_elems values each (activation
 // quantization): all rows in one task up to 16K values (run inline), else tasks of 4K-16K

@@ -54,12 +54,12 @@ def test_kernel_epilogue_exact(layout_isa, M, N, K, signed):
     np.testing.assert_array_equal(ops.mpgemm(pa1, pb1), epilogue_ref(ref_matmul(av, b), np.float32(0.0625), None, sb))
 
 
-def check_scaled_product_on_threads(seed, M, N, K, tiers, threads):
-    """8-bit A x weights drawn per row from `tiers`, row scales on both sides, on `threads`
-    threads: the float output against the formula, bit for bit."""
+def check_scaled_product_on_threads(seed, M, N, K, tiers, threads, b_bits=None):
+    """8-bit A x weights drawn per row from `tiers` (or with the given b_bits), row scales on
+    both sides, on `threads` threads: the float output against the formula, bit for bit."""
     rng = np.random.default_rng(seed)
     a = random_values(rng, (M, K), 8, True)
-    b_bits = rng.choice(tiers, N)
+    b_bits = rng.choice(tiers, N) if b_bits is None else np.asarray(b_bits)
     b = random_values(rng, (N, K), b_bits, True)
     sa = rng.uniform(0.01, 2, M).astype(np.float32)
     sb = rng.uniform(0.01, 2, N).astype(np.float32)
@@ -90,6 +90,17 @@ def test_interleaved_tiers_merge_exact(layout_isa, tiers, M, N, threads):
     threads: 64 + 64 + 2 rows; 1100 on 2 and 3 threads: slabs of whole tiles per thread);
     fewer (70 rows, 130 on 3 threads): column tasks, then a merge pass."""
     check_scaled_product_on_threads(len(tiers) * 10 + M + threads, M, N, 40, list(tiers), threads)
+
+
+@pytest.mark.parametrize("sizes", [(37, 163), (307, 1229), (5, 64, 131)])
+@pytest.mark.parametrize("M", [16, 128, 300])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_tier_blocks_of_odd_sizes_exact(layout_isa, sizes, M, threads):
+    """Each tier one block of output columns, of sizes that leave tail tasks (fewer than 64
+    columns): tasks of unequal size, which the driver orders into contiguous runs of about
+    equal work padded with empty tasks (balanced_runs); every output still written once."""
+    b_bits = np.concatenate([np.full(n, b) for n, b in zip(sizes, (8, 4, 2))])
+    check_scaled_product_on_threads(M + sum(sizes) + threads, M, len(b_bits), 70, None, threads, b_bits)
 
 
 def tier_scales(bits, rng):

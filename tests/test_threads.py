@@ -465,3 +465,28 @@ def test_forked_child_leaves_the_openmp_route(restore_threads, restore_backend):
     _assert_same(got, want)
     assert p.exitcode == 0
     assert _C.thread_backend() == "openmp"  # the parent keeps it
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_balanced_runs_are_contiguous_equal_length_and_largest_first(threads):
+    """mpgemm's order for tasks of unequal size: parallel_for's equal runs must each be one
+    contiguous range of the tasks (the thread's own range of outputs) with about equal work,
+    largest first, padded with -1; every task exactly once."""
+    rng = np.random.default_rng(threads)
+    cases = [[4] * 23 + [3, 1], [4] * 19 + [1] + [4] * 4 + [3], [1], [5, 1], [0, 0, 7],
+             list(rng.integers(1, 9, 40)), [9] + [1] * 30]
+    for work in cases:
+        order = _C._balanced_runs(work, threads)
+        n, T = len(work), max(1, min(threads, len(work)))
+        assert len(order) % T == 0
+        assert sorted(i for i in order if i >= 0) == list(range(n))
+        L = len(order) // T
+        runs = [[i for i in order[t * L:(t + 1) * L] if i >= 0] for t in range(T)]
+        assert all(order[t * L:(t + 1) * L][len(r):] == [-1] * (L - len(r)) for t, r in enumerate(runs))
+        flat = [i for r in runs for i in sorted(r)]
+        assert flat == list(range(n))  # contiguous, in order
+        for r in runs:
+            assert [work[i] for i in r] == sorted((work[i] for i in r), reverse=True)
+        # about equal work: no run exceeds the ideal share by more than the largest task
+        sums = [sum(work[i] for i in r) for r in runs]
+        assert max(sums) <= sum(work) / T + max(work)
