@@ -249,3 +249,14 @@ def test_model_with_batchnorm_saves_and_loads(tmp_path):
     assert torch.equal(back(x), q(x))
     assert int(back[1].num_batches_tracked) == int(q[1].num_batches_tracked) == 3
     assert torch.equal(back[1].running_var, q[1].running_var)
+
+
+def test_packed_layers_refuse_integer_and_numpy_inputs():
+    """As nn.Linear / nn.Conv2d: an integer tensor is a TypeError (not silently converted),
+    a numpy array too (not an AttributeError from inside)."""
+    q, x = converted_conv_net()
+    h = q[:3](x)
+    for layer, inp in ((q[0], x), (q[3], h)):
+        for bad in (inp.to(torch.int64), inp > 0, inp.numpy()):
+            with pytest.raises(TypeError, match="expected a floating-point"):
+                layer(bad)

@@ -124,7 +124,7 @@ def test_mixed_devices_rejected():
 
 def test_set_num_threads_and_isa_errors():
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match="n must be a positive int"):
+        with pytest.raises(ValueError, match="n must be an int in 1..1024"):
             soniq.set_num_threads(bad)
     with pytest.raises(ValueError, match="isa must be one of scalar, avx2, avx512.*'sse9'"):
         soniq.set_isa("sse9")
@@ -243,3 +243,43 @@ def test_small_api_errors_name_the_argument():
         ops.pack(torch.ones(2, 4, dtype=torch.int64), 4, signed=True, axis=1.0)
     with pytest.raises(ValueError, match="bits_along_k\\[0\\] must hold widths in 1..8"):
         soniq.KLayout.from_bits([0, 4])
+
+
+def test_with_scale_checked_as_pack_checks_it():
+    """Scales along K are one per K segment (tier): a vector that varies inside a segment is
+    refused (the kernels would use each segment's first scale: a wrong result)."""
+    x = torch.randint(0, 4, (2, 4))
+    a = ops.pack(x, [2, 4, 2, 4], signed=False, axis=1)
+    b = ops.pack(torch.ones(3, 4, dtype=torch.int64), 2, signed=False, k_layout=a)
+    with pytest.raises(ValueError, match="scale: along K it must be constant within each K segment"):
+        a.with_scale([1.0, 2.0, 3.0, 4.0])
+    want = (x.double() * torch.tensor([1.0, 2.0, 1.0, 2.0], dtype=torch.float64)).sum(1).float()
+    assert torch.equal(ops.mpgemm(a.with_scale([1.0, 2.0, 1.0, 2.0]), b), want[:, None].expand(2, 3))
+
+
+def test_int32_limit_follows_mpgemms_relayout():
+    """Operands packed with different K layouts (one of them one segment): the bound mpgemm
+    checks after re-laying it out, not a sum over the shorter segment list."""
+    bits = np.where(np.arange(4000) < 100, 2, 8)
+    a = ops.pack(np.zeros((1, 4000), np.int64), bits, signed=False, axis=1)
+    b = ops.pack(np.full((1, 4000), 255), 8, signed=False)
+    assert ops.int32_limit(a, b) == 100 * 3 * 255 + 3900 * 255 * 255
+    with pytest.raises(TypeError, match="a must be a soniq.PackedTensor"):
+        ops.int32_limit(torch.zeros(2), b)
+
+
+def test_thread_count_bounded_and_isa_back_to_auto():
+    before = soniq.get_num_threads()
+    try:
+        soniq.set_num_threads(np.int64(2))  # numpy integers as ints
+        assert soniq.get_num_threads() == 2
+        for bad in (100_000, 2 ** 40):  # would start that many threads
+            with pytest.raises(ValueError, match="n must be an int in 1..1024"):
+                soniq.set_num_threads(bad)
+    finally:
+        soniq.set_num_threads(before)
+    best = soniq.get_isa()
+    with soniq.use_isa("scalar"):
+        soniq.set_isa("auto")
+        assert soniq.get_isa() == soniq.supported_isas()[-1]
+    assert soniq.get_isa() == best

@@ -68,11 +68,11 @@ def test_sequential_gelu_fused_same_bits():
     x = torch.randn(9, 37)
     q = _convert(_mlp(nn.GELU()), x)
     ref = _convert(_mlp(nn.GELU()), x, fuse=False)
-    assert q[0].activation == "gelu" and isinstance(q[1], FusedActivation)
-    assert ref[0].activation is None and type(ref[1]) is nn.GELU
+    assert q[0].fused and q[0].activation is None and isinstance(q[1], FusedActivation)
+    assert not ref[0].fused and type(ref[1]) is nn.GELU
     torch_gelu = copy.deepcopy(ref)
     _native(ref)
-    assert "activation='gelu'" in repr(q[0])
+    assert "GELU fused" in repr(q[0])
     for inp in (x, torch.randn(3, 4, 37), torch.randn(37, 11).T):  # batch dims, non-contiguous
         assert torch.equal(q(inp), ref(inp))
     assert q.state_dict().keys() == torch_gelu.state_dict().keys()
@@ -94,7 +94,7 @@ def test_fused_same_bits_on_every_isa(isa):
 def test_other_activations_not_fused(act):
     x = torch.randn(5, 37)
     q = _convert(_mlp(act), x)
-    assert q[0].activation is None and type(q[1]) is type(act)
+    assert not q[0].fused and type(q[1]) is type(act)
 
 
 def _block(cls, act):
@@ -106,19 +106,19 @@ def test_hf_block_pattern():
     x = torch.randn(4, 24)
     q = _convert(_block(DenseThenAct, nn.GELU()), x)
     ref = _native(_convert(_block(DenseThenAct, nn.GELU()), x, fuse=False))
-    assert q[0].dense.activation == "gelu" and isinstance(q[0].intermediate_act_fn, FusedActivation)
+    assert q[0].dense.fused and isinstance(q[0].intermediate_act_fn, FusedActivation)
     assert torch.equal(q(x), ref(x))
     other = _convert(_block(DenseActTwice, nn.GELU()), x)
-    assert other[0].dense.activation is None and type(other[0].intermediate_act_fn) is nn.GELU
+    assert not other[0].dense.fused and type(other[0].intermediate_act_fn) is nn.GELU
 
 
 def test_hf_gelu_activation_module():
     acts = pytest.importorskip("transformers.activations")
     x = torch.randn(4, 24)
     q = _convert(nn.Sequential(DenseThenAct(acts.GELUActivation())), x)
-    assert q[0].dense.activation == "gelu"
+    assert q[0].dense.fused
     py = _convert(nn.Sequential(DenseThenAct(acts.GELUActivation(use_gelu_python=True))), x)
-    assert py[0].dense.activation is None  # its own formula: left to run as written
+    assert not py[0].dense.fused  # its own formula: left to run as written
 
 
 def test_unfuse_and_refuse():
@@ -126,7 +126,7 @@ def test_unfuse_and_refuse():
     q = _convert(_mlp(nn.GELU()), x)
     y = q(x)
     assert soniq.unfuse_activations(q) == 1
-    assert q[0].activation is None and type(q[1]) is nn.GELU
+    assert not q[0].fused and type(q[1]) is nn.GELU and not q._forward_pre_hooks
     assert torch.equal(q(x), _convert(_mlp(nn.GELU()), x, fuse=False)(x))  # torch's GELU again
     assert soniq.fuse_activations(q) == 1 and soniq.fuse_activations(q) == 0  # idempotent
     assert torch.equal(q(x), y)
@@ -141,12 +141,12 @@ def test_save_writes_the_original_and_load_fuses(tmp_path):
     path = tmp_path / "m.safetensors"
     soniq.save(q, path)
     back = soniq.load(path)
-    assert back[0].activation == "gelu" and isinstance(back[1], FusedActivation)
+    assert back[0].fused and isinstance(back[1], FusedActivation)
     assert type(back[1].original) is nn.GELU
     assert torch.equal(back(x), y)
     # loading into a fused architecture: its packed layers are replaced and fused again
     again = soniq.load(path, model=copy.deepcopy(q))
-    assert again[0].activation == "gelu" and torch.equal(again(x), y)
+    assert again[0].fused and torch.equal(again(x), y)
 
 
 class OutputBlock(nn.Module):  # Hugging Face's BertSelfOutput / BertOutput
@@ -208,4 +208,46 @@ def test_residual_added_in_place_same_bits(tmp_path):
 def _saved(model, tmp_path):
     path = tmp_path / "r.safetensors"
     soniq.save(model, path)
+    return path
+
+
+class CallsItsLayerTwice(nn.Module):
+    """The fused layer also called on its own, outside the Sequential it is fused in."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Sequential(nn.Linear(37, 16), nn.GELU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x)) + self.body[0](x).sum(-1, keepdim=True)
+
+
+def test_fused_layer_called_on_its_own_gives_its_own_output(tmp_path):
+    """The GELU applies only when the block holding the pair calls the layer: a call of the
+    layer elsewhere, a layer with a hook of its own (which must see its output), copies and
+    pickles of the model all give the unfused model's values."""
+    x = torch.randn(6, 37)
+    q = _convert(CallsItsLayerTwice(), x)
+    ref = _native(_convert(CallsItsLayerTwice(), x, fuse=False))
+    assert q.body[0].fused
+    assert torch.equal(q(x), ref(x))
+    assert torch.equal(q.body[0](x), ref.body[0](x))  # on its own: no GELU
+    assert torch.equal(q.body(x), ref.body(x))
+    for other in (copy.deepcopy(q), torch.load(_pickled(q, tmp_path), weights_only=False)):
+        assert torch.equal(other(x), ref(x)) and torch.equal(other.body[0](x), ref.body[0](x))
+    seen = []
+    handle = q.body[0].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    assert torch.equal(q(x), ref(x)) and torch.equal(seen[0], ref.body[0](x))
+    handle.remove()
+    # an error inside the block leaves nothing armed for a later call of the layer on its own
+    with pytest.raises(ValueError):
+        q.body(torch.randn(2, 5))
+    assert torch.equal(q.body[0](x), ref.body[0](x))
+
+
+def _pickled(model, tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
     return path

@@ -67,8 +67,17 @@ def test_op_takes_any_float_cpu_tensor():
     soniq.ops.gelu_(t)
     assert torch.equal(t, want)
     d = x.double()
-    soniq.ops.gelu_(d)
-    assert d.dtype == torch.float64 and torch.equal(d.float(), want)
+    soniq.ops.gelu_(d)  # float64 keeps float64 accuracy: torch's gelu (the native one is float32)
+    assert d.dtype == torch.float64 and torch.equal(d, torch.nn.functional.gelu(x.double()))
+    h = x.half()
+    soniq.ops.gelu_(h)  # narrower floats: the native GELU in float32, rounded back
+    assert torch.equal(h, native(x.half().float(), soniq.get_isa()).half())
+    y = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="requires grad.*no backward"):
+        soniq.ops.gelu_(y * 2)  # no silent identity gradient
+    with torch.no_grad():
+        z = y * 2
+        soniq.ops.gelu_(z)
     with pytest.raises(TypeError, match="floating-point"):
         soniq.ops.gelu_(torch.ones(3, dtype=torch.int32))
 

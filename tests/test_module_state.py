@@ -114,11 +114,20 @@ def test_missing_packed_weights_refused(models):
     c = copy.deepcopy(b)
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*fc\.w\.data"):
         c.load_state_dict(sd)
-    # strict=False: listed as missing, the layer keeps its own weight (never a mix)
+    # strict=False with the layer's other state given (a_bits, a_scale, bias): an error, and the
+    # layer keeps its own weight and state (never a's scales with b's weight)
     c = copy.deepcopy(b)
-    res = c.load_state_dict(sd, strict=False)
-    assert "fc.w.data" in res.missing_keys and "fc.w.meta" in res.missing_keys
+    with pytest.raises(RuntimeError, match=r"packed weight of 'fc\.' is missing while its \[.*'a_scale'"):
+        c.load_state_dict(sd, strict=False)
     assert torch.equal(c.fc.w.data, b.fc.w.data)
+    for k, t in b.fc.state_dict().items():
+        assert torch.equal(c.fc.state_dict()[k], t), k
+    # strict=False without any of the layer's keys: listed as missing, the layer kept whole
+    c = copy.deepcopy(b)
+    res = c.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")}, strict=False)
+    assert "fc.w.data" in res.missing_keys and "fc.w.meta" in res.missing_keys and "fc.a_scale" in res.missing_keys
+    for k, t in b.fc.state_dict().items():
+        assert torch.equal(c.fc.state_dict()[k], t), k
 
 
 @pytest.mark.parametrize("strict", [True, False])

@@ -56,3 +56,79 @@ def test_one_config_prepares_two_models_exactly():
         assert torch.equal(v, p2.state_dict()[k]), k
     # the first model is untouched by preparing the second: still phase 2, still exact
     assert all(q.phase == 2 for q in soniq.qat.quant_layers(m1).values())
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(exclude="first"), r"exclude must be a tuple of module names.*for one name write \('first',\)"),
+    (dict(exclude=None), "exclude must be a tuple"),
+    (dict(penalty_weight="1"), "penalty_weight must be a finite number"),
+    (dict(penalty_weight=float("inf")), "penalty_weight must be a finite number"),
+    (dict(penalty_weight=True), "penalty_weight must be a finite number"),
+    (dict(w_bits_target=True), "w_bits_target must be a finite number"),
+    (dict(size_bytes_target=0), "size_bytes_target must be a positive number"),
+    (dict(size_bytes_target="big"), "size_bytes_target must be a finite number"),
+    (dict(init_w_bits=100), r"init_w_bits must lie in the palette \(2, 4\)"),
+    (dict(init_w_bits=0), r"init_w_bits must lie in the palette \(2, 4\)"),
+    (dict(init_a_bits="3"), "init_a_bits must be a finite number"),
+    (dict(w_palette=(True, 4)), "w_palette must be two integer bit widths"),
+])
+def test_config_refuses_bad_values_naming_them(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        QATConfig(**kw)
+
+
+def test_config_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert QATConfig(w_palette=(np.int64(2), np.int32(4))).w_palette == (2, 4)
+
+
+def test_prepare_refuses_what_it_cannot_do_right():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        soniq.qat.prepare("net", QATConfig())
+    m = soniq.qat.prepare(_mlp(), QATConfig())
+    with pytest.raises(ValueError, match="already prepared"):
+        soniq.qat.prepare(m, QATConfig())
+    with pytest.raises(ValueError, match="all zeros"):  # a clip of ~0 would saturate every later input
+        m(torch.zeros(3, 12))
+    m(torch.randn(3, 12))  # nothing was calibrated by the refused batch: real data still can
+    soniq.qat.freeze_precision(m)
+    with pytest.raises(ValueError, match="already in phase 2"):  # would refit the clips phase 2 learned
+        soniq.qat.freeze_precision(m)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        soniq.qat.precision_report([m])
+    with pytest.raises(ValueError, match="weight must be a finite number"):
+        soniq.qat.bit_penalty(m, weight="a")
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        soniq.qat.bit_penalty(m, weight=-1)
+
+
+def test_prepare_a_single_layer_model():
+    """The model is one Linear: its quantized copy is returned (no parent to swap it in)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 4)
+    q = soniq.qat.prepare(lin, QATConfig())
+    assert isinstance(q, soniq.nn.QLinear) and type(lin) is nn.Linear
+    x = torch.randn(5, 16)
+    q(x)
+    soniq.qat.freeze_precision(q)
+    assert soniq.qat.precision_report(q)["layers"].keys() == {""}
+    p = soniq.convert(q)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x), q(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unbatched_conv_input_as_nn_conv2d():
+    """[C, H, W] is one sample, as nn.Conv2d takes it: channels stay on their axis (they used
+    to be read as the batch, quantizing the wrong axis)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1))
+    m = soniq.qat.prepare(net, QATConfig(a_palette=(2, 8), a_bits_target=5.0))
+    x = torch.randn(4, 3, 3, 8)
+    m(x)
+    soniq.qat.freeze_precision(m)
+    with torch.no_grad():
+        assert torch.equal(m(x[1]), m(x[1:2])[0])
+        p = soniq.convert(m)
+        assert torch.equal(p(x[1]), p(x[1:2])[0])
+    with pytest.raises(ValueError, match=r"expected input \[B, 3, H, W\] or \[3, H, W\]"):
+        m(torch.randn(2, 4, 8))

@@ -2,6 +2,7 @@
 weight bit widths, no identity permutations, per-channel activation bits / scales stored once
 when they are one value) round-trips exactly, and files of versions 1 (int64 metadata) and 2
 (uint8 widths, every permutation, activation bits / scales per channel) still load."""
+import copy
 import json
 
 import pytest
@@ -236,3 +237,73 @@ def test_folder_manifest_names_a_file_inside(tmp_path, model_file):
                                               "model_file": model_file}))
     with pytest.raises(ValueError, match="it must be a file name in the folder"):
         soniq.load(d)
+
+
+def test_saved_file_gets_the_usual_permissions(tmp_path):
+    """The file is written to a temporary name (mkstemp: owner only) and renamed: it must come
+    out as a plain open() would make it (umask), or keep the mode of the file it replaces."""
+    import os
+    p, _ = packed_model()
+    f = tmp_path / "m.safetensors"
+    mask = os.umask(0o022)
+    try:
+        soniq.save(p, f)
+        assert os.stat(f).st_mode & 0o777 == 0o644
+        os.chmod(f, 0o640)
+        soniq.save(p, f)
+        assert os.stat(f).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)
+
+
+@pytest.mark.parametrize("layer", [
+    torch.nn.MaxPool2d(2, ceil_mode=True), torch.nn.MaxPool2d(2, stride=1, dilation=2),
+    torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False, divisor_override=2),
+    torch.nn.BatchNorm2d(8, affine=False), torch.nn.BatchNorm2d(8, track_running_stats=False),
+    torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), torch.nn.Dropout(0.3, inplace=True),
+])
+def test_rebuilt_layers_keep_every_argument(layer, tmp_path):
+    """soniq.load rebuilds standard layers from their saved constructor arguments: all of those
+    that change the output (a pooling's ceil_mode changed the shape; reflect padding the values;
+    BatchNorm without affine parameters could not be loaded)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), copy.deepcopy(layer), torch.nn.Flatten())
+    excl = ("1",) if isinstance(layer, torch.nn.Conv2d) else ()
+    soniq.qat.prepare(m, QATConfig(w_palette=(2, 4), a_palette=(4, 8), w_bits_target=3, a_bits_target=6,
+                                   exclude=excl))
+    x = torch.randn(4, 3, 9, 9)
+    m(x)
+    soniq.qat.freeze_precision(m)
+    p = soniq.convert(m)
+    soniq.save(p, tmp_path / "m.safetensors")
+    back = soniq.load(tmp_path / "m.safetensors")
+    assert back[1].extra_repr() == p[1].extra_repr()
+    with torch.no_grad():
+        assert torch.equal(back(x), p(x))
+
+
+def test_load_into_a_model_checks_it_before_changing_it(tmp_path):
+    """soniq.load(path, model=...) with an architecture that does not match: a ValueError naming
+    the difference, and the model left exactly as it was (no layer swapped in or added)."""
+    p, x = packed_model()
+    f = tmp_path / "m.safetensors"
+    soniq.save(p, f)
+
+    def arch(*extra, out=10):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(8 * 25, 70), torch.nn.ReLU(), torch.nn.Linear(70, out), *extra)
+
+    for model, msg in ((arch(torch.nn.Linear(10, 3)), r"unexpected|missing \['6\."),
+                       (arch()[:5], "it has no layer '5'"),
+                       (arch(out=5), "layer '5' has 5 outputs, the file's 10"),
+                       (torch.nn.Sequential(torch.nn.Linear(3, 3)), "no layer|is a Linear")):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        kinds = [type(c) for c in model.modules()]
+        with pytest.raises(ValueError, match=msg):
+            soniq.load(f, model=model)
+        assert [type(c) for c in model.modules()] == kinds
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        soniq.load(f, model="x")
+    assert torch.equal(soniq.load(f, model=arch())(x), p(x))

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import ops
+from ._fastpath import disable_torch_fastpaths
 from ._fuse import fuse_activations
 from ._packed_nn import PackedConv2d, PackedLinear
 from .packed import KLayout
@@ -70,4 +71,5 @@ def convert(model: nn.Module, *, inplace: bool = False, fuse: bool = True) -> nn
         setattr(parent, parts[-1], convert_module(getattr(parent, parts[-1]).cpu(), n))
     if fuse:
         fuse_activations(out)
+    disable_torch_fastpaths(out)
     return out.cpu().eval()

@@ -11,7 +11,12 @@ unfused one with soniq.ops.gelu_ in the activation's place, not with torch's (fu
 soniq.convert keeps torch's). On other devices the activation is torch's gelu in place.
 
 Fusion changes no state: the activation module is swapped for a FusedActivation that keeps
-it (saving writes the original), and soniq.convert / soniq.load fuse again. Recognized:
+it (saving writes the original), and soniq.convert / soniq.load fuse again. The packed layer
+applies the GELU only when its parent block calls it: a forward pre-hook on the parent arms the
+layer for its next call in this thread (a layer with hooks of its own is not armed: they see its
+own output), and the FusedActivation passes through exactly the output the armed call made;
+any other input (the layer called on its own elsewhere, so not armed) gets the GELU there. So a
+layer also called outside its block gives its own output, as before fusion. Recognized:
 - nn.Sequential: a PackedLinear followed by nn.GELU() (approximate="none");
 - Hugging Face feed-forward blocks whose forward is exactly `act(dense(x))` (BertIntermediate
   and its copies: RoBERTa, XLM-R, ELECTRA, MPNet, ...), with an erf GELU as the activation
@@ -27,19 +32,51 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._fuse_state import state as _state
 from ._packed_nn import PackedLinear
 
 
+class _Arm:
+    """Forward pre-hook of a block holding fused pairs: arms its packed layers (named, not held,
+    so copies and pickles of the model stay right; the list is shared with its _Disarm)."""
+
+    def __init__(self, names: list):
+        self.names = names
+
+    def __call__(self, module, args):
+        armed = _state()[0]
+        for n in self.names:
+            lin = module._modules.get(n)
+            if isinstance(lin, PackedLinear) and not (lin._forward_hooks or lin._forward_pre_hooks):
+                armed.add(id(lin))
+
+
+class _Disarm(_Arm):
+    """Forward hook (always called, errors too): what the block left armed is disarmed."""
+
+    def __call__(self, module, args, out):
+        armed, outs = _state()
+        for n in self.names:
+            armed.discard(id(module._modules.get(n)))
+        outs.clear()
+
+
 class FusedActivation(nn.Module):
-    """Stands where an activation was fused into the preceding packed layer: passes its input
-    through. `original` is the module it replaced (saved in its place; unfuse() puts it back)."""
+    """Stands where an activation was fused into the preceding packed layer: passes through the
+    output its armed call made (GELU applied), and applies soniq's GELU to anything else.
+    `original` is the module it replaced (saved in its place; unfuse() puts it back)."""
 
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original = original
 
     def forward(self, x):
-        return x
+        outs = _state()[1]
+        for i, t in enumerate(outs):
+            if t is x:
+                del outs[i]
+                return x
+        return PackedLinear._activate(x.clone()) if x.dtype == torch.float32 else self.original(x)
 
     def extra_repr(self) -> str:
         return f"fused into the preceding PackedLinear: {type(self.original).__name__}"
@@ -95,11 +132,25 @@ class FusedResidual(nn.Module):
 
 def _fuse_pair(parent: nn.Module, lin_name: str, act_name: str) -> bool:
     lin, act = getattr(parent, lin_name), getattr(parent, act_name)
-    if not isinstance(lin, PackedLinear) or lin.activation is not None or not _is_exact_gelu(act):
+    if not isinstance(lin, PackedLinear) or lin.activation is not None or lin.fused or not _is_exact_gelu(act):
         return False
-    lin.activation = "gelu"
+    lin.fused = True
     setattr(parent, act_name, FusedActivation(act))
+    arm = next((h for h in parent._forward_pre_hooks.values() if isinstance(h, _Arm)), None)
+    if arm is None:
+        arm = _Arm([])
+        parent.register_forward_pre_hook(arm)
+        parent.register_forward_hook(_Disarm(arm.names), always_call=True)
+    arm.names.append(lin_name)
     return True
+
+
+def _unhook(parent: nn.Module) -> None:
+    """Removes the fusion hooks of `parent` (those of a copy too: found by type)."""
+    for hooks in (parent._forward_pre_hooks, parent._forward_hooks):
+        for k in [k for k, h in hooks.items() if isinstance(h, _Arm)]:
+            del hooks[k]
+            getattr(parent, "_forward_hooks_always_called", {}).pop(k, None)
 
 
 def fuse_activations(model: nn.Module) -> int:
@@ -141,7 +192,8 @@ def unfuse_activations(model: nn.Module) -> int:
             prev = m._modules.get("dense") if name == "intermediate_act_fn" else \
                 (m._modules[names[i - 1]] if i > 0 else None)
             if isinstance(prev, PackedLinear):
-                prev.activation = None
+                prev.fused = False
             setattr(m, name, f.original)
+            _unhook(m)
             n += 1
     return n

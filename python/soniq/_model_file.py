@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from ._compact import compact, widen
+from ._fastpath import disable_torch_fastpaths
 from ._fuse import FusedActivation, fuse_activations, unfuse_activations
 from ._packed_nn import PackedConv2d, PackedLinear
+from .nn import QConv2d, QLinear
 from .packed import PackedTensor
 
 FORMAT, VERSION = "soniq-model", 4
@@ -34,21 +36,29 @@ FORMAT, VERSION = "soniq-model", 4
 
 # leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
 _LEAVES = {
-    "ReLU": lambda m: {}, "ReLU6": lambda m: {}, "GELU": lambda m: {"approximate": m.approximate},
+    "ReLU": lambda m: {"inplace": m.inplace}, "ReLU6": lambda m: {"inplace": m.inplace},
+    "GELU": lambda m: {"approximate": m.approximate},
     "Tanh": lambda m: {}, "Sigmoid": lambda m: {}, "Identity": lambda m: {},
-    "LeakyReLU": lambda m: {"negative_slope": m.negative_slope},
+    "LeakyReLU": lambda m: {"negative_slope": m.negative_slope, "inplace": m.inplace},
     "Flatten": lambda m: {"start_dim": m.start_dim, "end_dim": m.end_dim},
-    "Dropout": lambda m: {"p": m.p},
-    "MaxPool2d": lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
-    "AvgPool2d": lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding},
+    "Dropout": lambda m: {"p": m.p, "inplace": m.inplace},
+    "MaxPool2d": lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                            "dilation": m.dilation, "return_indices": m.return_indices, "ceil_mode": m.ceil_mode},
+    "AvgPool2d": lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                            "ceil_mode": m.ceil_mode, "count_include_pad": m.count_include_pad,
+                            "divisor_override": m.divisor_override},
     "AdaptiveAvgPool2d": lambda m: {"output_size": m.output_size},
-    "BatchNorm1d": lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum},
-    "BatchNorm2d": lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum},
+    "BatchNorm1d": lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                              "affine": m.affine, "track_running_stats": m.track_running_stats},
+    "BatchNorm2d": lambda m: {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum,
+                              "affine": m.affine, "track_running_stats": m.track_running_stats},
     "Linear": lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
     "Conv2d": lambda m: {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": m.kernel_size,
                          "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
-                         "bias": m.bias is not None},
+                         "bias": m.bias is not None, "padding_mode": m.padding_mode},
 }
+# (every constructor argument that changes what the module computes: a rebuilt model that
+# pooled or padded differently would load without error and give other outputs)
 
 
 def _tree(m: nn.Module):
@@ -138,6 +148,7 @@ def save_file(model: nn.Module, path) -> None:
     os.close(fd)
     try:
         st_save_file(tensors, tmp, metadata={"soniq": json.dumps(meta)})
+        os.chmod(tmp, default_mode(path, folder=False))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -149,6 +160,8 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
     """soniq.load for one safetensors file written by save_file."""
     from safetensors import safe_open
 
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (the saved model's architecture), got {type(model).__name__}")
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{path}: a folder without a soniq manifest; pass the model file (.safetensors) "
@@ -180,6 +193,18 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path}: malformed soniq model record ({type(e).__name__}: {e})") from None
 
 
+def default_mode(path, *, folder: bool) -> int:
+    """The permissions a plain open() / mkdir would give `path` (the umask applied), or those
+    of what it replaces: a temporary file or folder (mkstemp / mkdtemp: owner only) renamed
+    into place must not leave a model that other users of the machine can no longer read."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return (0o777 if folder else 0o666) & ~mask
+
+
 def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
     if model is None:
         if meta.get("tree") is None:
@@ -187,6 +212,7 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
                              "soniq.load(path, model=...)")
         model = _build(meta["tree"])
     else:
+        _check_architecture(path, meta, tensors, model)  # before anything in it changes
         unfuse_activations(model)  # its packed layers are replaced below (fused again at the end)
     for n, rec in meta["packed"].items():
         pre = f"{n}|"
@@ -235,4 +261,33 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     if missing or unexpected:
         raise ValueError(f"{path}: the file does not match the model: missing {missing}, unexpected {unexpected}")
     fuse_activations(model)
+    disable_torch_fastpaths(model)
     return model.eval()
+
+
+def _check_architecture(path: str, meta: dict, tensors: dict, model: nn.Module) -> None:
+    """soniq.load(path, model=...): every saved packed layer names a layer of the same kind and
+    shape in `model`, and the rest of the file's state is the rest of `model`'s, checked before
+    the model is changed (a mismatch would otherwise leave it half replaced)."""
+    for n, rec in meta["packed"].items():
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            raise ValueError(f"{path}: the file does not match the model: it has no layer {n!r}") from None
+        want = (nn.Linear, QLinear, PackedLinear) if rec["type"] == "PackedLinear" else (nn.Conv2d, QConv2d, PackedConv2d)
+        if not isinstance(m, want):
+            raise ValueError(f"{path}: the file does not match the model: layer {n!r} is a {type(m).__name__}, "
+                             f"the file holds a {rec['type']}")
+        shape = rec.get("w_meta", {}).get("shape")
+        if shape is not None:
+            n_out = m.w.shape[0] if isinstance(m, (PackedLinear, PackedConv2d)) else \
+                m.out_features if rec["type"] == "PackedLinear" else m.out_channels
+            if int(shape[0]) != int(n_out):
+                raise ValueError(f"{path}: the file does not match the model: layer {n!r} has {n_out} outputs, "
+                                 f"the file's {shape[0]}")
+    packed = list(meta["packed"])
+    have = {k for k in model.state_dict() if not any(k == p or k.startswith(p + ".") for p in packed)}
+    saved = {k[len("state|"):] for k in tensors if k.startswith("state|")}
+    if have != saved:
+        raise ValueError(f"{path}: the file does not match the model: missing {sorted(have - saved)[:8]}, "
+                         f"unexpected {sorted(saved - have)[:8]}")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._fuse_state import fused_output, take_arm
 from ._hadamard import check_block, rotate
 from ._packed_cat import cat_linear
 from ._native import _C
@@ -94,7 +95,8 @@ class _PackedBase(nn.Module):
         """Buffers load as usual; the packed weight is rebuilt from its parts, validated
         (ops._pack.validate_packed, shape/axis/signedness of this layer, K layout against
         a_bits) and replaces self.w. All of its parts absent: reported as missing keys (an
-        error under strict=True; strict=False keeps the current weight and lists them). Some
+        error under strict=True; strict=False keeps the current weight and lists them, unless
+        the layer's other state is given, which is an error: the two go together). Some
         present, or present but malformed: always an error (torch raises error_msgs even
         with strict=False), and the layer is left as it was (self.w and its buffers)."""
         def own(k):
@@ -110,6 +112,10 @@ class _PackedBase(nn.Module):
         expected = self._state_keys()
         if not mine:
             missing_keys.extend(prefix + k for k in expected)
+            given = [k for k in self._buffers if prefix + k in state_dict]
+            if given:  # new activation scales (or bias) with the old weight: a layer that was never converted
+                error_msgs.append(f"packed weight of {prefix or 'the module'!r} is missing while its {given} are "
+                                  f"given: a soniq packed layer loads its weight and activation state together")
         else:
             unexpected_keys.extend(prefix + k for k in mine if k not in expected)
             absent = [k for k in expected if k not in mine]
@@ -223,6 +229,7 @@ class PackedLinear(_PackedBase):
     hadamard_block (0 = none): the QLinear's block Hadamard rotation of the input, applied
     before quantizing (soniq._hadamard; the weights were packed in the rotated basis)."""
 
+    fused = False  # class default: layers pickled before the attribute existed
     hadamard_block = 0  # class default: modules pickled (torch.save(model)) before the field
 
     def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None, a_dynamic=None,
@@ -244,6 +251,9 @@ class PackedLinear(_PackedBase):
         # None, or "gelu": the activation that followed this layer, applied in place to its
         # output by soniq.fuse_activations (a property of the running model, not state: _fuse.py)
         self.activation: Optional[str] = None
+        # True: soniq.fuse_activations fused the GELU after it into it; applied when the block
+        # holding both calls it (not state either: _fuse.py)
+        self.fused = False
         self._act_plan(False)  # built now, so torch.compile traces a cached plan (no graph break)
 
     @classmethod
@@ -309,7 +319,8 @@ class PackedLinear(_PackedBase):
 
     def extra_repr(self) -> str:
         K, N = self.a_bits.numel(), self.w.shape[0]
-        act = "" if self.activation is None else f", activation={self.activation!r} (fused)"
+        act = "" if self.activation is None else f", activation={self.activation!r}"
+        act += ", GELU fused (applied when its block calls it)" if self.fused else ""
         rot = f", hadamard_block={self.hadamard_block}" if self.hadamard_block else ""
         return f"in_features={K}, out_features={N}, bias={self.bias is not None}{rot}{act}"
 
@@ -335,6 +346,8 @@ class PackedLinear(_PackedBase):
                     rows, M, ld = x, x.numel() // K, K  # the usual case: no reshape, no view
                     out = x.new_empty((*shape[:-1], N))  # float32 on the CPU, as x
                 else:
+                    if not x.is_floating_point():  # as nn.Linear: no silent float() of integers
+                        raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
                     rows = x.reshape(-1, K)
                     if rows.dtype != torch.float32:
                         rows = rows.float()
@@ -345,7 +358,13 @@ class PackedLinear(_PackedBase):
                 if M == 0:  # no rows, no output values (as nn.Linear)
                     return out
                 # a fused GELU runs in the native call, on each output row once it is final
-                lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), self.activation is not None)
+                if self.activation is not None:
+                    lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), True)
+                elif self.fused and take_arm(self):  # called by the block it is fused in (_fuse.py)
+                    lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), True)
+                    return fused_output(out)
+                else:
+                    lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), False)
                 return out
         return self._run(x, integer=False)
 
@@ -403,6 +422,9 @@ class PackedLinear(_PackedBase):
 
     def _run(self, x, integer):
         K = self.a_bits.numel()
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"{self.name}: expected a floating-point torch.Tensor input, got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != K:
             raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
         if x.numel() == 0:  # no rows, no output values (as nn.Linear)
@@ -419,6 +441,8 @@ class PackedLinear(_PackedBase):
             out = out + self.bias
         if not integer and self.activation is not None:
             out = self._activate(out)
+        elif not integer and self.fused and take_arm(self):  # called by the block it is fused in
+            return fused_output(self._activate(out).reshape(*x.shape[:-1], out.shape[-1]))
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -495,8 +519,13 @@ class PackedConv2d(_PackedBase):
 
     def _run(self, x, integer):
         C = self.a_bits.numel()
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"{self.name}: expected a floating-point torch.Tensor input, got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+        if x.dim() == 3 and x.shape[0] == C:  # unbatched [C, H, W], as nn.Conv2d takes it
+            return self._run(x.unsqueeze(0), integer).squeeze(0)
         if x.dim() != 4 or x.shape[1] != C:
-            raise ValueError(f"{self.name}: expected input [B, {C}, H, W], got shape {tuple(x.shape)}")
+            raise ValueError(f"{self.name}: expected input [B, {C}, H, W] or [{C}, H, W], got shape {tuple(x.shape)}")
         B, _, H, W = x.shape
         kh, kw = self.kernel_size
         Ho = (H + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1

@@ -206,6 +206,10 @@ class ActQuantizer(ChannelQuantizer):
             raise ValueError(f"{self.name}: cannot calibrate the activation clip on an input of shape "
                              f"{tuple(x.shape)} with no finite values (the first batch a prepared model "
                              f"sees sets its activation clips: pass real, finite data first)")
+        if not bool((xf != 0).any()):  # a clip of ~0 would saturate every later input
+            raise ValueError(f"{self.name}: cannot calibrate the activation clip on an input of shape "
+                             f"{tuple(x.shape)} that is all zeros (the first batch a prepared model sees "
+                             f"sets its activation clips: pass representative data first)")
         signed = bool(xf.min() < 0)
         self.is_signed.fill_(signed)
         self.elems_per_channel.fill_(max(1, x[0].numel() // x.shape[axis]) if x.dim() > 1 else 1)

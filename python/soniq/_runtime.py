@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import platform
 from typing import Iterator
@@ -24,9 +25,12 @@ def set_num_threads(n: int) -> None:
     """Sets the number of threads soniq's CPU kernels use (results do not depend on it). The
     kernels run on torch's OpenMP threads: keep n equal to torch.get_num_threads() (or never
     call this: the default follows torch) so one set of threads serves both."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    _C.set_num_threads(n)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be an int in 1..{MAX_THREADS}, got {n!r}")
+    _C.set_num_threads(int(n))
+
+
+MAX_THREADS = 1024  # a bound on the threads one call may start (a typo must not start 100,000)
 
 
 def supported_isas() -> list[str]:
@@ -42,15 +46,19 @@ def get_isa() -> str:
 
 
 def set_isa(isa: str) -> None:
-    """Forces a CPU kernel path; raises ValueError if unknown or unsupported by this CPU."""
+    """Forces a CPU kernel path for the whole process (all threads); raises ValueError if
+    unknown or unsupported by this CPU. "auto" goes back to the best path the CPU has."""
     if not isinstance(isa, str):
         raise TypeError(f"isa must be a str, got {type(isa).__name__}")
-    _C.set_isa(isa.lower())
+    isa = isa.lower()
+    _C.set_isa(supported_isas()[-1] if isa == "auto" else isa)
 
 
 @contextlib.contextmanager
 def use_isa(isa: str) -> Iterator[None]:
-    """Context manager running the enclosed code on one ISA path, then restoring the old one."""
+    """Context manager running the enclosed code on one ISA path, then restoring the old one.
+    The path is process-wide (like torch.set_num_threads): not for threads that each want
+    their own path at once."""
     old = get_isa()
     set_isa(isa)
     try:

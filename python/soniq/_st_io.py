@@ -19,7 +19,7 @@ import shutil
 import tempfile
 
 from ._hf import quiet_offline
-from ._model_file import load_file, save_file
+from ._model_file import default_mode, load_file, save_file
 from ._version import __version__
 
 MANIFEST, MODEL_FILE, KIND = "soniq.json", "soniq_model.safetensors", "sentence-transformers"
@@ -63,6 +63,7 @@ def save_dir(model, path) -> None:
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"format": "soniq-dir", "kind": KIND, "model_file": MODEL_FILE,
                        "soniq_version": __version__}, f, indent=1)
+        os.chmod(tmp, default_mode(path, folder=True))
         old = None
         if os.path.isdir(path):
             old = tempfile.mkdtemp(prefix=".soniq-old-", dir=parent)

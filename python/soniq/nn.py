@@ -207,6 +207,11 @@ class QConv2d(_QMixin, nn.Conv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched [C, H, W], as nn.Conv2d takes it: channels stay on dim 1
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self.a_quant.name}: expected input [B, {self.in_channels}, H, W] or "
+                             f"[{self.in_channels}, H, W], got shape {tuple(x.shape)}")
         return self._conv_forward(self.a_quant(x), self.w_quant(self.weight), self.bias)
 
 

@@ -29,6 +29,9 @@ def gelu_cpu(x: Tensor) -> None:
         return
     if not x.is_floating_point():
         raise TypeError(f"gelu_: x must be a floating-point tensor, got {x.dtype}")
+    if x.dtype == torch.float64:  # the native GELU is float32: float64 keeps its own accuracy
+        torch.ops.aten.gelu_(x)
+        return
     y = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     _C.gelu_(y.data_ptr(), y.numel())
     x.copy_(y)
@@ -37,3 +40,20 @@ def gelu_cpu(x: Tensor) -> None:
 @gelu_.register_fake
 def _(x):
     return None
+
+
+# An in-place activation with no backward: on a tensor that requires grad it would pass the
+# gradient through unchanged (identity), silently. Refused, as torch refuses in-place ops on
+# leaves that require grad.
+_lib = torch.library.Library("soniq", "IMPL")
+
+
+def _gelu_autograd(x: Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("gelu_: x requires grad, and soniq's in-place GELU has no backward; use "
+                           "torch.nn.functional.gelu to train, or run under torch.no_grad()")
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.soniq.gelu_(x)
+
+
+_lib.impl("gelu_", _gelu_autograd, "Autograd")

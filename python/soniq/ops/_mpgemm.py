@@ -15,6 +15,11 @@ INT32_MAX = 2**31 - 1
 def int32_limit(a: PackedTensor, b: PackedTensor) -> int:
     """Largest |a_int @ b_int.T| entry the bit widths allow: sum over K segments of
     klen * max|a| * max|b|, maximized over every pair of row groups."""
+    for name, p in (("a", a), ("b", b)):
+        if not isinstance(p, PackedTensor):
+            raise TypeError(f"{name} must be a soniq.PackedTensor (from soniq.ops.pack), got {type(p).__name__}")
+    if not a.k_layout.same_as(b.k_layout):  # as mpgemm multiplies them: the one-segment operand re-laid
+        a, b = _common_k_layout(a, b)
     klens = a.host_meta()[1][:, 0].tolist()
     worst = 0
     for da in a.host_meta()[0].tolist():

@@ -9,6 +9,9 @@
 """
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,10 +19,18 @@ import torch
 from torch import Tensor, nn
 
 from .. import _dist
+from .._fastpath import attention_projections, disable_torch_fastpaths
 from .._hadamard import check_block
 from .._quantizers import check_a_dynamic, check_smooth_alpha, mix_seed
 from ..nn import QConv2d, QLinear
 from ..ops._quantize import resolve_seed
+
+def _real(name: str, v) -> float:
+    """A finite real number (not a bool), or a ValueError naming the argument."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
 
 __all__ = ["QATConfig", "prepare", "bit_penalty", "freeze_precision", "precision_report", "quant_layers",
            "set_uniform_precision"]
@@ -58,20 +69,29 @@ class QATConfig:
     def __post_init__(self):
         for name, (lo_rng, hi_rng) in (("w_palette", ((1, 4), (4, 8))), ("a_palette", ((1, 4), (4, 8)))):
             pal = getattr(self, name)
-            if not isinstance(pal, (tuple, list)) or len(pal) != 2 or not all(isinstance(b, int) for b in pal):
+            if (not isinstance(pal, (tuple, list)) or len(pal) != 2
+                    or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in pal)):
                 raise ValueError(f"{name} must be two integer bit widths (low tier, high tier), got {pal!r}")
-            lo, hi = pal
+            lo, hi = (int(b) for b in pal)
             if not (lo_rng[0] <= lo <= lo_rng[1] and hi_rng[0] <= hi <= hi_rng[1] and lo <= hi):
                 raise ValueError(f"{name}={tuple(pal)}: the low tier must be in 1..4 and the high tier in 4..8")
             object.__setattr__(self, name, (lo, hi))
         for name, pal in (("w_bits_target", self.w_palette), ("a_bits_target", self.a_palette)):
-            t = getattr(self, name)
-            if not isinstance(t, (int, float)) or not t == t:
-                raise ValueError(f"{name} must be a number, got {t!r}")
+            t = _real(name, getattr(self, name))
             if t < pal[0]:
                 raise ValueError(f"budget cannot be met: {name}={t} is below the palette's low tier {pal[0]}")
-        if self.penalty_weight < 0 or self.penalty_weight != self.penalty_weight:
+        if _real("penalty_weight", self.penalty_weight) < 0:
             raise ValueError(f"penalty_weight must be >= 0, got {self.penalty_weight!r}")
+        if self.size_bytes_target is not None and _real("size_bytes_target", self.size_bytes_target) <= 0:
+            raise ValueError(f"size_bytes_target must be a positive number of bytes (or None), got {self.size_bytes_target!r}")
+        for name, pal in (("init_w_bits", self.w_palette), ("init_a_bits", self.a_palette)):
+            v = getattr(self, name)
+            if v is not None and not pal[0] <= _real(name, v) <= pal[1]:
+                raise ValueError(f"{name} must lie in the palette {pal} (or be None: its middle), got {v!r}")
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, (tuple, list, set, frozenset)) \
+                or not all(isinstance(n, str) for n in self.exclude):
+            raise ValueError(f"exclude must be a tuple of module names (or 'first' / 'last'), got {self.exclude!r}"
+                             + (f"; for one name write ({self.exclude!r},)" if isinstance(self.exclude, str) else ""))
         if self.seed is not None:
             resolve_seed(self.seed)  # the same checks as ops.quantize's seed
         object.__setattr__(self, "smooth_alpha", check_smooth_alpha(self.smooth_alpha))
@@ -91,7 +111,23 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
     cfg = config or QATConfig()
     if not isinstance(cfg, QATConfig):
         raise TypeError(f"config must be a soniq.qat.QATConfig, got {type(cfg).__name__}")
-    cand = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if quant_layers(model) or hasattr(model, "_soniq_config"):
+        raise ValueError("model is already prepared (it holds QLinear/QConv2d layers): prepare a float model once")
+    if type(model) in (nn.Linear, nn.Conv2d):  # the model is one layer: its quantized copy (not in place)
+        if cfg.exclude:
+            raise ValueError(f"exclude={cfg.exclude!r}: the model is a single {type(model).__name__}; nothing to exclude")
+        q = prepare(nn.Sequential(model), cfg)[0]
+        q.w_quant.name, q.a_quant.name = "weight", "input"
+        q._soniq_config = cfg
+        return q
+    # torch's attention reads out_proj's weight directly (never calls it): kept in float
+    skipped = attention_projections(model)
+    if skipped:
+        warnings.warn(f"soniq.qat.prepare: {skipped} stay in float: nn.MultiheadAttention reads their weights "
+                      "directly instead of calling the layer", stacklevel=2)
+    cand = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and n not in skipped]
     excl = set(cfg.exclude)
     if "first" in excl and cand:
         excl.add(cand[0])
@@ -112,7 +148,8 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
                              f"quantizes a layer at one place; give each place its own copy "
                              f"(copy.deepcopy) or keep it in float with QATConfig(exclude=({name!r},))")
     kw = dict(w_palette=cfg.w_palette, a_palette=cfg.a_palette,
-              w_bits=cfg.init_w_bits or sum(cfg.w_palette) / 2, a_bits=cfg.init_a_bits or sum(cfg.a_palette) / 2)
+              w_bits=sum(cfg.w_palette) / 2 if cfg.init_w_bits is None else cfg.init_w_bits,
+              a_bits=sum(cfg.a_palette) / 2 if cfg.init_a_bits is None else cfg.init_a_bits)
     keyed = []
     for name in cand:
         if name in excl:
@@ -133,6 +170,7 @@ def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
             q.a_quant.noise_key = mix_seed(cfg.seed, len(keyed), 1)
         keyed.append(name)
         setattr(parent, attr, q)
+    disable_torch_fastpaths(model)
     model._soniq_config = cfg
     return model
 
@@ -148,6 +186,8 @@ def _parent(model: nn.Module, name: str):
 def _config(model: nn.Module) -> QATConfig:
     """The QATConfig of `model`, or of the one submodule prepared inside it (e.g. the encoder
     of a SentenceTransformer)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = getattr(model, "_soniq_config", None)
     if cfg is None:
         found = {id(c): c for c in (getattr(m, "_soniq_config", None) for m in model.modules()) if c is not None}
@@ -181,7 +221,9 @@ def bit_penalty(model: nn.Module, weight: Optional[float] = None) -> Tensor:
     """penalty_weight * (relu(avg_w_bits - w_target) + relu(avg_a_bits - a_target)
     [+ relu(w_bytes / size_target - 1)]): zero within the budget, linear above it."""
     cfg = _config(model)
-    lam = cfg.penalty_weight if weight is None else weight
+    lam = cfg.penalty_weight if weight is None else _real("weight", weight)
+    if lam < 0:
+        raise ValueError(f"weight must be >= 0, got {weight!r}")
     avg = _averages(model)
     pen = torch.relu(avg["avg_w_bits"] - cfg.w_bits_target) + torch.relu(avg["avg_a_bits"] - cfg.a_bits_target)
     if cfg.size_bytes_target is not None:
@@ -222,6 +264,10 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
     layers = list(quant_layers(model).values())
     if not layers:
         raise ValueError("model has no soniq QLinear/QConv2d layers (call soniq.qat.prepare first)")
+    frozen = [n for n, m in quant_layers(model).items() if m.phase == 2]
+    if frozen:  # again would refit the clips phase 2 learned (and re-pick tiers from stale logits)
+        raise ValueError(f"freeze_precision: the model is already in phase 2 (layers {frozen[:3]}"
+                         f"{' ...' if len(frozen) > 3 else ''} have frozen tiers); call it once, after phase 1")
     for kind, pal, target in (("w", cfg.w_palette, cfg.w_bits_target), ("a", cfg.a_palette, cfg.a_bits_target)):
         qs = [getattr(m, f"{kind}_quant") for m in layers]
         if kind == "a":
@@ -260,6 +306,8 @@ def set_uniform_precision(model: nn.Module, w_bits: int, a_bits: int) -> nn.Modu
 def precision_report(model: nn.Module) -> dict:
     """{"avg_w_bits", "avg_a_bits", "w_bytes", "layers": {name: layer.precision()}} -- the bits
     actually in use (continuous means in phase 1, the tiers in phase 2)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     with torch.no_grad():
         avg = _averages(model)
     return {"avg_w_bits": float(avg["avg_w_bits"]), "avg_a_bits": float(avg["avg_a_bits"]),
