@@ -251,3 +251,30 @@ def _pickled(model, tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(model, path)
     return path
+
+
+def test_global_hooks_and_old_pickles_see_the_right_values(tmp_path):
+    """A global forward hook (torch.nn.modules.module.register_module_forward_hook) sees the
+    layer's plain output, as its own hooks do; a layer pickled when fusion set
+    activation = "gelu" on it applies the GELU once (its FusedActivation passes it through)."""
+    x = torch.randn(6, 37)
+    q = _convert(_mlp(nn.GELU()), x)
+    ref = _native(_convert(_mlp(nn.GELU()), x, fuse=False))
+    seen = {}
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.setdefault(id(m), o.clone()))
+    try:
+        assert torch.equal(q(x), ref(x))
+    finally:
+        handle.remove()
+    assert torch.equal(seen[id(q[0])], ref[0](x))
+    old = copy.deepcopy(q)  # as pickled before: activation set, no "fused" field, no hooks
+    for h in (old._forward_pre_hooks, old._forward_hooks):
+        h.clear()
+    del old[0].__dict__["fused"]
+    old[0].activation = "gelu"
+    torch.save(old, tmp_path / "old.pt")
+    back = torch.load(tmp_path / "old.pt", weights_only=False)
+    assert back[0].fused and torch.equal(back(x), ref(x))
+    assert soniq.unfuse_activations(back) == 1 and back[0].activation is None
+    assert torch.equal(back(x), _convert(_mlp(nn.GELU()), x, fuse=False)(x))

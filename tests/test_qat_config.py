@@ -86,7 +86,7 @@ def test_prepare_refuses_what_it_cannot_do_right():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         soniq.qat.prepare("net", QATConfig())
     m = soniq.qat.prepare(_mlp(), QATConfig())
-    with pytest.raises(ValueError, match="already prepared"):
+    with pytest.raises(ValueError, match="already prepared by soniq.qat.prepare"):
         soniq.qat.prepare(m, QATConfig())
     with pytest.raises(ValueError, match="all zeros"):  # a clip of ~0 would saturate every later input
         m(torch.zeros(3, 12))
@@ -132,3 +132,26 @@ def test_unbatched_conv_input_as_nn_conv2d():
         assert torch.equal(p(x[1]), p(x[1:2])[0])
     with pytest.raises(ValueError, match=r"expected input \[B, 3, H, W\] or \[3, H, W\]"):
         m(torch.randn(2, 4, 8))
+
+
+def test_freeze_precision_refused_for_no_data_can_be_retried():
+    """The calibration check runs before anything is frozen: after the forward pass the error
+    asks for, freeze_precision works (it used to leave the weights in phase 2 and refuse)."""
+    m = soniq.qat.prepare(_mlp(), QATConfig())
+    with pytest.raises(ValueError, match="have seen no data"):
+        soniq.qat.freeze_precision(m)
+    assert all(q.phase == 1 for q in soniq.qat.quant_layers(m).values())
+    m(torch.randn(3, 12))
+    soniq.qat.freeze_precision(m)
+    assert all(q.phase == 2 for q in soniq.qat.quant_layers(m).values())
+
+
+def test_bit_penalty_takes_a_tensor_weight():
+    m = soniq.qat.prepare(_mlp(), QATConfig())
+    m(torch.randn(3, 12))
+    assert torch.equal(soniq.qat.bit_penalty(m, weight=torch.tensor(0.5)), soniq.qat.bit_penalty(m, weight=0.5))
+
+
+def test_ptq_refuses_a_single_layer_model_clearly():
+    with pytest.raises(ValueError, match="model is a single Linear.*nn.Sequential"):
+        soniq.ptq.quantize(nn.Linear(12, 4), [torch.randn(8, 12)])

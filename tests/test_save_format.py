@@ -296,7 +296,10 @@ def test_load_into_a_model_checks_it_before_changing_it(tmp_path):
 
     for model, msg in ((arch(torch.nn.Linear(10, 3)), r"unexpected|missing \['6\."),
                        (arch()[:5], "it has no layer '5'"),
-                       (arch(out=5), "layer '5' has 5 outputs, the file's 10"),
+                       (arch(out=5), "layer '5' has 5 outputs x 70 inputs, the file's 10 x 70"),
+                       (torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                            torch.nn.Linear(8 * 25, 70), torch.nn.ReLU(), torch.nn.Linear(50, 10)),
+                        "layer '5' has 10 outputs x 50 inputs, the file's 10 x 70"),
                        (torch.nn.Sequential(torch.nn.Linear(3, 3)), "no layer|is a Linear")):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         kinds = [type(c) for c in model.modules()]
@@ -307,3 +310,34 @@ def test_load_into_a_model_checks_it_before_changing_it(tmp_path):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         soniq.load(f, model="x")
     assert torch.equal(soniq.load(f, model=arch())(x), p(x))
+
+
+def test_load_checks_the_float_layers_shapes_too(tmp_path):
+    """A layer kept in float (excluded) whose shape differs from the file's: refused before the
+    model changes (it used to swap the packed layers in, then fail in load_state_dict)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    soniq.qat.prepare(m, QATConfig(exclude=("2",)))
+    x = torch.randn(5, 16)
+    m(x)
+    soniq.qat.freeze_precision(m)
+    soniq.save(soniq.convert(m), tmp_path / "m.safetensors")
+    other = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    with pytest.raises(ValueError, match=r"2.weight has shape \(5, 8\), the file's \(3, 8\)"):
+        soniq.load(tmp_path / "m.safetensors", model=other)
+    assert type(other[0]) is torch.nn.Linear
+
+
+def test_single_layer_model_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    q = soniq.qat.prepare(torch.nn.Linear(16, 4), QATConfig())
+    x = torch.randn(5, 16)
+    q(x)
+    soniq.qat.freeze_precision(q)
+    p = soniq.convert(q)
+    soniq.save(p, tmp_path / "one.safetensors")
+    for back in (soniq.load(tmp_path / "one.safetensors"),
+                 soniq.load(tmp_path / "one.safetensors", model=torch.nn.Linear(16, 4))):
+        assert type(back) is type(p)
+        with torch.no_grad():
+            assert torch.equal(back(x), p(x))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ._fuse_state import state as _state
 from ._packed_nn import PackedLinear
@@ -47,7 +48,8 @@ class _Arm:
         armed = _state()[0]
         for n in self.names:
             lin = module._modules.get(n)
-            if isinstance(lin, PackedLinear) and not (lin._forward_hooks or lin._forward_pre_hooks):
+            if isinstance(lin, PackedLinear) and not (lin._forward_hooks or lin._forward_pre_hooks
+                                                      or _global_forward_hooks or _global_forward_pre_hooks):
                 armed.add(id(lin))
 
 
@@ -192,7 +194,7 @@ def unfuse_activations(model: nn.Module) -> int:
             prev = m._modules.get("dense") if name == "intermediate_act_fn" else \
                 (m._modules[names[i - 1]] if i > 0 else None)
             if isinstance(prev, PackedLinear):
-                prev.fused = False
+                prev.fused, prev.activation = False, None
             setattr(m, name, f.original)
             _unhook(m)
             n += 1

@@ -137,7 +137,7 @@ def save_file(model: nn.Module, path) -> None:
                 rec["hadamard_block"] = m.hadamard_block
         records[n] = rec
     for k, t in model.state_dict().items():
-        if not any(k == n or k.startswith(n + ".") for n in packed) and t is not None:
+        if not any(_under(k, n) for n in packed) and t is not None:
             tensors[f"state|{k}"] = t.detach().cpu().contiguous()
     version = VERSION if any("hadamard_block" in r for r in records.values()) else 3
     meta = {"format": FORMAT, "version": version, "packed": records, "tree": _tree(model)}
@@ -200,9 +200,26 @@ def default_mode(path, *, folder: bool) -> int:
     try:
         return os.stat(path).st_mode & 0o7777
     except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return (0o777 if folder else 0o666) & ~mask
+        return (0o777 if folder else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would, for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: the usual way (briefly 0o022, never 0)
+    os.umask(mask)
+    return mask
+
+
+def _under(key: str, layer: str) -> bool:
+    """Whether state-dict key `key` belongs to the module named `layer` ("" = the root)."""
+    return not layer or key == layer or key.startswith(layer + ".")
 
 
 def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> nn.Module:
@@ -213,7 +230,7 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         model = _build(meta["tree"])
     else:
         _check_architecture(path, meta, tensors, model)  # before anything in it changes
-        unfuse_activations(model)  # its packed layers are replaced below (fused again at the end)
+    built = {}  # every packed layer built (and checked) before the model changes
     for n, rec in meta["packed"].items():
         pre = f"{n}|"
         wt = {k[len(pre) + 2:]: v for k, v in tensors.items() if k.startswith(pre + "w.")}
@@ -250,6 +267,13 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
             raise ValueError(f"{path}: layer {n!r}: {e}") from None
         if mod.a_bits.numel() * kk != w.shape[1]:
             raise ValueError(f"{path}: layer {n!r}: activation bits do not match the packed weight's K={w.shape[1]}")
+        built[n] = mod
+    if model is not None and any(built):
+        unfuse_activations(model)  # its packed layers are replaced below (fused again at the end)
+    for n, mod in built.items():
+        if not n:  # the model is the one packed layer
+            model = mod
+            continue
         parent = model
         parts = n.split(".")
         for p in parts[:-1]:
@@ -257,7 +281,7 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         setattr(parent, parts[-1], mod)
     state = {k[len("state|"):]: v for k, v in tensors.items() if k.startswith("state|")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not any(k.startswith(n + ".") for n in meta["packed"])]
+    missing = [k for k in missing if not any(_under(k, n) for n in meta["packed"])]
     if missing or unexpected:
         raise ValueError(f"{path}: the file does not match the model: missing {missing}, unexpected {unexpected}")
     fuse_activations(model)
@@ -280,14 +304,22 @@ def _check_architecture(path: str, meta: dict, tensors: dict, model: nn.Module) 
                              f"the file holds a {rec['type']}")
         shape = rec.get("w_meta", {}).get("shape")
         if shape is not None:
-            n_out = m.w.shape[0] if isinstance(m, (PackedLinear, PackedConv2d)) else \
-                m.out_features if rec["type"] == "PackedLinear" else m.out_channels
-            if int(shape[0]) != int(n_out):
-                raise ValueError(f"{path}: the file does not match the model: layer {n!r} has {n_out} outputs, "
-                                 f"the file's {shape[0]}")
+            if isinstance(m, (PackedLinear, PackedConv2d)):
+                n_out, n_k = m.w.shape
+            elif rec["type"] == "PackedLinear":
+                n_out, n_k = m.out_features, m.in_features
+            else:
+                n_out, n_k = m.out_channels, m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            if (int(shape[0]), int(shape[1])) != (int(n_out), int(n_k)):
+                raise ValueError(f"{path}: the file does not match the model: layer {n!r} has {n_out} outputs "
+                                 f"x {n_k} inputs, the file's {shape[0]} x {shape[1]}")
     packed = list(meta["packed"])
-    have = {k for k in model.state_dict() if not any(k == p or k.startswith(p + ".") for p in packed)}
-    saved = {k[len("state|"):] for k in tensors if k.startswith("state|")}
-    if have != saved:
-        raise ValueError(f"{path}: the file does not match the model: missing {sorted(have - saved)[:8]}, "
-                         f"unexpected {sorted(saved - have)[:8]}")
+    have = {k: t for k, t in model.state_dict().items() if not any(_under(k, p) for p in packed)}
+    saved = {k[len("state|"):]: t for k, t in tensors.items() if k.startswith("state|")}
+    if have.keys() != saved.keys():
+        raise ValueError(f"{path}: the file does not match the model: missing {sorted(have.keys() - saved.keys())[:8]}, "
+                         f"unexpected {sorted(saved.keys() - have.keys())[:8]}")
+    for k, t in have.items():
+        if t is not None and tuple(t.shape) != tuple(saved[k].shape):
+            raise ValueError(f"{path}: the file does not match the model: {k} has shape {tuple(t.shape)}, "
+                             f"the file's {tuple(saved[k].shape)}")

@@ -230,6 +230,13 @@ class PackedLinear(_PackedBase):
     before quantizing (soniq._hadamard; the weights were packed in the rotated basis)."""
 
     fused = False  # class default: layers pickled before the attribute existed
+
+    def __setstate__(self, state):
+        # pickled (torch.save(model)) when fusion set activation = "gelu" on the layer: it is
+        # followed by a FusedActivation, which must pass its output through
+        if "fused" not in state and state.get("activation") == "gelu":
+            state["fused"] = True
+        super().__setstate__(state)
     hadamard_block = 0  # class default: modules pickled (torch.save(model)) before the field
 
     def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None, a_dynamic=None,
@@ -360,11 +367,11 @@ class PackedLinear(_PackedBase):
                 # a fused GELU runs in the native call, on each output row once it is final
                 if self.activation is not None:
                     lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), True)
-                elif self.fused and take_arm(self):  # called by the block it is fused in (_fuse.py)
+                    return fused_output(out) if self.fused else out  # (its FusedActivation passes it)
+                if self.fused and take_arm(self):  # called by the block it is fused in (_fuse.py)
                     lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), True)
                     return fused_output(out)
-                else:
-                    lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), False)
+                lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), False)
                 return out
         return self._run(x, integer=False)
 
@@ -439,10 +446,9 @@ class PackedLinear(_PackedBase):
         out = self._gemm(rows, plan, integer)
         if not integer and self.bias is not None:
             out = out + self.bias
-        if not integer and self.activation is not None:
-            out = self._activate(out)
-        elif not integer and self.fused and take_arm(self):  # called by the block it is fused in
-            return fused_output(self._activate(out).reshape(*x.shape[:-1], out.shape[-1]))
+        if not integer and (self.activation is not None or (self.fused and take_arm(self))):
+            out = self._activate(out).reshape(*x.shape[:-1], out.shape[-1])
+            return fused_output(out) if self.fused else out  # (fused: its FusedActivation passes it)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod

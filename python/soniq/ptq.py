@@ -341,6 +341,9 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, (QLinear, QConv2d)) for m in model.modules()):
         raise ValueError("model already holds soniq QLinear/QConv2d layers; pass the float model")
+    if type(model) in (nn.Linear, nn.Conv2d):  # quantize works in place: a root layer has no parent
+        raise ValueError(f"model is a single {type(model).__name__}: soniq.ptq.quantize swaps layers in place; "
+                         f"wrap it (nn.Sequential(layer)) and take [0] of the result")
 
 
 def calibrate(model: nn.Module, calib_batches, *, forward: Optional[Callable] = None,

@@ -107,14 +107,17 @@ def quant_layers(model: nn.Module) -> dict:
 
 
 def prepare(model: nn.Module, config: Optional[QATConfig] = None) -> nn.Module:
-    """Swaps every nn.Linear / nn.Conv2d (not excluded) for QLinear / QConv2d in place."""
+    """Swaps every nn.Linear / nn.Conv2d (not excluded) for QLinear / QConv2d in place and returns
+    the model; a model that is one nn.Linear / nn.Conv2d has no parent to swap it in: its
+    quantized copy is returned (use the returned module)."""
     cfg = config or QATConfig()
     if not isinstance(cfg, QATConfig):
         raise TypeError(f"config must be a soniq.qat.QATConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if quant_layers(model) or hasattr(model, "_soniq_config"):
-        raise ValueError("model is already prepared (it holds QLinear/QConv2d layers): prepare a float model once")
+        raise ValueError("model was already prepared by soniq.qat.prepare (it holds soniq layers or their "
+                         "config): prepare a float model once")
     if type(model) in (nn.Linear, nn.Conv2d):  # the model is one layer: its quantized copy (not in place)
         if cfg.exclude:
             raise ValueError(f"exclude={cfg.exclude!r}: the model is a single {type(model).__name__}; nothing to exclude")
@@ -221,9 +224,16 @@ def bit_penalty(model: nn.Module, weight: Optional[float] = None) -> Tensor:
     """penalty_weight * (relu(avg_w_bits - w_target) + relu(avg_a_bits - a_target)
     [+ relu(w_bytes / size_target - 1)]): zero within the budget, linear above it."""
     cfg = _config(model)
-    lam = cfg.penalty_weight if weight is None else _real("weight", weight)
-    if lam < 0:
-        raise ValueError(f"weight must be >= 0, got {weight!r}")
+    if weight is None:
+        lam = cfg.penalty_weight
+    elif isinstance(weight, Tensor):  # an annealed weight may be a tensor
+        lam = weight
+        if weight.numel() != 1 or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+            raise ValueError(f"weight must be one finite value >= 0, got {weight!r}")
+    else:
+        lam = _real("weight", weight)
+        if lam < 0:
+            raise ValueError(f"weight must be >= 0, got {weight!r}")
     avg = _averages(model)
     pen = torch.relu(avg["avg_w_bits"] - cfg.w_bits_target) + torch.relu(avg["avg_a_bits"] - cfg.a_bits_target)
     if cfg.size_bytes_target is not None:
@@ -268,13 +278,13 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
     if frozen:  # again would refit the clips phase 2 learned (and re-pick tiers from stale logits)
         raise ValueError(f"freeze_precision: the model is already in phase 2 (layers {frozen[:3]}"
                          f"{' ...' if len(frozen) > 3 else ''} have frozen tiers); call it once, after phase 1")
+    missing = [m.a_quant.name for m in layers if not bool(m.a_quant.calibrated)]
+    if missing:  # checked before anything is frozen: after a forward, the call can be made again
+        raise ValueError(f"activation quantizers {missing} have seen no data: run at least one forward "
+                         "pass before freeze_precision")
+    assigned = []  # every tier is allocated before any is frozen (a refused budget changes nothing)
     for kind, pal, target in (("w", cfg.w_palette, cfg.w_bits_target), ("a", cfg.a_palette, cfg.a_bits_target)):
         qs = [getattr(m, f"{kind}_quant") for m in layers]
-        if kind == "a":
-            missing = [q.name for q in qs if not bool(q.calibrated)]
-            if missing:
-                raise ValueError(f"activation quantizers {missing} have seen no data: run at least one forward "
-                                 "pass before freeze_precision")
         counts = [q.per_channel if kind == "w" else float(q.elems_per_channel) for q in qs]
         what = "w_bits_target" if kind == "w" else "a_bits_target"
         if kind == "w" and cfg.size_bytes_target is not None:  # a byte budget caps the bits per weight
@@ -285,9 +295,9 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
         # every rank takes rank 0's tiers (equal anyway when the bit logits are, as under DDP)
         flat = torch.cat(tiers).to(qs[0].frozen_bits.device)
         _dist.broadcast_from_rank0(flat)
-        tiers = flat.split([q.channels for q in qs])
-        for q, b in zip(qs, tiers):
-            q.freeze(b)
+        assigned += zip(qs, flat.split([q.channels for q in qs]))
+    for q, b in assigned:
+        q.freeze(b)
     if refit_weight_scales:
         for m in layers:
             m.w_quant.refit_clip(m.effective_weight())
