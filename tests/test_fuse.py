@@ -278,3 +278,18 @@ def test_global_hooks_and_old_pickles_see_the_right_values(tmp_path):
     assert back[0].fused and torch.equal(back(x), ref(x))
     assert soniq.unfuse_activations(back) == 1 and back[0].activation is None
     assert torch.equal(back(x), _convert(_mlp(nn.GELU()), x, fuse=False)(x))
+
+
+def test_call_in_block_times_what_the_block_runs():
+    """soniq bench times layers outside their model: call_in_block gives what the block's call
+    gives (the fused GELU applied) and leaves nothing armed or recorded for later calls."""
+    from soniq._fuse import call_in_block
+    from soniq._fuse_state import state
+
+    x = torch.randn(6, 37)
+    q = _convert(_mlp(nn.GELU()), x)
+    ref = _native(_convert(_mlp(nn.GELU()), x, fuse=False))
+    assert torch.equal(call_in_block(q[0], x), ref[:2](x))
+    assert state() == (set(), [])
+    assert torch.equal(q[0](x), ref[0](x))  # a plain call after it: no GELU
+    assert torch.equal(call_in_block(q[2], ref[:2](x)), ref[2](ref[:2](x)))  # not fused: just called

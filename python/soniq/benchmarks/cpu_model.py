@@ -30,6 +30,7 @@ from torch import nn
 
 import soniq
 from soniq import _C
+from soniq._fuse import call_in_block
 from soniq.benchmarks.onednn_int8 import onednn_int8
 from soniq.benchmarks.ort_int8 import ort_int8
 
@@ -93,33 +94,37 @@ def bf16_model(teacher):
 
 # ---- packed layers inside the model vs alone ---------------------------------------------
 class LayerTimer:
-    """Forward hooks on the packed layers: per-call wall time and, while `record` is set, a
-    copy of each layer's input. Only a copy, and only in a forward that is not timed: keeping
-    the timed forwards' own inputs alive until the next forward (as a plain reference would)
-    makes the allocator hand every forward other memory than the last one's, colder than in a
-    user's model (measured: packed layers inside / alone at batch 1 1.34-1.44 with such
-    references, 1.26-1.28 without, same code, AMX)."""
+    """Per-call wall time of the packed layers and, while `record` is set, a copy of each
+    layer's input. Only a copy, and only in a forward that is not timed: keeping the timed
+    forwards' own inputs alive until the next forward (as a plain reference would) makes the
+    allocator hand every forward other memory than the last one's, colder than in a user's model
+    (measured: packed layers inside / alone at batch 1 1.34-1.44 with such references, 1.26-1.28
+    without, same code, AMX). Timed by wrapping each layer's forward (an instance attribute),
+    not by module hooks: a packed layer with hooks of its own does not take the GELU fused into
+    it (soniq/_fuse.py), so hooks would time another model than the user's."""
 
     def __init__(self, layers):
         self.layers, self.times, self.inputs, self.record = layers, {}, {}, True
-        self.handles = [h for m in layers for h in (m.register_forward_pre_hook(self._pre),
-                                                     m.register_forward_hook(self._post))]
+        for m in layers:
+            m.forward = self._timed(m, type(m).forward.__get__(m))
 
-    def _pre(self, m, args):
-        if self.record:
-            self.inputs[m] = args[0].clone()
-        m._bench_t0 = time.perf_counter()
-
-    def _post(self, m, args, out):
-        self.times.setdefault(m, []).append(time.perf_counter() - m._bench_t0)
+    def _timed(self, m, forward):
+        def timed(*args, **kwargs):
+            if self.record:
+                self.inputs[m] = args[0].clone()
+            t0 = time.perf_counter()
+            out = forward(*args, **kwargs)
+            self.times.setdefault(m, []).append(time.perf_counter() - t0)
+            return out
+        return timed
 
     def take(self) -> dict:
         t, self.times = self.times, {}
         return t
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
+        for m in self.layers:
+            m.__dict__.pop("forward", None)
 
 
 def encoder_linears(model, cls) -> list:
@@ -158,19 +163,21 @@ class _InsideAlone:
         for _ in range(calls):
             model(dict(feats))
         got_in = timer.take()
+        # alone and in model order, each layer is called as its block calls it (a fused GELU
+        # applied, as inside the model: call_in_block)
         for m in self.layers:
             x = timer.inputs[m]
-            m(x)  # as a loop does: the previous call was this layer
+            call_in_block(m, x)  # as a loop does: the previous call was this layer
             timer.take()
             for _ in range(calls):
-                m(x)
+                call_in_block(m, x)
             self.alone[m] += timer.take()[m]
             self.inside[m] += got_in[m]
         self.per_round.append(sum(statistics.median(got_in[m]) for m in self.layers)
                               / sum(statistics.median(self.alone[m][-calls:]) for m in self.layers))
         for _ in range(calls):
             for m in self.layers:
-                m(timer.inputs[m])
+                call_in_block(m, timer.inputs[m])
         for m, v in timer.take().items():
             self.sweep[m] += v
 
