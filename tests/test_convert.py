@@ -260,3 +260,17 @@ def test_packed_layers_refuse_integer_and_numpy_inputs():
         for bad in (inp.to(torch.int64), inp > 0, inp.numpy()):
             with pytest.raises(TypeError, match="expected a floating-point"):
                 layer(bad)
+
+
+def test_packed_conv_geometry_checked():
+    """from_state_dict's geometry: ints as nn.Conv2d takes them, a stride of 0 or a kernel that
+    does not match the weight's K refused at construction (not at the first forward)."""
+    q, x = converted_conv_net()
+    sd, args = q[0].state_dict(), q[0].conv_args()
+    same = soniq.nn.PackedConv2d.from_state_dict(sd, "c", **dict(args, stride=1, padding=1, dilation=1))
+    assert torch.equal(same(x), q[0](x))
+    for bad, msg in ((dict(stride=(0, 1)), "stride must be an int or two ints >= 1"),
+                     (dict(padding=-1), "padding must be an int or two ints >= 0"),
+                     (dict(kernel_size=(3, 5)), r"kernel_size \(3, 5\) does not match the packed weight")):
+        with pytest.raises(ValueError, match=msg):
+            soniq.nn.PackedConv2d.from_state_dict(sd, "c", **dict(args, **bad))

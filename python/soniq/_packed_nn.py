@@ -462,11 +462,24 @@ class PackedLinear(_PackedBase):
         return out
 
 
+def _pair(name: str, what: str, v, least: int) -> tuple:
+    """An int or two ints (as nn.Conv2d takes them), each >= least, as a pair."""
+    pair = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= least
+                                                 for x in pair):
+        raise ValueError(f"{name}: {what} must be an int or two ints >= {least}, got {v!r}")
+    return pair
+
+
 class PackedConv2d(_PackedBase):
     def __init__(self, w, a_bits, a_scale, a_signed, bias, name, *, kernel_size, stride, padding, dilation):
         super().__init__(w, a_bits, a_scale, a_signed, bias, name)
-        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
-        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.kernel_size, self.stride = _pair(name, "kernel_size", kernel_size, 1), _pair(name, "stride", stride, 1)
+        self.padding, self.dilation = _pair(name, "padding", padding, 0), _pair(name, "dilation", dilation, 1)
+        kk = self.kernel_size[0] * self.kernel_size[1]
+        if w.shape[1] != self.a_bits.numel() * kk:
+            raise ValueError(f"{name}: kernel_size {self.kernel_size} does not match the packed weight: K = "
+                             f"{w.shape[1]} is not {self.a_bits.numel()} input channels x {kk}")
         self._build_plans()  # built now, so torch.compile traces cached plans (no graph break)
 
     @classmethod
