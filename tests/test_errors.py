@@ -283,3 +283,19 @@ def test_thread_count_bounded_and_isa_back_to_auto():
         soniq.set_isa("auto")
         assert soniq.get_isa() == soniq.supported_isas()[-1]
     assert soniq.get_isa() == best
+
+
+def test_klayout_takes_lists_and_refuses_what_is_not_a_layout():
+    from soniq import KLayout
+    assert torch.equal(KLayout([2, 0, 1], (3,)).perm, torch.tensor([2, 0, 1]))
+    assert KLayout(np.arange(4), [1, 3]).seg_lens == (1, 3)
+    for perm, lens, msg in ((None, (3,), "perm must be a 1-D integer tensor or array"),
+                            (torch.tensor([0.5, 1.0, 2.0]), (3,), "perm must be a 1-D integer"),
+                            ([0, 0, 1], (3,), r"perm must be a permutation of range\(3\)"),
+                            ([0, 1, 2], (2, 0), "seg_lens must be positive integer segment lengths"),
+                            ([0, 1, 2], "3", "seg_lens must be positive integer segment lengths")):
+        with pytest.raises(ValueError, match=msg):
+            KLayout(perm, lens)
+    for bits in ([2.5, 8], [[2, 8], [2, 8]]):
+        with pytest.raises(ValueError, match=r"bits_along_k\[0\] must be a 1-D array of integer widths"):
+            KLayout.from_bits(bits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import _checks
@@ -24,11 +25,39 @@ class KLayout:
     perm: torch.Tensor       # int64 [K]
     seg_lens: tuple          # lengths of the K segments, in order
 
+    def __post_init__(self):
+        # a list / numpy array of integers is taken; anything else is a clear error here, not
+        # an AttributeError (or a silently truncated float) later in pack
+        p = self.perm
+        if not isinstance(p, torch.Tensor):
+            try:
+                p = torch.as_tensor(np.asarray(p))
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"perm must be a 1-D integer tensor or array (a permutation of range(K)), "
+                                 f"got {type(self.perm).__name__}") from None
+        if p.dim() != 1 or p.dtype.is_floating_point or p.dtype.is_complex or p.dtype == torch.bool:
+            raise ValueError(f"perm must be a 1-D integer tensor or array, got {p.dtype} of shape {tuple(p.shape)}")
+        if p is not self.perm or p.dtype != torch.int64:  # (an int64 tensor, as soniq makes them, is
+            p = p.to(torch.int64)                         # checked where it is used: pack validates)
+            if not torch.equal(torch.sort(p.cpu()).values, torch.arange(p.numel())):
+                raise ValueError(f"perm must be a permutation of range({p.numel()})")
+        lens = self.seg_lens
+        if (not isinstance(lens, (tuple, list)) or not lens
+                or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in lens)):
+            raise ValueError(f"seg_lens must be positive integer segment lengths, got {lens!r}")
+        object.__setattr__(self, "perm", p)
+        object.__setattr__(self, "seg_lens", tuple(int(n) for n in lens))
+
     @staticmethod
     def from_bits(*bits_along_k) -> "KLayout":
         """The layout grouping K by bit width -- by the tuple of widths when several operands
         (e.g. per-input-channel weights and activations) vary along K together."""
-        cols = [torch.as_tensor(b, dtype=torch.int64).reshape(-1) for b in bits_along_k]
+        raw = [torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b) for b in bits_along_k]
+        for i, r in enumerate(raw):
+            if r.dim() > 1 or r.dtype.is_floating_point and bool((r != r.round()).any()):
+                raise ValueError(f"bits_along_k[{i}] must be a 1-D array of integer widths, got {r.dtype} "
+                                 f"of shape {tuple(r.shape)}")
+        cols = [r.to(torch.int64).reshape(-1) for r in raw]
         if not cols or any(c.numel() != cols[0].numel() for c in cols):
             raise ValueError("bits_along_k must be one or more 1-D arrays of the same length K")
         for i, c in enumerate(cols):
