@@ -251,7 +251,7 @@ def test_with_scale_checked_as_pack_checks_it():
     x = torch.randint(0, 4, (2, 4))
     a = ops.pack(x, [2, 4, 2, 4], signed=False, axis=1)
     b = ops.pack(torch.ones(3, 4, dtype=torch.int64), 2, signed=False, k_layout=a)
-    with pytest.raises(ValueError, match="scale: along K it must be constant within each K segment"):
+    with pytest.raises(ValueError, match="scale along K must be constant within each K segment"):
         a.with_scale([1.0, 2.0, 3.0, 4.0])
     want = (x.double() * torch.tensor([1.0, 2.0, 1.0, 2.0], dtype=torch.float64)).sum(1).float()
     assert torch.equal(ops.mpgemm(a.with_scale([1.0, 2.0, 1.0, 2.0]), b), want[:, None].expand(2, 3))

@@ -149,6 +149,16 @@ def check_inverse(s: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}[{i}] = {float(s[i])!r} is too small: its {str(s.dtype)[6:]} inverse overflows")
 
 
+def check_constant_per_segment(v: torch.Tensor, perm: torch.Tensor, seg_lens, name: str) -> None:
+    """Values along K (v, original column order) must be one per K segment of the layout (perm,
+    seg_lens): the kernels factor a scale out of each segment's products."""
+    vk = v.cpu()[perm.cpu()]
+    lens = torch.as_tensor(tuple(seg_lens), dtype=torch.int64)
+    if not torch.equal(vk, vk[torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)]):
+        raise ValueError(f"{name} along K must be constant within each K segment (bit width); "
+                         "fold per-column scales into the other operand instead")
+
+
 def check_scales(s: torch.Tensor, name: str) -> None:
     """Every entry of a scale vector must be finite and > 0."""
     bad = ~torch.isfinite(s) | (s <= 0)

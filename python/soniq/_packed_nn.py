@@ -131,6 +131,12 @@ class _PackedBase(nn.Module):
             self._buffers.update(kept)  # assigned, not copied: load_state_dict(assign=True) puts the caller's tensors there
             self._weights_changed()
 
+    def _check_float_input(self, x) -> None:
+        """As nn.Linear / nn.Conv2d: floating-point tensors only (no silent float() of integers)."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"{self.name}: expected a floating-point torch.Tensor input, got "
+                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+
     def _replace_weight(self, parts: dict) -> None:
         old, old_signed = self.w, self.a_signed
         meta = PackedTensor.metadata_from_tensor(parts["w.meta"])
@@ -229,7 +235,8 @@ class PackedLinear(_PackedBase):
     hadamard_block (0 = none): the QLinear's block Hadamard rotation of the input, applied
     before quantizing (soniq._hadamard; the weights were packed in the rotated basis)."""
 
-    fused = False  # class default: layers pickled before the attribute existed
+    fused = False  # class defaults: modules pickled (torch.save(model)) before the fields
+    hadamard_block = 0
 
     def __setstate__(self, state):
         # pickled (torch.save(model)) when fusion set activation = "gelu" on the layer: it is
@@ -237,7 +244,6 @@ class PackedLinear(_PackedBase):
         if "fused" not in state and state.get("activation") == "gelu":
             state["fused"] = True
         super().__setstate__(state)
-    hadamard_block = 0  # class default: modules pickled (torch.save(model)) before the field
 
     def __init__(self, w, a_bits, a_scale, a_signed, bias, name="?", *, a_inv_smooth=None, a_dynamic=None,
                  hadamard_block=0):
@@ -353,8 +359,7 @@ class PackedLinear(_PackedBase):
                     rows, M, ld = x, x.numel() // K, K  # the usual case: no reshape, no view
                     out = x.new_empty((*shape[:-1], N))  # float32 on the CPU, as x
                 else:
-                    if not x.is_floating_point():  # as nn.Linear: no silent float() of integers
-                        raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
+                    self._check_float_input(x)
                     rows = x.reshape(-1, K)
                     if rows.dtype != torch.float32:
                         rows = rows.float()
@@ -365,14 +370,10 @@ class PackedLinear(_PackedBase):
                 if M == 0:  # no rows, no output values (as nn.Linear)
                     return out
                 # a fused GELU runs in the native call, on each output row once it is final
-                if self.activation is not None:
-                    lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), True)
-                    return fused_output(out) if self.fused else out  # (its FusedActivation passes it)
-                if self.fused and take_arm(self):  # called by the block it is fused in (_fuse.py)
-                    lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), True)
-                    return fused_output(out)
-                lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), False)
-                return out
+                # (fused: only when the block it is fused in calls it, _fuse.py)
+                gelu = self.activation is not None or (self.fused and take_arm(self))
+                lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), gelu)
+                return fused_output(out) if gelu and self.fused else out  # (its FusedActivation passes it)
         return self._run(x, integer=False)
 
     def accumulators(self, x: Tensor) -> Tensor:
@@ -429,9 +430,7 @@ class PackedLinear(_PackedBase):
 
     def _run(self, x, integer):
         K = self.a_bits.numel()
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"{self.name}: expected a floating-point torch.Tensor input, got "
-                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+        self._check_float_input(x)
         if x.dim() == 0 or x.shape[-1] != K:
             raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
         if x.numel() == 0:  # no rows, no output values (as nn.Linear)
@@ -538,9 +537,7 @@ class PackedConv2d(_PackedBase):
 
     def _run(self, x, integer):
         C = self.a_bits.numel()
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"{self.name}: expected a floating-point torch.Tensor input, got "
-                            f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+        self._check_float_input(x)
         if x.dim() == 3 and x.shape[0] == C:  # unbatched [C, H, W], as nn.Conv2d takes it
             return self._run(x.unsqueeze(0), integer).squeeze(0)
         if x.dim() != 4 or x.shape[1] != C:

@@ -255,13 +255,7 @@ class PackedTensor:
         scale = _checks.scale_vector(scale, (self.shape[0], self.shape[1])[self.axis], "scale", self.device)
         if scale is not None and self.axis == 1:  # the kernels take one scale per K segment
             _, ksegs, k_perm = self.host_meta()
-            sk, k0 = scale.cpu()[k_perm], 0
-            for klen in ksegs[:, 0].tolist():
-                if bool((sk[k0:k0 + klen] != sk[k0]).any()):
-                    raise ValueError(f"scale: along K it must be constant within each K segment (one scale per "
-                                     f"precision tier); columns {k_perm[k0:k0 + klen][:8].tolist()}... of one "
-                                     f"segment have scales {sorted(set(sk[k0:k0 + klen].tolist()))[:4]}")
-                k0 += klen
+            _checks.check_constant_per_segment(scale, k_perm, ksegs[:, 0].tolist(), "scale")
         pt = PackedTensor(shape=self.shape, axis=self.axis, signed=self.signed, dtype=self.dtype,
                           kind=self.kind, layout=self.layout, scale=scale, host_meta=self._host,
                           token_scale=None if scale is None else self.token_scale,  # per-token scales stay

@@ -116,11 +116,7 @@ def pack(values, bits, *, signed: bool, axis: int = 0, scale=None, k_layout=None
 
     scale_v = C.scale_vector(scale, (R, K)[axis], "scale", dev)
     if scale_v is not None and axis == 1:
-        sk = scale_v[kl.perm]
-        for s0, n in zip(seg_starts, kl.seg_lens):
-            if bool((sk[s0:s0 + n] != sk[s0]).any()):
-                raise ValueError("scale along K must be constant within each K segment (bit width); "
-                                 "fold per-column scales into the other operand instead")
+        C.check_constant_per_segment(scale_v, kl.perm, kl.seg_lens, "scale")
 
     # index_select: advanced indexing runs an OpenMP region that costs milliseconds on a busy machine
     for dim, perm in ((0, row_perm), (1, kl.perm)):

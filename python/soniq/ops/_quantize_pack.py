@@ -126,10 +126,8 @@ def make_plan(bits, scale, K: int, *, signed: bool, k_layout=None, out_scale=_SA
     if not np.array_equal(kb, kb[first]):
         raise ValueError("k_layout does not match bits: each K segment must hold a single bit width")
     for name, v in (("scale", scale_v), ("out_scale", None if out_v is None or out_v is scale_v else out_v)):
-        vk = None if v is None else v.numpy()[perm_np]
-        if vk is not None and not np.array_equal(vk, vk[first]):
-            raise ValueError(f"{name} along K must be constant within each K segment (bit width); "
-                             "fold per-column scales into the other operand instead")
+        if v is not None:
+            C.check_constant_per_segment(v, kl.perm, kl.seg_lens, name)
     return ActPlan(bits_v, scale_v, bool(signed), kl, out_v,
                    layout_of=k_layout if isinstance(k_layout, PackedTensor) else None, dynamic=bool(dynamic))
 
