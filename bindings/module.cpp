@@ -59,6 +59,8 @@ py::dict cpu_info() {
   py::dict d;
   d["vendor"] = f.vendor;
   d["brand"] = f.brand;
+  d["family"] = f.family;
+  d["model"] = f.model;
   d["features"] = cpu_feature_names();
   return d;
 }
@@ -67,6 +69,26 @@ py::dict cpu_info() {
 
 void soniq::bindings::register_core(py::module_& m) {
   m.def("cpu_info", &cpu_info);
+  // the benchmarks' limits: the active path's inner-loop instructions timed on the calling
+  // core (cpp/peak_probe.h); None where the path has no probe (scalar, AMX)
+  m.def(
+      "measure_peaks",
+      [](double seconds) -> py::object {
+        if (!(seconds > 0 && seconds <= 10)) throw std::invalid_argument("seconds must be in (0, 10], got " + std::to_string(seconds));
+        const KernelTable& t = active_kernels();
+        if (!t.peak_probe) return py::none();
+        PeakRates r;
+        {
+          py::gil_scoped_release nogil;
+          r = t.peak_probe(seconds);
+        }
+        py::dict d;
+        d["isa"] = t.name;
+        d["int8_macs_per_s"] = r.int8_macs;
+        d["popcount_bits_per_s"] = r.popcount_bits;
+        return d;
+      },
+      py::arg("seconds") = 0.2);
   m.def("compiler", &compiler_version);
   m.def("cuda_archs", &cuda_archs);
   m.def("compiled_isas", &compiled_isas);

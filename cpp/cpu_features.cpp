@@ -52,6 +52,9 @@ CpuFeatures detect() {
   }
 
   cpuid(1, 0, r);
+  const unsigned base_family = (r[0] >> 8) & 0xf, base_model = (r[0] >> 4) & 0xf;
+  f.family = int(base_family == 0xf ? base_family + ((r[0] >> 20) & 0xff) : base_family);
+  f.model = int(base_family == 0xf || base_family == 0x6 ? (((r[0] >> 16) & 0xf) << 4) | base_model : base_model);
   const bool osxsave = r[2] & (1u << 27);
   f.popcnt = r[2] & (1u << 23);
   f.fma = r[2] & (1u << 12);

@@ -7,6 +7,7 @@ namespace soniq {
 
 struct CpuFeatures {
   std::string vendor, brand;
+  int family = 0, model = 0;  // CPUID leaf 1, extended fields folded in (AMD Zen 4: 25, Zen 5: 26)
   bool popcnt = false, avx = false, avx2 = false, fma = false, bmi2 = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512vpopcntdq = false, avx512bf16 = false, avxvnni = false;

@@ -6,6 +6,7 @@
 
 #include "gelu.h"
 #include "hadamard.h"
+#include "peak_probe.h"
 
 namespace soniq {
 
@@ -147,6 +148,9 @@ struct KernelTable {
   HadamardRowFn hadamard_row = nullptr;  // optional: hadamard_row_ref otherwise
   GeluRowFn gelu_row = nullptr;  // optional: gelu_row_ref otherwise
   MergeColumnsFn merge_columns = nullptr;  // every table sets it
+  // optional: measured throughput of this path's inner-loop instructions (cpp/peak_probe.h),
+  // what the benchmarks hold the kernels to
+  PeakProbeFn peak_probe = nullptr;
 };
 
 // Defined in each ISA's translation unit (only those built for this target).

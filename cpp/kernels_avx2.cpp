@@ -378,6 +378,7 @@ const KernelTable& kernels_avx2() {
     k.hadamard_row = avx2_hadamard_row;
     k.gelu_row = avx2_gelu_row;
     k.merge_columns = avx2_merge_columns;
+    k.peak_probe = peak_probe_avx2;
     return k;
   }();
   return t;

@@ -498,6 +498,7 @@ const KernelTable& kernels_avx512() {
     k.hadamard_row = avx512_hadamard_row;
     k.gelu_row = avx512_gelu_row;
     k.merge_columns = avx512_merge_columns;
+    k.peak_probe = peak_probe_avx512;
     return k;
   }();
   return t;

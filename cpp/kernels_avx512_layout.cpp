@@ -74,10 +74,6 @@ void gemv_micro(const uint8_t* A, int64_t lda, const int8_t* L, int64_t tb, int6
   }
 }
 
-// 1-bit weights, one A row: group G's codes are bit G of the chunk's one vector, so an and
-// alone (no shift) gives the s8 operand 2^G * u (-128 * u for G = 7). Each G keeps its own
-// accumulator, scaled back exactly at the end (its lanes are multiples of 2^G: >> G):
-// per 64 weight bytes 8 and + 8 vpdpbusd, where the shared decode adds 7 shifts.
 // 1-bit weights, one A row, one tile: group G's codes are bit G of the chunk's one vector, so
 // an and alone (no shift) gives the s8 operand 2^G * u (-128 * u for G = 7). Each G keeps its
 // own accumulator, scaled back exactly at the end (its lanes are multiples of 2^G: >> G): per

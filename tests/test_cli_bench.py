@@ -160,12 +160,28 @@ def test_onednn_int8_linear_matches_its_integer_recipe():
 def test_result_name_says_when_a_lower_isa_was_forced():
     """Results are named by the CPU's best ISA; a run with a lower path forced says so, and never
     takes the name a CPU with only that ISA would give its own run."""
+    from soniq._runtime import cpu_microarch
     from soniq.benchmarks.cpu_model import result_slug
 
     best = soniq.supported_isas()[-1]
-    assert result_slug("AMD EPYC 9B14", best, 2, False) == f"amd-epyc-9b14-{best}"
+    arch = f"-{cpu_microarch()}" if cpu_microarch() else ""
+    assert result_slug("AMD EPYC 9B14", best, 2, False) == f"amd-epyc-9b14{arch}-{best}"
     if best != "scalar":
-        assert result_slug("AMD EPYC", "scalar", 1, True) == f"amd-epyc-{best}-as-scalar-quick-1t"
+        assert result_slug("AMD EPYC", "scalar", 1, True) == f"amd-epyc{arch}-{best}-as-scalar-quick-1t"
+
+
+def test_result_name_tells_amd_generations_apart():
+    """VMs report a bare "AMD EPYC" for Zen 4 and Zen 5, whose vector units differ by 2x: the
+    results are named by the CPUID family / model."""
+    from soniq._runtime import microarch_of
+
+    assert microarch_of("AuthenticAMD", 0x1A, 0x02) == "zen5"
+    assert microarch_of("AuthenticAMD", 0x19, 0x11) == "zen4"   # Genoa
+    assert microarch_of("AuthenticAMD", 0x19, 0x01) == "zen3"   # Milan
+    assert microarch_of("AuthenticAMD", 0x17, 0x31) == "zen2"   # Rome
+    assert microarch_of("GenuineIntel", 0x06, 0x8F) is None
+    cpu = soniq.info(verbose=False)["cpu"]
+    assert cpu["microarch"] == microarch_of(cpu["vendor"], cpu["family"], cpu["model_id"])
 
 
 def test_w1a1_target_is_the_isas():

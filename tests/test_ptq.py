@@ -64,6 +64,48 @@ def test_tier_budget_is_met_and_no_further_channel_fits(palette, target, allocat
             assert abs(float(b.mean()) - target) <= (hi - lo) * len(bits) / b.numel() + 1e-9
 
 
+@pytest.mark.parametrize("allocation", ["measured", "hessian", "uniform"])
+def test_tier_groups_share_a_tier_and_meet_the_budget(allocation):
+    """tier_group=g: each run of g consecutive output channels has one tier (layers whose
+    width g divides: 96 and 80 by 8 and 16; the 12-wide last layer by neither, which keeps per
+    channel tiers), the budget holds and no further group fits."""
+    _, batches = _data()
+    lo, hi, target = 2, 4, 3.0
+    for g in (8, 16):
+        m = quantize(_mlp(), batches, PTQConfig(w_palette=(lo, hi), w_bits_target=target, allocation=allocation,
+                                                rounding="rtn", tier_group=g))
+        avg, bits, n = _weight_bits(m)
+        assert avg <= target + 1e-9
+        grouped = [(b, per) for b, per in bits if b.numel() % g == 0]
+        assert len(grouped) == 2 and not any(b.numel() % g == 0 for b, _ in bits[2:])
+        for b, _ in grouped:
+            assert torch.equal(b.reshape(-1, g), b.reshape(-1, g)[:, :1].expand(-1, g))
+        costs = [per * (g if b.numel() % g == 0 else 1) for b, per in bits if bool((b == lo).any())]
+        assert not costs or (target - avg) * n < (hi - lo) * min(costs)  # maximal
+
+
+def test_tier_groups_of_8_pack_without_a_column_merge():
+    """With tiers per group of 8 every run of 8 packed outputs of a tier is 8 consecutive
+    outputs (what lets the kernels write in place, cpp/mpgemm.cpp prepare_checked), where per
+    channel tiers interleave; fake == packed either way."""
+    x, batches = _data()
+    for g, runs_whole in ((1, False), (8, True)):
+        cfg = PTQConfig(w_palette=(4, 8), w_bits_target=5.0, rounding="rtn", allocation="uniform", tier_group=g)
+        fake = quantize(_mlp(), batches, cfg)
+        packed = soniq.convert(fake)
+        whole = []
+        for name in ("0", "2"):
+            w = packed.get_submodule(name).w
+            perm = w.row_perm.cpu()
+            tiers = w.bits.cpu()[perm]  # each row's bits in packed order: one run per tier
+            assert len(set(tiers.tolist())) == 2  # both tiers in use
+            edges = [0] + [i for i in range(1, len(tiers)) if tiers[i] != tiers[i - 1]] + [len(tiers)]
+            whole.append(all(bool((perm[j: min(j + 8, e)] == perm[j] + torch.arange(min(8, e - j))).all())
+                             for s_, e in zip(edges[:-1], edges[1:]) for j in range(s_, e, 8)))
+        assert all(whole) == runs_whole
+        _check_fake_equals_packed(fake, packed, x[:37])
+
+
 def test_uniform_palettes_put_every_channel_at_one_width():
     _, batches = _data()
     for w in (3, 6):
@@ -308,6 +350,9 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(w_palette=(True, 4)), "w_palette must be two integer bit widths"),
     (dict(qat_options=(("foo", 1),)), "qat_options: .*unexpected keyword argument 'foo'"),
     (dict(qat_options=(("a_dynamic", "row"),)), "a_dynamic must be None"),
+    (dict(tier_group=0), "tier_group must be a positive integer"),
+    (dict(tier_group=8.0), "tier_group must be a positive integer"),
+    (dict(tier_group=True), "tier_group must be a positive integer"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -33,6 +33,25 @@ def set_num_threads(n: int) -> None:
 MAX_THREADS = 1024  # a bound on the threads one call may start (a typo must not start 100,000)
 
 
+def microarch_of(vendor: str, family: int, model: int) -> str | None:
+    """'zen1' .. 'zen5' for AMD CPUs from their CPUID family and model, else None."""
+    if vendor != "AuthenticAMD":
+        return None
+    if family == 0x17:
+        return "zen2" if model >= 0x30 else "zen1"
+    if family == 0x19:
+        return "zen4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "zen3"
+    return "zen5" if family == 0x1A else None
+
+
+def cpu_microarch() -> str | None:
+    """This CPU's microarchitecture where known (microarch_of). VMs often report a bare brand
+    ("AMD EPYC") for CPUs whose speed differs a lot (Zen 5 retires two zmm vpdpbusd per cycle,
+    Zen 4 one), so benchmark results are named by it too."""
+    cpu = _C.cpu_info()
+    return microarch_of(cpu["vendor"], cpu["family"], cpu["model"])
+
+
 def supported_isas() -> list[str]:
     """ISA paths this CPU can run, e.g. ['scalar', 'avx2', 'avx512', 'amx'] (the last is the default).
     'amx_emu' (the AMX kernel on its emulation, slow: for tests) is not listed but set_isa takes it
@@ -86,7 +105,8 @@ def info(verbose: bool = True) -> dict:
         "torch": torch.__version__,
         "compiler": _C.compiler(),
         "cuda": _cuda_report(),
-        "cpu": {"vendor": cpu["vendor"], "model": cpu["brand"], "features": list(cpu["features"])},
+        "cpu": {"vendor": cpu["vendor"], "model": cpu["brand"], "family": cpu["family"], "model_id": cpu["model"],
+                "microarch": cpu_microarch(), "features": list(cpu["features"])},
         "isa": {
             "compiled": list(_C.compiled_isas()),
             "supported": supported_isas(),
@@ -121,7 +141,8 @@ def format_info(d: dict) -> str:
         f"soniq {d['version']}  (python {d['python']}, torch {d['torch']})",
         f"  compiler : {d['compiler']}",
         f"  cuda     : {cuda_line}",
-        f"  cpu      : {d['cpu']['model'] or 'unknown'} [{d['cpu']['vendor']}]",
+        f"  cpu      : {d['cpu']['model'] or 'unknown'} "
+        f"[{', '.join(x for x in (d['cpu']['vendor'], d['cpu']['microarch']) if x)}]",
         f"  features : {' '.join(d['cpu']['features']) or '(none detected)'}",
         f"  isa      : {d['isa']['active']} (supported: {', '.join(d['isa']['supported'])}; "
         f"compiled: {', '.join(d['isa']['compiled'])})",

@@ -9,8 +9,8 @@ Inside / alone: forward hooks time every packed layer during the forward; then e
 runs alone, back to back, on the input it saw in the forward. The ratio is the sum of the
 per-layer medians inside over the sum alone (issue 13: <= 1.15). The packed model is the
 demo's configuration (weights 4/6-bit tiers averaging 4.4 bits, 8-bit activations with
-per-token dynamic scales) with its tiers allocated per channel by the demo's PTQ on 64
-sentences, rounded to nearest (packed_minilm): timing depends on the tiers, not on the
+per-token dynamic scales) with its tiers allocated per group of 16 output channels by the
+demo's PTQ on 64 sentences, rounded to nearest (packed_minilm): timing depends on the tiers, not on the
 code values.
 Saves cpu_model_<cpu>-<best isa>[-as-<forced isa>].json/.md (result_slug). Nothing here is a test.
 """
@@ -61,13 +61,13 @@ CALIB_SENTENCES, CALIB_BATCH = 64, 32
 
 
 def packed_minilm(teacher):
-    """The demo's saved configuration as its PTQ makes it: each channel's tier allocated from
-    measured sensitivity on real sentences, so the tiers interleave within every layer as in
-    the demo's model (the kernels' column merge, tier tails), its inputs rotated as the
-    demo's (the quantize pass's Hadamard butterflies), with round-to-nearest codes in
-    place of GPTQ + bias correction (the code values do not change the speed; ~10 s instead
-    of ~6 min). A uniform per-layer allocation would skip the merge and run faster than any
-    model the demo saves."""
+    """The demo's saved configuration as its PTQ makes it: tiers allocated from measured
+    sensitivity on real sentences, per group of 16 output channels as the demo's
+    (minilm_ptq.TIER_GROUP), so both tiers sit in every layer as in the demo's model (the
+    tiers' tail tiles), its inputs rotated as the demo's (the quantize pass's Hadamard
+    butterflies), with round-to-nearest codes in place of GPTQ + bias correction (the code
+    values do not change the speed; ~10 s instead of ~6 min). A uniform per-layer allocation
+    would run faster than any model the demo saves."""
     import dataclasses
 
     from soniq.demos import minilm as demo, minilm_ptq
@@ -77,9 +77,15 @@ def packed_minilm(teacher):
     cal = minilm_ptq.calibration(teacher, demo.tokenize(
         teacher, minilm_ptq.calibration_sentences(train, n=CALIB_SENTENCES), CALIB_BATCH))
     cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=demo.W_PALETTE, w_bits_target=demo.W_TARGET,
-                                hadamard_block=demo.HADAMARD_BLOCK)
+                                hadamard_block=demo.HADAMARD_BLOCK, tier_group=demo.TIER_GROUP)
     _, packed, _ = minilm_ptq.ptq_model(teacher, cal, dataclasses.replace(cfg, rounding="rtn"))
     return packed.eval()
+
+
+def _demo_tier_group() -> int:
+    from soniq.demos import minilm as demo
+
+    return demo.TIER_GROUP
 
 
 def _demo_hadamard_block() -> int:
@@ -270,8 +276,8 @@ WHY_E2E = ("on a CPU without AMX the packed layers run at the int8 vpdpbusd rate
            "docs/DESIGN_NOTES.md (Packed Linear forward on the CPU)")
 WHY_E2E_AMX = ("with AMX the packed layers' tile products are a small part of a layer at batch 1 (M = 128, K = 384: "
                "the 4 tile products of a 32 x 64 strip take ~800 cycles, its exact float64 epilogue about as long); "
-               "what remains per layer is the activation quantization, that epilogue, the column merge of "
-               "interleaved tiers and the Python call, each about as costly as the products, and the model's "
+               "what remains per layer is the activation quantization, that epilogue, the tiers' tail "
+               "tiles and the Python call, each about as costly as the products, and the model's "
                "float ops (attention, GELU, LayerNorm) are half of the forward at every precision; the demo's "
                "input rotation (Hadamard blocks of 32, for fidelity) costs 1.1% at batch 1 and ~4-7% at batch 32 "
                "(same-process A/B with and without it, docs/DESIGN_NOTES.md, Hadamard rotation); see "
@@ -322,7 +328,8 @@ def markdown(doc: dict) -> str:
                                                 if (m["load_end"] or 0) > 0.5 * m["threads"] else ""),
          f"- seq {SEQ}; mode {'quick' if m['quick'] else 'full'}; methods interleaved per round (median of rounds, "
          "best call per round); the packed model is the demo's configuration as its PTQ allocates the tiers "
-         "(per channel, interleaved in every layer), with round-to-nearest codes"
+         f"(per group of {m.get('tier_group', 1)} output channels; 1: per channel, interleaved), with "
+         "round-to-nearest codes"
          + (f", inputs rotated by Hadamard blocks of {m['hadamard_block']}" if m.get("hadamard_block") else ""), "",
          f"## Packed layers inside the forward vs alone (target <= {INSIDE_TARGET})", "",
          "Sums over the packed layers of each layer's median call (and of its best call: what is left once "
@@ -427,7 +434,8 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
             "torch": torch.__version__, "onnxruntime": ort_v, "python": platform.python_version(),
             "cpu": info["cpu"]["model"], "isa": info["isa"]["active"], "threads": threads, "quick": quick,
             "thread_backend": backend0, "openmp_library": _C.openmp_library() or None,
-            "hadamard_block": _demo_hadamard_block(), "logical_cpus": os.cpu_count(), "load_start": load_start,
+            "hadamard_block": _demo_hadamard_block(), "tier_group": _demo_tier_group(),
+            "logical_cpus": os.cpu_count(), "load_start": load_start,
             "load_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     targets = []
     for r in inside:
@@ -466,13 +474,19 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
 
 
 def result_slug(cpu_model: str | None, active_isa: str, threads: int, quick: bool) -> str:
-    """The saved results' name: the CPU model and its best ISA (machines of one model name differ
-    in ISA), '-as-<isa>' when a lower path was forced (SONIQ_ISA / set_isa): such a run keeps the
-    machine's baselines, so it never takes the name of a run on a CPU that has only that ISA."""
+    """The saved results' name: the CPU model, its microarchitecture where known (AMD: VMs
+    report a bare "AMD EPYC" for Zen 4 and Zen 5 alike) and its best ISA (machines of one model
+    name differ in ISA), '-as-<isa>' when a lower path was forced (SONIQ_ISA / set_isa): such a
+    run keeps the machine's baselines, so it never takes the name of a run on a CPU that has only
+    that ISA."""
     import re
 
+    from soniq._runtime import cpu_microarch
+
     best = soniq.supported_isas()[-1]
-    slug = re.sub(r"[^a-z0-9]+", "-", (cpu_model or "cpu").lower()).strip("-") + f"-{best}"
+    arch = cpu_microarch()
+    slug = re.sub(r"[^a-z0-9]+", "-", (cpu_model or "cpu").lower()).strip("-")
+    slug += (f"-{arch}" if arch and arch not in slug else "") + f"-{best}"
     slug += "" if active_isa == best else f"-as-{active_isa}"
     return slug + ("-quick" if quick else "") + ("" if threads == 2 else f"-{threads}t")
 

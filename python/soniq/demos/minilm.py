@@ -42,6 +42,7 @@ QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 6), (4, 8), 4.4, 8.0
 SMOOTH_ALPHA = None
 HADAMARD_BLOCK = minilm_ptq.HADAMARD_BLOCK  # Linear inputs rotated (why: minilm_ptq)
+TIER_GROUP = minilm_ptq.TIER_GROUP  # weight tiers per 16 output channels (why: minilm_ptq)
 A_DYNAMIC = "token"  # per-token activation scales (see docs/DESIGN_NOTES.md, MiniLM ablation)
 SEQ = 128            # sequence length of the latency measurements
 EXCLUDE = ("pooler.dense",)
@@ -319,7 +320,8 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         train_sents, n=E["calib"]), minilm_ptq.CALIB_BATCH))
     student, packed, soniq_s = minilm_ptq.ptq_model(
         teacher, cal, minilm_ptq.ptq_config("soniq", teacher, smooth_alpha=SMOOTH_ALPHA, hadamard_block=HADAMARD_BLOCK,
-                                            w_palette=W_PALETTE, w_bits_target=W_TARGET, **minilm_ptq.REFINE))
+                                            w_palette=W_PALETTE, w_bits_target=W_TARGET, tier_group=TIER_GROUP,
+                                            **minilm_ptq.REFINE))
     rep = soniq.qat.precision_report(student)
 
     other = reference_sentences(exclude=set(train_sents) | set(held))  # never calibrated or tuned on
