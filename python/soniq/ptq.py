@@ -41,7 +41,7 @@ from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
 from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
 from .nn import QConv2d, QLinear, smooth_factors
 from ._quantizers import check_smooth_alpha
-from .qat import QATConfig, _assign_tiers
+from .qat import QATConfig, _assign_tiers, group_channels
 
 __all__ = ["PTQConfig", "Calibration", "calibrate", "quantize", "output_distortion"]
 
@@ -167,7 +167,7 @@ class PTQConfig:
         set_(self, "exclude", tuple(self.exclude))
         opts = dict(self.qat_options) if not isinstance(self.qat_options, dict) else self.qat_options
         taken = {"w_palette", "a_palette", "w_bits_target", "a_bits_target", "exclude", "phase", "init_w_bits",
-                 "init_a_bits"} & set(opts)
+                 "init_a_bits", "tier_group"} & set(opts)
         if taken:
             raise ValueError(f"qat_options cannot set {sorted(taken)}: they are PTQConfig fields")
         if opts.get("smooth_alpha") is not None:
@@ -195,7 +195,8 @@ class PTQConfig:
         return QATConfig(w_palette=pal(self.w_palette), a_palette=pal(self.a_palette),
                          w_bits_target=float(self.w_bits_target), a_bits_target=float(self.a_bits_target),
                          exclude=self.exclude, init_w_bits=float(min(self.w_palette[1], self.w_bits_target)),
-                         init_a_bits=float(min(self.a_palette[1], self.a_bits_target)), **dict(self.qat_options))
+                         init_a_bits=float(min(self.a_palette[1], self.a_bits_target)), tier_group=self.tier_group,
+                         **dict(self.qat_options))
 
 
 def _default_forward(model, batch):
@@ -463,10 +464,11 @@ def _allocate(scores: dict, counts: dict, palette, target, gains, mode: str, wha
     names = list(scores)
     if palette[0] == palette[1]:
         return {n: torch.full_like(scores[n], float(palette[0]), dtype=torch.float32) for n in names}
-    size = {n: group if scores[n].numel() % group == 0 else 1 for n in names}
-    dens = [(scores[n] * (gains[n] if mode == "measured" else 1.0) / counts[n]).float().reshape(-1, size[n]).mean(1)
-            for n in names]
-    counts = {n: counts[n] * size[n] for n in names}
+    grouped = {n: group_channels(scores[n] * (gains[n] if mode == "measured" else 1.0) / counts[n], counts[n], group)
+               for n in names}
+    dens = [grouped[n][0] for n in names]
+    counts = {n: grouped[n][1] for n in names}
+    size = {n: grouped[n][2] for n in names}
     if mode != "uniform":
         out = dict(zip(names, _assign_tiers(dens, [counts[n] for n in names], palette, target, what)))
         return {n: out[n].repeat_interleave(size[n]) for n in names}

@@ -65,6 +65,11 @@ class QATConfig:
     # power of two; a layer takes the largest power of two <= it dividing its in_features),
     # weights kept in the rotated basis (QLinear); 0 = off. Not with smooth_alpha.
     hadamard_block: int = 0
+    # freeze_precision picks the weight tiers per group of this many consecutive output
+    # channels (their mean learned bits; layers it does not divide: per channel), so packed
+    # layers write their outputs in place, without the column merge interleaved tiers need
+    # (docs/DESIGN_NOTES.md, "Tier groups"); 1 = per channel
+    tier_group: int = 1
 
     def __post_init__(self):
         for name, (lo_rng, hi_rng) in (("w_palette", ((1, 4), (4, 8))), ("a_palette", ((1, 4), (4, 8)))):
@@ -98,6 +103,10 @@ class QATConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         check_a_dynamic(self.a_dynamic)
         check_block(self.hadamard_block)
+        tg = self.tier_group
+        if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1:
+            raise ValueError(f"tier_group must be a positive integer (1 = per channel; 8 or 16), got {tg!r}")
+        object.__setattr__(self, "tier_group", int(tg))
         if self.hadamard_block and self.smooth_alpha is not None:
             raise ValueError("hadamard_block and smooth_alpha cannot be combined (one input transform per layer)")
 
@@ -241,9 +250,21 @@ def bit_penalty(model: nn.Module, weight: Optional[float] = None) -> Tensor:
     return lam * pen
 
 
-def _assign_tiers(scores: list, counts: list, palette: tuple, target: float, what: str) -> list:
+def group_channels(score: Tensor, count: float, group: int) -> tuple:
+    """(scores per group, cost per group, group size): `group` consecutive channels as one
+    (their mean score, their summed count) where group divides the channels, else one each."""
+    size = group if score.numel() % group == 0 else 1
+    return score.reshape(-1, size).float().mean(1), count * size, size
+
+
+def _assign_tiers(scores: list, counts: list, palette: tuple, target: float, what: str, group: int = 1) -> list:
     """Two tiers for all channels: the highest-scoring channels take the high tier while the
-    count-weighted average stays <= target (greedy: a channel that does not fit is skipped)."""
+    count-weighted average stays <= target (greedy: a channel that does not fit is skipped).
+    group > 1: per group of consecutive channels (group_channels), expanded back."""
+    if group > 1:
+        g = [group_channels(t.detach().cpu(), c, group) for t, c in zip(scores, counts)]
+        tiers = _assign_tiers([x[0] for x in g], [x[1] for x in g], palette, target, what)
+        return [t.repeat_interleave(x[2]) for t, x in zip(tiers, g)]
     lo, hi = palette
     s = torch.cat([t.detach().float().cpu() for t in scores])
     n = torch.cat([torch.full((t.numel(),), float(c)) for t, c in zip(scores, counts)])
@@ -291,7 +312,7 @@ def freeze_precision(model: nn.Module, *, refit_weight_scales: bool = True) -> n
             n_w = sum(q.channels * q.per_channel for q in qs)
             if cfg.size_bytes_target * 8 / n_w < target:
                 target, what = cfg.size_bytes_target * 8 / n_w, f"size_bytes_target={cfg.size_bytes_target}"
-        tiers = _assign_tiers([q.bits() for q in qs], counts, pal, target, what)
+        tiers = _assign_tiers([q.bits() for q in qs], counts, pal, target, what, cfg.tier_group if kind == "w" else 1)
         # every rank takes rank 0's tiers (equal anyway when the bit logits are, as under DDP)
         flat = torch.cat(tiers).to(qs[0].frozen_bits.device)
         _dist.broadcast_from_rank0(flat)
