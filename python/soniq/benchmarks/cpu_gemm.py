@@ -260,6 +260,10 @@ def soniq_methods(M, N, K, x, w) -> tuple[dict, dict]:
     mixed_rows[torch.randperm(N, generator=gen)[: N // 4]] = 4
     cases = [(f"W{wb}A{ab}", torch.full((N,), wb, dtype=torch.int64), ab) for wb, ab in CONFIGS]
     cases.append((MIXED, mixed_rows, 8))
+    if N % TIER_GROUP == 0:  # the same mix, tiers per group of 16 channels (PTQConfig.tier_group): no merge
+        grouped = torch.full((N // TIER_GROUP,), 2, dtype=torch.int64)
+        grouped[torch.randperm(N // TIER_GROUP, generator=gen)[: N // TIER_GROUP // 4]] = 4
+        cases.append((MIXED_GROUPED, grouped.repeat_interleave(TIER_GROUP), 8))
     n4 = int((mixed_rows == 4).sum())
     cases += [(MIXED + " part W4", torch.full((n4,), 4), 8), (MIXED + " part W2", torch.full((N - n4,), 2), 8)]
     for name, wbits, ab in cases:
@@ -279,6 +283,8 @@ def soniq_methods(M, N, K, x, w) -> tuple[dict, dict]:
 
 
 MIXED = "mixed 25% W4 / 75% W2, A8"
+TIER_GROUP = 8  # as the MiniLM demo (soniq.demos.minilm_ptq.TIER_GROUP)
+MIXED_GROUPED = f"mixed 25% W4 / 75% W2 per {TIER_GROUP} channels, A8"
 
 
 # ---- report ----------------------------------------------------------------------------
@@ -381,21 +387,19 @@ _GEMV_WHY_AVX512 = (
     "a table-lookup kernel over groups of 4 activations, T-MAC style, would halve that).")
 _GEMM_WHY_AVX512 = (
     _LOAD_NOTE + "GEMM runs vpdpbusd on B tiles decoded once per 64 columns (by the first 6-row strip, in "
-    "the shadow of its vpdpbusd; 8-bit weights read in place) through a 6x64 register block that runs "
-    "within a few % of this CPU's measured vpdpbusd peak (467 GOP/s per core), the instruction oneDNN's "
-    "torch._int_mm uses here (it takes int8 inputs: no activation quantization, no float epilogue). soniq's "
-    "int8 products cost the same for 2, 4 or 8-bit weights, so these targets are bounded by the int8 rate. "
-    "On the quiet machine (same process, interleaved, PackedLinear forward vs _int_mm; uniform W4 / W4-W2 "
-    "tiers per channel at random): 2048^3 0.96x / 0.92x (1 thread), 0.95x / 0.89x (2 threads); "
-    "128x384x1536 ~1.0x / 0.98x, 0.91x / 0.89x; 128x1536x384 0.90x / 0.83x, 0.92x / 0.87x; 4096x1536x384 "
-    "0.80x / 0.73x, 0.72x / 0.61x. The rest of the gap: at K = 384 the exact double-precision epilogue "
-    "(~8% of the layer's profile, its accumulators already started at the code-sum terms) and the "
-    "activation quantization (~2.5%); at large M on 2 threads the float output and the quantization "
-    "scale worse than _int_mm's int32 stores; interleaved tiers add the column merge (each thread merges "
-    "the rows of its own row tile: 3-8% over one tier at M = 128, ~1% at M = 1024). At M = 128, K = 384 "
-    "_int_mm runs at ~87% of the vpdpbusd peak (128x1536x384: 185 us against 162 us at peak), so the "
-    "quantization, the epilogue and the Python around soniq's block would have to cost less than oneDNN's "
-    "own overhead. AMX (not on this CPU) would lift the int8 rate.")
+    "the shadow of its vpdpbusd; 8-bit weights read in place) through a 6x64 register block of 24 "
+    "accumulators, the instruction oneDNN's torch._int_mm uses here (it takes int8 inputs and returns int32: "
+    "no activation quantization, no float epilogue). soniq's int8 products cost the same for 2, 4 or 8-bit "
+    "weights, so these targets are bounded by the int8 rate (the 'limit' column: this CPU's vpdpbusd rate, "
+    "measured). Zen 4 (one zmm vpdpbusd per cycle, 467 GOP/s per core): the block within a few % of the peak; "
+    "same process, quiet, PackedLinear vs _int_mm, uniform W4 / W4-W2 tiers per channel: 2048^3 0.96x / 0.92x "
+    "(1 thread), 128x1536x384 0.90x / 0.83x, 4096x1536x384 0.80x / 0.73x. Zen 5 (two per cycle, 4-cycle "
+    "latency, ~1.1 TOP/s per core): one thread, 128x1536x384, the block at ~91% of the peak, the exact "
+    "double epilogue 10% of the profile, the per-token quantization 1%; _int_mm runs at 84-90% of the peak "
+    "there, so soniq's 0.85-0.93x is its float work around the same products. At K = 384 the epilogue is "
+    "a fixed cost per output (~8-10% of a layer); interleaved per-channel tiers add the column merge "
+    "(1.1-1.3x one tier), which tiers per group of 16 channels (PTQConfig(tier_group=16)) remove. AMX "
+    "(not on this CPU) would lift the int8 rate.")
 MISS_REASONS_BY_ISA = {"avx512": {
     "gemv": {"W1A8": _GEMV_WHY_AVX512, "W2A8": _GEMV_WHY_AVX512, "W4A8": _GEMV_WHY_AVX512,
              "W8A8": _GEMV_WHY_AVX512, "mixed": _MIXED_WHY},

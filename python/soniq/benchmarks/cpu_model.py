@@ -9,7 +9,7 @@ Inside / alone: forward hooks time every packed layer during the forward; then e
 runs alone, back to back, on the input it saw in the forward. The ratio is the sum of the
 per-layer medians inside over the sum alone (issue 13: <= 1.15). The packed model is the
 demo's configuration (weights 4/6-bit tiers averaging 4.4 bits, 8-bit activations with
-per-token dynamic scales) with its tiers allocated per group of 16 output channels by the
+per-token dynamic scales) with its tiers allocated per group of 8 output channels by the
 demo's PTQ on 64 sentences, rounded to nearest (packed_minilm): timing depends on the tiers, not on the
 code values.
 Saves cpu_model_<cpu>-<best isa>[-as-<forced isa>].json/.md (result_slug). Nothing here is a test.
@@ -62,7 +62,7 @@ CALIB_SENTENCES, CALIB_BATCH = 64, 32
 
 def packed_minilm(teacher):
     """The demo's saved configuration as its PTQ makes it: tiers allocated from measured
-    sensitivity on real sentences, per group of 16 output channels as the demo's
+    sensitivity on real sentences, per group of 8 output channels as the demo's
     (minilm_ptq.TIER_GROUP), so both tiers sit in every layer as in the demo's model (the
     tiers' tail tiles), its inputs rotated as the demo's (the quantize pass's Hadamard
     butterflies), with round-to-nearest codes in place of GPTQ + bias correction (the code

@@ -42,7 +42,7 @@ QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 6), (4, 8), 4.4, 8.0
 SMOOTH_ALPHA = None
 HADAMARD_BLOCK = minilm_ptq.HADAMARD_BLOCK  # Linear inputs rotated (why: minilm_ptq)
-TIER_GROUP = minilm_ptq.TIER_GROUP  # weight tiers per 16 output channels (why: minilm_ptq)
+TIER_GROUP = minilm_ptq.TIER_GROUP  # weight tiers per 8 output channels (why: minilm_ptq)
 A_DYNAMIC = "token"  # per-token activation scales (see docs/DESIGN_NOTES.md, MiniLM ablation)
 SEQ = 128            # sequence length of the latency measurements
 EXCLUDE = ("pooler.dense",)
