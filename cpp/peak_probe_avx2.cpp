@@ -1,6 +1,8 @@
-// AVX2 peak probes (see peak_probe.h), in asm as the AVX-512 ones (no spills): the byte
-// kernels' vpmaddubsw (32 byte products into 16 int16 sums) and its int16 add into one of 6
-// ymm accumulators; the bit-serial kernels' scalar and + popcnt + add on 64-bit words, 8 chains.
+// AVX2 peak probes (see peak_probe.h), in asm as the AVX-512 ones (no spills; built with the
+// baseline flags, as the assembler needs none): the byte kernels' vpmaddubsw (32 byte products
+// into 16 int16 sums) and its int16 add into one of 6 ymm accumulators; the bit-serial
+// kernels' scalar and + popcnt + add on 64-bit words, 8 independent popcounts a step into 4
+// accumulators.
 #include <cstdint>
 
 #include "peak_probe.h"

@@ -1,4 +1,6 @@
-// AVX-512 peak probes (see peak_probe.h). The loops are written in asm: GCC spills 24
+// AVX-512 peak probes (see peak_probe.h), built with the baseline flags: the timing code is
+// plain C++, and only the two asm functions carry target("avx512f") (which lets their asm name
+// zmm16-31 as clobbers; the assembler itself needs no flags). The loops are written in asm: GCC spills 24
 // intrinsic accumulators to the stack (a third of the rate), where the GEMM block's named
 // registers stay put. 24 independent zmm accumulators, as the 6 x 4-tile GEMM block holds:
 // enough for a 4-cycle vpdpbusd at two per cycle.
@@ -22,7 +24,7 @@ constexpr int64_t kReps = 1 << 16;
   "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", \
   "xmm30", "xmm31", "cc"
 
-void vnni_body() {
+__attribute__((target("avx512f"))) void vnni_body() {
   int64_t n = kReps;
   __asm__ volatile(
       SONIQ_PROBE_INIT
@@ -38,7 +40,7 @@ void vnni_body() {
 }
 
 // the bit-serial kernels' step: and, popcount, add into one of 12 accumulators
-void popcount_body() {
+__attribute__((target("avx512f"))) void popcount_body() {
   int64_t n = kReps;
   __asm__ volatile(
       SONIQ_PROBE_INIT

@@ -1,6 +1,6 @@
 """The benchmarks' limits come from measured instruction rates (cpp/peak_probe_*.cpp), not the
-nominal clock: each ISA path with a probe returns rates a core of this kind can reach (a probe
-whose loop the compiler folded away, or that spills, would land far outside), scalar and AMX
+nominal clock: each ISA path with a probe returns rates a core of this kind can reach (a loop
+that did not run, or ran far fewer instructions than it counts, lands outside), scalar and AMX
 (tile rate: not probed) return None, and bad arguments are refused."""
 import pytest
 

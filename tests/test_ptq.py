@@ -66,9 +66,9 @@ def test_tier_budget_is_met_and_no_further_channel_fits(palette, target, allocat
 
 @pytest.mark.parametrize("allocation", ["measured", "hessian", "uniform"])
 def test_tier_groups_share_a_tier_and_meet_the_budget(allocation):
-    """tier_group=g: each run of g consecutive output channels has one tier (layers whose
-    width g divides: 96 and 80 by 8 and 16; the 12-wide last layer by neither, which keeps per
-    channel tiers), the budget holds and no further group fits."""
+    """tier_group=g: each run of g consecutive output channels has one tier (a layer's last run
+    what is left: the 12-wide last layer is runs of 8 + 4 with g = 8, one run of 12 with 16),
+    the budget holds and no further group fits."""
     _, batches = _data()
     lo, hi, target = 2, 4, 3.0
     for g in (8, 16):
@@ -76,12 +76,13 @@ def test_tier_groups_share_a_tier_and_meet_the_budget(allocation):
                                                 rounding="rtn", tier_group=g))
         avg, bits, n = _weight_bits(m)
         assert avg <= target + 1e-9
-        grouped = [(b, per) for b, per in bits if b.numel() % g == 0]
-        assert len(grouped) == 2 and not any(b.numel() % g == 0 for b, _ in bits[2:])
-        for b, _ in grouped:
-            assert torch.equal(b.reshape(-1, g), b.reshape(-1, g)[:, :1].expand(-1, g))
-        costs = [per * (g if b.numel() % g == 0 else 1) for b, per in bits if bool((b == lo).any())]
-        assert not costs or (target - avg) * n < (hi - lo) * min(costs)  # maximal
+        low_costs = []
+        for b, per in bits:
+            for run in b.split(g):
+                assert bool((run == run[0]).all())
+                if run[0] == lo:
+                    low_costs.append(per * run.numel())
+        assert not low_costs or (target - avg) * n < (hi - lo) * min(low_costs)  # maximal
 
 
 def test_tier_groups_of_8_pack_without_a_column_merge():
@@ -350,9 +351,11 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(w_palette=(True, 4)), "w_palette must be two integer bit widths"),
     (dict(qat_options=(("foo", 1),)), "qat_options: .*unexpected keyword argument 'foo'"),
     (dict(qat_options=(("a_dynamic", "row"),)), "a_dynamic must be None"),
-    (dict(tier_group=0), "tier_group must be a positive integer"),
-    (dict(tier_group=8.0), "tier_group must be a positive integer"),
-    (dict(tier_group=True), "tier_group must be a positive integer"),
+    (dict(tier_group=0), "tier_group must be 1 .per channel. or a multiple of 8"),
+    (dict(tier_group=12), "tier_group must be 1 .per channel. or a multiple of 8"),
+    (dict(tier_group=8.0), "tier_group must be 1 .per channel. or a multiple of 8"),
+    (dict(tier_group=True), "tier_group must be 1 .per channel. or a multiple of 8"),
+    (dict(qat_options=(("tier_group", 8),)), r"qat_options cannot set \['tier_group'\]"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -87,11 +87,11 @@ class PTQConfig:
     against the float model (over the calibration batches, layers in run order) taken out of
     its bias (soniq._bias_correction); bias_correction_batches: how many calibration batches
     measure the means (0 = all).
-    tier_group: weight tiers chosen per group of this many consecutive output channels (1: per
-    channel), in layers whose output count it divides. With 8 or 16 every run of 8 outputs of
-    a packed layer is one tier, so its kernels write the outputs in place: no column merge,
-    which costs interleaved per-channel tiers 1.1-1.3x the time of one tier (docs/DESIGN_NOTES.md,
-    "Tier groups"); at some accuracy, as the allocation is coarser."""
+    tier_group: weight tiers chosen per group of this many consecutive output channels: 1 (per
+    channel) or a multiple of 8 (a layer's last group may be smaller). Then every run of 8
+    outputs of a packed layer is one tier, so its kernels write the outputs in place: no column
+    merge, which costs interleaved per-channel tiers 1.1-1.3x the time of one tier
+    (docs/DESIGN_NOTES.md, "Tier groups"); at some accuracy, as the allocation is coarser."""
 
     w_palette: tuple = (4, 8)
     w_bits_target: float = 4.5
@@ -129,8 +129,9 @@ class PTQConfig:
         if self.rounding not in ("gptq", "rtn"):
             raise ValueError(f"rounding must be 'gptq' or 'rtn', got {self.rounding!r}")
         tg = self.tier_group
-        if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1:
-            raise ValueError(f"tier_group must be a positive integer (1 = per channel; 8 or 16), got {tg!r}")
+        if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1 or (tg > 1 and tg % 8):
+            raise ValueError(f"tier_group must be 1 (per channel) or a multiple of 8 (the packed kernels' output "
+                             f"runs), got {tg!r}")
         set_(self, "tier_group", int(tg))
         if self.allocation not in ("measured", "hessian", "uniform"):
             raise ValueError(f"allocation must be 'measured', 'hessian' or 'uniform', got {self.allocation!r}")
@@ -459,15 +460,15 @@ def _a_scores(layers, qlayers, cfg) -> dict:
 def _allocate(scores: dict, counts: dict, palette, target, gains, mode: str, what: str, group: int = 1) -> dict:
     """{layer: bits per channel}: the greedy of soniq.qat.freeze_precision on sensitivity per
     bit (per layer when mode is "uniform"). group > 1: one tier per `group` consecutive
-    channels (their mean sensitivity per bit, their summed cost), in layers whose channel
-    count it divides; the others keep one tier per channel."""
+    channels (their mean sensitivity per bit, their summed cost; a layer's last group may be
+    smaller, qat.group_channels)."""
     names = list(scores)
     if palette[0] == palette[1]:
         return {n: torch.full_like(scores[n], float(palette[0]), dtype=torch.float32) for n in names}
     grouped = {n: group_channels(scores[n] * (gains[n] if mode == "measured" else 1.0) / counts[n], counts[n], group)
                for n in names}
     dens = [grouped[n][0] for n in names]
-    counts = {n: grouped[n][1] for n in names}
+    counts = {n: grouped[n][1] for n in names}  # per group: channels x elements per channel
     size = {n: grouped[n][2] for n in names}
     if mode != "uniform":
         out = dict(zip(names, _assign_tiers(dens, [counts[n] for n in names], palette, target, what)))
@@ -476,32 +477,34 @@ def _allocate(scores: dict, counts: dict, palette, target, gains, mode: str, wha
     # then the room the layers leave (each rounds down) goes to the densest low channels
     # anywhere, so the set is maximal: the same greedy over all channels picks exactly it
     lo, hi = palette
-    total = sum(counts[n] * out[n].numel() for n in names)
-    room = (target - lo) * total - sum(float((out[n] - lo).sum()) * counts[n] for n in names)
+    total = sum(float(counts[n].sum()) for n in names)
+    room = (target - lo) * total - sum(float(((out[n] - lo) * counts[n]).sum()) for n in names)
     cand = sorted(((float(d[i]), n, i) for n, d in zip(names, dens) for i in (out[n] == lo).nonzero()[:, 0].tolist()),
                   key=lambda t: -t[0])
     for _, n, i in cand:
-        if (hi - lo) * counts[n] <= room + 1e-9 * total:
+        if (hi - lo) * float(counts[n][i]) <= room + 1e-9 * total:
             out[n][i] = hi
-            room -= (hi - lo) * counts[n]
+            room -= (hi - lo) * float(counts[n][i])
     return {n: out[n].repeat_interleave(size[n]) for n in names}
 
 
-def _freeze(qlayers: dict, wbits: dict, abits: dict) -> None:
-    """Freezes the chosen tiers as soniq.qat.freeze_precision does (each quantizer's tiers,
-    then each weight channel's clip refit for its tier), with these tiers: its greedy over
-    channels would give the same ones for a per-channel allocation (a maximal set), but with
-    tier groups it would add single channels to fill the room a group leaves. The phase-1
-    logits are pinned at the palette ends to match."""
+def _freeze(model, qlayers: dict, wbits: dict, abits: dict) -> None:
+    """Freezes the chosen tiers through soniq.qat.freeze_precision (which also fits each
+    weight channel's clip for its tier, applies a size_bytes_target and keeps ranks in step):
+    phase-1 bits pinned at the palette ends make its greedy pick exactly the channels (or
+    tier groups: the QATConfig carries tier_group) chosen here, the same greedy over a maximal
+    set."""
     with torch.no_grad():
         for n, q in qlayers.items():
             for quant, bits in ((q.w_quant, wbits[n]), (q.a_quant, abits[n])):
                 lo, hi = quant.palette
                 quant.bits_logit.copy_(torch.where(bits.to(quant.bits_logit) >= hi, _LOGIT, -_LOGIT)
                                        if hi > lo else torch.zeros_like(quant.bits_logit))
-                quant.freeze(bits)
-        for q in qlayers.values():
-            q.w_quant.refit_clip(q.effective_weight())
+    qat.freeze_precision(model, refit_weight_scales=True)
+    for n, q in qlayers.items():
+        for quant, bits in ((q.w_quant, wbits[n]), (q.a_quant, abits[n])):
+            if not torch.equal(quant.bits().cpu(), bits.to(quant.bits().dtype).cpu()):
+                raise RuntimeError(f"{quant.name}: freeze_precision chose other tiers than soniq.ptq allocated")
 
 
 # ---- rounding ----------------------------------------------------------------------------
@@ -637,7 +640,7 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     a_sc = _a_scores(layers, qlayers, cfg) if cfg.a_palette[0] != cfg.a_palette[1] else \
         {n: torch.zeros(q.a_quant.channels, dtype=torch.float64) for n, q in qlayers.items()}
     abits = _allocate(a_sc, a_counts, cfg.a_palette, cfg.a_bits_target, gains, cfg.allocation, "a_bits_target")
-    _freeze(qlayers, wbits, abits)
+    _freeze(model, qlayers, wbits, abits)
     # the float weights, the side each rounding choice of the reconstruction starts toward
     float_w = {n: q.weight.detach().clone() for n, q in qlayers.items()} if recon is not None else None
     if cfg.rounding == "gptq":

@@ -66,9 +66,9 @@ class QATConfig:
     # weights kept in the rotated basis (QLinear); 0 = off. Not with smooth_alpha.
     hadamard_block: int = 0
     # freeze_precision picks the weight tiers per group of this many consecutive output
-    # channels (their mean learned bits; layers it does not divide: per channel), so packed
-    # layers write their outputs in place, without the column merge interleaved tiers need
-    # (docs/DESIGN_NOTES.md, "Tier groups"); 1 = per channel
+    # channels (their mean learned bits; a layer's last group may be smaller): 1 = per channel,
+    # or a multiple of 8, so packed layers write their outputs in place, without the column
+    # merge interleaved tiers need (docs/DESIGN_NOTES.md, "Tier groups")
     tier_group: int = 1
 
     def __post_init__(self):
@@ -104,8 +104,9 @@ class QATConfig:
         check_a_dynamic(self.a_dynamic)
         check_block(self.hadamard_block)
         tg = self.tier_group
-        if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1:
-            raise ValueError(f"tier_group must be a positive integer (1 = per channel; 8 or 16), got {tg!r}")
+        if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1 or (tg > 1 and tg % 8):
+            raise ValueError(f"tier_group must be 1 (per channel) or a multiple of 8 (the packed kernels' output "
+                             f"runs), got {tg!r}")
         object.__setattr__(self, "tier_group", int(tg))
         if self.hadamard_block and self.smooth_alpha is not None:
             raise ValueError("hadamard_block and smooth_alpha cannot be combined (one input transform per layer)")
@@ -251,23 +252,31 @@ def bit_penalty(model: nn.Module, weight: Optional[float] = None) -> Tensor:
 
 
 def group_channels(score: Tensor, count: float, group: int) -> tuple:
-    """(scores per group, cost per group, group size): `group` consecutive channels as one
-    (their mean score, their summed count) where group divides the channels, else one each."""
-    size = group if score.numel() % group == 0 else 1
-    return score.reshape(-1, size).float().mean(1), count * size, size
+    """(score per group, cost per group, channels per group): runs of `group` consecutive
+    channels as one (their mean score, count x their number), the last run what is left."""
+    score = score.detach().float().cpu().reshape(-1)
+    if group == 1:
+        return score, torch.full((score.numel(),), float(count)), torch.ones(score.numel(), dtype=torch.int64)
+    sizes = torch.full((score.numel() // group,), group, dtype=torch.int64)
+    if score.numel() % group:
+        sizes = torch.cat([sizes, torch.tensor([score.numel() % group])])
+    means = torch.stack([p.mean() for p in score.split(sizes.tolist())]) if sizes.numel() else score
+    return means, float(count) * sizes.float(), sizes
 
 
 def _assign_tiers(scores: list, counts: list, palette: tuple, target: float, what: str, group: int = 1) -> list:
     """Two tiers for all channels: the highest-scoring channels take the high tier while the
     count-weighted average stays <= target (greedy: a channel that does not fit is skipped).
-    group > 1: per group of consecutive channels (group_channels), expanded back."""
+    counts: per layer, one count per channel or a tensor of one per entry. group > 1: per
+    group of consecutive channels (group_channels), expanded back."""
     if group > 1:
-        g = [group_channels(t.detach().cpu(), c, group) for t, c in zip(scores, counts)]
+        g = [group_channels(t, c, group) for t, c in zip(scores, counts)]
         tiers = _assign_tiers([x[0] for x in g], [x[1] for x in g], palette, target, what)
         return [t.repeat_interleave(x[2]) for t, x in zip(tiers, g)]
     lo, hi = palette
     s = torch.cat([t.detach().float().cpu() for t in scores])
-    n = torch.cat([torch.full((t.numel(),), float(c)) for t, c in zip(scores, counts)])
+    n = torch.cat([c.float().cpu().reshape(-1) if isinstance(c, Tensor) else torch.full((t.numel(),), float(c))
+                   for t, c in zip(scores, counts)])
     total = float(n.sum())
     if target < lo:
         raise ValueError(f"budget cannot be met: {what} target {target} is below the low tier {lo}")
