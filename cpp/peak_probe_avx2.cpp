@@ -5,13 +5,10 @@
 // accumulators.
 #include <cstdint>
 
-#include "peak_probe.h"
 #include "peak_probe_common.inl"
 
 namespace soniq {
 namespace {
-
-constexpr int64_t kReps = 1 << 16;
 
 #define SONIQ_MA(i, t) "vpmaddubsw %%ymm14, %%ymm15, %%ymm" #t "\n\tvpaddw %%ymm" #t ", %%ymm" #i \
   ", %%ymm" #i "\n\t"
@@ -49,10 +46,7 @@ void popcnt_body() {
 }  // namespace
 
 PeakRates peak_probe_avx2(double seconds) {
-  PeakRates r;
-  r.int8_macs = rate_per_second(seconds / 2, double(kReps) * 6 * 32, maddubs_body);
-  r.popcount_bits = rate_per_second(seconds / 2, double(kReps) * 8 * 64, popcnt_body);
-  return r;
+  return measure_rates(seconds, maddubs_body, 6 * 32, popcnt_body, 8 * 64);
 }
 
 }  // namespace soniq

@@ -6,13 +6,10 @@
 // enough for a 4-cycle vpdpbusd at two per cycle.
 #include <cstdint>
 
-#include "peak_probe.h"
 #include "peak_probe_common.inl"
 
 namespace soniq {
 namespace {
-
-constexpr int64_t kReps = 1 << 16;
 
 #define SONIQ_DP(i) "vpdpbusd %%zmm30, %%zmm31, %%zmm" #i "\n\t"
 #define SONIQ_PC(i, t) "vpandq %%zmm30, %%zmm31, %%zmm" #t "\n\tvpopcntq %%zmm" #t ", %%zmm" #t \
@@ -56,10 +53,7 @@ __attribute__((target("avx512f"))) void popcount_body() {
 }  // namespace
 
 PeakRates peak_probe_avx512(double seconds) {
-  PeakRates r;
-  r.int8_macs = rate_per_second(seconds / 2, double(kReps) * 24 * 64, vnni_body);
-  r.popcount_bits = rate_per_second(seconds / 2, double(kReps) * 12 * 512, popcount_body);
-  return r;
+  return measure_rates(seconds, vnni_body, 24 * 64, popcount_body, 12 * 512);
 }
 
 }  // namespace soniq

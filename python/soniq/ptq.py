@@ -41,7 +41,7 @@ from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
 from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
 from .nn import QConv2d, QLinear, smooth_factors
 from ._quantizers import check_smooth_alpha
-from .qat import QATConfig, _assign_tiers, group_channels
+from .qat import QATConfig, _assign_tiers, _real, check_tier_group, group_channels
 
 __all__ = ["PTQConfig", "Calibration", "calibrate", "quantize", "output_distortion"]
 
@@ -121,18 +121,12 @@ class PTQConfig:
             lo, hi = _palette(pal, getattr(self, pal))
             set_(self, pal, (lo, hi))
             t = getattr(self, tgt)
-            if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Real) or not math.isfinite(t):
-                raise ValueError(f"{tgt} must be a finite number, got {t!r}")
-            set_(self, tgt, float(t))
+            set_(self, tgt, _real(tgt, t))
             if t < lo:
                 raise ValueError(f"budget cannot be met: {tgt}={t} is below the low tier of {pal}={(lo, hi)}")
         if self.rounding not in ("gptq", "rtn"):
             raise ValueError(f"rounding must be 'gptq' or 'rtn', got {self.rounding!r}")
-        tg = self.tier_group
-        if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1 or (tg > 1 and tg % 8):
-            raise ValueError(f"tier_group must be 1 (per channel) or a multiple of 8 (the packed kernels' output "
-                             f"runs), got {tg!r}")
-        set_(self, "tier_group", int(tg))
+        set_(self, "tier_group", check_tier_group(self.tier_group))
         if self.allocation not in ("measured", "hessian", "uniform"):
             raise ValueError(f"allocation must be 'measured', 'hessian' or 'uniform', got {self.allocation!r}")
         if not isinstance(self.damp, (int, float)) or not (0 < self.damp < 1):

@@ -103,11 +103,7 @@ class QATConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         check_a_dynamic(self.a_dynamic)
         check_block(self.hadamard_block)
-        tg = self.tier_group
-        if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1 or (tg > 1 and tg % 8):
-            raise ValueError(f"tier_group must be 1 (per channel) or a multiple of 8 (the packed kernels' output "
-                             f"runs), got {tg!r}")
-        object.__setattr__(self, "tier_group", int(tg))
+        object.__setattr__(self, "tier_group", check_tier_group(self.tier_group))
         if self.hadamard_block and self.smooth_alpha is not None:
             raise ValueError("hadamard_block and smooth_alpha cannot be combined (one input transform per layer)")
 
@@ -249,6 +245,14 @@ def bit_penalty(model: nn.Module, weight: Optional[float] = None) -> Tensor:
     if cfg.size_bytes_target is not None:
         pen = pen + torch.relu(avg["w_bytes"] / cfg.size_bytes_target - 1) * cfg.w_palette[1]
     return lam * pen
+
+
+def check_tier_group(tg) -> int:
+    """QATConfig / PTQConfig.tier_group as an int: 1 (per channel) or a multiple of 8."""
+    if isinstance(tg, bool) or not isinstance(tg, numbers.Integral) or tg < 1 or (tg > 1 and tg % 8):
+        raise ValueError(f"tier_group must be 1 (per channel) or a multiple of 8 (the packed kernels' output "
+                         f"runs), got {tg!r}")
+    return int(tg)
 
 
 def group_channels(score: Tensor, count: float, group: int) -> tuple:
