@@ -218,6 +218,31 @@ def test_converted_conv_model_compiles_fullgraph():
     assert torch.equal(torch.compile(q, fullgraph=True, backend="eager")(x), q(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_packed_layers_return_the_input_dtype(dtype):
+    """As nn.Linear / nn.Conv2d: the output has the input's dtype (computed in float32, then
+    converted), so a converted model moved to bfloat16 runs its next float layers."""
+    q, x = converted_conv_net()
+    conv, lin = q[0], q[3]
+    xd = x.to(dtype)
+    h = conv(xd)
+    assert h.dtype == dtype and torch.equal(h, conv(xd.float()).to(dtype))
+    f = q[:3](xd)
+    assert f.dtype == dtype and torch.equal(lin(f), lin(f.float()).to(dtype))
+    assert lin(f[:0]).dtype == dtype and conv(xd[:0]).dtype == dtype
+    assert lin.accumulators(f).dtype == torch.int64
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 8))
+    xs = torch.randn(6, 24)
+    packed = soniq.convert(_frozen(model, xs, QATConfig(w_palette=(4, 8), a_palette=(4, 8), w_bits_target=6.0,
+                                                        a_bits_target=8.0)))
+    low = copy.deepcopy(packed).to(dtype)  # LayerNorm in dtype: a float32 output would be refused
+    out = low(xs.to(dtype))
+    assert out.dtype == dtype
+    want = low[3](low[2](low[1](low[0](xs.to(dtype).float()).to(dtype))))
+    assert torch.equal(out, want)
+
+
 def test_packed_layers_take_empty_batches_and_refuse_scalars():
     """As nn.Conv2d / nn.Linear: a batch of 0 gives an empty output of the right shape (float
     forward, int64 accumulators); a 0-d input is a ValueError naming the layer."""

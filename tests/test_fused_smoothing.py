@@ -43,7 +43,7 @@ def old_path(lin, x):
 
 def check(lin, x):
     got = lin(x)
-    assert got.dtype == torch.float32 and got.shape == (*x.shape[:-1], lin.w.shape[0])
+    assert got.dtype == x.dtype and got.shape == (*x.shape[:-1], lin.w.shape[0])
     assert torch.equal(got, old_path(lin, x))
     assert torch.equal(got, lin._run(x, integer=False))  # the general path (torch multiply)
     return got

@@ -368,11 +368,13 @@ class PackedLinear(_PackedBase):
                     M, ld = rows.shape[0], rows.stride(0)
                     out = torch.empty((*shape[:-1], N), dtype=torch.float32)
                 if M == 0:  # no rows, no output values (as nn.Linear)
-                    return out
+                    return out.to(x.dtype)
                 # a fused GELU runs in the native call, on each output row once it is final
                 # (fused: only when the block it is fused in calls it, _fuse.py)
                 gelu = self.activation is not None or (self.fused and take_arm(self))
                 lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), gelu)
+                if out.dtype is not x.dtype:  # as nn.Linear: the input's dtype (computed in float32)
+                    out = out.to(x.dtype)
                 return fused_output(out) if gelu and self.fused else out  # (its FusedActivation passes it)
         return self._run(x, integer=False)
 
@@ -434,7 +436,7 @@ class PackedLinear(_PackedBase):
         if x.dim() == 0 or x.shape[-1] != K:
             raise ValueError(f"{self.name}: expected {K} input features, got input of shape {tuple(x.shape)}")
         if x.numel() == 0:  # no rows, no output values (as nn.Linear)
-            return torch.empty((*x.shape[:-1], self.w.shape[0]), dtype=torch.int64 if integer else torch.float32,
+            return torch.empty((*x.shape[:-1], self.w.shape[0]), dtype=torch.int64 if integer else x.dtype,
                                device=x.device)
         plan = self._act_plan(integer)
         rows = x.reshape(-1, K)
@@ -446,9 +448,9 @@ class PackedLinear(_PackedBase):
         if not integer and self.bias is not None:
             out = out + self.bias
         if not integer and (self.activation is not None or (self.fused and take_arm(self))):
-            out = self._activate(out).reshape(*x.shape[:-1], out.shape[-1])
+            out = _input_dtype(self._activate(out), x).reshape(*x.shape[:-1], out.shape[-1])
             return fused_output(out) if self.fused else out  # (fused: its FusedActivation passes it)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return (out if integer else _input_dtype(out, x)).reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def _activate(out: Tensor) -> Tensor:
@@ -459,6 +461,12 @@ class PackedLinear(_PackedBase):
         else:
             eager_kernel(gelu_, out.device)(out)
         return out
+
+
+def _input_dtype(out: Tensor, x: Tensor) -> Tensor:
+    """The float32 output in the input's floating dtype, as nn.Linear / nn.Conv2d return it (a
+    bfloat16 model's next LayerNorm refuses float32)."""
+    return out if out.dtype is x.dtype else out.to(x.dtype)
 
 
 def _pair(name: str, what: str, v, least: int) -> tuple:
@@ -548,7 +556,7 @@ class PackedConv2d(_PackedBase):
         Wo = (W + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         if B == 0:  # no samples, no output values (as nn.Conv2d)
             return torch.empty((0, self.out_channels, max(Ho, 0), max(Wo, 0)),
-                               dtype=torch.int64 if integer else torch.float32)
+                               dtype=torch.int64 if integer else x.dtype)
         # quantize per channel first (zero padding is the integer 0), then unfold exact integers
         v = torch.ops.soniq.quantize_raw(x.float().contiguous(), *self._quant_params(), 1, 0, 0, True)
         cols = F.unfold(v, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C*kh*kw, L]
@@ -556,4 +564,5 @@ class PackedConv2d(_PackedBase):
         out = self._gemm(rows, self._act_plan(integer), integer)
         if not integer and self.bias is not None:
             out = out + self.bias
+        out = out if integer else _input_dtype(out, x)
         return out.reshape(B, Ho * Wo, -1).transpose(1, 2).reshape(B, -1, Ho, Wo)

@@ -75,6 +75,11 @@ class ChannelQuantizer(nn.Module):
         # from torch's generator. noise_rank overrides the torch.distributed rank (tests).
         self.noise_key, self.noise_calls, self.noise_rank = None, 0, None
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        if self.__dict__.pop("skip_next_load", False):  # the layer refused the checkpoint (nn._QMixin)
+            return
+        super()._load_from_state_dict(*args, **kwargs)
+
     def bits(self) -> Tensor:
         """Per-channel bits: continuous (differentiable) in phase 1, the frozen integers in phase 2."""
         if int(self.phase) == PHASE_EXACT:

@@ -28,9 +28,69 @@ def _bits_summary(bits: Tensor, weights_per_channel: float) -> dict:
     return d
 
 
+# The layer's quantization layout, saved beside its tensors (state_dict key "qat_layout", int64):
+# what the weight and clips mean. Loading a checkpoint into a layer prepared differently (another
+# rotation, palette, activation mode or smoothing) would run silently wrong numbers, so it is refused.
+_LAYOUT_KEY = "qat_layout"
+_LAYOUT_VERSION = 1
+_LAYOUT_FIELDS = ("version", "w_palette[0]", "w_palette[1]", "a_palette[0]", "a_palette[1]", "a_dynamic",
+                  "hadamard_block", "smooth_alpha")
+
+
+def _layout_value(field: str, v: int):
+    """A layout entry as the QATConfig field spells it (error messages)."""
+    if field == "a_dynamic":
+        return "'token'" if v == 1 else "None"
+    if field == "smooth_alpha":
+        return "set" if v == 1 else "None"
+    return v
+
+
 class _QMixin:
     smooth_alpha = None  # per-input-channel activation smoothing (QLinear only), see QLinear
     hadamard_block = 0  # block Hadamard rotation of the input (QLinear only), see QLinear
+
+    def quant_layout(self) -> Tensor:
+        """[version, w_palette, a_palette, a_dynamic (1 = token), hadamard_block, smoothing (1 = on)]"""
+        return torch.tensor([_LAYOUT_VERSION, *self.w_quant.palette, *self.a_quant.palette,
+                             int(self.a_quant.dynamic == "token"), int(self.hadamard_block),
+                             int(self.smooth_alpha is not None)], dtype=torch.int64)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + _LAYOUT_KEY] = self.quant_layout()
+
+    def _layout_error(self, saved, prefix: str):
+        if not isinstance(saved, Tensor) or saved.dim() != 1 or saved.numel() < 1:
+            return f"{prefix}{_LAYOUT_KEY}: expected an int64 vector, got {saved!r}"
+        saved = [int(v) for v in saved.tolist()]
+        if saved[0] != _LAYOUT_VERSION or len(saved) != len(_LAYOUT_FIELDS):
+            return (f"{prefix}{_LAYOUT_KEY}: layout version {saved[0]} with {len(saved)} entries; this soniq "
+                    f"reads version {_LAYOUT_VERSION} with {len(_LAYOUT_FIELDS)} (saved by another soniq version?)")
+        diff = [(f, s, m) for f, s, m in zip(_LAYOUT_FIELDS, saved, self.quant_layout().tolist()) if s != m]
+        if not diff:
+            return None
+        was = ", ".join(f"{f}={_layout_value(f, s)}" for f, s, _ in diff)
+        has = ", ".join(f"{f}={_layout_value(f, m)}" for f, _, m in diff)
+        return (f"{prefix[:-1] or type(self).__name__}: the checkpoint was saved with {was}, this layer has "
+                f"{has}; prepare the model with the QATConfig the checkpoint was made with")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """As nn.Module's, plus the layout check: a checkpoint made under another layout is an
+        error and this layer keeps its state. Checkpoints saved before the layout was (no key)
+        load as before."""
+        key = prefix + _LAYOUT_KEY
+        if key in state_dict:
+            err = self._layout_error(state_dict[key], prefix)
+            if err:
+                error_msgs.append(err)
+                for q in (self.w_quant, self.a_quant):  # torch loads them next: they keep theirs too
+                    q.skip_next_load = True
+                return
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _setup_quant(self, w_palette, a_palette, w_bits, a_bits, a_axis, a_dynamic=None):
         self.w_quant = WeightQuantizer(self.weight, w_palette, w_bits)
