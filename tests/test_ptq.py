@@ -566,3 +566,27 @@ def test_conv_block_reconstruction_fake_equals_packed():
     before, after = m._soniq_ptq["reconstruction"]["0"]
     assert after < before
     _check_fake_equals_packed(m, soniq.convert(m), x[:5])
+
+
+class _KeywordModel(nn.Module):
+    """A model called as model(input_ids=..., mask=...), like Hugging Face's."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.lin = nn.Linear(16, 8)
+
+    def forward(self, input_ids, mask):
+        return self.lin(self.emb(input_ids) * mask[..., None])
+
+
+def test_dict_batches_need_forward_for_keyword_models():
+    """A dict batch goes to model(batch) (SentenceTransformer's convention); a model taking
+    keyword arguments then fails with a message saying to pass forward=, and works with it."""
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 20, (4, 6)), "mask": torch.ones(4, 6)} for _ in range(2)]
+    model = _KeywordModel()
+    with pytest.raises(TypeError, match=r"dict batch \(keys \['input_ids', 'mask'\]\).*forward=lambda m, b: m\(\*\*b\)"):
+        soniq.ptq.calibrate(model, batches)
+    cal = soniq.ptq.calibrate(model, batches, forward=lambda m, b: m(**b))
+    assert cal.layer_names == ("lin",)

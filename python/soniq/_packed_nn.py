@@ -15,6 +15,7 @@ from ._hadamard import check_block, rotate
 from ._packed_cat import cat_linear
 from ._native import _C
 from ._op_kernels import eager_kernel
+from ._packed_grad import InputGrad, dequantized, gelu_derivative, needs_input_grad, through_quantizer
 from .ops._gelu import gelu_
 from .ops._quantize import quantizer_params
 from .ops._quantize_pack import make_plan
@@ -78,6 +79,7 @@ class _PackedBase(nn.Module):
         cache of the weights kept on the module must be dropped here too."""
         self.__dict__.pop("_act_plans", None)
         self.__dict__.pop("_fused", None)
+        self.__dict__.pop("_grad_weight", None)
 
     # ---- state dict: the packed weight's parts are module state (see docs/DESIGN_NOTES.md) ----
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -344,6 +346,16 @@ class PackedLinear(_PackedBase):
             out_scale=None if integer else self.a_scale, dynamic=self.a_dynamic == "token"))
 
     def forward(self, x: Tensor) -> Tensor:
+        if needs_input_grad(x):  # the same values, with the straight-through gradient to x
+            gelu = self.activation is not None or (self.fused and take_arm(self))
+            out = InputGrad.apply(x, self, gelu)
+            return fused_output(out) if gelu and self.fused else out
+        return self._forward(x)
+
+    def _forward(self, x: Tensor, gelu: Optional[bool] = None) -> Tensor:
+        """The forward's values; gelu: None = the module's own call (its GELU as configured or
+        armed by its fused block, marked for the block's FusedActivation), True / False = given
+        (the gradient path, which decides and marks it itself)."""
         # eager CPU: the fused native forward (_fused_plan), one call after a few checks. Kept
         # lean: a GEMV-sized layer runs in ~10 us, and inside a model this Python runs with
         # cold caches between the model's other ops, so every torch call here shows (issue 13)
@@ -371,12 +383,40 @@ class PackedLinear(_PackedBase):
                     return out.to(x.dtype)
                 # a fused GELU runs in the native call, on each output row once it is final
                 # (fused: only when the block it is fused in calls it, _fuse.py)
-                gelu = self.activation is not None or (self.fused and take_arm(self))
+                mark = gelu is None
+                if mark:
+                    gelu = self.activation is not None or (self.fused and take_arm(self))
                 lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), gelu)
                 if out.dtype is not x.dtype:  # as nn.Linear: the input's dtype (computed in float32)
                     out = out.to(x.dtype)
-                return fused_output(out) if gelu and self.fused else out  # (its FusedActivation passes it)
-        return self._run(x, integer=False)
+                return fused_output(out) if mark and gelu and self.fused else out  # (its FusedActivation passes it)
+        return self._run(x, integer=False, gelu=gelu)
+
+    def _input_grad(self, grad_out: Tensor, x: Tensor, gelu: bool) -> Tensor:
+        """d loss / d x (InputGrad): grad_out (times the GELU's derivative at the recomputed
+        pre-activation) @ the dequantized weight, through the activation quantizer's backward
+        (its clipping mask), then back through the input transform: the rotation u = x H
+        (H symmetric: d/dx = d/du H) or the smoothing u = x / s."""
+        g = grad_out.to(torch.float32)
+        if gelu:
+            g = g * gelu_derivative(self._forward(x, False).to(torch.float32))
+        K = self.a_bits.numel()
+        w = self.__dict__.get("_grad_weight")
+        if w is None or w[0] is not self.w:
+            w = self.__dict__["_grad_weight"] = (self.w, dequantized(self.w))
+        rows = x.reshape(-1, K).to(torch.float32)
+        if self.a_inv_smooth is not None:
+            rows = rows * self.a_inv_smooth
+        if self.hadamard_block:
+            rows = rotate(rows, self.hadamard_block)
+        params = self._plan(("grad_quant",), lambda: quantizer_params(
+            self.a_scale.detach().float().contiguous(), self.a_bits.detach().double(), self.a_signed, exact=True))
+        gu = through_quantizer(rows, g.reshape(-1, g.shape[-1]) @ w[1], params, self.a_dynamic == "token", 1)
+        if self.hadamard_block:
+            gu = rotate(gu, self.hadamard_block)
+        if self.a_inv_smooth is not None:
+            gu = gu * self.a_inv_smooth
+        return gu.reshape(x.shape).to(x.dtype)
 
     def accumulators(self, x: Tensor) -> Tensor:
         """Exact a_int @ w_int.T (int64) as the kernels accumulate it."""
@@ -430,7 +470,7 @@ class PackedLinear(_PackedBase):
         self.__dict__["_fused"] = (key, fused, lay)  # lay: the plan reads the layout in place
         return fused
 
-    def _run(self, x, integer):
+    def _run(self, x, integer, gelu: Optional[bool] = None):
         K = self.a_bits.numel()
         self._check_float_input(x)
         if x.dim() == 0 or x.shape[-1] != K:
@@ -447,9 +487,12 @@ class PackedLinear(_PackedBase):
         out = self._gemm(rows, plan, integer)
         if not integer and self.bias is not None:
             out = out + self.bias
-        if not integer and (self.activation is not None or (self.fused and take_arm(self))):
+        mark = gelu is None  # (gelu given: the gradient path decided and marks it)
+        if mark:
+            gelu = not integer and (self.activation is not None or (self.fused and take_arm(self)))
+        if gelu:
             out = _input_dtype(self._activate(out), x).reshape(*x.shape[:-1], out.shape[-1])
-            return fused_output(out) if self.fused else out  # (fused: its FusedActivation passes it)
+            return fused_output(out) if mark and self.fused else out  # (fused: its FusedActivation passes it)
         return (out if integer else _input_dtype(out, x)).reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -537,7 +580,25 @@ class PackedConv2d(_PackedBase):
                 "padding": list(self.padding), "dilation": list(self.dilation)}
 
     def forward(self, x: Tensor) -> Tensor:
+        if needs_input_grad(x):  # the same values, with the straight-through gradient to x
+            return InputGrad.apply(x, self, False)
         return self._run(x, integer=False)
+
+    def _forward(self, x: Tensor, gelu: bool) -> Tensor:
+        return self._run(x, integer=False)
+
+    def _input_grad(self, grad_out: Tensor, x: Tensor, gelu: bool) -> Tensor:
+        """d loss / d x: the transposed convolution of grad_out with the dequantized weight,
+        through the activation quantizer's backward (per input channel, its clipping mask)."""
+        w = self.__dict__.get("_grad_weight")
+        if w is None or w[0] is not self.w:
+            w = (self.w, dequantized(self.w).reshape(self.out_channels, self.a_bits.numel(), *self.kernel_size))
+            self.__dict__["_grad_weight"] = w
+        one = x.dim() == 3  # unbatched [C, H, W]
+        xb, g = (x.unsqueeze(0), grad_out.unsqueeze(0)) if one else (x, grad_out)
+        gv = torch.nn.grad.conv2d_input(xb.shape, w[1], g.to(torch.float32), self.stride, self.padding, self.dilation)
+        gx = through_quantizer(xb.to(torch.float32), gv, self._quant_params(), False, 1)
+        return (gx.squeeze(0) if one else gx).to(x.dtype)
 
     def accumulators(self, x: Tensor) -> Tensor:
         """Exact integer accumulators [B, O, H', W'] (int64) over the unfolded input."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -195,7 +196,16 @@ class PTQConfig:
 
 
 def _default_forward(model, batch):
-    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if not isinstance(batch, Mapping):
+        return model(batch)
+    try:  # a dict batch: model(batch) as SentenceTransformer takes it; most models want model(**batch)
+        return model(batch)
+    except (TypeError, AttributeError) as e:  # what a dict given as the first argument raises
+        raise TypeError(f"the default forward called model(batch) with a dict batch (keys {list(batch)[:4]}) and "
+                        f"it failed ({type(e).__name__}: {e}); pass forward=lambda m, b: m(**b) for a model "
+                        "taking keyword arguments (Hugging Face models), or your own forward(model, batch)") from e
 
 
 def output_distortion(out, ref) -> float:
