@@ -122,3 +122,41 @@ def test_loaded_weights_change_the_gradient():
     _grads(a, x, g)  # builds a's cached dequantized weights
     a.load_state_dict(b.state_dict())
     assert torch.equal(_grads(a, x, g)[1], _grads(b, x, g)[1])
+
+
+def test_fused_gelu_gradient_when_its_layer_is_not_armed():
+    """The FusedActivation applies the GELU itself when its layer was called outside its block
+    (layer hooks, or the layers called one at a time): the gradient still has its derivative."""
+    torch.manual_seed(8)
+    x = torch.randn(10, 64)
+    fake, packed = _pair(_mlp, x, a_dynamic="token")
+    g = torch.randn(10, 8)
+    _, want = _grads(fake, x, g)
+
+    def one_at_a_time(t):
+        return packed[2](packed[1](packed[0](t)))
+
+    h = packed[0].register_forward_hook(lambda m, a, out: None)  # a hooked layer is not armed
+    try:
+        _, hooked = _grads(packed, x, g)
+    finally:
+        h.remove()
+    for got in (hooked, _grads(one_at_a_time, x, g)[1]):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_second_derivative_is_refused():
+    torch.manual_seed(9)
+    _, packed = _pair(_mlp, torch.randn(8, 64))
+    x = torch.randn(4, 64, requires_grad=True)
+    gx = torch.autograd.grad(packed(x).pow(2).sum(), x, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+def test_pickled_and_copied_layers_drop_the_dequantized_weight():
+    torch.manual_seed(10)
+    _, packed = _pair(_mlp, torch.randn(8, 64))
+    _grads(packed, torch.randn(4, 64), torch.randn(4, 8))
+    assert "_grad_weight" in packed[0].__dict__
+    assert "_grad_weight" not in copy.deepcopy(packed)[0].__dict__

@@ -53,16 +53,23 @@ def test_round_trip_exact_and_through_safetensors(extra, tmp_path):
         assert torch.equal(soniq.convert(copy.deepcopy(src))(x), soniq.convert(copy.deepcopy(dst))(x))
 
 
+def _phase1(cfg, make=_model, shape=(16, 64)):
+    m = soniq.qat.prepare(make(), cfg)
+    torch.manual_seed(1)
+    m(torch.randn(*shape))  # calibrated, bits still learned
+    return m
+
+
 @pytest.mark.parametrize("saved, loaded, field", [
     ({"hadamard_block": 16}, {}, "hadamard_block=16"),
     ({}, {"hadamard_block": 32}, "hadamard_block=0"),
     ({"a_dynamic": "token"}, {}, "a_dynamic='token'"),
     ({"smooth_alpha": 0.5}, {}, "smooth_alpha=set"),
-    ({"w_palette": (1, 4)}, {}, "w_palette[0]=1"),
+    ({"w_palette": (1, 4)}, {}, "w_palette[0]=1"),  # phase 1: the bit logits mean other bits
     ({"a_palette": (4, 6)}, {}, "a_palette[1]=6"),
 ])
 def test_other_layout_refused_and_layer_kept(saved, loaded, field):
-    sd = _trained(QATConfig(**{**BASE, **saved})).state_dict()
+    sd = _phase1(QATConfig(**{**BASE, **saved})).state_dict()
     dst = _fresh(QATConfig(**{**BASE, **loaded}))
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"0: the checkpoint was saved with .*" + field.replace("[", r"\[")
@@ -81,8 +88,26 @@ def test_conv_layout_round_trip_and_refusal():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(src(x), dst(x))
+    with pytest.raises(RuntimeError, match=r"saved with hadamard_block=0, this layer has hadamard_block=16"):
+        _fresh(QATConfig(**BASE, hadamard_block=16), _model).load_state_dict(_trained(QATConfig(**BASE)).state_dict())
+    p1 = _phase1(QATConfig(**BASE), _conv, (2, 3, 8, 8)).state_dict()
     with pytest.raises(RuntimeError, match=r"saved with w_palette\[0\]=2, this layer has w_palette\[0\]=1"):
-        _fresh(QATConfig(**{**BASE, "w_palette": (1, 4)}), _conv).load_state_dict(sd)
+        _fresh(QATConfig(**{**BASE, "w_palette": (1, 4)}), _conv).load_state_dict(p1)
+
+
+def test_phase2_checkpoint_brings_its_palettes():
+    """In phase 2 the frozen bits are what runs: a checkpoint whose palettes differ (trained
+    with another palette, or widened by set_uniform_precision) loads and the layer takes them."""
+    x = torch.randn(5, 64)
+    for src in (_trained(QATConfig(**{**BASE, "w_palette": (1, 4), "a_palette": (4, 6)})),
+                soniq.qat.set_uniform_precision(_phase1(QATConfig(**BASE)), 8, 8).eval()):
+        dst = _fresh(QATConfig(**BASE))
+        dst.load_state_dict(src.state_dict())
+        for a, b in ((src[0], dst[0]), (src[2], dst[2])):
+            assert (a.w_quant.palette, a.a_quant.palette) == (b.w_quant.palette, b.a_quant.palette)
+        with torch.no_grad():
+            assert torch.equal(src(x), dst(x))
+            assert torch.equal(soniq.convert(copy.deepcopy(src))(x), soniq.convert(copy.deepcopy(dst))(x))
 
 
 def test_checkpoint_without_layout_still_loads():

@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ._fuse_state import state as _state
+from ._packed_grad import NativeGelu, needs_input_grad
 from ._packed_nn import PackedLinear
 
 
@@ -94,7 +95,11 @@ class FusedActivation(nn.Module):
             if t is x:
                 del outs[i]
                 return x
-        return PackedLinear._activate(x.clone()) if x.dtype == torch.float32 else self.original(x)
+        if x.dtype != torch.float32:
+            return self.original(x)
+        if needs_input_grad(x):  # the same values, with the GELU's derivative
+            return NativeGelu.apply(x, PackedLinear._activate)
+        return PackedLinear._activate(x.clone())
 
     def extra_repr(self) -> str:
         return f"fused into the preceding PackedLinear: {type(self.original).__name__}"

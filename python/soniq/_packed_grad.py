@@ -30,10 +30,27 @@ class InputGrad(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # create_graph=True: an error, not a silent constant
     def backward(ctx, grad_out: Tensor):
         (x,) = ctx.saved_tensors
-        with torch.no_grad():
-            return ctx.layer._input_grad(grad_out, x, ctx.gelu), None, None
+        return ctx.layer._input_grad(grad_out, x, ctx.gelu), None, None
+
+
+class NativeGelu(torch.autograd.Function):
+    """soniq's native GELU (activate(x): in place on a fresh copy, the fused layers' values)
+    with the exact GELU's derivative: FusedActivation applying the GELU itself (its layer was
+    not armed by its block) on an input that needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, activate) -> Tensor:
+        ctx.save_for_backward(x.detach())
+        return activate(x.detach().clone())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        return grad_out * gelu_derivative(x), None
 
 
 def needs_input_grad(x) -> bool:

@@ -68,10 +68,11 @@ class _PackedBase(nn.Module):
         self.w.release_planes()
 
     def __getstate__(self):
-        """copy.deepcopy / pickle (torch.save(model)): the native fused plan is not state (it
-        is rebuilt at the next call from what is)."""
+        """copy.deepcopy / pickle (torch.save(model)): the native fused plan and the float32
+        weight a backward dequantized are not state (rebuilt when next needed from what is)."""
         state = super().__getstate__()
         state.pop("_fused", None)
+        state.pop("_grad_weight", None)
         return state
 
     def _weights_changed(self) -> None:

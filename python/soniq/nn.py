@@ -54,43 +54,58 @@ class _QMixin:
         """[version, w_palette, a_palette, a_dynamic (1 = token), hadamard_block, smoothing (1 = on)]"""
         return torch.tensor([_LAYOUT_VERSION, *self.w_quant.palette, *self.a_quant.palette,
                              int(self.a_quant.dynamic == "token"), int(self.hadamard_block),
-                             int(self.smooth_alpha is not None)], dtype=torch.int64)
+                             int(self.smooth_alpha is not None)], dtype=torch.int64, device=self.weight.device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + _LAYOUT_KEY] = self.quant_layout()
 
-    def _layout_error(self, saved, prefix: str):
+    def _layout_check(self, saved, state_dict, prefix: str) -> tuple:
+        """(error message or None, {quantizer: palette to adopt}). A palette may differ where the
+        checkpoint's quantizer is in phase 2 (set_uniform_precision widens palettes to hold the
+        frozen bits, which are what phase 2 uses): the layer takes the saved palette."""
         if not isinstance(saved, Tensor) or saved.dim() != 1 or saved.numel() < 1:
-            return f"{prefix}{_LAYOUT_KEY}: expected an int64 vector, got {saved!r}"
+            return f"{prefix}{_LAYOUT_KEY}: expected an int64 vector, got {saved!r}", {}
         saved = [int(v) for v in saved.tolist()]
         if saved[0] != _LAYOUT_VERSION or len(saved) != len(_LAYOUT_FIELDS):
             return (f"{prefix}{_LAYOUT_KEY}: layout version {saved[0]} with {len(saved)} entries; this soniq "
-                    f"reads version {_LAYOUT_VERSION} with {len(_LAYOUT_FIELDS)} (saved by another soniq version?)")
+                    f"reads version {_LAYOUT_VERSION} with {len(_LAYOUT_FIELDS)} (saved by another soniq version?)"), {}
         diff = [(f, s, m) for f, s, m in zip(_LAYOUT_FIELDS, saved, self.quant_layout().tolist()) if s != m]
+        adopt = {}
+        for i, q in ((1, self.w_quant), (3, self.a_quant)):
+            pal = (saved[i], saved[i + 1])
+            phase = state_dict.get(f"{prefix}{'w' if i == 1 else 'a'}_quant.phase")
+            if (pal != q.palette and 1 <= pal[0] <= pal[1] <= 8 and isinstance(phase, Tensor) and phase.numel() == 1
+                    and int(phase) == PHASE_EXACT):
+                adopt[q] = pal
+                diff = [d for d in diff if d[0] not in _LAYOUT_FIELDS[i:i + 2]]
         if not diff:
-            return None
+            return None, adopt
         was = ", ".join(f"{f}={_layout_value(f, s)}" for f, s, _ in diff)
         has = ", ".join(f"{f}={_layout_value(f, m)}" for f, _, m in diff)
         return (f"{prefix[:-1] or type(self).__name__}: the checkpoint was saved with {was}, this layer has "
-                f"{has}; prepare the model with the QATConfig the checkpoint was made with")
+                f"{has}; prepare the model with the QATConfig the checkpoint was made with"), {}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """As nn.Module's, plus the layout check: a checkpoint made under another layout is an
         error and this layer keeps its state. Checkpoints saved before the layout was (no key)
         load as before."""
-        key = prefix + _LAYOUT_KEY
+        key, adopt = prefix + _LAYOUT_KEY, {}
         if key in state_dict:
-            err = self._layout_error(state_dict[key], prefix)
+            err, adopt = self._layout_check(state_dict[key], state_dict, prefix)
             if err:
                 error_msgs.append(err)
                 for q in (self.w_quant, self.a_quant):  # torch loads them next: they keep theirs too
                     q.skip_next_load = True
                 return
             state_dict = {k: v for k, v in state_dict.items() if k != key}
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) == errors:
+            for q, pal in adopt.items():
+                q.palette = pal
 
     def _setup_quant(self, w_palette, a_palette, w_bits, a_bits, a_axis, a_dynamic=None):
         self.w_quant = WeightQuantizer(self.weight, w_palette, w_bits)
