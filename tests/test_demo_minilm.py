@@ -65,9 +65,9 @@ def test_quick_sweep_and_the_saved_models_ptq(demo):
     assert p["ptq_seconds"] > 0
     rows = json.loads((out / "minilm_sweep.json").read_text())
     assert (out / "minilm_sweep.png").stat().st_size > 5000
-    assert {r["method"] for r in rows.values()} >= {"soniq", "rtn", "gptq", "int8"}
+    assert {r["method"] for r in rows.values()} >= {"soniq", "rtn", "gptq", "gptq_rot", "int8"}
     for r in rows.values():
-        if r["method"] in ("soniq", "rtn", "gptq"):
+        if r["method"] in ("soniq", "rtn", "gptq", "gptq_rot"):
             assert r["avg_w_bits"] <= 3.0 + 1e-6 and r["linear_bytes"] > 0 and -1 <= r["cosine"] <= 1 + 1e-6
 
 
@@ -174,8 +174,9 @@ def test_cli_demo_minilm_help():
 
 
 def test_sweep_configs_rotate_and_name_the_reconstructed_blocks():
-    """The sweep's SONIQ rows rotate as the saved model does; its reconstruction row fits the six
-    transformer layers, found by name in the model."""
+    """The sweep's SONIQ rows rotate as the saved model does, and so do the uniform GPTQ rows
+    labelled so (the plain baselines do not); its reconstruction rows fit the six transformer
+    layers, found by name in the model."""
     from soniq.demos import minilm, minilm_ptq
 
     teacher = minilm.load_teacher()
@@ -185,10 +186,11 @@ def test_sweep_configs_rotate_and_name_the_reconstructed_blocks():
     for label, method, kw in minilm_ptq.SWEEP:
         cfg = minilm_ptq.ptq_config(method, teacher, **kw)
         rot = dict(cfg.qat_options).get("hadamard_block", 0)
-        assert rot == (minilm_ptq.HADAMARD_BLOCK if method == "soniq" else 0), label
+        rotated = method == "soniq" or "Hadamard" in label
+        assert rot == (minilm_ptq.HADAMARD_BLOCK if rotated else 0), label
         if cfg.reconstruct_steps:
             recon += 1
             assert set(cfg.reconstruct_blocks) == layers and "reconstruction" in label
         else:
             assert cfg.reconstruct_blocks == ()
-    assert recon == 1
+    assert recon == 2
