@@ -95,7 +95,7 @@ def test_fused_gelu_forward_equals_the_general_path(isa, w_tiers):
             x = torch.randn(M, K) * 3
             with torch.inference_mode():
                 got = lin(x)
-            want = lin._run(x, integer=False)  # ops.quantize_pack + ops.mpgemm + bias, then ops.gelu_
+            want = lin._run(x, integer=False, gelu=True)  # ops.quantize_pack + ops.mpgemm + bias, then ops.gelu_
             assert torch.equal(got, want), (isa, w_tiers, K, N, M)
             lin.activation = None
             pre = lin(x)

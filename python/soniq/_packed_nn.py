@@ -75,6 +75,23 @@ class _PackedBase(nn.Module):
         state.pop("_grad_weight", None)
         return state
 
+    def _quant_params(self) -> tuple:
+        """(scale, lo, hi, alpha) float32 per input channel for soniq::quantize_raw and the
+        fake quantizers' autograd (RoundQuant), checked once and cached with the plans:
+        ops.quantize would check them on every call, which on a GPU means host syncs (and no
+        CUDA graph or torch.compile fullgraph)."""
+        return self._plan(("quant_params",), lambda: quantizer_params(
+            self.a_scale.detach().float().contiguous(), self.a_bits.detach().double(), self.a_signed, exact=True,
+            names=(f"{self.name}.a_scale", f"{self.name}.a_bits")))
+
+    def _dequantized_weight(self) -> Tensor:
+        """[out features, K] float32 (codes x row scale) for the input gradient, made by the first
+        backward and kept until the weight changes (_weights_changed; not pickled)."""
+        hit = self.__dict__.get("_grad_weight")
+        if hit is None or hit[0] is not self.w:
+            hit = self.__dict__["_grad_weight"] = (self.w, dequantized(self.w))
+        return hit[1]
+
     def _weights_changed(self) -> None:
         """Drops everything derived from self.w (activation plans hold its K layout). Any new
         cache of the weights kept on the module must be dropped here too."""
@@ -347,20 +364,14 @@ class PackedLinear(_PackedBase):
             out_scale=None if integer else self.a_scale, dynamic=self.a_dynamic == "token"))
 
     def forward(self, x: Tensor) -> Tensor:
-        if needs_input_grad(x):  # the same values, with the straight-through gradient to x
-            gelu = self.activation is not None or (self.fused and take_arm(self))
-            out = InputGrad.apply(x, self, gelu)
-            return fused_output(out) if gelu and self.fused else out
-        return self._forward(x)
-
-    def _forward(self, x: Tensor, gelu: Optional[bool] = None) -> Tensor:
-        """The forward's values; gelu: None = the module's own call (its GELU as configured or
-        armed by its fused block, marked for the block's FusedActivation), True / False = given
-        (the gradient path, which decides and marks it itself)."""
-        # eager CPU: the fused native forward (_fused_plan), one call after a few checks. Kept
-        # lean: a GEMV-sized layer runs in ~10 us, and inside a model this Python runs with
-        # cold caches between the model's other ops, so every torch call here shows (issue 13)
-        if type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling():
+        # the GELU: as configured, or fused and armed by the block calling it (_fuse.py); its
+        # output is then marked for the block's FusedActivation to pass through
+        gelu = self.activation is not None or (self.fused and take_arm(self))
+        # eager CPU without autograd: the fused native forward (_fused_plan), one call after a
+        # few checks. Kept lean: a GEMV-sized layer runs in ~10 us, and inside a model this
+        # Python runs with cold caches between the model's other ops, so every torch call here
+        # shows (issue 13)
+        if type(x) is Tensor and x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
             fused = self._fused_plan()
             if fused is not None:
                 lp, K, N = fused
@@ -380,17 +391,21 @@ class PackedLinear(_PackedBase):
                         rows = rows.contiguous()
                     M, ld = rows.shape[0], rows.stride(0)
                     out = torch.empty((*shape[:-1], N), dtype=torch.float32)
-                if M == 0:  # no rows, no output values (as nn.Linear)
-                    return out.to(x.dtype)
-                # a fused GELU runs in the native call, on each output row once it is final
-                # (fused: only when the block it is fused in calls it, _fuse.py)
-                mark = gelu is None
-                if mark:
-                    gelu = self.activation is not None or (self.fused and take_arm(self))
-                lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), gelu)
-                if out.dtype is not x.dtype:  # as nn.Linear: the input's dtype (computed in float32)
+                if M > 0:  # (no rows: no output values, as nn.Linear)
+                    # a GELU runs in the native call, on each output row once it is final
+                    lp.forward(rows.data_ptr(), M, ld, out.data_ptr(), gelu)
+                if out.dtype is not x.dtype:  # as nn.Linear: the input's dtype (_input_dtype, inline here)
                     out = out.to(x.dtype)
-                return fused_output(out) if mark and gelu and self.fused else out  # (its FusedActivation passes it)
+                return fused_output(out) if gelu and self.fused else out
+        if needs_input_grad(x):  # the same values, with the straight-through gradient to x
+            out = InputGrad.apply(x, self, gelu)
+        else:
+            out = self._forward(x, gelu)
+        return fused_output(out) if gelu and self.fused else out
+
+    def _forward(self, x: Tensor, gelu: bool) -> Tensor:
+        """The forward's values through the general path (bit-identical to the fused native
+        one, tests/test_fused_linear.py), the GELU applied when gelu."""
         return self._run(x, integer=False, gelu=gelu)
 
     def _input_grad(self, grad_out: Tensor, x: Tensor, gelu: bool) -> Tensor:
@@ -401,18 +416,13 @@ class PackedLinear(_PackedBase):
         g = grad_out.to(torch.float32)
         if gelu:
             g = g * gelu_derivative(self._forward(x, False).to(torch.float32))
-        K = self.a_bits.numel()
-        w = self.__dict__.get("_grad_weight")
-        if w is None or w[0] is not self.w:
-            w = self.__dict__["_grad_weight"] = (self.w, dequantized(self.w))
-        rows = x.reshape(-1, K).to(torch.float32)
+        rows = x.reshape(-1, self.a_bits.numel()).to(torch.float32)
         if self.a_inv_smooth is not None:
             rows = rows * self.a_inv_smooth
         if self.hadamard_block:
             rows = rotate(rows, self.hadamard_block)
-        params = self._plan(("grad_quant",), lambda: quantizer_params(
-            self.a_scale.detach().float().contiguous(), self.a_bits.detach().double(), self.a_signed, exact=True))
-        gu = through_quantizer(rows, g.reshape(-1, g.shape[-1]) @ w[1], params, self.a_dynamic == "token", 1)
+        gu = through_quantizer(rows, g.reshape(-1, g.shape[-1]) @ self._dequantized_weight(), self._quant_params(),
+                               self.a_dynamic == "token", 1)
         if self.hadamard_block:
             gu = rotate(gu, self.hadamard_block)
         if self.a_inv_smooth is not None:
@@ -471,7 +481,7 @@ class PackedLinear(_PackedBase):
         self.__dict__["_fused"] = (key, fused, lay)  # lay: the plan reads the layout in place
         return fused
 
-    def _run(self, x, integer, gelu: Optional[bool] = None):
+    def _run(self, x, integer, gelu: bool = False):
         K = self.a_bits.numel()
         self._check_float_input(x)
         if x.dim() == 0 or x.shape[-1] != K:
@@ -488,12 +498,8 @@ class PackedLinear(_PackedBase):
         out = self._gemm(rows, plan, integer)
         if not integer and self.bias is not None:
             out = out + self.bias
-        mark = gelu is None  # (gelu given: the gradient path decided and marks it)
-        if mark:
-            gelu = not integer and (self.activation is not None or (self.fused and take_arm(self)))
         if gelu:
-            out = _input_dtype(self._activate(out), x).reshape(*x.shape[:-1], out.shape[-1])
-            return fused_output(out) if mark and self.fused else out  # (fused: its FusedActivation passes it)
+            out = self._activate(out)
         return (out if integer else _input_dtype(out, x)).reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -544,14 +550,6 @@ class PackedConv2d(_PackedBase):
         self._act_plan(False)
         self._quant_params()
 
-    def _quant_params(self) -> tuple:
-        """(scale, lo, hi, alpha) float32 per input channel for soniq::quantize_raw, checked once
-        and cached with the plans: ops.quantize would check them on every call, which on a GPU
-        means host syncs (and no CUDA graph or torch.compile fullgraph)."""
-        return self._plan(("conv_quant",), lambda: quantizer_params(
-            self.a_scale.detach().float().contiguous(), self.a_bits.detach().double(), self.a_signed, exact=True,
-            names=(f"{self.name}.a_scale", f"{self.name}.a_bits")))
-
     def _act_plan(self, integer: bool):
         # the unfolded rows already hold integers: quantizing them with scale 1 keeps them (they
         # are in range: convert refuses zero padding with signed 1-bit); the real scale goes
@@ -591,13 +589,10 @@ class PackedConv2d(_PackedBase):
     def _input_grad(self, grad_out: Tensor, x: Tensor, gelu: bool) -> Tensor:
         """d loss / d x: the transposed convolution of grad_out with the dequantized weight,
         through the activation quantizer's backward (per input channel, its clipping mask)."""
-        w = self.__dict__.get("_grad_weight")
-        if w is None or w[0] is not self.w:
-            w = (self.w, dequantized(self.w).reshape(self.out_channels, self.a_bits.numel(), *self.kernel_size))
-            self.__dict__["_grad_weight"] = w
+        w = self._dequantized_weight().reshape(self.out_channels, self.a_bits.numel(), *self.kernel_size)
         one = x.dim() == 3  # unbatched [C, H, W]
         xb, g = (x.unsqueeze(0), grad_out.unsqueeze(0)) if one else (x, grad_out)
-        gv = torch.nn.grad.conv2d_input(xb.shape, w[1], g.to(torch.float32), self.stride, self.padding, self.dilation)
+        gv = torch.nn.grad.conv2d_input(xb.shape, w, g.to(torch.float32), self.stride, self.padding, self.dilation)
         gx = through_quantizer(xb.to(torch.float32), gv, self._quant_params(), False, 1)
         return (gx.squeeze(0) if one else gx).to(x.dtype)
 

@@ -72,9 +72,9 @@ class _QMixin:
                     f"reads version {_LAYOUT_VERSION} with {len(_LAYOUT_FIELDS)} (saved by another soniq version?)"), {}
         diff = [(f, s, m) for f, s, m in zip(_LAYOUT_FIELDS, saved, self.quant_layout().tolist()) if s != m]
         adopt = {}
-        for i, q in ((1, self.w_quant), (3, self.a_quant)):
-            pal = (saved[i], saved[i + 1])
-            phase = state_dict.get(f"{prefix}{'w' if i == 1 else 'a'}_quant.phase")
+        for i, name in ((1, "w_quant"), (3, "a_quant")):
+            q, pal = getattr(self, name), (saved[i], saved[i + 1])
+            phase = state_dict.get(f"{prefix}{name}.phase")
             if (pal != q.palette and 1 <= pal[0] <= pal[1] <= 8 and isinstance(phase, Tensor) and phase.numel() == 1
                     and int(phase) == PHASE_EXACT):
                 adopt[q] = pal
