@@ -58,10 +58,10 @@ def test_quick_demo_reports_every_method(demo):
 
 
 def test_quick_sweep_and_the_saved_models_ptq(demo):
-    """The saved model is soniq.ptq's (GPTQ + bias correction, no training); the low-bit sweep's files."""
+    """The saved model is soniq.ptq's (asymmetric GPTQ, no training); the low-bit sweep's files."""
     out, res = demo
     p = res["methods"]["soniq"]
-    assert "no training" in p["label"] and "bias correction" in res["soniq_config"]["method"]
+    assert "no training" in p["label"] and "asymmetric GPTQ" in res["soniq_config"]["method"]
     assert p["ptq_seconds"] > 0
     rows = json.loads((out / "minilm_sweep.json").read_text())
     assert (out / "minilm_sweep.png").stat().st_size > 5000

@@ -295,6 +295,52 @@ def test_gptq_beats_rtn_on_the_model_output_mixed_and_uniform():
                                                                              rounding="rtn"), pal
 
 
+def test_float_target_undoes_a_linear_input_distortion():
+    """Inputs the quantized model feeds a layer that are a linear map A of the float inputs
+    (f = r A) are undone by W' = W A^T; undistorted inputs leave W as it is."""
+    from soniq.ptq import _float_target
+
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(500, 24, generator=g, dtype=torch.float64)
+    a = torch.eye(24, dtype=torch.float64) + 0.2 * torch.randn(24, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    h = r.T @ r / 500
+    torch.testing.assert_close(_float_target(w, h, h, 0.01), w)
+    torch.testing.assert_close(_float_target(w, h, h @ a, 1e-12), w @ a.T)
+    lam = _float_target(w, h, h @ a, 0.5)  # a large damping pulls the target back toward W
+    assert float((lam - w).norm()) < float((w @ a.T - w).norm())
+
+
+@pytest.mark.parametrize("net,shape", [(_mlp, (384, 48)), (_convnet, (96, 3, 8, 8))])
+def test_asymmetric_gptq_fits_the_float_output_and_fake_equals_packed(net, shape):
+    """Each layer fitted to the float layer's output on the float inputs compensates the
+    earlier layers' rounding: the model's output is closer to the float model's than with
+    GPTQ on the quantized inputs alone, and the packed model is still exactly the fake one."""
+    torch.manual_seed(7)
+    x = torch.randn(*shape) if net is _convnet else _data()[0]
+    batches = list(x.split(32))
+    ref = net()(x).detach()
+
+    def run(asym):
+        m = quantize(net(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=2.5, asymmetric=asym))
+        with torch.no_grad():
+            return m, float(((m(x) - ref) ** 2).mean())
+
+    m, err_asym = run(True)
+    _, err_sym = run(False)
+    assert err_asym < 0.9 * err_sym
+    _check_fake_equals_packed(m, soniq.convert(m), x[:5])
+
+
+def test_asymmetric_names_a_model_that_cannot_be_copied():
+    import threading
+
+    m = _mlp()
+    m.lock = threading.Lock()  # deepcopy cannot copy a lock
+    with pytest.raises(TypeError, match=r"asymmetric=True\) runs a float copy of the model"):
+        quantize(m, _data()[1], PTQConfig(w_palette=(2, 4), w_bits_target=3.0, asymmetric=True))
+
+
 class _Amplified(nn.Module):
     """Two identical-looking branches; the model output scales the first by 100."""
 
@@ -333,6 +379,9 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(block_size=0), "block_size must be a positive integer"),
     (dict(gain_batches=1.5), "gain_batches must be a positive integer"),
     (dict(sequential="yes"), "sequential must be True or False"),
+    (dict(asymmetric=1), "asymmetric must be True or False"),
+    (dict(asymmetric=True, rounding="rtn"), "asymmetric=True needs rounding='gptq' and sequential=True"),
+    (dict(asymmetric=True, sequential=False), "asymmetric=True needs rounding='gptq' and sequential=True"),
     (dict(exclude="fc1"), "exclude must be a tuple"),
     (dict(qat_options=(("w_palette", (2, 4)),)), "qat_options cannot set"),
     (dict(qat_options=(("smooth_alpha", 1.5),)), "smooth_alpha must be a number in"),

@@ -26,6 +26,7 @@ soniq.convert's packed model stay exactly equal.
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Mapping
@@ -70,6 +71,10 @@ class PTQConfig:
     "uniform" (every layer meets the budget on its own, its channels ranked by the H-proxy; the
     room left by rounding down goes to the densest channels anywhere).
     sequential: GPTQ on the inputs the already-rounded layers produce (else the float inputs).
+    asymmetric: (sequential GPTQ) each layer is fitted to the float layer's output on the
+    float model's input, not to its own output on the quantized input (GPTAQ's asymmetric
+    calibration): the weights compensate the error of the layers before them. Costs a float
+    copy of the model and one more partial float forward per layer group.
     gain_batches: calibration batches used to measure the layer gains ("measured").
     exclude: module names left in float ("first"/"last" as in soniq.qat.prepare).
     qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs. ("smooth_alpha", a):
@@ -101,6 +106,7 @@ class PTQConfig:
     rounding: str = "gptq"
     allocation: str = "measured"
     sequential: bool = True
+    asymmetric: bool = False
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
@@ -155,9 +161,12 @@ class PTQConfig:
         bb = self.bias_correction_batches
         if isinstance(bb, bool) or not isinstance(bb, int) or bb < 0:
             raise ValueError(f"bias_correction_batches must be an integer >= 0 (0 = all), got {bb!r}")
-        for name in ("sequential", "act_order", "bias_correction"):
+        for name in ("sequential", "asymmetric", "act_order", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.asymmetric and not (self.sequential and self.rounding == "gptq"):
+            raise ValueError("asymmetric=True needs rounding='gptq' and sequential=True (it fits each layer on "
+                             "the quantized model's inputs)")
         if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
             raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
         set_(self, "exclude", tuple(self.exclude))
@@ -541,33 +550,79 @@ def _quantized_rows(q, x: Tensor) -> Tensor:
         return _rows(q, q.a_quant(q.quantizer_input(x)))
 
 
-def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg, smooth, rot) -> None:
+def _input_at(model, module: nn.Module, batch, forward) -> Tensor:
+    """The input `module` sees when `model` runs `batch` (the forward stops there)."""
+    got = []
+
+    def pre(m, args):
+        got.append(args[0])
+        raise _recon._Stop
+
+    _recon.run_to_hook(model, [batch], forward, module, pre)
+    if not got:
+        raise RuntimeError("the calibration batch never reaches the layer")
+    return got[0]
+
+
+def _group_moments(model, qlayers: dict, group: list, batches, forward, float_model) -> dict:
+    """Per member: H = mean of r r^T over the rows r the quantized model feeds it (its own
+    activation quantizer applied), and with float_model also C = mean of r f^T, f the float
+    model's rows on the same batch (rotated / smoothed as the layer's input). Members whose
+    activation quantizers agree share one product."""
+    k = {n: qlayers[n].weight[0].numel() for n in group}
+    acc = {n: _Stats(k[n], 1) for n in group}
+    cross = {n: torch.zeros(k[n], k[n], dtype=torch.float64) for n in group} if float_model is not None else None
+    lead = qlayers[group[0]]
+    for b in batches:
+        xq = _input_at(model, lead, b, forward)
+        xf = _input_at(float_model, float_model.get_submodule(group[0]), b, forward) if cross is not None else None
+        done = []
+        for n in group:
+            q = qlayers[n]
+            hit = next((d for d in done if _same_act(d[0], q)), None)
+            if hit is None:
+                with torch.no_grad():
+                    r = _quantized_rows(q, xq).float()
+                    c = None if xf is None else r.T @ _rows(q, q.quantizer_input(xf.to(q.weight.dtype))).float()
+                hit = (q, (r.T @ r, r.shape[0]), c)
+                done.append(hit)
+            acc[n].add_xtx(*hit[1])
+            if cross is not None:
+                cross[n] += hit[2].double()
+    return {n: (acc[n].moment(), None if cross is None else cross[n] / max(1, acc[n].t)) for n in group}
+
+
+def _float_target(w: Tensor, h: Tensor, c: Tensor, damp: float) -> Tensor:
+    """The weight W' minimizing |r W'^T - f W^T|^2 + lam |W' - W|^2 over the calibration rows
+    (r quantized-model inputs, f float-model inputs; H = r^T r, C = r^T f as means): W' =
+    W (C^T + lam I) (H + lam I)^-1. GPTQ on W' with H then minimizes the distance of the
+    rounded layer on r to the float layer on f (the residual of W' is orthogonal to r)."""
+    w, h, c = w.double(), h.double(), c.double()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    lam = damp * float(torch.diagonal(h).mean().clamp_min(1e-30))
+    return torch.linalg.solve(h + lam * eye, (c + lam * eye) @ w.T).T  # H symmetric
+
+
+def _float_copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # e.g. a module holding a handle that cannot be copied
+        raise TypeError(f"PTQConfig(asymmetric=True) runs a float copy of the model beside it, but "
+                        f"copy.deepcopy(model) failed: {type(e).__name__}: {e}") from e
+
+
+def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg, smooth, rot,
+          float_model=None) -> None:
     for group in groups:
-        hs = {}
-        if cfg.sequential:
-            acc = {n: _Stats(qlayers[n].weight[0].numel(), 1) for n in group}
-            lead = qlayers[group[0]]
-
-            def pre(m, args):
-                done = []  # members whose activation quantizers agree share one product
-                for n in group:
-                    q = qlayers[n]
-                    hit = next((d for d in done if _same_act(d[0], q)), None)
-                    if hit is None:
-                        r = _quantized_rows(q, args[0]).float()
-                        hit = (q, (r.T @ r, r.shape[0]))
-                        done.append(hit)
-                    acc[n].add_xtx(*hit[1])
-                raise _recon._Stop
-
-            _recon.run_to_hook(model, batches, forward, lead, pre)
-            hs = {n: acc[n].moment() for n in group}
+        mom = _group_moments(model, qlayers, group, batches, forward, float_model) if cfg.sequential else {}
         for n in group:
             q = qlayers[n]
             w2 = q.effective_weight().detach().reshape(q.weight.shape[0], -1)
-            codes = gptq_codes(w2, hs[n] if cfg.sequential else _moment(stats, n, smooth, rot), q.w_quant.step().detach(),
-                               q.w_quant.bits().detach(), damp=cfg.damp, block_size=cfg.block_size,
-                               act_order=cfg.act_order)
+            h = mom[n][0] if cfg.sequential else _moment(stats, n, smooth, rot)
+            if float_model is not None:
+                w2 = _float_target(w2, h, mom[n][1], cfg.damp)
+            codes = gptq_codes(w2, h, q.w_quant.step().detach(), q.w_quant.bits().detach(), damp=cfg.damp,
+                               block_size=cfg.block_size, act_order=cfg.act_order)
             _set_codes(q, codes, n)
 
 
@@ -626,6 +681,7 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     for m in layers.values():
         m.__dict__.pop("_ptq_low", None)
 
+    float_model = _float_copy(model) if cfg.asymmetric else None  # the targets asymmetric GPTQ fits
     qat.prepare(model, cfg.qat_config())
     qlayers = {n: model.get_submodule(n) for n in layers}
     for n, q in qlayers.items():  # activation clips from the whole calibration sample
@@ -651,7 +707,8 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         order = [n for n in cal.order if n in qlayers]
         groups = [[n for n in g if n in qlayers] for g in cal.groups]
         _gptq(model, {n: qlayers[n] for n in order}, stats, [g for g in groups if g], batches, forward, cfg,
-              smooth, rot)
+              smooth, rot, float_model)
+    del float_model
     report = {}
     if recon is not None:
         report = _recon.reconstruct(model, recon[0], recon[1], batches, forward, cfg.reconstruct_steps,

@@ -38,7 +38,7 @@ QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 # format 3) are then >= 7x smaller than FP32; no smoothing (its factors cost 4 bytes per
 # input channel, ~0.06 bits at this size, more than they bought here). Palette (4, 6): at
 # 4.4 bits 0.9897 cosine against (4, 8) 0.9887 and (4, 7) 0.9891 (512 calibration sentences,
-# docs/DESIGN_NOTES.md); GPTQ, then bias correction (minilm_ptq.REFINE)
+# docs/DESIGN_NOTES.md); asymmetric GPTQ (minilm_ptq.REFINE)
 W_PALETTE, A_PALETTE, W_TARGET, A_TARGET = (4, 6), (4, 8), 4.4, 8.0
 SMOOTH_ALPHA = None
 HADAMARD_BLOCK = minilm_ptq.HADAMARD_BLOCK  # Linear inputs rotated (why: minilm_ptq)
@@ -328,7 +328,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     other = other[:E["heldout"]] if E["heldout"] else other
     hb, ob = tokenize(teacher, held, 64), tokenize(teacher, other, 64)
     name = f"SONIQ W{W_PALETTE}/A8 per-token, " + ("" if SMOOTH_ALPHA is None else f"smoothing {SMOOTH_ALPHA:g}, ") \
-        + (f"Hadamard {HADAMARD_BLOCK}, " if HADAMARD_BLOCK else "") + "PTQ (GPTQ + bias correction, no training)"
+        + (f"Hadamard {HADAMARD_BLOCK}, " if HADAMARD_BLOCK else "") + "PTQ (asymmetric GPTQ, no training)"
     candidates = {"fp32": ("FP32", lambda: teacher, dict(method="fp32"), 32.0),
                   "int8": ("FBGEMM INT8 dynamic (torch.ao)", lambda: fbgemm_int8(teacher), dict(method="int8"), 8.0),
                   "w4": ("uniform 4-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 4),
@@ -373,7 +373,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
                             "a_bits_target": A_TARGET, "a_dynamic": A_DYNAMIC, "smooth_alpha": SMOOTH_ALPHA,
                             "hadamard_block": HADAMARD_BLOCK,
                             "calibration_sentences": E["calib"],
-                            "method": "soniq.ptq: measured tiers, GPTQ rounding, bias correction"},
+                            "method": "soniq.ptq: measured tiers, asymmetric GPTQ rounding"},
            "avg_w_bits": rep["avg_w_bits"], "avg_a_bits": rep["avg_a_bits"],
            "n_train": len(train_sents), "n_calib": E["calib"], "n_heldout": len(held), "n_other": len(other),
            "other_text": "Python language reference (pydoc_data.topics), sentences not in the docstring corpus",
