@@ -173,24 +173,21 @@ def test_cli_demo_minilm_help():
     assert e.value.code == 0
 
 
-def test_sweep_configs_rotate_and_name_the_reconstructed_blocks():
-    """The sweep's SONIQ rows rotate as the saved model does, and so do the uniform GPTQ rows
-    labelled so (the plain baselines do not); its reconstruction rows fit the six transformer
-    layers, found by name in the model."""
+def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_blocks():
+    """The sweep's SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ),
+    and so are the uniform GPTQ rows labelled so (the plain baselines are neither); asked for
+    block reconstruction, ptq_config fits the six transformer layers, found by name."""
     from soniq.demos import minilm, minilm_ptq
 
     teacher = minilm.load_teacher()
     layers = {n for n, _ in teacher.named_modules() if n.endswith(tuple(f"encoder.layer.{i}" for i in range(6)))}
     assert len(layers) == 6
-    recon = 0
     for label, method, kw in minilm_ptq.SWEEP:
         cfg = minilm_ptq.ptq_config(method, teacher, **kw)
         rot = dict(cfg.qat_options).get("hadamard_block", 0)
-        rotated = method == "soniq" or "Hadamard" in label
-        assert rot == (minilm_ptq.HADAMARD_BLOCK if rotated else 0), label
-        if cfg.reconstruct_steps:
-            recon += 1
-            assert set(cfg.reconstruct_blocks) == layers and "reconstruction" in label
-        else:
-            assert cfg.reconstruct_blocks == ()
-    assert recon == 2
+        saved_recipe = method == "soniq" or "Hadamard" in label
+        assert rot == (minilm_ptq.HADAMARD_BLOCK if saved_recipe else 0), label
+        assert cfg.asymmetric == saved_recipe, label
+        assert cfg.reconstruct_blocks == ()
+    cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=(2, 4), w_bits_target=3.0, reconstruct_steps=10)
+    assert set(cfg.reconstruct_blocks) == layers
