@@ -550,20 +550,6 @@ def _quantized_rows(q, x: Tensor) -> Tensor:
         return _rows(q, q.a_quant(q.quantizer_input(x)))
 
 
-def _input_at(model, module: nn.Module, batch, forward) -> Tensor:
-    """The input `module` sees when `model` runs `batch` (the forward stops there)."""
-    got = []
-
-    def pre(m, args):
-        got.append(args[0])
-        raise _recon._Stop
-
-    _recon.run_to_hook(model, [batch], forward, module, pre)
-    if not got:
-        raise RuntimeError("the calibration batch never reaches the layer")
-    return got[0]
-
-
 def _group_moments(model, qlayers: dict, group: list, batches, forward, float_model) -> dict:
     """Per member: H = mean of r r^T over the rows r the quantized model feeds it (its own
     activation quantizer applied), and with float_model also C = mean of r f^T, f the float
@@ -574,8 +560,9 @@ def _group_moments(model, qlayers: dict, group: list, batches, forward, float_mo
     cross = {n: torch.zeros(k[n], k[n], dtype=torch.float64) for n in group} if float_model is not None else None
     lead = qlayers[group[0]]
     for b in batches:
-        xq = _input_at(model, lead, b, forward)
-        xf = _input_at(float_model, float_model.get_submodule(group[0]), b, forward) if cross is not None else None
+        xq = _recon._block_inputs(model, lead, [b], forward)[0][0][0]  # (args, kwargs) of its one call
+        xf = None if cross is None else \
+            _recon._block_inputs(float_model, float_model.get_submodule(group[0]), [b], forward)[0][0][0]
         done = []
         for n in group:
             q = qlayers[n]

@@ -43,19 +43,19 @@ TIER_GROUP = 8
 # reconstruction (soniq._recon) is no longer a row: after plain GPTQ it took (2, 4) @ 3 from 0.9550
 # to 0.9614, after asymmetric GPTQ it changed nothing (uniform 3 bits, 2048 sentences, 300 steps
 # per layer: every block kept its codes; docs/DESIGN_NOTES.md, "Asymmetric GPTQ")
-ROT = dict(hadamard_block=HADAMARD_BLOCK, **REFINE)
-SWEEP = [("SONIQ PTQ W(2,4) @3", "soniq", dict(w_palette=(2, 4), w_bits_target=3.0, **ROT)),
-         ("SONIQ PTQ W(4,6) @4.4", "soniq", dict(w_palette=(4, 6), w_bits_target=4.4, **ROT)),
-         ("SONIQ PTQ W(4,8) @6", "soniq", dict(w_palette=(4, 8), w_bits_target=6.0, **ROT)),
+AS_SAVED = dict(hadamard_block=HADAMARD_BLOCK, **REFINE)  # the saved model's rotation and rounding
+SWEEP = [("SONIQ PTQ W(2,4) @3", "soniq", dict(w_palette=(2, 4), w_bits_target=3.0, **AS_SAVED)),
+         ("SONIQ PTQ W(4,6) @4.4", "soniq", dict(w_palette=(4, 6), w_bits_target=4.4, **AS_SAVED)),
+         ("SONIQ PTQ W(4,8) @6", "soniq", dict(w_palette=(4, 8), w_bits_target=6.0, **AS_SAVED)),
          ("uniform RTN W3", "rtn", dict(w_palette=(3, 3), w_bits_target=3.0)),
          ("uniform RTN W4", "rtn", dict(w_palette=(4, 4), w_bits_target=4.0)),
          ("uniform RTN W6", "rtn", dict(w_palette=(6, 6), w_bits_target=6.0)),
          ("uniform GPTQ W3", "gptq", dict(w_palette=(3, 3), w_bits_target=3.0)),
          ("uniform GPTQ W4", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0)),
          ("uniform GPTQ W6", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0)),
-         ("uniform W3, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(3, 3), w_bits_target=3.0, **ROT)),
-         ("uniform W4, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0, **ROT)),
-         ("uniform W6, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0, **ROT))]
+         ("uniform W3, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(3, 3), w_bits_target=3.0, **AS_SAVED)),
+         ("uniform W4, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0, **AS_SAVED)),
+         ("uniform W6, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0, **AS_SAVED))]
 QUICK_SWEEP = [SWEEP[0], SWEEP[3], SWEEP[6], SWEEP[9]]
 
 
