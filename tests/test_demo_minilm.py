@@ -174,8 +174,8 @@ def test_cli_demo_minilm_help():
 
 
 def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_blocks():
-    """The sweep's SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ),
-    and so are the uniform GPTQ rows labelled so (the plain baselines are neither); asked for
+    """The sweep's SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ;
+    at 3 bits with clip search and a damped target), and so are the uniform GPTQ rows labelled so (the plain baselines are neither); asked for
     block reconstruction, ptq_config fits the six transformer layers, found by name."""
     from soniq.demos import minilm, minilm_ptq
 
@@ -188,6 +188,9 @@ def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_bloc
         saved_recipe = method == "soniq" or "Hadamard" in label
         assert rot == (minilm_ptq.HADAMARD_BLOCK if saved_recipe else 0), label
         assert cfg.asymmetric == saved_recipe, label
+        low = saved_recipe and kw["w_bits_target"] <= 3.0  # 3-bit rows: clip search, damped target
+        assert cfg.clip_search == (minilm_ptq.CLIP_SEARCH if low else ()), label
+        assert cfg.target_damp == (0.1 if low else None), label
         assert cfg.reconstruct_blocks == ()
     cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=(2, 4), w_bits_target=3.0, reconstruct_steps=10)
     assert set(cfg.reconstruct_blocks) == layers

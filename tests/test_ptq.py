@@ -332,6 +332,18 @@ def test_asymmetric_gptq_fits_the_float_output_and_fake_equals_packed(net, shape
     _check_fake_equals_packed(m, soniq.convert(m), x[:5])
 
 
+def test_target_damp_defaults_to_damp_and_is_used():
+    x, batches = _data()
+
+    def codes(**kw):
+        m = quantize(_mlp(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0, asymmetric=True, **kw))
+        return [q.weight.detach().clone() for q in m.modules() if isinstance(q, QLinear)]
+
+    same, explicit, far = codes(), codes(target_damp=0.01), codes(target_damp=10.0)
+    assert all(torch.equal(a, b) for a, b in zip(same, explicit))
+    assert not all(torch.equal(a, b) for a, b in zip(same[1:], far[1:]))  # the first layer sees float inputs
+
+
 def test_asymmetric_names_a_model_that_cannot_be_copied():
     import threading
 
@@ -339,6 +351,55 @@ def test_asymmetric_names_a_model_that_cannot_be_copied():
     m.lock = threading.Lock()  # deepcopy cannot copy a lock
     with pytest.raises(TypeError, match=r"asymmetric=True\) runs a float copy of the model"):
         quantize(m, _data()[1], PTQConfig(w_palette=(2, 4), w_bits_target=3.0, asymmetric=True))
+
+
+def test_clip_search_keeps_per_channel_the_factor_with_the_least_output_error():
+    """Each output channel keeps the clip factor whose GPTQ rounding changes its output least
+    on H: never more than the fitted clip's rounding (factor 1 is among those tried), less
+    where another factor wins, and the layer's clip is scaled to the factor kept."""
+    from soniq.ptq import _round_layer
+
+    x, batches = _data()
+    base = quantize(_mlp(), batches, PTQConfig(w_palette=(3, 3), w_bits_target=3.0))
+    q = base[2]
+    g = torch.Generator().manual_seed(5)
+    w2 = torch.randn(*q.weight.shape, generator=g, dtype=torch.float64) * q.w_quant.step().detach().double()[:, None] * 2
+    r = torch.randn(500, w2.shape[1], generator=g, dtype=torch.float64) @ torch.randn(w2.shape[1], w2.shape[1],
+                                                                                      generator=g, dtype=torch.float64)
+    h = r.T @ r / 500
+    step0 = q.w_quant.step().detach().double().clone()
+    plain = _round_layer(copy.deepcopy(q), w2, h, PTQConfig(w_palette=(3, 3), w_bits_target=3.0))
+    factors = (0.7, 0.85, 1.0, 1.15, 1.3)
+    qs = copy.deepcopy(q)
+    found = _round_layer(qs, w2, h, PTQConfig(w_palette=(3, 3), w_bits_target=3.0, clip_search=factors))
+    pick = (qs.w_quant.step().detach().double() / step0)
+    near = torch.stack([torch.isclose(pick, torch.full_like(pick, f), rtol=1e-6) for f in factors]).any(0)
+    assert bool(near.all()), pick
+    e_plain = h_error(w2, plain * step0[:, None], h)
+    e_found = h_error(w2, found * (step0 * pick)[:, None], h)
+    assert bool((e_found <= e_plain * (1 + 1e-6)).all())
+    assert float(e_found.sum()) < 0.97 * float(e_plain.sum())
+    assert int((pick.sub(1).abs() > 1e-6).sum()) > 0
+
+
+@pytest.mark.parametrize("net,shape", [(_mlp, (384, 48)), (_convnet, (96, 3, 8, 8))])
+def test_clip_search_fake_equals_packed_and_moves_clips(net, shape):
+    torch.manual_seed(7)
+    x = torch.randn(*shape) if net is _convnet else _data()[0]
+    batches = list(x.split(32))
+    cfg = dict(w_palette=(2, 4), w_bits_target=3.0, asymmetric=True, qat_options=(("a_dynamic", "token"),)
+               if net is _mlp else ())
+    plain = quantize(net(), batches, PTQConfig(**cfg))
+    m = quantize(net(), batches, PTQConfig(clip_search=(0.8, 0.9, 1.0, 1.1, 1.2), **cfg))
+    qs = [q for q in m.modules() if isinstance(q, (QLinear, QConv2d))]
+    ps = [q for q in plain.modules() if isinstance(q, (QLinear, QConv2d))]
+    moved = sum(int((a.w_quant.clip != b.w_quant.clip).sum()) for a, b in zip(qs, ps))
+    assert moved > 0
+    for q in qs:  # the kept codes survive the quantizer's rounding at the moved clips
+        step = q.w_quant.step().detach()
+        w = q.effective_weight().detach().reshape(step.shape[0], -1)
+        assert torch.equal(w, torch.round(w / step[:, None]) * step[:, None])
+    _check_fake_equals_packed(m, soniq.convert(m), x[:5])
 
 
 class _Amplified(nn.Module):
@@ -383,6 +444,15 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(asymmetric=True, rounding="rtn"), "asymmetric=True needs rounding='gptq' and sequential=True"),
     (dict(asymmetric=True, sequential=False), "asymmetric=True needs rounding='gptq' and sequential=True"),
     (dict(exclude="fc1"), "exclude must be a tuple"),
+    (dict(asymmetric=True, target_damp=0.0), "target_damp must be None"),
+    (dict(asymmetric=True, target_damp="0.1"), "target_damp must be None"),
+    (dict(target_damp=0.1), "target_damp is the damping of asymmetric GPTQ's target: it needs asymmetric=True"),
+    (dict(clip_search="0.9"), "clip_search must be a tuple of positive factors"),
+    (dict(clip_search=(0.9, 0.0)), "clip_search must be a tuple of positive factors"),
+    (dict(clip_search=(True,)), "clip_search must be a tuple of positive factors"),
+    (dict(clip_search=(float("inf"),)), "clip_search must be a tuple of positive factors"),
+    (dict(clip_search=0.9), "clip_search must be a tuple of positive factors"),
+    (dict(clip_search=(0.9, 1.0), rounding="rtn"), "clip_search needs rounding='gptq'"),
     (dict(qat_options=(("w_palette", (2, 4)),)), "qat_options cannot set"),
     (dict(qat_options=(("smooth_alpha", 1.5),)), "smooth_alpha must be a number in"),
     (dict(qat_options=(("smooth_alpha", "0.5"),)), "smooth_alpha must be a number in"),
@@ -418,6 +488,7 @@ def test_config_is_a_frozen_value():
     assert n == c and type(n.w_palette[0]) is int and type(n.w_bits_target) is float
     with pytest.raises(Exception):
         c.rounding = "rtn"
+    assert PTQConfig(clip_search=[1.1, 0.9, 1.1, np.float32(1.0)]).clip_search == (0.9, 1.0, 1.1)
 
 
 def test_quantize_errors():

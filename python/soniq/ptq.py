@@ -15,13 +15,16 @@
    which then freezes those tiers and fits each channel's clip for its tier).
 4. Rounding: "rtn" keeps round-to-nearest; "gptq" re-chooses each layer's integer codes with
    error feedback, on the inputs the already-rounded layers before it produce (sequential,
-   with the activations quantized as the packed model will quantize them).
+   with the activations quantized as the packed model will quantize them); asymmetric=True
+   fits each layer to the float model's output instead, clip_search tries several clips per
+   channel and keeps the one whose GPTQ rounding changes the channel's output least.
 5. Optional: block reconstruction (reconstruct_blocks / reconstruct_steps: each block's codes
    re-chosen against the float block's output, soniq._recon) and bias correction
    (bias_correction: each layer's output mean shift against the float model taken out of its
    bias, soniq._bias_correction).
-Only the integer codes change (the weight becomes codes x step; step 5 also moves biases and
-activation clips, which the packed layers keep as they are), so the fake-quantized model and
+Only the integer codes and scales change (the weight becomes codes x step; clip_search scales
+weight clips; step 5 also moves biases and activation clips, which the packed layers keep as
+they are), so the fake-quantized model and
 soniq.convert's packed model stay exactly equal.
 """
 from __future__ import annotations
@@ -75,6 +78,9 @@ class PTQConfig:
     float model's input, not to its own output on the quantized input (GPTAQ's asymmetric
     calibration): the weights compensate the error of the layers before them. Costs a float
     copy of the model and one more partial float forward per layer group.
+    target_damp: (asymmetric) the damping of that fit, as a fraction of H's mean diagonal: the
+    target is W (C^T + lam I) (H + lam I)^-1, lam = target_damp x mean diag H, pulled toward W
+    where the calibration rows say little. None = damp.
     gain_batches: calibration batches used to measure the layer gains ("measured").
     exclude: module names left in float ("first"/"last" as in soniq.qat.prepare).
     qat_options: extra soniq.qat.QATConfig fields as (name, value) pairs. ("smooth_alpha", a):
@@ -93,6 +99,10 @@ class PTQConfig:
     against the float model (over the calibration batches, layers in run order) taken out of
     its bias (soniq._bias_correction); bias_correction_batches: how many calibration batches
     measure the means (0 = all).
+    clip_search: (GPTQ) factors of each weight channel's clip (as fitted for its tier by rounding
+    MSE) to try: GPTQ rounds the layer once per factor and each output channel keeps the factor
+    whose rounding changes its output least on the calibration inputs, (w - q) H (w - q)^T
+    (the weight a layer is fitted to: W, or W' with asymmetric=True). () = the fitted clip.
     tier_group: weight tiers chosen per group of this many consecutive output channels: 1 (per
     channel) or a multiple of 8 (a layer's last group may be smaller). Then every run of 8
     outputs of a packed layer is one tier, so its kernels write the outputs in place: no column
@@ -108,6 +118,7 @@ class PTQConfig:
     sequential: bool = True
     asymmetric: bool = False
     damp: float = 0.01
+    target_damp: Optional[float] = None
     block_size: int = 128
     act_order: bool = True
     gain_batches: int = 2
@@ -121,6 +132,7 @@ class PTQConfig:
     bias_correction: bool = False
     bias_correction_batches: int = 0
     tier_group: int = 1
+    clip_search: tuple = ()
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -138,6 +150,13 @@ class PTQConfig:
             raise ValueError(f"allocation must be 'measured', 'hessian' or 'uniform', got {self.allocation!r}")
         if not isinstance(self.damp, (int, float)) or not (0 < self.damp < 1):
             raise ValueError(f"damp must be in (0, 1), got {self.damp!r}")
+        td = self.target_damp
+        if td is not None and (isinstance(td, bool) or not isinstance(td, numbers.Real) or not (0 < td < math.inf)):
+            raise ValueError(f"target_damp must be None (= damp) or a number > 0, got {td!r}")
+        if td is not None:
+            set_(self, "target_damp", float(td))
+            if not self.asymmetric:
+                raise ValueError("target_damp is the damping of asymmetric GPTQ's target: it needs asymmetric=True")
         if isinstance(self.reconstruct_blocks, str) or not all(isinstance(n, str) for n in self.reconstruct_blocks):
             raise ValueError(f"reconstruct_blocks must be a tuple of module names, got {self.reconstruct_blocks!r}")
         set_(self, "reconstruct_blocks", tuple(self.reconstruct_blocks))
@@ -167,6 +186,14 @@ class PTQConfig:
         if self.asymmetric and not (self.sequential and self.rounding == "gptq"):
             raise ValueError("asymmetric=True needs rounding='gptq' and sequential=True (it fits each layer on "
                              "the quantized model's inputs)")
+        cs = self.clip_search
+        if isinstance(cs, (str, bytes)) or not hasattr(cs, "__iter__") or not all(
+                isinstance(f, numbers.Real) and not isinstance(f, bool) and 0 < f < math.inf for f in cs):
+            raise ValueError(f"clip_search must be a tuple of positive factors of the fitted clip (e.g. (0.9, 1.0, "
+                             f"1.1)), got {cs!r}")
+        set_(self, "clip_search", tuple(sorted({float(f) for f in cs})))
+        if self.clip_search and self.rounding != "gptq":
+            raise ValueError("clip_search needs rounding='gptq' (each factor is tried by rounding with GPTQ)")
         if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
             raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
         set_(self, "exclude", tuple(self.exclude))
@@ -607,10 +634,33 @@ def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg
             w2 = q.effective_weight().detach().reshape(q.weight.shape[0], -1)
             h = mom[n][0] if cfg.sequential else _moment(stats, n, smooth, rot)
             if float_model is not None:
-                w2 = _float_target(w2, h, mom[n][1], cfg.damp)
-            codes = gptq_codes(w2, h, q.w_quant.step().detach(), q.w_quant.bits().detach(), damp=cfg.damp,
-                               block_size=cfg.block_size, act_order=cfg.act_order)
-            _set_codes(q, codes, n)
+                w2 = _float_target(w2, h, mom[n][1], cfg.damp if cfg.target_damp is None else cfg.target_damp)
+            _set_codes(q, _round_layer(q, w2, h, cfg), n)
+
+
+def _round_layer(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
+    """GPTQ codes of w2 on q's grids. With cfg.clip_search, one rounding per factor of the
+    fitted clips; each row keeps the factor with the least H-error, and q's clip is scaled to it."""
+    step, bits = q.w_quant.step().detach(), q.w_quant.bits().detach()
+
+    def codes_at(f):
+        return gptq_codes(w2, h, step * f, bits, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order)
+
+    if not cfg.clip_search:
+        return codes_at(1.0)
+    best = err = pick = None
+    for f in cfg.clip_search:
+        c = codes_at(f)
+        e = h_error(w2, c * (step.double() * f)[:, None], h)
+        if best is None:
+            best, err, pick = c, e, torch.full_like(e, f)
+            continue
+        better = e < err  # ties keep the smaller factor
+        best, err = torch.where(better[:, None], c, best), torch.where(better, e, err)
+        pick = torch.where(better, torch.full_like(e, f), pick)
+    with torch.no_grad():  # step = clip / den(bits), so scaling the clip scales the step
+        q.w_quant.clip.mul_(pick.to(q.w_quant.clip))
+    return best
 
 
 # ---- entry point -------------------------------------------------------------------------
