@@ -341,7 +341,7 @@ def test_target_damp_defaults_to_damp_and_is_used():
 
     same, explicit, far = codes(), codes(target_damp=0.01), codes(target_damp=10.0)
     assert all(torch.equal(a, b) for a, b in zip(same, explicit))
-    assert not all(torch.equal(a, b) for a, b in zip(same[1:], far[1:]))  # the first layer sees float inputs
+    assert not all(torch.equal(a, b) for a, b in zip(same, far))
 
 
 def test_asymmetric_names_a_model_that_cannot_be_copied():
@@ -367,14 +367,16 @@ def test_clip_search_keeps_per_channel_the_factor_with_the_least_output_error():
     r = torch.randn(500, w2.shape[1], generator=g, dtype=torch.float64) @ torch.randn(w2.shape[1], w2.shape[1],
                                                                                       generator=g, dtype=torch.float64)
     h = r.T @ r / 500
+    w2[0] = 0.0  # every factor rounds a row of zeros exactly: the tie keeps the fitted clip
     step0 = q.w_quant.step().detach().double().clone()
     plain = _round_layer(copy.deepcopy(q), w2, h, PTQConfig(w_palette=(3, 3), w_bits_target=3.0))
-    factors = (0.7, 0.85, 1.0, 1.15, 1.3)
+    factors = (0.7, 0.85, 1.15, 1.3)  # 1.0 joins them
     qs = copy.deepcopy(q)
     found = _round_layer(qs, w2, h, PTQConfig(w_palette=(3, 3), w_bits_target=3.0, clip_search=factors))
     pick = (qs.w_quant.step().detach().double() / step0)
-    near = torch.stack([torch.isclose(pick, torch.full_like(pick, f), rtol=1e-6) for f in factors]).any(0)
+    near = torch.stack([torch.isclose(pick, torch.full_like(pick, f), rtol=1e-6) for f in factors + (1.0,)]).any(0)
     assert bool(near.all()), pick
+    assert float(pick[0]) == 1.0
     e_plain = h_error(w2, plain * step0[:, None], h)
     e_found = h_error(w2, found * (step0 * pick)[:, None], h)
     assert bool((e_found <= e_plain * (1 + 1e-6)).all())
@@ -447,11 +449,13 @@ def test_measured_gains_give_the_amplified_layer_the_high_tier():
     (dict(asymmetric=True, target_damp=0.0), "target_damp must be None"),
     (dict(asymmetric=True, target_damp="0.1"), "target_damp must be None"),
     (dict(target_damp=0.1), "target_damp is the damping of asymmetric GPTQ's target: it needs asymmetric=True"),
-    (dict(clip_search="0.9"), "clip_search must be a tuple of positive factors"),
-    (dict(clip_search=(0.9, 0.0)), "clip_search must be a tuple of positive factors"),
-    (dict(clip_search=(True,)), "clip_search must be a tuple of positive factors"),
-    (dict(clip_search=(float("inf"),)), "clip_search must be a tuple of positive factors"),
-    (dict(clip_search=0.9), "clip_search must be a tuple of positive factors"),
+    (dict(clip_search="0.9"), r"clip_search must be a tuple of factors of the fitted clip in \[0.1, 10\]"),
+    (dict(clip_search=(0.9, 0.0)), "clip_search must be a tuple of factors"),
+    (dict(clip_search=(0.9, 1e-4)), "clip_search must be a tuple of factors"),
+    (dict(clip_search=(True,)), "clip_search must be a tuple of factors"),
+    (dict(clip_search=(float("inf"),)), "clip_search must be a tuple of factors"),
+    (dict(clip_search=(float("nan"),)), "clip_search must be a tuple of factors"),
+    (dict(clip_search=0.9), "clip_search must be a tuple of factors"),
     (dict(clip_search=(0.9, 1.0), rounding="rtn"), "clip_search needs rounding='gptq'"),
     (dict(qat_options=(("w_palette", (2, 4)),)), "qat_options cannot set"),
     (dict(qat_options=(("smooth_alpha", 1.5),)), "smooth_alpha must be a number in"),
@@ -489,6 +493,8 @@ def test_config_is_a_frozen_value():
     with pytest.raises(Exception):
         c.rounding = "rtn"
     assert PTQConfig(clip_search=[1.1, 0.9, 1.1, np.float32(1.0)]).clip_search == (0.9, 1.0, 1.1)
+    assert PTQConfig(clip_search=(f for f in (1.2, 0.8))).clip_search == (0.8, 1.0, 1.2)  # 1.0 always tried
+    assert PTQConfig(clip_search=()).clip_search == ()
 
 
 def test_quantize_errors():

@@ -99,10 +99,11 @@ class PTQConfig:
     against the float model (over the calibration batches, layers in run order) taken out of
     its bias (soniq._bias_correction); bias_correction_batches: how many calibration batches
     measure the means (0 = all).
-    clip_search: (GPTQ) factors of each weight channel's clip (as fitted for its tier by rounding
-    MSE) to try: GPTQ rounds the layer once per factor and each output channel keeps the factor
-    whose rounding changes its output least on the calibration inputs, (w - q) H (w - q)^T
-    (the weight a layer is fitted to: W, or W' with asymmetric=True). () = the fitted clip.
+    clip_search: (GPTQ) factors in [0.1, 10] of each weight channel's clip (as fitted for its
+    tier by rounding MSE) to try, 1.0 always among them: GPTQ rounds the layer once per factor
+    and each output channel keeps the factor whose rounding changes its output least on the
+    calibration inputs, (w - q) H (w - q)^T (the weight a layer is fitted to: W, or W' with
+    asymmetric=True), so never more than with the fitted clip. () = the fitted clip only.
     tier_group: weight tiers chosen per group of this many consecutive output channels: 1 (per
     channel) or a multiple of 8 (a layer's last group may be smaller). Then every run of 8
     outputs of a packed layer is one tier, so its kernels write the outputs in place: no column
@@ -187,11 +188,12 @@ class PTQConfig:
             raise ValueError("asymmetric=True needs rounding='gptq' and sequential=True (it fits each layer on "
                              "the quantized model's inputs)")
         cs = self.clip_search
-        if isinstance(cs, (str, bytes)) or not hasattr(cs, "__iter__") or not all(
-                isinstance(f, numbers.Real) and not isinstance(f, bool) and 0 < f < math.inf for f in cs):
-            raise ValueError(f"clip_search must be a tuple of positive factors of the fitted clip (e.g. (0.9, 1.0, "
-                             f"1.1)), got {cs!r}")
-        set_(self, "clip_search", tuple(sorted({float(f) for f in cs})))
+        cs = tuple(cs) if not isinstance(cs, (str, bytes)) and hasattr(cs, "__iter__") else None
+        if cs is None or not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and 0.1 <= f <= 10
+                                 for f in cs):
+            raise ValueError(f"clip_search must be a tuple of factors of the fitted clip in [0.1, 10] (e.g. (0.9, "
+                             f"1.0, 1.1)), got {self.clip_search!r}")
+        set_(self, "clip_search", tuple(sorted({float(f) for f in cs} | {1.0})) if cs else ())
         if self.clip_search and self.rounding != "gptq":
             raise ValueError("clip_search needs rounding='gptq' (each factor is tried by rounding with GPTQ)")
         if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
@@ -646,16 +648,17 @@ def _round_layer(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
     def codes_at(f):
         return gptq_codes(w2, h, step * f, bits, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order)
 
+    best = codes_at(1.0)
     if not cfg.clip_search:
-        return codes_at(1.0)
-    best = err = pick = None
+        return best
+    err = h_error(w2, best * step.double()[:, None], h)
+    pick = torch.ones_like(err)
     for f in cfg.clip_search:
+        if f == 1.0:
+            continue
         c = codes_at(f)
         e = h_error(w2, c * (step.double() * f)[:, None], h)
-        if best is None:
-            best, err, pick = c, e, torch.full_like(e, f)
-            continue
-        better = e < err  # ties keep the smaller factor
+        better = e < err  # ties keep the fitted clip (e.g. a row of zeros)
         best, err = torch.where(better[:, None], c, best), torch.where(better, e, err)
         pick = torch.where(better, torch.full_like(e, f), pick)
     with torch.no_grad():  # step = clip / den(bits), so scaling the clip scales the step
