@@ -175,8 +175,9 @@ def test_cli_demo_minilm_help():
 
 def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_blocks():
     """The sweep's SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ;
-    at 3 bits with clip search and a damped target), and so are the uniform GPTQ rows labelled so (the plain baselines are neither); asked for
-    block reconstruction, ptq_config fits the six transformer layers, found by name."""
+    at 3 bits with clip search and a damped target), and so are the uniform GPTQ rows labelled
+    so (the plain baselines are neither); asked for block reconstruction, ptq_config fits the
+    six transformer layers, found by name."""
     from soniq.demos import minilm, minilm_ptq
 
     teacher = minilm.load_teacher()

@@ -24,8 +24,7 @@
    bias, soniq._bias_correction).
 Only the integer codes and scales change (the weight becomes codes x step; clip_search scales
 weight clips; step 5 also moves biases and activation clips, which the packed layers keep as
-they are), so the fake-quantized model and
-soniq.convert's packed model stay exactly equal.
+they are), so the fake-quantized model and soniq.convert's packed model stay exactly equal.
 """
 from __future__ import annotations
 

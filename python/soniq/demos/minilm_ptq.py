@@ -48,8 +48,7 @@ AS_SAVED = dict(hadamard_block=HADAMARD_BLOCK, **REFINE)  # the saved model's ro
 # asymmetric target damped 10x more (target_damp 0.1; 0.3 gave the same cosine): uniform 3 bits,
 # 1024 sentences, 0.9711 -> 0.9737 (clip search) -> 0.9754 (both); at 4.4 bits the two moved
 # cosine by +0.0004 and top-1 by -0.8 / -1.4 points (within the noise of ~1000 sentences), so the
-# saved model keeps REFINE
-# (docs/DESIGN_NOTES.md, "Clip search with GPTQ")
+# saved model keeps REFINE (docs/DESIGN_NOTES.md, "Clip search with GPTQ")
 CLIP_SEARCH = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
 LOW_BITS = dict(AS_SAVED, clip_search=CLIP_SEARCH, target_damp=0.1)
 SWEEP = [("SONIQ PTQ W(2,4) @3, clip search", "soniq", dict(w_palette=(2, 4), w_bits_target=3.0, **LOW_BITS)),
