@@ -69,6 +69,7 @@ def test_quick_sweep_and_the_saved_models_ptq(demo):
     for r in rows.values():
         if r["method"] in ("soniq", "rtn", "gptq", "gptq_rot"):
             assert r["avg_w_bits"] <= 3.0 + 1e-6 and r["linear_bytes"] > 0 and -1 <= r["cosine"] <= 1 + 1e-6
+            assert r["calibration_sentences"] == res["n_calib"]  # quick: every training sentence already
 
 
 def test_saved_folder_loads_as_sentence_transformer(demo):
@@ -175,23 +176,26 @@ def test_cli_demo_minilm_help():
 
 def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_blocks():
     """The sweep's SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ;
-    at 3 bits with clip search and a damped target), and so are the uniform GPTQ rows labelled
-    so (the plain baselines are neither); asked for block reconstruction, ptq_config fits the
-    six transformer layers, found by name."""
+    at 3 bits with clip search, a damped target, blocks of 512 and every training sentence),
+    and so are the uniform GPTQ rows labelled so (the plain baselines are neither); asked for
+    block reconstruction, ptq_config fits the six transformer layers, found by name."""
     from soniq.demos import minilm, minilm_ptq
 
     teacher = minilm.load_teacher()
     layers = {n for n, _ in teacher.named_modules() if n.endswith(tuple(f"encoder.layer.{i}" for i in range(6)))}
     assert len(layers) == 6
-    for label, method, kw in minilm_ptq.SWEEP:
+    for label, method, kw, calib in minilm_ptq.SWEEP:
         cfg = minilm_ptq.ptq_config(method, teacher, **kw)
         rot = dict(cfg.qat_options).get("hadamard_block", 0)
         saved_recipe = method == "soniq" or "Hadamard" in label
-        assert rot == (minilm_ptq.HADAMARD_BLOCK if saved_recipe else 0), label
+        low = saved_recipe and kw["w_bits_target"] <= 3.0  # 3-bit rows: the LOW_BITS recipe
+        assert rot == ((512 if low else minilm_ptq.HADAMARD_BLOCK) if saved_recipe else 0), label
+        assert "Hadamard" not in label or f"Hadamard {rot}" in label, label
         assert cfg.asymmetric == saved_recipe, label
-        low = saved_recipe and kw["w_bits_target"] <= 3.0  # 3-bit rows: clip search, damped target
         assert cfg.clip_search == (minilm_ptq.CLIP_SEARCH if low else ()), label
-        assert cfg.target_damp == (0.1 if low else None), label
+        assert cfg.target_damp == (0.03 if low else None), label
+        assert (calib == minilm_ptq.CALIB_ALL) == low and (calib is None) == (not low), label
+        assert ("all sent." in label) == low, label
         assert cfg.reconstruct_blocks == ()
     cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=(2, 4), w_bits_target=3.0, reconstruct_steps=10)
     assert set(cfg.reconstruct_blocks) == layers

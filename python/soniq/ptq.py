@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from . import _bias_correction, _recon, ops, qat
 from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
 from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
+from ._layer_inputs import LayerInputs
 from .nn import QConv2d, QLinear, smooth_factors
 from ._quantizers import check_smooth_alpha
 from .qat import QATConfig, _assign_tiers, _real, check_tier_group, group_channels
@@ -578,19 +579,20 @@ def _quantized_rows(q, x: Tensor) -> Tensor:
         return _rows(q, q.a_quant(q.quantizer_input(x)))
 
 
-def _group_moments(model, qlayers: dict, group: list, batches, forward, float_model) -> dict:
+def _group_moments(qlayers: dict, group: list, inputs: LayerInputs, float_inputs: Optional[LayerInputs]) -> dict:
     """Per member: H = mean of r r^T over the rows r the quantized model feeds it (its own
-    activation quantizer applied), and with float_model also C = mean of r f^T, f the float
+    activation quantizer applied), and with float_inputs also C = mean of r f^T, f the float
     model's rows on the same batch (rotated / smoothed as the layer's input). Members whose
     activation quantizers agree share one product."""
     k = {n: qlayers[n].weight[0].numel() for n in group}
     acc = {n: _Stats(k[n], 1) for n in group}
-    cross = {n: torch.zeros(k[n], k[n], dtype=torch.float64) for n in group} if float_model is not None else None
-    lead = qlayers[group[0]]
-    for b in batches:
-        xq = _recon._block_inputs(model, lead, [b], forward)[0][0][0]  # (args, kwargs) of its one call
-        xf = None if cross is None else \
-            _recon._block_inputs(float_model, float_model.get_submodule(group[0]), [b], forward)[0][0][0]
+    cross = {n: torch.zeros(k[n], k[n], dtype=torch.float64) for n in group} if float_inputs is not None else None
+    xqs = inputs.first_args(qlayers[group[0]])
+    xfs = None if cross is None else float_inputs.first_args(float_inputs.model.get_submodule(group[0]))
+    for xq in xqs:
+        xf = None if xfs is None else next(xfs)
+        if xq is None:  # the group does not run on this batch
+            continue
         done = []
         for n in group:
             q = qlayers[n]
@@ -628,8 +630,10 @@ def _float_copy(model: nn.Module) -> nn.Module:
 
 def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg, smooth, rot,
           float_model=None) -> None:
+    inputs = LayerInputs(model, batches, forward)
+    float_inputs = None if float_model is None else LayerInputs(float_model, batches, forward)
     for group in groups:
-        mom = _group_moments(model, qlayers, group, batches, forward, float_model) if cfg.sequential else {}
+        mom = _group_moments(qlayers, group, inputs, float_inputs) if cfg.sequential else {}
         for n in group:
             q = qlayers[n]
             w2 = q.effective_weight().detach().reshape(q.weight.shape[0], -1)

@@ -393,7 +393,11 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
             return {**fidelity(embed(p, hb), ref[0]), "other": fidelity(embed(p, ob), ref[1]),
                     **sizes(teacher, "soniq", packed=p)}
 
-        rows = minilm_ptq.sweep(teacher, cal, measure, quick, extra, bar)
+        def calibrate_all():  # the 3-bit rows: every training sentence
+            return minilm_ptq.calibration(teacher, tokenize(teacher, minilm_ptq.calibration_sentences(
+                train_sents, n=len(train_sents)), minilm_ptq.CALIB_BATCH))
+
+        rows = minilm_ptq.sweep(teacher, cal, measure, quick, extra, bar, None if quick else calibrate_all)
         bar.close()
         sj, sp = minilm_ptq.write_sweep(rows, out_dir)
         res["sweep"] = {"json": sj, "png": sp}
