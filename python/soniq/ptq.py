@@ -591,7 +591,7 @@ def _group_moments(qlayers: dict, group: list, inputs: LayerInputs, float_inputs
     xfs = None if cross is None else float_inputs.first_args(float_inputs.model.get_submodule(group[0]))
     for xq in xqs:
         xf = None if xfs is None else next(xfs)
-        if xq is None:  # the group does not run on this batch
+        if xq is None or (xfs is not None and xf is None):  # the group does not run on this batch
             continue
         done = []
         for n in group:

@@ -17,7 +17,7 @@ import numpy as np
 N_CALIB, CALIB_BATCH, GAIN_BATCHES = 1024, 32, 1
 # the saved model's rounding: asymmetric GPTQ, each layer fitted to the float model's output on
 # the float model's input ((4, 6) @ 4.4, 1024 sentences, blocks of 32: 0.9942 -> 0.9954
-# held-out, 0.9939 -> 0.9952 other text; ~3 min on 2 cores). Bias correction, the refinement
+# held-out, 0.9939 -> 0.9952 other text; ~80 s on 2 cores). Bias correction, the refinement
 # before it (+0.0012 without the rotation), adds nothing on top of it; block reconstruction
 # paid at 3 bits, not here (docs/DESIGN_NOTES.md, "Asymmetric GPTQ"). 2048 sentences: +0.0005
 # at 4.4 bits and +0.003 at 3 bits, at twice the PTQ time
