@@ -79,16 +79,25 @@ def test_ptq_is_the_same_with_and_without_block_inputs(monkeypatch):
     batches = _batches()
     cfg = PTQConfig(w_palette=(2, 4), w_bits_target=3.0, asymmetric=True, clip_search=(0.9, 1.1),
                     qat_options=(("a_dynamic", "token"),))
-    calls = []
-    real = _layer_inputs._block_inputs
+    calls, captured = [], []
+    real, real_capture = _layer_inputs._block_inputs, LayerInputs._capture
 
     def spy(model, module, batches, forward):
         calls.append(len(batches))
         return real(model, module, batches, forward)
 
+    def spy_capture(self, blk):
+        got = real_capture(self, blk)
+        captured.append((blk, len(got)))
+        return got
+
     monkeypatch.setattr(_layer_inputs, "_block_inputs", spy)
+    monkeypatch.setattr(LayerInputs, "_capture", spy_capture)
     fast = quantize(_Net(), batches, cfg, forward=_forward)
-    assert calls.count(len(batches)) == 6  # blocks 0, 1, 2 of the quantized and the float model, once each
+    # blocks 0, 1, 2 of the quantized and the float model captured once each (block 1 misses a
+    # batch); from the model's input: inp and head, and block 1's two groups, per batch and model
+    assert sorted(captured) == sorted([(f"blocks.{i}", 5 if i == 1 else 6) for i in range(3)] * 2)
+    assert calls == [1] * (2 + 2) * len(batches) * 2
     calls.clear()
     monkeypatch.setattr(LayerInputs, "block_of", lambda self, layer: None)  # every group from the model's input
     slow = quantize(_Net(), batches, cfg, forward=_forward)
@@ -106,3 +115,66 @@ def test_ptq_is_the_same_with_and_without_block_inputs(monkeypatch):
     packed = soniq.convert(fast)
     with torch.no_grad():
         torch.testing.assert_close(_forward(packed, x), _forward(fast, x), rtol=1e-4, atol=1e-4)
+
+
+class _Cache:
+    """A key/value-cache-like kwarg: grows on every call, so re-running a block would differ."""
+
+    def __init__(self):
+        self.seen = []
+
+
+class _StatefulBlock(_Block):
+    def forward(self, x, mask=None, cache=None):
+        cache.seen.append(x.shape[1])
+        return super().forward(x * len(cache.seen), mask=mask)
+
+
+class _InPlaceBlock(_Block):
+    def forward(self, x, mask=None):
+        x.mul_(0.5)  # writes its input: a kept copy must not see it
+        return super().forward(x, mask=mask)
+
+
+class _Net2(nn.Module):
+    def __init__(self, block, d=24):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([block(d), block(d)])
+
+    def forward(self, x, mask):
+        cache, x = _Cache(), x * 1.0  # (the batch itself is never written)
+        for blk in self.blocks:
+            x = blk(x, mask=mask, cache=cache) if isinstance(blk, _StatefulBlock) else blk(x, mask=mask)
+        return x
+
+
+def _same_as_model(net, batches, forward=_forward):
+    li = LayerInputs(net, batches, forward)
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Linear):
+            for g, b in zip(li.first_args(m), batches):
+                assert torch.equal(g, _block_inputs(net, m, [b], forward)[0][0][0]), name
+    return li
+
+
+def test_blocks_with_state_own_hooks_or_autocast_are_not_rerun_alone():
+    """Re-running such a block alone could differ from the model, so it is reached from the
+    model's input; a block writing its input in place is re-run on a fresh copy each time."""
+    batches = _batches(3)
+    li = _same_as_model(_Net2(_StatefulBlock), batches)
+    assert li._capture("blocks.1") == []
+    li = _same_as_model(_Net2(_InPlaceBlock), batches)
+    assert len(li._capture("blocks.1")) == 3
+    net = _Net2(_Block)
+    net.blocks[1].register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+    li = _same_as_model(net, batches)
+    assert li._capture("blocks.1") == [] and len(li._capture("blocks.0")) == 3
+
+    def amp_forward(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _forward(m, b)
+
+    li = _same_as_model(_Net2(_Block), batches, amp_forward)
+    assert li._capture("blocks.1") == []
+    assert len(LayerInputs(_Net2(_Block), batches, _forward)._capture("blocks.1")) == 3

@@ -5,7 +5,11 @@ feeds it. Run from the model's input, that is one forward up to the group per gr
 depth layer passes (24 groups of MiniLM: ~3x the work of going block by block). When the group's
 first layer sits in a block, a child of an nn.ModuleList such as one transformer layer, the
 block's own inputs (args, kwargs) are taken once per block and each group's input by running only
-the block on them. The same ops on the same tensors: the inputs are the same, bit for bit.
+the block on them (a fresh copy of them each time). The same ops on the same tensors: the inputs
+are the same, bit for bit. A block is not re-run alone where that could differ: inputs that are
+not plain data (a key/value cache object grows on every call), forward pre-hooks of its own, or
+autocast turned on by the caller's `forward`; nor one that does not run on every batch. Those
+groups are reached from the model's input, as before.
 """
 from __future__ import annotations
 
@@ -14,7 +18,38 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ._recon import _Stop, _block_inputs
+from ._recon import _Stop, _block_inputs, _detach, run_to_hook
+
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _plain(v) -> bool:
+    """Data a block can be called with again and again: tensors, scalars, strings and tuples /
+    lists / dicts of them. Anything else (a key/value cache object that grows on every call, a
+    callable) may carry state between calls, so the block is then not re-run."""
+    if isinstance(v, (Tensor,) + _PLAIN):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_plain(t) for t in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(t) for k, t in v.items())
+    return False
+
+
+def _fresh(v):
+    """Tensors cloned (a block that writes its input in place would change the kept inputs)."""
+    if isinstance(v, Tensor):
+        return v.clone()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_fresh(t) for t in v)
+    if isinstance(v, dict):
+        return {k: _fresh(t) for k, t in v.items()}
+    return v
+
+
+def _autocast_on() -> bool:
+    return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
 
 def _list_children(model: nn.Module) -> dict:
@@ -49,11 +84,32 @@ class LayerInputs:
         got = _block_inputs(self.model, layer, [batch], self.forward)
         return got[0][0][0] if got else None
 
+    def _capture(self, blk: str) -> list:
+        """The block's (args, kwargs) per batch, or [] where re-running it alone would not
+        repeat what the whole model does: inputs that may carry state, forward pre-hooks of its
+        own (they would see their own output again), or autocast set up by `forward`."""
+        module = self.blocks[blk]
+        if module._forward_pre_hooks or module._forward_pre_hooks_with_kwargs:
+            return []
+        got, amp = [], []
+
+        def keep(m, args, kwargs):
+            got.append((_detach(args), _detach(kwargs)))
+            amp.append(_autocast_on())
+            raise _Stop
+
+        run_to_hook(self.model, self.batches, self.forward, module, keep, with_kwargs=True)
+        if any(amp) or not all(_plain(a) and _plain(k) for a, k in got):
+            return []
+        return got
+
     def first_args(self, layer: nn.Module) -> Iterator[Optional[Tensor]]:
         blk = self.block_of(layer)
-        if blk is not None and blk != self._block:
-            self._block, self._cached = blk, _block_inputs(self.model, self.blocks[blk], self.batches, self.forward)
-        if blk is None or len(self._cached) != len(self.batches):  # not in a block run once per batch
+        if blk != self._block:
+            self._block, self._cached = blk, []  # free the last block's inputs first
+            if blk is not None:
+                self._cached = self._capture(blk)
+        if blk is None or len(self._cached) != len(self.batches):  # not in a block re-run alone
             for b in self.batches:
                 yield self._from_model(layer, b)
             return
@@ -68,7 +124,7 @@ class LayerInputs:
             h = layer.register_forward_pre_hook(pre)
             try:
                 with torch.no_grad():
-                    module(*args, **kwargs)
+                    module(*_fresh(args), **_fresh(kwargs))
             except _Stop:
                 pass
             finally:
