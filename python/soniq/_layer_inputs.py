@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from ._recon import _Stop, _block_inputs, _detach, run_to_hook
+from ._recon import _Stop, _block_inputs, _detach, map_tensors, run_to_hook
 
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -39,13 +39,7 @@ def _plain(v) -> bool:
 
 def _fresh(v):
     """Tensors cloned (a block that writes its input in place would change the kept inputs)."""
-    if isinstance(v, Tensor):
-        return v.clone()
-    if isinstance(v, (tuple, list)):
-        return type(v)(_fresh(t) for t in v)
-    if isinstance(v, dict):
-        return {k: _fresh(t) for k, t in v.items()}
-    return v
+    return map_tensors(v, Tensor.clone)
 
 
 def _autocast_on() -> bool:

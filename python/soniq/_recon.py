@@ -50,14 +50,19 @@ def run_to_hook(model, batches, forward, module: nn.Module, pre, with_kwargs: bo
         h.remove()
 
 
-def _detach(v):
+def map_tensors(v, fn):
+    """v with fn applied to every tensor in it (nested tuples, lists, dicts; the rest as is)."""
     if isinstance(v, Tensor):
-        return v.detach()
+        return fn(v)
     if isinstance(v, (tuple, list)):
-        return type(v)(_detach(t) for t in v)
+        return type(v)(map_tensors(t, fn) for t in v)
     if isinstance(v, dict):
-        return {k: _detach(t) for k, t in v.items()}
+        return {k: map_tensors(t, fn) for k, t in v.items()}
     return v
+
+
+def _detach(v):
+    return map_tensors(v, Tensor.detach)
 
 
 def float_tensors(out) -> list:
