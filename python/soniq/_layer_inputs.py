@@ -42,6 +42,18 @@ def _fresh(v):
     return map_tensors(v, Tensor.clone)
 
 
+def _first_arg(model: nn.Module, layer: nn.Module, batch, forward) -> Optional[Tensor]:
+    """The first positional input of layer's first call when forward(model, batch) runs, or None."""
+    got = _block_inputs(model, layer, [batch], forward)
+    return got[0][0][0] if got else None
+
+
+def _call_on_copy(block: nn.Module, kept) -> None:
+    """A block on its kept (args, kwargs), copied (a block may write its input in place)."""
+    args, kwargs = kept
+    block(*_fresh(args), **_fresh(kwargs))
+
+
 def _autocast_on() -> bool:
     return any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))
 
@@ -74,16 +86,12 @@ class LayerInputs:
                 best = b
         return best
 
-    def _from_model(self, layer: nn.Module, batch) -> Optional[Tensor]:
-        got = _block_inputs(self.model, layer, [batch], self.forward)
-        return got[0][0][0] if got else None
-
     def _capture(self, blk: str) -> list:
         """The block's (args, kwargs) per batch, or [] where re-running it alone would not
         repeat what the whole model does: inputs that may carry state, forward pre-hooks of its
         own (they would see their own output again), or autocast set up by `forward`."""
         module = self.blocks[blk]
-        if module._forward_pre_hooks or module._forward_pre_hooks_with_kwargs:
+        if module._forward_pre_hooks:  # (hooks taking kwargs are in it too)
             return []
         got, amp = [], []
 
@@ -105,25 +113,10 @@ class LayerInputs:
                 self._cached = self._capture(blk)
         if blk is None or len(self._cached) != len(self.batches):  # not in a block re-run alone
             for b in self.batches:
-                yield self._from_model(layer, b)
+                yield _first_arg(self.model, layer, b, self.forward)
             return
         module = self.blocks[blk]
-        for i, (args, kwargs) in enumerate(self._cached):
-            got = []
-
-            def pre(m, a):
-                got.append(a[0].detach())
-                raise _Stop
-
-            h = layer.register_forward_pre_hook(pre)
-            try:
-                with torch.no_grad():
-                    module(*_fresh(args), **_fresh(kwargs))
-            except _Stop:
-                pass
-            finally:
-                h.remove()
-            if not got:  # the block ran but not this layer: take it from the whole model
-                yield self._from_model(layer, self.batches[i])
-            else:
-                yield got[0]
+        for b, kept in zip(self.batches, self._cached):
+            x = _first_arg(module, layer, kept, _call_on_copy)
+            # the block ran but not this layer: take it from the whole model
+            yield x if x is not None else _first_arg(self.model, layer, b, self.forward)

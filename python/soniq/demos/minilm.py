@@ -316,8 +316,12 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     train_sents, held = train_heldout_split()
     train_sents = train_sents[:E["max_train"]] if E["max_train"] else train_sents
     held = held[:E["heldout"]] if E["heldout"] else held
-    cal = minilm_ptq.calibration(teacher, tokenize(teacher, minilm_ptq.calibration_sentences(
-        train_sents, n=E["calib"]), minilm_ptq.CALIB_BATCH))
+
+    def calibrate(n):  # soniq.ptq.calibrate on n training sentences
+        return minilm_ptq.calibration(teacher, tokenize(teacher, minilm_ptq.calibration_sentences(
+            train_sents, n=n), minilm_ptq.CALIB_BATCH))
+
+    cal = calibrate(E["calib"])
     student, packed, soniq_s = minilm_ptq.ptq_model(
         teacher, cal, minilm_ptq.ptq_config("soniq", teacher, smooth_alpha=SMOOTH_ALPHA, hadamard_block=HADAMARD_BLOCK,
                                             w_palette=W_PALETTE, w_bits_target=W_TARGET, tier_group=TIER_GROUP,
@@ -393,11 +397,8 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
             return {**fidelity(embed(p, hb), ref[0]), "other": fidelity(embed(p, ob), ref[1]),
                     **sizes(teacher, "soniq", packed=p)}
 
-        def calibrate_all():  # the 3-bit rows: every training sentence
-            return minilm_ptq.calibration(teacher, tokenize(teacher, minilm_ptq.calibration_sentences(
-                train_sents, n=len(train_sents)), minilm_ptq.CALIB_BATCH))
-
-        rows = minilm_ptq.sweep(teacher, cal, measure, quick, extra, bar, None if quick else calibrate_all)
+        rows = minilm_ptq.sweep(teacher, cal, measure, quick, extra, bar,
+                                None if quick else lambda: calibrate(len(train_sents)))  # 3-bit rows: all
         bar.close()
         sj, sp = minilm_ptq.write_sweep(rows, out_dir)
         res["sweep"] = {"json": sj, "png": sp}

@@ -129,11 +129,11 @@ def sweep(teacher, cal, measure, quick=False, extra=None, bar=None, calibrate_al
     import soniq
 
     rows = dict(extra or {})
-    cal_all = None
+    cals = {None: cal}
     for label, method, kw, which in (QUICK_SWEEP if quick else SWEEP):
-        if which == CALIB_ALL and calibrate_all is not None and cal_all is None:
-            cal_all = calibrate_all()
-        use = cal_all if which == CALIB_ALL and cal_all is not None else cal
+        if which not in cals:
+            cals[which] = cal if calibrate_all is None else calibrate_all()
+        use = cals[which]
         fake, packed, secs = ptq_model(teacher, use, ptq_config(method, teacher, **kw))
         rep = soniq.qat.precision_report(fake)
         kind = method + ("_rot" if kw.get("hadamard_block") and method != "soniq" else "") \
