@@ -384,6 +384,34 @@ def test_clip_search_keeps_per_channel_the_factor_with_the_least_output_error():
     assert int((pick.sub(1).abs() > 1e-6).sum()) > 0
 
 
+@pytest.mark.parametrize("stack", [1, 2, 3, 100])
+def test_clip_search_rounds_factors_stacked_as_one_at_a_time(monkeypatch, stack):
+    """The clip search rounds its factors' copies of the weight as rows of one GPTQ call (in
+    chunks of `stack` factors here): the codes and clips are those of one call per factor."""
+    import soniq.ptq as sp
+    from soniq._gptq import gptq_codes
+
+    x, batches = _data()
+    q = quantize(_mlp(), batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0))[0]
+    g = torch.Generator().manual_seed(11)
+    w2 = torch.randn(*q.weight.shape, generator=g, dtype=torch.float64) * q.w_quant.step().detach().double()[:, None] * 3
+    r = torch.randn(300, w2.shape[1], generator=g, dtype=torch.float64)
+    h = r.T @ r / 300
+    cfg = PTQConfig(w_palette=(2, 4), w_bits_target=3.0, clip_search=(0.7, 0.9, 1.1, 1.3))
+    step, bits = q.w_quant.step().detach(), q.w_quant.bits().detach()
+    one = {f: gptq_codes(w2, h, step * f, bits) for f in cfg.clip_search}
+    e = {f: h_error(w2, c * (step.double() * f)[:, None], h) for f, c in one.items()}
+    errs = torch.stack([e[f] for f in cfg.clip_search])
+    monkeypatch.setattr(sp, "_STACK_ELEMS", stack * w2.numel())
+    qs = copy.deepcopy(q)
+    found = sp._round_layer(qs, w2, h, cfg)
+    pick = (qs.w_quant.step().detach().double() / step.double())
+    for row in range(w2.shape[0]):  # the factor of least error (the first of equal ones: 1.0 is tried first)
+        f = min(cfg.clip_search, key=lambda f: (float(errs[cfg.clip_search.index(f), row]), f != 1.0))
+        assert torch.equal(found[row], one[f][row]), (row, f)
+        assert abs(float(pick[row]) - f) < 1e-6, (row, f, float(pick[row]))
+
+
 @pytest.mark.parametrize("net,shape", [(_mlp, (384, 48)), (_convnet, (96, 3, 8, 8))])
 def test_clip_search_fake_equals_packed_and_moves_clips(net, shape):
     torch.manual_seed(7)

@@ -643,23 +643,31 @@ def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg
             _set_codes(q, _round_layer(q, w2, h, cfg), n)
 
 
+# float64 elements of w2 copies rounded in one GPTQ call (128 MB): the clip search's factors
+# share a Cholesky and a column loop up to this size
+_STACK_ELEMS = 1 << 24
+
+
 def _round_layer(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
     """GPTQ codes of w2 on q's grids. With cfg.clip_search, one rounding per factor of the
-    fitted clips; each row keeps the factor with the least H-error, and q's clip is scaled to it."""
+    fitted clips; each row keeps the factor with the least H-error, and q's clip is scaled to it.
+    GPTQ rounds each row on its own given H, so the factors' copies of w2 are rounded as the
+    rows of one call (one Cholesky and one column loop, in chunks of about _STACK_ELEMS)."""
     step, bits = q.w_quant.step().detach(), q.w_quant.bits().detach()
-
-    def codes_at(f):
-        return gptq_codes(w2, h, step * f, bits, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order)
-
-    best = codes_at(1.0)
-    if not cfg.clip_search:
+    factors = (1.0,) + tuple(f for f in cfg.clip_search if f != 1.0)
+    n = w2.shape[0]
+    per_call = max(1, _STACK_ELEMS // max(1, w2.numel()))
+    codes = []
+    for i in range(0, len(factors), per_call):
+        fs = factors[i:i + per_call]
+        codes += gptq_codes(w2.repeat(len(fs), 1), h, torch.cat([step * f for f in fs]), bits.repeat(len(fs)),
+                            damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order).split(n)
+    best = codes[0]
+    if len(factors) == 1:
         return best
     err = h_error(w2, best * step.double()[:, None], h)
     pick = torch.ones_like(err)
-    for f in cfg.clip_search:
-        if f == 1.0:
-            continue
-        c = codes_at(f)
+    for f, c in zip(factors[1:], codes[1:]):
         e = h_error(w2, c * (step.double() * f)[:, None], h)
         better = e < err  # ties keep the fitted clip (e.g. a row of zeros)
         best, err = torch.where(better[:, None], c, best), torch.where(better, e, err)
