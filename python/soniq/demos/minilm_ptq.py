@@ -11,22 +11,22 @@ import time
 
 import numpy as np
 
-# 1024 calibration sentences: (4, 6) @ 4.4 measured 0.9900 held-out / 0.9896 other text (512:
-# 0.9897 / 0.9894), PTQ about twice as long (~5 min on 2 cores); layer gains on 32 sentences
-# (128: the same cosine)
-N_CALIB, CALIB_BATCH, GAIN_BATCHES = 1024, 32, 1
-# the saved model's rounding: asymmetric GPTQ, each layer fitted to the float model's output on
-# the float model's input ((4, 6) @ 4.4, 1024 sentences, blocks of 32: 0.9942 -> 0.9954
-# held-out, 0.9939 -> 0.9952 other text; ~80 s on 2 cores). Bias correction, the refinement
-# before it (+0.0012 without the rotation), adds nothing on top of it; block reconstruction
-# paid at 3 bits, not here (docs/DESIGN_NOTES.md, "Asymmetric GPTQ"). 2048 sentences: +0.0005
-# at 4.4 bits and +0.003 at 3 bits, at twice the PTQ time
+# Every training sentence (4,205) calibrates: asymmetric GPTQ fits a K x K least-squares target
+# per layer, which more rows estimate better ((4, 6) @ 4.4: 0.9954 at 1024 sentences, 0.9960 at
+# 2048 with (4, 5); uniform 3 bits +0.003 per doubling). None: all of them. Layer gains on 32
+# sentences (128 gave the same cosine)
+N_CALIB, CALIB_BATCH, GAIN_BATCHES = None, 32, 1
+# Asymmetric GPTQ: each layer fitted to the float model's output on the float model's input
+# ((4, 6) @ 4.4, 1024 sentences, blocks of 32: 0.9942 -> 0.9954 held-out). Bias correction, the
+# refinement before it, adds nothing on top of it; block reconstruction paid at 3 bits after
+# plain GPTQ, not after this (docs/DESIGN_NOTES.md, "Asymmetric GPTQ")
 REFINE = dict(asymmetric=True)
-# Linear inputs rotated by Hadamard blocks of 32 features (weights stored rotated): (4, 6) @
-# 4.4, 512 calibration sentences, GPTQ: cosine 0.9897 -> 0.9940, top-1 86.7% -> 90.6%; blocks
-# of 128 or 512 gave the same (0.9939-0.9943) at a higher cost in the quantize pass
-# (docs/DESIGN_NOTES.md, "Hadamard rotation of Linear inputs")
-HADAMARD_BLOCK = 32
+# Linear inputs rotated by the largest Hadamard blocks up to 512 that divide them (128 on
+# MiniLM's 384 inputs, 512 on the FFN output's 1536; weights stored rotated): (4, 6) @ 4.4, 512
+# sentences, GPTQ: cosine 0.9897 -> 0.9940, top-1 86.7% -> 90.6% with blocks of 32; with this
+# recipe and every sentence blocks of 512 gave 0.9965 / 92.4% against 32's 0.9963 / 91.0%, and
+# at 3 bits 0.9770 against 0.9754 (docs/DESIGN_NOTES.md, "Hadamard rotation of Linear inputs")
+HADAMARD_BLOCK = 512
 # weight tiers chosen per 8 consecutive output channels (PTQConfig.tier_group): every run of 8
 # outputs of a packed layer is then one tier and its kernels write them in place, where tiers
 # interleaved per channel cost a column merge (docs/DESIGN_NOTES.md, "Tier groups"). The demo's
@@ -34,48 +34,37 @@ HADAMARD_BLOCK = 32
 # other text and top-1: per channel 0.99439 / 0.99407, 89.8% / 89.8%; per 8 0.99424 / 0.99401,
 # 89.5% / 89.4%; per 16 0.99410 / 0.99390, 89.9% / 87.6% (AMD EPYC Zen 5)
 TIER_GROUP = 8
-# (label, method, PTQConfig fields); methods: "soniq" (mixed tiers, GPTQ), "gptq" / "rtn" (uniform).
-# The SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ: REFINE); the
-# plain uniform rows are the usual baselines, and uniform GPTQ is also run with the saved
-# model's rotation and asymmetric GPTQ, so the mixed tiers are compared at equal footing (at 3
-# bits, plain GPTQ, 1024 sentences, rotated uniform W3 measured 0.9644 against (2, 4)'s 0.9550).
-# (4, 6) @ 4.4 is the budget that keeps the Linear layers >= 7x smaller than FP32. Block
-# reconstruction (soniq._recon) is no longer a row: after plain GPTQ it took (2, 4) @ 3 from 0.9550
-# to 0.9614, after asymmetric GPTQ it changed nothing (uniform 3 bits, 2048 sentences, 300 steps
-# per layer: every block kept its codes; docs/DESIGN_NOTES.md, "Asymmetric GPTQ")
-AS_SAVED = dict(hadamard_block=HADAMARD_BLOCK, **REFINE)  # the saved model's rotation and rounding
-# At 3 bits each channel's clip is also searched with GPTQ (PTQConfig.clip_search), the
-# asymmetric target damped 3x more (target_damp 0.03), inputs rotated by the largest Hadamard
-# blocks that divide them (512: 128 for the 384 inputs, 512 for the 1536 of the FFN output), and
-# the layers calibrated on every training sentence (4,205; CALIB_ALL) rather than the demo's
-# 1024. Uniform 3 bits: 0.9711 -> 0.9737 (clip search) -> 0.9754 (target_damp 0.1) -> 0.9770
-# (blocks of 512) at 1024 sentences; 0.9799 with all, 0.9800 with target_damp 0.03 (other text
-# 0.9795). At 4.4 bits clip search and the damped target moved cosine by +0.0004 and top-1 by
-# -0.8 / -1.4 points (within the noise of ~1000 sentences), and blocks of 128 or 512 by nothing,
-# so the saved model keeps AS_SAVED (docs/DESIGN_NOTES.md, "Clip search with GPTQ")
+# Each channel's clip also searched with GPTQ (PTQConfig.clip_search) and the asymmetric target
+# damped 3x more (target_damp 0.03). Uniform 3 bits (1024 sentences): 0.9711 -> 0.9737 (clip
+# search) -> 0.9754 (target_damp 0.1) -> 0.9770 (blocks of 512); 0.9800 with every sentence and
+# target_damp 0.03 (docs/DESIGN_NOTES.md, "Clip search with GPTQ")
 CLIP_SEARCH = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
-LOW_BITS = dict(REFINE, hadamard_block=512, clip_search=CLIP_SEARCH, target_damp=0.03)
-CALIB_ALL = "all"  # a row calibrated on every training sentence (None: the demo's N_CALIB)
-# (label, method, PTQConfig fields, calibration)
-SWEEP = [("SONIQ PTQ W(2,4) @3, Hadamard 512, clip search, all sent.", "soniq",
-          dict(w_palette=(2, 4), w_bits_target=3.0, **LOW_BITS), CALIB_ALL),
-         ("SONIQ PTQ W(4,6) @4.4", "soniq", dict(w_palette=(4, 6), w_bits_target=4.4, **AS_SAVED), None),
-         ("SONIQ PTQ W(4,8) @6", "soniq", dict(w_palette=(4, 8), w_bits_target=6.0, **AS_SAVED), None),
-         ("uniform RTN W3", "rtn", dict(w_palette=(3, 3), w_bits_target=3.0), None),
-         ("uniform RTN W4", "rtn", dict(w_palette=(4, 4), w_bits_target=4.0), None),
-         ("uniform RTN W6", "rtn", dict(w_palette=(6, 6), w_bits_target=6.0), None),
-         ("uniform GPTQ W3", "gptq", dict(w_palette=(3, 3), w_bits_target=3.0), None),
-         ("uniform GPTQ W4", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0), None),
-         ("uniform GPTQ W6", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0), None),
-         ("uniform W3, Hadamard 512, asym. GPTQ, clip search, all sent.", "gptq",
-          dict(w_palette=(3, 3), w_bits_target=3.0, **LOW_BITS), CALIB_ALL),
-         ("uniform W4, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0, **AS_SAVED), None),
-         ("uniform W6, Hadamard 32, asym. GPTQ", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0, **AS_SAVED), None)]
-QUICK_SWEEP = [SWEEP[0], SWEEP[3], SWEEP[6], SWEEP[9]]
+TARGET_DAMP = 0.03
+# the saved model's rotation and rounding; the sweep's SONIQ rows and its rotated uniform GPTQ
+# rows are made with it, so mixed and uniform tiers compare on equal footing
+SAVED = dict(REFINE, hadamard_block=HADAMARD_BLOCK, clip_search=CLIP_SEARCH, target_damp=TARGET_DAMP)
+# (label, method, PTQConfig fields); methods: "soniq" (mixed tiers, GPTQ), "gptq" / "rtn" (uniform).
+# The plain uniform rows are the usual baselines. The saved model's own point ((4, 6) @ 4.4) is
+# the demo's row, added by the demo. Block reconstruction (soniq._recon) is no longer a row:
+# after plain GPTQ it took (2, 4) @ 3 from 0.9550 to 0.9614, after asymmetric GPTQ it changed
+# nothing (docs/DESIGN_NOTES.md, "Asymmetric GPTQ")
+SWEEP = [("SONIQ PTQ W(2,4) @3", "soniq", dict(w_palette=(2, 4), w_bits_target=3.0, **SAVED)),
+         ("SONIQ PTQ W(4,8) @6", "soniq", dict(w_palette=(4, 8), w_bits_target=6.0, **SAVED)),
+         ("uniform RTN W3", "rtn", dict(w_palette=(3, 3), w_bits_target=3.0)),
+         ("uniform RTN W4", "rtn", dict(w_palette=(4, 4), w_bits_target=4.0)),
+         ("uniform RTN W6", "rtn", dict(w_palette=(6, 6), w_bits_target=6.0)),
+         ("uniform GPTQ W3", "gptq", dict(w_palette=(3, 3), w_bits_target=3.0)),
+         ("uniform GPTQ W4", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0)),
+         ("uniform GPTQ W6", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0)),
+         ("uniform W3, Hadamard 512, asym. GPTQ, clip search", "gptq", dict(w_palette=(3, 3), w_bits_target=3.0, **SAVED)),
+         ("uniform W4, Hadamard 512, asym. GPTQ, clip search", "gptq", dict(w_palette=(4, 4), w_bits_target=4.0, **SAVED)),
+         ("uniform W6, Hadamard 512, asym. GPTQ, clip search", "gptq", dict(w_palette=(6, 6), w_bits_target=6.0, **SAVED))]
+QUICK_SWEEP = [SWEEP[0], SWEEP[2], SWEEP[5], SWEEP[8]]
 
 
 def calibration_sentences(train_sents, n=N_CALIB, seed=0) -> list:
-    """A few hundred training sentences, sorted by length so batches carry little padding."""
+    """n training sentences drawn at random (None: all), sorted by length so batches carry
+    little padding."""
     idx = np.random.default_rng(seed).permutation(len(train_sents))[:n]
     return sorted((train_sents[i] for i in idx), key=len)
 
@@ -121,27 +110,22 @@ def ptq_model(teacher, cal, cfg):
     return fake, soniq.convert(fake), secs
 
 
-def sweep(teacher, cal, measure, quick=False, extra=None, bar=None, calibrate_all=None) -> dict:
-    """{key: row} for the sweep's configurations; measure(packed) gives a row's fidelity and
-    sizes (+ `extra` rows already measured, e.g. FBGEMM INT8 and the demo's point). Rows use
-    the Calibration `cal`, those marked CALIB_ALL the one calibrate_all() makes (once; None:
-    `cal` too, as in the quick demo, where every training sentence is already in it)."""
+def sweep(teacher, cal, measure, quick=False, extra=None, bar=None) -> dict:
+    """{key: row} for the sweep's configurations on the Calibration `cal`; measure(packed) gives
+    a row's fidelity and sizes (+ `extra` rows already measured, e.g. FBGEMM INT8 and the demo's
+    point)."""
     import soniq
 
     rows = dict(extra or {})
-    cals = {None: cal}
-    for label, method, kw, which in (QUICK_SWEEP if quick else SWEEP):
-        if which not in cals:
-            cals[which] = cal if calibrate_all is None else calibrate_all()
-        use = cals[which]
-        fake, packed, secs = ptq_model(teacher, use, ptq_config(method, teacher, **kw))
+    sentences = sum(len(b["input_ids"]) for b in cal.batches)
+    for label, method, kw in (QUICK_SWEEP if quick else SWEEP):
+        fake, packed, secs = ptq_model(teacher, cal, ptq_config(method, teacher, **kw))
         rep = soniq.qat.precision_report(fake)
         kind = method + ("_rot" if kw.get("hadamard_block") and method != "soniq" else "") \
             + ("_recon" if kw.get("reconstruct_steps") else "")
         rows[f"sweep_{kind}_{kw['w_bits_target']:g}"] = {
             "label": label, "method": kind, "avg_w_bits": rep["avg_w_bits"], "ptq_seconds": secs,
-            "calibration_sentences": sum(len(b["input_ids"]) for b in use.batches),
-            **measure(packed)}
+            "calibration_sentences": sentences, **measure(packed)}
         if bar is not None:
             bar.update()
     return rows
