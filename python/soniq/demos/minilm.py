@@ -248,10 +248,11 @@ def plot(res, path):
 
 
 def format_table(res) -> str:
+    w = max([44] + [len(r["label"]) for r in res["methods"].values()])
     rows = [f"all-MiniLM-L6-v2, held-out sentences n={res['n_heldout']} (calibration n={res.get('n_calib', '-')} of "
             f"{res['n_train']} training sentences); other text "
             f"n={res.get('n_other', 0)} ({res.get('other_text', '-')}); {res['threads']} threads, {res['cpu']}",
-            f"{'method':44s} {'W bits':>6s} {'cosine':>7s} {'top-1':>6s} {'top-10':>6s} {'oth.cos':>7s} "
+            f"{'method':{w}s} {'W bits':>6s} {'cosine':>7s} {'top-1':>6s} {'top-10':>6s} {'oth.cos':>7s} "
             f"{'oth.t1':>6s} {'Linear MiB':>10s} {'x FP32':>6s} {'model MiB':>9s} {'b1 ms':>7s} {'b32 seq/s':>9s}"]
     for r in res["methods"].values():
         lat = r.get("latency", {})
@@ -259,7 +260,7 @@ def format_table(res) -> str:
         b32 = f"{lat['b32_seq_per_s']:9.1f}" if lat else f"{'':9s}"
         o = r.get("other")
         oth = f"{o['cosine']:7.4f} {100 * o['top1']:5.1f}%" if o else f"{'':7s} {'':6s}"
-        rows.append(f"{r['label']:44s} {r['avg_w_bits']:6.2f} {r['cosine']:7.4f} {100 * r['top1']:5.1f}% "
+        rows.append(f"{r['label']:{w}s} {r['avg_w_bits']:6.2f} {r['cosine']:7.4f} {100 * r['top1']:5.1f}% "
                     f"{100 * r['top10']:5.1f}% {oth} {r['linear_bytes'] / 2 ** 20:10.2f} {r['linear_compression']:6.2f} "
                     f"{r['model_bytes'] / 2 ** 20:9.2f} {b1} {b32}")
     s = res["speedup"]
@@ -390,7 +391,8 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     if sweep:
         # the saved model is the sweep's SONIQ point at its budget
         extra = {"int8": dict(methods["int8"], method="int8"),
-                 "demo": dict(methods["soniq"], method="soniq", calibration_sentences=len(calib_sents))}
+                 "demo": dict(methods["soniq"], method="soniq", calibration_sentences=len(calib_sents),
+                              label="SONIQ PTQ W({},{}) @{:g}: the saved model".format(*W_PALETTE, W_TARGET))}
         extra["int8"]["avg_w_bits"] = 8.0
         bar = tqdm(total=len(minilm_ptq.QUICK_SWEEP if quick else minilm_ptq.SWEEP), desc="sweep", unit="config")
         def measure(p):
