@@ -16,11 +16,6 @@ import numpy as np
 # 2048 with (4, 5); uniform 3 bits +0.003 per doubling). None: all of them. Layer gains on 32
 # sentences (128 gave the same cosine)
 N_CALIB, CALIB_BATCH, GAIN_BATCHES = None, 32, 1
-# Asymmetric GPTQ: each layer fitted to the float model's output on the float model's input
-# ((4, 6) @ 4.4, 1024 sentences, blocks of 32: 0.9942 -> 0.9954 held-out). Bias correction, the
-# refinement before it, adds nothing on top of it; block reconstruction paid at 3 bits after
-# plain GPTQ, not after this (docs/DESIGN_NOTES.md, "Asymmetric GPTQ")
-REFINE = dict(asymmetric=True)
 # Linear inputs rotated by the largest Hadamard blocks up to 512 that divide them (128 on
 # MiniLM's 384 inputs, 512 on the FFN output's 1536; weights stored rotated): (4, 6) @ 4.4, 512
 # sentences, GPTQ: cosine 0.9897 -> 0.9940, top-1 86.7% -> 90.6% with blocks of 32; with this
@@ -41,11 +36,15 @@ TIER_GROUP = 8
 CLIP_SEARCH = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2)
 TARGET_DAMP = 0.03
 # the saved model's rotation and rounding; the sweep's SONIQ rows and its rotated uniform GPTQ
-# rows are made with it, so mixed and uniform tiers compare on equal footing
-SAVED = dict(REFINE, hadamard_block=HADAMARD_BLOCK, clip_search=CLIP_SEARCH, target_damp=TARGET_DAMP)
+# rows are made with it, so mixed and uniform tiers compare on equal footing. Asymmetric GPTQ:
+# each layer fitted to the float model's output on the float model's input ((4, 6) @ 4.4, 1024
+# sentences, blocks of 32: 0.9942 -> 0.9954 held-out). Bias correction, the refinement before
+# it, adds nothing on top of it; block reconstruction paid at 3 bits after plain GPTQ, not after
+# this (docs/DESIGN_NOTES.md, "Asymmetric GPTQ")
+SAVED = dict(asymmetric=True, hadamard_block=HADAMARD_BLOCK, clip_search=CLIP_SEARCH, target_damp=TARGET_DAMP)
 # (label, method, PTQConfig fields); methods: "soniq" (mixed tiers, GPTQ), "gptq" / "rtn" (uniform).
-# The plain uniform rows are the usual baselines. The saved model's own point ((4, 6) @ 4.4) is
-# the demo's row, added by the demo. Block reconstruction (soniq._recon) is no longer a row:
+# The plain uniform rows are the usual baselines. The saved model's own point (minilm.W_PALETTE @
+# minilm.W_TARGET) is the demo's row, added by the demo. Block reconstruction (soniq._recon) is no longer a row:
 # after plain GPTQ it took (2, 4) @ 3 from 0.9550 to 0.9614, after asymmetric GPTQ it changed
 # nothing (docs/DESIGN_NOTES.md, "Asymmetric GPTQ")
 SWEEP = [("SONIQ PTQ W(2,4) @3", "soniq", dict(w_palette=(2, 4), w_bits_target=3.0, **SAVED)),
@@ -80,8 +79,8 @@ def ptq_config(method: str, teacher, smooth_alpha=None, hadamard_block=0, **kw):
     """PTQConfig for the demo: the encoder's Linear layers, activations at 8 bits (per-token
     dynamic scales when this soniq's QATConfig offers them), the pooler in float;
     smooth_alpha: SmoothQuant factors on the Linear inputs (None: off); hadamard_block: block
-    Hadamard rotation of the Linear inputs (0: off); kw: more PTQConfig fields (e.g. REFINE:
-    asymmetric GPTQ)."""
+    Hadamard rotation of the Linear inputs (0: off); kw: more PTQConfig fields (e.g. SAVED:
+    the saved model's rotation and rounding)."""
     import dataclasses
 
     from soniq.ptq import PTQConfig
