@@ -65,8 +65,8 @@ def packed_minilm(teacher):
     sensitivity on real sentences, per group of 8 output channels as the demo's
     (minilm_ptq.TIER_GROUP), so both tiers sit in every layer as in the demo's model (the
     tiers' tail tiles), its inputs rotated as the demo's (the quantize pass's Hadamard
-    butterflies), with round-to-nearest codes in place of GPTQ + bias correction (the code
-    values do not change the speed; ~10 s instead of ~6 min). A uniform per-layer allocation
+    butterflies), with round-to-nearest codes in place of the demo's GPTQ (the code values do
+    not change the speed; ~10 s instead of ~5 min). A uniform per-layer allocation
     would run faster than any model the demo saves."""
     import dataclasses
 
