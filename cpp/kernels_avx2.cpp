@@ -211,8 +211,12 @@ static void avx2_hadamard_blocks(const float* x, int64_t k, float* out) {
   for (int64_t b = 0; b < k; b += NV * 8) {
     __m256 v[NV];
     for (int i = 0; i < NV; ++i) v[i] = avx2_hadamard8(_mm256_loadu_ps(x + b + 8 * i));
+    // fully unrolled so that v[] stays in registers (rolled, GCC keeps it on the stack)
+#pragma GCC unroll 8
     for (int h = 1; h < NV; h *= 2)  // h vectors = 8 h columns
+#pragma GCC unroll 8
       for (int g = 0; g < NV; g += 2 * h)
+#pragma GCC unroll 8
         for (int i = g; i < g + h; ++i) {
           const __m256 a = v[i], c = v[i + h];
           v[i] = _mm256_add_ps(a, c);
@@ -231,8 +235,21 @@ void avx2_hadamard_row(const float* x, int64_t k, int block, float* out) {
     default: break;
   }
   if (block < 8) return hadamard_row_ref(x, k, block, out);
-  avx2_hadamard_blocks<8>(x, k, out);  // stages up to h = 32, then the rest through memory
-  for (int64_t h = 64; h < block; h *= 2)
+  avx2_hadamard_blocks<8>(x, k, out);  // stages up to h = 32, then the rest through memory:
+  int64_t h = 64;                        // two stages (h, 2h) per pass while two are left
+  for (; 2 * h < block; h *= 4)
+    for (int64_t g = 0; g < k; g += 4 * h)
+      for (int64_t j = g; j < g + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(out + j), b = _mm256_loadu_ps(out + j + h);
+        const __m256 c = _mm256_loadu_ps(out + j + 2 * h), d = _mm256_loadu_ps(out + j + 3 * h);
+        const __m256 a1 = _mm256_add_ps(a, b), b1 = _mm256_sub_ps(a, b);
+        const __m256 c1 = _mm256_add_ps(c, d), d1 = _mm256_sub_ps(c, d);
+        _mm256_storeu_ps(out + j, _mm256_add_ps(a1, c1));
+        _mm256_storeu_ps(out + j + h, _mm256_add_ps(b1, d1));
+        _mm256_storeu_ps(out + j + 2 * h, _mm256_sub_ps(a1, c1));
+        _mm256_storeu_ps(out + j + 3 * h, _mm256_sub_ps(b1, d1));
+      }
+  if (h < block)
     for (int64_t g = 0; g < k; g += 2 * h)
       for (int64_t j = g; j < g + h; j += 8) {
         const __m256 a = _mm256_loadu_ps(out + j), b = _mm256_loadu_ps(out + j + h);

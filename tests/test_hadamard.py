@@ -50,7 +50,7 @@ def awkward_rows(rng, M, K):
     return torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("block", [2, 4, 8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("block", [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048])
 def test_native_rotation_matches_torch_bits(isa, block):
     rng = np.random.default_rng(block)
     for K in sorted({block, 2 * block, 3 * block, 384 if 384 % block == 0 else block}):
