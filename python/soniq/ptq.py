@@ -660,8 +660,9 @@ def _round_layer(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
     codes = []
     for i in range(0, len(factors), per_call):
         fs = factors[i:i + per_call]
-        codes += gptq_codes(w2.repeat(len(fs), 1), h, torch.cat([step * f for f in fs]), bits.repeat(len(fs)),
-                            damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order).split(n)
+        w, s, b = (w2, step * fs[0], bits) if len(fs) == 1 else \
+            (w2.repeat(len(fs), 1), torch.cat([step * f for f in fs]), bits.repeat(len(fs)))  # no copy for one
+        codes += gptq_codes(w, h, s, b, damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order).split(n)
     best = codes[0]
     if len(factors) == 1:
         return best
