@@ -180,7 +180,7 @@ def test_cli_demo_minilm_help():
 
 def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_blocks():
     """The sweep's SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ,
-    clip search, damped target), and so are the uniform GPTQ rows labelled so (the plain
+    clip search, damped target, row weights), and so are the uniform GPTQ rows labelled so (the plain
     baselines are neither); the saved model's own budget is not a sweep row (the demo adds its
     point); asked for block reconstruction, ptq_config fits the six transformer layers, found by
     name."""
@@ -199,6 +199,8 @@ def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_bloc
         assert cfg.clip_search == (minilm_ptq.CLIP_SEARCH if saved_recipe else ()), label
         assert ("clip search" in label) == (saved_recipe and method != "soniq"), label
         assert cfg.target_damp == (minilm_ptq.TARGET_DAMP if saved_recipe else None), label
+        assert cfg.row_weighting == (minilm_ptq.ROW_WEIGHTING if saved_recipe else 0.0), label
+        assert ("row weights" in label) == (saved_recipe and method != "soniq"), label
         assert cfg.reconstruct_blocks == ()
         assert not (method == "soniq" and cfg.w_palette == minilm.W_PALETTE and cfg.w_bits_target == minilm.W_TARGET)
     cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=(2, 4), w_bits_target=3.0, reconstruct_steps=10)

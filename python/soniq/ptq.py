@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _bias_correction, _recon, ops, qat
+from . import _bias_correction, _recon, _row_weights, ops, qat
 from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
 from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
 from ._layer_inputs import LayerInputs
@@ -108,7 +108,12 @@ class PTQConfig:
     channel) or a multiple of 8 (a layer's last group may be smaller). Then every run of 8
     outputs of a packed layer is one tier, so its kernels write the outputs in place: no column
     merge, which costs interleaved per-channel tiers 1.1-1.3x the time of one tier
-    (docs/DESIGN_NOTES.md, "Tier groups"); at some accuracy, as the allocation is coarser."""
+    (docs/DESIGN_NOTES.md, "Tier groups"); at some accuracy, as the allocation is coarser.
+    row_weighting: (sequential GPTQ) weight each calibration row (token, patch) of a layer's
+    H, and of the asymmetric target, by how much noise on that row's outputs moves the model's
+    output, to this power (soniq._row_weights; 0 = every row alike, 1 = the expected output
+    change, 0.5 = half way in log scale); costs row_weight_draws forward + backward passes
+    over the calibration batches. quantize(output=...) picks the output that counts."""
 
     w_palette: tuple = (4, 8)
     w_bits_target: float = 4.5
@@ -134,6 +139,8 @@ class PTQConfig:
     bias_correction_batches: int = 0
     tier_group: int = 1
     clip_search: tuple = ()
+    row_weighting: float = 0.0
+    row_weight_draws: int = 2
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -196,6 +203,16 @@ class PTQConfig:
         set_(self, "clip_search", tuple(sorted({float(f) for f in cs} | {1.0})) if cs else ())
         if self.clip_search and self.rounding != "gptq":
             raise ValueError("clip_search needs rounding='gptq' (each factor is tried by rounding with GPTQ)")
+        rw = self.row_weighting
+        if isinstance(rw, bool) or not isinstance(rw, numbers.Real) or not (0 <= rw <= 4):
+            raise ValueError(f"row_weighting must be a number in [0, 4] (0 = off), got {rw!r}")
+        set_(self, "row_weighting", float(rw))
+        if rw and not (self.sequential and self.rounding == "gptq"):
+            raise ValueError("row_weighting > 0 needs rounding='gptq' and sequential=True (the weights apply to "
+                             "the rows sequential GPTQ gathers)")
+        dr = self.row_weight_draws
+        if isinstance(dr, bool) or not isinstance(dr, int) or dr < 1:
+            raise ValueError(f"row_weight_draws must be a positive integer, got {dr!r}")
         if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
             raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
         set_(self, "exclude", tuple(self.exclude))
@@ -579,29 +596,40 @@ def _quantized_rows(q, x: Tensor) -> Tensor:
         return _rows(q, q.a_quant(q.quantizer_input(x)))
 
 
-def _group_moments(qlayers: dict, group: list, inputs: LayerInputs, float_inputs: Optional[LayerInputs]) -> dict:
+def _group_moments(qlayers: dict, group: list, inputs: LayerInputs, float_inputs: Optional[LayerInputs],
+                   row_weights: Optional[dict] = None) -> dict:
     """Per member: H = mean of r r^T over the rows r the quantized model feeds it (its own
     activation quantizer applied), and with float_inputs also C = mean of r f^T, f the float
     model's rows on the same batch (rotated / smoothed as the layer's input). Members whose
-    activation quantizers agree share one product."""
+    activation quantizers agree share one product. row_weights[name][batch]: a weight per row
+    (soniq._row_weights), the rows of both products scaled by its square root."""
     k = {n: qlayers[n].weight[0].numel() for n in group}
     acc = {n: _Stats(k[n], 1) for n in group}
     cross = {n: torch.zeros(k[n], k[n], dtype=torch.float64) for n in group} if float_inputs is not None else None
     xqs = inputs.first_args(qlayers[group[0]])
     xfs = None if cross is None else float_inputs.first_args(float_inputs.model.get_submodule(group[0]))
-    for xq in xqs:
+    for bi, xq in enumerate(xqs):
         xf = None if xfs is None else next(xfs)
         if xq is None or (xfs is not None and xf is None):  # the group does not run on this batch
             continue
         done = []
         for n in group:
             q = qlayers[n]
-            hit = next((d for d in done if _same_act(d[0], q)), None)
+            w = None if row_weights is None else row_weights[n][bi]
+            hit = next((d for d in done if _same_act(d[0], q) and d[3] is w), None)
             if hit is None:
                 with torch.no_grad():
                     r = _quantized_rows(q, xq).float()
-                    c = None if xf is None else r.T @ _rows(q, q.quantizer_input(xf.to(q.weight.dtype))).float()
-                hit = (q, (r.T @ r, r.shape[0]), c)
+                    f = None if xf is None else _rows(q, q.quantizer_input(xf.to(q.weight.dtype))).float()
+                    if w is not None:
+                        if w.numel() != r.shape[0]:
+                            raise ValueError(f"row_weighting: layer {n!r} read {r.shape[0]} rows on calibration batch "
+                                             f"{bi} but wrote {w.numel()} output rows (a layer whose input and "
+                                             "output rows differ cannot be row-weighted)")
+                        sw = w.sqrt().to(r)[:, None]
+                        r, f = r * sw, None if f is None else f * sw
+                    c = None if f is None else r.T @ f
+                hit = (q, (r.T @ r, r.shape[0]), c, w)
                 done.append(hit)
             acc[n].add_xtx(*hit[1])
             if cross is not None:
@@ -629,11 +657,11 @@ def _float_copy(model: nn.Module) -> nn.Module:
 
 
 def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg, smooth, rot,
-          float_model=None) -> None:
+          float_model=None, row_weights=None) -> None:
     inputs = LayerInputs(model, batches, forward)
     float_inputs = None if float_model is None else LayerInputs(float_model, batches, forward)
     for group in groups:
-        mom = _group_moments(qlayers, group, inputs, float_inputs) if cfg.sequential else {}
+        mom = _group_moments(qlayers, group, inputs, float_inputs, row_weights) if cfg.sequential else {}
         for n in group:
             q = qlayers[n]
             w2 = q.effective_weight().detach().reshape(q.weight.shape[0], -1)
@@ -681,13 +709,16 @@ def _round_layer(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
 # ---- entry point -------------------------------------------------------------------------
 
 def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
-             forward: Optional[Callable] = None, distortion: Optional[Callable] = None) -> nn.Module:
+             forward: Optional[Callable] = None, distortion: Optional[Callable] = None,
+             output: Optional[Callable] = None) -> nn.Module:
     """Prepares `model` in place (soniq.qat.prepare), allocates and freezes the tiers, rounds
     the weights, and returns it in phase 2 (eval mode), ready for soniq.convert.
 
     calib: a few hundred inputs as a list of batches (see calibrate() for forward=), or a
     Calibration of a float model with the same layers. distortion(out, ref) -> float
-    compares outputs for the measured layer gains (default: output_distortion)."""
+    compares outputs for the measured layer gains (default: output_distortion). output(out) ->
+    the part of the model's output that PTQConfig(row_weighting=...) weighs rows by (default:
+    every float tensor of it), e.g. lambda out: out["sentence_embedding"]."""
     _check_model(model)
     cfg = PTQConfig() if config is None else config
     if not isinstance(cfg, PTQConfig):
@@ -733,6 +764,12 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
     for m in layers.values():
         m.__dict__.pop("_ptq_low", None)
 
+    if output is not None and not callable(output):
+        raise TypeError(f"output must be a function of the model's output, got {type(output).__name__}")
+    row_weights = None
+    if cfg.row_weighting:  # on the float model, before prepare swaps the layers
+        row_weights = _row_weights.measure(model, layers, batches, forward, output, cfg.row_weighting,
+                                           cfg.row_weight_draws)
     float_model = _float_copy(model) if cfg.asymmetric else None  # the targets asymmetric GPTQ fits
     qat.prepare(model, cfg.qat_config())
     qlayers = {n: model.get_submodule(n) for n in layers}
@@ -759,7 +796,7 @@ def quantize(model: nn.Module, calib, config: Optional[PTQConfig] = None, *,
         order = [n for n in cal.order if n in qlayers]
         groups = [[n for n in g if n in qlayers] for g in cal.groups]
         _gptq(model, {n: qlayers[n] for n in order}, stats, [g for g in groups if g], batches, forward, cfg,
-              smooth, rot, float_model)
+              smooth, rot, float_model, row_weights)
     del float_model
     report = {}
     if recon is not None:

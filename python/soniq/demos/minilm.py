@@ -10,7 +10,8 @@ Hadamard rotation of each layer's input (QATConfig(hadamard_block=...)). The sav
 model comes from soniq.ptq without labels or training: calibration on the 4,205 training
 sentences of the Python standard library's docstrings (module-level train / held-out split,
 soniq.demos.text_corpus), tiers per 8 output channels from measured sensitivity, asymmetric
-GPTQ rounding with a per-channel clip search.
+GPTQ rounding with a per-channel clip search, each token's row in GPTQ weighted by how much it
+moves the sentence embedding.
 (Distilling the whole model with QAT, the earlier recipe, reached less at the same budget:
 docs/DESIGN_NOTES.md.) Fidelity is measured on the held-out docstrings and on a second text
 the demo never calibrates on (the Python language reference, soniq.demos.text_corpus).
@@ -331,7 +332,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     other = other[:E["heldout"]] if E["heldout"] else other
     hb, ob = tokenize(teacher, held, 64), tokenize(teacher, other, 64)
     name = f"SONIQ W{W_PALETTE}/A8 per-token, " + ("" if SMOOTH_ALPHA is None else f"smoothing {SMOOTH_ALPHA:g}, ") \
-        + (f"Hadamard {HADAMARD_BLOCK}, " if HADAMARD_BLOCK else "") + "PTQ (asym. GPTQ, clip search, no training)"
+        + (f"Hadamard {HADAMARD_BLOCK}, " if HADAMARD_BLOCK else "") + "PTQ (asym. GPTQ, clip search, row weights, no training)"
     candidates = {"fp32": ("FP32", lambda: teacher, dict(method="fp32"), 32.0),
                   "int8": ("FBGEMM INT8 dynamic (torch.ao)", lambda: fbgemm_int8(teacher), dict(method="int8"), 8.0),
                   "w4": ("uniform 4-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 4),
@@ -376,7 +377,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
                             "a_bits_target": A_TARGET, "a_dynamic": A_DYNAMIC, "smooth_alpha": SMOOTH_ALPHA,
                             "hadamard_block": HADAMARD_BLOCK,
                             "calibration_sentences": len(calib_sents),
-                            "method": "soniq.ptq: measured tiers, asymmetric GPTQ rounding, clip search"},
+                            "method": "soniq.ptq: measured tiers, asymmetric GPTQ rounding, clip search, row weights"},
            "avg_w_bits": rep["avg_w_bits"], "avg_a_bits": rep["avg_a_bits"],
            "n_train": len(train_sents), "n_calib": len(calib_sents), "n_heldout": len(held), "n_other": len(other),
            "other_text": "Python language reference (pydoc_data.topics), sentences not in the docstring corpus",
