@@ -7,6 +7,7 @@ import soniq
 from soniq import _row_weights, ptq
 from soniq.ptq import PTQConfig, quantize
 from soniq.nn import QLinear
+from test_ptq import _check_fake_equals_packed
 
 
 class _Tokens(nn.Module):
@@ -161,9 +162,12 @@ def test_row_weighting_ignores_dead_rows_and_fake_equals_packed():
     m, e_w = err(1.0)
     _, e_u = err(0.0)
     assert e_w < 0.8 * e_u
-    packed = soniq.convert(m)
+    p = soniq.convert(m)
     with torch.no_grad():
-        torch.testing.assert_close(packed(xs[:4]), m(xs[:4]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p(xs[:4]), m(xs[:4]), rtol=1e-5, atol=1e-5)
+    # per layer, exact accumulators: the per-token layers on the tokens as 2-D rows
+    _check_fake_equals_packed(nn.Sequential(m.a, nn.Tanh(), m.b), nn.Sequential(p.a, nn.Tanh(), p.b),
+                              xs[:4].reshape(-1, k))
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -184,3 +188,20 @@ def test_row_weighting_config_errors(kw, match):
 def test_output_must_be_callable():
     with pytest.raises(TypeError, match="output must be a function of the model's output"):
         quantize(_Tokens(), _batches(), PTQConfig(row_weighting=1.0), forward=lambda m, x: m(x), output="kept")
+
+
+def test_conv_rows_are_output_positions_and_fake_equals_packed():
+    """Conv2d rows are (image, output position) patches: a model whose output reads only the
+    top-left output positions gives the other patches weight 0, and the row-weighted model
+    packs to the same outputs."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=1))
+    fwd = lambda m, x: m(x)[:, :, :2, :2]
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    got = _row_weights.measure(net, {"0": net[0], "2": net[2]}, batches, fwd, None, 1.0, 2)
+    w2 = torch.cat(got["2"]).reshape(-1, 4, 4)  # the second conv's 4 x 4 output positions
+    assert bool((w2[:, 2:, :] == 0).all()) and bool((w2[:, :, 2:] == 0).all()) and bool((w2[:, :2, :2] > 0).all())
+    w0 = torch.cat(got["0"]).reshape(-1, 8, 8)  # the first conv: only what the kept outputs see
+    assert bool((w0[:, 5:, :] == 0).all()) and bool((w0[:, :4, :4] > 0).any())
+    m = quantize(net, batches, PTQConfig(w_palette=(2, 4), w_bits_target=3.0, row_weighting=0.5), forward=fwd)
+    _check_fake_equals_packed(m, soniq.convert(m), torch.randn(2, 3, 8, 8))
