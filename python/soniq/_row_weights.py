@@ -51,8 +51,7 @@ def measure(model: nn.Module, layers: dict, batches, forward: Callable, output: 
     was = model.training
     model.eval()
     try:
-        for bi, batch in enumerate(batches):
-            outs.clear()
+        for batch in batches:
             with torch.enable_grad():
                 y = forward(model, batch)
                 ys = float_tensors(y if output is None else output(y))
@@ -61,11 +60,11 @@ def measure(model: nn.Module, layers: dict, batches, forward: Callable, output: 
                     raise ValueError("row_weighting: the model's output (after output=) holds no float tensor that "
                                      "depends on the quantized layers; pass output=lambda out: <the tensor to keep>")
                 got = list(outs)
-                sums = {n: torch.zeros(outs[n].numel() // (outs[n].shape[1] if isinstance(layers[n], nn.Conv2d)
-                                                            else outs[n].shape[-1])) for n in got}
+                sums = {n: _out_rows(layers[n], outs[n], torch.zeros_like(outs[n])).cpu() for n in got}
+                rms = [t.detach().float().pow(2).mean().clamp_min(1e-30).sqrt() for t in ys]
                 for d in range(draws):
-                    s = sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)
-                             / t.detach().float().pow(2).mean().clamp_min(1e-30).sqrt()).sum() for t in ys)
+                    s = sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device) / r).sum()
+                            for t, r in zip(ys, rms))
                     grads = torch.autograd.grad(s, [outs[n] for n in got], retain_graph=d + 1 < draws,
                                                 allow_unused=True)
                     for n, g in zip(got, grads):
@@ -73,7 +72,7 @@ def measure(model: nn.Module, layers: dict, batches, forward: Callable, output: 
                             sums[n] += _out_rows(layers[n], outs[n], g).cpu()
             for n in layers:
                 acc[n].append(sums[n] / draws if n in sums else None)
-            outs.clear()
+            outs.clear()  # frees the batch's graph
     finally:
         for h in handles:
             h.remove()
