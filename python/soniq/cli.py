@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(soniq.load(DIR) gives a SentenceTransformer back)")
     pm.add_argument("--threads", type=int, default=2, help="CPU threads for torch and soniq (default 2)")
     pm.add_argument("--sweep", action="store_true", help="also the low-bit curve: SONIQ mixed-precision PTQ vs "
-                    "uniform RTN / GPTQ at 3, 4(.5) and 6 weight bits, and INT8 (table, minilm_sweep.json/.png)")
+                    "uniform RTN / GPTQ at 3, 4, 4.4 (the saved model) and 6 weight bits, and INT8 (table, minilm_sweep.json/.png)")
     pm.set_defaults(func=_cmd_demo_minilm)
     # ---- bench (issues #4, #5): the packaged benchmarks, baselines measured in the same run ----
     pb = sub.add_parser("bench", help="run a benchmark against baselines measured in the same run")

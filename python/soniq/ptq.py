@@ -112,7 +112,7 @@ class PTQConfig:
     row_weighting: (sequential GPTQ) weight each calibration row (token, patch) of a layer's
     H, and of the asymmetric target, by how much noise on that row's outputs moves the model's
     output, to this power (soniq._row_weights; 0 = every row alike, 1 = the expected output
-    change, 0.5 = half way in log scale); costs row_weight_draws forward + backward passes
+    change, 0.5 = half way in log scale); costs one forward and row_weight_draws backward passes
     over the calibration batches. quantize(output=...) picks the output that counts."""
 
     w_palette: tuple = (4, 8)

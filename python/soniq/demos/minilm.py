@@ -37,7 +37,7 @@ from . import minilm_ptq, print_results, write_results
 FULL = dict(calib=minilm_ptq.N_CALIB, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
 QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
 # 4.4 average weight bits: the saved Linear layers (codes, scales, permutations, biases;
-# format 3) are then >= 7x smaller than FP32; no smoothing (its factors cost 4 bytes per
+# format 4) are then >= 7x smaller than FP32; no smoothing (its factors cost 4 bytes per
 # input channel, ~0.06 bits at this size, more than they bought here). Palette (4, 5), 40% of
 # the channels at 5 bits: with the saved recipe before its row weights (every training sentence)
 # 0.9967 / 92.7% top-1 held-out, 0.9966 / 91.8% other text, against (4, 6)'s 0.9965 / 92.4%,
