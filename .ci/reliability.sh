@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reliability checks (issue 7), about 3-4 minutes on 2 cores (build/asan reused):
+# Reliability checks (issue 7), about 5 minutes on 2 cores from a clean build (build/asan reused after):
 #   1. build the native core + Python extension with AddressSanitizer + UBSan (build/asan)
 #   2. run the kernel / packing / reliability tests on that build (libasan preloaded)
 #   3. leak check: a sanitizer-built C++ driver loops pack + mpgemm with LeakSanitizer on
