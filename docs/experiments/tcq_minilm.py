@@ -21,7 +21,7 @@ import torch
 
 import soniq
 from soniq import ptq
-from soniq._gptq import mse_step
+from soniq._gptq import grid, mse_step, round_codes
 from soniq._hadamard import layer_block, rotate_weight, unrotate_weight
 from soniq.demos import minilm as D, minilm_ptq as P
 from soniq.demos.text_corpus import reference_sentences, train_heldout_split
@@ -65,13 +65,14 @@ def gptq_round(w, h, mode, states_log2, cb, block, damp=0.01):
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     bits = int(mode[1:])
     step = mse_step(w.float(), bits).double()
+    lo, hi, al = grid(torch.full((N,), float(bits)))
     scale = w.pow(2).mean(1).sqrt() * 1.12  # the codebook's unit variance to the row's (best gain on Gaussians)
     q = torch.zeros_like(w)
     for j in range(0, K, block):
         e = min(j + block, K)
         x = w[:, j:e]
         if mode[0] == "u":
-            qb = torch.clamp(torch.round(x / step[:, None]), -2 ** (bits - 1), 2 ** (bits - 1) - 1) * step[:, None]
+            qb = round_codes(x, step, lo, hi, al) * step[:, None]
         else:
             qb = trellis_round((x / scale[:, None]).T.float().contiguous(), states_log2, bits, cb).T.double() * scale[:, None]
         q[:, j:e] = qb
