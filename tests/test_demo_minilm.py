@@ -62,7 +62,15 @@ def test_quick_sweep_and_the_saved_models_ptq(demo):
     out, res = demo
     p = res["methods"]["soniq"]
     assert "no training" in p["label"] and "asymmetric GPTQ" in res["soniq_config"]["method"]
-    assert res["soniq_config"]["hadamard_block"] == 512 and "clip search" in res["soniq_config"]["method"]
+    assert res["soniq_config"]["hadamard_block"] == 512 and "trellis-coded" in res["soniq_config"]["method"]
+    assert res["soniq_config"]["trellis_states_log2"] == 8  # --quick: 256 states (the full demo 4096)
+    # saved as trellis streams (format 5) at the stored bits the table reports
+    from safetensors import safe_open
+    from soniq._st_io import MODEL_FILE
+    with safe_open(str(out / "model" / MODEL_FILE), framework="pt") as f:
+        meta = json.loads(f.metadata()["soniq"])
+    assert meta["version"] == 5 and all(r.get("trellis") == {"states_log2": 8} for r in meta["packed"].values())
+    assert 4.0 <= res["avg_w_bits"] <= 4.4 + 1e-6
     assert p["ptq_seconds"] > 0
     rows = json.loads((out / "minilm_sweep.json").read_text())
     assert (out / "minilm_sweep.png").stat().st_size > 5000
@@ -179,8 +187,8 @@ def test_cli_demo_minilm_help():
 
 
 def test_sweep_configs_rotate_as_the_saved_model_and_name_the_reconstructed_blocks():
-    """The sweep's SONIQ rows are made as the saved model is (rotated inputs, asymmetric GPTQ,
-    clip search, damped target, row weights), and so are the uniform GPTQ rows labelled so (the plain
+    """The sweep's SONIQ rows are made with the saved model's grid recipe (rotated inputs, asymmetric
+    GPTQ, clip search, damped target, row weights; the saved model codes its weights by trellis instead), and so are the uniform GPTQ rows labelled so (the plain
     baselines are neither); the saved model's own budget is not a sweep row (the demo adds its
     point); asked for block reconstruction, ptq_config fits the six transformer layers, found by
     name."""

@@ -22,6 +22,7 @@ import torch
 import soniq
 from soniq import ptq
 from soniq._gptq import grid, mse_step, round_codes
+from soniq._trellis import viterbi
 from soniq._hadamard import layer_block, rotate_weight, unrotate_weight
 from soniq.demos import minilm as D, minilm_ptq as P
 from soniq.demos.text_corpus import reference_sentences, train_heldout_split
@@ -31,26 +32,11 @@ def codebook(states_log2: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(2 ** states_log2, generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
 def trellis_round(x: torch.Tensor, states_log2: int, bits: int, cb: torch.Tensor) -> torch.Tensor:
-    """x [R, T]: R independent sequences. State s_t = ((s_{t-1} << bits) | step_t) mod 2^L holds
-    value cb[s_t]; returns the values of the least-squares path (start state free)."""
-    R, T = x.shape
-    S, H, K = 2 ** states_log2, 2 ** (states_log2 - bits), 2 ** bits
-    cost = (x[:, :1] - cb[None, :]) ** 2
-    back = torch.empty(T, R, H, dtype=torch.uint8 if K <= 256 else torch.int16)
-    for t in range(1, T):
-        m, a = cost.view(R, K, H).min(1)  # predecessors of a state share its low L - bits bits
-        back[t] = a.to(back.dtype)
-        cost = (m[:, :, None] + (x[:, t, None, None] - cb.view(H, K)[None]) ** 2).reshape(R, S)
-    s = cost.argmin(1)
-    out, rows = torch.empty(R, T), torch.arange(R)
-    for t in range(T - 1, -1, -1):
-        out[:, t] = cb[s]
-        if t:
-            low = s >> bits
-            s = (back[t][rows, low].long() << (states_log2 - bits)) | low
-    return out
+    """x [R, T]: R independent sequences; the values of each one's least-squares path through
+    the bitshift trellis over codebook cb (soniq._trellis.viterbi: paths from zero history; the
+    session-43 table in docs/DESIGN_NOTES.md was measured with a free start state)."""
+    return cb[viterbi(x, states_log2, bits, cb)]
 
 
 def gptq_round(w, h, mode, states_log2, cb, block, damp=0.01):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -19,8 +20,30 @@ def _pack_weight(m, a_bits_k: torch.Tensor, name: str):
     w_step = m.w_quant.step().detach().float()
     vw = ops.quantize(m.effective_weight().detach().float(), w_step, m.w_quant.bits(), signed=True, axis=0,
                       values_only=True).to(torch.int64)
-    return ops.pack(vw.reshape(vw.shape[0], -1), m.w_quant.bits().to(torch.int64), signed=True, axis=0,
+    vw = vw.reshape(vw.shape[0], -1)
+    _check_trellis(m, vw, name)
+    return ops.pack(vw, m.w_quant.bits().to(torch.int64), signed=True, axis=0,
                     scale=w_step, k_layout=KLayout.from_bits(a_bits_k))
+
+
+def _check_trellis(m, codes: torch.Tensor, name: str) -> None:
+    """A layer rounded to trellis codes (soniq.ptq, trellis_states_log2) keeps its streams for
+    soniq.save only while its codes are still what they decode to: training after the PTQ
+    changes the codes, and the layer is then saved as the 8-bit rows it runs as."""
+    tw = getattr(m, "w_trellis", None)
+    if tw is None:
+        return
+    if tuple(codes.shape) != tw.shape or not bool((m.w_quant.bits() == 8).all()) \
+            or not torch.equal(tw.codes().to(codes), codes.cpu()):
+        warnings.warn(f"{name}: the weights changed since they were trellis-coded (soniq.ptq); the packed layer "
+                      "keeps its 8-bit codes and soniq.save stores those, not the trellis streams", stacklevel=4)
+        del m.w_trellis
+
+
+def _keep_trellis(m, out):
+    if getattr(m, "w_trellis", None) is not None:
+        out.w_trellis = m.w_trellis
+    return out
 
 
 def convert_module(m, name: str):
@@ -36,8 +59,9 @@ def convert_module(m, name: str):
     bias = None if m.bias is None else m.bias.detach()
     if isinstance(m, QLinear):
         inv = None if m.smooth_alpha is None else m.a_inv_smooth.detach().float().cpu()
-        return PackedLinear(_pack_weight(m, a_bits, name), a_bits, a_scale, signed, bias, name, a_inv_smooth=inv,
-                            a_dynamic=m.a_quant.dynamic, hadamard_block=m.hadamard_block)
+        out = PackedLinear(_pack_weight(m, a_bits, name), a_bits, a_scale, signed, bias, name, a_inv_smooth=inv,
+                           a_dynamic=m.a_quant.dynamic, hadamard_block=m.hadamard_block)
+        return _keep_trellis(m, out)
     if isinstance(m, QConv2d):
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise ValueError(f"module {name!r} (QConv2d): the converter handles groups=1 with numeric zero padding only")
@@ -45,8 +69,9 @@ def convert_module(m, name: str):
             raise ValueError(f"module {name!r} (QConv2d): signed 1-bit activations cannot represent the zero "
                              "padding ({-1, +1}); use a low tier of 2+ bits or no padding")
         kk = m.kernel_size[0] * m.kernel_size[1]
-        return PackedConv2d(_pack_weight(m, a_bits.repeat_interleave(kk), name), a_bits, a_scale, signed, bias, name,
-                            kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation)
+        out = PackedConv2d(_pack_weight(m, a_bits.repeat_interleave(kk), name), a_bits, a_scale, signed, bias, name,
+                           kernel_size=m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation)
+        return _keep_trellis(m, out)
     raise ValueError(f"module {name!r}: soniq.convert cannot handle {type(m).__name__}")
 
 

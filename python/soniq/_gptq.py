@@ -53,21 +53,13 @@ def h_error(w: Tensor, q: Tensor, h: Tensor) -> Tensor:
     return ((d @ h.float()) * d).sum(1).double()
 
 
-def gptq_codes(w: Tensor, h: Tensor, step: Tensor, bits: Tensor, *, damp: float = 0.01,
-               block_size: int = 128, act_order: bool = True) -> Tensor:
-    """Integer codes [N, K] for w [N, K] on per-row grids (step, bits per row), chosen column
-    by column with the rounding error of each column pushed onto the columns not yet rounded
-    through the inverse of H (the OBS update GPTQ uses). Columns that never see input
-    (H_kk = 0) get the code of 0. Returns float64 integers."""
-    n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"H must be [{k}, {k}] for a weight with {k} input columns, got {tuple(h.shape)}")
-    if not (0 < damp < 1):
-        raise ValueError(f"damp must be in (0, 1), got {damp!r}")
+def _prepared(w: Tensor, h: Tensor, damp: float, act_order: bool) -> tuple:
+    """GPTQ's prologue: float64 copies with dead columns (H_kk = 0) zeroed, columns in
+    act-order (largest H_kk first) when asked, and the upper Cholesky factor of (H + damping)^-1.
+    Returns (w, hinv, perm); column i of the returned w is column perm[i] of the input."""
+    k = w.shape[1]
     w = w.detach().double().clone()
     h = h.detach().double().clone()
-    lo, hi, al = grid(bits)
-    step = step.detach().double()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -78,6 +70,28 @@ def gptq_codes(w: Tensor, h: Tensor, step: Tensor, bits: Tensor, *, damp: float 
         hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError as e:  # not positive definite even after damping
         raise ValueError(f"H is not positive definite after damping {damp} (raise damp): {e}") from None
+    return w, hinv, perm
+
+
+def _check_args(w: Tensor, h: Tensor, damp: float) -> None:
+    k = w.shape[1]
+    if h.shape != (k, k):
+        raise ValueError(f"H must be [{k}, {k}] for a weight with {k} input columns, got {tuple(h.shape)}")
+    if not (0 < damp < 1):
+        raise ValueError(f"damp must be in (0, 1), got {damp!r}")
+
+
+def gptq_codes(w: Tensor, h: Tensor, step: Tensor, bits: Tensor, *, damp: float = 0.01,
+               block_size: int = 128, act_order: bool = True) -> Tensor:
+    """Integer codes [N, K] for w [N, K] on per-row grids (step, bits per row), chosen column
+    by column with the rounding error of each column pushed onto the columns not yet rounded
+    through the inverse of H (the OBS update GPTQ uses). Columns that never see input
+    (H_kk = 0) get the code of 0. Returns float64 integers."""
+    _check_args(w, h, damp)
+    n, k = w.shape
+    lo, hi, al = grid(bits)
+    step = step.detach().double()
+    w, hinv, perm = _prepared(w, h, damp, act_order)
     codes = torch.zeros_like(w)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -94,3 +108,35 @@ def gptq_codes(w: Tensor, h: Tensor, step: Tensor, bits: Tensor, *, damp: float 
     out = torch.empty_like(codes)
     out[:, perm] = codes
     return out
+
+
+def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, damp: float = 0.01,
+                  block_size: int = 8, act_order: bool = True) -> tuple:
+    """Trellis-coded rounding of w [N, K] (soniq._trellis) with GPTQ's error feedback in blocks
+    of columns (LDLQ): each block's columns are rounded as sequences down the rows of each
+    width in row_bits (one Viterbi per width and block), and the block's error E = (W_b - Q_b)
+    U_bb^-1 moves the later columns by -E U_b,rest (U: the upper Cholesky factor of H^-1; a
+    block of 1 is GPTQ's column update). A row's values are codebook entries x its step, step =
+    RMS(row) x ROW_GAIN / CODEBOOK_SCALE. Returns (codes int8 [N, K], states int64 [N, K],
+    step float64 [N])."""
+    from . import _trellis
+
+    _check_args(w, h, damp)
+    n, k = w.shape
+    L = int(codebook.numel()).bit_length() - 1
+    step = (w.detach().double().pow(2).mean(1).sqrt() * _trellis.ROW_GAIN / _trellis.CODEBOOK_SCALE).clamp_min(1e-12)
+    values = codebook.double()
+    w, hinv, perm = _prepared(w, h, damp, act_order)
+    states = torch.zeros(n, k, dtype=torch.int64)
+    widths = [(b, row_bits == b) for b in torch.unique(row_bits).tolist()]
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        x = w[:, i1:i2]
+        for b, sel in widths:
+            states[sel, i1:i2] = _trellis.viterbi((x[sel] / step[sel, None]).T, L, int(b), values).T
+        err = torch.linalg.solve_triangular(hinv[i1:i2, i1:i2], x - values[states[:, i1:i2]] * step[:, None],
+                                            upper=True, left=False)
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    out = torch.empty_like(states)
+    out[:, perm] = states
+    return codebook[out], out, step

@@ -26,13 +26,16 @@ from ._packed_nn import PackedConv2d, PackedLinear
 from .nn import QConv2d, QLinear
 from .packed import PackedTensor
 
-FORMAT, VERSION = "soniq-model", 4
+FORMAT, VERSION = "soniq-model", 5
 # version 1: packed metadata as int64; version 2: compact (soniq._compact), activation bits
 # uint8, optional per-layer "a_dynamic"; version 3: no weight bit widths and no identity
 # permutations (rebuilt from the blocks), activation bits / scales that are one value for every
 # input channel stored once (a 1-element tensor: per-token dynamic scales and one activation
 # tier make them so); version 4: optional per-layer "hadamard_block" (input rotation), written only
-# by models that use it (others are written as version 3, which older soniq reads)
+# by models that use it (others are written as version 3, which older soniq reads); version 5:
+# trellis-coded weights (soniq._trellis): such a layer stores its k-bit streams, row widths and
+# row scales instead of the packed planes, the file one codebook per trellis size; written only
+# by models that hold them (others as version 3 or 4)
 
 # leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
 _LEAVES = {
@@ -96,9 +99,19 @@ def _digest(tensors: dict, meta: dict) -> str:
     return h.hexdigest()
 
 
+def _trellis_of(m):
+    return getattr(m, "w_trellis", None)
+
+
 def layer_tensors(m) -> dict:
-    """The tensors soniq.save writes for one packed layer (CPU, compact dtypes)."""
-    out = {f"w.{k}": t.detach().cpu().contiguous() for k, t in compact(m.w.state_dict()).items()}
+    """The tensors soniq.save writes for one packed layer (CPU, compact dtypes). A trellis-coded
+    weight: its streams, row widths and row scales (the planes are rebuilt on load)."""
+    tw = _trellis_of(m)
+    if tw is None:
+        out = {f"w.{k}": t.detach().cpu().contiguous() for k, t in compact(m.w.state_dict()).items()}
+    else:
+        out = {"w.scale": m.w.row_scale.detach().cpu().contiguous(), "w.trellis.row_bits": tw.row_bits}
+        out.update({f"w.trellis.s{k}": st for k, st in sorted(tw.streams.items())})
     out["a_bits"], out["a_scale"] = m.a_bits.cpu().to(torch.uint8), m.a_scale.cpu()  # a model may be on a GPU
     for k in ("a_bits", "a_scale"):
         if out[k].numel() > 1 and bool((out[k] == out[k][0]).all()):
@@ -111,8 +124,23 @@ def layer_tensors(m) -> dict:
 
 
 def saved_bytes(m) -> int:
-    """Bytes of one packed layer's tensors in a file written by soniq.save."""
+    """Bytes of one packed layer's tensors in a file written by soniq.save (a trellis layer's
+    codebook is the file's: shared_tensors)."""
     return sum(t.numel() * t.element_size() for t in layer_tensors(m).values())
+
+
+def shared_tensors(layers) -> dict:
+    """The file-level tensors the packed layers share: one trellis codebook per size."""
+    out = {}
+    for m in layers:
+        tw = _trellis_of(m)
+        if tw is not None:
+            key = f"trellis|codebook{tw.states_log2}"
+            if key in out and not torch.equal(out[key], tw.codebook):
+                raise ValueError(f"packed layers hold different trellis codebooks of 2^{tw.states_log2} entries; "
+                                 "one file stores one per size")
+            out[key] = tw.codebook.cpu().contiguous()
+    return out
 
 
 def save_file(model: nn.Module, path) -> None:
@@ -135,11 +163,15 @@ def save_file(model: nn.Module, path) -> None:
                 rec["a_dynamic"] = m.a_dynamic
             if m.hadamard_block:  # absent: no rotation (version 3 and before)
                 rec["hadamard_block"] = m.hadamard_block
+        if _trellis_of(m) is not None:  # absent: packed planes (version 4 and before)
+            rec["trellis"] = {"states_log2": _trellis_of(m).states_log2}
         records[n] = rec
+    tensors.update(shared_tensors(packed.values()))
     for k, t in model.state_dict().items():
         if not any(_under(k, n) for n in packed) and t is not None:
             tensors[f"state|{k}"] = t.detach().cpu().contiguous()
-    version = VERSION if any("hadamard_block" in r for r in records.values()) else 3
+    version = 5 if any("trellis" in r for r in records.values()) else \
+        4 if any("hadamard_block" in r for r in records.values()) else 3
     meta = {"format": FORMAT, "version": version, "packed": records, "tree": _tree(model)}
     meta["sha256"] = _digest(tensors, meta)
     path = os.fspath(path)
@@ -182,7 +214,7 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") not in (1, 2, 3, VERSION):
+    if meta.get("version") not in (1, 2, 3, 4, VERSION):
         raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads versions 1 to {VERSION}")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
@@ -234,17 +266,20 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     for n, rec in meta["packed"].items():
         pre = f"{n}|"
         wt = {k[len(pre) + 2:]: v for k, v in tensors.items() if k.startswith(pre + "w.")}
-        if meta["version"] >= 2:
-            wt = widen(wt, rec["w_meta"])
-        w = PackedTensor.from_state_dict(wt, rec["w_meta"])
+        # input channels: K per kernel position (a conv weight's K is channels x kh x kw)
+        kk = 1 if rec["type"] == "PackedLinear" else rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]
+        if "trellis" in rec and meta["version"] >= 5:
+            w, tw = _trellis_weight(path, n, rec, wt, tensors, pre, kk)
+        else:
+            if meta["version"] >= 2:
+                wt = widen(wt, rec["w_meta"])
+            w, tw = PackedTensor.from_state_dict(wt, rec["w_meta"]), None
         if not isinstance(rec["a_signed"], bool):
             raise ValueError(f"{path}: layer {n!r}: a_signed must be true or false, got {rec['a_signed']!r}")
         bias = tensors.get(pre + "bias")
         if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (w.shape[0],)):
             raise ValueError(f"{path}: layer {n!r}: bias must be float with {w.shape[0]} entries, "
                              f"got {bias.dtype} {tuple(bias.shape)}")
-        # input channels: K per kernel position (a conv weight's K is channels x kh x kw)
-        kk = 1 if rec["type"] == "PackedLinear" else rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]
         n_in = w.shape[1] // max(1, kk)
         a_bits, a_scale = tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"]
         if meta["version"] >= 3:  # one value for every input channel: stored once
@@ -267,6 +302,8 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
             raise ValueError(f"{path}: layer {n!r}: {e}") from None
         if mod.a_bits.numel() * kk != w.shape[1]:
             raise ValueError(f"{path}: layer {n!r}: activation bits do not match the packed weight's K={w.shape[1]}")
+        if tw is not None:
+            mod.w_trellis = tw
         built[n] = mod
     if model is not None and any(built):
         unfuse_activations(model)  # its packed layers are replaced below (fused again at the end)
@@ -287,6 +324,45 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     fuse_activations(model)
     disable_torch_fastpaths(model)
     return model.eval()
+
+
+def _trellis_weight(path: str, n: str, rec: dict, wt: dict, tensors: dict, pre: str, kk: int):
+    """A trellis layer's PackedTensor (8-bit rows of the decoded codes, packed as soniq.convert
+    packs them) and its TrellisWeights, every stored field checked first."""
+    from . import _trellis, ops
+    from .packed import KLayout
+
+    shape = rec["w_meta"].get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise ValueError(f"{path}: layer {n!r}: w_meta shape must be two positive ints, got {shape!r}")
+    L = rec["trellis"].get("states_log2") if isinstance(rec["trellis"], dict) else None
+    cb = tensors.get(f"trellis|codebook{L}")
+    if isinstance(L, bool) or not isinstance(L, int) or cb is None:
+        raise ValueError(f"{path}: layer {n!r}: trellis states_log2 {L!r} without a stored codebook of that size")
+    streams = {}
+    for k, t in wt.items():
+        if k.startswith("trellis.s") and k[len("trellis.s"):].isdigit():
+            streams[int(k[len("trellis.s"):])] = t
+    row_bits, scale = wt.get("trellis.row_bits"), wt.get("scale")
+    if row_bits is None or scale is None:
+        raise ValueError(f"{path}: layer {n!r}: trellis weight without row_bits or scale")
+    try:
+        _trellis.check_record(tuple(shape), row_bits, streams, cb, "trellis weight")
+    except ValueError as e:
+        raise ValueError(f"{path}: layer {n!r}: {e}") from None
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (shape[0],) or not bool(torch.isfinite(scale).all()) \
+            or bool((scale <= 0).any()):
+        raise ValueError(f"{path}: layer {n!r}: trellis row scales must be {shape[0]} positive float32 values")
+    tw = _trellis.TrellisWeights(tuple(shape), row_bits, streams, cb)
+    a_bits = tensors[pre + "a_bits"].to(torch.int64)
+    n_in = shape[1] // max(1, kk)
+    a_bits = a_bits.expand(n_in).clone() if a_bits.shape == (1,) else a_bits
+    if tuple(a_bits.shape) != (n_in,):
+        raise ValueError(f"{path}: layer {n!r}: a_bits must hold {n_in} entries (one per input channel), "
+                         f"got shape {tuple(a_bits.shape)}")
+    w = ops.pack(tw.codes().to(torch.int64), torch.full((shape[0],), 8, dtype=torch.int64), signed=True, axis=0,
+                 scale=scale, k_layout=KLayout.from_bits(a_bits.repeat_interleave(kk)))
+    return w, tw
 
 
 def _check_architecture(path: str, meta: dict, tensors: dict, model: nn.Module) -> None:

@@ -126,12 +126,20 @@ class _QMixin:
 
     def precision(self) -> dict:
         """Bits this layer uses now: weights per output channel, activations per input channel."""
+        wb = self.stored_w_bits()
         d = {"type": type(self).__name__, "phase": self.phase,
-             "w_bits": _bits_summary(self.w_quant.bits(), self.w_quant.per_channel),
+             "w_bits": _bits_summary(wb, self.w_quant.per_channel),
              "a_bits": _bits_summary(self.a_quant.bits(), float(self.a_quant.elems_per_channel)),
              "a_signed": self.a_quant.signed}
-        d["w_bytes"] = float((self.w_quant.bits().detach() * self.w_quant.per_channel).sum() / 8)
+        d["w_bytes"] = float((wb.detach() * self.w_quant.per_channel).sum() / 8)
         return d
+
+    def stored_w_bits(self) -> Tensor:
+        """Bits per weight of each output channel as stored: the tiers, or for trellis-coded
+        weights (soniq.ptq, trellis_states_log2) the trellis widths, while the layer runs them
+        as 8-bit codes."""
+        tw = getattr(self, "w_trellis", None)
+        return self.w_quant.bits() if tw is None else tw.row_bits.to(self.w_quant.frozen_bits)
 
     def quantized_weight(self) -> Tensor:
         return self.w_quant(self.effective_weight())

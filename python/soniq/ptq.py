@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _bias_correction, _recon, _row_weights, ops, qat
-from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes
+from . import _bias_correction, _recon, _row_weights, _trellis, ops, qat
+from ._gptq import gptq_codes, grid, h_error, mse_step, round_codes, trellis_codes
 from ._hadamard import check_block, layer_block, rotate_moment, rotate_weight, unrotate_weight
 from ._layer_inputs import LayerInputs
 from .nn import QConv2d, QLinear, smooth_factors
@@ -113,7 +113,16 @@ class PTQConfig:
     H, and of the asymmetric target, by how much noise on that row's outputs moves the model's
     output, to this power (soniq._row_weights; 0 = every row alike, 1 = the expected output
     change, 0.5 = half way in log scale); costs one forward and row_weight_draws backward passes
-    over the calibration batches. quantize(output=...) picks the output that counts."""
+    over the calibration batches. quantize(output=...) picks the output that counts.
+    trellis_states_log2: (GPTQ) 0 = the uniform grid; L in 8..16 = trellis-coded weights
+    (soniq._trellis): each row keeps its tier's bits per weight, but as steps of a bitshift
+    trellis with 2^L states over an int8 codebook, rounded by Viterbi with GPTQ's error feedback
+    in blocks of trellis_block columns. Less than half the uniform grid's error at the same bits
+    (docs/DESIGN_NOTES.md, "Trellis-coded weights"); in memory the rows run as 8-bit codes (the
+    codebook's entries), soniq.save stores the k-bit streams (format 5). Costs about 2^L / 64
+    Viterbi operations per weight (MiniLM, L = 12: ~2.5 minutes on 2 cores). Not with
+    clip_search (the trellis scales rows by their RMS) or reconstruct_steps (it re-rounds on the
+    grid)."""
 
     w_palette: tuple = (4, 8)
     w_bits_target: float = 4.5
@@ -141,6 +150,8 @@ class PTQConfig:
     clip_search: tuple = ()
     row_weighting: float = 0.0
     row_weight_draws: int = 2
+    trellis_states_log2: int = 0
+    trellis_block: int = 8
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -213,6 +224,22 @@ class PTQConfig:
         dr = self.row_weight_draws
         if isinstance(dr, bool) or not isinstance(dr, int) or dr < 1:
             raise ValueError(f"row_weight_draws must be a positive integer, got {dr!r}")
+        tl = self.trellis_states_log2
+        lo_l, hi_l = _trellis.STATES_LOG2
+        if isinstance(tl, bool) or not isinstance(tl, numbers.Integral) or not (tl == 0 or lo_l <= tl <= hi_l):
+            raise ValueError(f"trellis_states_log2 must be 0 (the uniform grid) or in {lo_l}..{hi_l}, got {tl!r}")
+        set_(self, "trellis_states_log2", int(tl))
+        tb = self.trellis_block
+        if isinstance(tb, bool) or not isinstance(tb, numbers.Integral) or tb < 1:
+            raise ValueError(f"trellis_block must be a positive integer, got {tb!r}")
+        if tl and self.rounding != "gptq":
+            raise ValueError("trellis_states_log2 > 0 needs rounding='gptq' (Viterbi with GPTQ's error feedback)")
+        if tl and self.clip_search:
+            raise ValueError("trellis_states_log2 > 0 cannot be combined with clip_search (trellis rows are scaled "
+                             "by their RMS, not by a grid clip)")
+        if tl and rs:
+            raise ValueError("trellis_states_log2 > 0 cannot be combined with reconstruct_steps (block "
+                             "reconstruction re-rounds on the uniform grid)")
         if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
             raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
         set_(self, "exclude", tuple(self.exclude))
@@ -681,6 +708,8 @@ def _round_layer(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
     fitted clips; each row keeps the factor with the least H-error, and q's clip is scaled to it.
     GPTQ rounds each row on its own given H, so the factors' copies of w2 are rounded as the
     rows of one call (one Cholesky and one column loop, in chunks of about _STACK_ELEMS)."""
+    if cfg.trellis_states_log2:
+        return _round_trellis(q, w2, h, cfg)
     step, bits = q.w_quant.step().detach(), q.w_quant.bits().detach()
     factors = (1.0,) + tuple(f for f in cfg.clip_search if f != 1.0)
     n = w2.shape[0]
@@ -704,6 +733,22 @@ def _round_layer(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
     with torch.no_grad():  # step = clip / den(bits), so scaling the clip scales the step
         q.w_quant.clip.mul_(pick.to(q.w_quant.clip))
     return best
+
+
+def _round_trellis(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
+    """Trellis codes of w2 at each row's tier width; the layer's rows become 8-bit rows of those
+    codes (step = the trellis step), and q.w_trellis keeps the streams soniq.save writes."""
+    row_bits = q.w_quant.bits().detach().to(torch.int64)
+    cb = _trellis.codebook(cfg.trellis_states_log2)
+    codes, states, step = trellis_codes(w2, h, row_bits, cb, damp=cfg.damp, block_size=cfg.trellis_block,
+                                        act_order=cfg.act_order)
+    wq = q.w_quant
+    with torch.no_grad():
+        wq.palette = (wq.palette[0], 8)  # the execution width; the stored width stays row_bits
+        wq.frozen_bits.fill_(8)
+        wq.clip.copy_((step * 2 ** 7).to(wq.clip))  # step = clip / 2^(8-1)
+    q.w_trellis = _trellis.TrellisWeights.from_states(tuple(w2.shape), row_bits, states, cb)
+    return codes.double()
 
 
 # ---- entry point -------------------------------------------------------------------------

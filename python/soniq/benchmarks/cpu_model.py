@@ -61,13 +61,14 @@ CALIB_SENTENCES, CALIB_BATCH = 64, 32
 
 
 def packed_minilm(teacher):
-    """The demo's saved configuration as its PTQ makes it: tiers allocated from measured
-    sensitivity on real sentences, per group of 8 output channels as the demo's
-    (minilm_ptq.TIER_GROUP), so both tiers sit in every layer as in the demo's model (the
-    tiers' tail tiles), its inputs rotated as the demo's (the quantize pass's Hadamard
-    butterflies), with round-to-nearest codes in place of the demo's GPTQ (the code values do
-    not change the speed; ~10 s instead of ~5 min). A uniform per-layer allocation
-    would run faster than any model the demo saves."""
+    """The demo's saved model as it runs: its weights are trellis-coded at the tiers' widths
+    (4.4 bits stored) and run as 8-bit rows (the codebook's int8 entries), so every layer is
+    made with 8-bit rows here, its inputs rotated as the demo's (the quantize pass's Hadamard
+    butterflies), with round-to-nearest codes in place of the demo's trellis (the code values
+    do not change the speed; ~10 s instead of ~10 min). A demo saving on the uniform grid
+    (minilm_ptq.SAVED without trellis_states_log2) runs its tiers instead: per group of 8
+    output channels (minilm_ptq.TIER_GROUP), both tiers in every layer (the tiers' tail tiles);
+    that model is built when the demo's recipe has no trellis."""
     import dataclasses
 
     from soniq.demos import minilm as demo, minilm_ptq
@@ -76,7 +77,8 @@ def packed_minilm(teacher):
     train, _ = train_heldout_split()
     cal = minilm_ptq.calibration(teacher, demo.tokenize(
         teacher, minilm_ptq.calibration_sentences(train, n=CALIB_SENTENCES), CALIB_BATCH))
-    cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=demo.W_PALETTE, w_bits_target=demo.W_TARGET,
+    pal, target = ((8, 8), 8.0) if _saved_recipe().get("trellis_states_log2") else (demo.W_PALETTE, demo.W_TARGET)
+    cfg = minilm_ptq.ptq_config("soniq", teacher, w_palette=pal, w_bits_target=target,
                                 hadamard_block=demo.HADAMARD_BLOCK, tier_group=demo.TIER_GROUP)
     _, packed, _ = minilm_ptq.ptq_model(teacher, cal, dataclasses.replace(cfg, rounding="rtn"))
     return packed.eval()
@@ -284,9 +286,17 @@ WHY_E2E_AMX = ("with AMX the packed layers' tile products are a small part of a 
                "docs/DESIGN_NOTES.md (AMX)")
 
 
+def _saved_recipe() -> dict:
+    from soniq.demos import minilm_ptq
+
+    return minilm_ptq.SAVED
+
+
 def _demo_bits() -> str:
     from soniq.demos import minilm as demo
 
+    if _saved_recipe().get("trellis_states_log2"):
+        return f"{demo.W_TARGET:g} trellis, run as 8-bit rows"
     return f"{demo.W_TARGET:g}"
 
 
@@ -327,9 +337,11 @@ def markdown(doc: dict) -> str:
          f"{m['logical_cpus']} logical CPUs" + (" -- shared machine, absolute numbers are noisy"
                                                 if (m["load_end"] or 0) > 0.5 * m["threads"] else ""),
          f"- seq {SEQ}; mode {'quick' if m['quick'] else 'full'}; methods interleaved per round (median of rounds, "
-         "best call per round); the packed model is the demo's configuration as its PTQ allocates the tiers "
-         f"(per group of {m.get('tier_group', 1)} output channels; 1: per channel, interleaved), with "
-         "round-to-nearest codes"
+         "best call per round); the packed model runs as the demo's saved one: "
+         + ("8-bit rows (its trellis-coded weights' execution form)" if m.get("trellis")
+            else f"its tiers as its PTQ allocates them (per group of {m.get('tier_group', 1)} output channels; 1: per "
+                 "channel, interleaved)")
+         + ", with round-to-nearest codes"
          + (f", inputs rotated by Hadamard blocks of {m['hadamard_block']}" if m.get("hadamard_block") else ""), "",
          f"## Packed layers inside the forward vs alone (target <= {INSIDE_TARGET})", "",
          "Sums over the packed layers of each layer's median call (and of its best call: what is left once "
@@ -435,6 +447,7 @@ def run(threads: int, quick: bool, out_dir: str, slug: str | None = None, log=pr
             "cpu": info["cpu"]["model"], "isa": info["isa"]["active"], "threads": threads, "quick": quick,
             "thread_backend": backend0, "openmp_library": _C.openmp_library() or None,
             "hadamard_block": _demo_hadamard_block(), "tier_group": _demo_tier_group(),
+            "trellis": bool(_saved_recipe().get("trellis_states_log2")),
             "logical_cpus": os.cpu_count(), "load_start": load_start,
             "load_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     targets = []

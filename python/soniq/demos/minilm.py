@@ -9,9 +9,10 @@ activations 8-bit with per-token dynamic scales (QATConfig(a_dynamic="token")) a
 Hadamard rotation of each layer's input (QATConfig(hadamard_block=...)). The saved
 model comes from soniq.ptq without labels or training: calibration on the 4,205 training
 sentences of the Python standard library's docstrings (module-level train / held-out split,
-soniq.demos.text_corpus), tiers per 8 output channels from measured sensitivity, asymmetric
-GPTQ rounding with a per-channel clip search, each token's row in GPTQ weighted by how much it
-moves the sentence embedding.
+soniq.demos.text_corpus), tiers per 8 output channels from measured sensitivity, weights
+trellis-coded at their tier's bits (a 4096-state bitshift trellis rounded by Viterbi with
+asymmetric GPTQ's error feedback; stored at those bits, run as 8-bit codes), each token's row in
+GPTQ weighted by how much it moves the sentence embedding.
 (Distilling the whole model with QAT, the earlier recipe, reached less at the same budget:
 docs/DESIGN_NOTES.md.) Fidelity is measured on the held-out docstrings and on a second text
 the demo never calibrates on (the Python language reference, soniq.demos.text_corpus).
@@ -34,10 +35,11 @@ from torch import nn
 from .._hf import quiet_offline
 from . import minilm_ptq, print_results, write_results
 
-FULL = dict(calib=minilm_ptq.N_CALIB, heldout=None, max_train=None, lat_b1=15, lat_b32=3)
-QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1)
-# 4.4 average weight bits: the saved Linear layers (codes, scales, permutations, biases;
-# format 4) are then >= 7x smaller than FP32; no smoothing (its factors cost 4 bytes per
+FULL = dict(calib=minilm_ptq.N_CALIB, heldout=None, max_train=None, lat_b1=15, lat_b32=3,
+            trellis=minilm_ptq.TRELLIS_STATES_LOG2)
+QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1, trellis=8)  # 16x less Viterbi
+# 4.4 average weight bits: the saved Linear layers (trellis streams, scales, biases; format 5)
+# are then >= 7x smaller than FP32; no smoothing (its factors cost 4 bytes per
 # input channel, ~0.06 bits at this size, more than they bought here). Palette (4, 5), 40% of
 # the channels at 5 bits: with the saved recipe before its row weights (every training sentence)
 # 0.9967 / 92.7% top-1 held-out, 0.9966 / 91.8% other text, against (4, 6)'s 0.9965 / 92.4%,
@@ -177,11 +179,13 @@ def sizes(teacher, method: str, packed=None, bits: int = 0) -> dict:
         lin = n_w + bias + 8 * len(lins)  # int8 weights, one scale + zero point per tensor
     elif method == "uniform":
         lin = math.ceil(n_w * bits / 8) + 4 * n_out + bias  # codes + a float scale per output channel
-    else:  # every byte soniq.save writes for the layers (codes, scales, permutations, biases)
-        from soniq._model_file import saved_bytes
+    else:  # every byte soniq.save writes for the layers (codes or trellis streams and their codebook,
+        from soniq._model_file import saved_bytes, shared_tensors  # scales, permutations, biases)
         from soniq.nn import PackedLinear
 
-        lin = sum(saved_bytes(m) for m in packed.modules() if isinstance(m, PackedLinear))
+        layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+        lin = sum(saved_bytes(m) for m in layers) + sum(t.numel() * t.element_size()
+                                                         for t in shared_tensors(layers).values())
     return {"linear_bytes": int(lin), "model_bytes": int(lin + rest), "linear_compression": fp_lin / lin,
             "avg_w_bits_stored": 8 * (lin - bias) / n_w}
 
@@ -325,14 +329,15 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
     cal = minilm_ptq.calibration(teacher, tokenize(teacher, calib_sents, minilm_ptq.CALIB_BATCH))
     student, packed, soniq_s = minilm_ptq.ptq_model(
         teacher, cal, minilm_ptq.ptq_config("soniq", teacher, smooth_alpha=SMOOTH_ALPHA, w_palette=W_PALETTE,
-                                            w_bits_target=W_TARGET, tier_group=TIER_GROUP, **minilm_ptq.SAVED))
+                                            w_bits_target=W_TARGET, tier_group=TIER_GROUP,
+                                            **dict(minilm_ptq.SAVED, trellis_states_log2=E["trellis"])))
     rep = soniq.qat.precision_report(student)
 
     other = reference_sentences(exclude=set(train_sents) | set(held))  # never calibrated or tuned on
     other = other[:E["heldout"]] if E["heldout"] else other
     hb, ob = tokenize(teacher, held, 64), tokenize(teacher, other, 64)
     name = f"SONIQ W{W_PALETTE}/A8 per-token, " + ("" if SMOOTH_ALPHA is None else f"smoothing {SMOOTH_ALPHA:g}, ") \
-        + (f"Hadamard {HADAMARD_BLOCK}, " if HADAMARD_BLOCK else "") + "PTQ (asym. GPTQ, clip search, row weights, no training)"
+        + (f"Hadamard {HADAMARD_BLOCK}, " if HADAMARD_BLOCK else "") + f"PTQ (trellis-coded weights, {2 ** E['trellis']} states, asym. GPTQ, row weights, no training)"
     candidates = {"fp32": ("FP32", lambda: teacher, dict(method="fp32"), 32.0),
                   "int8": ("FBGEMM INT8 dynamic (torch.ao)", lambda: fbgemm_int8(teacher), dict(method="int8"), 8.0),
                   "w4": ("uniform 4-bit weights (RTN, float act.)", lambda: uniform_weights(teacher, 4),
@@ -377,7 +382,9 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
                             "a_bits_target": A_TARGET, "a_dynamic": A_DYNAMIC, "smooth_alpha": SMOOTH_ALPHA,
                             "hadamard_block": HADAMARD_BLOCK,
                             "calibration_sentences": len(calib_sents),
-                            "method": "soniq.ptq: measured tiers, asymmetric GPTQ rounding, clip search, row weights"},
+                            "trellis_states_log2": E["trellis"],
+                            "method": "soniq.ptq: measured tiers, trellis-coded weights with asymmetric GPTQ "
+                                      "error feedback, row weights"},
            "avg_w_bits": rep["avg_w_bits"], "avg_a_bits": rep["avg_a_bits"],
            "n_train": len(train_sents), "n_calib": len(calib_sents), "n_heldout": len(held), "n_other": len(other),
            "other_text": "Python language reference (pydoc_data.topics), sentences not in the docstring corpus",
@@ -393,7 +400,7 @@ def main(quick=False, out_dir=".", json_path=None, save_dir=None, threads=2, jso
         # the saved model is the sweep's SONIQ point at its budget
         extra = {"int8": dict(methods["int8"], method="int8"),
                  "demo": dict(methods["soniq"], method="soniq", calibration_sentences=len(calib_sents),
-                              label="SONIQ PTQ W({},{}) @{:g}: the saved model".format(*W_PALETTE, W_TARGET))}
+                              label="SONIQ PTQ W({},{}) @{:g} trellis: the saved model".format(*W_PALETTE, W_TARGET))}
         extra["int8"]["avg_w_bits"] = 8.0
         bar = tqdm(total=len(minilm_ptq.QUICK_SWEEP if quick else minilm_ptq.SWEEP), desc="sweep", unit="config")
         def measure(p):

@@ -216,7 +216,7 @@ def _averages(model: nn.Module) -> dict:
         raise ValueError("model has no soniq QLinear/QConv2d layers (call soniq.qat.prepare first)")
     wsum = wn = asum = an = 0
     for m in layers.values():
-        bw = m.w_quant.bits()
+        bw = m.stored_w_bits()
         wsum = wsum + bw.sum() * m.w_quant.per_channel
         wn += bw.numel() * m.w_quant.per_channel
         ba = m.a_quant.bits()

@@ -1,0 +1,232 @@
+"""Trellis-coded weights (soniq._trellis, PTQConfig(trellis_states_log2=...), save format 5)."""
+import copy
+import itertools
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import soniq
+from soniq import _trellis as T
+from soniq._gptq import gptq_codes, grid, h_error, mse_step, trellis_codes
+from soniq._model_file import _digest
+from soniq.nn import PackedConv2d, PackedLinear, QLinear
+from soniq.ptq import PTQConfig, quantize
+from test_ptq import _check_fake_equals_packed, _convnet, _data, _mlp
+
+
+def _paths(L, k, steps):
+    for bits in itertools.product(range(2 ** k), repeat=steps):
+        s, path = 0, []
+        for b in bits:
+            s = ((s << k) | b) & (2 ** L - 1)
+            path.append(s)
+        yield path
+
+
+@pytest.mark.parametrize("L,k,steps", [(4, 2, 5), (4, 1, 7), (6, 3, 3), (3, 3, 2), (5, 2, 1)])
+def test_viterbi_finds_the_least_squares_path(L, k, steps):
+    """Against every path from zero history (brute force): the same least cost."""
+    g = torch.Generator().manual_seed(L * 100 + k * 10 + steps)
+    values, x = torch.randn(2 ** L, generator=g), torch.randn(4, steps, generator=g)
+    got = T.viterbi(x, L, k, values)
+    assert got.shape == (4, steps) and got.dtype == torch.int64
+    for r in range(4):
+        best = min(float(((x[r] - values[p]) ** 2).sum()) for p in _paths(L, k, steps))
+        assert float(((x[r] - values[got[r]]) ** 2).sum()) == pytest.approx(best, rel=1e-6, abs=1e-7)
+        assert list(got[r]) in [list(p) for p in _paths(L, k, steps)]  # a path of this trellis
+
+
+@pytest.mark.parametrize("L,k", [(8, 4), (12, 5), (10, 3), (9, 1), (12, 8)])
+def test_streams_round_trip_and_are_k_bits_per_weight(L, k):
+    g = torch.Generator().manual_seed(L + k)
+    x = torch.randn(7, 13, generator=g)
+    states = T.viterbi(x, L, k, torch.randn(2 ** L, generator=g))
+    st = T.encode(states, L, k)
+    assert st.dtype == torch.uint8 and st.numel() == (7 * 13 * k + 7) // 8
+    assert torch.equal(T.decode(st, 7, 13, L, k), states)
+
+
+def test_encode_refuses_what_is_not_a_path_and_decode_a_wrong_length():
+    s = torch.tensor([[1, 6, 9]])  # L = 4, k = 2: 1 -> 6 needs 6 >> 2 == 1 & 3: yes; 6 -> 9: 9 >> 2 = 2 == 6 & 3: yes
+    assert torch.equal(T.decode(T.encode(s, 4, 2), 1, 3, 4, 2), s)
+    with pytest.raises(ValueError, match="do not form bitshift paths"):
+        T.encode(torch.tensor([[1, 8]]), 4, 2)  # 8 >> 2 = 2, not 1 & 3
+    with pytest.raises(ValueError, match="do not form bitshift paths"):
+        T.encode(torch.tensor([[5, 4]]), 4, 2)  # 5 >= 2^2: not from zero history
+    with pytest.raises(ValueError, match=r"states must lie in \[0, 2\^4\)"):
+        T.encode(torch.tensor([[16]]), 4, 2)
+    with pytest.raises(ValueError, match="trellis stream must be 2 uint8 bytes"):
+        T.decode(torch.zeros(3, dtype=torch.uint8), 1, 8, 4, 2)
+
+
+def test_codebook_is_int8_gaussian_and_fixed():
+    cb = T.codebook(12)
+    assert cb.dtype == torch.int8 and cb.numel() == 4096 and torch.equal(cb, T.codebook(12))
+    v = cb.double() / T.CODEBOOK_SCALE
+    assert abs(float(v.mean())) < 0.05 and abs(float(v.std()) - 1) < 0.05 and int(cb.abs().max()) <= 127
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_trellis_rounding_beats_the_uniform_grid_on_gaussian_weights(bits):
+    """The reason for the format: on Gaussian rows (what the Hadamard rotation makes of a layer's
+    weights) the trellis at k bits leaves much less output error than GPTQ on the k-bit grid."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(96, 64, generator=g, dtype=torch.float64)
+    x = torch.randn(512, 64, generator=g, dtype=torch.float64) @ (torch.randn(64, 64, generator=g, dtype=torch.float64) * 0.3)
+    h = x.T @ x / 512
+    rb = torch.full((96,), bits)
+    codes, states, step = trellis_codes(w, h, rb, T.codebook(10))
+    assert codes.dtype == torch.int8 and torch.equal(codes, T.codebook(10)[states])
+    e_trellis = float(h_error(w, codes.double() * step[:, None], h).sum())
+    gstep = mse_step(w.float(), bits).double()
+    e_grid = float(h_error(w, gptq_codes(w, h, gstep, rb.double()) * gstep[:, None], h).sum())
+    assert e_trellis < 0.7 * e_grid
+
+
+def test_rows_of_each_width_form_the_sequences():
+    """Mixed widths: the k-bit rows of each column are one sequence of k-bit steps."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    rb = torch.tensor([4, 5] * 10)
+    codes, states, step = trellis_codes(w, torch.eye(6, dtype=torch.float64), rb, T.codebook(8))
+    tw = T.TrellisWeights.from_states((20, 6), rb, states, T.codebook(8))
+    assert sorted(tw.streams) == [4, 5] and tw.streams[4].numel() == (6 * 10 * 4 + 7) // 8
+    assert torch.equal(tw.codes(), codes)
+
+
+def _trellis_cfg(**kw):
+    return PTQConfig(w_palette=(4, 5), w_bits_target=4.5, trellis_states_log2=8, **kw)
+
+
+@pytest.mark.parametrize("net,shape", [(_mlp, (384, 48)), (_convnet, (96, 3, 8, 8))])
+def test_trellis_ptq_fake_equals_packed_and_reports_the_stored_bits(net, shape):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g)
+    m = quantize(net(), list(x.split(32)), _trellis_cfg(asymmetric=True, row_weighting=0.5))
+    qs = [q for q in m.modules() if hasattr(q, "w_trellis")]
+    assert qs and all(bool((q.w_quant.bits() == 8).all()) for q in qs)  # run as 8-bit rows
+    n = sum(q.weight.numel() for q in qs)
+    stored = sum(float(q.w_trellis.row_bits.double().sum()) * q.w_quant.per_channel for q in qs) / n
+    assert 4.0 <= stored <= 4.5
+    assert soniq.qat.precision_report(m)["avg_w_bits"] == pytest.approx(stored, rel=1e-6)
+    for q in qs:  # the weight the fake model uses is the codebook's entries x the row step
+        step = q.w_quant.step().detach()
+        codes = torch.round(q.effective_weight().detach().reshape(q.weight.shape[0], -1) / step[:, None])
+        assert torch.equal(codes.to(torch.int8), q.w_trellis.codes())
+    packed = soniq.convert(m)
+    _check_fake_equals_packed(m, packed, x[:19])
+    assert all(hasattr(packed.get_submodule(n), "w_trellis") for n, q in m.named_modules() if hasattr(q, "w_trellis"))
+
+
+def _saved_meta(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["soniq"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("net,shape", [(_mlp, (384, 48)), (_convnet, (96, 3, 8, 8))])
+def test_saved_trellis_model_stores_streams_and_loads_exactly(tmp_path, net, shape):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(*shape, generator=g)
+    m = quantize(net(), list(x.split(32)), _trellis_cfg())
+    packed = soniq.convert(m)
+    path = tmp_path / "m.safetensors"
+    soniq.save(packed, path)
+    meta, tensors = _saved_meta(path)
+    assert meta["version"] == 5 and "trellis|codebook8" in tensors
+    names = [n for n, q in packed.named_modules() if hasattr(q, "w_trellis")]
+    for n in names:
+        assert meta["packed"][n]["trellis"] == {"states_log2": 8}
+        assert f"{n}|w.data" not in tensors and f"{n}|w.trellis.row_bits" in tensors
+    back = soniq.load(path)
+    with torch.no_grad():
+        assert torch.equal(back(x[:23]), packed(x[:23]))
+    for n in names:
+        assert torch.equal(soniq.ops.unpack(back.get_submodule(n).w), soniq.ops.unpack(packed.get_submodule(n).w))
+    path2 = tmp_path / "again.safetensors"
+    soniq.save(back, path2)  # the loaded model keeps its streams: the same file
+    assert path.read_bytes() == path2.read_bytes()
+    # about k bits per weight: smaller than the same layers as 8-bit rows
+    plain = copy.deepcopy(packed)
+    for n in names:
+        del plain.get_submodule(n).w_trellis
+    soniq.save(plain, tmp_path / "plain.safetensors")
+    assert os.path.getsize(path) < 0.75 * os.path.getsize(tmp_path / "plain.safetensors")
+    assert _saved_meta(tmp_path / "plain.safetensors")[0]["version"] == 3
+
+
+def _rewrite(path, meta, tensors, out):
+    from safetensors.torch import save_file
+
+    meta = dict(meta)
+    meta["sha256"] = _digest(tensors, meta)
+    save_file(tensors, out, metadata={"soniq": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m, t: t.__setitem__("0|w.trellis.s4", t["0|w.trellis.s4"][:-1].clone()),
+     "trellis stream for 4-bit rows must be"),
+    (lambda m, t: t.__setitem__("0|w.trellis.row_bits", t["0|w.trellis.row_bits"].to(torch.int32)),
+     "trellis row_bits must be uint8"),
+    (lambda m, t: t.__setitem__("trellis|codebook8", t["trellis|codebook8"][:100].clone()),
+     "trellis codebook must be int8 of 2\\^L entries"),
+    (lambda m, t: t.pop("trellis|codebook8"), "without a stored codebook"),
+    (lambda m, t: m["packed"]["0"].__setitem__("trellis", {"states_log2": True}), "without a stored codebook"),
+    (lambda m, t: t.__setitem__("0|w.scale", -t["0|w.scale"]), "row scales must be"),
+    (lambda m, t: t.pop("0|w.trellis.s5"), "trellis widths"),
+])
+def test_malformed_trellis_records_are_refused_by_name(tmp_path, edit, match):
+    x, batches = _data()
+    packed = soniq.convert(quantize(_mlp(), batches, _trellis_cfg()))
+    path = tmp_path / "m.safetensors"
+    soniq.save(packed, path)
+    meta, tensors = _saved_meta(path)
+    assert sorted(k for k in tensors if k.startswith("0|w.trellis.s")) == ["0|w.trellis.s4", "0|w.trellis.s5"]
+    edit(meta, tensors)
+    _rewrite(path, meta, tensors, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=match):
+        soniq.load(tmp_path / "bad.safetensors")
+    # a stream changed after saving: the checksum
+    meta, tensors = _saved_meta(path)
+    tensors["0|w.trellis.s4"][0] ^= 1
+    from safetensors.torch import save_file
+    save_file(tensors, tmp_path / "flip.safetensors", metadata={"soniq": json.dumps(meta)})
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        soniq.load(tmp_path / "flip.safetensors")
+
+
+def test_weights_trained_after_the_trellis_are_saved_as_their_8_bit_codes(tmp_path):
+    x, batches = _data()
+    m = quantize(_mlp(), batches, _trellis_cfg())
+    q = m.get_submodule("0")
+    with torch.no_grad():
+        q.weight[0, 0] += 3 * q.w_quant.step()[0]  # another code in row 0
+    with pytest.warns(UserWarning, match="0: the weights changed since they were trellis-coded"):
+        packed = soniq.convert(m)
+    assert not hasattr(packed.get_submodule("0"), "w_trellis") and hasattr(packed.get_submodule("2"), "w_trellis")
+    soniq.save(packed, tmp_path / "m.safetensors")
+    back = soniq.load(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x[:9]), packed(x[:9]))
+    _check_fake_equals_packed(m, packed, x[:9])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(trellis_states_log2=7), "trellis_states_log2 must be 0 .the uniform grid. or in 8..16"),
+    (dict(trellis_states_log2=17), "trellis_states_log2 must be 0"),
+    (dict(trellis_states_log2=12.0), "trellis_states_log2 must be 0"),
+    (dict(trellis_states_log2=True), "trellis_states_log2 must be 0"),
+    (dict(trellis_states_log2=12, trellis_block=0), "trellis_block must be a positive integer"),
+    (dict(trellis_states_log2=12, rounding="rtn"), "trellis_states_log2 > 0 needs rounding='gptq'"),
+    (dict(trellis_states_log2=12, clip_search=(0.9,)), "cannot be combined with clip_search"),
+    (dict(trellis_states_log2=12, reconstruct_blocks=("0",), reconstruct_steps=2),
+     "cannot be combined with reconstruct_steps"),
+])
+def test_trellis_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PTQConfig(**kw)
