@@ -230,3 +230,21 @@ def test_weights_trained_after_the_trellis_are_saved_as_their_8_bit_codes(tmp_pa
 def test_trellis_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         PTQConfig(**kw)
+
+
+def test_a_layer_whose_packed_weight_was_replaced_is_saved_as_planes(tmp_path):
+    """load_state_dict puts other codes into a loaded trellis layer: soniq.save must not write its
+    old streams (the file would load as the old model)."""
+    x, batches = _data()
+    packed = soniq.convert(quantize(_mlp(), batches, _trellis_cfg()))
+    soniq.save(packed, tmp_path / "m.safetensors")
+    other = soniq.convert(quantize(_mlp(seed=3), batches, PTQConfig(w_palette=(8, 8), w_bits_target=8.0)))
+    back = soniq.load(tmp_path / "m.safetensors")
+    back.get_submodule("0").load_state_dict(other.get_submodule("0").state_dict())
+    with pytest.warns(UserWarning, match="no longer what its trellis streams decode to"):
+        soniq.save(back, tmp_path / "changed.safetensors")
+    meta, tensors = _saved_meta(tmp_path / "changed.safetensors")
+    assert "trellis" not in meta["packed"]["0"] and meta["packed"]["2"]["trellis"] == {"states_log2": 8}
+    again = soniq.load(tmp_path / "changed.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(x[:7]), back(x[:7]))

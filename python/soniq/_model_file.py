@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -100,7 +101,25 @@ def _digest(tensors: dict, meta: dict) -> str:
 
 
 def _trellis_of(m):
-    return getattr(m, "w_trellis", None)
+    """The layer's trellis streams while they still decode to its packed codes (checked once per
+    packed weight), else None with a warning: a layer whose weight was replaced since it was
+    coded or loaded (load_state_dict, ...) is saved as its planes, never as stale streams."""
+    tw = getattr(m, "w_trellis", None)
+    if tw is None:
+        return None
+    seen = m.__dict__.get("_trellis_checked")
+    if seen is not None and seen[0] is m.w and seen[1] is tw:
+        return tw if seen[2] else None
+    from . import ops
+
+    w = m.w.cpu()
+    ok = tuple(w.shape) == tuple(tw.shape) and bool((w.bits == 8).all()) \
+        and torch.equal(ops.unpack(w).to(torch.int64), tw.codes().to(torch.int64))
+    if not ok:
+        warnings.warn(f"{getattr(m, 'name', '?')}: the packed weight is no longer what its trellis streams decode "
+                      "to (replaced since it was coded or loaded); it is saved as 8-bit planes", stacklevel=3)
+    m.__dict__["_trellis_checked"] = (m.w, tw, ok)
+    return tw if ok else None
 
 
 def layer_tensors(m) -> dict:
