@@ -33,8 +33,7 @@ def _check_trellis(m, codes: torch.Tensor, name: str) -> None:
     tw = getattr(m, "w_trellis", None)
     if tw is None:
         return
-    if tuple(codes.shape) != tw.shape or not bool((m.w_quant.bits() == 8).all()) \
-            or not torch.equal(tw.codes().to(codes), codes.cpu()):
+    if not bool((m.w_quant.bits() == 8).all()) or not tw.matches(codes):
         warnings.warn(f"{name}: the weights changed since they were trellis-coded (soniq.ptq); the packed layer "
                       "keeps its 8-bit codes and soniq.save stores those, not the trellis streams", stacklevel=4)
         del m.w_trellis

@@ -113,8 +113,7 @@ def _trellis_of(m):
     from . import ops
 
     w = m.w.cpu()
-    ok = tuple(w.shape) == tuple(tw.shape) and bool((w.bits == 8).all()) \
-        and torch.equal(ops.unpack(w).to(torch.int64), tw.codes().to(torch.int64))
+    ok = tuple(w.shape) == tuple(tw.shape) and bool((w.bits == 8).all()) and tw.matches(ops.unpack(w))
     if not ok:
         warnings.warn(f"{getattr(m, 'name', '?')}: the packed weight is no longer what its trellis streams decode "
                       "to (replaced since it was coded or loaded); it is saved as 8-bit planes", stacklevel=3)
@@ -300,13 +299,8 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
             raise ValueError(f"{path}: layer {n!r}: bias must be float with {w.shape[0]} entries, "
                              f"got {bias.dtype} {tuple(bias.shape)}")
         n_in = w.shape[1] // max(1, kk)
-        a_bits, a_scale = tensors[pre + "a_bits"].to(torch.int64), tensors[pre + "a_scale"]
-        if meta["version"] >= 3:  # one value for every input channel: stored once
-            a_bits, a_scale = (t.expand(n_in).clone() if t.shape == (1,) else t for t in (a_bits, a_scale))
-        for k, t in (("a_bits", a_bits), ("a_scale", a_scale)):
-            if tuple(t.shape) != (n_in,):
-                raise ValueError(f"{path}: layer {n!r}: {k} must hold {n_in} entries (one per input channel), "
-                                 f"got shape {tuple(t.shape)}")
+        a_bits = _per_input(path, n, "a_bits", tensors[pre + "a_bits"].to(torch.int64), n_in, meta["version"])
+        a_scale = _per_input(path, n, "a_scale", tensors[pre + "a_scale"], n_in, meta["version"])
         args = (w, a_bits, a_scale, rec["a_signed"], bias, n)
         try:  # the layer's own checks (its weight's K layout against a_bits, ...), named with the layer
             if rec["type"] == "PackedConv2d":
@@ -345,6 +339,17 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     return model.eval()
 
 
+def _per_input(path: str, n: str, key: str, t, n_in: int, version: int):
+    """A per-input-channel tensor of a layer record ([n_in], or from version 3 one value stored
+    once when every input channel has it), checked."""
+    if version >= 3 and t.shape == (1,):
+        t = t.expand(n_in).clone()
+    if tuple(t.shape) != (n_in,):
+        raise ValueError(f"{path}: layer {n!r}: {key} must hold {n_in} entries (one per input channel), "
+                         f"got shape {tuple(t.shape)}")
+    return t
+
+
 def _trellis_weight(path: str, n: str, rec: dict, wt: dict, tensors: dict, pre: str, kk: int):
     """A trellis layer's PackedTensor (8-bit rows of the decoded codes, packed as soniq.convert
     packs them) and its TrellisWeights, every stored field checked first."""
@@ -358,29 +363,31 @@ def _trellis_weight(path: str, n: str, rec: dict, wt: dict, tensors: dict, pre: 
     cb = tensors.get(f"trellis|codebook{L}")
     if isinstance(L, bool) or not isinstance(L, int) or cb is None:
         raise ValueError(f"{path}: layer {n!r}: trellis states_log2 {L!r} without a stored codebook of that size")
-    streams = {}
-    for k, t in wt.items():
-        if k.startswith("trellis.s") and k[len("trellis.s"):].isdigit():
-            streams[int(k[len("trellis.s"):])] = t
+    streams = {int(k[len("trellis.s"):]): t for k, t in wt.items() if k in {f"trellis.s{b}" for b in range(1, 9)}}
+    extra = sorted(set(wt) - {f"trellis.s{b}" for b in streams} - {"trellis.row_bits", "scale"})
+    if extra:
+        raise ValueError(f"{path}: layer {n!r}: unexpected tensors for a trellis weight: {extra[:4]} (streams are "
+                         "w.trellis.s1 .. w.trellis.s8)")
     row_bits, scale = wt.get("trellis.row_bits"), wt.get("scale")
     if row_bits is None or scale is None:
         raise ValueError(f"{path}: layer {n!r}: trellis weight without row_bits or scale")
     try:
-        _trellis.check_record(tuple(shape), row_bits, streams, cb, "trellis weight")
+        _trellis.check_record(tuple(shape), row_bits, streams, cb, L, "trellis weight")
     except ValueError as e:
         raise ValueError(f"{path}: layer {n!r}: {e}") from None
     if scale.dtype != torch.float32 or tuple(scale.shape) != (shape[0],) or not bool(torch.isfinite(scale).all()) \
             or bool((scale <= 0).any()):
         raise ValueError(f"{path}: layer {n!r}: trellis row scales must be {shape[0]} positive float32 values")
     tw = _trellis.TrellisWeights(tuple(shape), row_bits, streams, cb)
-    a_bits = tensors[pre + "a_bits"].to(torch.int64)
-    n_in = shape[1] // max(1, kk)
-    a_bits = a_bits.expand(n_in).clone() if a_bits.shape == (1,) else a_bits
-    if tuple(a_bits.shape) != (n_in,):
-        raise ValueError(f"{path}: layer {n!r}: a_bits must hold {n_in} entries (one per input channel), "
-                         f"got shape {tuple(a_bits.shape)}")
-    w = ops.pack(tw.codes().to(torch.int64), torch.full((shape[0],), 8, dtype=torch.int64), signed=True, axis=0,
-                 scale=scale, k_layout=KLayout.from_bits(a_bits.repeat_interleave(kk)))
+    if shape[1] % max(1, kk):
+        raise ValueError(f"{path}: layer {n!r}: a weight of {shape[1]} columns is not {kk} kernel positions "
+                         "per input channel")
+    a_bits = _per_input(path, n, "a_bits", tensors[pre + "a_bits"].to(torch.int64), shape[1] // max(1, kk), 5)
+    try:  # the K layout of the weight follows the activation widths, as soniq.convert packs it
+        w = ops.pack(tw.codes().to(torch.int64), torch.full((shape[0],), 8, dtype=torch.int64), signed=True, axis=0,
+                     scale=scale, k_layout=KLayout.from_bits(a_bits.repeat_interleave(kk)))
+    except ValueError as e:
+        raise ValueError(f"{path}: layer {n!r}: {e}") from None
     return w, tw
 
 

@@ -14,6 +14,7 @@ holds the k-bit streams (soniq.save format 5); loading decodes them back to thos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,11 +45,11 @@ def viterbi(x: Tensor, states_log2: int, bits: int, values: Tensor) -> Tensor:
     x, values = x.float(), values.float()
     cost = (x[:, :1] - values[None, :]) ** 2
     cost[:, K:] = float("inf")
-    back = torch.empty(max(T - 1, 0), R, H, dtype=torch.uint8 if K <= 256 else torch.int16)
+    back = torch.empty(max(T - 1, 0), R, H, dtype=torch.uint8)  # bits <= 8: K <= 256 predecessors
     vv = values.view(H, K)[None]
     for t in range(1, T):
-        # the predecessors of state s are (p << bits | s >> (L - bits)) mod 2^L: the K states
-        # sharing s's top L - bits bits as their low bits; view(R, K, H) groups exactly those
+        # the predecessors of state s are (h << (L - bits)) | (s >> bits), h in [0, 2^bits): the K
+        # states whose low L - bits bits are s's top ones; view(R, K, H) groups exactly those
         m, a = cost.view(R, K, H).min(1)
         back[t - 1] = a.to(back.dtype)
         cost = (m[:, :, None] + (x[:, t, None, None] - vv) ** 2).reshape(R, S)
@@ -81,17 +82,32 @@ def stream_bytes(rows: int, steps: int, bits: int) -> int:
     return (rows * steps * bits + 7) // 8
 
 
+# sequences decoded per chunk: bounds decode's scratch memory (~12 bytes per weight of a chunk)
+# whatever size a stored layer claims
+_DECODE_CHUNK = 1 << 22
+
+
 def decode(stream: Tensor, rows: int, steps: int, states_log2: int, bits: int) -> Tensor:
     """Inverse of encode: the states [rows, steps] (int64)."""
     need = stream_bytes(rows, steps, bits)
     if stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() != need:
         raise ValueError(f"trellis stream must be {need} uint8 bytes for {rows} sequences of {steps} "
                          f"{bits}-bit steps, got {stream.dtype} {tuple(stream.shape)}")
-    b = np.unpackbits(stream.numpy())[:rows * steps * bits].reshape(rows, steps * bits)
-    b = np.concatenate([np.zeros((rows, states_log2 - bits), np.uint8), b], 1)  # zero history
-    win = torch.from_numpy(b).unfold(1, states_log2, bits)  # [rows, steps, L]: each state's bits
-    pw = 2 ** torch.arange(states_log2 - 1, -1, -1, dtype=torch.int64)
-    return (win.to(torch.int64) * pw).sum(-1)
+    out = torch.empty(rows, steps, dtype=torch.int64)
+    raw = stream.numpy()
+    per = max(1, _DECODE_CHUNK // max(1, steps))
+    pw = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
+    mask, hist = (1 << states_log2) - 1, -(-states_log2 // bits)  # steps a state's L bits span
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        b0, b1 = r0 * steps * bits, r1 * steps * bits
+        bitv = np.unpackbits(raw[b0 // 8:(b1 + 7) // 8])[b0 % 8:b0 % 8 + b1 - b0]
+        step = bitv.reshape(r1 - r0, steps, bits) @ pw  # [chunk, steps]: each step's k bits
+        s = np.zeros_like(step)
+        for j in range(min(hist, steps)):  # s_t = OR of step_{t-j} << k j over the steps it holds
+            s[:, j:] |= step[:, :steps - j] << (bits * j)
+        out[r0:r1] = torch.from_numpy(s & mask)
+    return out
 
 
 @dataclass
@@ -104,10 +120,24 @@ class TrellisWeights:
     row_bits: Tensor          # uint8 [N]: each row's width k
     streams: dict             # k -> uint8 stream of K sequences of (row_bits == k).sum() steps
     codebook: Tensor          # int8 [2^L]
+    stamp: Optional[tuple] = None  # the fake-quantized layer's weight and clip sums when coded
+
+    @staticmethod
+    def _stamp_of(q) -> tuple:
+        return (tuple(q.weight.shape), float(q.weight.detach().double().sum()),
+                float(q.w_quant.clip.detach().double().sum()))
+
+    def bind(self, q) -> None:
+        """Remembers the QLinear / QConv2d whose codes these streams are (cheaply: its weight and
+        clip sums), so that current(q) tells when training has moved them since."""
+        self.stamp = self._stamp_of(q)
+
+    def current(self, q) -> bool:
+        return self.stamp is not None and self._stamp_of(q) == self.stamp
 
     @property
     def states_log2(self) -> int:
-        return int(self.codebook.numel()).bit_length() - 1
+        return states_log2_of(self.codebook)
 
     def codes(self) -> Tensor:
         """int8 codes [N, K] the streams decode to."""
@@ -119,31 +149,41 @@ class TrellisWeights:
             out[sel] = self.codebook[states].T
         return out
 
+    def matches(self, codes: Tensor) -> bool:
+        """Whether the streams still decode to these codes [N, K] (a layer trained or replaced
+        since it was coded no longer does)."""
+        return tuple(codes.shape) == self.shape and torch.equal(self.codes().to(torch.int64),
+                                                                codes.detach().cpu().to(torch.int64))
+
     def nbytes(self) -> int:
         return sum(s.numel() for s in self.streams.values()) + self.row_bits.numel()
 
     @staticmethod
     def from_states(shape, row_bits: Tensor, states: Tensor, codebook_: Tensor) -> "TrellisWeights":
         """states [N, K]: each weight's state, rows of a width forming column sequences."""
-        L = int(codebook_.numel()).bit_length() - 1
+        L = states_log2_of(codebook_)
         rb = row_bits.to(torch.uint8)
         streams = {int(k): encode(states[rb == k].T.contiguous(), L, int(k)) for k in torch.unique(rb).tolist()}
         return TrellisWeights(tuple(shape), rb, streams, codebook_)
 
 
-def check_record(shape, row_bits: Tensor, streams: dict, codebook_: Tensor, where: str) -> None:
+def states_log2_of(codebook_: Tensor) -> int:
+    return int(codebook_.numel()).bit_length() - 1
+
+
+def check_record(shape, row_bits: Tensor, streams: dict, codebook_: Tensor, states_log2: int, where: str) -> None:
     """Validates the tensors of a stored trellis weight (untrusted input) with errors naming them."""
-    n = int(codebook_.numel())
-    if codebook_.dtype != torch.int8 or codebook_.dim() != 1 or n < 2 ** STATES_LOG2[0] or n & (n - 1) \
-            or n > 2 ** STATES_LOG2[1]:
-        raise ValueError(f"{where}: trellis codebook must be int8 of 2^L entries, L in {STATES_LOG2}, got "
+    lo, hi = STATES_LOG2
+    if isinstance(states_log2, bool) or not isinstance(states_log2, int) or not lo <= states_log2 <= hi:
+        raise ValueError(f"{where}: trellis states_log2 must be an integer in {lo}..{hi}, got {states_log2!r}")
+    if codebook_.dtype != torch.int8 or tuple(codebook_.shape) != (2 ** states_log2,):
+        raise ValueError(f"{where}: trellis codebook must be int8 of 2^{states_log2} entries, got "
                          f"{codebook_.dtype} {tuple(codebook_.shape)}")
     N, K = shape
     if row_bits.dtype != torch.uint8 or tuple(row_bits.shape) != (N,):
         raise ValueError(f"{where}: trellis row_bits must be uint8 [{N}], got {row_bits.dtype} {tuple(row_bits.shape)}")
-    L = n.bit_length() - 1
     widths = set(torch.unique(row_bits).tolist())
-    if not widths <= set(range(1, min(8, L) + 1)) or widths != set(streams):
+    if not widths <= set(range(1, 9)) or widths != set(streams):
         raise ValueError(f"{where}: trellis widths {sorted(widths)} must be in 1..8 with one stream each, "
                          f"streams for {sorted(streams)}")
     for k, st in streams.items():

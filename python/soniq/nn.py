@@ -137,9 +137,12 @@ class _QMixin:
     def stored_w_bits(self) -> Tensor:
         """Bits per weight of each output channel as stored: the tiers, or for trellis-coded
         weights (soniq.ptq, trellis_states_log2) the trellis widths, while the layer runs them
-        as 8-bit codes."""
+        as 8-bit codes and they are still the codes the PTQ chose (once training moves the
+        weight or its clip, soniq.convert stores 8-bit rows, and 8 is what is counted)."""
         tw = getattr(self, "w_trellis", None)
-        return self.w_quant.bits() if tw is None else tw.row_bits.to(self.w_quant.frozen_bits)
+        if tw is None or not tw.current(self):
+            return self.w_quant.bits()
+        return tw.row_bits.to(self.w_quant.frozen_bits)
 
     def quantized_weight(self) -> Tensor:
         return self.w_quant(self.effective_weight())

@@ -119,8 +119,9 @@ class PTQConfig:
     trellis with 2^L states over an int8 codebook, rounded by Viterbi with GPTQ's error feedback
     in blocks of trellis_block columns. Less than half the uniform grid's error at the same bits
     (docs/DESIGN_NOTES.md, "Trellis-coded weights"); in memory the rows run as 8-bit codes (the
-    codebook's entries), soniq.save stores the k-bit streams (format 5). Costs about 2^L / 64
-    Viterbi operations per weight (MiniLM, L = 12: ~2.5 minutes on 2 cores). Not with
+    codebook's entries), soniq.save stores the k-bit streams (format 5). Viterbi costs O(2^L)
+    per weight (MiniLM, L = 12: the PTQ took 495 s on 2 cores against 376 s on the grid with
+    a 9-factor clip search). Not with
     clip_search (the trellis scales rows by their RMS) or reconstruct_steps (it re-rounds on the
     grid)."""
 
@@ -696,6 +697,8 @@ def _gptq(model, qlayers: dict, stats: dict, groups: list, batches, forward, cfg
             if float_model is not None:
                 w2 = _float_target(w2, h, mom[n][1], cfg.damp if cfg.target_damp is None else cfg.target_damp)
             _set_codes(q, _round_layer(q, w2, h, cfg), n)
+            if getattr(q, "w_trellis", None) is not None:
+                q.w_trellis.bind(q)  # the codes the streams hold, as the fake layer now has them
 
 
 # float64 elements of w2 copies rounded in one GPTQ call (128 MB): the clip search's factors
