@@ -17,7 +17,9 @@
    error feedback, on the inputs the already-rounded layers before it produce (sequential,
    with the activations quantized as the packed model will quantize them); asymmetric=True
    fits each layer to the float model's output instead, clip_search tries several clips per
-   channel and keeps the one whose GPTQ rounding changes the channel's output least.
+   channel and keeps the one whose GPTQ rounding changes the channel's output least;
+   trellis_states_log2 codes each tier's weights as bitshift-trellis paths instead of grid codes
+   (soniq._trellis: the same bits, about half the error; the rows then run as 8-bit codes).
 5. Optional: block reconstruction (reconstruct_blocks / reconstruct_steps: each block's codes
    re-chosen against the float block's output, soniq._recon) and bias correction
    (bias_correction: each layer's output mean shift against the float model taken out of its
