@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _trellis
 from .ops._quantize import level_bounds
 
 
@@ -119,8 +120,6 @@ def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, d
     block of 1 is GPTQ's column update). A row's values are codebook entries x its step, step =
     RMS(row) x ROW_GAIN / CODEBOOK_SCALE. Returns (codes int8 [N, K], states int64 [N, K],
     step float64 [N])."""
-    from . import _trellis
-
     _check_args(w, h, damp)
     n, k = w.shape
     L = int(codebook.numel()).bit_length() - 1

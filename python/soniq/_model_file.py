@@ -25,7 +25,8 @@ from ._fastpath import disable_torch_fastpaths
 from ._fuse import FusedActivation, fuse_activations, unfuse_activations
 from ._packed_nn import PackedConv2d, PackedLinear
 from .nn import QConv2d, QLinear
-from .packed import PackedTensor
+from . import _trellis, ops
+from .packed import KLayout, PackedTensor
 
 FORMAT, VERSION = "soniq-model", 5
 # version 1: packed metadata as int64; version 2: compact (soniq._compact), activation bits
@@ -110,8 +111,6 @@ def _trellis_of(m):
     seen = m.__dict__.get("_trellis_checked")
     if seen is not None and seen[0] is m.w and seen[1] is tw:
         return tw if seen[2] else None
-    from . import ops
-
     w = m.w.cpu()
     ok = tuple(w.shape) == tuple(tw.shape) and bool((w.bits == 8).all()) and tw.matches(ops.unpack(w))
     if not ok:
@@ -353,9 +352,6 @@ def _per_input(path: str, n: str, key: str, t, n_in: int, version: int):
 def _trellis_weight(path: str, n: str, rec: dict, wt: dict, tensors: dict, pre: str, kk: int):
     """A trellis layer's PackedTensor (8-bit rows of the decoded codes, packed as soniq.convert
     packs them) and its TrellisWeights, every stored field checked first."""
-    from . import _trellis, ops
-    from .packed import KLayout
-
     shape = rec["w_meta"].get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
         raise ValueError(f"{path}: layer {n!r}: w_meta shape must be two positive ints, got {shape!r}")
