@@ -21,7 +21,7 @@ import torch
 
 import soniq
 from soniq import ptq
-from soniq._gptq import grid, mse_step, round_codes
+from soniq._gptq import _prepared, grid, mse_step, round_codes
 from soniq._trellis import viterbi
 from soniq._hadamard import layer_block, rotate_weight, unrotate_weight
 from soniq.demos import minilm as D, minilm_ptq as P
@@ -43,12 +43,8 @@ def gptq_round(w, h, mode, states_log2, cb, block, damp=0.01):
     """Rounding of w [N, K] for inputs with moment h, `block` columns at a time, the block's
     error E = (W_b - Q_b) U_bb^-1 fed to the later columns through U (GPTQ's upper Cholesky
     factor of H^-1; block = 1 is GPTQ's column-by-column update)."""
-    w, h = w.double().clone(), h.double().clone()
     N, K = w.shape
-    dead = torch.diag(h) == 0
-    h[dead, dead], w[:, dead] = 1, 0
-    h += damp * torch.diag(h).mean() * torch.eye(K, dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w, u, _ = _prepared(w, h, damp, act_order=False)  # GPTQ's prologue; columns in their own order
     bits = int(mode[1:])
     step = mse_step(w.float(), bits).double()
     lo, hi, al = grid(torch.full((N,), float(bits)))

@@ -155,9 +155,6 @@ class TrellisWeights:
         return tuple(codes.shape) == self.shape and torch.equal(self.codes().to(torch.int64),
                                                                 codes.detach().cpu().to(torch.int64))
 
-    def nbytes(self) -> int:
-        return sum(s.numel() for s in self.streams.values()) + self.row_bits.numel()
-
     @staticmethod
     def from_states(shape, row_bits: Tensor, states: Tensor, codebook_: Tensor) -> "TrellisWeights":
         """states [N, K]: each weight's state, rows of a width forming column sequences."""
