@@ -10,6 +10,7 @@
 #include "../cpp/gelu.h"
 #include "../cpp/hadamard.h"
 #include "../cpp/linear.h"
+#include "../cpp/trellis.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -35,6 +36,15 @@ void soniq::bindings::register_linear(py::module_& m) {
     if (n < 0) throw std::invalid_argument("gelu_: n must be >= 0");
     const soniq::KernelTable& kt = soniq::active_kernels();
     (kt.gelu_row ? kt.gelu_row : soniq::gelu_row_ref)(ptr<float>(x), n);
+  }, py::call_guard<py::gil_scoped_release>());
+  // x [R, T] (float32, contiguous), values [2^L] (float32) -> states [R, T] (int64): the
+  // least-squares trellis paths (cpp/trellis.h) on the active ISA's step; python/soniq/_trellis.py
+  // checks the arguments
+  m.def("trellis_viterbi", [](uintptr_t x, int64_t R, int64_t T, int states_log2, int bits, uintptr_t values,
+                              uintptr_t states) {
+    const soniq::KernelTable& kt = soniq::active_kernels();
+    soniq::trellis_viterbi(ptr<const float>(x), R, T, states_log2, bits, ptr<const float>(values),
+                           ptr<int64_t>(states), kt.trellis_step ? kt.trellis_step : soniq::trellis_step_ref);
   }, py::call_guard<py::gil_scoped_release>());
   py::class_<soniq::LinearPlan>(m, "LinearPlan")
       .def(py::init([](int64_t K, uintptr_t perm, uintptr_t segs, int64_t nsegs, uintptr_t seg_scale, bool a_signed,

@@ -6,6 +6,7 @@
 
 #include "gelu.h"
 #include "hadamard.h"
+#include "trellis.h"
 #include "peak_probe.h"
 
 namespace soniq {
@@ -147,6 +148,7 @@ struct KernelTable {
   RowAbsMaxFn row_absmax = nullptr;  // optional: a plain loop otherwise
   HadamardRowFn hadamard_row = nullptr;  // optional: hadamard_row_ref otherwise
   GeluRowFn gelu_row = nullptr;  // optional: gelu_row_ref otherwise
+  TrellisStepFn trellis_step = nullptr;  // optional: trellis_step_ref otherwise
   MergeColumnsFn merge_columns = nullptr;  // every table sets it
   // optional: measured throughput of this path's inner-loop instructions (cpp/peak_probe.h),
   // what the benchmarks hold the kernels to

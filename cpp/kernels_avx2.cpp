@@ -8,6 +8,7 @@
 
 #include "bitserial_tiles.inl"
 #include "gelu.h"
+#include "trellis.h"
 #include "hadamard.h"
 #include "kernels_avx2_layout.h"
 #include "kernels_ref.inl"
@@ -394,6 +395,7 @@ const KernelTable& kernels_avx2() {
     k.row_absmax = avx2_row_absmax;
     k.hadamard_row = avx2_hadamard_row;
     k.gelu_row = avx2_gelu_row;
+    k.trellis_step = trellis_step_avx2;
     k.merge_columns = avx2_merge_columns;
     k.peak_probe = peak_probe_avx2;
     return k;

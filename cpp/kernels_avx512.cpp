@@ -9,6 +9,7 @@
 #include <new>
 
 #include "gelu.h"
+#include "trellis.h"
 #include "hadamard.h"
 #include "kernels_avx512_layout.h"
 #include "bitserial_tiles.inl"
@@ -515,6 +516,7 @@ const KernelTable& kernels_avx512() {
     k.row_absmax = avx512_row_absmax;
     k.hadamard_row = avx512_hadamard_row;
     k.gelu_row = avx512_gelu_row;
+    k.trellis_step = trellis_step_avx512;
     k.merge_columns = avx512_merge_columns;
     k.peak_probe = peak_probe_avx512;
     return k;

@@ -63,7 +63,7 @@ def test_quick_sweep_and_the_saved_models_ptq(demo):
     p = res["methods"]["soniq"]
     assert "no training" in p["label"] and "asymmetric GPTQ" in res["soniq_config"]["method"]
     assert res["soniq_config"]["hadamard_block"] == 512 and "trellis-coded" in res["soniq_config"]["method"]
-    assert res["soniq_config"]["trellis_states_log2"] == 8  # --quick: 256 states (the full demo 4096)
+    assert res["soniq_config"]["trellis_states_log2"] == 8  # --quick: 256 states (the full demo 16384)
     # saved as trellis streams (format 5) at the stored bits the table reports
     from safetensors import safe_open
     from soniq._st_io import MODEL_FILE

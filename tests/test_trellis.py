@@ -15,6 +15,7 @@ from soniq._gptq import gptq_codes, grid, h_error, mse_step, trellis_codes
 from soniq._model_file import _digest
 from soniq.nn import PackedConv2d, PackedLinear, QLinear
 from soniq.ptq import PTQConfig, quantize
+from conftest import TEST_ISAS
 from test_ptq import _check_fake_equals_packed, _convnet, _data, _mlp
 
 
@@ -38,6 +39,42 @@ def test_viterbi_finds_the_least_squares_path(L, k, steps):
         best = min(float(((x[r] - values[p]) ** 2).sum()) for p in _paths(L, k, steps))
         assert float(((x[r] - values[got[r]]) ** 2).sum()) == pytest.approx(best, rel=1e-6, abs=1e-7)
         assert list(got[r]) in [list(p) for p in _paths(L, k, steps)]  # a path of this trellis
+
+
+@pytest.mark.parametrize("isa", TEST_ISAS)
+@pytest.mark.parametrize("L,k", [(3, 3), (5, 2), (8, 1), (8, 4), (8, 8), (9, 3), (10, 6), (12, 4), (12, 5),
+                                 (13, 2), (14, 7), (16, 4)])
+def test_native_viterbi_equals_the_torch_reference_on_every_isa(isa, L, k):
+    """The native search gives viterbi_ref's paths exactly, ties included: codebook entries
+    repeat (2^L int8 values), inputs on the codebook's grid make equal costs."""
+    g = torch.Generator().manual_seed(L * 10 + k)
+    steps = 9 if L >= 14 else 31
+    cb = (T.codebook(L).float() if L >= 8 else torch.randint(-3, 4, (2 ** L,), generator=g).float())
+    x = torch.cat([torch.randn(5, steps, generator=g) * 40, torch.randint(-6, 7, (2, steps), generator=g).float(),
+                   torch.zeros(1, steps)])
+    with soniq.use_isa(isa):
+        got = T.viterbi(x, L, k, cb)
+        t1 = T.viterbi(x[:, :1], L, k, cb)
+    assert torch.equal(got, T.viterbi_ref(x, L, k, cb))
+    assert torch.equal(t1, T.viterbi_ref(x[:, :1], L, k, cb))
+
+
+def test_native_viterbi_takes_strided_float64_and_refuses_bad_arguments():
+    g = torch.Generator().manual_seed(3)
+    cb = T.codebook(8)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64) * 30
+    assert torch.equal(T.viterbi(x.T, 8, 4, cb), T.viterbi_ref(x.T, 8, 4, cb))  # non-contiguous, float64
+    assert T.viterbi(torch.zeros(0, 5), 8, 4, cb).shape == (0, 5)
+    with pytest.raises(ValueError, match="finite"):
+        T.viterbi(torch.tensor([[0.0, float("nan")]]), 8, 4, cb)
+    with pytest.raises(ValueError, match="bits"):
+        T.viterbi(x, 8, 9, cb)
+    with pytest.raises(ValueError, match="states_log2"):
+        T.viterbi(x, 17, 4, T.codebook(8))
+    with pytest.raises(ValueError, match="2\\^8 entries"):
+        T.viterbi(x, 8, 4, cb[:100])
+    with pytest.raises(ValueError, match="float"):
+        T.viterbi(torch.zeros(3, 4, dtype=torch.int64), 8, 4, cb)
 
 
 @pytest.mark.parametrize("L,k", [(8, 4), (12, 5), (10, 3), (9, 1), (12, 8), (8, 8), (16, 1), (16, 7)])

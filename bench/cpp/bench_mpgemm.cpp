@@ -4,6 +4,7 @@
 // Counters: GOP/s counts a multiply-add as 2 ops (as the Python benchmarks do).
 #include <benchmark/benchmark.h>
 
+#include <cmath>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -17,6 +18,7 @@
 #include "cpp/kernels.h"
 #include "cpp/mpgemm.h"
 #include "cpp/threadpool.h"
+#include "cpp/trellis.h"
 #include "cpp/wlayout.h"
 
 using namespace soniq;
@@ -143,6 +145,24 @@ void bm_gelu(benchmark::State& st, const KernelTable* kt, int64_t n) {
   st.SetItemsProcessed(int64_t(st.iterations()) * n);
 }
 
+// One Viterbi step of the trellis rounding (cpp/trellis.h, soniq.ptq's trellis_states_log2):
+// 2^L path costs in, 2^L out; items are states.
+void bm_trellis_step(benchmark::State& st, const KernelTable* kt, int L, int bits) {
+  std::mt19937 g(13);
+  std::normal_distribution<float> nd(0.0f, 32.0f);
+  const size_t S = size_t{1} << L;
+  std::vector<float> cost(S), next(S), values(S), m((S >> bits) + 16);
+  std::vector<uint8_t> back(S >> bits);
+  for (size_t i = 0; i < S; ++i) cost[i] = std::abs(nd(g)) * 100.0f, values[i] = std::round(nd(g));
+  const TrellisStepFn f = kt->trellis_step ? kt->trellis_step : trellis_step_ref;
+  for (auto _ : st) {
+    f(cost.data(), next.data(), back.data(), m.data(), values.data(), 3.0f, L, bits);
+    benchmark::DoNotOptimize(next.data());
+    benchmark::ClobberMemory();
+  }
+  st.SetItemsProcessed(int64_t(st.iterations()) * int64_t(S));
+}
+
 // The whole fused driver (gather through a two-tier K permutation, threads) on [M, K]
 // activations: 25% of the columns 8-bit, 75% 4-bit, signed.
 void bm_quantize_pack(benchmark::State& st, std::string isa, int64_t M, int64_t K, int threads) {
@@ -266,6 +286,10 @@ void register_all() {
           benchmark::RegisterBenchmark(("hadamard_row/" + isa + "/B" + std::to_string(block) + "K" +
                                         std::to_string(K)).c_str(), bm_hadamard, kt, block, K);
     benchmark::RegisterBenchmark(("gelu_row/" + isa + "/N1536").c_str(), bm_gelu, kt, int64_t(1536));
+    for (int L : {12, 14})
+      for (int bits : {4, 5})
+        benchmark::RegisterBenchmark(("trellis_step/" + isa + "/L" + std::to_string(L) + "k" + std::to_string(bits)).c_str(),
+                                     bm_trellis_step, kt, L, bits);
     for (int G : {2, 3})
       benchmark::RegisterBenchmark(("merge_columns/" + isa + "/tiers" + std::to_string(G) + "/M128N1536").c_str(),
                                    bm_merge, kt, G, 128, 1536);

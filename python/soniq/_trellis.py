@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._native import _C
+
 # codebook entries are round(g x 32), g unit Gaussian: the row's step is its scale / 32, and
 # +-127 holds every entry of a 2^12 codebook (|g| < 4)
 CODEBOOK_SCALE = 32
@@ -35,10 +37,33 @@ def codebook(states_log2: int) -> Tensor:
     return torch.clamp(torch.round(g * CODEBOOK_SCALE), -127, 127).to(torch.int8)
 
 
-@torch.no_grad()
 def viterbi(x: Tensor, states_log2: int, bits: int, values: Tensor) -> Tensor:
     """x [R, T]: R independent sequences; values [2^L] float. The states [R, T] (int64) of each
-    sequence's least-squares path, starting from zero history (s_0 < 2^bits)."""
+    sequence's least-squares path, starting from zero history (s_0 < 2^bits). Computed in
+    float32 by the native search (cpp/trellis.h: the active ISA's step, sequences over the
+    kernel threads), which gives viterbi_ref's paths."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"viterbi: x must be a float [R, T] tensor, got {x.dtype} {tuple(x.shape)}")
+    if not 1 <= bits <= min(8, states_log2) or states_log2 > STATES_LOG2[1]:
+        raise ValueError(f"viterbi: need 1 <= bits <= min(8, states_log2) and states_log2 <= {STATES_LOG2[1]}, "
+                         f"got states_log2={states_log2}, bits={bits}")
+    if tuple(values.shape) != (2 ** states_log2,):
+        raise ValueError(f"viterbi: values must have 2^{states_log2} entries, got {tuple(values.shape)}")
+    R, T = x.shape
+    out = torch.empty(R, T, dtype=torch.int64)
+    if R == 0 or T == 0:
+        return out
+    xf = x.detach().to("cpu", torch.float32).contiguous()
+    vf = values.detach().to("cpu", torch.float32).contiguous()
+    if not (bool(torch.isfinite(xf).all()) and bool(torch.isfinite(vf).all())):
+        raise ValueError("viterbi: x and values must be finite")
+    _C.trellis_viterbi(xf.data_ptr(), R, T, states_log2, bits, vf.data_ptr(), out.data_ptr())
+    return out
+
+
+@torch.no_grad()
+def viterbi_ref(x: Tensor, states_log2: int, bits: int, values: Tensor) -> Tensor:
+    """The torch reference of viterbi (the same float32 operations, ties to the smaller state)."""
     R, T = x.shape
     S, K = 2 ** states_log2, 2 ** bits
     H = S // K

@@ -10,7 +10,7 @@ Hadamard rotation of each layer's input (QATConfig(hadamard_block=...)). The sav
 model comes from soniq.ptq without labels or training: calibration on the 4,205 training
 sentences of the Python standard library's docstrings (module-level train / held-out split,
 soniq.demos.text_corpus), tiers per 8 output channels from measured sensitivity, weights
-trellis-coded at their tier's bits (a 4096-state bitshift trellis rounded by Viterbi with
+trellis-coded at their tier's bits (a 16384-state bitshift trellis rounded by Viterbi with
 asymmetric GPTQ's error feedback; stored at those bits, run as 8-bit codes), each token's row in
 GPTQ weighted by how much it moves the sentence embedding.
 (Distilling the whole model with QAT, the earlier recipe, reached less at the same budget:
@@ -37,7 +37,7 @@ from . import minilm_ptq, print_results, write_results
 
 FULL = dict(calib=minilm_ptq.N_CALIB, heldout=None, max_train=None, lat_b1=15, lat_b32=3,
             trellis=minilm_ptq.TRELLIS_STATES_LOG2)
-QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1, trellis=8)  # 16x less Viterbi
+QUICK = dict(calib=64, heldout=64, max_train=64, lat_b1=2, lat_b32=1, trellis=8)  # 64x less Viterbi
 # 4.4 average weight bits: the saved Linear layers (trellis streams, scales, biases; format 5)
 # are then >= 7x smaller than FP32; no smoothing (its factors cost 4 bytes per
 # input channel, ~0.06 bits at this size, more than they bought here). Palette (4, 5), 40% of
