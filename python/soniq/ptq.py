@@ -121,9 +121,9 @@ class PTQConfig:
     trellis with 2^L states over an int8 codebook, rounded by Viterbi with GPTQ's error feedback
     in blocks of trellis_block columns. Less than half the uniform grid's error at the same bits
     (docs/DESIGN_NOTES.md, "Trellis-coded weights"); in memory the rows run as 8-bit codes (the
-    codebook's entries), soniq.save stores the k-bit streams (format 5). Viterbi costs O(2^L)
-    per weight (MiniLM, L = 12: the PTQ took 495 s on 2 cores against 376 s on the grid with
-    a 9-factor clip search). Not with
+    codebook's entries), soniq.save stores the k-bit streams (format 5) and the codebook (2^L
+    bytes). Viterbi costs O(2^L) per weight, native (cpp/trellis.h; MiniLM at L = 14: a small
+    part of the PTQ, whose forwards dominate). Not with
     clip_search (the trellis scales rows by their RMS) or reconstruct_steps (it re-rounds on the
     grid)."""
 
