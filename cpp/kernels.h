@@ -6,8 +6,8 @@
 
 #include "gelu.h"
 #include "hadamard.h"
-#include "trellis.h"
 #include "peak_probe.h"
+#include "trellis.h"
 
 namespace soniq {
 
