@@ -9,7 +9,8 @@ through it, from the Gaussian draws, on unit-Gaussian sequences of widths 2-6 at
 codebook per file serves every width). Prints the squared error of the trained codebook / the
 Gaussian one on fresh unit-Gaussian rows per width, then the relative H-error of GPTQ's trellis
 rounding (soniq._gptq.trellis_codes, 4-bit rows) of four MiniLM layers rotated as the demo rotates
-them, each codebook at row gains 1.0 and 1.12. About 3 minutes on 2 cores at L = 12.
+them (their inputs' moments from soniq.ptq's calibration on 256 sentences), each codebook
+at row gains 1.0 and 1.12. About 3 minutes on 2 cores at L = 12.
 """
 import argparse
 
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 
 import soniq
-from soniq import _trellis as T
+from soniq import _trellis as T, ptq
 from soniq._gptq import trellis_codes
-from soniq._hadamard import layer_block, rotate, rotate_weight
-from soniq.demos import minilm as D
+from soniq._hadamard import layer_block, rotate_weight
+from soniq.demos import minilm as D, minilm_ptq as P
 from soniq.demos.text_corpus import train_heldout_split
 
 WIDTHS = (2, 3, 4, 5, 6)
@@ -53,42 +54,28 @@ def gaussian_rows(L: int, cb: torch.Tensor) -> list:
 
 
 def minilm_layers(L: int, cb: torch.Tensor) -> None:
-    st = D.load_teacher()
-    batches = D.tokenize(st, train_heldout_split()[0][:256], 64)
+    teacher = D.load_teacher()
+    train = train_heldout_split()[0]
+    cal = P.calibration(teacher, D.tokenize(teacher, P.calibration_sentences(train, n=256), P.CALIB_BATCH))
     names = ("layer.0.attention.self.query", "layer.2.intermediate.dense", "layer.4.output.dense",
              "layer.5.attention.output.dense")
-    lins = {n: m for n, m in st.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(names)}
-    H = {}
-
-    def hook(n):
-        def f(m, a):
-            x = a[0].reshape(-1, a[0].shape[-1]).double()
-            H[n] = H.get(n, 0) + x.T @ x
-        return f
-
-    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in lins.items()]
-    with torch.no_grad():
-        for b in batches:
-            st(dict(b))
-    for h in hooks:
-        h.remove()
     gain0 = T.ROW_GAIN
-    for n, m in lins.items():
-        w = m.weight.detach().double()
-        blk = layer_block(512, w.shape[1])
-        wr = rotate_weight(w, blk).double()
-        r = rotate(torch.eye(w.shape[1]), blk).double()
-        h = r @ H[n] @ r.T
+    for name, lin in ptq._layers(teacher, ("0.model.pooler.dense",)).items():
+        if not name.endswith(names):
+            continue
+        b = layer_block(512, lin.in_features)
+        wr = rotate_weight(lin.weight.detach().float(), b).double()
+        h = ptq._moment(cal.stats, name, {}, {name: b}).double()  # the rotated inputs' moment, as the demo's PTQ
         base = float(((wr @ h) * wr).sum())
         row = []
         for gain in (1.0, 1.12):
             T.ROW_GAIN = gain
             for label, c in (("gaussian", T.codebook(L)), ("trained", cb)):
-                codes, _, step = trellis_codes(wr, h, torch.full((w.shape[0],), 4, dtype=torch.uint8), c)
+                codes, _, step = trellis_codes(wr, h, torch.full((wr.shape[0],), 4, dtype=torch.uint8), c)
                 d = wr - codes.double() * step[:, None]
                 row.append(f"{label} x{gain}: {float(((d @ h) * d).sum()) / base:.6f}")
         T.ROW_GAIN = gain0
-        print(n.split("encoder.")[-1], tuple(w.shape), ", ".join(row), flush=True)
+        print(name.split("encoder.")[-1], tuple(wr.shape), ", ".join(row), flush=True)
 
 
 def main():
