@@ -196,11 +196,15 @@ def test_saved_trellis_model_stores_streams_and_loads_exactly(tmp_path, net, sha
     path = tmp_path / "m.safetensors"
     soniq.save(packed, path)
     meta, tensors = _saved_meta(path)
-    assert meta["version"] == 5 and "trellis|codebook8" in tensors
+    assert meta["version"] == 6 and "trellis|codebook8" in tensors
     names = [n for n, q in packed.named_modules() if hasattr(q, "w_trellis")]
     for n in names:
         assert meta["packed"][n]["trellis"] == {"states_log2": 8}
         assert f"{n}|w.data" not in tensors and f"{n}|w.trellis.row_bits" in tensors
+        # row steps are bfloat16 values, stored in 2 bytes; the biases stay float32
+        assert meta["packed"][n]["narrow"] == {"w.scale": "bfloat16"} and tensors[f"{n}|w.scale"].dtype == torch.bfloat16
+        assert torch.equal(tensors[f"{n}|w.scale"].float(), packed.get_submodule(n).w.row_scale)
+        assert tensors[f"{n}|bias"].dtype == torch.float32
     back = soniq.load(path)
     with torch.no_grad():
         assert torch.equal(back(x[:23]), packed(x[:23]))
@@ -248,6 +252,14 @@ def _rewrite(path, meta, tensors, out):
     (lambda m, t: t.__setitem__("0|w.trellis.s04", t["0|w.trellis.s4"].clone()), "unexpected tensors"),
     (lambda m, t: t.__setitem__("0|w.data", torch.zeros(3, dtype=torch.int64)), "unexpected tensors"),
     (lambda m, t: t.__setitem__("0|a_bits", torch.zeros(1, dtype=torch.uint8)), "layer '0': .*bits"),
+    (lambda m, t: m["packed"]["0"].__setitem__("narrow", {"w.scale": "float16"}), "narrow may hold"),
+    (lambda m, t: m["packed"]["0"].__setitem__("narrow", {"w.data": "bfloat16"}), "narrow may hold"),
+    (lambda m, t: m["packed"]["0"].__setitem__("narrow", []), "narrow must be a non-empty object"),
+    (lambda m, t: t.__setitem__("0|w.scale", t["0|w.scale"].float()), "recorded as bfloat16 but stored as float32"),
+    (lambda m, t: m["packed"]["0"].__setitem__("narrow", {"w.scale": "bfloat16", "bias": "float16"}),
+     "bias is recorded as float16 but stored as float32"),
+    (lambda m, t: m.__setitem__("version", 5) or [r.pop("narrow") for r in m["packed"].values()],
+     "row scales must be .* positive float32"),  # a version 5 reader's view of a bfloat16 scale
 ])
 def test_malformed_trellis_records_are_refused_by_name(tmp_path, edit, match):
     x, batches = _data()
@@ -260,6 +272,33 @@ def test_malformed_trellis_records_are_refused_by_name(tmp_path, edit, match):
     _rewrite(path, meta, tensors, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=match):
         soniq.load(tmp_path / "bad.safetensors")
+
+
+def test_float16_biases_are_rounded_by_the_ptq_and_saved_in_2_bytes(tmp_path):
+    x, batches = _data()
+    ref = quantize(_mlp(), batches, _trellis_cfg())
+    m = quantize(_mlp(), batches, _trellis_cfg(float16_biases=True))
+    qs = {n: q for n, q in m.named_modules() if hasattr(q, "w_trellis")}
+    for n, q in qs.items():  # float16 values, within float16's rounding of the float32 ones
+        b, b32 = q.bias.detach(), ref.get_submodule(n).bias.detach()
+        assert b.dtype == torch.float32 and torch.equal(b.half().float(), b) and not torch.equal(b, b32)
+        torch.testing.assert_close(b, b32, rtol=2 ** -11, atol=0)
+    packed = soniq.convert(m)
+    _check_fake_equals_packed(m, packed, x[:21])
+    soniq.save(packed, tmp_path / "m.safetensors")
+    meta, tensors = _saved_meta(tmp_path / "m.safetensors")
+    for n in qs:
+        assert meta["packed"][n]["narrow"] == {"bias": "float16", "w.scale": "bfloat16"}
+        assert tensors[f"{n}|bias"].dtype == torch.float16
+    back = soniq.load(tmp_path / "m.safetensors")
+    for n in qs:
+        assert back.get_submodule(n).bias.dtype == torch.float32
+        assert torch.equal(back.get_submodule(n).bias, packed.get_submodule(n).bias)
+    with torch.no_grad():
+        assert torch.equal(back(x[:23]), packed(x[:23]))
+    soniq.save(soniq.convert(ref), tmp_path / "ref.safetensors")
+    n_bias = sum(q.bias.numel() for q in qs.values())  # 2 bytes less per bias
+    assert os.path.getsize(tmp_path / "ref.safetensors") - os.path.getsize(tmp_path / "m.safetensors") >= 2 * n_bias - 64
 
 
 def test_a_stream_changed_after_saving_fails_the_checksum(tmp_path):

@@ -118,12 +118,14 @@ def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, d
     width in row_bits (one Viterbi per width and block), and the block's error E = (W_b - Q_b)
     U_bb^-1 moves the later columns by -E U_b,rest (U: the upper Cholesky factor of H^-1; a
     block of 1 is GPTQ's column update). A row's values are codebook entries x its step, step =
-    RMS(row) x ROW_GAIN / CODEBOOK_SCALE. Returns (codes int8 [N, K], states int64 [N, K],
+    RMS(row) x ROW_GAIN / CODEBOOK_SCALE rounded to a bfloat16 value. Returns (codes int8 [N, K], states int64 [N, K],
     step float64 [N])."""
     _check_args(w, h, damp)
     n, k = w.shape
     L = int(codebook.numel()).bit_length() - 1
     step = (w.detach().double().pow(2).mean(1).sqrt() * _trellis.ROW_GAIN / _trellis.CODEBOOK_SCALE).clamp_min(1e-12)
+    # bfloat16 values, chosen before the codes: soniq.save stores them in 2 bytes, losslessly
+    step = step.to(torch.bfloat16).double()
     values = codebook.double()
     w, hinv, perm = _prepared(w, h, damp, act_order)
     states = torch.zeros(n, k, dtype=torch.int64)

@@ -28,7 +28,7 @@ from .nn import QConv2d, QLinear
 from . import _trellis, ops
 from .packed import KLayout, PackedTensor
 
-FORMAT, VERSION = "soniq-model", 5
+FORMAT, VERSION = "soniq-model", 6
 # version 1: packed metadata as int64; version 2: compact (soniq._compact), activation bits
 # uint8, optional per-layer "a_dynamic"; version 3: no weight bit widths and no identity
 # permutations (rebuilt from the blocks), activation bits / scales that are one value for every
@@ -37,7 +37,11 @@ FORMAT, VERSION = "soniq-model", 5
 # by models that use it (others are written as version 3, which older soniq reads); version 5:
 # trellis-coded weights (soniq._trellis): such a layer stores its k-bit streams, row widths and
 # row scales instead of the packed planes, the file one codebook per trellis size; written only
-# by models that hold them (others as version 3 or 4)
+# by models that hold them (others as version 3 or 4); version 6: float32 values held in 2 bytes
+# where that is lossless, named in the layer's record ("narrow": {"bias": "float16", "w.scale":
+# "bfloat16"}, widened back to float32 on load): the biases a PTQConfig(float16_biases=True) rounded
+# and the row scales of trellis layers (bfloat16 values by construction); written only when
+# some layer has them (others as version 3, 4 or 5)
 
 # leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
 _LEAVES = {
@@ -120,9 +124,28 @@ def _trellis_of(m):
     return tw if ok else None
 
 
-def layer_tensors(m) -> dict:
+# float32 tensors of a layer stored in 2 bytes when that loses nothing (format version 6)
+_NARROW = {"bias": torch.float16, "w.scale": torch.bfloat16}
+
+
+def _narrowed(out: dict) -> dict:
+    """{key: dtype name} of the float32 tensors in `out` that _NARROW's dtype holds exactly;
+    narrows them in place."""
+    done = {}
+    for k, dt in _NARROW.items():
+        t = out.get(k)
+        if t is not None and t.dtype == torch.float32 and t.numel() and bool(torch.isfinite(t).all()):
+            n = t.to(dt)
+            if torch.equal(n.float(), t):
+                out[k], done[k] = n, str(dt).removeprefix("torch.")
+    return done
+
+
+def layer_tensors(m, narrow: dict | None = None) -> dict:
     """The tensors soniq.save writes for one packed layer (CPU, compact dtypes). A trellis-coded
-    weight: its streams, row widths and row scales (the planes are rebuilt on load)."""
+    weight: its streams, row widths and row scales (the planes are rebuilt on load). Its bias,
+    and a trellis layer's row scales, in 2 bytes where that is exact (`narrow`, if given,
+    receives {key: dtype name} of those, the layer record's "narrow")."""
     tw = _trellis_of(m)
     if tw is None:
         out = {f"w.{k}": t.detach().cpu().contiguous() for k, t in compact(m.w.state_dict()).items()}
@@ -137,6 +160,12 @@ def layer_tensors(m) -> dict:
         out["bias"] = m.bias.detach().cpu()
     if getattr(m, "a_inv_smooth", None) is not None:
         out["a_inv_smooth"] = m.a_inv_smooth.cpu()
+    # the bias, and a trellis layer's row scales (a grid layer's scales stay in its state)
+    sub = {k: out[k] for k in ("bias", "w.scale") if k in out and (k == "bias" or tw is not None)}
+    done = _narrowed(sub)
+    out.update(sub)
+    if narrow is not None:
+        narrow.update(done)
     return out
 
 
@@ -171,8 +200,11 @@ def save_file(model: nn.Module, path) -> None:
         raise ValueError("model has no packed layers: call soniq.convert(model) before soniq.save")
     tensors, records = {}, {}
     for n, m in packed.items():
-        tensors.update({f"{n}|{k}": t for k, t in layer_tensors(m).items()})
+        narrow = {}
+        tensors.update({f"{n}|{k}": t for k, t in layer_tensors(m, narrow).items()})
         rec = {"type": type(m).__name__, "w_meta": m.w.metadata(), "a_signed": m.a_signed}
+        if narrow:  # absent: every float tensor as float32 (version 5 and before)
+            rec["narrow"] = narrow
         if isinstance(m, PackedConv2d):
             rec["conv"] = m.conv_args()
         else:
@@ -187,7 +219,8 @@ def save_file(model: nn.Module, path) -> None:
     for k, t in model.state_dict().items():
         if not any(_under(k, n) for n in packed) and t is not None:
             tensors[f"state|{k}"] = t.detach().cpu().contiguous()
-    version = 5 if any("trellis" in r for r in records.values()) else \
+    version = 6 if any("narrow" in r for r in records.values()) else \
+        5 if any("trellis" in r for r in records.values()) else \
         4 if any("hadamard_block" in r for r in records.values()) else 3
     meta = {"format": FORMAT, "version": version, "packed": records, "tree": _tree(model)}
     meta["sha256"] = _digest(tensors, meta)
@@ -231,7 +264,7 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") not in (1, 2, 3, 4, VERSION):
+    if meta.get("version") not in (1, 2, 3, 4, 5, VERSION):
         raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads versions 1 to {VERSION}")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
@@ -282,6 +315,8 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     built = {}  # every packed layer built (and checked) before the model changes
     for n, rec in meta["packed"].items():
         pre = f"{n}|"
+        if meta["version"] >= 6 and "narrow" in rec:
+            _widen(path, n, rec["narrow"], tensors, pre)
         wt = {k[len(pre) + 2:]: v for k, v in tensors.items() if k.startswith(pre + "w.")}
         # input channels: K per kernel position (a conv weight's K is channels x kh x kw)
         kk = 1 if rec["type"] == "PackedLinear" else rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]
@@ -336,6 +371,23 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
     fuse_activations(model)
     disable_torch_fastpaths(model)
     return model.eval()
+
+
+def _widen(path: str, n: str, narrow, tensors: dict, pre: str) -> None:
+    """A layer record's "narrow" (version 6): each named tensor, stored in that 2-byte dtype,
+    back to the float32 it was saved from (in `tensors`)."""
+    if not isinstance(narrow, dict) or not narrow:
+        raise ValueError(f"{path}: layer {n!r}: narrow must be a non-empty object, got {narrow!r}")
+    for k, name in narrow.items():
+        want = _NARROW.get(k)
+        if want is None or name != str(want).removeprefix("torch."):
+            raise ValueError(f"{path}: layer {n!r}: narrow may hold " + ", ".join(
+                f"{key!r}: {str(dt).removeprefix('torch.')!r}" for key, dt in _NARROW.items()) + f", got {k!r}: {name!r}")
+        t = tensors.get(pre + k)
+        if t is None or t.dtype != want:
+            raise ValueError(f"{path}: layer {n!r}: {k} is recorded as {name} but stored as "
+                             f"{None if t is None else str(t.dtype).removeprefix('torch.')}")
+        tensors[pre + k] = t.float()
 
 
 def _per_input(path: str, n: str, key: str, t, n_in: int, version: int):
