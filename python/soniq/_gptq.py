@@ -118,8 +118,8 @@ def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, d
     width in row_bits (one Viterbi per width and block), and the block's error E = (W_b - Q_b)
     U_bb^-1 moves the later columns by -E U_b,rest (U: the upper Cholesky factor of H^-1; a
     block of 1 is GPTQ's column update). A row's values are codebook entries x its step, step =
-    RMS(row) x ROW_GAIN / CODEBOOK_SCALE rounded to a bfloat16 value. Returns (codes int8 [N, K], states int64 [N, K],
-    step float64 [N])."""
+    RMS(row) x ROW_GAIN / CODEBOOK_SCALE rounded to a bfloat16 value. Returns (codes int8 [N, K],
+    states int64 [N, K], step float64 [N])."""
     _check_args(w, h, damp)
     n, k = w.shape
     L = int(codebook.numel()).bit_length() - 1

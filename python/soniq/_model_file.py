@@ -381,8 +381,8 @@ def _widen(path: str, n: str, narrow, tensors: dict, pre: str) -> None:
     for k, name in narrow.items():
         want = _NARROW.get(k)
         if want is None or name != str(want).removeprefix("torch."):
-            raise ValueError(f"{path}: layer {n!r}: narrow may hold " + ", ".join(
-                f"{key!r}: {str(dt).removeprefix('torch.')!r}" for key, dt in _NARROW.items()) + f", got {k!r}: {name!r}")
+            allowed = ", ".join(f"{key!r}: {str(dt).removeprefix('torch.')!r}" for key, dt in _NARROW.items())
+            raise ValueError(f"{path}: layer {n!r}: narrow may hold {allowed}, got {k!r}: {name!r}")
         t = tensors.get(pre + k)
         if t is None or t.dtype != want:
             raise ValueError(f"{path}: layer {n!r}: {k} is recorded as {name} but stored as "
