@@ -275,6 +275,21 @@ def test_malformed_trellis_records_are_refused_by_name(tmp_path, edit, match):
         soniq.load(tmp_path / "bad.safetensors")
 
 
+def test_a_version_5_file_float32_steps_and_no_narrow_record_still_loads(tmp_path):
+    x, batches = _data()
+    packed = soniq.convert(quantize(_mlp(), batches, _trellis_cfg()))
+    soniq.save(packed, tmp_path / "m.safetensors")
+    meta, tensors = _saved_meta(tmp_path / "m.safetensors")
+    meta["version"] = 5  # as session-45 soniq wrote it: float32 row steps, no "narrow"
+    for n, r in meta["packed"].items():
+        del r["narrow"]
+        tensors[f"{n}|w.scale"] = tensors[f"{n}|w.scale"].float()
+    _rewrite(tmp_path / "m.safetensors", meta, tensors, tmp_path / "v5.safetensors")
+    back = soniq.load(tmp_path / "v5.safetensors")
+    with torch.no_grad():
+        assert torch.equal(back(x[:23]), packed(x[:23]))
+
+
 def test_float16_biases_are_rounded_by_the_ptq_and_saved_in_2_bytes(tmp_path):
     x, batches = _data()
     ref = quantize(_mlp(), batches, _trellis_cfg())
