@@ -86,6 +86,17 @@ def test_quick_sweep_and_the_saved_models_ptq(demo):
             assert r["calibration_sentences"] == res["n_calib"] == res["soniq_config"]["calibration_sentences"]
 
 
+def test_saved_folder_files_get_the_usual_permissions(demo):
+    """Every file of the saved folder as a plain open() makes it (the umask), the empty
+    model.safetensors too (safetensors writes it owner-only)."""
+    out, _ = demo
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [os.path.join(r, f) for r, _, fs in os.walk(out / "model") for f in fs]
+    assert any(f.endswith("/model.safetensors") for f in files)
+    assert {f: os.stat(f).st_mode & 0o777 for f in files} == {f: 0o666 & ~mask for f in files}
+
+
 def test_saved_folder_loads_as_sentence_transformer(demo):
     out, _ = demo
     model = soniq.load(str(out / "model"))

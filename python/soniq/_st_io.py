@@ -19,7 +19,7 @@ import shutil
 import tempfile
 
 from ._hf import quiet_offline
-from ._model_file import default_mode, load_file, save_file
+from ._model_file import _umask, default_mode, load_file, save_file
 from ._version import __version__
 
 MANIFEST, MODEL_FILE, KIND = "soniq.json", "soniq_model.safetensors", "sentence-transformers"
@@ -58,7 +58,9 @@ def save_dir(model, path) -> None:
         for name in os.listdir(tmp):
             if name.endswith((".safetensors", ".bin")) and name.startswith(("model", "pytorch_model")):
                 os.remove(os.path.join(tmp, name))
-        st_save_file({}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        empty = os.path.join(tmp, "model.safetensors")
+        st_save_file({}, empty, metadata={"format": "pt"})
+        os.chmod(empty, 0o666 & ~_umask())  # safetensors writes it owner-only; open() would not
         save_file(model, os.path.join(tmp, MODEL_FILE))
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"format": "soniq-dir", "kind": KIND, "model_file": MODEL_FILE,
