@@ -124,20 +124,21 @@ def _trellis_of(m):
     return tw if ok else None
 
 
-# float32 tensors of a layer stored in 2 bytes when that loses nothing (format version 6)
-_NARROW = {"bias": torch.float16, "w.scale": torch.bfloat16}
+# float32 tensors of a layer stored in 2 bytes when that loses nothing (format version 6): the
+# torch dtype each may take, by name as the layer record's "narrow" holds it
+_NARROW = {"bias": "float16", "w.scale": "bfloat16"}
 
 
-def _narrowed(out: dict) -> dict:
-    """{key: dtype name} of the float32 tensors in `out` that _NARROW's dtype holds exactly;
-    narrows them in place."""
+def _narrow(out: dict, keys) -> dict:
+    """Narrows in place the float32 tensors out[k], k in keys, that their _NARROW dtype holds
+    exactly; returns {key: dtype name} of those."""
     done = {}
-    for k, dt in _NARROW.items():
+    for k in keys:
         t = out.get(k)
         if t is not None and t.dtype == torch.float32 and t.numel() and bool(torch.isfinite(t).all()):
-            n = t.to(dt)
+            n = t.to(getattr(torch, _NARROW[k]))
             if torch.equal(n.float(), t):
-                out[k], done[k] = n, str(dt).removeprefix("torch.")
+                out[k], done[k] = n, _NARROW[k]
     return done
 
 
@@ -161,9 +162,7 @@ def layer_tensors(m, narrow: dict | None = None) -> dict:
     if getattr(m, "a_inv_smooth", None) is not None:
         out["a_inv_smooth"] = m.a_inv_smooth.cpu()
     # the bias, and a trellis layer's row scales (a grid layer's scales stay in its state)
-    sub = {k: out[k] for k in ("bias", "w.scale") if k in out and (k == "bias" or tw is not None)}
-    done = _narrowed(sub)
-    out.update(sub)
+    done = _narrow(out, ("bias", "w.scale") if tw is not None else ("bias",))
     if narrow is not None:
         narrow.update(done)
     return out
@@ -379,12 +378,11 @@ def _widen(path: str, n: str, narrow, tensors: dict, pre: str) -> None:
     if not isinstance(narrow, dict) or not narrow:
         raise ValueError(f"{path}: layer {n!r}: narrow must be a non-empty object, got {narrow!r}")
     for k, name in narrow.items():
-        want = _NARROW.get(k)
-        if want is None or name != str(want).removeprefix("torch."):
-            allowed = ", ".join(f"{key!r}: {str(dt).removeprefix('torch.')!r}" for key, dt in _NARROW.items())
+        if _NARROW.get(k) != name:
+            allowed = ", ".join(f"{key!r}: {dt!r}" for key, dt in _NARROW.items())
             raise ValueError(f"{path}: layer {n!r}: narrow may hold {allowed}, got {k!r}: {name!r}")
         t = tensors.get(pre + k)
-        if t is None or t.dtype != want:
+        if t is None or t.dtype != getattr(torch, name):
             raise ValueError(f"{path}: layer {n!r}: {k} is recorded as {name} but stored as "
                              f"{None if t is None else str(t.dtype).removeprefix('torch.')}")
         tensors[pre + k] = t.float()
