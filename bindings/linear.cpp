@@ -37,14 +37,15 @@ void soniq::bindings::register_linear(py::module_& m) {
     const soniq::KernelTable& kt = soniq::active_kernels();
     (kt.gelu_row ? kt.gelu_row : soniq::gelu_row_ref)(ptr<float>(x), n);
   }, py::call_guard<py::gil_scoped_release>());
-  // x [R, T] (float32, contiguous), values [2^L] (float32) -> states [R, T] (int64): the
-  // least-squares trellis paths (cpp/trellis.h) on the active ISA's step; python/soniq/_trellis.py
-  // checks the arguments
-  m.def("trellis_viterbi", [](uintptr_t x, int64_t R, int64_t T, int states_log2, int bits, uintptr_t values,
-                              uintptr_t states) {
+  // x [R, T] (float32, contiguous), bits [T] (uint8), w [T] (float32; 0: all 1), values [2^L]
+  // (float32) -> states [R, T] (int64): the least-squares trellis paths (cpp/trellis.h) on the
+  // active ISA's step; python/soniq/_trellis.py checks the arguments
+  m.def("trellis_viterbi", [](uintptr_t x, int64_t R, int64_t T, int states_log2, uintptr_t bits, uintptr_t w,
+                              uintptr_t values, uintptr_t states) {
     const soniq::KernelTable& kt = soniq::active_kernels();
-    soniq::trellis_viterbi(ptr<const float>(x), R, T, states_log2, bits, ptr<const float>(values),
-                           ptr<int64_t>(states), kt.trellis_step ? kt.trellis_step : soniq::trellis_step_ref);
+    soniq::trellis_viterbi(ptr<const float>(x), R, T, states_log2, ptr<const uint8_t>(bits), ptr<const float>(w),
+                           ptr<const float>(values), ptr<int64_t>(states),
+                           kt.trellis_step ? kt.trellis_step : soniq::trellis_step_ref);
   }, py::call_guard<py::gil_scoped_release>());
   py::class_<soniq::LinearPlan>(m, "LinearPlan")
       .def(py::init([](int64_t K, uintptr_t perm, uintptr_t segs, int64_t nsegs, uintptr_t seg_scale, bool a_signed,

@@ -9,7 +9,7 @@
 namespace soniq {
 
 void trellis_step_ref(const float* cost, float* next, uint8_t* back, float* m, const float* values, float x,
-                      int states_log2, int bits) {
+                      float w, int states_log2, int bits) {
   const int64_t H = int64_t{1} << (states_log2 - bits), K = int64_t{1} << bits;
   for (int64_t j = 0; j < H; ++j) {
     float best = cost[j];
@@ -21,27 +21,34 @@ void trellis_step_ref(const float* cost, float* next, uint8_t* back, float* m, c
   }
   for (int64_t s = 0; s < (H << bits); ++s) {
     const float d = x - values[s];
-    next[s] = m[s >> bits] + d * d;
+    next[s] = m[s >> bits] + w * (d * d);
   }
 }
 
-void trellis_viterbi(const float* x, int64_t R, int64_t T, int states_log2, int bits, const float* values,
-                     int64_t* states, TrellisStepFn step) {
-  if (states_log2 < 1 || states_log2 > 16 || bits < 1 || bits > 8 || bits > states_log2 || R < 0 || T < 1)
-    throw std::invalid_argument("trellis_viterbi: need 1 <= bits <= min(8, states_log2), states_log2 <= 16, R >= 0, T >= 1");
-  const int64_t S = int64_t{1} << states_log2, K = int64_t{1} << bits, H = S >> bits;
+void trellis_viterbi(const float* x, int64_t R, int64_t T, int states_log2, const uint8_t* bits, const float* w,
+                     const float* values, int64_t* states, TrellisStepFn step) {
+  if (states_log2 < 1 || states_log2 > 16 || R < 0 || T < 1)
+    throw std::invalid_argument("trellis_viterbi: need 1 <= states_log2 <= 16, R >= 0, T >= 1");
+  std::vector<int64_t> off(static_cast<size_t>(T), 0);  // where step t's back pointers start
+  for (int64_t t = 0; t < T; ++t) {
+    if (bits[t] < 1 || bits[t] > 8 || bits[t] > states_log2)
+      throw std::invalid_argument("trellis_viterbi: need 1 <= bits[t] <= min(8, states_log2)");
+    if (t + 1 < T) off[t + 1] = off[t] + (int64_t{1} << (states_log2 - bits[t + 1]));
+  }
+  const int64_t S = int64_t{1} << states_log2, K0 = int64_t{1} << bits[0];
+  const float w0 = w ? w[0] : 1.0f;
   parallel_for(R, [&](int64_t r) {
     const float* xr = x + r * T;
-    std::vector<float> a(S), b(S), m(H + 16);
-    std::vector<uint8_t> back(static_cast<size_t>((T - 1) * H));
+    std::vector<float> a(S), b(S), m(S + 16);
+    std::vector<uint8_t> back(static_cast<size_t>(off[T - 1]));
     for (int64_t s = 0; s < S; ++s) {
       const float d = xr[0] - values[s];
-      a[s] = s < K ? d * d : std::numeric_limits<float>::infinity();
+      a[s] = s < K0 ? w0 * (d * d) : std::numeric_limits<float>::infinity();
     }
     float* cost = a.data();
     float* next = b.data();
     for (int64_t t = 1; t < T; ++t) {
-      step(cost, next, back.data() + (t - 1) * H, m.data(), values, xr[t], states_log2, bits);
+      step(cost, next, back.data() + off[t - 1], m.data(), values, xr[t], w ? w[t] : 1.0f, states_log2, bits[t]);
       std::swap(cost, next);
     }
     int64_t s = 0;
@@ -51,8 +58,8 @@ void trellis_viterbi(const float* x, int64_t R, int64_t T, int states_log2, int 
     for (int64_t t = T - 1; t >= 0; --t) {
       out[t] = s;
       if (t) {
-        const int64_t low = s >> bits;
-        s = (int64_t{back[(t - 1) * H + low]} << (states_log2 - bits)) | low;
+        const int64_t low = s >> bits[t];
+        s = (int64_t{back[off[t - 1] + low]} << (states_log2 - bits[t])) | low;
       }
     }
   });

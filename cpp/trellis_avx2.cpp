@@ -6,10 +6,10 @@
 
 namespace soniq {
 
-void trellis_step_avx2(const float* cost, float* next, uint8_t* back, float* m, const float* values, float x,
+void trellis_step_avx2(const float* cost, float* next, uint8_t* back, float* m, const float* values, float x, float w,
                        int states_log2, int bits) {
   const int64_t H = int64_t{1} << (states_log2 - bits), K = int64_t{1} << bits, S = H << bits;
-  if (H < 8) return trellis_step_ref(cost, next, back, m, values, x, states_log2, bits);
+  if (H < 8) return trellis_step_ref(cost, next, back, m, values, x, w, states_log2, bits);
   const __m128i bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
   for (int64_t j = 0; j < H; j += 8) {
     __m256 best = _mm256_loadu_ps(cost + j);
@@ -26,13 +26,13 @@ void trellis_step_avx2(const float* cost, float* next, uint8_t* back, float* m, 
     const __m128i hi = _mm_shuffle_epi8(_mm256_extracti128_si256(arg, 1), bytes);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(back + j), _mm_unpacklo_epi32(lo, hi));
   }
-  // next[s] = m[s >> bits] + (x - values[s])^2, 8 states at a time: lane i takes m[(s0 + i) >> bits]
+  // next[s] = m[s >> bits] + w (x - values[s])^2, 8 states at a time: lane i takes m[(s0 + i) >> bits]
   const __m256i idx = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));  // s0: a multiple of 8
-  const __m256 vx = _mm256_set1_ps(x);
+  const __m256 vx = _mm256_set1_ps(x), vw = _mm256_set1_ps(w);
   for (int64_t s0 = 0; s0 < S; s0 += 8) {
     const __m256 mv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m + (s0 >> bits)), idx);
     const __m256 d = _mm256_sub_ps(vx, _mm256_loadu_ps(values + s0));
-    _mm256_storeu_ps(next + s0, _mm256_add_ps(mv, _mm256_mul_ps(d, d)));
+    _mm256_storeu_ps(next + s0, _mm256_add_ps(mv, _mm256_mul_ps(vw, _mm256_mul_ps(d, d))));
   }
 }
 

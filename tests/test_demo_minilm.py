@@ -64,13 +64,14 @@ def test_quick_sweep_and_the_saved_models_ptq(demo):
     assert "no training" in p["label"] and "asymmetric GPTQ" in res["soniq_config"]["method"]
     assert res["soniq_config"]["hadamard_block"] == 512 and "trellis-coded" in res["soniq_config"]["method"]
     assert res["soniq_config"]["trellis_states_log2"] == 8  # --quick: 256 states (the full demo 16384)
-    # saved as trellis streams with bfloat16 steps and float16 biases (format 6) at the stored bits
+    # saved as joint trellis paths with bfloat16 steps and float16 biases (format 7) at the stored bits
     # the table reports
     from safetensors import safe_open
     from soniq._st_io import MODEL_FILE
     with safe_open(str(out / "model" / MODEL_FILE), framework="pt") as f:
         meta = json.loads(f.metadata()["soniq"])
-    assert meta["version"] == 6 and all(r.get("trellis") == {"states_log2": 8} for r in meta["packed"].values())
+    assert meta["version"] == 7 and all(r.get("trellis") == {"states_log2": 8, "paths": "joint"}
+                                        for r in meta["packed"].values())
     assert all(r.get("narrow") == {"bias": "float16", "w.scale": "bfloat16"} for r in meta["packed"].values())
     assert 4.0 <= res["avg_w_bits"] <= 4.48 + 1e-6
     assert p["ptq_seconds"] > 0

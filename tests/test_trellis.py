@@ -1,4 +1,4 @@
-"""Trellis-coded weights (soniq._trellis, PTQConfig(trellis_states_log2=...), save format 5)."""
+"""Trellis-coded weights (soniq._trellis, PTQConfig(trellis_states_log2=...), save formats 5 to 7)."""
 import copy
 import itertools
 import json
@@ -59,6 +59,49 @@ def test_native_viterbi_equals_the_torch_reference_on_every_isa(isa, L, k):
     assert torch.equal(t1, T.viterbi_ref(x[:, :1], L, k, cb))
 
 
+@pytest.mark.parametrize("isa", TEST_ISAS)
+@pytest.mark.parametrize("L,widths", [(8, (4, 5)), (8, (1, 8)), (12, (4, 5)), (12, (2, 3, 7)), (14, (4, 5)),
+                                      (16, (1, 4)), (5, (1, 2, 5))])
+def test_native_viterbi_with_a_width_and_a_weight_per_step_equals_the_reference(isa, L, widths):
+    """Joint paths (a column's rows at their own widths, weighted errors): the same paths as
+    viterbi_ref on every ISA, ties included; a weight of 1 everywhere gives the unweighted paths."""
+    g = torch.Generator().manual_seed(L + len(widths))
+    steps = 9 if L >= 14 else 33
+    bits = torch.tensor(widths)[torch.randint(len(widths), (steps,), generator=g)]
+    cb = T.codebook(L).float() if L >= 8 else torch.randint(-3, 4, (2 ** L,), generator=g).float()
+    x = torch.cat([torch.randn(5, steps, generator=g) * 40, torch.randint(-6, 7, (2, steps), generator=g).float()])
+    w = torch.rand(steps, generator=g) * 3
+    w[::5] = 0  # a step of weight 0: any value, the first argmin
+    with soniq.use_isa(isa):
+        got, plain, ones = T.viterbi(x, L, bits, cb, w), T.viterbi(x, L, bits, cb), T.viterbi(x, L, bits, cb, torch.ones(steps))
+    assert torch.equal(got, T.viterbi_ref(x, L, bits, cb, w))
+    assert torch.equal(plain, T.viterbi_ref(x, L, bits, cb)) and torch.equal(ones, plain)
+    k = bits.to(torch.int64)  # each state is its step's bits shifted onto the previous state
+    assert bool((got[:, 0] >> k[0] == 0).all())
+    assert bool(((got[:, 1:] >> k[1:]) == (got[:, :-1] & ((1 << (L - k[1:])) - 1))).all())
+
+
+@pytest.mark.parametrize("widths", [(1, 2), (2, 3)])
+def test_weighted_viterbi_with_mixed_widths_finds_the_least_weighted_squares_path(widths):
+    """Against every path (brute force, L = 4): the least weighted cost."""
+    g = torch.Generator().manual_seed(sum(widths))
+    L, steps = 4, 5
+    bits = torch.tensor([widths[i % 2] for i in range(steps)])
+    values, x, w = torch.randn(16, generator=g), torch.randn(3, steps, generator=g), torch.rand(steps, generator=g) + 0.1
+    got = T.viterbi(x, L, bits, values, w)
+
+    def paths():
+        for choice in itertools.product(*[range(2 ** int(b)) for b in bits]):
+            s, path = 0, []
+            for b, c in zip(bits.tolist(), choice):
+                s = ((s << b) | c) & 15
+                path.append(s)
+            yield path
+    for r in range(3):
+        best = min(float((w * (x[r] - values[p]) ** 2).sum()) for p in paths())
+        assert float((w * (x[r] - values[got[r]]) ** 2).sum()) == pytest.approx(best, rel=1e-6, abs=1e-7)
+
+
 def test_native_viterbi_takes_strided_float64_and_refuses_bad_arguments():
     g = torch.Generator().manual_seed(3)
     cb = T.codebook(8)
@@ -67,6 +110,8 @@ def test_native_viterbi_takes_strided_float64_and_refuses_bad_arguments():
     assert T.viterbi(torch.zeros(0, 5), 8, 4, cb).shape == (0, 5)
     with pytest.raises(ValueError, match="finite"):
         T.viterbi(torch.tensor([[0.0, float("nan")]]), 8, 4, cb)
+    with pytest.raises(ValueError, match="at most 1e.18 in magnitude"):
+        T.viterbi(torch.tensor([[0.0, 3e18]]), 8, 4, cb, torch.tensor([1.0, 0.0]))
     with pytest.raises(ValueError, match="bits"):
         T.viterbi(x, 8, 9, cb)
     with pytest.raises(ValueError, match="states_log2"):
@@ -75,6 +120,14 @@ def test_native_viterbi_takes_strided_float64_and_refuses_bad_arguments():
         T.viterbi(x, 8, 4, cb[:100])
     with pytest.raises(ValueError, match="float"):
         T.viterbi(torch.zeros(3, 4, dtype=torch.int64), 8, 4, cb)
+    with pytest.raises(ValueError, match="one width per step .40."):  # x.T: 6 sequences of 40 steps
+        T.viterbi(x.T, 8, torch.full((39,), 4), cb)
+    with pytest.raises(ValueError, match="bits"):
+        T.viterbi(x.T, 8, torch.tensor([4, 0] * 20), cb)
+    with pytest.raises(ValueError, match="weights must be 40 finite values >= 0"):
+        T.viterbi(x.T, 8, 4, cb, -torch.ones(40))
+    with pytest.raises(ValueError, match="weights must be 40 finite values >= 0"):
+        T.viterbi(x.T, 8, 4, cb, torch.ones(6))
 
 
 @pytest.mark.parametrize("L,k", [(8, 4), (12, 5), (10, 3), (9, 1), (12, 8), (8, 8), (16, 1), (16, 7)])
@@ -90,6 +143,21 @@ def test_streams_round_trip_and_are_k_bits_per_weight(L, k, steps, monkeypatch):
     assert torch.equal(T.decode(st, 7, steps, L, k), states)
 
 
+@pytest.mark.parametrize("L,widths", [(8, (4, 5)), (12, (1, 8)), (16, (1, 2, 7)), (14, (4, 5)), (9, (3,))])
+@pytest.mark.parametrize("steps", [1, 2, 29])
+def test_streams_with_a_width_per_step_round_trip(L, widths, steps, monkeypatch):
+    g = torch.Generator().manual_seed(L * steps)
+    bits = torch.tensor(widths)[torch.randint(len(widths), (steps,), generator=g)]
+    states = T.viterbi(torch.randn(6, steps, generator=g), L, bits, torch.randn(2 ** L, generator=g))
+    st = T.encode(states, L, bits)
+    assert st.numel() == (6 * int(bits.sum()) + 7) // 8 == T.stream_bytes(6, steps, bits)  # sum of the widths
+    assert torch.equal(T.decode(st, 6, steps, L, bits), states)
+    monkeypatch.setattr(T, "_DECODE_CHUNK", steps)  # one sequence at a time: the same
+    assert torch.equal(T.decode(st, 6, steps, L, bits), states)
+    if len(set(bits.tolist())) == 1:  # one width: the stream of that int width
+        assert torch.equal(st, T.encode(states, L, int(bits[0])))
+
+
 def test_encode_refuses_what_is_not_a_path_and_decode_a_wrong_length():
     s = torch.tensor([[1, 6, 9]])  # L = 4, k = 2: 1 -> 6 needs 6 >> 2 == 1 & 3: yes; 6 -> 9: 9 >> 2 = 2 == 6 & 3: yes
     assert torch.equal(T.decode(T.encode(s, 4, 2), 1, 3, 4, 2), s)
@@ -101,6 +169,10 @@ def test_encode_refuses_what_is_not_a_path_and_decode_a_wrong_length():
         T.encode(torch.tensor([[16]]), 4, 2)
     with pytest.raises(ValueError, match="trellis stream must be 2 uint8 bytes"):
         T.decode(torch.zeros(3, dtype=torch.uint8), 1, 8, 4, 2)
+    bits = torch.tensor([1, 3, 2])  # L = 4: 1 -> 13 (13 >> 3 = 1 == 1 & 1) -> 5 (5 >> 2 = 1 == 13 & 3)
+    assert torch.equal(T.decode(T.encode(torch.tensor([[1, 13, 5]]), 4, bits), 1, 3, 4, bits), torch.tensor([[1, 13, 5]]))
+    with pytest.raises(ValueError, match="do not form bitshift paths"):
+        T.encode(torch.tensor([[1, 13, 9]]), 4, bits)  # 9 >> 2 = 2, not 13 & 3 = 1
 
 
 def test_codebook_is_int8_gaussian_and_fixed():
@@ -145,12 +217,41 @@ def test_trellis_codes_with_dead_columns_and_either_column_order(act_order):
     assert float(h_error(w, q, h).sum()) < e_grid
 
 
+def test_joint_paths_run_down_all_rows_at_their_widths():
+    """joint (the default): each column is one path over every row, a row's steps its width; the
+    stream is sum(row_bits) bits per column, and it decodes to the codes."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    rb = torch.tensor([4, 5, 5, 4] * 5)
+    codes, states, step = trellis_codes(w, torch.eye(6, dtype=torch.float64), rb, T.codebook(8))
+    k = rb.to(torch.int64)[:, None]
+    assert bool((states[0] >> k[0] == 0).all()) and bool(((states[1:] >> k[1:]) == (states[:-1] & ((1 << (8 - k[1:])) - 1))).all())
+    tw = T.TrellisWeights.from_states((20, 6), rb, states, T.codebook(8), joint=True)
+    assert sorted(tw.streams) == [0] and tw.streams[0].numel() == (6 * 90 + 7) // 8
+    assert torch.equal(tw.codes(), codes)
+
+
+def test_joint_paths_spend_a_column_s_bits_where_they_cut_the_error_most():
+    """Rows of unequal scale: the joint weighted paths leave less layer error than one path
+    per width, at the same bits (why it is the default)."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(192, 64, generator=g, dtype=torch.float64) * torch.rand(192, 1, generator=g, dtype=torch.float64).add(0.5)
+    x = torch.randn(512, 64, generator=g, dtype=torch.float64)
+    h = x.T @ x / 512
+    rb = (w.pow(2).mean(1) > w.pow(2).mean(1).median()).to(torch.int64) + 4  # the larger rows at 5 bits
+    err = {}
+    for joint in (False, True):
+        codes, states, step = trellis_codes(w, h, rb, T.codebook(10), joint=joint)
+        err[joint] = float(h_error(w, codes.double() * step[:, None], h).sum())
+    assert err[True] < 0.95 * err[False]
+
+
 def test_rows_of_each_width_form_the_sequences():
     """Mixed widths: the k-bit rows of each column are one sequence of k-bit steps."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(20, 6, generator=g, dtype=torch.float64)
     rb = torch.tensor([4, 5] * 10)
-    codes, states, step = trellis_codes(w, torch.eye(6, dtype=torch.float64), rb, T.codebook(8))
+    codes, states, step = trellis_codes(w, torch.eye(6, dtype=torch.float64), rb, T.codebook(8), joint=False)
     tw = T.TrellisWeights.from_states((20, 6), rb, states, T.codebook(8))
     assert sorted(tw.streams) == [4, 5] and tw.streams[4].numel() == (6 * 10 * 4 + 7) // 8
     assert torch.equal(tw.codes(), codes)
@@ -187,20 +288,27 @@ def _saved_meta(path):
         return json.loads(f.metadata()["soniq"]), {k: f.get_tensor(k) for k in f.keys()}
 
 
+@pytest.mark.parametrize("joint", [True, False])
 @pytest.mark.parametrize("net,shape", [(_mlp, (384, 48)), (_convnet, (96, 3, 8, 8))])
-def test_saved_trellis_model_stores_streams_and_loads_exactly(tmp_path, net, shape):
+def test_saved_trellis_model_stores_streams_and_loads_exactly(tmp_path, net, shape, joint):
+    """joint paths: format 7, one stream per layer; one path per width: format 6, a stream per width."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(*shape, generator=g)
-    m = quantize(net(), list(x.split(32)), _trellis_cfg())
+    m = quantize(net(), list(x.split(32)), _trellis_cfg(trellis_joint=joint))
     packed = soniq.convert(m)
     path = tmp_path / "m.safetensors"
     soniq.save(packed, path)
     meta, tensors = _saved_meta(path)
-    assert meta["version"] == 6 and "trellis|codebook8" in tensors
+    assert meta["version"] == (7 if joint else 6) and "trellis|codebook8" in tensors
     names = [n for n, q in packed.named_modules() if hasattr(q, "w_trellis")]
     for n in names:
-        assert meta["packed"][n]["trellis"] == {"states_log2": 8}
+        assert meta["packed"][n]["trellis"] == ({"states_log2": 8, "paths": "joint"} if joint else {"states_log2": 8})
         assert f"{n}|w.data" not in tensors and f"{n}|w.trellis.row_bits" in tensors
+        streams = sorted(k for k in tensors if k.startswith(f"{n}|w.trellis.") and not k.endswith("row_bits"))
+        rb = tensors[f"{n}|w.trellis.row_bits"]
+        assert streams == ([f"{n}|w.trellis.paths"] if joint else [f"{n}|w.trellis.s{k}" for k in sorted(set(rb.tolist()))])
+        k_in = packed.get_submodule(n).w.shape[1]
+        assert sum(tensors[k].numel() for k in streams) <= (k_in * int(rb.sum()) + 7) // 8 + (0 if joint else 1)
         # row steps are bfloat16 values, stored in 2 bytes; the biases stay float32
         assert meta["packed"][n]["narrow"] == {"w.scale": "bfloat16"}
         assert tensors[f"{n}|w.scale"].dtype == torch.bfloat16
@@ -250,8 +358,8 @@ def _rewrite(path, meta, tensors, out):
     (lambda m, t: t["0|w.trellis.row_bits"].__setitem__(0, 0), "trellis widths"),
     (lambda m, t: t.__setitem__("0|w.trellis.row_bits", t["0|w.trellis.row_bits"][:-1].clone()),
      "trellis row_bits must be uint8"),
-    (lambda m, t: t.__setitem__("0|w.trellis.s04", t["0|w.trellis.s4"].clone()), "unexpected tensors"),
-    (lambda m, t: t.__setitem__("0|w.data", torch.zeros(3, dtype=torch.int64)), "unexpected tensors"),
+    (lambda m, t: t.__setitem__("0|w.trellis.s04", t["0|w.trellis.s4"].clone()), "unexpected or missing tensors"),
+    (lambda m, t: t.__setitem__("0|w.data", torch.zeros(3, dtype=torch.int64)), "unexpected or missing tensors"),
     (lambda m, t: t.__setitem__("0|a_bits", torch.zeros(1, dtype=torch.uint8)), "layer '0': .*bits"),
     (lambda m, t: m["packed"]["0"].__setitem__("narrow", {"w.scale": "float16"}), "narrow may hold"),
     (lambda m, t: m["packed"]["0"].__setitem__("narrow", {"w.data": "bfloat16"}), "narrow may hold"),
@@ -263,12 +371,37 @@ def _rewrite(path, meta, tensors, out):
      "row scales must be .* positive float32"),  # a version 5 reader's view of a bfloat16 scale
 ])
 def test_malformed_trellis_records_are_refused_by_name(tmp_path, edit, match):
+    """A file of one path per width (format 6)."""
+    _refused(tmp_path, edit, match, joint=False)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m, t: t.__setitem__("0|w.trellis.paths", t["0|w.trellis.paths"][:-1].clone()),
+     "trellis joint stream must be"),
+    (lambda m, t: t["0|w.trellis.row_bits"].__setitem__(0, 5 if int(t["0|w.trellis.row_bits"][0]) == 4 else 4),
+     "trellis joint stream must be"),  # the widths' sum no longer what the stream holds
+    (lambda m, t: t.pop("0|w.trellis.paths"), "missing tensors for a trellis weight"),
+    (lambda m, t: t.__setitem__("0|w.trellis.s4", torch.zeros(4, dtype=torch.uint8)), "unexpected or missing tensors"),
+    (lambda m, t: m["packed"]["0"]["trellis"].__setitem__("paths", "by_width"), "trellis record .* not understood"),
+    (lambda m, t: m["packed"]["0"]["trellis"].__setitem__("order", 1), "trellis record .* not understood"),
+    (lambda m, t: m.__setitem__("version", 6), "not understood .*this file is version 6"),
+    (lambda m, t: m["packed"]["0"]["trellis"].pop("paths"), "unexpected or missing tensors"),
+    (lambda m, t: t["0|w.trellis.row_bits"].__setitem__(0, 9), "trellis widths"),
+    (lambda m, t: m.__setitem__("version", 8), "format version 8; this soniq reads versions 1 to 7"),
+])
+def test_malformed_joint_trellis_records_are_refused_by_name(tmp_path, edit, match):
+    """A file of joint paths (format 7)."""
+    _refused(tmp_path, edit, match, joint=True)
+
+
+def _refused(tmp_path, edit, match, joint):
     x, batches = _data()
-    packed = soniq.convert(quantize(_mlp(), batches, _trellis_cfg()))
+    packed = soniq.convert(quantize(_mlp(), batches, _trellis_cfg(trellis_joint=joint)))
     path = tmp_path / "m.safetensors"
     soniq.save(packed, path)
     meta, tensors = _saved_meta(path)
-    assert sorted(k for k in tensors if k.startswith("0|w.trellis.s")) == ["0|w.trellis.s4", "0|w.trellis.s5"]
+    assert sorted(k for k in tensors if k.startswith("0|w.trellis.") and not k.endswith("row_bits")) == \
+        (["0|w.trellis.paths"] if joint else ["0|w.trellis.s4", "0|w.trellis.s5"])
     edit(meta, tensors)
     _rewrite(path, meta, tensors, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=match):
@@ -277,7 +410,7 @@ def test_malformed_trellis_records_are_refused_by_name(tmp_path, edit, match):
 
 def test_a_version_5_file_float32_steps_and_no_narrow_record_still_loads(tmp_path):
     x, batches = _data()
-    packed = soniq.convert(quantize(_mlp(), batches, _trellis_cfg()))
+    packed = soniq.convert(quantize(_mlp(), batches, _trellis_cfg(trellis_joint=False)))
     soniq.save(packed, tmp_path / "m.safetensors")
     meta, tensors = _saved_meta(tmp_path / "m.safetensors")
     meta["version"] = 5  # as session-45 soniq wrote it: float32 row steps, no "narrow"
@@ -331,7 +464,7 @@ def test_a_stream_changed_after_saving_fails_the_checksum(tmp_path):
     x, batches = _data()
     soniq.save(soniq.convert(quantize(_mlp(), batches, _trellis_cfg())), tmp_path / "m.safetensors")
     meta, tensors = _saved_meta(tmp_path / "m.safetensors")
-    tensors["0|w.trellis.s4"][0] ^= 1
+    tensors["0|w.trellis.paths"][0] ^= 1
     from safetensors.torch import save_file
     save_file(tensors, tmp_path / "flip.safetensors", metadata={"soniq": json.dumps(meta)})
     with pytest.raises(ValueError, match="checksum mismatch"):
@@ -363,6 +496,7 @@ def test_weights_trained_after_the_trellis_are_saved_as_their_8_bit_codes(tmp_pa
     (dict(trellis_states_log2=12.0), "trellis_states_log2 must be 0"),
     (dict(trellis_states_log2=True), "trellis_states_log2 must be 0"),
     (dict(trellis_states_log2=12, trellis_block=0), "trellis_block must be a positive integer"),
+    (dict(trellis_states_log2=12, trellis_joint=1), "trellis_joint must be True or False"),
     (dict(trellis_states_log2=12, rounding="rtn"), "trellis_states_log2 > 0 needs rounding='gptq'"),
     (dict(trellis_states_log2=12, clip_search=(0.9,)), "cannot be combined with clip_search"),
     (dict(trellis_states_log2=12, reconstruct_blocks=("0",), reconstruct_steps=2),
@@ -385,7 +519,7 @@ def test_a_layer_whose_packed_weight_was_replaced_is_saved_as_planes(tmp_path):
     with pytest.warns(UserWarning, match="no longer what its trellis streams decode to"):
         soniq.save(back, tmp_path / "changed.safetensors")
     meta, tensors = _saved_meta(tmp_path / "changed.safetensors")
-    assert "trellis" not in meta["packed"]["0"] and meta["packed"]["2"]["trellis"] == {"states_log2": 8}
+    assert "trellis" not in meta["packed"]["0"] and meta["packed"]["2"]["trellis"] == {"states_log2": 8, "paths": "joint"}
     again = soniq.load(tmp_path / "changed.safetensors")
     with torch.no_grad():
         assert torch.equal(again(x[:7]), back(x[:7]))

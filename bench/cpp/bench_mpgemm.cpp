@@ -156,7 +156,7 @@ void bm_trellis_step(benchmark::State& st, const KernelTable* kt, int L, int bit
   for (size_t i = 0; i < S; ++i) cost[i] = std::abs(nd(g)) * 100.0f, values[i] = std::round(nd(g));
   const TrellisStepFn f = kt->trellis_step ? kt->trellis_step : trellis_step_ref;
   for (auto _ : st) {
-    f(cost.data(), next.data(), back.data(), m.data(), values.data(), 3.0f, L, bits);
+    f(cost.data(), next.data(), back.data(), m.data(), values.data(), 3.0f, 1.5f, L, bits);
     benchmark::DoNotOptimize(next.data());
     benchmark::ClobberMemory();
   }

@@ -112,14 +112,16 @@ def gptq_codes(w: Tensor, h: Tensor, step: Tensor, bits: Tensor, *, damp: float 
 
 
 def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, damp: float = 0.01,
-                  block_size: int = 8, act_order: bool = True) -> tuple:
+                  block_size: int = 8, act_order: bool = True, joint: bool = True) -> tuple:
     """Trellis-coded rounding of w [N, K] (soniq._trellis) with GPTQ's error feedback in blocks
-    of columns (LDLQ): each block's columns are rounded as sequences down the rows of each
-    width in row_bits (one Viterbi per width and block), and the block's error E = (W_b - Q_b)
-    U_bb^-1 moves the later columns by -E U_b,rest (U: the upper Cholesky factor of H^-1; a
-    block of 1 is GPTQ's column update). A row's values are codebook entries x its step, step =
-    RMS(row) x ROW_GAIN / CODEBOOK_SCALE rounded to a bfloat16 value. Returns (codes int8 [N, K],
-    states int64 [N, K], step float64 [N])."""
+    of columns (LDLQ): each block's columns are rounded as sequences down the rows, and the
+    block's error E = (W_b - Q_b) U_bb^-1 moves the later columns by -E U_b,rest (U: the upper
+    Cholesky factor of H^-1; a block of 1 is GPTQ's column update). A row's values are codebook
+    entries x its step, step = RMS(row) x ROW_GAIN / CODEBOOK_SCALE rounded to a bfloat16 value.
+    joint: a column is one path over all rows, each row's step row_bits wide, its squared error
+    weighted by step^2 (the error in weight units: Viterbi shares the column's bits among its
+    rows where they cut the layer's error most); else one path per width (the rows of each
+    width in turn). Returns (codes int8 [N, K], states int64 [N, K], step float64 [N])."""
     _check_args(w, h, damp)
     n, k = w.shape
     L = int(codebook.numel()).bit_length() - 1
@@ -130,10 +132,13 @@ def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, d
     w, hinv, perm = _prepared(w, h, damp, act_order)
     states = torch.zeros(n, k, dtype=torch.int64)
     widths = [(b, row_bits == b) for b in torch.unique(row_bits).tolist()]
+    weight = step.pow(2) / step.pow(2).mean()  # scaled near 1: float32 path costs
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         x = w[:, i1:i2]
-        for b, sel in widths:
+        if joint:
+            states[:, i1:i2] = _trellis.viterbi((x / step[:, None]).T, L, row_bits, values, weight).T
+        for b, sel in widths if not joint else ():
             states[sel, i1:i2] = _trellis.viterbi((x[sel] / step[sel, None]).T, L, int(b), values).T
         err = torch.linalg.solve_triangular(hinv[i1:i2, i1:i2], x - values[states[:, i1:i2]] * step[:, None],
                                             upper=True, left=False)

@@ -28,7 +28,7 @@ from .nn import QConv2d, QLinear
 from . import _trellis, ops
 from .packed import KLayout, PackedTensor
 
-FORMAT, VERSION = "soniq-model", 6
+FORMAT, VERSION = "soniq-model", 7
 # version 1: packed metadata as int64; version 2: compact (soniq._compact), activation bits
 # uint8, optional per-layer "a_dynamic"; version 3: no weight bit widths and no identity
 # permutations (rebuilt from the blocks), activation bits / scales that are one value for every
@@ -41,7 +41,10 @@ FORMAT, VERSION = "soniq-model", 6
 # where that is lossless, named in the layer's record ("narrow": {"bias": "float16", "w.scale":
 # "bfloat16"}, widened back to float32 on load): the biases a PTQConfig(float16_biases=True) rounded
 # and the row scales of trellis layers (bfloat16 values by construction); written only when
-# some layer has them (others as version 3, 4 or 5)
+# some layer has them (others as version 3, 4 or 5); version 7: trellis layers whose input columns
+# are each one path down all rows (soniq._trellis, joint: the record's "trellis" holds "paths":
+# "joint", the layer one stream `w.trellis.paths` instead of one per width); written only when some
+# layer has such paths (others as version 3 to 6)
 
 # leaf modules rebuilt from their constructor arguments (state, if any, is in the tensors)
 _LEAVES = {
@@ -152,7 +155,8 @@ def layer_tensors(m, narrow: dict | None = None) -> dict:
         out = {f"w.{k}": t.detach().cpu().contiguous() for k, t in compact(m.w.state_dict()).items()}
     else:
         out = {"w.scale": m.w.row_scale.detach().cpu().contiguous(), "w.trellis.row_bits": tw.row_bits}
-        out.update({f"w.trellis.s{k}": st for k, st in sorted(tw.streams.items())})
+        out.update({"w.trellis.paths": tw.streams[0]} if tw.joint else
+                   {f"w.trellis.s{k}": st for k, st in sorted(tw.streams.items())})
     out["a_bits"], out["a_scale"] = m.a_bits.cpu().to(torch.uint8), m.a_scale.cpu()  # a model may be on a GPU
     for k in ("a_bits", "a_scale"):
         if out[k].numel() > 1 and bool((out[k] == out[k][0]).all()):
@@ -211,14 +215,16 @@ def save_file(model: nn.Module, path) -> None:
                 rec["a_dynamic"] = m.a_dynamic
             if m.hadamard_block:  # absent: no rotation (version 3 and before)
                 rec["hadamard_block"] = m.hadamard_block
-        if _trellis_of(m) is not None:  # absent: packed planes (version 4 and before)
-            rec["trellis"] = {"states_log2": _trellis_of(m).states_log2}
+        tw = _trellis_of(m)
+        if tw is not None:  # absent: packed planes (version 4 and before)
+            rec["trellis"] = {"states_log2": tw.states_log2, **({"paths": "joint"} if tw.joint else {})}
         records[n] = rec
     tensors.update(shared_tensors(packed.values()))
     for k, t in model.state_dict().items():
         if not any(_under(k, n) for n in packed) and t is not None:
             tensors[f"state|{k}"] = t.detach().cpu().contiguous()
-    version = 6 if any("narrow" in r for r in records.values()) else \
+    version = 7 if any("paths" in r.get("trellis", {}) for r in records.values()) else \
+        6 if any("narrow" in r for r in records.values()) else \
         5 if any("trellis" in r for r in records.values()) else \
         4 if any("hadamard_block" in r for r in records.values()) else 3
     meta = {"format": FORMAT, "version": version, "packed": records, "tree": _tree(model)}
@@ -263,7 +269,7 @@ def load_file(path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path}: soniq metadata is not a JSON object (corrupted file)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if meta.get("version") not in (1, 2, 3, 4, 5, VERSION):
+    if meta.get("version") not in (1, 2, 3, 4, 5, 6, VERSION):
         raise ValueError(f"{path}: format version {meta.get('version')!r}; this soniq reads versions 1 to {VERSION}")
     if _digest(tensors, meta) != meta.get("sha256"):
         raise ValueError(f"{path}: checksum mismatch: the file was modified or damaged after saving")
@@ -320,7 +326,7 @@ def _rebuild(path: str, meta: dict, tensors: dict, model: nn.Module | None) -> n
         # input channels: K per kernel position (a conv weight's K is channels x kh x kw)
         kk = 1 if rec["type"] == "PackedLinear" else rec["conv"]["kernel_size"][0] * rec["conv"]["kernel_size"][1]
         if "trellis" in rec and meta["version"] >= 5:
-            w, tw = _trellis_weight(path, n, rec, wt, tensors, pre, kk)
+            w, tw = _trellis_weight(path, n, rec, wt, tensors, pre, kk, meta["version"])
         else:
             if meta["version"] >= 2:
                 wt = widen(wt, rec["w_meta"])
@@ -399,32 +405,43 @@ def _per_input(path: str, n: str, key: str, t, n_in: int, version: int):
     return t
 
 
-def _trellis_weight(path: str, n: str, rec: dict, wt: dict, tensors: dict, pre: str, kk: int):
+def _trellis_weight(path: str, n: str, rec: dict, wt: dict, tensors: dict, pre: str, kk: int, version: int):
     """A trellis layer's PackedTensor (8-bit rows of the decoded codes, packed as soniq.convert
     packs them) and its TrellisWeights, every stored field checked first."""
     shape = rec["w_meta"].get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
         raise ValueError(f"{path}: layer {n!r}: w_meta shape must be two positive ints, got {shape!r}")
-    L = rec["trellis"].get("states_log2") if isinstance(rec["trellis"], dict) else None
+    info = rec["trellis"] if isinstance(rec["trellis"], dict) else {}
+    L = info.get("states_log2")
     cb = tensors.get(f"trellis|codebook{L}")
     if isinstance(L, bool) or not isinstance(L, int) or cb is None:
         raise ValueError(f"{path}: layer {n!r}: trellis states_log2 {L!r} without a stored codebook of that size")
-    streams = {int(k[len("trellis.s"):]): t for k, t in wt.items() if k in {f"trellis.s{b}" for b in range(1, 9)}}
-    extra = sorted(set(wt) - {f"trellis.s{b}" for b in streams} - {"trellis.row_bits", "scale"})
-    if extra:
-        raise ValueError(f"{path}: layer {n!r}: unexpected tensors for a trellis weight: {extra[:4]} (streams are "
-                         "w.trellis.s1 .. w.trellis.s8)")
+    unknown = sorted(set(info) - {"states_log2", "paths"})
+    if unknown or ("paths" in info and (version < 7 or info["paths"] != "joint")):
+        raise ValueError(f"{path}: layer {n!r}: trellis record {info!r} not understood (\"paths\": \"joint\" from "
+                         f"format version 7; this file is version {version})")
+    joint = "paths" in info
+    if joint:
+        streams = {0: wt["trellis.paths"]} if "trellis.paths" in wt else {}
+        names = {"trellis.paths"}
+    else:
+        streams = {int(k[len("trellis.s"):]): t for k, t in wt.items() if k in {f"trellis.s{b}" for b in range(1, 9)}}
+        names = {f"trellis.s{b}" for b in streams}
+    extra = sorted(set(wt) - names - {"trellis.row_bits", "scale"})
+    if extra or (joint and not streams):
+        raise ValueError(f"{path}: layer {n!r}: unexpected or missing tensors for a trellis weight: {extra[:4]} "
+                         "(streams are w.trellis.paths for joint paths, else w.trellis.s1 .. w.trellis.s8)")
     row_bits, scale = wt.get("trellis.row_bits"), wt.get("scale")
     if row_bits is None or scale is None:
         raise ValueError(f"{path}: layer {n!r}: trellis weight without row_bits or scale")
     try:
-        _trellis.check_record(tuple(shape), row_bits, streams, cb, L, "trellis weight")
+        _trellis.check_record(tuple(shape), row_bits, streams, cb, L, "trellis weight", joint=joint)
     except ValueError as e:
         raise ValueError(f"{path}: layer {n!r}: {e}") from None
     if scale.dtype != torch.float32 or tuple(scale.shape) != (shape[0],) or not bool(torch.isfinite(scale).all()) \
             or bool((scale <= 0).any()):
         raise ValueError(f"{path}: layer {n!r}: trellis row scales must be {shape[0]} positive float32 values")
-    tw = _trellis.TrellisWeights(tuple(shape), row_bits, streams, cb)
+    tw = _trellis.TrellisWeights(tuple(shape), row_bits, streams, cb, joint=joint)
     if shape[1] % max(1, kk):
         raise ValueError(f"{path}: layer {n!r}: a weight of {shape[1]} columns is not {kk} kernel positions "
                          "per input channel")

@@ -127,6 +127,10 @@ class PTQConfig:
     clip_search (the trellis scales rows by their RMS) or reconstruct_steps (it re-rounds on the
     grid). A trellis row's step is a bfloat16 value (chosen before its codes), which soniq.save
     stores in 2 bytes.
+    trellis_joint: (trellis) each input column is one path down all the rows, every row's steps
+    at its tier's width, and Viterbi weighs each row's error by its step^2, so the column's bits
+    go where they cut the layer's error most (save format 7); False: one path per tier width
+    (format 5/6). The same bits per row either way.
     float16_biases: last, the quantized layers' float32 biases are rounded to float16 values,
     which soniq.save then stores in 2 bytes (format 6): 2 bytes less per output channel (MiniLM:
     0.03 bits per weight) for a relative bias error of at most 2^-11."""
@@ -159,6 +163,7 @@ class PTQConfig:
     row_weight_draws: int = 2
     trellis_states_log2: int = 0
     trellis_block: int = 8
+    trellis_joint: bool = True
     float16_biases: bool = False
 
     def __post_init__(self):
@@ -240,6 +245,8 @@ class PTQConfig:
         tb = self.trellis_block
         if isinstance(tb, bool) or not isinstance(tb, numbers.Integral) or tb < 1:
             raise ValueError(f"trellis_block must be a positive integer, got {tb!r}")
+        if not isinstance(self.trellis_joint, bool):
+            raise ValueError(f"trellis_joint must be True or False, got {self.trellis_joint!r}")
         if tl and self.rounding != "gptq":
             raise ValueError("trellis_states_log2 > 0 needs rounding='gptq' (Viterbi with GPTQ's error feedback)")
         if tl and self.clip_search:
@@ -751,13 +758,13 @@ def _round_trellis(q, w2: Tensor, h: Tensor, cfg) -> Tensor:
     row_bits = q.w_quant.bits().detach().to(torch.int64)
     cb = _trellis.codebook(cfg.trellis_states_log2)
     codes, states, step = trellis_codes(w2, h, row_bits, cb, damp=cfg.damp, block_size=cfg.trellis_block,
-                                        act_order=cfg.act_order)
+                                        act_order=cfg.act_order, joint=cfg.trellis_joint)
     wq = q.w_quant
     with torch.no_grad():
         wq.palette = (wq.palette[0], 8)  # the execution width; the stored width stays row_bits
         wq.frozen_bits.fill_(8)
         wq.clip.copy_((step * 2 ** 7).to(wq.clip))  # step = clip / 2^(8-1)
-    q.w_trellis = _trellis.TrellisWeights.from_states(tuple(w2.shape), row_bits, states, cb)
+    q.w_trellis = _trellis.TrellisWeights.from_states(tuple(w2.shape), row_bits, states, cb, joint=cfg.trellis_joint)
     return codes.double()
 
 

@@ -4,7 +4,8 @@ Each input picks an entry point and builds its arguments from the fuzzer's bytes
 unpack with arbitrary shapes, dtypes, bit arrays, scales (0, negative, NaN, inf) and axes;
 mpgemm with arbitrary operand pairs and out_dtype; PackedTensor.from_state_dict on
 corrupted state; ops.quantize and ops.quantize_pack (checked equal to quantize + pack);
-and soniq.load on damaged files.
+the trellis Viterbi search with a width and a weight per step (checked equal to the torch
+reference) and its streams' encode / decode; and soniq.load on damaged files.
 Allowed outcomes: a clean Python exception, or a result checked to be exact. Anything
 else (another exception, a wrong result, a sanitizer report, a crash, a hang past
 -timeout) is a finding.
@@ -234,6 +235,26 @@ def fuzz_quantize_pack(src):
     assert np.array_equal(np.asarray(ops.unpack(p)), v.numpy())
 
 
+def fuzz_viterbi(src):
+    """Trellis paths with a width and a weight per step: a clean exception, or viterbi_ref's paths,
+    and their stream decodes back to them."""
+    from soniq import _trellis
+
+    L, R, T = src.int(0, 17), src.int(0, 4), src.int(0, 40)
+    bits = src.pick([src.int(0, 9), [src.int(0, 9) for _ in range(T)], [src.int(1, 5) for _ in range(T)]])
+    x = torch.from_numpy(array(src, (R, T), np.float32)) if src.bool() else torch.randn(R, T) * 30
+    values = torch.randint(-4, 5, (2 ** min(L, 16),)).float() if src.bool() else torch.from_numpy(
+        array(src, (2 ** min(L, 16),), np.float32))
+    w = None if src.bool() else torch.from_numpy(array(src, (T,), np.float32)).abs()
+    try:
+        got = _trellis.viterbi(x, L, bits, values, w)
+    except CLEAN:
+        return
+    assert torch.equal(got, _trellis.viterbi_ref(x, L, bits, values, w))
+    if R and T:
+        assert torch.equal(_trellis.decode(_trellis.encode(got, L, bits), R, T, L, bits), got)
+
+
 _SAVED = {}
 
 
@@ -264,7 +285,7 @@ def fuzz_load(src):
                 raise
 
 
-TARGETS = [fuzz_pack, fuzz_mpgemm, fuzz_state_dict, fuzz_quantize, fuzz_quantize_pack, fuzz_load]
+TARGETS = [fuzz_pack, fuzz_mpgemm, fuzz_state_dict, fuzz_quantize, fuzz_quantize_pack, fuzz_viterbi, fuzz_load]
 
 
 def TestOneInput(data: bytes) -> None:

@@ -55,9 +55,11 @@ GRID = dict(asymmetric=True, hadamard_block=HADAMARD_BLOCK, clip_search=CLIP_SEA
 # (4, 5) @ 4.4, every training sentence, fake model: 0.99704 / 93.5% held-out, 0.99684 / 92.2%
 # other text on the grid -> 0.99850 / 95.8%, 0.99842 / 94.5% with 4096 states -> 0.99866 / 95.8%,
 # 0.99855 / 95.4% with 16384 (the native Viterbi made them affordable; the codebook's 16 KB keep
-# the file >= 7x; docs/DESIGN_NOTES.md, "Trellis-coded weights"). Stored at the tier widths, the
-# row steps in bfloat16 and the biases rounded to float16 (save format 6: 4 bytes less per output
-# channel, which the demo spends on bits: minilm.W_TARGET), run as 8-bit codes
+# the file >= 7x; docs/DESIGN_NOTES.md, "Trellis-coded weights"). Each input column one path down
+# all rows at their tier widths, errors weighted by the row's step^2 (PTQConfig.trellis_joint, the
+# default: 2% less embedding error than one path per width). Stored at the tier widths, the
+# row steps in bfloat16 and the biases rounded to float16 (save formats 6 and 7: 4 bytes less per
+# output channel, which the demo spends on bits: minilm.W_TARGET), run as 8-bit codes
 TRELLIS_STATES_LOG2 = 14
 SAVED = dict({k: v for k, v in GRID.items() if k != "clip_search"}, trellis_states_log2=TRELLIS_STATES_LOG2,
              float16_biases=True)
