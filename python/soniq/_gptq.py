@@ -138,8 +138,9 @@ def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, d
         x = w[:, i1:i2]
         if joint:
             states[:, i1:i2] = _trellis.viterbi((x / step[:, None]).T, L, row_bits, values, weight).T
-        for b, sel in widths if not joint else ():
-            states[sel, i1:i2] = _trellis.viterbi((x[sel] / step[sel, None]).T, L, int(b), values).T
+        else:
+            for b, sel in widths:
+                states[sel, i1:i2] = _trellis.viterbi((x[sel] / step[sel, None]).T, L, int(b), values).T
         err = torch.linalg.solve_triangular(hinv[i1:i2, i1:i2], x - values[states[:, i1:i2]] * step[:, None],
                                             upper=True, left=False)
         w[:, i2:] -= err @ hinv[i1:i2, i2:]
