@@ -131,8 +131,8 @@ def trellis_codes(w: Tensor, h: Tensor, row_bits: Tensor, codebook: Tensor, *, d
     values = codebook.double()
     w, hinv, perm = _prepared(w, h, damp, act_order)
     states = torch.zeros(n, k, dtype=torch.int64)
-    widths = [(b, row_bits == b) for b in torch.unique(row_bits).tolist()]
-    weight = step.pow(2) / step.pow(2).mean()  # scaled near 1: float32 path costs
+    weight = step.pow(2) / step.pow(2).mean()  # joint paths' error weights, scaled near 1: float32 path costs
+    widths = [(b, row_bits == b) for b in torch.unique(row_bits).tolist()]  # the paths per width otherwise
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         x = w[:, i1:i2]

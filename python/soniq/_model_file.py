@@ -441,7 +441,7 @@ def _trellis_weight(path: str, n: str, rec: dict, wt: dict, tensors: dict, pre: 
     if scale.dtype != torch.float32 or tuple(scale.shape) != (shape[0],) or not bool(torch.isfinite(scale).all()) \
             or bool((scale <= 0).any()):
         raise ValueError(f"{path}: layer {n!r}: trellis row scales must be {shape[0]} positive float32 values")
-    tw = _trellis.TrellisWeights(tuple(shape), row_bits, streams, cb, joint=joint)
+    tw = _trellis.TrellisWeights(tuple(shape), row_bits, streams, cb)
     if shape[1] % max(1, kk):
         raise ValueError(f"{path}: layer {n!r}: a weight of {shape[1]} columns is not {kk} kernel positions "
                          "per input channel")

@@ -191,7 +191,6 @@ class TrellisWeights:
     streams: dict             # joint: {0: stream}; else k -> stream of K paths of (row_bits == k).sum() steps
     codebook: Tensor          # int8 [2^L]
     stamp: Optional[tuple] = None  # the fake-quantized layer's weight and clip sums when coded
-    joint: bool = False
 
     @staticmethod
     def _stamp_of(q) -> tuple:
@@ -209,6 +208,11 @@ class TrellisWeights:
     @property
     def states_log2(self) -> int:
         return states_log2_of(self.codebook)
+
+    @property
+    def joint(self) -> bool:
+        """Whether the columns are paths down all rows (the one stream under key 0)."""
+        return 0 in self.streams
 
     def codes(self) -> Tensor:
         """int8 codes [N, K] the streams decode to."""
@@ -235,7 +239,7 @@ class TrellisWeights:
         L = states_log2_of(codebook_)
         rb = row_bits.to(torch.uint8)
         if joint:
-            return TrellisWeights(tuple(shape), rb, {0: encode(states.T.contiguous(), L, rb)}, codebook_, joint=True)
+            return TrellisWeights(tuple(shape), rb, {0: encode(states.T.contiguous(), L, rb)}, codebook_)
         streams = {int(k): encode(states[rb == k].T.contiguous(), L, int(k)) for k in torch.unique(rb).tolist()}
         return TrellisWeights(tuple(shape), rb, streams, codebook_)
 

@@ -212,7 +212,7 @@ class PTQConfig:
         bb = self.bias_correction_batches
         if isinstance(bb, bool) or not isinstance(bb, int) or bb < 0:
             raise ValueError(f"bias_correction_batches must be an integer >= 0 (0 = all), got {bb!r}")
-        for name in ("sequential", "asymmetric", "act_order", "bias_correction", "float16_biases"):
+        for name in ("sequential", "asymmetric", "act_order", "bias_correction", "float16_biases", "trellis_joint"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.asymmetric and not (self.sequential and self.rounding == "gptq"):
@@ -245,8 +245,6 @@ class PTQConfig:
         tb = self.trellis_block
         if isinstance(tb, bool) or not isinstance(tb, numbers.Integral) or tb < 1:
             raise ValueError(f"trellis_block must be a positive integer, got {tb!r}")
-        if not isinstance(self.trellis_joint, bool):
-            raise ValueError(f"trellis_joint must be True or False, got {self.trellis_joint!r}")
         if tl and self.rounding != "gptq":
             raise ValueError("trellis_states_log2 > 0 needs rounding='gptq' (Viterbi with GPTQ's error feedback)")
         if tl and self.clip_search:
